@@ -1,0 +1,77 @@
+"""Runs the model on all TP ranks. Rank 0 lives in this process; ranks 1..N-1 are
+child processes (engine.worker) that receive each step's plan by broadcast.
+
+Commands are int64 tensors, never pickled objects: a 5-number header
+[command, *plan header] followed, for RUN, by the packed plan."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+from engine import parallel
+from engine.config import EngineConfig
+from engine.model_runner import ModelRunner, StepPlan
+
+CMD_STOP, CMD_RUN = 0, 1
+
+
+class Executor:
+    def __init__(self, cfg: EngineConfig, model_path: Path):
+        self.cfg, self.model_path = cfg, model_path
+        self.procs: list[subprocess.Popen] = []
+        self.runner: ModelRunner | None = None
+
+    def start(self) -> None:
+        tp = self.cfg.tp
+        self.store_dir = tempfile.TemporaryDirectory(prefix="pdserve-tp-")
+        store = os.path.join(self.store_dir.name, "store")
+        root = str(Path(__file__).resolve().parent.parent)
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
+        for rank in range(1, tp):
+            cmd = [sys.executable, "-m", "engine.worker", "--rank", str(rank), "--store", store,
+                   "--model-path", str(self.model_path), "--config", self.cfg.to_json()]
+            self.procs.append(subprocess.Popen(cmd, env=env))
+        try:
+            parallel.init(0, tp, store, self.backend, self.cfg.rank_device(0))
+            self.runner = ModelRunner(self.cfg, self.model_path, 0)
+        except BaseException:
+            self.close()
+            raise
+
+    @property
+    def backend(self) -> str:
+        return "nccl" if self.cfg.is_cuda else "gloo"
+
+    def execute(self, plan: StepPlan) -> torch.Tensor | None:
+        if self.procs:
+            header, body = plan.pack()
+            self._broadcast(torch.cat([torch.tensor([CMD_RUN]), header]))
+            self._broadcast(body)
+        return self.runner.execute(plan)
+
+    def _broadcast(self, x: torch.Tensor) -> None:
+        parallel.broadcast(x.to(self.runner.device if self.backend == "nccl" else "cpu"))
+
+    def close(self) -> None:
+        if self.procs and self.runner is not None:
+            try:
+                self._broadcast(torch.tensor([CMD_STOP, 0, 0, 0, 0]))
+            except Exception:
+                pass
+        for p in self.procs:
+            try:
+                p.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+        self.procs = []
+        parallel.destroy()
+        self.runner = None
+        if getattr(self, "store_dir", None) is not None:
+            self.store_dir.cleanup()
+            self.store_dir = None

@@ -1,0 +1,39 @@
+"""The paged KV pool of one rank, and export/import of a sequence's KV by layer.
+
+Layout: k and v are [num_layers, num_blocks, block_size, kv_heads, head_dim]; a
+layer's export is one contiguous [2, n_blocks, block_size, kv_heads, head_dim]
+tensor, which is what a transport sends (never one message per block)."""
+from __future__ import annotations
+
+import torch
+
+
+class KVCache:
+    def __init__(self, num_layers: int, num_blocks: int, block_size: int, kv_heads: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device):
+        shape = (num_layers, num_blocks, block_size, kv_heads, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.num_layers, self.num_blocks, self.block_size = num_layers, num_blocks, block_size
+        self.kv_heads, self.head_dim = kv_heads, head_dim
+
+    @staticmethod
+    def bytes_per_block(num_layers: int, block_size: int, kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
+        return 2 * num_layers * block_size * kv_heads * head_dim * torch.empty(0, dtype=dtype).element_size()
+
+    def bind(self, attention_modules) -> None:
+        for layer, attn in enumerate(attention_modules):
+            attn.k_cache, attn.v_cache = self.k[layer], self.v[layer]
+
+    def export_layer(self, layer: int, block_ids: list[int]) -> torch.Tensor:
+        idx = torch.tensor(block_ids, dtype=torch.long, device=self.k.device)
+        return torch.stack((self.k[layer].index_select(0, idx), self.v[layer].index_select(0, idx)))
+
+    def import_layer(self, layer: int, block_ids: list[int], data: torch.Tensor) -> None:
+        expected = (2, len(block_ids), self.block_size, self.kv_heads, self.head_dim)
+        if tuple(data.shape) != expected:
+            raise ValueError(f"KV layer {layer}: got shape {tuple(data.shape)}, expected {expected}")
+        idx = torch.tensor(block_ids, dtype=torch.long, device=self.k.device)
+        data = data.to(device=self.k.device, dtype=self.k.dtype)
+        self.k[layer].index_copy_(0, idx, data[0])
+        self.v[layer].index_copy_(0, idx, data[1])

@@ -1,0 +1,188 @@
+"""The engine a node runs: requests in, tokens out, one step at a time.
+
+    add_request -> [step: schedule -> execute on all TP ranks -> sample -> postprocess]* -> finished
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from engine.block_manager import BlockManager
+from engine.config import EngineConfig
+from engine.detokenizer import IncrementalDetokenizer
+from engine.executor import Executor
+from engine.loader import load_tokenizer, resolve_model
+from engine.sampler import Sampler, make_generator
+from engine.sampling_params import SamplingParams
+from engine.scheduler import ScheduledBatch, Scheduler
+from engine.model_runner import StepPlan
+from engine.sequence import Sequence
+
+
+@dataclass
+class StepOutput:
+    """What one step produced for one request (streaming unit)."""
+    seq: Sequence
+    token_id: int
+    text_delta: str
+    finished: bool
+
+
+@dataclass
+class Completion:
+    request_id: str
+    prompt_token_ids: list[int]
+    token_ids: list[int]
+    text: str | None
+    finish_reason: str
+    timings: dict = field(default_factory=dict)
+
+
+class LLMEngine:
+    def __init__(self, cfg: EngineConfig):
+        self.cfg = cfg
+        self.executor: Executor | None = None
+
+    def start(self) -> "LLMEngine":
+        self.model_path = resolve_model(self.cfg.model)
+        self.tokenizer = load_tokenizer(self.model_path)
+        self.executor = Executor(self.cfg, self.model_path)
+        self.executor.start()
+        runner = self.executor.runner
+        self.spec, self.max_model_len, self.device = runner.spec, runner.max_model_len, runner.device
+        self.eos_token_ids = _eos_ids(runner.hf_config, self.model_path)
+        self.blocks = BlockManager(runner.num_blocks, self.cfg.block_size)
+        self.scheduler = Scheduler(self.blocks, self.cfg.max_num_seqs,
+                                   max(self.cfg.max_num_batched_tokens, self.cfg.max_num_seqs),
+                                   self.cfg.chunked_prefill)
+        if not self.cfg.chunked_prefill and self.cfg.max_num_batched_tokens < self.max_model_len:
+            self.scheduler.budget = self.max_model_len  # a whole prompt must fit in one step
+        self.sampler = Sampler()
+        return self
+
+    def close(self) -> None:
+        if self.executor is not None:
+            self.executor.close()
+            self.executor = None
+
+    def __enter__(self) -> "LLMEngine":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # requests
+
+    def add_request(self, prompt_token_ids: list[int], params: SamplingParams,
+                    request_id: str | None = None) -> Sequence:
+        """Validate and queue a request; raises ValueError with a readable message."""
+        self.validate(prompt_token_ids, params)
+        seq = Sequence(prompt_token_ids, params, request_id)
+        seq.generator = make_generator(params.seed, self.device)
+        if self.tokenizer is not None:
+            seq.detokenizer = IncrementalDetokenizer(self.tokenizer, seq.prompt_token_ids, params.stop)
+        self.scheduler.add(seq)
+        return seq
+
+    def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        params.validate(self.spec.vocab_size, self.cfg.max_tokens_limit)
+        n = len(prompt_token_ids)
+        if n == 0:
+            raise ValueError("prompt is empty")
+        bad = [t for t in prompt_token_ids if not 0 <= t < self.spec.vocab_size]
+        if bad:
+            raise ValueError(f"prompt token ids out of range [0, {self.spec.vocab_size}): {bad[:5]}")
+        if n >= self.max_model_len:
+            raise ValueError(f"prompt has {n} tokens; the context is {self.max_model_len}")
+        if n + params.max_tokens > self.max_model_len:
+            raise ValueError(f"prompt ({n} tokens) + max_tokens ({params.max_tokens}) exceeds "
+                             f"the context of {self.max_model_len} tokens")
+        if self.blocks.blocks_for(n + params.max_tokens) > self.blocks.num_blocks:
+            raise ValueError(f"prompt + max_tokens needs more KV blocks than the pool has "
+                             f"({self.blocks.num_blocks} x {self.blocks.block_size} tokens)")
+        if params.stop and self.tokenizer is None:
+            raise ValueError("stop strings need a model with a tokenizer")
+
+    def abort(self, seq: Sequence) -> None:
+        self.scheduler.finish(seq, "abort")
+
+    def has_work(self) -> bool:
+        return self.scheduler.has_work()
+
+    # stepping
+
+    def step(self) -> list[StepOutput]:
+        batch = self.scheduler.schedule()
+        if not batch.seqs:
+            return []
+        rows = [i for i in range(len(batch)) if batch.samples(i)]
+        plan = StepPlan.build(batch.seqs, batch.num_new_tokens, rows, self.cfg.block_size)
+        logits = self.executor.execute(plan)
+        self.scheduler.advance(batch)
+        if not rows:
+            return []
+        seqs = [batch.seqs[i] for i in rows]
+        tokens = self.sampler(logits, [s.params for s in seqs], [s.prompt_token_ids for s in seqs],
+                              [s.output_token_ids for s in seqs], [s.generator for s in seqs]).tolist()
+        return [self._postprocess(seq, tok) for seq, tok in zip(seqs, tokens)]
+
+    def _postprocess(self, seq: Sequence, token: int) -> StepOutput:
+        seq.append(token)
+        p = seq.params
+        reason = None
+        stop_token = token in p.stop_token_ids or (not p.ignore_eos and token in self.eos_token_ids)
+        delta = ""
+        if stop_token:
+            reason = "stop"
+        elif seq.detokenizer is not None:
+            delta = seq.detokenizer.step(token)
+            if seq.detokenizer.stopped:
+                reason = "stop"
+        if reason is None and (len(seq.output_token_ids) >= p.max_tokens or seq.num_tokens >= self.max_model_len):
+            reason = "length"
+        if reason is not None:
+            if seq.detokenizer is not None and not seq.detokenizer.stopped:
+                delta += seq.detokenizer.flush()
+            seq.finish_time = time.monotonic()
+            self.scheduler.finish(seq, reason)
+        return StepOutput(seq, token, delta, reason is not None)
+
+    # offline use
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams]) -> list[Completion]:
+        """Run prompts to completion with continuous batching; results in prompt order."""
+        plist = params if isinstance(params, list) else [params] * len(prompts)
+        seqs = [self.add_request(p, sp) for p, sp in zip(prompts, plist)]
+        while any(not s.is_finished for s in seqs):
+            self.step()
+        return [self.completion(s) for s in seqs]
+
+    def completion(self, seq: Sequence) -> Completion:
+        return Completion(seq.request_id, seq.prompt_token_ids, list(seq.output_token_ids),
+                          seq.detokenizer.text if seq.detokenizer is not None else None,
+                          seq.finish_reason or "", timings(seq))
+
+
+def timings(seq: Sequence) -> dict:
+    t0, first = seq.arrival_time, seq.first_token_time
+    end = getattr(seq, "finish_time", None)
+    out = {"ttft_s": None if first is None else first - t0, "e2e_s": None if end is None else end - t0}
+    n = len(seq.output_token_ids)
+    out["tpot_s"] = (end - first) / (n - 1) if end is not None and first is not None and n > 1 else None
+    return out
+
+
+def _eos_ids(hf_config, model_path) -> set[int]:
+    ids: set[int] = set()
+    sources = [getattr(hf_config, "eos_token_id", None)]
+    try:
+        from transformers import GenerationConfig
+        sources.append(GenerationConfig.from_pretrained(model_path, local_files_only=True).eos_token_id)
+    except (OSError, ValueError):
+        pass
+    for src in sources:
+        if isinstance(src, int):
+            ids.add(src)
+        elif src:
+            ids.update(src)
+    return ids

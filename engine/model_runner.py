@@ -1,0 +1,128 @@
+"""Runs the model on one TP rank: owns the weights, the KV pool and the step inputs.
+
+Rank 0 turns a scheduled batch into a StepPlan, a handful of int64 tensors packed
+into one buffer so it can be broadcast to the other ranks (no pickling)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from engine import parallel
+from engine.attention import AttentionMetadata
+from engine.config import EngineConfig
+from engine.kv_cache import KVCache
+from engine.loader import load_config, load_weights
+from engine.model import CausalLM, ModelSpec
+
+
+@dataclass
+class StepPlan:
+    input_ids: torch.Tensor      # [T]
+    positions: torch.Tensor      # [T]
+    slot_mapping: torch.Tensor   # [T]
+    query_lens: torch.Tensor     # [N]
+    context_lens: torch.Tensor   # [N]
+    block_tables: torch.Tensor   # [N, M]
+    sample_tokens: torch.Tensor  # [S] flat token index whose logits are wanted
+
+    @classmethod
+    def build(cls, seqs, num_new_tokens: list[int], sample_rows: list[int], block_size: int) -> "StepPlan":
+        ids, pos, slots, qlens, clens, starts = [], [], [], [], [], []
+        for seq, n in zip(seqs, num_new_tokens):
+            start = seq.num_computed_tokens
+            starts.append(len(ids))
+            tokens = seq.token_ids()
+            ids.extend(tokens[start:start + n])
+            pos.extend(range(start, start + n))
+            table = seq.block_table
+            slots.extend(table[p // block_size] * block_size + p % block_size for p in range(start, start + n))
+            qlens.append(n)
+            clens.append(start + n)
+        width = max(len(s.block_table) for s in seqs)
+        tables = [s.block_table + [0] * (width - len(s.block_table)) for s in seqs]
+        sample = [starts[i] + num_new_tokens[i] - 1 for i in sample_rows]
+        t = lambda x: torch.tensor(x, dtype=torch.long)  # noqa: E731
+        return cls(t(ids), t(pos), t(slots), t(qlens), t(clens), t(tables), t(sample))
+
+    def pack(self) -> tuple[torch.Tensor, torch.Tensor]:
+        n, m = self.block_tables.shape
+        header = torch.tensor([self.input_ids.numel(), n, m, self.sample_tokens.numel()], dtype=torch.long)
+        body = torch.cat([self.input_ids, self.positions, self.slot_mapping, self.query_lens,
+                          self.context_lens, self.block_tables.flatten(), self.sample_tokens])
+        return header, body
+
+    @classmethod
+    def unpack(cls, header: torch.Tensor, body: torch.Tensor) -> "StepPlan":
+        t, n, m, s = header.tolist()
+        parts = body.split([t, t, t, n, n, n * m, s])
+        return cls(parts[0], parts[1], parts[2], parts[3], parts[4], parts[5].view(n, m), parts[6])
+
+    @staticmethod
+    def body_numel(header: torch.Tensor) -> int:
+        t, n, m, s = header.tolist()
+        return 3 * t + 2 * n + n * m + s
+
+
+class ModelRunner:
+    def __init__(self, cfg: EngineConfig, model_path: Path, rank: int):
+        self.cfg, self.rank = cfg, rank
+        self.device = cfg.rank_device(rank)
+        self.dtype = cfg.torch_dtype()
+        self.hf_config = load_config(model_path)
+        self.spec = ModelSpec.from_hf(self.hf_config)
+        self.max_model_len = min(cfg.max_model_len or self.spec.max_position_embeddings,
+                                 self.spec.max_position_embeddings)
+        window = getattr(self.hf_config, "sliding_window", None)
+        if window and (self.spec.model_type == "mistral" or getattr(self.hf_config, "use_sliding_window", False)):
+            self.max_model_len = min(self.max_model_len, window)  # the window never comes into play
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        elif parallel.world() > 1:
+            parallel.share_cpu_threads(parallel.world())
+        torch.set_default_dtype(self.dtype)
+        with torch.device(self.device):
+            self.model = CausalLM(self.spec, self.hf_config, self.max_model_len)
+        torch.set_default_dtype(torch.float32)
+        load_weights(self.model, model_path)
+        self.model.eval()
+        self.kv_heads = self.spec.kv_heads_per_rank(parallel.world())
+        self.num_blocks = self._pool_blocks()
+        self.kv = KVCache(self.spec.num_layers, self.num_blocks, cfg.block_size, self.kv_heads,
+                          self.spec.head_dim, self.dtype, self.device)
+        self.kv.bind([layer.self_attn.attn for layer in self.model.layers])
+
+    def _pool_blocks(self) -> int:
+        per_block = KVCache.bytes_per_block(self.spec.num_layers, self.cfg.block_size, self.kv_heads,
+                                            self.spec.head_dim, self.dtype)
+        if self.cfg.kv_blocks is not None:
+            blocks = self.cfg.kv_blocks
+        elif self.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.device)
+            blocks = int(free * self.cfg.gpu_memory_utilization) // per_block
+        else:
+            blocks = max(1, (512 << 20) // per_block)  # 512 MiB by default on CPU
+        n = torch.tensor([blocks], dtype=torch.long, device=self.device)
+        if parallel.world() > 1:  # every rank must agree on the pool size
+            torch.distributed.all_reduce(n, op=torch.distributed.ReduceOp.MIN)
+        return int(n.item())
+
+    @torch.inference_mode()
+    def execute(self, plan: StepPlan) -> torch.Tensor | None:
+        """Run one step; return the sampled rows' logits [S, V] in float32 on rank 0."""
+        dev = self.device
+        qlens, clens = plan.query_lens.tolist(), plan.context_lens.tolist()
+        decode_rows = [i for i, q in enumerate(qlens) if q == 1]
+        starts = torch.cumsum(plan.query_lens, 0) - plan.query_lens
+        meta = AttentionMetadata(
+            slot_mapping=plan.slot_mapping.to(dev), block_tables=plan.block_tables.to(dev),
+            context_lens=plan.context_lens.to(dev), query_lens=qlens, context_lens_host=clens,
+            decode_rows=torch.tensor(decode_rows, dtype=torch.long, device=dev),
+            decode_tokens=starts[decode_rows].to(dev),
+            prefill_rows=[i for i, q in enumerate(qlens) if q > 1])
+        hidden = self.model(plan.input_ids.to(dev), plan.positions.to(dev), meta)
+        if plan.sample_tokens.numel() == 0:
+            return None
+        logits = self.model.compute_logits(hidden[plan.sample_tokens.to(dev)])
+        return None if logits is None else logits.float()

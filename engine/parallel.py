@@ -1,0 +1,69 @@
+"""Tensor-parallel process group: one rank per process, gloo on CPU, NCCL on GPU."""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+_rank = 0
+_world = 1
+
+
+def init(rank: int, world: int, store_path: str, backend: str,
+         device: torch.device | None = None, timeout_s: float = 7 * 86400.0) -> None:
+    """Join the node's TP group. Ranks meet through a file store (no listening socket)
+    and talk over loopback. The timeout is long because ranks other than 0 wait in a
+    broadcast while the engine is idle."""
+    global _rank, _world
+    _rank, _world = rank, world
+    if world == 1:
+        return
+    import os
+    from datetime import timedelta
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # rank-to-rank links stay on loopback
+    os.environ.setdefault("NCCL_SOCKET_IFNAME", "lo")
+    store = dist.FileStore(store_path, world)
+    kwargs = {"device_id": device} if backend == "nccl" and device is not None else {}
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world,
+                            timeout=timedelta(seconds=timeout_s), **kwargs)
+
+
+def destroy() -> None:
+    global _rank, _world
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    _rank, _world = 0, 1
+
+
+def rank() -> int:
+    return _rank
+
+
+def world() -> int:
+    return _world
+
+
+def all_reduce(x: torch.Tensor) -> torch.Tensor:
+    if _world > 1:
+        dist.all_reduce(x)
+    return x
+
+
+def gather_last_dim(x: torch.Tensor) -> torch.Tensor | None:
+    """Concatenate every rank's x along the last dim on rank 0; other ranks get None."""
+    if _world == 1:
+        return x
+    parts = [torch.empty_like(x) for _ in range(_world)] if _rank == 0 else None
+    dist.gather(x.contiguous(), parts, dst=0)
+    return torch.cat(parts, dim=-1) if _rank == 0 else None
+
+
+def broadcast(x: torch.Tensor) -> torch.Tensor:
+    if _world > 1:
+        dist.broadcast(x, src=0)
+    return x
+
+
+def share_cpu_threads(world_size: int) -> None:
+    """Give each CPU rank its share of the cores; oversubscribed ranks stall each other's collectives."""
+    import os
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))

@@ -1,0 +1,118 @@
+"""Continuous batching: every step decides which sequences run and how many of
+their tokens, under a token budget and the free KV blocks.
+
+A step computes, for each scheduled sequence, tokens [num_computed, num_computed + n).
+A sequence whose every known token is then computed samples its next token. Running
+sequences go first (decodes and unfinished prompt chunks), then waiting ones are
+admitted while budget, batch slots and blocks last. When blocks run out, the newest
+running sequence is preempted: its blocks are freed and it is recomputed later."""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from engine.block_manager import BlockManager
+from engine.sequence import Sequence, SeqStatus
+
+
+@dataclass
+class ScheduledBatch:
+    seqs: list[Sequence] = field(default_factory=list)
+    num_new_tokens: list[int] = field(default_factory=list)
+    preempted: list[Sequence] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.seqs)
+
+    def samples(self, i: int) -> bool:
+        """Whether seqs[i] produces a token this step (all its known tokens computed)."""
+        seq = self.seqs[i]
+        return seq.num_computed_tokens + self.num_new_tokens[i] == seq.num_tokens
+
+
+class Scheduler:
+    def __init__(self, blocks: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
+                 chunked_prefill: bool):
+        self.blocks = blocks
+        self.max_num_seqs = max_num_seqs
+        self.budget = max_num_batched_tokens
+        self.chunked_prefill = chunked_prefill
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+
+    def add(self, seq: Sequence) -> None:
+        seq.status = SeqStatus.WAITING
+        self.waiting.append(seq)
+
+    def add_running(self, seq: Sequence) -> None:
+        """Admit a sequence whose KV is already in its blocks (e.g. received from a prefill node)."""
+        seq.status = SeqStatus.RUNNING
+        self.running.append(seq)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> ScheduledBatch:
+        batch = ScheduledBatch()
+        budget = self.budget
+        kept: list[Sequence] = []
+        queue = list(self.running)
+        while queue and budget > 0:
+            seq = queue.pop(0)
+            n = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            while not self.blocks.ensure(seq.block_table, seq.num_computed_tokens + n):
+                victim = queue.pop() if queue else seq
+                self._preempt(victim, batch)
+                if victim is seq:
+                    break
+            else:
+                kept.append(seq)
+                batch.seqs.append(seq)
+                batch.num_new_tokens.append(n)
+                budget -= n
+        self.running = kept + queue
+        if batch.preempted:
+            return batch  # no admissions in a step that had to preempt
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            seq = self.waiting[0]
+            n = seq.num_tokens - seq.num_computed_tokens
+            if n > budget:
+                if not self.chunked_prefill:
+                    break
+                n = budget
+            if not self.blocks.ensure(seq.block_table, seq.num_computed_tokens + n):
+                break
+            self.waiting.popleft()
+            seq.status = SeqStatus.RUNNING
+            self.running.append(seq)
+            batch.seqs.append(seq)
+            batch.num_new_tokens.append(n)
+            budget -= n
+        return batch
+
+    def advance(self, batch: ScheduledBatch) -> None:
+        """Record that the batch's tokens are now in the cache."""
+        for seq, n in zip(batch.seqs, batch.num_new_tokens):
+            seq.num_computed_tokens += n
+
+    def finish(self, seq: Sequence, reason: str) -> None:
+        """End a sequence (stopped, length, aborted) and release its blocks."""
+        if seq.status == SeqStatus.FINISHED:
+            return
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        self.blocks.free(seq.block_table)
+        seq.block_table = []
+        seq.status = SeqStatus.FINISHED
+        seq.finish_reason = reason
+
+    def _preempt(self, seq: Sequence, batch: ScheduledBatch) -> None:
+        self.blocks.free(seq.block_table)
+        seq.block_table = []
+        seq.num_computed_tokens = 0
+        seq.num_preemptions += 1
+        seq.status = SeqStatus.WAITING
+        self.waiting.appendleft(seq)
+        batch.preempted.append(seq)

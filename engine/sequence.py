@@ -1,0 +1,58 @@
+"""One request inside the engine: its tokens, its KV blocks and its progress."""
+from __future__ import annotations
+
+import itertools
+import time
+from enum import Enum, auto
+
+import torch
+
+from engine.sampling_params import SamplingParams
+
+
+class SeqStatus(Enum):
+    WAITING = auto()
+    RUNNING = auto()
+    FINISHED = auto()
+
+
+class Sequence:
+    _ids = itertools.count()
+
+    def __init__(self, prompt_token_ids: list[int], params: SamplingParams, request_id: str | None = None):
+        if not prompt_token_ids:
+            raise ValueError("prompt must contain at least one token")
+        self.seq_id = next(Sequence._ids)
+        self.request_id = request_id if request_id is not None else str(self.seq_id)
+        self.prompt_token_ids = list(prompt_token_ids)
+        self.output_token_ids: list[int] = []
+        self.params = params
+        self.status = SeqStatus.WAITING
+        self.block_table: list[int] = []
+        self.num_computed_tokens = 0      # tokens whose KV is in the cache
+        self.finish_reason: str | None = None
+        self.generator: torch.Generator | None = None
+        self.detokenizer = None
+        self.arrival_time = time.monotonic()
+        self.first_token_time: float | None = None
+        self.num_preemptions = 0
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status == SeqStatus.FINISHED
+
+    def token_ids(self) -> list[int]:
+        return self.prompt_token_ids + self.output_token_ids
+
+    def append(self, token_id: int) -> None:
+        if self.first_token_time is None:
+            self.first_token_time = time.monotonic()
+        self.output_token_ids.append(token_id)

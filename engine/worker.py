@@ -1,0 +1,50 @@
+"""Entry point of a TP rank other than 0: load the shard, then run what rank 0 says."""
+from __future__ import annotations
+
+import argparse
+import ctypes
+import signal
+from pathlib import Path
+
+import torch
+
+from engine import parallel
+from engine.config import EngineConfig
+from engine.executor import CMD_RUN, CMD_STOP
+from engine.model_runner import ModelRunner, StepPlan
+
+
+def _die_with_parent() -> None:
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rank", type=int, required=True)
+    ap.add_argument("--store", required=True)
+    ap.add_argument("--model-path", required=True)
+    ap.add_argument("--config", required=True)
+    args = ap.parse_args()
+    _die_with_parent()
+    cfg = EngineConfig.from_json(args.config)
+    device = cfg.rank_device(args.rank)
+    backend = "nccl" if cfg.is_cuda else "gloo"
+    parallel.init(args.rank, cfg.tp, args.store, backend, device)
+    runner = ModelRunner(cfg, Path(args.model_path), args.rank)
+    comm = device if backend == "nccl" else torch.device("cpu")
+    while True:
+        cmd = parallel.broadcast(torch.empty(5, dtype=torch.long, device=comm)).cpu()
+        if cmd[0].item() == CMD_STOP:
+            break
+        assert cmd[0].item() == CMD_RUN
+        header = cmd[1:]
+        body = parallel.broadcast(torch.empty(StepPlan.body_numel(header), dtype=torch.long, device=comm)).cpu()
+        runner.execute(StepPlan.unpack(header, body))
+    parallel.destroy()
+
+
+if __name__ == "__main__":
+    main()

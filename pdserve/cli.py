@@ -1,0 +1,130 @@
+"""`pdserve` command line. Each subcommand builds its component's config from flags."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+from engine.config import EngineConfig
+from engine.loader import DEFAULT_MODEL
+
+
+def add_engine_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("engine")
+    g.add_argument("--model", default=None, help=f"checkpoint folder or .gguf file (default: {DEFAULT_MODEL})")
+    g.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks")
+    g.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    g.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
+    g.add_argument("--kv-blocks", type=int, default=None, help="KV pool size in blocks")
+    g.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    g.add_argument("--max-num-seqs", type=int, default=64)
+    g.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    g.add_argument("--max-model-len", type=int, default=None)
+    g.add_argument("--no-chunked-prefill", action="store_true")
+
+
+def engine_config(a: argparse.Namespace) -> EngineConfig:
+    return EngineConfig(model=a.model, tp=a.tp, device=a.device, dtype=a.dtype, block_size=a.block_size,
+                        kv_blocks=a.kv_blocks, gpu_memory_utilization=a.gpu_memory_utilization,
+                        max_num_seqs=a.max_num_seqs, max_num_batched_tokens=a.max_num_batched_tokens,
+                        max_model_len=a.max_model_len, chunked_prefill=not a.no_chunked_prefill)
+
+
+def add_sampling_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("sampling")
+    g.add_argument("--max-tokens", type=int, default=256)
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (the default)")
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=-1)
+    g.add_argument("--min-p", type=float, default=0.0)
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--repetition-penalty", type=float, default=1.0)
+    g.add_argument("--presence-penalty", type=float, default=0.0)
+    g.add_argument("--frequency-penalty", type=float, default=0.0)
+    g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    g.add_argument("--stop-token-ids", default="", help="comma-separated token ids")
+    g.add_argument("--ignore-eos", action="store_true")
+
+
+def sampling_params(a: argparse.Namespace):
+    from engine.sampling_params import SamplingParams
+    return SamplingParams(max_tokens=a.max_tokens, temperature=a.temperature, top_p=a.top_p, top_k=a.top_k,
+                          min_p=a.min_p, seed=a.seed, repetition_penalty=a.repetition_penalty,
+                          presence_penalty=a.presence_penalty, frequency_penalty=a.frequency_penalty,
+                          stop=list(a.stop), stop_token_ids=_ids(a.stop_token_ids), ignore_eos=a.ignore_eos)
+
+
+def _ids(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise SystemExit(f"pdserve: token ids must be comma-separated integers, got {text!r}")
+
+
+def encode_prompt(tokenizer, prompt: str | None, prompt_ids: str | None, chat: bool) -> list[int]:
+    if prompt_ids:
+        return _ids(prompt_ids)
+    if tokenizer is None:
+        raise ValueError("this model has no tokenizer: pass --prompt-ids")
+    if chat:
+        return list(tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
+                                                  add_generation_prompt=True, tokenize=True,
+                                                  return_dict=True)["input_ids"])
+    return tokenizer.encode(prompt)
+
+
+def cmd_generate(a: argparse.Namespace) -> int:
+    from engine.llm_engine import LLMEngine
+    if a.prompt is None and not a.prompt_ids:
+        print("pdserve generate: give a prompt or --prompt-ids", file=sys.stderr)
+        return 2
+    t_start = time.monotonic()
+    with LLMEngine(engine_config(a)) as engine:
+        t_ready = time.monotonic()
+        try:
+            ids = encode_prompt(engine.tokenizer, a.prompt, a.prompt_ids, a.chat)
+            seq = engine.add_request(ids, sampling_params(a))
+        except ValueError as e:
+            print(f"pdserve generate: INVALID_ARGUMENT: {e}", file=sys.stderr)
+            return 2
+        while not seq.is_finished:
+            for out in engine.step():
+                if not a.json and out.text_delta:
+                    print(out.text_delta, end="", flush=True)
+        result = engine.completion(seq)
+    if a.json:
+        timings = dict(result.timings, load_s=t_ready - t_start)
+        print(json.dumps({"text": result.text, "token_ids": result.token_ids,
+                          "prompt_token_ids": result.prompt_token_ids,
+                          "finish_reason": result.finish_reason, "timings": timings}))
+    else:
+        print()
+        t = result.timings
+        print(f"[{len(result.token_ids)} tokens, finish={result.finish_reason}, ttft={t['ttft_s'] * 1e3:.0f} ms"
+              + (f", tpot={t['tpot_s'] * 1e3:.1f} ms" if t["tpot_s"] else "") + "]", file=sys.stderr)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="pdserve", description="disaggregated prefill/decode LLM serving")
+    sub = ap.add_subparsers(dest="command", required=True)
+    g = sub.add_parser("generate", help="generate text (offline: runs the engine in this process)")
+    g.add_argument("prompt", nargs="?", default=None)
+    g.add_argument("--prompt-ids", default=None, help="comma-separated token ids instead of text")
+    g.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    g.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
+    add_engine_flags(g)
+    add_sampling_flags(g)
+    g.set_defaults(func=cmd_generate)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    try:
+        sys.exit(args.func(args))
+    except (ValueError, FileNotFoundError) as e:
+        print(f"pdserve: {e}", file=sys.stderr)
+        sys.exit(2)
