@@ -7,11 +7,14 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
+import torch
+
 from engine.block_manager import BlockManager
 from engine.config import EngineConfig
 from engine.detokenizer import IncrementalDetokenizer
 from engine.executor import Executor
-from engine.loader import load_tokenizer, resolve_model
+from engine.loader import load_config, load_tokenizer, resolve_model
+from engine.model import ModelSpec
 from engine.sampler import Sampler, make_generator
 from engine.sampling_params import SamplingParams
 from engine.scheduler import ScheduledBatch, Scheduler
@@ -45,6 +48,7 @@ class LLMEngine:
 
     def start(self) -> "LLMEngine":
         self.model_path = resolve_model(self.cfg.model)
+        ModelSpec.from_hf(load_config(self.model_path)).check_tp(self.cfg.tp)  # before spawning ranks
         self.tokenizer = load_tokenizer(self.model_path)
         self.executor = Executor(self.cfg, self.model_path)
         self.executor.start()
@@ -74,14 +78,56 @@ class LLMEngine:
     # requests
 
     def add_request(self, prompt_token_ids: list[int], params: SamplingParams,
-                    request_id: str | None = None) -> Sequence:
-        """Validate and queue a request; raises ValueError with a readable message."""
+                    request_id: str | None = None, prefill_only: bool = False) -> Sequence:
+        """Validate and queue a request; raises ValueError with a readable message.
+        A prefill_only request finishes after its first token ("prefilled") and keeps
+        its KV blocks for export until release()."""
         self.validate(prompt_token_ids, params)
-        seq = Sequence(prompt_token_ids, params, request_id)
+        seq = self._new_sequence(prompt_token_ids, params, request_id, prefill_only)
+        self.scheduler.add(seq)
+        return seq
+
+    def add_prefilled(self, prompt_token_ids: list[int], first_token: int, params: SamplingParams,
+                      block_ids: list[int], request_id: str | None = None) -> StepOutput:
+        """Admit a request whose prompt KV already sits in block_ids (reserved with
+        reserve() and filled through kv_cache.import_layer) and whose first token was
+        sampled elsewhere; it joins the running batch at the next step. The returned
+        output is the first token's, finished if that token already ends the request."""
+        self.validate(prompt_token_ids, params)
+        if len(block_ids) < self.blocks.blocks_for(len(prompt_token_ids)):
+            raise ValueError(f"{len(block_ids)} blocks cannot hold {len(prompt_token_ids)} prompt tokens")
+        seq = self._new_sequence(prompt_token_ids, params, request_id, False)
+        seq.block_table = list(block_ids)
+        seq.num_computed_tokens = len(prompt_token_ids)
+        self.scheduler.add_running(seq)
+        return self._postprocess(seq, first_token)
+
+    def reserve(self, num_tokens: int) -> list[int]:
+        """Blocks for num_tokens of KV (a decode node's reservation); MemoryError if short."""
+        return self.blocks.allocate(self.blocks.blocks_for(num_tokens))
+
+    def release(self, seq_or_blocks) -> None:
+        """Free a finished prefill-only sequence's blocks, or a list of reserved blocks."""
+        if isinstance(seq_or_blocks, Sequence):
+            self.scheduler.release(seq_or_blocks)
+        else:
+            self.blocks.free(list(seq_or_blocks))
+
+    @property
+    def kv_cache(self):
+        """This rank's KV pool (export_layer / import_layer move a sequence's KV by layer)."""
+        return self.executor.runner.kv
+
+    def export_kv(self, seq: Sequence, layer: int) -> torch.Tensor:
+        """The prompt KV of `seq` for one layer as one contiguous tensor."""
+        n = self.blocks.blocks_for(seq.num_prompt_tokens)
+        return self.kv_cache.export_layer(layer, seq.block_table[:n])
+
+    def _new_sequence(self, prompt_token_ids, params, request_id, prefill_only) -> Sequence:
+        seq = Sequence(prompt_token_ids, params, request_id, prefill_only)
         seq.generator = make_generator(params.seed, self.device)
         if self.tokenizer is not None:
             seq.detokenizer = IncrementalDetokenizer(self.tokenizer, seq.prompt_token_ids, params.stop)
-        self.scheduler.add(seq)
         return seq
 
     def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
@@ -140,11 +186,13 @@ class LLMEngine:
                 reason = "stop"
         if reason is None and (len(seq.output_token_ids) >= p.max_tokens or seq.num_tokens >= self.max_model_len):
             reason = "length"
+        if reason is None and seq.prefill_only:
+            reason = "prefilled"
         if reason is not None:
             if seq.detokenizer is not None and not seq.detokenizer.stopped:
                 delta += seq.detokenizer.flush()
             seq.finish_time = time.monotonic()
-            self.scheduler.finish(seq, reason)
+            self.scheduler.finish(seq, reason, keep_blocks=seq.prefill_only)
         return StepOutput(seq, token, delta, reason is not None)
 
     # offline use
@@ -165,7 +213,7 @@ class LLMEngine:
 
 def timings(seq: Sequence) -> dict:
     t0, first = seq.arrival_time, seq.first_token_time
-    end = getattr(seq, "finish_time", None)
+    end = seq.finish_time
     out = {"ttft_s": None if first is None else first - t0, "e2e_s": None if end is None else end - t0}
     n = len(seq.output_token_ids)
     out["tpot_s"] = (end - first) / (n - 1) if end is not None and first is not None and n > 1 else None

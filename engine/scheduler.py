@@ -95,18 +95,23 @@ class Scheduler:
         for seq, n in zip(batch.seqs, batch.num_new_tokens):
             seq.num_computed_tokens += n
 
-    def finish(self, seq: Sequence, reason: str) -> None:
-        """End a sequence (stopped, length, aborted) and release its blocks."""
+    def finish(self, seq: Sequence, reason: str, keep_blocks: bool = False) -> None:
+        """End a sequence (stopped, length, aborted) and release its blocks, unless
+        keep_blocks: then the caller owns them and must release() them."""
         if seq.status == SeqStatus.FINISHED:
             return
         if seq in self.running:
             self.running.remove(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
-        self.blocks.free(seq.block_table)
-        seq.block_table = []
+        if not keep_blocks:
+            self.release(seq)
         seq.status = SeqStatus.FINISHED
         seq.finish_reason = reason
+
+    def release(self, seq: Sequence) -> None:
+        self.blocks.free(seq.block_table)
+        seq.block_table = []
 
     def _preempt(self, seq: Sequence, batch: ScheduledBatch) -> None:
         self.blocks.free(seq.block_table)

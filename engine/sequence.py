@@ -19,7 +19,8 @@ class SeqStatus(Enum):
 class Sequence:
     _ids = itertools.count()
 
-    def __init__(self, prompt_token_ids: list[int], params: SamplingParams, request_id: str | None = None):
+    def __init__(self, prompt_token_ids: list[int], params: SamplingParams, request_id: str | None = None,
+                 prefill_only: bool = False):
         if not prompt_token_ids:
             raise ValueError("prompt must contain at least one token")
         self.seq_id = next(Sequence._ids)
@@ -36,6 +37,10 @@ class Sequence:
         self.arrival_time = time.monotonic()
         self.first_token_time: float | None = None
         self.num_preemptions = 0
+        self.finish_time: float | None = None
+        # a prefill-only sequence stops after its first token and keeps its KV blocks
+        # until release() (a prefill node exports them to a decode node first)
+        self.prefill_only = prefill_only
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -1,4 +1,3 @@
-import os
 import random
 
 import pytest
@@ -13,15 +12,6 @@ TEXTS = [
     "  leading spaces,\ttabs\nnewlines\n\n and   runs of   spaces ",
     "def f(x):\n    return x ** 2  # code\n",
 ]
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    path = os.environ.get("PDSERVE_TEST_TOKENIZER", "/tmp/smol")
-    if not os.path.isdir(path):
-        pytest.skip(f"no tokenizer at {path}")
-    from transformers import AutoTokenizer
-    return AutoTokenizer.from_pretrained(path)
 
 
 def stream(tokenizer, prompt_ids, output_ids, **kwargs):
