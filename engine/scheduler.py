@@ -45,7 +45,9 @@ class Scheduler:
         self.waiting.append(seq)
 
     def add_running(self, seq: Sequence) -> None:
-        """Admit a sequence whose KV is already in its blocks (e.g. received from a prefill node)."""
+        """Admit a sequence whose KV is already in its blocks (e.g. received from a prefill
+        node). Its blocks were reserved by the caller, so max_num_seqs is the caller's to
+        enforce when it reserves."""
         seq.status = SeqStatus.RUNNING
         self.running.append(seq)
 

@@ -70,9 +70,3 @@ def test_ensure_leaves_the_table_unchanged_when_blocks_are_short():
 @pytest.mark.parametrize("tokens,blocks", [(0, 0), (1, 1), (3, 1), (4, 1), (5, 2), (8, 2), (9, 3)])
 def test_blocks_for_rounds_up_to_whole_blocks(tokens, blocks):
     assert BlockManager(num_blocks=1, block_size=4).blocks_for(tokens) == blocks
-
-
-@pytest.mark.parametrize("num_blocks,block_size", [(0, 4), (4, 0)])
-def test_pool_dimensions_must_be_positive(num_blocks, block_size):
-    with pytest.raises(ValueError):
-        BlockManager(num_blocks, block_size)

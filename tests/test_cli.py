@@ -1,0 +1,57 @@
+"""`pdserve generate` is a contract: flags in, one JSON object (or streamed text) out."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from tests.conftest import assert_matches_reference
+
+
+def pdserve(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pdserve", *args], capture_output=True, text=True, timeout=timeout)
+
+
+def test_generate_json_with_prompt_ids_matches_the_reference(tiny_models, reference):
+    path = tiny_models["qwen3"]
+    r = pdserve("generate", "--model", path, "--prompt-ids", "3,14,15,92,65", "--max-tokens", "9",
+                "--ignore-eos", "--kv-blocks", "32", "--json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert set(out) >= {"text", "token_ids", "prompt_token_ids", "finish_reason", "timings"}
+    assert out["prompt_token_ids"] == [3, 14, 15, 92, 65]
+    assert out["finish_reason"] == "length" and len(out["token_ids"]) == 9
+    assert out["text"] is None  # a weights-only checkpoint has no tokenizer
+    assert out["timings"]["ttft_s"] > 0 and out["timings"]["tpot_s"] > 0
+    assert_matches_reference(out["token_ids"], reference(path).generate([3, 14, 15, 92, 65], 9), "cli")
+
+
+def test_generate_chat_streams_text_and_json_agrees(smol_dir):
+    args = ("generate", "--model", smol_dir, "--chat", "--max-tokens", "24", "--kv-blocks", "64",
+            "What is the capital of France?")
+    streamed = pdserve(*args)
+    as_json = pdserve(*args, "--json")
+    assert streamed.returncode == 0 and as_json.returncode == 0, streamed.stderr + as_json.stderr
+    out = json.loads(as_json.stdout)
+    assert "Paris" in out["text"] and out["finish_reason"] == "stop"
+    assert streamed.stdout.rstrip("\n") == out["text"]
+    assert out["token_ids"][-1] == 2  # <|im_end|> ends the answer and is reported
+
+
+def test_generate_stop_string_and_sampling_flags(smol_dir):
+    base = ("generate", "--model", smol_dir, "--chat", "--max-tokens", "24", "--kv-blocks", "64", "--json",
+            "What is the capital of France?")
+    cut = json.loads(pdserve(*base, "--stop", "Paris").stdout)
+    assert cut["finish_reason"] == "stop" and cut["text"] == "The capital of France is "
+    a = json.loads(pdserve(*base, "--temperature", "1.0", "--top-p", "0.9", "--top-k", "50", "--seed", "7").stdout)
+    b = json.loads(pdserve(*base, "--temperature", "1.0", "--top-p", "0.9", "--top-k", "50", "--seed", "7").stdout)
+    assert a["token_ids"] == b["token_ids"]
+
+
+def test_bad_input_exits_nonzero_with_a_reason(tiny_models):
+    r = pdserve("generate", "--model", tiny_models["llama"], "--prompt-ids", "1,2,99999", "--json")
+    assert r.returncode == 2 and "INVALID_ARGUMENT" in r.stderr and "out of range" in r.stderr
+    r = pdserve("generate", "--model", tiny_models["llama"], "--prompt-ids", "1,2", "--temperature", "-1")
+    assert r.returncode == 2 and "temperature" in r.stderr
+    r = pdserve("generate", "--model", tiny_models["qwen2"], "--tp", "3", "--prompt-ids", "1")
+    assert r.returncode == 2 and "does not divide" in r.stderr

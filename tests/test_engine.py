@@ -1,0 +1,125 @@
+"""Engine behaviour beyond parity: requests in and out, KV export/import, validation."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from engine.config import EngineConfig
+from engine.llm_engine import LLMEngine
+from engine.sampling_params import SamplingParams
+from tests.conftest import assert_matches_reference
+
+GREEDY = dict(temperature=0, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def llama(tiny_models):
+    with LLMEngine(EngineConfig(model=tiny_models["llama"], kv_blocks=64, block_size=4)) as engine:
+        yield engine
+
+
+def test_kv_exported_by_layer_and_imported_elsewhere_decodes_like_the_original(tiny_models, reference):
+    """The prefill-node / decode-node path inside one process: prefill only, export
+    each layer's KV, import it into blocks reserved by a second engine, decode there."""
+    path = tiny_models["qwen2"]
+    prompt = [5, 17, 99, 3, 250, 8, 8, 41, 77, 300, 12]
+    params = SamplingParams(max_tokens=10, **GREEDY)
+    with LLMEngine(EngineConfig(model=path, kv_blocks=32, block_size=4)) as prefill, \
+         LLMEngine(EngineConfig(model=path, kv_blocks=32, block_size=4)) as decode:
+        decode.reserve(4)  # offset the pool so block ids differ between the two sides
+        seq = prefill.add_request(prompt, params, prefill_only=True)
+        while not seq.is_finished:
+            prefill.step()
+        assert seq.finish_reason == "prefilled" and len(seq.output_token_ids) == 1
+        layers = [prefill.export_kv(seq, layer) for layer in range(prefill.spec.num_layers)]
+        assert layers[0].shape == (2, 3, 4, 2, 16)  # (K/V, blocks, block size, KV heads, head dim)
+        prefill.release(seq)
+        assert prefill.blocks.num_free == prefill.blocks.num_blocks
+
+        blocks = decode.reserve(len(prompt) + params.max_tokens)
+        for layer, data in enumerate(layers):
+            decode.kv_cache.import_layer(layer, blocks[:3], data)
+        out = decode.add_prefilled(prompt, seq.output_token_ids[0], params, blocks)
+        while not out.seq.is_finished:
+            decode.step()
+        assert decode.blocks.num_free == decode.blocks.num_blocks - 1  # only the offset block is held
+    assert_matches_reference(out.seq.output_token_ids, reference(path).generate(prompt, 10), "transferred")
+
+
+def test_import_rejects_a_layer_of_the_wrong_shape(llama):
+    blocks = llama.reserve(8)
+    with pytest.raises(ValueError, match="expected"):
+        llama.kv_cache.import_layer(0, blocks, torch.zeros(2, 1, 4, 1, 16))
+    llama.release(blocks)
+
+
+def test_abort_frees_blocks_of_waiting_and_running_requests(llama):
+    a = llama.add_request(list(range(1, 30)), SamplingParams(max_tokens=50, **GREEDY))
+    llama.step()
+    b = llama.add_request(list(range(1, 10)), SamplingParams(max_tokens=50, **GREEDY))
+    llama.abort(a)
+    llama.abort(b)
+    assert a.finish_reason == b.finish_reason == "abort"
+    assert not llama.has_work()
+    assert llama.blocks.num_free == llama.blocks.num_blocks
+
+
+def test_a_seed_reproduces_a_sample_whatever_else_is_in_the_batch(llama):
+    sampled = SamplingParams(max_tokens=12, temperature=1.0, top_p=0.9, seed=1234, ignore_eos=True)
+    alone = llama.generate([[3, 4, 5]], sampled)[0].token_ids
+    crowd = llama.generate([[9, 9], [3, 4, 5], [100, 2, 7, 1]],
+                           [SamplingParams(max_tokens=5, temperature=1.0, ignore_eos=True), sampled,
+                            SamplingParams(max_tokens=20, **GREEDY)])[1].token_ids
+    assert alone == crowd
+    other = llama.generate([[3, 4, 5]], SamplingParams(max_tokens=12, temperature=1.0, seed=99, ignore_eos=True))
+    assert other[0].token_ids != alone
+
+
+def test_top_k_1_equals_greedy(llama):
+    greedy = llama.generate([[7, 8, 9]], SamplingParams(max_tokens=10, **GREEDY))[0].token_ids
+    topk = llama.generate([[7, 8, 9]], SamplingParams(max_tokens=10, temperature=0.8, top_k=1,
+                                                       ignore_eos=True))[0].token_ids
+    assert topk == greedy
+
+
+def test_stop_token_ids_end_the_request_with_the_token_included(llama):
+    full = llama.generate([[1, 2, 3]], SamplingParams(max_tokens=10, **GREEDY))[0].token_ids
+    stop = full[4]
+    out = llama.generate([[1, 2, 3]], SamplingParams(max_tokens=10, stop_token_ids=[stop], **GREEDY))[0]
+    assert out.token_ids == full[:full.index(stop) + 1] and out.finish_reason == "stop"
+
+
+@pytest.mark.parametrize("prompt, params, message", [
+    ([], SamplingParams(), "empty"),
+    ([1, 2, 384], SamplingParams(), "out of range"),
+    ([-1], SamplingParams(), "out of range"),
+    ([1] * 512, SamplingParams(), "context"),
+    ([1] * 500, SamplingParams(max_tokens=20), "exceeds the context"),
+    ([1], SamplingParams(max_tokens=0), "max_tokens"),
+    ([1], SamplingParams(temperature=float("nan")), "temperature"),
+    ([1], SamplingParams(top_p=0.0), "top_p"),
+    ([1], SamplingParams(top_k=-2), "top_k"),
+    ([1], SamplingParams(stop=[""]), "stop"),
+    ([1], SamplingParams(stop_token_ids=[999]), "stop_token_ids"),
+])
+def test_bad_requests_are_refused_with_a_readable_message_and_leave_nothing_behind(llama, prompt, params, message):
+    with pytest.raises(ValueError, match=message):
+        llama.add_request(prompt, params)
+    assert not llama.has_work() and llama.blocks.num_free == llama.blocks.num_blocks
+
+
+def test_request_needing_more_blocks_than_the_pool_is_refused(tiny_models):
+    with LLMEngine(EngineConfig(model=tiny_models["llama"], kv_blocks=4, block_size=4)) as engine:
+        with pytest.raises(ValueError, match="KV blocks"):
+            engine.add_request(list(range(1, 15)), SamplingParams(max_tokens=8))
+
+
+def test_stop_strings_cut_the_text_exactly(smol_dir, tokenizer):
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
+                                           add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+    with LLMEngine(EngineConfig(model=smol_dir, kv_blocks=64)) as engine:
+        full = engine.generate([prompt], SamplingParams(max_tokens=16, temperature=0))[0]
+        assert "Paris" in full.text
+        cut = engine.generate([prompt], SamplingParams(max_tokens=16, temperature=0, stop=["Paris"]))[0]
+    assert cut.finish_reason == "stop"
+    assert cut.text == full.text[:full.text.index("Paris")]
