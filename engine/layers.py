@@ -132,7 +132,7 @@ class RotaryEmbedding(nn.Module):
     def __init__(self, inv_freq: torch.Tensor, scaling: float, max_positions: int):
         super().__init__()
         pos = torch.arange(max_positions, dtype=torch.float)
-        freqs = pos[:, None] * inv_freq.float()[None, :]
+        freqs = pos[:, None] * inv_freq.float().to(pos.device)[None, :]
         emb = torch.cat((freqs, freqs), dim=-1)
         self.register_buffer("cos", emb.cos() * scaling, persistent=False)
         self.register_buffer("sin", emb.sin() * scaling, persistent=False)
