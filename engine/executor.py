@@ -37,11 +37,16 @@ class Executor:
                    "--model-path", str(self.model_path), "--config", self.cfg.to_json()]
             self.procs.append(subprocess.Popen(cmd, env=env))
         try:
-            parallel.init(0, tp, store, self.backend, self.cfg.rank_device(0))
+            parallel.init(0, tp, store, self.backend, self.cfg.rank_device(0), check_alive=self._check_ranks)
             self.runner = ModelRunner(self.cfg, self.model_path, 0)
         except BaseException:
             self.close()
             raise
+
+    def _check_ranks(self) -> None:
+        for rank, p in enumerate(self.procs, start=1):
+            if p.poll() is not None:
+                raise RuntimeError(f"TP rank {rank} exited with status {p.returncode} during start-up")
 
     @property
     def backend(self) -> str:

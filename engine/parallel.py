@@ -1,6 +1,8 @@
 """Tensor-parallel process group: one rank per process, gloo on CPU, NCCL on GPU."""
 from __future__ import annotations
 
+import time
+
 import torch
 import torch.distributed as dist
 
@@ -8,11 +10,13 @@ _rank = 0
 _world = 1
 
 
-def init(rank: int, world: int, store_path: str, backend: str,
-         device: torch.device | None = None, timeout_s: float = 7 * 86400.0) -> None:
+def init(rank: int, world: int, store_path: str, backend: str, device: torch.device | None = None,
+         timeout_s: float = 7 * 86400.0, check_alive=None) -> None:
     """Join the node's TP group. Ranks meet through a file store (no listening socket)
     and talk over loopback. The timeout is long because ranks other than 0 wait in a
-    broadcast while the engine is idle."""
+    broadcast while the engine is idle. Rank 0 passes check_alive, called while it waits
+    for the other ranks to arrive, so a rank that dies at start-up fails the start
+    instead of hanging it."""
     global _rank, _world
     _rank, _world = rank, world
     if world == 1:
@@ -22,6 +26,12 @@ def init(rank: int, world: int, store_path: str, backend: str,
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # rank-to-rank links stay on loopback
     os.environ.setdefault("NCCL_SOCKET_IFNAME", "lo")
     store = dist.FileStore(store_path, world)
+    store.set(f"arrived/{rank}", "1")
+    if check_alive is not None:
+        keys = [f"arrived/{r}" for r in range(world)]
+        while not store.check(keys):
+            check_alive()
+            time.sleep(0.05)
     kwargs = {"device_id": device} if backend == "nccl" and device is not None else {}
     dist.init_process_group(backend, store=store, rank=rank, world_size=world,
                             timeout=timedelta(seconds=timeout_s), **kwargs)

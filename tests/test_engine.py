@@ -123,3 +123,21 @@ def test_stop_strings_cut_the_text_exactly(smol_dir, tokenizer):
         cut = engine.generate([prompt], SamplingParams(max_tokens=16, temperature=0, stop=["Paris"]))[0]
     assert cut.finish_reason == "stop"
     assert cut.text == full.text[:full.text.index("Paris")]
+
+
+def test_a_tp_rank_that_dies_makes_the_next_step_fail_instead_of_hanging(tiny_models):
+    import os
+    import signal
+    engine = LLMEngine(EngineConfig(model=tiny_models["llama"], tp=2, kv_blocks=32, block_size=4)).start()
+    try:
+        engine.add_request([1, 2, 3], SamplingParams(max_tokens=50, **GREEDY))
+        engine.step()
+        worker = engine.executor.procs[0]
+        os.kill(worker.pid, signal.SIGKILL)
+        worker.wait()
+        with pytest.raises(RuntimeError):
+            for _ in range(50):
+                engine.step()
+    finally:
+        engine.close()
+    assert engine.executor is None
