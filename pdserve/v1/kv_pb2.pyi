@@ -1,0 +1,63 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class KVShard(_message.Message):
+    __slots__ = ("tp_rank", "head_start", "num_heads")
+    TP_RANK_FIELD_NUMBER: _ClassVar[int]
+    HEAD_START_FIELD_NUMBER: _ClassVar[int]
+    NUM_HEADS_FIELD_NUMBER: _ClassVar[int]
+    tp_rank: int
+    head_start: int
+    num_heads: int
+    def __init__(self, tp_rank: _Optional[int] = ..., head_start: _Optional[int] = ..., num_heads: _Optional[int] = ...) -> None: ...
+
+class KVHeader(_message.Message):
+    __slots__ = ("protocol_version", "compat_hash", "transfer_id", "epoch", "layer_start", "num_layers", "total_layers", "num_blocks", "block_size", "head_dim", "dtype", "shards", "frame_crc32", "frame_bytes", "last", "first_token")
+    PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    COMPAT_HASH_FIELD_NUMBER: _ClassVar[int]
+    TRANSFER_ID_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    LAYER_START_FIELD_NUMBER: _ClassVar[int]
+    NUM_LAYERS_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_LAYERS_FIELD_NUMBER: _ClassVar[int]
+    NUM_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
+    HEAD_DIM_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    SHARDS_FIELD_NUMBER: _ClassVar[int]
+    FRAME_CRC32_FIELD_NUMBER: _ClassVar[int]
+    FRAME_BYTES_FIELD_NUMBER: _ClassVar[int]
+    LAST_FIELD_NUMBER: _ClassVar[int]
+    FIRST_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    protocol_version: int
+    compat_hash: str
+    transfer_id: str
+    epoch: int
+    layer_start: int
+    num_layers: int
+    total_layers: int
+    num_blocks: int
+    block_size: int
+    head_dim: int
+    dtype: str
+    shards: _containers.RepeatedCompositeFieldContainer[KVShard]
+    frame_crc32: _containers.RepeatedScalarFieldContainer[int]
+    frame_bytes: _containers.RepeatedScalarFieldContainer[int]
+    last: bool
+    first_token: int
+    def __init__(self, protocol_version: _Optional[int] = ..., compat_hash: _Optional[str] = ..., transfer_id: _Optional[str] = ..., epoch: _Optional[int] = ..., layer_start: _Optional[int] = ..., num_layers: _Optional[int] = ..., total_layers: _Optional[int] = ..., num_blocks: _Optional[int] = ..., block_size: _Optional[int] = ..., head_dim: _Optional[int] = ..., dtype: _Optional[str] = ..., shards: _Optional[_Iterable[_Union[KVShard, _Mapping]]] = ..., frame_crc32: _Optional[_Iterable[int]] = ..., frame_bytes: _Optional[_Iterable[int]] = ..., last: _Optional[bool] = ..., first_token: _Optional[int] = ...) -> None: ...
+
+class KVAck(_message.Message):
+    __slots__ = ("transfer_id", "ok", "error")
+    TRANSFER_ID_FIELD_NUMBER: _ClassVar[int]
+    OK_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    transfer_id: str
+    ok: bool
+    error: str
+    def __init__(self, transfer_id: _Optional[str] = ..., ok: _Optional[bool] = ..., error: _Optional[str] = ...) -> None: ...
