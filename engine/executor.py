@@ -2,7 +2,8 @@
 child processes (engine.worker) that receive each step's plan by broadcast.
 
 Commands are int64 tensors, never pickled objects: a 5-number header
-[command, *plan header] followed, for RUN, by the packed plan."""
+[command, *args] followed by an int64 body (the packed plan for RUN, block ids for
+EXPORT/IMPORT of KV, whose tensors then move by gather/scatter)."""
 from __future__ import annotations
 
 import os
@@ -17,7 +18,7 @@ from engine import parallel
 from engine.config import EngineConfig
 from engine.model_runner import ModelRunner, StepPlan
 
-CMD_STOP, CMD_RUN = 0, 1
+CMD_STOP, CMD_RUN, CMD_EXPORT, CMD_IMPORT = 0, 1, 2, 3
 
 
 class Executor:
@@ -59,8 +60,24 @@ class Executor:
             self._broadcast(body)
         return self.runner.execute(plan)
 
+    def export_kv(self, layer_start: int, num_layers: int, block_ids: list[int]) -> list[list[torch.Tensor]]:
+        """[layer][tp rank] KV shards of block_ids for layers [layer_start, +num_layers)."""
+        self._send_kv_command(CMD_EXPORT, layer_start, num_layers, block_ids)
+        return self.runner.export_kv(layer_start, num_layers, block_ids)
+
+    def import_kv(self, layer_start: int, num_layers: int, block_ids: list[int],
+                  layers: list[list[torch.Tensor]]) -> None:
+        self._send_kv_command(CMD_IMPORT, layer_start, num_layers, block_ids)
+        self.runner.import_kv(layer_start, num_layers, block_ids, layers)
+
+    def _send_kv_command(self, cmd: int, layer_start: int, num_layers: int, block_ids: list[int]) -> None:
+        if self.procs:
+            self._broadcast(torch.tensor([cmd, layer_start, num_layers, len(block_ids), 0]))
+            self._broadcast(torch.tensor(block_ids, dtype=torch.long))
+
     def _broadcast(self, x: torch.Tensor) -> None:
-        parallel.broadcast(x.to(self.runner.device if self.backend == "nccl" else "cpu"))
+        if self.procs:
+            parallel.broadcast(x.to(self.runner.device if self.backend == "nccl" else "cpu"))
 
     def close(self) -> None:
         if self.procs and self.runner is not None:
@@ -75,7 +92,8 @@ class Executor:
                 p.kill()
                 p.wait()
         self.procs = []
-        parallel.destroy()
+        if self.cfg.tp > 1:
+            parallel.destroy()
         self.runner = None
         if getattr(self, "store_dir", None) is not None:
             self.store_dir.cleanup()

@@ -40,6 +40,7 @@ class ColumnParallelLinear(nn.Module):
 
     def __init__(self, in_features: int, shards: list[tuple[str, int, int, int]], bias: bool):
         super().__init__()
+        self.tp_rank = parallel.rank()
         self.shards = shards
         self.offsets, total = {}, 0
         for sid, rows, _, _ in shards:
@@ -57,7 +58,7 @@ class ColumnParallelLinear(nn.Module):
         start, rows = self.offsets[shard_id]
         spec = next(s for s in self.shards if s[0] == shard_id)
         replicas = spec[3]
-        src = (parallel.rank() // replicas) * rows
+        src = (self.tp_rank // replicas) * rows
         if _shape(loaded)[0] != spec[2]:
             raise ValueError(f"checkpoint shard {shard_id} has {_shape(loaded)[0]} rows, expected {spec[2]}")
         param.data[start:start + rows].copy_(loaded[src:src + rows])
@@ -71,10 +72,10 @@ class RowParallelLinear(nn.Module):
 
     def __init__(self, in_features: int, out_features: int, bias: bool):
         super().__init__()
-        tp = parallel.world()
-        if in_features % tp:
-            raise ValueError(f"input size {in_features} is not divisible by TP size {tp}")
-        self.in_per_rank = in_features // tp
+        self.tp, self.tp_rank = parallel.world(), parallel.rank()
+        if in_features % self.tp:
+            raise ValueError(f"input size {in_features} is not divisible by TP size {self.tp}")
+        self.in_per_rank = in_features // self.tp
         self.weight = nn.Parameter(torch.empty(out_features, self.in_per_rank))
         self.weight.weight_loader = self.weight_loader
         if bias:
@@ -84,11 +85,13 @@ class RowParallelLinear(nn.Module):
             self.register_parameter("bias", None)
 
     def weight_loader(self, param: nn.Parameter, loaded) -> None:
-        start = parallel.rank() * self.in_per_rank
+        start = self.tp_rank * self.in_per_rank
         param.data.copy_(loaded[:, start:start + self.in_per_rank])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = parallel.all_reduce(F.linear(x, self.weight))
+        y = F.linear(x, self.weight)
+        if self.tp > 1:
+            y = parallel.all_reduce(y)
         return y + self.bias if self.bias is not None else y
 
 
@@ -97,9 +100,9 @@ class VocabParallelEmbedding(nn.Module):
 
     def __init__(self, vocab_size: int, dim: int):
         super().__init__()
-        tp = parallel.world()
+        self.tp = parallel.world()
         self.vocab_size = vocab_size
-        self.per_rank = -(-vocab_size // tp)
+        self.per_rank = -(-vocab_size // self.tp)
         self.start = parallel.rank() * self.per_rank
         self.weight = nn.Parameter(torch.zeros(self.per_rank, dim))
         self.weight.weight_loader = self.weight_loader
@@ -110,7 +113,7 @@ class VocabParallelEmbedding(nn.Module):
             param.data[:end - self.start].copy_(loaded[self.start:end])
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        if parallel.world() == 1:
+        if self.tp == 1:
             return F.embedding(ids, self.weight)
         local = ids - self.start
         mask = (local >= 0) & (local < self.per_rank)
@@ -122,8 +125,13 @@ class ParallelLMHead(VocabParallelEmbedding):
     """Logits for this rank's vocab range, gathered to rank 0 (None elsewhere)."""
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor | None:
-        logits = parallel.gather_last_dim(F.linear(hidden, self.weight))
-        return None if logits is None else logits[..., :self.vocab_size]
+        logits = F.linear(hidden, self.weight)
+        if self.tp > 1:
+            parts = parallel.gather(logits, self.tp)
+            if parts is None:
+                return None
+            logits = torch.cat(parts, dim=-1)
+        return logits[..., :self.vocab_size]
 
 
 class RotaryEmbedding(nn.Module):

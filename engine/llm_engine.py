@@ -113,15 +113,16 @@ class LLMEngine:
         else:
             self.blocks.free(list(seq_or_blocks))
 
-    @property
-    def kv_cache(self):
-        """This rank's KV pool (export_layer / import_layer move a sequence's KV by layer)."""
-        return self.executor.runner.kv
-
-    def export_kv(self, seq: Sequence, layer: int) -> torch.Tensor:
-        """The prompt KV of `seq` for one layer as one contiguous tensor."""
+    def export_kv(self, seq: Sequence, layer_start: int = 0, num_layers: int | None = None) -> list[list[torch.Tensor]]:
+        """The prompt KV of `seq`, [layer][tp rank], each shard one contiguous
+        [2, blocks, block_size, rank's KV heads, head_dim] tensor (what a transport sends)."""
         n = self.blocks.blocks_for(seq.num_prompt_tokens)
-        return self.kv_cache.export_layer(layer, seq.block_table[:n])
+        num_layers = self.spec.num_layers - layer_start if num_layers is None else num_layers
+        return self.executor.export_kv(layer_start, num_layers, seq.block_table[:n])
+
+    def import_kv(self, block_ids: list[int], layer_start: int, layers: list[list[torch.Tensor]]) -> None:
+        """Write [layer][tp rank] KV shards into reserved blocks on every rank."""
+        self.executor.import_kv(layer_start, len(layers), block_ids, layers)
 
     def _new_sequence(self, prompt_token_ids, params, request_id, prefill_only) -> Sequence:
         seq = Sequence(prompt_token_ids, params, request_id, prefill_only)

@@ -79,15 +79,15 @@ class ModelRunner:
             self.max_model_len = min(self.max_model_len, window)  # the window never comes into play
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
-        elif parallel.world() > 1:
-            parallel.share_cpu_threads(parallel.world())
+        elif cfg.tp > 1:
+            parallel.share_cpu_threads(cfg.tp)
         torch.set_default_dtype(self.dtype)
         with torch.device(self.device):
             self.model = CausalLM(self.spec, self.hf_config, self.max_model_len)
         torch.set_default_dtype(torch.float32)
         load_weights(self.model, model_path)
         self.model.eval()
-        self.kv_heads = self.spec.kv_heads_per_rank(parallel.world())
+        self.kv_heads = self.spec.kv_heads_per_rank(cfg.tp)
         self.num_blocks = self._pool_blocks()
         self.kv = KVCache(self.spec.num_layers, self.num_blocks, cfg.block_size, self.kv_heads,
                           self.spec.head_dim, self.dtype, self.device)
@@ -104,9 +104,30 @@ class ModelRunner:
         else:
             blocks = max(1, (512 << 20) // per_block)  # 512 MiB by default on CPU
         n = torch.tensor([blocks], dtype=torch.long, device=self.device)
-        if parallel.world() > 1:  # every rank must agree on the pool size
+        if self.cfg.tp > 1:  # every rank must agree on the pool size
             torch.distributed.all_reduce(n, op=torch.distributed.ReduceOp.MIN)
         return int(n.item())
+
+    def export_kv(self, layer_start: int, num_layers: int, block_ids: list[int]) -> list[list[torch.Tensor]] | None:
+        """On rank 0: [layer][rank] KV shards of the given blocks (collective over the TP group)."""
+        mine = torch.stack([self.kv.export_layer(l, block_ids) for l in range(layer_start, layer_start + num_layers)])
+        parts = parallel.gather(mine, self.cfg.tp)
+        return None if parts is None else [[p[i] for p in parts] for i in range(num_layers)]
+
+    def import_kv(self, layer_start: int, num_layers: int, block_ids: list[int],
+                  layers: list[list[torch.Tensor]] | None) -> None:
+        """Write [layer][rank] KV shards (given on rank 0) into the blocks on every rank."""
+        shape = (num_layers, 2, len(block_ids), self.cfg.block_size, self.kv_heads, self.spec.head_dim)
+        out = torch.empty(shape, dtype=self.dtype, device=self.device)
+        parts = None
+        if layers is not None:
+            parts = [torch.stack([layers[i][r] for i in range(num_layers)]).to(self.device, self.dtype)
+                     for r in range(self.cfg.tp)]
+            if parts[0].shape != out.shape:
+                raise ValueError(f"KV shards of shape {tuple(parts[0].shape[1:])}, expected {shape[1:]}")
+        parallel.scatter(parts, out, self.cfg.tp)
+        for i in range(num_layers):
+            self.kv.import_layer(layer_start + i, block_ids, out[i])
 
     @torch.inference_mode()
     def execute(self, plan: StepPlan) -> torch.Tensor | None:

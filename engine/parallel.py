@@ -1,4 +1,8 @@
-"""Tensor-parallel process group: one rank per process, gloo on CPU, NCCL on GPU."""
+"""Tensor-parallel process group: one rank per process, gloo on CPU, NCCL on GPU.
+
+rank()/world() describe the group being built and are read while a model is
+constructed; layers keep their own copy, and the collectives below are called only
+by layers and runners whose TP size is above 1."""
 from __future__ import annotations
 
 import time
@@ -53,23 +57,29 @@ def world() -> int:
 
 
 def all_reduce(x: torch.Tensor) -> torch.Tensor:
-    if _world > 1:
-        dist.all_reduce(x)
+    dist.all_reduce(x)
     return x
 
 
-def gather_last_dim(x: torch.Tensor) -> torch.Tensor | None:
-    """Concatenate every rank's x along the last dim on rank 0; other ranks get None."""
-    if _world == 1:
-        return x
-    parts = [torch.empty_like(x) for _ in range(_world)] if _rank == 0 else None
+def gather(x: torch.Tensor, world_size: int) -> list[torch.Tensor] | None:
+    """Every rank's x, in rank order, on rank 0; None elsewhere."""
+    if world_size == 1:
+        return [x]
+    parts = [torch.empty_like(x) for _ in range(world_size)] if dist.get_rank() == 0 else None
     dist.gather(x.contiguous(), parts, dst=0)
-    return torch.cat(parts, dim=-1) if _rank == 0 else None
+    return parts
+
+
+def scatter(parts: list[torch.Tensor] | None, out: torch.Tensor, world_size: int) -> torch.Tensor:
+    """Rank r receives parts[r] (given on rank 0) into out."""
+    if world_size == 1:
+        return out.copy_(parts[0])
+    dist.scatter(out, [p.contiguous() for p in parts] if dist.get_rank() == 0 else None, src=0)
+    return out
 
 
 def broadcast(x: torch.Tensor) -> torch.Tensor:
-    if _world > 1:
-        dist.broadcast(x, src=0)
+    dist.broadcast(x, src=0)
     return x
 
 

@@ -10,7 +10,7 @@ import torch
 
 from engine import parallel
 from engine.config import EngineConfig
-from engine.executor import CMD_RUN, CMD_STOP
+from engine.executor import CMD_EXPORT, CMD_IMPORT, CMD_RUN, CMD_STOP
 from engine.model_runner import ModelRunner, StepPlan
 
 
@@ -37,12 +37,21 @@ def main() -> None:
     comm = device if backend == "nccl" else torch.device("cpu")
     while True:
         cmd = parallel.broadcast(torch.empty(5, dtype=torch.long, device=comm)).cpu()
-        if cmd[0].item() == CMD_STOP:
+        kind, args = cmd[0].item(), cmd[1:]
+        if kind == CMD_STOP:
             break
-        assert cmd[0].item() == CMD_RUN
-        header = cmd[1:]
-        body = parallel.broadcast(torch.empty(StepPlan.body_numel(header), dtype=torch.long, device=comm)).cpu()
-        runner.execute(StepPlan.unpack(header, body))
+        if kind == CMD_RUN:
+            body = parallel.broadcast(torch.empty(StepPlan.body_numel(args), dtype=torch.long, device=comm))
+            runner.execute(StepPlan.unpack(args, body.cpu()))
+            continue
+        layer_start, num_layers, num_blocks = args[:3].tolist()
+        blocks = parallel.broadcast(torch.empty(num_blocks, dtype=torch.long, device=comm)).cpu().tolist()
+        if kind == CMD_EXPORT:
+            runner.export_kv(layer_start, num_layers, blocks)
+        elif kind == CMD_IMPORT:
+            runner.import_kv(layer_start, num_layers, blocks, None)
+        else:
+            raise RuntimeError(f"unknown command {kind}")
     parallel.destroy()
 
 

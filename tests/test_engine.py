@@ -18,27 +18,31 @@ def llama(tiny_models):
         yield engine
 
 
-def test_kv_exported_by_layer_and_imported_elsewhere_decodes_like_the_original(tiny_models, reference):
+@pytest.mark.parametrize("p_tp, d_tp", [(1, 1), (2, 1), (1, 2)])
+def test_kv_exported_by_layer_and_imported_elsewhere_decodes_like_the_original(tiny_models, reference, p_tp, d_tp):
     """The prefill-node / decode-node path inside one process: prefill only, export
-    each layer's KV, import it into blocks reserved by a second engine, decode there."""
+    each layer's KV shards, import them into blocks reserved by a second engine, decode
+    there. Heads are re-sliced between the TP sizes by hand here (kv_transfer does it
+    between nodes)."""
     path = tiny_models["qwen2"]
     prompt = [5, 17, 99, 3, 250, 8, 8, 41, 77, 300, 12]
     params = SamplingParams(max_tokens=10, **GREEDY)
-    with LLMEngine(EngineConfig(model=path, kv_blocks=32, block_size=4)) as prefill, \
-         LLMEngine(EngineConfig(model=path, kv_blocks=32, block_size=4)) as decode:
+    with LLMEngine(EngineConfig(model=path, tp=p_tp, kv_blocks=32, block_size=4)) as prefill, \
+         LLMEngine(EngineConfig(model=path, tp=d_tp, kv_blocks=32, block_size=4)) as decode:
         decode.reserve(4)  # offset the pool so block ids differ between the two sides
         seq = prefill.add_request(prompt, params, prefill_only=True)
         while not seq.is_finished:
             prefill.step()
         assert seq.finish_reason == "prefilled" and len(seq.output_token_ids) == 1
-        layers = [prefill.export_kv(seq, layer) for layer in range(prefill.spec.num_layers)]
-        assert layers[0].shape == (2, 3, 4, 2, 16)  # (K/V, blocks, block size, KV heads, head dim)
+        layers = prefill.export_kv(seq, 0, 1) + prefill.export_kv(seq, 1)  # in two groups
+        assert len(layers) == 2 and len(layers[0]) == p_tp
+        assert layers[0][0].shape == (2, 3, 4, 2 // p_tp, 16)  # (K/V, blocks, block size, KV heads, head dim)
+        layers = [list(torch.cat(shards, dim=3).chunk(d_tp, dim=3)) for shards in layers]
         prefill.release(seq)
         assert prefill.blocks.num_free == prefill.blocks.num_blocks
 
         blocks = decode.reserve(len(prompt) + params.max_tokens)
-        for layer, data in enumerate(layers):
-            decode.kv_cache.import_layer(layer, blocks[:3], data)
+        decode.import_kv(blocks[:3], 0, layers)
         out = decode.add_prefilled(prompt, seq.output_token_ids[0], params, blocks)
         while not out.seq.is_finished:
             decode.step()
@@ -49,7 +53,7 @@ def test_kv_exported_by_layer_and_imported_elsewhere_decodes_like_the_original(t
 def test_import_rejects_a_layer_of_the_wrong_shape(llama):
     blocks = llama.reserve(8)
     with pytest.raises(ValueError, match="expected"):
-        llama.kv_cache.import_layer(0, blocks, torch.zeros(2, 1, 4, 1, 16))
+        llama.import_kv(blocks, 0, [[torch.zeros(2, 1, 4, 1, 16)]])
     llama.release(blocks)
 
 
