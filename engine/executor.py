@@ -67,6 +67,7 @@ class Executor:
 
     def import_kv(self, layer_start: int, num_layers: int, block_ids: list[int],
                   layers: list[list[torch.Tensor]]) -> None:
+        self.runner.check_kv_shards(len(block_ids), layers)  # before any rank is told to wait for data
         self._send_kv_command(CMD_IMPORT, layer_start, num_layers, block_ids)
         self.runner.import_kv(layer_start, num_layers, block_ids, layers)
 

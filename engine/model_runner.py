@@ -114,6 +114,16 @@ class ModelRunner:
         parts = parallel.gather(mine, self.cfg.tp)
         return None if parts is None else [[p[i] for p in parts] for i in range(num_layers)]
 
+    def check_kv_shards(self, num_blocks: int, layers: list[list[torch.Tensor]]) -> None:
+        """Raise ValueError unless layers is [layer][rank] of this node's shard shape."""
+        expected = (2, num_blocks, self.cfg.block_size, self.kv_heads, self.spec.head_dim)
+        for shards in layers:
+            if len(shards) != self.cfg.tp:
+                raise ValueError(f"got KV shards for {len(shards)} ranks, expected {self.cfg.tp}")
+            for t in shards:
+                if tuple(t.shape) != expected:
+                    raise ValueError(f"KV shard of shape {tuple(t.shape)}, expected {expected}")
+
     def import_kv(self, layer_start: int, num_layers: int, block_ids: list[int],
                   layers: list[list[torch.Tensor]] | None) -> None:
         """Write [layer][rank] KV shards (given on rank 0) into the blocks on every rank."""
@@ -121,10 +131,9 @@ class ModelRunner:
         out = torch.empty(shape, dtype=self.dtype, device=self.device)
         parts = None
         if layers is not None:
+            self.check_kv_shards(len(block_ids), layers)
             parts = [torch.stack([layers[i][r] for i in range(num_layers)]).to(self.device, self.dtype)
                      for r in range(self.cfg.tp)]
-            if parts[0].shape != out.shape:
-                raise ValueError(f"KV shards of shape {tuple(parts[0].shape[1:])}, expected {shape[1:]}")
         parallel.scatter(parts, out, self.cfg.tp)
         for i in range(num_layers):
             self.kv.import_layer(layer_start + i, block_ids, out[i])

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from pdserve.v1 import api_pb2 as pdserve_dot_v1_dot_api__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15pdserve/v1/node.proto\x12\npdserve.v1\x1a\x14pdserve/v1/api.proto\"\xb8\x01\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\nnum_layers\x18\x02 \x01(\r\x12\x14\n\x0cnum_kv_heads\x18\x03 \x01(\r\x12\x10\n\x08head_dim\x18\x04 \x01(\r\x12\x12\n\nblock_size\x18\x05 \x01(\r\x12\r\n\x05\x64type\x18\x06 \x01(\t\x12\x12\n\nvocab_size\x18\x07 \x01(\r\x12\x15\n\rmax_model_len\x18\x08 \x01(\r\x12\x13\n\x0b\x63ompat_hash\x18\t \x01(\t\"\xbc\x01\n\x0fRegisterRequest\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x1e\n\x04role\x18\x02 \x01(\x0e\x32\x10.pdserve.v1.Role\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\x12\x13\n\x0bkv_endpoint\x18\x04 \x01(\t\x12\n\n\x02tp\x18\x05 \x01(\r\x12$\n\x05model\x18\x06 \x01(\x0b\x32\x15.pdserve.v1.ModelInfo\x12\x17\n\x0fkv_blocks_total\x18\x07 \x01(\r\"P\n\x10RegisterResponse\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\x12\x1c\n\x14heartbeat_interval_s\x18\x03 \x01(\x01\"\x82\x01\n\x10HeartbeatRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\x12\x16\n\x0ekv_blocks_free\x18\x03 \x01(\r\x12\x0f\n\x07running\x18\x04 \x01(\r\x12\x0e\n\x06queued\x18\x05 \x01(\r\x12\x15\n\rqueued_tokens\x18\x06 \x01(\r\"\"\n\x11HeartbeatResponse\x12\r\n\x05known\x18\x01 \x01(\x08\"\x95\x01\n\x06Ticket\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\x12\x16\n\x0e\x64\x65\x63ode_node_id\x18\x02 \x01(\t\x12\r\n\x05\x65poch\x18\x03 \x01(\x04\x12\x11\n\tblock_ids\x18\x04 \x03(\r\x12\x13\n\x0bkv_endpoint\x18\x05 \x01(\t\x12\x14\n\x0clease_expiry\x18\x06 \x01(\x01\x12\x11\n\tdecode_tp\x18\x07 \x01(\r\"}\n\x0eReserveRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x03\x12,\n\x08sampling\x18\x03 \x01(\x0b\x32\x1a.pdserve.v1.SamplingParams\x12\x0f\n\x07lease_s\x18\x04 \x01(\x01\"\xa1\x01\n\x0ePrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x03\x12,\n\x08sampling\x18\x03 \x01(\x0b\x32\x1a.pdserve.v1.SamplingParams\x12\"\n\x06ticket\x18\x04 \x01(\x0b\x32\x12.pdserve.v1.Ticket\x12\x0f\n\x07keep_kv\x18\x05 \x01(\x08\"h\n\x0fPrefillResponse\x12\x13\n\x0b\x66irst_token\x18\x01 \x01(\x03\x12\x15\n\rprefill_start\x18\x02 \x01(\x01\x12\x13\n\x0bprefill_end\x18\x03 \x01(\x01\x12\x14\n\x0ctransfer_end\x18\x04 \x01(\x01\"\"\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x1e\n\rAbortResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\"*\n\x10SubscribeRequest\x12\x16\n\x0e\x63oordinator_id\x18\x01 \x01(\t\"\xba\x01\n\x0bTokenUpdate\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\r\x12\x10\n\x08token_id\x18\x03 \x01(\x03\x12\x0c\n\x04text\x18\x04 \x01(\t\x12/\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x18.pdserve.v1.FinishReason\x12\x14\n\x0c\x64\x65\x63ode_start\x18\x06 \x01(\x01\x12\r\n\x05\x65rror\x18\x07 \x01(\t\x12\x12\n\nerror_code\x18\x08 \x01(\x05\"6\n\nTokenBatch\x12(\n\x07updates\x18\x01 \x03(\x0b\x32\x17.pdserve.v1.TokenUpdate2\x9e\x01\n\x0b\x43oordinator\x12\x45\n\x08Register\x12\x1b.pdserve.v1.RegisterRequest\x1a\x1c.pdserve.v1.RegisterResponse\x12H\n\tHeartbeat\x12\x1c.pdserve.v1.HeartbeatRequest\x1a\x1d.pdserve.v1.HeartbeatResponse2\x8f\x01\n\x0bPrefillNode\x12\x42\n\x07Prefill\x12\x1a.pdserve.v1.PrefillRequest\x1a\x1b.pdserve.v1.PrefillResponse\x12<\n\x05\x41\x62ort\x12\x18.pdserve.v1.AbortRequest\x1a\x19.pdserve.v1.AbortResponse2\xca\x01\n\nDecodeNode\x12\x39\n\x07Reserve\x12\x1a.pdserve.v1.ReserveRequest\x1a\x12.pdserve.v1.Ticket\x12\x43\n\tSubscribe\x12\x1c.pdserve.v1.SubscribeRequest\x1a\x16.pdserve.v1.TokenBatch0\x01\x12<\n\x05\x41\x62ort\x12\x18.pdserve.v1.AbortRequest\x1a\x19.pdserve.v1.AbortResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15pdserve/v1/node.proto\x12\npdserve.v1\x1a\x14pdserve/v1/api.proto\"\xb8\x01\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\nnum_layers\x18\x02 \x01(\r\x12\x14\n\x0cnum_kv_heads\x18\x03 \x01(\r\x12\x10\n\x08head_dim\x18\x04 \x01(\r\x12\x12\n\nblock_size\x18\x05 \x01(\r\x12\r\n\x05\x64type\x18\x06 \x01(\t\x12\x12\n\nvocab_size\x18\x07 \x01(\r\x12\x15\n\rmax_model_len\x18\x08 \x01(\r\x12\x13\n\x0b\x63ompat_hash\x18\t \x01(\t\"\xbc\x01\n\x0fRegisterRequest\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x1e\n\x04role\x18\x02 \x01(\x0e\x32\x10.pdserve.v1.Role\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\x12\x13\n\x0bkv_endpoint\x18\x04 \x01(\t\x12\n\n\x02tp\x18\x05 \x01(\r\x12$\n\x05model\x18\x06 \x01(\x0b\x32\x15.pdserve.v1.ModelInfo\x12\x17\n\x0fkv_blocks_total\x18\x07 \x01(\r\"P\n\x10RegisterResponse\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\x12\x1c\n\x14heartbeat_interval_s\x18\x03 \x01(\x01\"\x82\x01\n\x10HeartbeatRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\x12\x16\n\x0ekv_blocks_free\x18\x03 \x01(\r\x12\x0f\n\x07running\x18\x04 \x01(\r\x12\x0e\n\x06queued\x18\x05 \x01(\r\x12\x15\n\rqueued_tokens\x18\x06 \x01(\r\"\"\n\x11HeartbeatResponse\x12\r\n\x05known\x18\x01 \x01(\x08\"\x95\x01\n\x06Ticket\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\x12\x16\n\x0e\x64\x65\x63ode_node_id\x18\x02 \x01(\t\x12\r\n\x05\x65poch\x18\x03 \x01(\x04\x12\x11\n\tblock_ids\x18\x04 \x03(\r\x12\x13\n\x0bkv_endpoint\x18\x05 \x01(\t\x12\x14\n\x0clease_expiry\x18\x06 \x01(\x01\x12\x11\n\tdecode_tp\x18\x07 \x01(\r\"}\n\x0eReserveRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x03\x12,\n\x08sampling\x18\x03 \x01(\x0b\x32\x1a.pdserve.v1.SamplingParams\x12\x0f\n\x07lease_s\x18\x04 \x01(\x01\"\xa1\x01\n\x0ePrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x03\x12,\n\x08sampling\x18\x03 \x01(\x0b\x32\x1a.pdserve.v1.SamplingParams\x12\"\n\x06ticket\x18\x04 \x01(\x0b\x32\x12.pdserve.v1.Ticket\x12\x0f\n\x07keep_kv\x18\x05 \x01(\x08\"\xa7\x01\n\x0fPrefillResponse\x12\x13\n\x0b\x66irst_token\x18\x01 \x01(\x03\x12\x15\n\rprefill_start\x18\x02 \x01(\x01\x12\x13\n\x0bprefill_end\x18\x03 \x01(\x01\x12\x14\n\x0ctransfer_end\x18\x04 \x01(\x01\x12\x0c\n\x04text\x18\x05 \x01(\t\x12/\n\rfinish_reason\x18\x06 \x01(\x0e\x32\x18.pdserve.v1.FinishReason\"\"\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x1e\n\rAbortResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\"*\n\x10SubscribeRequest\x12\x16\n\x0e\x63oordinator_id\x18\x01 \x01(\t\"\xba\x01\n\x0bTokenUpdate\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\r\x12\x10\n\x08token_id\x18\x03 \x01(\x03\x12\x0c\n\x04text\x18\x04 \x01(\t\x12/\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x18.pdserve.v1.FinishReason\x12\x14\n\x0c\x64\x65\x63ode_start\x18\x06 \x01(\x01\x12\r\n\x05\x65rror\x18\x07 \x01(\t\x12\x12\n\nerror_code\x18\x08 \x01(\x05\"6\n\nTokenBatch\x12(\n\x07updates\x18\x01 \x03(\x0b\x32\x17.pdserve.v1.TokenUpdate2\x9e\x01\n\x0b\x43oordinator\x12\x45\n\x08Register\x12\x1b.pdserve.v1.RegisterRequest\x1a\x1c.pdserve.v1.RegisterResponse\x12H\n\tHeartbeat\x12\x1c.pdserve.v1.HeartbeatRequest\x1a\x1d.pdserve.v1.HeartbeatResponse2\x8f\x01\n\x0bPrefillNode\x12\x42\n\x07Prefill\x12\x1a.pdserve.v1.PrefillRequest\x1a\x1b.pdserve.v1.PrefillResponse\x12<\n\x05\x41\x62ort\x12\x18.pdserve.v1.AbortRequest\x1a\x19.pdserve.v1.AbortResponse2\xca\x01\n\nDecodeNode\x12\x39\n\x07Reserve\x12\x1a.pdserve.v1.ReserveRequest\x1a\x12.pdserve.v1.Ticket\x12\x43\n\tSubscribe\x12\x1c.pdserve.v1.SubscribeRequest\x1a\x16.pdserve.v1.TokenBatch0\x01\x12<\n\x05\x41\x62ort\x12\x18.pdserve.v1.AbortRequest\x1a\x19.pdserve.v1.AbortResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -48,22 +48,22 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_RESERVEREQUEST']._serialized_end=965
   _globals['_PREFILLREQUEST']._serialized_start=968
   _globals['_PREFILLREQUEST']._serialized_end=1129
-  _globals['_PREFILLRESPONSE']._serialized_start=1131
-  _globals['_PREFILLRESPONSE']._serialized_end=1235
-  _globals['_ABORTREQUEST']._serialized_start=1237
-  _globals['_ABORTREQUEST']._serialized_end=1271
-  _globals['_ABORTRESPONSE']._serialized_start=1273
-  _globals['_ABORTRESPONSE']._serialized_end=1303
-  _globals['_SUBSCRIBEREQUEST']._serialized_start=1305
-  _globals['_SUBSCRIBEREQUEST']._serialized_end=1347
-  _globals['_TOKENUPDATE']._serialized_start=1350
-  _globals['_TOKENUPDATE']._serialized_end=1536
-  _globals['_TOKENBATCH']._serialized_start=1538
-  _globals['_TOKENBATCH']._serialized_end=1592
-  _globals['_COORDINATOR']._serialized_start=1595
-  _globals['_COORDINATOR']._serialized_end=1753
-  _globals['_PREFILLNODE']._serialized_start=1756
-  _globals['_PREFILLNODE']._serialized_end=1899
-  _globals['_DECODENODE']._serialized_start=1902
-  _globals['_DECODENODE']._serialized_end=2104
+  _globals['_PREFILLRESPONSE']._serialized_start=1132
+  _globals['_PREFILLRESPONSE']._serialized_end=1299
+  _globals['_ABORTREQUEST']._serialized_start=1301
+  _globals['_ABORTREQUEST']._serialized_end=1335
+  _globals['_ABORTRESPONSE']._serialized_start=1337
+  _globals['_ABORTRESPONSE']._serialized_end=1367
+  _globals['_SUBSCRIBEREQUEST']._serialized_start=1369
+  _globals['_SUBSCRIBEREQUEST']._serialized_end=1411
+  _globals['_TOKENUPDATE']._serialized_start=1414
+  _globals['_TOKENUPDATE']._serialized_end=1600
+  _globals['_TOKENBATCH']._serialized_start=1602
+  _globals['_TOKENBATCH']._serialized_end=1656
+  _globals['_COORDINATOR']._serialized_start=1659
+  _globals['_COORDINATOR']._serialized_end=1817
+  _globals['_PREFILLNODE']._serialized_start=1820
+  _globals['_PREFILLNODE']._serialized_end=1963
+  _globals['_DECODENODE']._serialized_start=1966
+  _globals['_DECODENODE']._serialized_end=2168
 # @@protoc_insertion_point(module_scope)

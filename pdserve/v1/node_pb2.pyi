@@ -124,16 +124,20 @@ class PrefillRequest(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[_api_pb2.SamplingParams, _Mapping]] = ..., ticket: _Optional[_Union[Ticket, _Mapping]] = ..., keep_kv: _Optional[bool] = ...) -> None: ...
 
 class PrefillResponse(_message.Message):
-    __slots__ = ("first_token", "prefill_start", "prefill_end", "transfer_end")
+    __slots__ = ("first_token", "prefill_start", "prefill_end", "transfer_end", "text", "finish_reason")
     FIRST_TOKEN_FIELD_NUMBER: _ClassVar[int]
     PREFILL_START_FIELD_NUMBER: _ClassVar[int]
     PREFILL_END_FIELD_NUMBER: _ClassVar[int]
     TRANSFER_END_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
     first_token: int
     prefill_start: float
     prefill_end: float
     transfer_end: float
-    def __init__(self, first_token: _Optional[int] = ..., prefill_start: _Optional[float] = ..., prefill_end: _Optional[float] = ..., transfer_end: _Optional[float] = ...) -> None: ...
+    text: str
+    finish_reason: _api_pb2.FinishReason
+    def __init__(self, first_token: _Optional[int] = ..., prefill_start: _Optional[float] = ..., prefill_end: _Optional[float] = ..., transfer_end: _Optional[float] = ..., text: _Optional[str] = ..., finish_reason: _Optional[_Union[_api_pb2.FinishReason, str]] = ...) -> None: ...
 
 class AbortRequest(_message.Message):
     __slots__ = ("request_id",)

@@ -1,0 +1,84 @@
+"""An LLMEngine on its own thread, for servers.
+
+Other threads never touch the engine: they submit functions with call(), which run
+on the loop thread between steps (in submission order), and receive each step's
+outputs through the on_step callback. If a step raises, the engine is unusable:
+on_fatal is called once and the loop stops."""
+from __future__ import annotations
+
+import queue
+import threading
+from concurrent.futures import Future
+from typing import Callable
+
+from engine.llm_engine import LLMEngine, StepOutput
+
+
+class EngineLoop:
+    def __init__(self, engine: LLMEngine, on_step: Callable[[list[StepOutput]], None],
+                 on_fatal: Callable[[BaseException], None]):
+        self.engine = engine
+        self.on_step, self.on_fatal = on_step, on_fatal
+        self.commands: queue.Queue = queue.Queue()
+        self.thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
+        self.stopping = False
+        self.failed: BaseException | None = None
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def close(self) -> None:
+        self.stopping = True
+        self.commands.put(None)
+        if self.thread.is_alive():
+            self.thread.join()
+
+    def call(self, fn: Callable[[LLMEngine], object]) -> Future:
+        """Run fn(engine) on the loop thread; its result or exception lands in the future."""
+        fut: Future = Future()
+        if self.failed is not None or self.stopping:
+            fut.set_exception(RuntimeError("the engine is not running"))
+        else:
+            self.commands.put((fn, fut))
+        return fut
+
+    def _run(self) -> None:
+        try:
+            while not self.stopping:
+                block = not self.engine.has_work()
+                self._drain(block)
+                if self.engine.has_work() and not self.stopping:
+                    outs = self.engine.step()
+                    if outs:
+                        self.on_step(outs)
+        except BaseException as e:  # the engine itself broke: nothing it holds can be trusted
+            self.failed = e
+            self._fail_pending(e)
+            self.on_fatal(e)
+
+    def _drain(self, block: bool) -> None:
+        try:
+            item = self.commands.get(timeout=0.5) if block else self.commands.get_nowait()
+        except queue.Empty:
+            return
+        while item is not None:
+            fn, fut = item
+            if fut.set_running_or_notify_cancel():
+                try:
+                    fut.set_result(fn(self.engine))
+                except Exception as e:  # a bad command fails its caller, not the engine
+                    fut.set_exception(e)
+            try:
+                item = self.commands.get_nowait()
+            except queue.Empty:
+                return
+        self.stopping = self.stopping or item is None
+
+    def _fail_pending(self, e: BaseException) -> None:
+        while True:
+            try:
+                item = self.commands.get_nowait()
+            except queue.Empty:
+                return
+            if item is not None and not item[1].done():
+                item[1].set_exception(RuntimeError(f"the engine failed: {e}"))

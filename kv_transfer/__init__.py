@@ -1,0 +1,17 @@
+"""KV data plane: moves a prompt's KV from prefill ranks to decode ranks.
+
+    base.py           roles: TransferState, KVSender (prefill, per request), KVReceiver
+                      (decode, per request), KVManager (per node)
+    layout.py         KVLayout, kv_head_range (which heads a TP rank holds), head re-slicing
+    protocol.py       the [KVHeader, *frames] message: build and check (version, hash, sizes, crc32)
+    zmq_transport.py  ZmqKVManager: the ZeroMQ transport's manager, either role
+    zmq_inbox.py      decode side: the ROUTER socket and its receive thread
+    zmq_outbox.py     prefill side: DEALER sockets per endpoint and their I/O thread
+    zmq_sender.py     ZmqKVSender           zmq_receiver.py  ZmqKVReceiver
+"""
+from .base import KVManager, KVReceiver, KVSender, Role, TransferState, WriteFn
+from .layout import KVLayout, kv_head_range
+from .zmq_transport import ZmqKVManager
+
+__all__ = ["KVLayout", "KVManager", "KVReceiver", "KVSender", "Role", "TransferState", "WriteFn", "ZmqKVManager",
+           "kv_head_range"]

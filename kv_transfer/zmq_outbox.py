@@ -1,0 +1,149 @@
+"""Prefill side of the ZeroMQ transport: one I/O thread owning one DEALER socket per
+decode endpoint (made on first use) and an inproc wake-up socket. Senders queue
+messages; the thread checksums and sends them (copy=False, never blocking) and
+routes each KVAck back to its sender by transfer_id. Once an endpoint that saw a
+failure has no live sender, its socket is closed, dropping whatever it still queued
+(a dead peer does not pin the shards)."""
+from __future__ import annotations
+
+import queue
+import threading
+
+import zmq
+from google.protobuf.message import DecodeError
+
+from pdserve.v1 import kv_pb2
+
+from .base import TransferState
+from .zmq_sender import Outgoing, ZmqKVSender
+
+WAKE_ADDR = "inproc://pdserve-kv-wake"
+
+
+class KVOutbox:
+    def __init__(self, ctx: zmq.Context, poll_ms: int):
+        self._ctx, self.poll_ms = ctx, poll_ms
+        self._lock = threading.Lock()
+        self._senders: dict[tuple[str, str], ZmqKVSender] = {}  # (endpoint, transfer_id) -> sender
+        self._queue: queue.SimpleQueue[tuple[ZmqKVSender, Outgoing]] = queue.SimpleQueue()
+        self._pull = ctx.socket(zmq.PULL)  # the thread's end of the wake-up pair
+        self._pull.bind(WAKE_ADDR)
+        self._push: zmq.Socket | None = ctx.socket(zmq.PUSH)  # callers' end, used under _lock
+        self._push.connect(WAKE_ADDR)
+        self._dealers: dict[str, zmq.Socket] = {}
+        self._failed: set[str] = set()  # endpoints to reset once idle
+        self._poller = zmq.Poller()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._pump, name="pdserve-kv-send", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def close(self) -> None:
+        """Join the thread (it closes its sockets, dropping queued messages), fail live senders."""
+        self._stop.set()
+        self._wake()
+        self._thread.join()
+        with self._lock:
+            live, self._senders = list(self._senders.values()), {}
+            if self._push is not None:
+                self._push.close(linger=0)
+                self._push = None
+        for tx in live:
+            tx.fail("KV manager closed")
+
+    @property
+    def pending(self) -> int:
+        with self._lock:
+            return len(self._senders)
+
+    def add(self, tx: ZmqKVSender) -> None:
+        key = (tx.endpoint, tx.transfer_id)
+        with self._lock:
+            if key in self._senders and not self._senders[key].status.ended:  # acks carry only the id
+                raise ValueError(f"transfer {tx.transfer_id} to {tx.endpoint} is already being sent")
+            self._senders[key] = tx
+
+    def submit(self, tx: ZmqKVSender, out: Outgoing) -> None:
+        self._queue.put((tx, out))
+        self._wake()
+
+    def _wake(self) -> None:
+        with self._lock:
+            if self._push is not None:
+                try:
+                    self._push.send(b"", zmq.NOBLOCK)
+                except zmq.Again:  # wake-ups already pending
+                    pass
+
+    def _pump(self) -> None:
+        self._poller.register(self._pull, zmq.POLLIN)
+        try:
+            while not self._stop.is_set():
+                events = dict(self._poller.poll(self.poll_ms))
+                while self._pull.poll(0):
+                    self._pull.recv()
+                self._send_queued()
+                for ep, sock in self._dealers.items():
+                    if sock in events:
+                        self._read_acks(ep, sock)
+                self._prune()
+        finally:
+            for sock in [self._pull, *self._dealers.values()]:
+                sock.close(linger=0)
+            self._dealers.clear()
+
+    def _send_queued(self) -> None:
+        while True:
+            try:
+                tx, out = self._queue.get_nowait()
+            except queue.Empty:
+                return
+            if tx.status.ended:
+                continue
+            try:
+                self._dealer(tx.endpoint).send_multipart(tx.build_message(out), zmq.NOBLOCK, copy=False)
+            except Exception as e:  # a socket error fails this transfer only
+                tx.fail(f"send to {tx.endpoint} failed: {type(e).__name__}: {e}")
+
+    def _dealer(self, endpoint: str) -> zmq.Socket:
+        sock = self._dealers.get(endpoint)
+        if sock is None:
+            sock = self._dealers[endpoint] = self._ctx.socket(zmq.DEALER)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.setsockopt(zmq.SNDHWM, 0)  # bounded by live senders; a failed endpoint is reset
+            sock.connect(endpoint)
+            self._poller.register(sock, zmq.POLLIN)
+        return sock
+
+    def _read_acks(self, endpoint: str, sock: zmq.Socket) -> None:
+        while True:
+            try:
+                data = sock.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            try:
+                ack = kv_pb2.KVAck.FromString(data)
+            except DecodeError:
+                continue
+            with self._lock:
+                tx = self._senders.get((endpoint, ack.transfer_id))
+            if tx is not None:
+                tx.on_ack(ack)
+
+    def _prune(self) -> None:
+        """Forget ended senders; close an endpoint's socket once idle after a failure."""
+        with self._lock:
+            for key, tx in list(self._senders.items()):
+                if tx.status.ended:
+                    del self._senders[key]
+                    tx.release()
+                    if tx.state == TransferState.FAILED:
+                        self._failed.add(tx.endpoint)
+            busy = {ep for ep, _ in self._senders}
+        for ep in [ep for ep in self._failed if ep not in busy]:
+            self._failed.discard(ep)
+            sock = self._dealers.pop(ep, None)
+            if sock is not None:
+                self._poller.unregister(sock)
+                sock.close(linger=0)

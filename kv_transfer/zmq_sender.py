@@ -1,0 +1,111 @@
+"""Prefill side, one per request: send_layers / finish check the shards and queue
+them for the manager's I/O thread, which checksums and sends each message (so the
+caller never waits on the network). The shards stay referenced until the transfer
+ends. Lifecycle: created (WAITING) -> first send (TRANSFERRING) -> receiver's ack
+(DONE | FAILED) | no ack within wait()'s timeout (FAILED)."""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from pdserve.v1 import kv_pb2
+
+from .base import KVSender, TransferState
+from .layout import KVLayout, unique_ranks
+from .protocol import Buffer, build_header
+
+
+@dataclass
+class Outgoing:
+    """One queued message: layers [layer_start, layer_start + num_layers), the sent
+    shards layer-major (replicated ranks left out)."""
+    layer_start: int
+    num_layers: int
+    shards: list[torch.Tensor]
+    last: bool = False
+    first_token: int = 0
+
+
+class ZmqKVSender(KVSender):
+    def __init__(self, layout: KVLayout, tp: int, endpoint: str, transfer_id: str, epoch: int, num_blocks: int,
+                 submit: Callable[[ZmqKVSender, Outgoing], None]):
+        super().__init__(transfer_id, epoch, num_blocks)
+        if num_blocks < 1:
+            raise ValueError(f"a transfer needs at least one block, got {num_blocks}")
+        self.layout, self.tp, self.endpoint = layout, tp, endpoint
+        self._submit = submit
+        self._ranks = unique_ranks(tp, layout.num_kv_heads)
+        self._shards = [(r, *self._head_span(r)) for r in self._ranks]  # (tp_rank, head_start, num_heads)
+        self._next_layer = 0
+        self._finished = False
+        self._held: list[torch.Tensor] = []  # alive until the transfer ends
+
+    def send_layers(self, layer_start: int, layers: list[list[torch.Tensor]]) -> None:
+        if self._finished:
+            raise RuntimeError(f"transfer {self.transfer_id}: send_layers after finish")
+        if layer_start != self._next_layer or layer_start + len(layers) > self.layout.num_layers:
+            raise ValueError(f"transfer {self.transfer_id}: layers {layer_start}+{len(layers)}, "
+                             f"expected to start at {self._next_layer} of {self.layout.num_layers}")
+        shards = [self._check(layer_start + i, r, shards_of_layer) for i, shards_of_layer in enumerate(layers)
+                  for r in self._ranks]
+        self._next_layer += len(layers)
+        if self.status.ended:  # refused already: nothing more to send
+            return
+        self._held.extend(shards)
+        self.status.start()
+        self._submit(self, Outgoing(layer_start, len(layers), shards))
+
+    def finish(self, first_token: int) -> None:
+        if self._next_layer != self.layout.num_layers:
+            raise ValueError(f"transfer {self.transfer_id}: finish after {self._next_layer} "
+                             f"of {self.layout.num_layers} layers")
+        if self._finished:
+            raise RuntimeError(f"transfer {self.transfer_id}: finish called twice")
+        self._finished = True
+        if not self.status.ended:
+            self.status.start()
+            self._submit(self, Outgoing(self._next_layer, 0, [], last=True, first_token=first_token))
+
+    def build_message(self, out: Outgoing) -> list[bytes | Buffer]:
+        """[header, *frames] of a queued message (I/O thread: checksums happen here)."""
+        frames = [memoryview(t.view(torch.uint8).reshape(-1).numpy()) for t in out.shards]
+        header = build_header(self.layout, self.transfer_id, self.epoch, self.num_blocks, out.layer_start,
+                              out.num_layers, self._shards if out.num_layers else [], frames, out.last,
+                              out.first_token)
+        return [header, *frames]
+
+    def on_ack(self, ack: kv_pb2.KVAck) -> None:
+        if ack.ok:
+            self.status.finish()
+        else:
+            self.status.fail(f"refused by the receiver: {ack.error}")
+        self.release()
+
+    def fail(self, error: str) -> None:
+        self.status.fail(error)
+        self.release()
+
+    def release(self) -> None:
+        """Drop the shards once the transfer has ended."""
+        if self.status.ended:
+            self._held = []
+
+    def wait(self, timeout: float | None) -> TransferState:
+        state = super().wait(timeout)
+        self.release()
+        return state
+
+    def _head_span(self, rank: int) -> tuple[int, int]:
+        start, end = self.layout.heads(rank, self.tp)
+        return start, end - start
+
+    def _check(self, layer: int, rank: int, shards_of_layer: list[torch.Tensor]) -> torch.Tensor:
+        if len(shards_of_layer) != self.tp:
+            raise ValueError(f"layer {layer}: {len(shards_of_layer)} shards for TP {self.tp}")
+        t = shards_of_layer[rank]
+        want = self.layout.shard_shape(self.num_blocks, self._head_span(rank)[1])
+        if tuple(t.shape) != want or t.dtype != self.layout.dtype:
+            raise ValueError(f"layer {layer} rank {rank}: {tuple(t.shape)} {t.dtype}, expected {want} {self.layout.dtype}")
+        return t.detach().cpu().contiguous()

@@ -1,0 +1,106 @@
+"""ZmqKVManager: the KV data plane over ZeroMQ, one per node and role.
+
+Decode role: a ROUTER bound to 127.0.0.1 (tcp; port 0 picks a free one) or to an ipc
+path, served by KVInbox's receive thread; expect() registers a transfer into
+reserved blocks, cancel() drops it. Prefill role: KVOutbox's I/O thread with one
+DEALER per decode endpoint; sender() hands out a per-request ZmqKVSender.
+Explicit start()/close(); close() joins the thread and closes every socket."""
+from __future__ import annotations
+
+from typing import TypeVar
+
+import zmq
+
+from .base import KVManager, Role, WriteFn
+from .layout import KVLayout
+from .zmq_inbox import KVInbox
+from .zmq_outbox import KVOutbox
+from .zmq_receiver import ZmqKVReceiver
+from .zmq_sender import ZmqKVSender
+
+Part = TypeVar("Part", KVInbox, KVOutbox)
+
+
+class ZmqKVManager(KVManager):
+    def __init__(self, role: Role, layout: KVLayout, bind_host: str = "127.0.0.1", port: int = 0,
+                 ipc_path: str | None = None, tp: int = 1, poll_interval_s: float = 0.05):
+        """tp: this node's TP size (the number of shards a sender takes per layer, or of
+        decode ranks a receiver re-slices for). ipc_path, if given, replaces tcp."""
+        self.role, self.layout, self.tp = Role(role), layout, tp
+        for rank in range(tp):
+            layout.heads(rank, tp)  # raises if tp and the KV heads do not fit
+        self.bind_addr = f"ipc://{ipc_path}" if ipc_path else f"tcp://{bind_host}:{port}"
+        self.poll_ms = max(1, int(poll_interval_s * 1000))
+        self._ctx: zmq.Context | None = None
+        self._inbox: KVInbox | None = None
+        self._outbox: KVOutbox | None = None
+        self._endpoint = ""
+
+    def start(self) -> None:
+        if self._ctx is not None:
+            raise RuntimeError("ZmqKVManager already started")
+        self._ctx = zmq.Context()
+        try:
+            if self.role == Role.DECODE:
+                router = self._ctx.socket(zmq.ROUTER)
+                router.setsockopt(zmq.LINGER, 0)
+                try:
+                    router.bind(self.bind_addr)
+                except zmq.ZMQError:
+                    router.close()
+                    raise
+                self._endpoint = router.getsockopt_string(zmq.LAST_ENDPOINT)
+                self._inbox = KVInbox(self.layout, router, self.poll_ms)
+                self._inbox.start()
+            else:
+                self._outbox = KVOutbox(self._ctx, self.poll_ms)
+                self._outbox.start()
+        except BaseException:
+            self._ctx.term()
+            self._ctx = None
+            raise
+
+    def close(self) -> None:
+        if self._ctx is None:
+            return
+        for part in (self._inbox, self._outbox):
+            if part is not None:
+                part.close()
+        self._ctx.term()
+        self._ctx, self._inbox, self._outbox = None, None, None
+
+    @property
+    def endpoint(self) -> str:
+        """The bound address (decode role), e.g. tcp://127.0.0.1:PORT or ipc:///path."""
+        return self._endpoint
+
+    @property
+    def pending(self) -> int:
+        """Transfers still registered: live expectations (decode) or senders (prefill)."""
+        part = self._inbox or self._outbox
+        return part.pending if part is not None else 0
+
+    def expect(self, transfer_id: str, epoch: int, block_ids: list[int], lease_expiry: float,
+               write: WriteFn) -> ZmqKVReceiver:
+        inbox = self._require(Role.DECODE, self._inbox)
+        if not block_ids:
+            raise ValueError(f"transfer {transfer_id}: no blocks reserved")
+        rx = ZmqKVReceiver(self.layout, transfer_id, epoch, block_ids, lease_expiry, self.tp, write)
+        inbox.expect(rx)
+        return rx
+
+    def cancel(self, transfer_id: str) -> bool:
+        return self._require(Role.DECODE, self._inbox).cancel(transfer_id)
+
+    def sender(self, endpoint: str, transfer_id: str, epoch: int, num_blocks: int) -> ZmqKVSender:
+        outbox = self._require(Role.PREFILL, self._outbox)
+        tx = ZmqKVSender(self.layout, self.tp, endpoint, transfer_id, epoch, num_blocks, outbox.submit)
+        outbox.add(tx)
+        return tx
+
+    def _require(self, role: Role, part: Part | None) -> Part:
+        if self.role != role:
+            raise RuntimeError(f"a {self.role.value} KV manager has no {role.value}-side calls")
+        if part is None:
+            raise RuntimeError("KV manager not started")
+        return part
