@@ -132,18 +132,9 @@ class LLMEngine:
         return seq
 
     def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
-        params.validate(self.spec.vocab_size, self.cfg.max_tokens_limit)
+        validate_request(prompt_token_ids, params, self.spec.vocab_size, self.max_model_len,
+                         self.cfg.max_tokens_limit)
         n = len(prompt_token_ids)
-        if n == 0:
-            raise ValueError("prompt is empty")
-        bad = [t for t in prompt_token_ids if not 0 <= t < self.spec.vocab_size]
-        if bad:
-            raise ValueError(f"prompt token ids out of range [0, {self.spec.vocab_size}): {bad[:5]}")
-        if n >= self.max_model_len:
-            raise ValueError(f"prompt has {n} tokens; the context is {self.max_model_len}")
-        if n + params.max_tokens > self.max_model_len:
-            raise ValueError(f"prompt ({n} tokens) + max_tokens ({params.max_tokens}) exceeds "
-                             f"the context of {self.max_model_len} tokens")
         if self.blocks.blocks_for(n + params.max_tokens) > self.blocks.num_blocks:
             raise ValueError(f"prompt + max_tokens needs more KV blocks than the pool has "
                              f"({self.blocks.num_blocks} x {self.blocks.block_size} tokens)")
@@ -210,6 +201,23 @@ class LLMEngine:
         return Completion(seq.request_id, seq.prompt_token_ids, list(seq.output_token_ids),
                           seq.detokenizer.text if seq.detokenizer is not None else None,
                           seq.finish_reason or "", timings(seq))
+
+
+def validate_request(prompt_token_ids: list[int], params: SamplingParams, vocab_size: int, max_model_len: int,
+                     max_tokens_limit: int | None) -> None:
+    """Raise ValueError with a readable message for a request no engine could run."""
+    params.validate(vocab_size, max_tokens_limit)
+    n = len(prompt_token_ids)
+    if n == 0:
+        raise ValueError("prompt is empty")
+    bad = [t for t in prompt_token_ids if not 0 <= t < vocab_size]
+    if bad:
+        raise ValueError(f"prompt token ids out of range [0, {vocab_size}): {bad[:5]}")
+    if n >= max_model_len:
+        raise ValueError(f"prompt has {n} tokens; the context is {max_model_len}")
+    if n + params.max_tokens > max_model_len:
+        raise ValueError(f"prompt ({n} tokens) + max_tokens ({params.max_tokens}) exceeds "
+                         f"the context of {max_model_len} tokens")
 
 
 def timings(seq: Sequence) -> dict:

@@ -48,7 +48,8 @@ def add_sampling_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--ignore-eos", action="store_true")
 
 
-def sampling_params(a: argparse.Namespace):
+def _raw_params(a: argparse.Namespace):
+    """Sampling params as given, unvalidated: the server's checks are what every client meets."""
     from engine.sampling_params import SamplingParams
     return SamplingParams(max_tokens=a.max_tokens, temperature=a.temperature, top_p=a.top_p, top_k=a.top_k,
                           min_p=a.min_p, seed=a.seed, repetition_penalty=a.repetition_penalty,
@@ -76,16 +77,21 @@ def encode_prompt(tokenizer, prompt: str | None, prompt_ids: str | None, chat: b
 
 
 def cmd_generate(a: argparse.Namespace) -> int:
-    from engine.llm_engine import LLMEngine
     if a.prompt is None and not a.prompt_ids:
         print("pdserve generate: give a prompt or --prompt-ids", file=sys.stderr)
         return 2
+    if a.coordinator:
+        from pdserve.client import build_request, generate
+        req = build_request(a.prompt, _ids(a.prompt_ids) if a.prompt_ids else None, a.chat, _raw_params(a),
+                            model=a.served_model or "")
+        return generate(a.coordinator, req, a.json, a.timeout)
+    from engine.llm_engine import LLMEngine
     t_start = time.monotonic()
     with LLMEngine(engine_config(a)) as engine:
         t_ready = time.monotonic()
         try:
             ids = encode_prompt(engine.tokenizer, a.prompt, a.prompt_ids, a.chat)
-            seq = engine.add_request(ids, sampling_params(a))
+            seq = engine.add_request(ids, _raw_params(a))
         except ValueError as e:
             print(f"pdserve generate: INVALID_ARGUMENT: {e}", file=sys.stderr)
             return 2
@@ -117,8 +123,97 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
     add_engine_flags(g)
     add_sampling_flags(g)
+    g.add_argument("--coordinator", default=None, help="send to a running cluster instead of running offline")
+    g.add_argument("--served-model", default=None, help="model name to ask the coordinator for")
+    g.add_argument("--timeout", type=float, default=None, help="deadline in seconds (with --coordinator)")
     g.set_defaults(func=cmd_generate)
+
+    c = sub.add_parser("coordinator", help="run the coordinator")
+    c.add_argument("--listen", default="127.0.0.1:50051", help="HOST:PORT (binds 127.0.0.1 unless told otherwise)")
+    c.add_argument("--model", default=None, help="tokenizer source (default: what the first node serves)")
+    c.add_argument("--heartbeat-interval", type=float, default=0.5)
+    c.add_argument("--max-inflight", type=int, default=256, help="requests admitted at once")
+    c.add_argument("--lease", type=float, default=30.0, help="seconds decode blocks wait for their KV")
+    c.set_defaults(func=cmd_coordinator)
+
+    for role in ("prefill", "decode"):
+        n = sub.add_parser(role, help=f"run a {role} node")
+        n.add_argument("--coordinator", required=True)
+        n.add_argument("--listen", default="127.0.0.1:0", help="HOST:PORT of this node's gRPC server")
+        n.add_argument("--kv-transport", default="zmq", choices=["zmq"])
+        n.add_argument("--kv-host", default="127.0.0.1", help="decode: address the KV receiver binds")
+        n.add_argument("--kv-ipc", default=None, help="decode: bind the KV receiver to this ipc path instead")
+        n.add_argument("--kv-layers-per-message", type=int, default=1)
+        add_engine_flags(n)
+        n.set_defaults(func=cmd_node, role=role)
+
+    u = sub.add_parser("up", help="start a local cluster: coordinator + prefill and decode pools")
+    u.add_argument("--prefill", type=int, default=1)
+    u.add_argument("--decode", type=int, default=1)
+    u.add_argument("--prefill-tp", type=int, default=1)
+    u.add_argument("--decode-tp", type=int, default=1)
+    u.add_argument("--model", default=None)
+    u.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    u.add_argument("--listen", default="127.0.0.1:50051")
+    u.add_argument("--kv-blocks", type=int, default=None)
+    u.add_argument("--max-num-seqs", type=int, default=64)
+    u.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    u.set_defaults(func=cmd_up)
+
+    st = sub.add_parser("status", help="nodes, roles, load and KV blocks of a cluster")
+    st.add_argument("--coordinator", required=True)
+    st.add_argument("--json", action="store_true")
+    st.set_defaults(func=cmd_status)
     return ap
+
+
+def cmd_coordinator(a: argparse.Namespace) -> int:
+    import asyncio
+    from coordinator.server import Coordinator, CoordinatorConfig
+    from pdserve.process import run_until_signal
+    cfg = CoordinatorConfig(listen=a.listen, model=a.model, heartbeat_interval_s=a.heartbeat_interval,
+                            max_inflight=a.max_inflight, lease_s=a.lease)
+    return asyncio.run(run_until_signal(Coordinator(cfg)))
+
+
+def cmd_node(a: argparse.Namespace) -> int:
+    import asyncio
+    from pdserve.node_config import NodeConfig
+    from pdserve.process import run_until_signal
+    cfg = NodeConfig(coordinator=a.coordinator, listen=a.listen, kv_host=a.kv_host, kv_ipc=a.kv_ipc,
+                     kv_transport=a.kv_transport, kv_layers_per_message=a.kv_layers_per_message,
+                     engine=engine_config(a))
+    if a.role == "prefill":
+        from prefill_node.server import PrefillNode as Node
+    else:
+        from decode_node.server import DecodeNode as Node
+    return asyncio.run(run_until_signal(Node(cfg)))
+
+
+def cmd_up(a: argparse.Namespace) -> int:
+    from pdserve.cluster import Cluster, ClusterConfig
+    cfg = ClusterConfig(prefill=a.prefill, decode=a.decode, prefill_tp=a.prefill_tp, decode_tp=a.decode_tp,
+                        model=a.model, device=a.device, listen=a.listen, kv_blocks=a.kv_blocks,
+                        max_num_seqs=a.max_num_seqs, max_num_batched_tokens=a.max_num_batched_tokens)
+    return Cluster(cfg).run()
+
+
+def cmd_status(a: argparse.Namespace) -> int:
+    from pdserve.client import status
+    import grpc
+    try:
+        s = status(a.coordinator)
+    except grpc.RpcError as e:
+        print(f"{e.code().name}: {e.details()}", file=sys.stderr)
+        return 1
+    if a.json:
+        print(json.dumps(s))
+        return 0
+    print(f"model: {s['model'] or 'default'}")
+    for n in s["nodes"]:
+        print(f"{n['role']:8} {n['id']}  {n['address']:22} {'healthy' if n['healthy'] else 'DOWN':8} tp={n['tp']} "
+              f"kv={n['kv_blocks_free']}/{n['kv_blocks_total']} running={n['running']} queued={n['queued']}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,0 +1,85 @@
+"""The nodes the coordinator knows, their load, and which are healthy."""
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+import uuid
+from dataclasses import dataclass, field
+
+import grpc
+
+from pdserve.rpc import channel
+from pdserve.v1 import api_pb2, node_pb2, node_pb2_grpc
+
+
+@dataclass
+class NodeEntry:
+    id: str
+    role: int
+    address: str
+    kv_endpoint: str
+    tp: int
+    model: node_pb2.ModelInfo
+    epoch: int
+    kv_blocks_total: int
+    kv_blocks_free: int = 0
+    running: int = 0
+    queued: int = 0
+    queued_tokens: int = 0
+    last_seen: float = field(default_factory=time.monotonic)
+    down: bool = False               # an RPC to it failed, or its token stream broke
+    inflight: int = 0                # requests routed here by this coordinator and not finished
+    channel: grpc.aio.Channel | None = None
+    stub: object = None
+
+    def status(self, healthy: bool) -> api_pb2.NodeStatus:
+        return api_pb2.NodeStatus(id=self.id, role=self.role, address=self.address, healthy=healthy, tp=self.tp,
+                                  kv_blocks_free=self.kv_blocks_free, kv_blocks_total=self.kv_blocks_total,
+                                  running=self.running, queued=self.queued)
+
+
+class Registry:
+    def __init__(self, heartbeat_interval_s: float, missed_beats: int = 3):
+        self.interval = heartbeat_interval_s
+        self.timeout = heartbeat_interval_s * missed_beats
+        self.nodes: dict[str, NodeEntry] = {}
+        self._epochs = itertools.count(int(time.time() * 1000))
+
+    def register(self, req: node_pb2.RegisterRequest) -> NodeEntry:
+        # a node restarting on the same address replaces its stale entry
+        for old in [n for n in self.nodes.values() if n.address == req.address]:
+            self.remove(old.id)
+        node = NodeEntry(id=uuid.uuid4().hex[:12], role=req.role, address=req.address, kv_endpoint=req.kv_endpoint,
+                         tp=req.tp, model=req.model, epoch=next(self._epochs), kv_blocks_total=req.kv_blocks_total,
+                         kv_blocks_free=req.kv_blocks_total)
+        node.channel = channel(req.address)
+        stub_cls = node_pb2_grpc.DecodeNodeStub if req.role == api_pb2.ROLE_DECODE else node_pb2_grpc.PrefillNodeStub
+        node.stub = stub_cls(node.channel)
+        self.nodes[node.id] = node
+        return node
+
+    def remove(self, node_id: str) -> NodeEntry | None:
+        node = self.nodes.pop(node_id, None)
+        if node is not None and node.channel is not None:
+            asyncio.ensure_future(node.channel.close())
+        return node
+
+    def heartbeat(self, req: node_pb2.HeartbeatRequest) -> bool:
+        node = self.nodes.get(req.node_id)
+        if node is None or node.epoch != req.epoch:
+            return False
+        node.kv_blocks_free, node.running, node.queued = req.kv_blocks_free, req.running, req.queued
+        node.queued_tokens, node.last_seen = req.queued_tokens, time.monotonic()
+        return True
+
+    def healthy(self, node: NodeEntry) -> bool:
+        return not node.down and time.monotonic() - node.last_seen < self.timeout
+
+    def candidates(self, role: int) -> list[NodeEntry]:
+        """Healthy nodes of a role, best first: decode by free blocks then load,
+        prefill by queued prompt tokens then load."""
+        nodes = [n for n in self.nodes.values() if n.role == role and self.healthy(n)]
+        if role == api_pb2.ROLE_DECODE:
+            return sorted(nodes, key=lambda n: (n.inflight + n.running, -n.kv_blocks_free))
+        return sorted(nodes, key=lambda n: (n.inflight, n.queued_tokens))

@@ -1,0 +1,124 @@
+"""One request's lifecycle on the coordinator, and turning a client request into
+prompt token ids the cluster can run (validation happens here, before any work)."""
+from __future__ import annotations
+
+import asyncio
+import time
+
+import grpc
+
+from engine.llm_engine import validate_request
+from pdserve.protocol import to_engine_params
+from pdserve.rpc import RpcError
+from pdserve.v1 import api_pb2, node_pb2
+
+TERMINAL = ("FINISHED", "CANCELLED", "FAILED")
+
+
+def prepare(req: api_pb2.GenerateRequest, tokenizer, model: node_pb2.ModelInfo,
+            max_tokens_limit: int) -> tuple[list[int], object]:
+    """Prompt ids and engine sampling params; ValueError/RpcError for a bad request."""
+    if req.model and req.model != model.name:
+        raise RpcError(grpc.StatusCode.NOT_FOUND, f"model {req.model!r} is not served here "
+                                                  f"(serving {model.name or 'the default model'!r})")
+    if not req.HasField("sampling"):
+        raise ValueError("sampling.max_tokens is required")
+    kind = req.WhichOneof("prompt")
+    if kind is None:
+        raise ValueError("prompt is empty")
+    if kind == "token_ids":
+        prompt = list(req.token_ids.ids)
+    else:
+        if tokenizer is None:
+            raise ValueError("this model has no tokenizer: send token_ids")
+        if kind == "text":
+            try:
+                text = req.text.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"prompt is not valid UTF-8: {e}") from None
+            if not text:
+                raise ValueError("prompt is empty")
+            prompt = tokenizer.encode(text)
+        else:
+            messages = [{"role": m.role, "content": m.content} for m in req.chat.messages]
+            if not messages:
+                raise ValueError("chat prompt has no messages")
+            prompt = list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                                        return_dict=True)["input_ids"])
+    params = to_engine_params(req.sampling)
+    validate_request(prompt, params, model.vocab_size, model.max_model_len, max_tokens_limit)
+    return prompt, params
+
+
+class RequestRecord:
+    """State, timestamps and routing of one request (owned by the coordinator)."""
+
+    def __init__(self, request_id: str, prompt: list[int], sampling: api_pb2.SamplingParams, client_tag: str):
+        self.id, self.prompt, self.sampling, self.client_tag = request_id, prompt, sampling, client_tag
+        self.state = "QUEUED"
+        self.times = api_pb2.PhaseTimes(received=time.time())
+        self.updates: asyncio.Queue = asyncio.Queue()
+        self.decode = self.prefill = None
+        self.ticket: node_pb2.Ticket | None = None
+        self.tokens = 0
+
+    @property
+    def terminal(self) -> bool:
+        return self.state in TERMINAL
+
+    def reserved(self, node, ticket: node_pb2.Ticket) -> None:
+        self.state, self.decode, self.ticket = "RESERVED", node, ticket
+        self.times.reserved = time.time()
+
+    def prefilling(self, node) -> None:
+        self.state, self.prefill = "PREFILLING", node
+        self.times.prefill_start = time.time()
+
+    def prefilled(self, resp: node_pb2.PrefillResponse) -> None:
+        self.state = "DECODING"
+        self.times.prefill_start, self.times.prefill_end = resp.prefill_start, resp.prefill_end
+        self.times.transfer_end = resp.transfer_end
+
+    def finish(self) -> None:
+        self.state = "FINISHED"
+        self.times.finished = time.time()
+
+    def fail(self) -> None:
+        self.state = "FAILED"
+
+    def cancel(self) -> None:
+        self.state = "CANCELLED"
+
+    def first_response(self, resp: node_pb2.PrefillResponse) -> api_pb2.GenerateResponse:
+        self.times.first_token = time.time()
+        self.tokens = 1
+        return api_pb2.GenerateResponse(request_id=self.id, index=0, token_ids=[resp.first_token], text=resp.text,
+                                        prompt_tokens=len(self.prompt), prompt_token_ids=self.prompt,
+                                        client_tag=self.client_tag)
+
+    def relay(self, updates: list[node_pb2.TokenUpdate], next_index: int):
+        """Merge a decode step's updates into one response; raise on an error update.
+        Returns (response or None, finish reason or 0). Duplicate indexes are dropped."""
+        tokens, text, finish = [], [], 0
+        for u in updates:
+            if u.error:
+                raise RpcError(_status(u.error_code), u.error)
+            if u.decode_start and not self.times.decode_start:
+                self.times.decode_start = u.decode_start
+            if u.index != next_index + len(tokens):
+                continue
+            tokens.append(u.token_id)
+            text.append(u.text)
+            finish = finish or u.finish_reason
+        if not tokens:
+            return None, finish
+        self.tokens += len(tokens)
+        return api_pb2.GenerateResponse(request_id=self.id, index=next_index, token_ids=tokens,
+                                        text="".join(text)), finish
+
+    def last_response(self, finish: int) -> api_pb2.GenerateResponse:
+        return api_pb2.GenerateResponse(request_id=self.id, index=self.tokens, finish_reason=finish, times=self.times)
+
+
+def _status(value: int) -> grpc.StatusCode:
+    return next((c for c in grpc.StatusCode if c.value[0] == value), grpc.StatusCode.INTERNAL)

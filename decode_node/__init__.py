@@ -1,0 +1,6 @@
+"""Decode node: reserves KV blocks for a request, receives its KV from a prefill
+node into exactly those blocks, then decodes it in the continuous batch and
+streams one TokenBatch per engine step to the coordinator.
+
+    Reserve -> (KV layers arrive, verified) -> admitted -> decoding -> finished
+            \\-> lease expired / bad KV / aborted: blocks freed, error update sent"""

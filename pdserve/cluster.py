@@ -1,0 +1,121 @@
+"""`pdserve up`: a coordinator and prefill/decode pools as child processes on this
+machine, stopped together on Ctrl-C or SIGTERM."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+
+
+@dataclass
+class ClusterConfig:
+    prefill: int = 1
+    decode: int = 1
+    prefill_tp: int = 1
+    decode_tp: int = 1
+    model: str | None = None
+    device: str = "auto"              # auto: one GPU per TP rank if CUDA is there, else CPU
+    listen: str = "127.0.0.1:50051"
+    kv_blocks: int | None = None
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+    ready_timeout_s: float = 300.0
+
+
+class Cluster:
+    def __init__(self, cfg: ClusterConfig):
+        self.cfg = cfg
+        self.procs: list[subprocess.Popen] = []
+
+    def node_commands(self) -> list[list[str]]:
+        cfg = self.cfg
+        device = cfg.device
+        if device == "auto":
+            import torch
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        gpus = 0
+        if device == "cuda":
+            import torch
+            gpus = torch.cuda.device_count()
+        next_gpu, cmds = 0, []
+        for role, count, tp in (("prefill", cfg.prefill, cfg.prefill_tp), ("decode", cfg.decode, cfg.decode_tp)):
+            for _ in range(count):
+                cmd = [sys.executable, "-m", "pdserve", role, "--coordinator", cfg.listen, "--tp", str(tp),
+                       "--max-num-seqs", str(cfg.max_num_seqs),
+                       "--max-num-batched-tokens", str(cfg.max_num_batched_tokens)]
+                if device == "cuda":
+                    if next_gpu + tp > gpus:
+                        raise ValueError(f"not enough GPUs: the pools need more than the {gpus} found")
+                    cmd += ["--device", f"cuda:{next_gpu}"]
+                    next_gpu += tp
+                if cfg.model:
+                    cmd += ["--model", cfg.model]
+                if cfg.kv_blocks:
+                    cmd += ["--kv-blocks", str(cfg.kv_blocks)]
+                cmds.append(cmd)
+        return cmds
+
+    def start(self) -> None:
+        nodes = self.node_commands()
+        coordinator = [sys.executable, "-m", "pdserve", "coordinator", "--listen", self.cfg.listen]
+        if self.cfg.model:
+            coordinator += ["--model", self.cfg.model]
+        self._spawn(coordinator)
+        for cmd in nodes:
+            self._spawn(cmd)
+        self._wait_ready(len(nodes))
+
+    def _spawn(self, cmd: list[str]) -> None:
+        self.procs.append(subprocess.Popen(cmd, stdout=subprocess.DEVNULL, start_new_session=True))
+
+    def _wait_ready(self, expected: int) -> None:
+        from pdserve.client import status
+        deadline = time.monotonic() + self.cfg.ready_timeout_s
+        while time.monotonic() < deadline:
+            dead = [p for p in self.procs if p.poll() is not None]
+            if dead:
+                raise RuntimeError(f"{dead[0].args[3]} exited with status {dead[0].returncode} during start-up")
+            try:
+                nodes = status(self.cfg.listen, timeout=2.0)["nodes"]
+                if sum(n["healthy"] for n in nodes) >= expected:
+                    return
+            except Exception:
+                pass
+            time.sleep(0.3)
+        raise TimeoutError(f"the cluster was not ready within {self.cfg.ready_timeout_s} s")
+
+    def stop(self, grace_s: float = 10.0) -> None:
+        for p in reversed(self.procs):
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + grace_s
+        for p in reversed(self.procs):
+            try:
+                p.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
+        self.procs = []
+
+    def run(self) -> int:
+        """Start, report, and serve until Ctrl-C / SIGTERM or a member dies."""
+        signal.signal(signal.SIGTERM, _interrupt)
+        try:
+            self.start()
+            print(f"cluster ready: coordinator {self.cfg.listen}, {self.cfg.prefill} prefill (tp {self.cfg.prefill_tp}),"
+                  f" {self.cfg.decode} decode (tp {self.cfg.decode_tp}); Ctrl-C stops it", flush=True)
+            while all(p.poll() is None for p in self.procs):
+                time.sleep(0.5)
+            print("a cluster process exited; stopping the rest", file=sys.stderr)
+            return 1
+        except KeyboardInterrupt:
+            return 0
+        finally:
+            self.stop()
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt

@@ -1,0 +1,104 @@
+"""What prefill and decode nodes share: the engine on its loop thread, the gRPC
+server with health, the KV manager and the link to the coordinator. A node is
+started with start() and stopped with close(); constructing it starts nothing."""
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import grpc
+
+from engine.engine_loop import EngineLoop
+from engine.llm_engine import LLMEngine, StepOutput
+from kv_transfer.base import Role
+from kv_transfer.layout import KVLayout
+from kv_transfer.zmq_transport import ZmqKVManager
+from pdserve.node_agent import NodeAgent
+from pdserve.node_config import NodeConfig
+from pdserve.protocol import model_info
+from pdserve.rpc import RpcError, ServerHandle, status_for
+from pdserve.v1 import api_pb2, node_pb2
+
+log = logging.getLogger("pdserve.node")
+
+
+class NodeBase:
+    role: int = api_pb2.ROLE_UNSPECIFIED
+    kv_role: Role = Role.PREFILL
+    service_name = ""
+
+    def __init__(self, cfg: NodeConfig):
+        self.cfg = cfg
+        self.engine: LLMEngine | None = None
+        self.stopped = asyncio.Event()   # set when the engine failed: the process must exit non-zero
+        self.fatal = False
+
+    async def start(self) -> str:
+        self.aio = asyncio.get_running_loop()
+        self.engine = await asyncio.to_thread(LLMEngine(self.cfg.engine).start)
+        info = self.model = model_info(self.engine)
+        self.kv = ZmqKVManager(self.kv_role, KVLayout(info.num_layers, info.num_kv_heads, info.head_dim,
+                                                      info.block_size, self.engine.executor.runner.dtype,
+                                                      info.compat_hash),
+                               bind_host=self.cfg.kv_host, ipc_path=self.cfg.kv_ipc, tp=self.cfg.engine.tp)
+        self.kv.start()
+        self.loop = EngineLoop(self.engine, self._on_step_thread, self._on_fatal_thread)
+        self.loop.start()
+        self.server = ServerHandle(self.cfg.listen, [self.service_name])
+        self.add_servicer(self.server.server)
+        self.address = await self.server.start()
+        self.agent = NodeAgent(self.cfg.coordinator, self._register_request, self._load)
+        await self.agent.start()
+        await self.server.ready()
+        log.info("%s node serving on %s", self.kv_role.value, self.address)
+        return self.address
+
+    async def close(self, grace_s: float = 5.0) -> None:
+        if self.engine is None:
+            return
+        await self.server.drain(grace_s)
+        await self.agent.close()
+        self.loop.close()
+        self.kv.close()
+        await asyncio.to_thread(self.engine.close)
+        self.engine = None
+
+    def add_servicer(self, server: grpc.aio.Server) -> None:
+        raise NotImplementedError
+
+    def on_step(self, outs: list[StepOutput]) -> None:
+        """Called on the event loop with each engine step's outputs."""
+
+    async def call(self, fn):
+        """Run fn(engine) on the engine thread and await its result."""
+        return await asyncio.wrap_future(self.loop.call(fn))
+
+    def _on_step_thread(self, outs: list[StepOutput]) -> None:
+        self.aio.call_soon_threadsafe(self.on_step, outs)
+
+    def _on_fatal_thread(self, exc: BaseException) -> None:
+        log.error("engine failed: %r; exiting", exc)
+        self.aio.call_soon_threadsafe(self._fatal)
+
+    def _fatal(self) -> None:
+        self.fatal = True
+        self.stopped.set()
+
+    def _register_request(self) -> node_pb2.RegisterRequest:
+        return node_pb2.RegisterRequest(role=self.role, address=self.address, kv_endpoint=self.kv.endpoint,
+                                        tp=self.cfg.engine.tp, model=self.model,
+                                        kv_blocks_total=self.engine.blocks.num_blocks)
+
+    def _load(self) -> node_pb2.HeartbeatRequest:
+        s = self.engine.scheduler
+        queued_tokens = sum(q.num_tokens - q.num_computed_tokens for q in list(s.waiting))
+        return node_pb2.HeartbeatRequest(kv_blocks_free=self.engine.blocks.num_free, running=len(s.running),
+                                         queued=len(s.waiting), queued_tokens=queued_tokens)
+
+
+async def abort_with(context: grpc.aio.ServicerContext, exc: BaseException) -> None:
+    code, message = status_for(exc)
+    await context.abort(code, message)
+
+
+__all__ = ["NodeBase", "RpcError", "abort_with"]

@@ -1,0 +1,62 @@
+"""What every role agrees on: protocol version, model compatibility, and the
+conversion between the wire's SamplingParams and the engine's."""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+from engine.sampling_params import SamplingParams
+from pdserve.v1 import api_pb2, node_pb2
+
+PROTOCOL_VERSION = 1
+
+FINISH = {"stop": api_pb2.FINISH_REASON_STOP, "length": api_pb2.FINISH_REASON_LENGTH}
+
+
+def compat_hash(model_path: Path, num_layers: int, num_kv_heads: int, head_dim: int, block_size: int,
+                dtype: str) -> str:
+    """Peers exchange KV only when this matches: same checkpoint, layout and dtype."""
+    h = hashlib.sha256()
+    h.update((model_path / "config.json").read_bytes())
+    for f in sorted(model_path.glob("*.safetensors")):
+        h.update(f"{f.name}:{f.stat().st_size}".encode())
+    h.update(json.dumps([PROTOCOL_VERSION, num_layers, num_kv_heads, head_dim, block_size, dtype]).encode())
+    return h.hexdigest()[:16]
+
+
+def model_info(engine) -> node_pb2.ModelInfo:
+    spec = engine.spec
+    dtype = str(engine.executor.runner.dtype).removeprefix("torch.")
+    return node_pb2.ModelInfo(
+        name=engine.cfg.model or "", num_layers=spec.num_layers, num_kv_heads=spec.num_kv_heads,
+        head_dim=spec.head_dim, block_size=engine.cfg.block_size, dtype=dtype, vocab_size=spec.vocab_size,
+        max_model_len=engine.max_model_len,
+        compat_hash=compat_hash(engine.model_path, spec.num_layers, spec.num_kv_heads, spec.head_dim,
+                                engine.cfg.block_size, dtype))
+
+
+def to_engine_params(p: api_pb2.SamplingParams) -> SamplingParams:
+    """Wire -> engine; unset optional fields take the engine defaults. Not validated here."""
+    d = SamplingParams()
+    return SamplingParams(
+        max_tokens=p.max_tokens,
+        temperature=p.temperature if p.HasField("temperature") else d.temperature,
+        top_p=p.top_p if p.HasField("top_p") else d.top_p,
+        top_k=p.top_k if p.HasField("top_k") else d.top_k,
+        min_p=p.min_p if p.HasField("min_p") else d.min_p,
+        seed=p.seed if p.HasField("seed") else None,
+        repetition_penalty=p.repetition_penalty if p.HasField("repetition_penalty") else d.repetition_penalty,
+        presence_penalty=p.presence_penalty if p.HasField("presence_penalty") else d.presence_penalty,
+        frequency_penalty=p.frequency_penalty if p.HasField("frequency_penalty") else d.frequency_penalty,
+        stop=list(p.stop), stop_token_ids=list(p.stop_token_ids), ignore_eos=p.ignore_eos)
+
+
+def to_wire_params(p: SamplingParams) -> api_pb2.SamplingParams:
+    out = api_pb2.SamplingParams(max_tokens=p.max_tokens, temperature=p.temperature, top_p=p.top_p, top_k=p.top_k,
+                                 min_p=p.min_p, repetition_penalty=p.repetition_penalty,
+                                 presence_penalty=p.presence_penalty, frequency_penalty=p.frequency_penalty,
+                                 stop=p.stop, stop_token_ids=p.stop_token_ids, ignore_eos=p.ignore_eos)
+    if p.seed is not None:
+        out.seed = p.seed
+    return out

@@ -1,0 +1,76 @@
+"""gRPC plumbing shared by every role: server with health and reflection, address
+parsing, and the mapping of exceptions to status codes."""
+from __future__ import annotations
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+MAX_MESSAGE_BYTES = 64 << 20
+
+
+class RpcError(Exception):
+    """An error with the status the caller should see."""
+
+    def __init__(self, code: grpc.StatusCode, message: str):
+        super().__init__(message)
+        self.code, self.message = code, message
+
+
+def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
+    if isinstance(exc, RpcError):
+        return exc.code, exc.message
+    if isinstance(exc, ValueError):
+        return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
+    if isinstance(exc, MemoryError):
+        return grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc) or "out of KV blocks"
+    if isinstance(exc, grpc.aio.AioRpcError):
+        return exc.code(), exc.details() or ""
+    return grpc.StatusCode.INTERNAL, f"{type(exc).__name__}: {exc}"
+
+
+class ServerHandle:
+    """A grpc.aio server with the standard health service (NOT_SERVING until ready()).
+    Constructing it starts nothing; start() binds and serves."""
+
+    def __init__(self, listen: str, service_names: list[str]):
+        self.listen = listen
+        self.service_names = service_names
+        self.server = grpc.aio.server(options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                                               ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)])
+        self.health = health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        self.port = 0
+
+    async def start(self) -> str:
+        reflection.enable_server_reflection(self.service_names + [reflection.SERVICE_NAME, "grpc.health.v1.Health"],
+                                            self.server)
+        self.port = self.server.add_insecure_port(self.listen)
+        if self.port == 0:
+            raise OSError(f"cannot listen on {self.listen}")
+        await self.server.start()
+        await self._set(health_pb2.HealthCheckResponse.NOT_SERVING)
+        return self.address
+
+    @property
+    def address(self) -> str:
+        host = self.listen.rsplit(":", 1)[0]
+        return f"{host}:{self.port}"
+
+    async def ready(self) -> None:
+        await self._set(health_pb2.HealthCheckResponse.SERVING)
+
+    async def drain(self, grace_s: float) -> None:
+        await self._set(health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self.server.stop(grace_s)
+
+    async def _set(self, status) -> None:
+        for name in ["", *self.service_names]:
+            r = self.health.set(name, status)
+            if r is not None and hasattr(r, "__await__"):
+                await r
+
+
+def channel(address: str) -> grpc.aio.Channel:
+    return grpc.aio.insecure_channel(address, options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                                                       ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)])

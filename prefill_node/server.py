@@ -1,0 +1,112 @@
+"""The prefill node's gRPC servicer."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import grpc
+
+from engine.llm_engine import StepOutput
+from kv_transfer.base import Role, TransferState
+from pdserve.node_base import NodeBase, abort_with
+from pdserve.protocol import FINISH, to_engine_params
+from pdserve.rpc import RpcError
+from pdserve.v1 import api_pb2, node_pb2, node_pb2_grpc
+
+log = logging.getLogger("pdserve.prefill")
+
+
+class PrefillNode(NodeBase, node_pb2_grpc.PrefillNodeServicer):
+    role = api_pb2.ROLE_PREFILL
+    kv_role = Role.PREFILL
+    service_name = "pdserve.v1.PrefillNode"
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.pending: dict[int, asyncio.Future] = {}   # seq_id -> (first StepOutput, exported KV)
+        self.requests: dict[str, object] = {}          # request_id -> Sequence, while prefilling
+
+    def add_servicer(self, server: grpc.aio.Server) -> None:
+        node_pb2_grpc.add_PrefillNodeServicer_to_server(self, server)
+
+    async def Prefill(self, req: node_pb2.PrefillRequest, context) -> node_pb2.PrefillResponse:
+        try:
+            return await self._prefill(req, context)
+        except (RpcError, ValueError, MemoryError) as e:
+            await abort_with(context, e)
+
+    async def _prefill(self, req: node_pb2.PrefillRequest, context) -> node_pb2.PrefillResponse:
+        prompt, params = list(req.prompt_token_ids), to_engine_params(req.sampling)
+        ticket = req.ticket
+        if time.time() >= ticket.lease_expiry:
+            raise RpcError(grpc.StatusCode.FAILED_PRECONDITION, "the decode reservation has already expired")
+        start = time.time()
+        fut = self.aio.create_future()
+        seq = await self.call(lambda engine: self._add(engine, prompt, params, req.request_id, fut))
+        self.requests[req.request_id] = seq
+        try:
+            out, layers = await fut
+        except asyncio.CancelledError:
+            await self._abort(seq)
+            raise
+        finally:
+            self.requests.pop(req.request_id, None)
+        end = time.time()
+        resp = node_pb2.PrefillResponse(first_token=out.token_id, prefill_start=start, prefill_end=end,
+                                        text=out.text_delta)
+        if out.seq.finish_reason != "prefilled":
+            resp.finish_reason = FINISH[out.seq.finish_reason]
+            return resp
+        sender = self.kv.sender(ticket.kv_endpoint, ticket.transfer_id, ticket.epoch, layers[0][0].shape[1])
+        step = self.cfg.kv_layers_per_message
+        for start_layer in range(0, len(layers), step):
+            sender.send_layers(start_layer, layers[start_layer:start_layer + step])
+        sender.finish(out.token_id)
+        while sender.state not in (TransferState.DONE, TransferState.FAILED):
+            if time.time() > ticket.lease_expiry:
+                sender.status.fail("no acknowledgement before the lease expired")
+                break
+            await asyncio.sleep(0.002)
+        if sender.state != TransferState.DONE:
+            raise RpcError(grpc.StatusCode.UNAVAILABLE, f"KV transfer to the decode node failed: {sender.error}")
+        resp.transfer_end = time.time()
+        return resp
+
+    def _add(self, engine, prompt, params, request_id, fut):
+        seq = engine.add_request(prompt, params, request_id, prefill_only=True)
+        self.pending[seq.seq_id] = fut
+        return seq
+
+    def on_step(self, outs: list[StepOutput]) -> None:
+        pass  # results are delivered from the engine thread (see _on_step_thread)
+
+    def _on_step_thread(self, outs: list[StepOutput]) -> None:
+        # engine thread: export the finished prompts' KV and free their blocks right away
+        engine = self.engine
+        for out in outs:
+            fut = self.pending.pop(out.seq.seq_id, None)
+            if fut is None:
+                continue
+            layers = engine.export_kv(out.seq) if out.seq.finish_reason == "prefilled" else None
+            engine.release(out.seq)
+            self.aio.call_soon_threadsafe(_resolve, fut, (out, layers))
+
+    async def _abort(self, seq) -> None:
+        def abort(engine):
+            self.pending.pop(seq.seq_id, None)
+            if not seq.is_finished:
+                engine.abort(seq)
+        await self.call(abort)
+
+    async def Abort(self, req: node_pb2.AbortRequest, context) -> node_pb2.AbortResponse:
+        seq = self.requests.get(req.request_id)
+        if seq is None:
+            return node_pb2.AbortResponse(found=False)
+        await self._abort(seq)
+        return node_pb2.AbortResponse(found=True)
+
+
+def _resolve(fut: asyncio.Future, value) -> None:
+    if not fut.done():
+        fut.set_result(value)
