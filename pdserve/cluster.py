@@ -22,6 +22,8 @@ class ClusterConfig:
     kv_blocks: int | None = None
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 2048
+    heartbeat_interval_s: float = 0.5
+    max_inflight: int = 256
     ready_timeout_s: float = 300.0
 
 
@@ -60,7 +62,9 @@ class Cluster:
 
     def start(self) -> None:
         nodes = self.node_commands()
-        coordinator = [sys.executable, "-m", "pdserve", "coordinator", "--listen", self.cfg.listen]
+        coordinator = [sys.executable, "-m", "pdserve", "coordinator", "--listen", self.cfg.listen,
+                       "--heartbeat-interval", str(self.cfg.heartbeat_interval_s),
+                       "--max-inflight", str(self.cfg.max_inflight)]
         if self.cfg.model:
             coordinator += ["--model", self.cfg.model]
         self._spawn(coordinator)
@@ -68,8 +72,10 @@ class Cluster:
             self._spawn(cmd)
         self._wait_ready(len(nodes))
 
-    def _spawn(self, cmd: list[str]) -> None:
-        self.procs.append(subprocess.Popen(cmd, stdout=subprocess.DEVNULL, start_new_session=True))
+    def _spawn(self, cmd: list[str]) -> subprocess.Popen:
+        p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, start_new_session=True)
+        self.procs.append(p)
+        return p
 
     def _wait_ready(self, expected: int) -> None:
         from pdserve.client import status

@@ -1,0 +1,219 @@
+"""End to end: a coordinator and prefill/decode node processes on loopback, KV
+shipped over ZeroMQ, outputs checked against transformers, resources against baseline."""
+from __future__ import annotations
+
+import os
+import random
+import signal
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import pytest
+
+from tests.cluster_util import Client, greedy, request, start_cluster
+from tests.conftest import assert_matches_reference
+
+
+def workload(seed: int, n: int, vocab: int = 384):
+    rng = random.Random(seed)
+    return [([rng.randrange(vocab) for _ in range(rng.randint(1, 60))], rng.randint(1, 24)) for _ in range(n)]
+
+
+@pytest.fixture(scope="module")
+def qwen3_cluster(tiny_models):
+    cluster = start_cluster(model=tiny_models["qwen3"], kv_blocks=256)
+    client = Client(cluster.cfg.listen)
+    yield client
+    client.close()
+    cluster.stop()
+
+
+@pytest.mark.parametrize("family, p_tp, d_tp", [("qwen3", 1, 1), ("llama", 1, 2), ("qwen2", 2, 1)])
+def test_greedy_through_the_cluster_matches_transformers(tiny_models, reference, family, p_tp, d_tp):
+    cluster = start_cluster(model=tiny_models[family], prefill_tp=p_tp, decode_tp=d_tp, kv_blocks=128)
+    client = Client(cluster.cfg.listen)
+    try:
+        jobs = workload(p_tp * 10 + d_tp, 6)
+        with ThreadPoolExecutor(6) as pool:
+            outs = list(pool.map(lambda j: client.generate(request(j[0], greedy(j[1], ignore_eos=True))), jobs))
+        client.wait_blocks_at_baseline()
+    finally:
+        client.close()
+        cluster.stop()
+    ref = reference(tiny_models[family])
+    for (prompt, n), out in zip(jobs, outs):
+        assert_matches_reference(out["token_ids"], ref.generate(prompt, n), f"{family} {p_tp}:{d_tp}")
+
+
+def test_sixteen_concurrent_requests_of_mixed_lengths_are_all_correct(qwen3_cluster, tiny_models, reference):
+    jobs = workload(99, 20)
+    with ThreadPoolExecutor(20) as pool:
+        outs = list(pool.map(lambda j: qwen3_cluster.generate(request(j[0], greedy(j[1], ignore_eos=True))), jobs))
+    ref = reference(tiny_models["qwen3"])
+    for (prompt, n), out in zip(jobs, outs):
+        assert_matches_reference(out["token_ids"], ref.generate(prompt, n), "concurrent")
+    nodes = qwen3_cluster.wait_blocks_at_baseline()
+    assert {n["role"] for n in nodes} == {"prefill", "decode"}
+
+
+def test_a_stream_cancelled_midway_frees_kv_on_every_node(qwen3_cluster):
+    stream = qwen3_cluster.stub.Generate(request(list(range(1, 30)), greedy(480, ignore_eos=True)), timeout=60)
+    got = 0
+    with pytest.raises(grpc.RpcError) as e:
+        for resp in stream:
+            got += len(resp.token_ids)
+            if got >= 3:
+                stream.cancel()
+    assert e.value.code() == grpc.StatusCode.CANCELLED
+    qwen3_cluster.wait_blocks_at_baseline()
+
+
+def test_a_request_whose_deadline_passes_gets_deadline_exceeded_and_frees_kv(qwen3_cluster):
+    with pytest.raises(grpc.RpcError) as e:
+        qwen3_cluster.generate(request(list(range(1, 30)), greedy(480, ignore_eos=True)), timeout=0.3)
+    assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    qwen3_cluster.wait_blocks_at_baseline()
+
+
+BAD = [
+    (request([], greedy(4)), "empty"),
+    (request([1, 2, 384], greedy(4)), "out of range"),
+    (request([-5], greedy(4)), "out of range"),
+    (request(list(range(1, 300)) * 2, greedy(4)), "context"),
+    (request([1, 2], greedy(511)), "exceeds the context"),
+    (request([1, 2], greedy(0)), "max_tokens"),
+]
+
+
+def bad_requests():
+    from pdserve.v1 import api_pb2
+    out = []
+    for kwargs, message in [(dict(temperature=-1.0), "temperature"), (dict(temperature=float("nan")), "temperature"),
+                            (dict(temperature=float("inf")), "temperature"), (dict(top_p=0.0), "top_p"),
+                            (dict(top_p=1.5), "top_p"), (dict(top_k=-2), "top_k"),
+                            (dict(repetition_penalty=0.0), "repetition_penalty"),
+                            (dict(presence_penalty=3.0), "presence_penalty"), (dict(stop=[""]), "stop"),
+                            (dict(stop_token_ids=[999]), "stop_token_ids")]:
+        s = api_pb2.SamplingParams(max_tokens=4, **kwargs)
+        out.append((request([1, 2], s), message))
+    out += BAD
+    no_sampling = api_pb2.GenerateRequest()
+    no_sampling.token_ids.ids.extend([1, 2])
+    out.append((no_sampling, "max_tokens"))
+    not_utf8 = api_pb2.GenerateRequest(text=b"\xff\xfe bad", sampling=greedy(4))
+    out.append((not_utf8, "this model has no tokenizer"))
+    return out
+
+
+def test_each_bad_input_gets_invalid_argument_and_leaves_concurrent_requests_alone(qwen3_cluster, tiny_models,
+                                                                                   reference):
+    good = [(list(range(3, 40)), 24), ([7, 7, 7], 20)]
+    results = {}
+
+    def run_good(i, job):
+        results[i] = qwen3_cluster.generate(request(job[0], greedy(job[1], ignore_eos=True)))
+
+    threads = [threading.Thread(target=run_good, args=(i, j)) for i, j in enumerate(good)]
+    for t in threads:
+        t.start()
+    for req, message in bad_requests():
+        with pytest.raises(grpc.RpcError) as e:
+            out = qwen3_cluster.generate(req)
+            pytest.fail(f"{message}: no error, got {out}")
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (message, e.value.details())
+        assert message in e.value.details(), (message, e.value.details())
+    for t in threads:
+        t.join()
+    ref = reference(tiny_models["qwen3"])
+    for i, (prompt, n) in enumerate(good):
+        assert_matches_reference(results[i]["token_ids"], ref.generate(prompt, n), "good neighbour")
+    qwen3_cluster.wait_blocks_at_baseline()
+
+
+def test_unknown_model_name_is_not_found(qwen3_cluster):
+    req = request([1, 2], greedy(2))
+    req.model = "no-such-model"
+    with pytest.raises(grpc.RpcError) as e:
+        qwen3_cluster.generate(req)
+    assert e.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_status_json_lists_nodes_with_their_kv_blocks(qwen3_cluster):
+    import json
+    import subprocess
+    import sys
+    r = subprocess.run([sys.executable, "-m", "pdserve", "status", "--coordinator", qwen3_cluster.address, "--json"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    nodes = json.loads(r.stdout)["nodes"]
+    assert sorted(n["role"] for n in nodes) == ["decode", "prefill"]
+    for n in nodes:
+        assert set(n) == {"id", "role", "address", "healthy", "tp", "kv_blocks_free", "kv_blocks_total", "running",
+                          "queued"}
+        assert n["healthy"] and n["kv_blocks_total"] == 256 and n["address"].startswith("127.0.0.1:")
+
+
+def test_a_node_that_stops_is_taken_out_of_rotation_and_requests_still_succeed(tiny_models, reference):
+    cluster = start_cluster(model=tiny_models["qwen2"], decode=2, kv_blocks=64)
+    client = Client(cluster.cfg.listen)
+    try:
+        victim = cluster.procs[-1]  # the second decode node
+        os.kill(victim.pid, signal.SIGKILL)
+        victim.wait()
+        deadline = time.monotonic() + 15
+        while sum(n["healthy"] for n in client.status()["nodes"] if n["role"] == "decode") != 1:
+            assert time.monotonic() < deadline, "the dead node was never marked unhealthy"
+            time.sleep(0.2)
+        ref = reference(tiny_models["qwen2"])
+        for prompt, n in workload(5, 4):
+            out = client.generate(request(prompt, greedy(n, ignore_eos=True)))
+            assert_matches_reference(out["token_ids"], ref.generate(prompt, n), "after a node died")
+    finally:
+        client.close()
+        cluster.stop()
+
+
+def test_no_nodes_means_unavailable_and_a_full_queue_means_resource_exhausted(tiny_models):
+    lonely = start_cluster(prefill=0, decode=0)
+    client = Client(lonely.cfg.listen)
+    try:
+        with pytest.raises(grpc.RpcError) as e:
+            client.generate(request([1, 2], greedy(2)))
+        assert e.value.code() == grpc.StatusCode.UNAVAILABLE
+    finally:
+        client.close()
+        lonely.stop()
+
+    cluster = start_cluster(model=tiny_models["qwen2"], kv_blocks=64, max_inflight=1)
+    client = Client(cluster.cfg.listen)
+    try:
+        long = client.stub.Generate(request(list(range(1, 20)), greedy(480, ignore_eos=True)), timeout=60)
+        next(long)  # admitted and streaming
+        with pytest.raises(grpc.RpcError) as e:
+            client.generate(request([1, 2], greedy(2)))
+        assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        long.cancel()
+        client.wait_blocks_at_baseline()
+    finally:
+        client.close()
+        cluster.stop()
+
+
+def test_smollm2_chat_through_the_cluster_matches_transformers(smol_dir, tokenizer, reference):
+    cluster = start_cluster(model=smol_dir, kv_blocks=128)
+    client = Client(cluster.cfg.listen)
+    chats = ["What is the capital of France?", "Name three colours of the rainbow."]
+    try:
+        outs = [client.generate(request(c, greedy(24), chat=True)) for c in chats]
+        client.wait_blocks_at_baseline()
+    finally:
+        client.close()
+        cluster.stop()
+    for chat, out in zip(chats, outs):
+        prompt = tokenizer.apply_chat_template([{"role": "user", "content": chat}], add_generation_prompt=True,
+                                               tokenize=True, return_dict=True)["input_ids"]
+        assert_matches_reference(out["token_ids"], reference(smol_dir).generate(prompt, 24, stop_at_eos=True), chat)
+        assert out["text"] == tokenizer.decode(out["token_ids"], skip_special_tokens=True)
+    assert "Paris" in outs[0]["text"]
