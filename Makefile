@@ -1,5 +1,5 @@
 # make test  — create/reuse .venv, install what is needed, run the CPU test suite
-# make demo  — run the default model (SmolLM2-135M-Instruct) on a chat prompt
+# make demo  — a local 1 prefill + 1 decode cluster with SmolLM2-135M-Instruct on CPU answers a chat prompt
 PY      ?= python3
 VENV    ?= .venv
 BIN     := $(VENV)/bin
@@ -23,7 +23,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q tests; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 1; fi; exit $$rc
 
 demo: $(STAMP)
-	$(BIN)/pdserve generate --chat --max-tokens 96 "Explain in two sentences why the sky is blue."
+	$(BIN)/python -m pdserve.demo
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -25,6 +25,7 @@ class ClusterConfig:
     heartbeat_interval_s: float = 0.5
     max_inflight: int = 256
     ready_timeout_s: float = 300.0
+    log_dir: str | None = None        # members' logs go here (one file each) instead of this terminal
 
 
 class Cluster:
@@ -73,7 +74,12 @@ class Cluster:
         self._wait_ready(len(nodes))
 
     def _spawn(self, cmd: list[str]) -> subprocess.Popen:
-        p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, start_new_session=True)
+        log = None
+        if self.cfg.log_dir:
+            log = open(os.path.join(self.cfg.log_dir, f"{len(self.procs)}-{cmd[3]}.log"), "ab")
+        p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log, start_new_session=True)
+        if log is not None:
+            log.close()
         self.procs.append(p)
         return p
 
