@@ -33,6 +33,7 @@ def qwen3_cluster(tiny_models):
 @pytest.mark.parametrize("family, p_tp, d_tp", [("qwen3", 1, 1), ("llama", 1, 2), ("qwen2", 2, 1)])
 def test_greedy_through_the_cluster_matches_transformers(tiny_models, reference, family, p_tp, d_tp):
     cluster = start_cluster(model=tiny_models[family], prefill_tp=p_tp, decode_tp=d_tp, kv_blocks=128)
+    members = list(cluster.procs)
     client = Client(cluster.cfg.listen)
     try:
         jobs = workload(p_tp * 10 + d_tp, 6)
@@ -42,6 +43,7 @@ def test_greedy_through_the_cluster_matches_transformers(tiny_models, reference,
     finally:
         client.close()
         cluster.stop()
+    assert [p.returncode for p in members] == [0] * len(members), "SIGTERM must drain and exit 0"
     ref = reference(tiny_models[family])
     for (prompt, n), out in zip(jobs, outs):
         assert_matches_reference(out["token_ids"], ref.generate(prompt, n), f"{family} {p_tp}:{d_tp}")
@@ -217,3 +219,23 @@ def test_smollm2_chat_through_the_cluster_matches_transformers(smol_dir, tokeniz
         assert_matches_reference(out["token_ids"], reference(smol_dir).generate(prompt, 24, stop_at_eos=True), chat)
         assert out["text"] == tokenizer.decode(out["token_ids"], skip_special_tokens=True)
     assert "Paris" in outs[0]["text"]
+
+
+def test_cli_generate_through_the_coordinator_keeps_the_json_contract_and_reports_failures(qwen3_cluster, tiny_models,
+                                                                                          reference):
+    import json
+    import subprocess
+    import sys
+    base = [sys.executable, "-m", "pdserve", "generate", "--coordinator", qwen3_cluster.address]
+    r = subprocess.run(base + ["--prompt-ids", "4,8,15,16,23,42", "--max-tokens", "7", "--ignore-eos", "--json"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["prompt_token_ids"] == [4, 8, 15, 16, 23, 42] and out["finish_reason"] == "length"
+    assert_matches_reference(out["token_ids"], reference(tiny_models["qwen3"]).generate([4, 8, 15, 16, 23, 42], 7),
+                             "cli")
+    server = out["timings"]["server"]
+    assert set(server) >= {"queue_s", "prefill_s", "transfer_s", "decode_admission_s", "ttft_s", "e2e_s"}
+    assert all(v >= 0 for v in server.values()) and server["prefill_s"] > 0 and server["transfer_s"] > 0
+    r = subprocess.run(base + ["--prompt-ids", "1,2", "--top-p", "7"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1 and r.stderr.strip().startswith("INVALID_ARGUMENT: top_p")
