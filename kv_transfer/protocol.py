@@ -5,8 +5,9 @@ and compat hash first, then the header against the reservation, then frame count
 and sizes, then checksums. A check returns a reason ("" when fine), never raises."""
 from __future__ import annotations
 
-import zlib
 from collections.abc import Sequence
+
+import xxhash
 
 from pdserve.v1 import kv_pb2
 
@@ -15,6 +16,12 @@ from .layout import KVLayout
 PROTOCOL_VERSION = 1
 
 Buffer = memoryview  # a frame's bytes as the receiver sees them
+
+
+def checksum(frame: Buffer) -> int:
+    """frame_xxh3: XXH3-64 of the frame (~29 GB/s on one core, five times zlib's CRC-32,
+    so integrity checking stays cheap next to the copy itself)."""
+    return xxhash.xxh3_64_intdigest(frame)
 
 
 def build_header(layout: KVLayout, transfer_id: str, epoch: int, num_blocks: int, layer_start: int,
@@ -26,7 +33,7 @@ def build_header(layout: KVLayout, transfer_id: str, epoch: int, num_blocks: int
         layer_start=layer_start, num_layers=num_layers, total_layers=layout.num_layers, num_blocks=num_blocks,
         block_size=layout.block_size, head_dim=layout.head_dim, dtype=layout.dtype_name,
         shards=[kv_pb2.KVShard(tp_rank=r, head_start=s, num_heads=n) for r, s, n in shards],
-        frame_crc32=[zlib.crc32(f) for f in frames], frame_bytes=[f.nbytes for f in frames],
+        frame_xxh3=[checksum(f) for f in frames], frame_bytes=[f.nbytes for f in frames],
         last=last, first_token=first_token,
     ).SerializeToString()
 
@@ -71,8 +78,8 @@ def check_frames(header: kv_pb2.KVHeader, layout: KVLayout, frames: Sequence[Buf
     """Counts and sizes of every frame, then every checksum."""
     h = header
     n = h.num_layers * len(h.shards)
-    if len(h.frame_crc32) != n or len(h.frame_bytes) != n:
-        return f"bad header: {len(h.frame_bytes)} sizes and {len(h.frame_crc32)} checksums for {n} frames"
+    if len(h.frame_xxh3) != n or len(h.frame_bytes) != n:
+        return f"bad header: {len(h.frame_bytes)} sizes and {len(h.frame_xxh3)} checksums for {n} frames"
     if len(frames) != n:
         return f"truncated: {len(frames)} frames, the header announces {n}"
     for i, f in enumerate(frames):
@@ -82,6 +89,6 @@ def check_frames(header: kv_pb2.KVHeader, layout: KVLayout, frames: Sequence[Buf
         if f.nbytes != want:
             return f"truncated: frame {i} has {f.nbytes} bytes, expected {want}"
     for i, f in enumerate(frames):
-        if zlib.crc32(f) != h.frame_crc32[i]:
+        if checksum(f) != h.frame_xxh3[i]:
             return f"checksum mismatch in frame {i} (layer {h.layer_start + i // len(h.shards)})"
     return ""

@@ -8,6 +8,7 @@ later messages for it are answered once, then dropped. Expired leases are swept 
 every poll and their receivers FAILED ("lease expired") so the owner frees blocks."""
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections import OrderedDict
@@ -22,6 +23,8 @@ from .base import TransferState
 from .layout import KVLayout
 from .protocol import Buffer, check_compat
 from .zmq_receiver import ZmqKVReceiver
+
+log = logging.getLogger(__name__)
 
 TOMBSTONE_TTL_S = 60.0
 MAX_TOMBSTONES = 4096
@@ -95,7 +98,11 @@ class KVInbox:
                 return
             if len(parts) < 2:
                 continue
-            ack = self._dispatch(parts[1].bytes, [p.buffer for p in parts[2:]])
+            try:
+                ack = self._dispatch(parts[1].bytes, [p.buffer for p in parts[2:]])
+            except Exception as e:  # a bug must not stop the receive thread
+                log.exception("KV message dropped")
+                ack = kv_pb2.KVAck(ok=False, error=f"internal error: {type(e).__name__}: {e}")
             if ack is not None:
                 self._router.send_multipart([parts[0], ack.SerializeToString()])
 
@@ -113,13 +120,22 @@ class KVInbox:
             rx = self._expected.get(tid)
             if rx is None:
                 return self._answer_ended(tid)
-        if header.epoch != rx.epoch:  # a stale sender: refused, the expectation stays
-            return kv_pb2.KVAck(transfer_id=tid, ok=False, error=f"stale epoch {header.epoch}, expected {rx.epoch}")
+        if header.epoch != rx.epoch:  # a stale sender: refused once, the expectation stays
+            return self._refuse_stale(tid, header.epoch, rx.epoch)
         error = rx.accept(header, frames)
         if error or rx.state == TransferState.DONE:
             self._retire(rx, acked=True)
             return kv_pb2.KVAck(transfer_id=tid, ok=not error, error=error)
         return None
+
+    def _refuse_stale(self, tid: str, epoch: int, current: int) -> kv_pb2.KVAck | None:
+        key = f"{tid}@{epoch}"  # acks carry no epoch: one answer per stale sender
+        with self._lock:
+            if key in self._ended:
+                return None
+            reason = f"stale epoch {epoch}, expected {current}"
+            self._remember(key, Ended(reason, True, time.time() + TOMBSTONE_TTL_S))
+        return kv_pb2.KVAck(transfer_id=tid, ok=False, error=reason)
 
     def _answer_ended(self, tid: str) -> kv_pb2.KVAck | None:
         """(lock held) A message for no live expectation: answered once per transfer id."""

@@ -1,11 +1,13 @@
 """Prefill side of the ZeroMQ transport: one I/O thread owning one DEALER socket per
 decode endpoint (made on first use) and an inproc wake-up socket. Senders queue
 messages; the thread checksums and sends them (copy=False, never blocking) and
-routes each KVAck back to its sender by transfer_id. Once an endpoint that saw a
-failure has no live sender, its socket is closed, dropping whatever it still queued
-(a dead peer does not pin the shards)."""
+routes each KVAck back to its sender by transfer_id. Once an endpoint where a
+transfer failed unanswered (timeout, send error) has no live sender, its socket is
+closed, dropping whatever it still queued: a dead peer does not pin the shards, nor
+keep a socket reconnecting forever."""
 from __future__ import annotations
 
+import logging
 import queue
 import threading
 
@@ -16,6 +18,8 @@ from pdserve.v1 import kv_pb2
 
 from .base import TransferState
 from .zmq_sender import Outgoing, ZmqKVSender
+
+log = logging.getLogger(__name__)
 
 WAKE_ADDR = "inproc://pdserve-kv-wake"
 
@@ -31,6 +35,7 @@ class KVOutbox:
         self._push: zmq.Socket | None = ctx.socket(zmq.PUSH)  # callers' end, used under _lock
         self._push.connect(WAKE_ADDR)
         self._dealers: dict[str, zmq.Socket] = {}
+        self._open: set[str] = set()  # the keys of _dealers, readable by other threads under _lock
         self._failed: set[str] = set()  # endpoints to reset once idle
         self._poller = zmq.Poller()
         self._stop = threading.Event()
@@ -57,6 +62,12 @@ class KVOutbox:
         with self._lock:
             return len(self._senders)
 
+    @property
+    def endpoints(self) -> list[str]:
+        """Endpoints with an open socket."""
+        with self._lock:
+            return sorted(self._open)
+
     def add(self, tx: ZmqKVSender) -> None:
         key = (tx.endpoint, tx.transfer_id)
         with self._lock:
@@ -81,17 +92,22 @@ class KVOutbox:
         try:
             while not self._stop.is_set():
                 events = dict(self._poller.poll(self.poll_ms))
-                while self._pull.poll(0):
-                    self._pull.recv()
-                self._send_queued()
-                for ep, sock in self._dealers.items():
-                    if sock in events:
-                        self._read_acks(ep, sock)
-                self._prune()
+                try:
+                    while self._pull.poll(0):
+                        self._pull.recv()
+                    self._send_queued()
+                    for ep, sock in self._dealers.items():
+                        if sock in events:
+                            self._read_acks(ep, sock)
+                    self._prune()
+                except Exception:  # a bug must not stop the I/O thread; senders still time out
+                    log.exception("KV send loop")
         finally:
             for sock in [self._pull, *self._dealers.values()]:
                 sock.close(linger=0)
             self._dealers.clear()
+            with self._lock:
+                self._open.clear()
 
     def _send_queued(self) -> None:
         while True:
@@ -114,6 +130,8 @@ class KVOutbox:
             sock.setsockopt(zmq.SNDHWM, 0)  # bounded by live senders; a failed endpoint is reset
             sock.connect(endpoint)
             self._poller.register(sock, zmq.POLLIN)
+            with self._lock:
+                self._open.add(endpoint)
         return sock
 
     def _read_acks(self, endpoint: str, sock: zmq.Socket) -> None:
@@ -132,13 +150,13 @@ class KVOutbox:
                 tx.on_ack(ack)
 
     def _prune(self) -> None:
-        """Forget ended senders; close an endpoint's socket once idle after a failure."""
+        """Forget ended senders; close an endpoint's socket once idle after an unanswered failure."""
         with self._lock:
             for key, tx in list(self._senders.items()):
                 if tx.status.ended:
                     del self._senders[key]
                     tx.release()
-                    if tx.state == TransferState.FAILED:
+                    if tx.state == TransferState.FAILED and not tx.answered:  # the peer may be gone
                         self._failed.add(tx.endpoint)
             busy = {ep for ep, _ in self._senders}
         for ep in [ep for ep in self._failed if ep not in busy]:
@@ -147,3 +165,5 @@ class KVOutbox:
             if sock is not None:
                 self._poller.unregister(sock)
                 sock.close(linger=0)
+                with self._lock:
+                    self._open.discard(ep)

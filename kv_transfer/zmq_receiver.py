@@ -31,8 +31,8 @@ class ZmqKVReceiver(KVReceiver):
         with self._lock:
             if self.status.ended:
                 return self.error or "transfer already complete"
-            error = check_layout(header, self.layout, len(self.block_ids), self._next_layer) \
-                or check_frames(header, self.layout, frames)
+            error = (check_layout(header, self.layout, len(self.block_ids), self._next_layer)
+                     or check_frames(header, self.layout, frames))
             if error:
                 self.fail(error)
                 return error

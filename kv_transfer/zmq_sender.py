@@ -41,6 +41,7 @@ class ZmqKVSender(KVSender):
         self._next_layer = 0
         self._finished = False
         self._held: list[torch.Tensor] = []  # alive until the transfer ends
+        self.answered = False  # the receiver acked (ok or not): its endpoint is alive
 
     def send_layers(self, layer_start: int, layers: list[list[torch.Tensor]]) -> None:
         if self._finished:
@@ -77,6 +78,7 @@ class ZmqKVSender(KVSender):
         return [header, *frames]
 
     def on_ack(self, ack: kv_pb2.KVAck) -> None:
+        self.answered = True
         if ack.ok:
             self.status.finish()
         else:
@@ -107,5 +109,6 @@ class ZmqKVSender(KVSender):
         t = shards_of_layer[rank]
         want = self.layout.shard_shape(self.num_blocks, self._head_span(rank)[1])
         if tuple(t.shape) != want or t.dtype != self.layout.dtype:
-            raise ValueError(f"layer {layer} rank {rank}: {tuple(t.shape)} {t.dtype}, expected {want} {self.layout.dtype}")
+            raise ValueError(f"layer {layer} rank {rank}: {tuple(t.shape)} {t.dtype}, "
+                             f"expected {want} {self.layout.dtype}")
         return t.detach().cpu().contiguous()

@@ -7,6 +7,8 @@ DEALER per decode endpoint; sender() hands out a per-request ZmqKVSender.
 Explicit start()/close(); close() joins the thread and closes every socket."""
 from __future__ import annotations
 
+import contextlib
+import os
 from typing import TypeVar
 
 import zmq
@@ -26,7 +28,7 @@ class ZmqKVManager(KVManager):
                  ipc_path: str | None = None, tp: int = 1, poll_interval_s: float = 0.05):
         """tp: this node's TP size (the number of shards a sender takes per layer, or of
         decode ranks a receiver re-slices for). ipc_path, if given, replaces tcp."""
-        self.role, self.layout, self.tp = Role(role), layout, tp
+        self.role, self.layout, self.tp, self.ipc_path = Role(role), layout, tp, ipc_path
         for rank in range(tp):
             layout.heads(rank, tp)  # raises if tp and the KV heads do not fit
         self.bind_addr = f"ipc://{ipc_path}" if ipc_path else f"tcp://{bind_host}:{port}"
@@ -67,6 +69,9 @@ class ZmqKVManager(KVManager):
             if part is not None:
                 part.close()
         self._ctx.term()
+        if self._inbox is not None and self.ipc_path:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.ipc_path)  # libzmq leaves the socket file behind
         self._ctx, self._inbox, self._outbox = None, None, None
 
     @property
@@ -79,6 +84,11 @@ class ZmqKVManager(KVManager):
         """Transfers still registered: live expectations (decode) or senders (prefill)."""
         part = self._inbox or self._outbox
         return part.pending if part is not None else 0
+
+    @property
+    def connections(self) -> list[str]:
+        """Decode endpoints this prefill manager holds a socket to."""
+        return self._outbox.endpoints if self._outbox is not None else []
 
     def expect(self, transfer_id: str, epoch: int, block_ids: list[int], lease_expiry: float,
                write: WriteFn) -> ZmqKVReceiver:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import threading
 import time
-import zlib
+import xxhash
 
 import pytest
 import torch
@@ -60,7 +60,7 @@ def wait_until(cond, timeout: float = 5.0) -> bool:
 
 
 @pytest.fixture
-def pair(request):
+def pair():
     """(decode manager, prefill manager) on tcp loopback; asserts nothing is left registered."""
     made: list[ZmqKVManager] = []
 
@@ -233,14 +233,16 @@ def test_a_sender_of_another_model_is_refused(pair):
 
 def test_a_stale_epoch_is_refused_and_the_expectation_waits_for_the_current_one(pair):
     lay = layout()
-    dec, pre = pair(lay)
+    dec, frozen = pair(lay)
+    _, current_node = pair(lay)
     kv, written = full_kv(lay), Recorder()
     rx = dec.expect("t", 5, BLOCKS, time.time() + 30, written)
-    stale = send_all(pre, dec.endpoint, kv, epoch=4)
+    stale = send_all(frozen, dec.endpoint, kv, epoch=4)  # a node that woke up after the request moved
     assert stale.wait(5) == TransferState.FAILED and "stale epoch 4, expected 5" in stale.error
     assert written.calls == [] and rx.state == TransferState.WAITING
-    current = send_all(pre, dec.endpoint, kv, epoch=5)
+    current = send_all(current_node, dec.endpoint, kv, epoch=5)
     assert current.wait(5) == TransferState.DONE and rx.wait(1) == TransferState.DONE
+    assert written.layers == list(range(LAYERS))
 
 
 def test_an_expired_lease_fails_the_receiver_and_refuses_the_sender(pair):
@@ -281,26 +283,40 @@ def test_a_failing_write_fails_the_transfer(pair):
     assert rx.state == TransferState.FAILED
 
 
-def test_a_sender_without_a_receiver_times_out(pair):
+def test_a_sender_without_a_receiver_times_out_and_its_socket_is_dropped(pair):
     lay = layout()
-    _, pre = pair(lay)
+    dec, pre = pair(lay)
     with zmq.Context.instance().socket(zmq.ROUTER) as probe:  # a free port nobody listens on
         port = probe.bind_to_random_port("tcp://127.0.0.1")
-    tx = send_all(pre, f"tcp://127.0.0.1:{port}", full_kv(lay))
+    dead = f"tcp://127.0.0.1:{port}"
+    tx = send_all(pre, dead, full_kv(lay))
     t0 = time.monotonic()
     assert tx.wait(0.3) == TransferState.FAILED and "no ack" in tx.error
     assert time.monotonic() - t0 < 1.0
+    assert wait_until(lambda: pre.connections == [])  # queued frames dropped, no endless reconnects
+    rx = dec.expect("t", 1, BLOCKS, time.time() + 30, Recorder())  # a live endpoint still works
+    assert send_all(pre, dec.endpoint, full_kv(lay)).wait(5) == TransferState.DONE
+    assert rx.state == TransferState.DONE and pre.connections == [dec.endpoint]
 
 
-def test_ipc_endpoints_work_too(pair, tmp_path):
-    lay = layout()
-    dec, pre = pair(lay, prefill_tp=2, decode_tp=3, ipc_path=str(tmp_path / "kv.sock"))
-    assert dec.endpoint == f"ipc://{tmp_path / 'kv.sock'}"
-    kv, written = full_kv(lay), Recorder()
-    rx = dec.expect("t", 1, BLOCKS, time.time() + 30, written)
-    tx = send_all(pre, dec.endpoint, kv)
-    assert tx.wait(5) == TransferState.DONE and rx.wait(1) == TransferState.DONE
-    assert torch.equal(written.calls[-1][1][2], kv[LAYERS - 1][:, :, :, 4:6])
+def test_ipc_endpoints_work_too(tmp_path):
+    lay, path = layout(), tmp_path / "kv.sock"
+    dec = ZmqKVManager(Role.DECODE, lay, tp=3, ipc_path=str(path), poll_interval_s=0.01)
+    pre = ZmqKVManager(Role.PREFILL, lay, tp=2, poll_interval_s=0.01)
+    dec.start()
+    pre.start()
+    try:
+        assert dec.endpoint == f"ipc://{path}"
+        kv, written = full_kv(lay), Recorder()
+        rx = dec.expect("t", 1, BLOCKS, time.time() + 30, written)
+        tx = send_all(pre, dec.endpoint, kv)
+        assert tx.wait(5) == TransferState.DONE and rx.wait(1) == TransferState.DONE
+        assert torch.equal(written.calls[-1][1][2], kv[LAYERS - 1][:, :, :, 4:6])
+        assert wait_until(lambda: dec.pending == 0 and pre.pending == 0)
+    finally:
+        pre.close()
+        dec.close()
+    assert not path.exists()
 
 
 def test_close_joins_every_thread_and_fails_what_was_in_flight():
@@ -334,9 +350,9 @@ def test_close_joins_every_thread_and_fails_what_was_in_flight():
     assert dec.pending == 0 and pre.pending == 0
 
 
-def test_frames_carry_crc32_and_sizes():
+def test_frames_carry_xxh3_checksums_and_sizes():
     lay = layout()
     frame = memoryview(torch.arange(12, dtype=torch.float32).view(torch.uint8).numpy())
     header = kv_pb2.KVHeader.FromString(build_header(lay, "t", 3, 1, 0, 1, [(0, 0, 6)], [frame], last=True))
-    assert list(header.frame_crc32) == [zlib.crc32(frame)] and list(header.frame_bytes) == [48]
+    assert list(header.frame_xxh3) == [xxhash.xxh3_64_intdigest(frame)] and list(header.frame_bytes) == [48]
     assert (header.compat_hash, header.epoch, header.dtype, header.last) == (lay.compat_hash, 3, "float32", True)
