@@ -20,6 +20,7 @@ class ClusterConfig:
     device: str = "auto"              # auto: one GPU per TP rank if CUDA is there, else CPU
     listen: str = "127.0.0.1:50051"
     kv_blocks: int | None = None
+    dtype: str = "auto"
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 2048
     heartbeat_interval_s: float = 0.5
@@ -58,6 +59,8 @@ class Cluster:
                     cmd += ["--model", cfg.model]
                 if cfg.kv_blocks:
                     cmd += ["--kv-blocks", str(cfg.kv_blocks)]
+                if cfg.dtype != "auto":
+                    cmd += ["--dtype", cfg.dtype]
                 cmds.append(cmd)
         return cmds
 

@@ -18,7 +18,8 @@ def free_port() -> int:
 
 
 def start_cluster(**kwargs) -> Cluster:
-    cfg = ClusterConfig(listen=f"127.0.0.1:{free_port()}", device="cpu", **kwargs)
+    kwargs.setdefault("device", "cpu")
+    cfg = ClusterConfig(listen=f"127.0.0.1:{free_port()}", **kwargs)
     cluster = Cluster(cfg)
     try:
         cluster.start()
