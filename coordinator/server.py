@@ -131,8 +131,9 @@ class Coordinator(api_pb2_grpc.GenerationServicer, node_pb2_grpc.CoordinatorServ
         await self._reserve(record)
         first = await self._prefill(record)
         yield record.first_response(first)
-        if first.finish_reason:
+        if first.finish_reason:  # the first token ended it: the decode reservation is not needed
             record.finish()
+            await self._abort(record.decode, record)
             yield record.last_response(first.finish_reason)
             return
         next_index = 1
@@ -198,14 +199,16 @@ class Coordinator(api_pb2_grpc.GenerationServicer, node_pb2_grpc.CoordinatorServ
         """After the request ended: stop any work still running for it on the nodes."""
         if record.decode is not None:
             record.decode.inflight -= 1
-        aborts = []
         if record.state != "FINISHED":
-            for node in (record.decode, record.prefill):
-                if node is not None and self.registry.nodes.get(node.id) is node:
-                    aborts.append(node.stub.Abort(node_pb2.AbortRequest(request_id=record.id), timeout=2.0))
-        for result in await asyncio.gather(*aborts, return_exceptions=True):
-            if isinstance(result, BaseException):
-                log.debug("abort of %s failed: %r", record.id, result)
+            await asyncio.gather(self._abort(record.decode, record), self._abort(record.prefill, record))
+
+    async def _abort(self, node: NodeEntry | None, record: RequestRecord) -> None:
+        if node is None or self.registry.nodes.get(node.id) is not node:
+            return
+        try:
+            await node.stub.Abort(node_pb2.AbortRequest(request_id=record.id), timeout=2.0)
+        except grpc.aio.AioRpcError as e:
+            log.debug("abort of %s on %s failed: %s", record.id, node.id, e.code().name)
 
 
 def _load_tokenizer(model: str):

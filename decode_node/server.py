@@ -39,6 +39,7 @@ class DecodeNode(NodeBase, node_pb2_grpc.DecodeNodeServicer):
         self.reservations: dict[str, Reservation] = {}
         self.running: dict[str, object] = {}       # request_id -> Sequence
         self.subscribers: set[asyncio.Queue] = set()
+        self.waiters: set[asyncio.Task] = set()    # one per reservation, until its KV arrived or failed
 
     def add_servicer(self, server: grpc.aio.Server) -> None:
         node_pb2_grpc.add_DecodeNodeServicer_to_server(self, server)
@@ -61,7 +62,9 @@ class DecodeNode(NodeBase, node_pb2_grpc.DecodeNodeServicer):
         rx = self.kv.expect(transfer_id, self.agent.epoch, blocks, expiry, self._writer(blocks))
         res = Reservation(req.request_id, prompt, params, blocks, rx)
         self.reservations[req.request_id] = res
-        asyncio.create_task(self._await_kv(res))
+        task = asyncio.create_task(self._await_kv(res))
+        self.waiters.add(task)
+        task.add_done_callback(self.waiters.discard)
         return node_pb2.Ticket(transfer_id=transfer_id, decode_node_id=self.agent.node_id, epoch=self.agent.epoch,
                                block_ids=blocks, kv_endpoint=self.kv.endpoint, lease_expiry=expiry,
                                decode_tp=self.cfg.engine.tp)
@@ -134,6 +137,11 @@ class DecodeNode(NodeBase, node_pb2_grpc.DecodeNodeServicer):
             await self.call(lambda engine: engine.abort(seq))
             return node_pb2.AbortResponse(found=True)
         return node_pb2.AbortResponse(found=False)
+
+    async def close(self, grace_s: float = 5.0) -> None:
+        for task in list(self.waiters):
+            task.cancel()
+        await super().close(grace_s)
 
     def _load(self) -> node_pb2.HeartbeatRequest:
         load = super()._load()

@@ -239,3 +239,9 @@ def test_cli_generate_through_the_coordinator_keeps_the_json_contract_and_report
     assert all(v >= 0 for v in server.values()) and server["prefill_s"] > 0 and server["transfer_s"] > 0
     r = subprocess.run(base + ["--prompt-ids", "1,2", "--top-p", "7"], capture_output=True, text=True, timeout=60)
     assert r.returncode == 1 and r.stderr.strip().startswith("INVALID_ARGUMENT: top_p")
+
+
+def test_a_request_ended_by_its_first_token_releases_the_decode_reservation(qwen3_cluster):
+    out = qwen3_cluster.generate(request([5, 6, 7], greedy(1, ignore_eos=True)))
+    assert len(out["token_ids"]) == 1 and out["finish_reason"] == 2  # LENGTH
+    qwen3_cluster.wait_blocks_at_baseline(timeout=5.0)  # well inside the 30 s lease
