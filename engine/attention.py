@@ -15,14 +15,18 @@ from torch import nn
 @dataclass
 class AttentionMetadata:
     """Where this step's tokens go and what they attend to; built by the model runner."""
-    slot_mapping: torch.Tensor      # [T] flat slot (block * block_size + offset) per token
+    slot_mapping: torch.Tensor      # [T] flat slot (block * block_size + offset) per token; -1 writes nowhere
     block_tables: torch.Tensor      # [N, max_blocks] per sequence, padded with 0
-    context_lens: torch.Tensor      # [N] tokens in cache after this step
+    context_lens: torch.Tensor      # [N] tokens in cache after this step (0 = a padded row)
     query_lens: list[int]           # [N] new tokens per sequence (host copy)
     context_lens_host: list[int]    # [N] host copy of context_lens
     decode_rows: torch.Tensor       # indices of sequences with one new token
     decode_tokens: torch.Tensor     # token index of each decode row in the flat batch
     prefill_rows: list[int]         # sequences with several new tokens
+    triton: bool = False            # CUDA kernels (engine/triton_attention.py) instead of the torch path
+    query_starts: torch.Tensor | None = None   # [N] int32, triton path
+    query_lens_dev: torch.Tensor | None = None  # [N] int32, triton path
+    max_query_len: int = 1
 
 
 class PagedAttention(nn.Module):
@@ -33,6 +37,13 @@ class PagedAttention(nn.Module):
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         # q [T, H, D], k/v [T, Hkv, D]
+        if meta.triton:
+            from engine import triton_attention as ta
+            ta.store_kv(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
+            if meta.max_query_len == 1:
+                return ta.paged_decode(q, self.k_cache, self.v_cache, meta.block_tables, meta.context_lens, self.scale)
+            return ta.paged_prefill(q, self.k_cache, self.v_cache, meta.block_tables, meta.query_starts,
+                                    meta.query_lens_dev, meta.context_lens, meta.max_query_len, self.scale)
         nb, bs = self.k_cache.shape[:2]
         self.k_cache.view(nb * bs, self.num_kv_heads, self.head_dim)[meta.slot_mapping] = k
         self.v_cache.view(nb * bs, self.num_kv_heads, self.head_dim)[meta.slot_mapping] = v

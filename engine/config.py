@@ -21,6 +21,8 @@ class EngineConfig:
     max_model_len: int | None = None     # None = the model's max_position_embeddings
     chunked_prefill: bool = True
     max_tokens_limit: int = 32768       # largest max_tokens a request may ask for
+    enforce_eager: bool = False         # GPU: no CUDA graphs for decode
+    load_format: str = "auto"           # "dummy": random weights from config.json alone (benchmarks)
 
     def __post_init__(self) -> None:
         if self.tp < 1:
@@ -33,6 +35,8 @@ class EngineConfig:
             raise ValueError(f"--kv-blocks must be >= 1, got {self.kv_blocks}")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ValueError("gpu_memory_utilization must be in (0, 1]")
+        if self.load_format not in ("auto", "dummy"):
+            raise ValueError(f"load_format must be auto or dummy, got {self.load_format}")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, got {self.dtype}")
 

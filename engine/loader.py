@@ -121,6 +121,21 @@ def load_weights(model: nn.Module, path: Path) -> None:
         raise KeyError(f"checkpoint {path} lacks tensors for: {missing[:8]}")
 
 
+def init_dummy_weights(model: nn.Module, std: float = 0.02) -> None:
+    """Random weights for benchmarks (vLLM's load format "dummy"): matrices ~N(0, std),
+    norms 1, biases 0, seeded so every run builds the same model."""
+    gens: dict[torch.device, torch.Generator] = {}
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() >= 2:
+                gen = gens.setdefault(p.device, torch.Generator(device=p.device).manual_seed(0))
+                p.normal_(0.0, std, generator=gen)
+            elif "norm" in name:
+                p.fill_(1.0)
+            else:
+                p.zero_()
+
+
 def _target(name: str, model: nn.Module) -> tuple[str | None, str | None]:
     if "rotary_emb" in name:
         return None, None

@@ -13,7 +13,7 @@ from engine import parallel
 from engine.attention import AttentionMetadata
 from engine.config import EngineConfig
 from engine.kv_cache import KVCache
-from engine.loader import load_config, load_weights
+from engine.loader import init_dummy_weights, load_config, load_weights
 from engine.model import CausalLM, ModelSpec
 
 
@@ -85,13 +85,22 @@ class ModelRunner:
         with torch.device(self.device):
             self.model = CausalLM(self.spec, self.hf_config, self.max_model_len)
         torch.set_default_dtype(torch.float32)
-        load_weights(self.model, model_path)
+        if cfg.load_format == "dummy":
+            init_dummy_weights(self.model)
+        else:
+            load_weights(self.model, model_path)
         self.model.eval()
         self.kv_heads = self.spec.kv_heads_per_rank(cfg.tp)
+        self.use_triton = self.device.type == "cuda" and _triton_ok(self.spec.head_dim, cfg.block_size)
+        self.graphs = None
         self.num_blocks = self._pool_blocks()
         self.kv = KVCache(self.spec.num_layers, self.num_blocks, cfg.block_size, self.kv_heads,
                           self.spec.head_dim, self.dtype, self.device)
         self.kv.bind([layer.self_attn.attn for layer in self.model.layers])
+        if self.use_triton and not cfg.enforce_eager:
+            from engine.cuda_graphs import DecodeGraphs
+            self.graphs = DecodeGraphs(self, min(cfg.max_num_seqs, 512))
+            self.graphs.capture()
 
     def _pool_blocks(self) -> int:
         per_block = KVCache.bytes_per_block(self.spec.num_layers, self.cfg.block_size, self.kv_heads,
@@ -99,14 +108,37 @@ class ModelRunner:
         if self.cfg.kv_blocks is not None:
             blocks = self.cfg.kv_blocks
         elif self.device.type == "cuda":
+            peak = self._profile_activations()
             free, _ = torch.cuda.mem_get_info(self.device)
-            blocks = int(free * self.cfg.gpu_memory_utilization) // per_block
+            graph_reserve = 0 if self.cfg.enforce_eager else 256 << 20
+            blocks = int((free - peak - graph_reserve) * self.cfg.gpu_memory_utilization) // per_block
         else:
             blocks = max(1, (512 << 20) // per_block)  # 512 MiB by default on CPU
         n = torch.tensor([blocks], dtype=torch.long, device=self.device)
         if self.cfg.tp > 1:  # every rank must agree on the pool size
             torch.distributed.all_reduce(n, op=torch.distributed.ReduceOp.MIN)
         return int(n.item())
+
+    @torch.inference_mode()
+    def _profile_activations(self) -> int:
+        """Peak activation memory of the largest step (max_num_batched_tokens as one
+        prompt), measured with a one-block scratch cache whose writes go nowhere."""
+        n = self.cfg.max_num_batched_tokens
+        scratch = KVCache(self.spec.num_layers, 1, self.cfg.block_size, self.kv_heads, self.spec.head_dim,
+                          self.dtype, self.device)
+        scratch.bind([layer.self_attn.attn for layer in self.model.layers])
+        plan = StepPlan(torch.zeros(n, dtype=torch.long), torch.arange(n) % self.max_model_len,
+                        torch.full((n,), -1, dtype=torch.long), torch.tensor([n]), torch.tensor([n]),
+                        torch.zeros(1, -(-n // self.cfg.block_size), dtype=torch.long), torch.tensor([n - 1]))
+        torch.cuda.synchronize(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        base = torch.cuda.memory_allocated(self.device)
+        self.execute(plan)
+        torch.cuda.synchronize(self.device)
+        peak = torch.cuda.max_memory_allocated(self.device) - base
+        del scratch
+        torch.cuda.empty_cache()
+        return peak
 
     def export_kv(self, layer_start: int, num_layers: int, block_ids: list[int]) -> list[list[torch.Tensor]] | None:
         """On rank 0: [layer][rank] KV shards of the given blocks (collective over the TP group)."""
@@ -138,21 +170,39 @@ class ModelRunner:
         for i in range(num_layers):
             self.kv.import_layer(layer_start + i, block_ids, out[i])
 
-    @torch.inference_mode()
-    def execute(self, plan: StepPlan) -> torch.Tensor | None:
-        """Run one step; return the sampled rows' logits [S, V] in float32 on rank 0."""
+    def metadata(self, plan: StepPlan) -> AttentionMetadata:
         dev = self.device
         qlens, clens = plan.query_lens.tolist(), plan.context_lens.tolist()
-        decode_rows = [i for i, q in enumerate(qlens) if q == 1]
         starts = torch.cumsum(plan.query_lens, 0) - plan.query_lens
-        meta = AttentionMetadata(
+        if self.use_triton:
+            i32 = lambda t: t.to(dev, torch.int32, non_blocking=True)  # noqa: E731
+            return AttentionMetadata(
+                slot_mapping=plan.slot_mapping.to(dev, non_blocking=True), block_tables=i32(plan.block_tables),
+                context_lens=i32(plan.context_lens), query_lens=qlens, context_lens_host=clens,
+                decode_rows=torch.empty(0), decode_tokens=torch.empty(0), prefill_rows=[], triton=True,
+                query_starts=i32(starts), query_lens_dev=i32(plan.query_lens), max_query_len=max(qlens))
+        decode_rows = [i for i, q in enumerate(qlens) if q == 1]
+        return AttentionMetadata(
             slot_mapping=plan.slot_mapping.to(dev), block_tables=plan.block_tables.to(dev),
             context_lens=plan.context_lens.to(dev), query_lens=qlens, context_lens_host=clens,
             decode_rows=torch.tensor(decode_rows, dtype=torch.long, device=dev),
             decode_tokens=starts[decode_rows].to(dev),
             prefill_rows=[i for i, q in enumerate(qlens) if q > 1])
-        hidden = self.model(plan.input_ids.to(dev), plan.positions.to(dev), meta)
-        if plan.sample_tokens.numel() == 0:
-            return None
-        logits = self.model.compute_logits(hidden[plan.sample_tokens.to(dev)])
+
+    @torch.inference_mode()
+    def execute(self, plan: StepPlan) -> torch.Tensor | None:
+        """Run one step; return the sampled rows' logits [S, V] in float32 on rank 0.
+        A decode-only step that fits a captured CUDA graph replays it."""
+        if self.graphs is not None and self.graphs.fits(plan):
+            logits = self.graphs.replay(plan)
+        else:
+            hidden = self.model(plan.input_ids.to(self.device), plan.positions.to(self.device), self.metadata(plan))
+            if plan.sample_tokens.numel() == 0:
+                return None
+            logits = self.model.compute_logits(hidden[plan.sample_tokens.to(self.device)])
         return None if logits is None else logits.float()
+
+
+def _triton_ok(head_dim: int, block_size: int) -> bool:
+    from engine.triton_attention import supported
+    return supported(head_dim, block_size)

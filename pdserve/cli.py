@@ -23,13 +23,17 @@ def add_engine_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-num-batched-tokens", type=int, default=2048)
     g.add_argument("--max-model-len", type=int, default=None)
     g.add_argument("--no-chunked-prefill", action="store_true")
+    g.add_argument("--enforce-eager", action="store_true", help="GPU: no CUDA graphs for decode")
+    g.add_argument("--load-format", default="auto", choices=["auto", "dummy"],
+                   help="dummy: random weights from config.json alone (benchmarks)")
 
 
 def engine_config(a: argparse.Namespace) -> EngineConfig:
     return EngineConfig(model=a.model, tp=a.tp, device=a.device, dtype=a.dtype, block_size=a.block_size,
                         kv_blocks=a.kv_blocks, gpu_memory_utilization=a.gpu_memory_utilization,
                         max_num_seqs=a.max_num_seqs, max_num_batched_tokens=a.max_num_batched_tokens,
-                        max_model_len=a.max_model_len, chunked_prefill=not a.no_chunked_prefill)
+                        max_model_len=a.max_model_len, chunked_prefill=not a.no_chunked_prefill,
+                        enforce_eager=a.enforce_eager, load_format=a.load_format)
 
 
 def add_sampling_flags(p: argparse.ArgumentParser) -> None:

@@ -1,0 +1,151 @@
+"""Paged attention kernels for CUDA (Triton). Imported only where CUDA exists (or
+under TRITON_INTERPRET=1 for tests); the CPU path is engine/attention.py's torch code.
+
+KV cache layout per layer: [num_blocks, block_size, kv_heads, head_dim].
+- store_kv: write this step's K/V into their slots; slot < 0 (a padded row) writes nowhere.
+- paged_decode: one query token per sequence; a program per (sequence, KV head)
+  handles the whole GQA group, so each K/V tile is read once for all its query heads.
+- paged_prefill: any number of query tokens per sequence after a cached prefix
+  (chunked prefill), causal, without padding to the longest prompt."""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _store_kv(K, V, KC, VC, SLOT, stride_kt, stride_vt, HD: tl.constexpr, HDP: tl.constexpr):
+    t = tl.program_id(0)
+    slot = tl.load(SLOT + t)
+    if slot < 0:
+        return
+    i = tl.arange(0, HDP)
+    m = i < HD
+    tl.store(KC + slot * HD + i, tl.load(K + t * stride_kt + i, mask=m), mask=m)
+    tl.store(VC + slot * HD + i, tl.load(V + t * stride_vt + i, mask=m), mask=m)
+
+
+def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+             slot_mapping: torch.Tensor) -> None:
+    """k, v: [T, kv_heads, head_dim] (rows contiguous); caches [nb, bs, kv_heads, head_dim]."""
+    hd = k.shape[1] * k.shape[2]
+    _store_kv[(k.shape[0],)](k, v, k_cache, v_cache, slot_mapping, k.stride(0), v.stride(0),
+                             HD=hd, HDP=triton.next_power_of_2(hd))
+
+
+@triton.jit
+def _decode(Q, KC, VC, O, BT, CL, scale, stride_qb, stride_qh, stride_ob, stride_oh, stride_bt,
+            stride_kb, stride_kt, stride_kh,
+            G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BS: tl.constexpr, BLOCK_N: tl.constexpr):
+    b = tl.program_id(0)
+    kvh = tl.program_id(1)
+    ctx = tl.load(CL + b)
+    g = tl.arange(0, GP)
+    d = tl.arange(0, D)
+    gmask = g < G
+    q = tl.load(Q + b * stride_qb + (kvh * G + g)[:, None] * stride_qh + d[None, :], mask=gmask[:, None], other=0.0)
+    m_i = tl.full([GP], float("-inf"), tl.float32)
+    l_i = tl.zeros([GP], tl.float32)
+    acc = tl.zeros([GP, D], tl.float32)
+    for start in range(0, ctx, BLOCK_N):
+        t = start + tl.arange(0, BLOCK_N)
+        tmask = t < ctx
+        blk = tl.load(BT + b * stride_bt + t // BS, mask=tmask, other=0)
+        off = blk.to(tl.int64) * stride_kb + (t % BS) * stride_kt + kvh * stride_kh
+        k = tl.load(KC + off[:, None] + d[None, :], mask=tmask[:, None], other=0.0)
+        v = tl.load(VC + off[:, None] + d[None, :], mask=tmask[:, None], other=0.0)
+        s = tl.dot(q, tl.trans(k)) * scale
+        s = tl.where(tmask[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.exp(s - m_new[:, None])
+        alpha = tl.exp(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+    l_i = tl.where(l_i == 0.0, 1.0, l_i)  # a padded row (ctx 0) outputs zeros
+    out = acc / l_i[:, None]
+    tl.store(O + b * stride_ob + (kvh * G + g)[:, None] * stride_oh + d[None, :], out.to(O.dtype.element_ty),
+             mask=gmask[:, None])
+
+
+def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+                 context_lens: torch.Tensor, scale: float, out: torch.Tensor | None = None) -> torch.Tensor:
+    """q [B, heads, D] -> [B, heads, D]; block_tables [B, M] int32, context_lens [B] int32 (0 = padded row)."""
+    b, h, d = q.shape
+    kvh, bs = k_cache.shape[2], k_cache.shape[1]
+    g = h // kvh
+    out = torch.empty_like(q) if out is None else out
+    _decode[(b, kvh)](q, k_cache, v_cache, out, block_tables, context_lens, scale,
+                      q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
+                      k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+                      G=g, GP=max(16, triton.next_power_of_2(g)), D=d, BS=bs, BLOCK_N=max(16, bs), num_warps=4)
+    return out
+
+
+@triton.jit
+def _prefill(Q, KC, VC, O, BT, QS, QL, CL, scale, stride_qt, stride_qh, stride_ot, stride_oh, stride_bt,
+             stride_kb, stride_kt, stride_kh,
+             G: tl.constexpr, D: tl.constexpr, BS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    seq = tl.program_id(0)
+    mt = tl.program_id(1)
+    h = tl.program_id(2)
+    ql = tl.load(QL + seq)
+    if mt * BLOCK_M >= ql:
+        return
+    qs = tl.load(QS + seq)
+    ctx = tl.load(CL + seq)
+    prefix = ctx - ql
+    kvh = h // G
+    m = mt * BLOCK_M + tl.arange(0, BLOCK_M)
+    mmask = m < ql
+    d = tl.arange(0, D)
+    q = tl.load(Q + (qs + m)[:, None] * stride_qt + h * stride_qh + d[None, :], mask=mmask[:, None], other=0.0)
+    qpos = prefix + m
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, D], tl.float32)
+    end = prefix + (mt + 1) * BLOCK_M  # causal: later keys are masked for every row of this tile
+    end = ctx if end > ctx else end
+    for start in range(0, end, BLOCK_N):
+        t = start + tl.arange(0, BLOCK_N)
+        tmask = t < ctx
+        blk = tl.load(BT + seq * stride_bt + t // BS, mask=tmask, other=0)
+        off = blk.to(tl.int64) * stride_kb + (t % BS) * stride_kt + kvh * stride_kh
+        k = tl.load(KC + off[:, None] + d[None, :], mask=tmask[:, None], other=0.0)
+        v = tl.load(VC + off[:, None] + d[None, :], mask=tmask[:, None], other=0.0)
+        s = tl.dot(q, tl.trans(k)) * scale
+        s = tl.where((t[None, :] <= qpos[:, None]) & tmask[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp(s - m_safe[:, None])
+        alpha = tl.exp(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+    l_i = tl.where(l_i == 0.0, 1.0, l_i)
+    out = acc / l_i[:, None]
+    tl.store(O + (qs + m)[:, None] * stride_ot + h * stride_oh + d[None, :], out.to(O.dtype.element_ty),
+             mask=mmask[:, None])
+
+
+def paged_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+                  query_starts: torch.Tensor, query_lens: torch.Tensor, context_lens: torch.Tensor,
+                  max_query_len: int, scale: float) -> torch.Tensor:
+    """q [T, heads, D] for all sequences' new tokens, flattened; each sequence's K/V
+    (prefix + new, already stored) read through its block table. Causal."""
+    t, h, d = q.shape
+    kvh, bs = k_cache.shape[2], k_cache.shape[1]
+    out = torch.empty_like(q)
+    block_m = 64 if max_query_len > 32 else 16
+    grid = (block_tables.shape[0], triton.cdiv(max_query_len, block_m), h)
+    _prefill[grid](q, k_cache, v_cache, out, block_tables, query_starts, query_lens, context_lens, scale,
+                   q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
+                   k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+                   G=h // kvh, D=d, BS=bs, BLOCK_M=block_m, BLOCK_N=max(16, min(64, bs * 4)), num_warps=4)
+    return out
+
+
+def supported(head_dim: int, block_size: int) -> bool:
+    """The kernels need a power-of-two head_dim >= 16 and a power-of-two block size."""
+    return head_dim >= 16 and head_dim & (head_dim - 1) == 0 and block_size & (block_size - 1) == 0
