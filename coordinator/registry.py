@@ -30,6 +30,7 @@ class NodeEntry:
     last_seen: float = field(default_factory=time.monotonic)
     down: bool = False               # an RPC to it failed, or its token stream broke
     inflight: int = 0                # requests routed here by this coordinator and not finished
+    streaming: bool = False          # decode: its token stream to this coordinator is open
     channel: grpc.aio.Channel | None = None
     stub: object = None
 
@@ -74,7 +75,9 @@ class Registry:
         return True
 
     def healthy(self, node: NodeEntry) -> bool:
-        return not node.down and time.monotonic() - node.last_seen < self.timeout
+        """Heartbeating, reachable, and for a decode node, its token stream is open."""
+        return (not node.down and time.monotonic() - node.last_seen < self.timeout
+                and (node.streaming or node.role != api_pb2.ROLE_DECODE))
 
     def candidates(self, role: int) -> list[NodeEntry]:
         """Healthy nodes of a role, best first: decode by free blocks then load,

@@ -81,6 +81,7 @@ class Coordinator(api_pb2_grpc.GenerationServicer, node_pb2_grpc.CoordinatorServ
         """Relay a decode node's per-step token batches to the requests they belong to."""
         try:
             async for batch in node.stub.Subscribe(node_pb2.SubscribeRequest()):
+                node.streaming = True  # routable from now on: no token of its can be missed
                 for update in batch.updates:
                     record = self.requests.get(update.request_id)
                     if record is not None:
@@ -89,7 +90,7 @@ class Coordinator(api_pb2_grpc.GenerationServicer, node_pb2_grpc.CoordinatorServ
             raise
         except grpc.aio.AioRpcError as e:
             log.warning("token stream from %s broke: %s", node.id, e.code().name)
-        node.down = True
+        node.down, node.streaming = True, False
         for record in list(self.requests.values()):
             if record.decode is node:
                 record.updates.put_nowait(node_pb2.TokenUpdate(

@@ -85,19 +85,21 @@ class DecodeNode(NodeBase, node_pb2_grpc.DecodeNodeServicer):
             await self.call(lambda engine: engine.release(res.blocks))
             self._publish([_error(res.request_id, grpc.StatusCode.UNAVAILABLE, f"KV transfer failed: {rx.error}")])
             return
+        def admit(engine):
+            out = engine.add_prefilled(res.prompt, rx.first_token, res.params, res.blocks, res.request_id)
+            out.seq.decode_start = time.time()
+            if not out.finished:
+                # registered on the engine thread, before any step can produce its tokens
+                self.running[res.request_id] = out.seq
+            return out
         try:
-            out = await self.call(lambda engine: engine.add_prefilled(res.prompt, rx.first_token, res.params,
-                                                                     res.blocks, res.request_id))
+            out = await self.call(admit)
         except Exception as e:
             await self.call(lambda engine: engine.release(res.blocks))
             self._publish([_error(res.request_id, grpc.StatusCode.INTERNAL, f"admission failed: {e}")])
             return
-        decode_start = time.time()
         if out.finished:
-            self._publish([_update(out, decode_start)])
-        else:
-            self.running[res.request_id] = out.seq
-            out.seq.decode_start = decode_start
+            self._publish([_update(out, out.seq.decode_start)])
 
     def on_step(self, outs: list[StepOutput]) -> None:
         updates = []
@@ -105,8 +107,7 @@ class DecodeNode(NodeBase, node_pb2_grpc.DecodeNodeServicer):
             rid = out.seq.request_id
             if rid not in self.running:
                 continue
-            updates.append(_update(out, getattr(out.seq, "decode_start", 0.0)
-                                   if len(out.seq.output_token_ids) == 2 else 0.0))
+            updates.append(_update(out, out.seq.decode_start if len(out.seq.output_token_ids) == 2 else 0.0))
             if out.finished:
                 del self.running[rid]
         if updates:
@@ -121,6 +122,7 @@ class DecodeNode(NodeBase, node_pb2_grpc.DecodeNodeServicer):
         q: asyncio.Queue = asyncio.Queue()
         self.subscribers.add(q)
         try:
+            yield node_pb2.TokenBatch()  # tells the subscriber the stream is live
             while True:
                 yield await q.get()
         finally:
