@@ -105,8 +105,12 @@ class RequestRecord:
                 raise RpcError(_status(u.error_code), u.error)
             if u.decode_start and not self.times.decode_start:
                 self.times.decode_start = u.decode_start
-            if u.index != next_index + len(tokens):
-                continue
+                self.times.transfer_end = u.kv_ready or self.times.transfer_end  # the decode node's view
+            expected = next_index + len(tokens)
+            if u.index < expected:
+                continue  # a duplicate
+            if u.index > expected:
+                raise RpcError(grpc.StatusCode.INTERNAL, f"token stream gap: got index {u.index}, expected {expected}")
             tokens.append(u.token_id)
             text.append(u.text)
             finish = finish or u.finish_reason

@@ -79,6 +79,7 @@ class DecodeNode(NodeBase, node_pb2_grpc.DecodeNodeServicer):
         rx = res.receiver
         while rx.state not in (TransferState.DONE, TransferState.FAILED):
             await asyncio.sleep(0.002)
+        kv_ready = time.time()
         if self.reservations.pop(res.request_id, None) is None:
             return  # aborted meanwhile; Abort freed the blocks
         if rx.state == TransferState.FAILED:
@@ -87,7 +88,7 @@ class DecodeNode(NodeBase, node_pb2_grpc.DecodeNodeServicer):
             return
         def admit(engine):
             out = engine.add_prefilled(res.prompt, rx.first_token, res.params, res.blocks, res.request_id)
-            out.seq.decode_start = time.time()
+            out.seq.kv_ready, out.seq.decode_start = kv_ready, time.time()
             if not out.finished:
                 # registered on the engine thread, before any step can produce its tokens
                 self.running[res.request_id] = out.seq
@@ -99,7 +100,7 @@ class DecodeNode(NodeBase, node_pb2_grpc.DecodeNodeServicer):
             self._publish([_error(res.request_id, grpc.StatusCode.INTERNAL, f"admission failed: {e}")])
             return
         if out.finished:
-            self._publish([_update(out, out.seq.decode_start)])
+            self._publish([_update(out, out.seq)])
 
     def on_step(self, outs: list[StepOutput]) -> None:
         updates = []
@@ -107,7 +108,7 @@ class DecodeNode(NodeBase, node_pb2_grpc.DecodeNodeServicer):
             rid = out.seq.request_id
             if rid not in self.running:
                 continue
-            updates.append(_update(out, out.seq.decode_start if len(out.seq.output_token_ids) == 2 else 0.0))
+            updates.append(_update(out, out.seq if out.index == 1 else None))
             if out.finished:
                 del self.running[rid]
         if updates:
@@ -151,11 +152,13 @@ class DecodeNode(NodeBase, node_pb2_grpc.DecodeNodeServicer):
         return load
 
 
-def _update(out: StepOutput, decode_start: float) -> node_pb2.TokenUpdate:
-    return node_pb2.TokenUpdate(request_id=out.seq.request_id, index=len(out.seq.output_token_ids) - 1,
+def _update(out: StepOutput, first=None) -> node_pb2.TokenUpdate:
+    """One token's update; `first` (the sequence) adds its admission times to the first one."""
+    return node_pb2.TokenUpdate(request_id=out.seq.request_id, index=out.index,
                                 token_id=out.token_id, text=out.text_delta,
                                 finish_reason=FINISH.get(out.seq.finish_reason or "", 0) if out.finished else 0,
-                                decode_start=decode_start)
+                                decode_start=first.decode_start if first is not None else 0.0,
+                                kv_ready=first.kv_ready if first is not None else 0.0)
 
 
 def _error(request_id: str, code: grpc.StatusCode, message: str) -> node_pb2.TokenUpdate:

@@ -27,6 +27,7 @@ class StepOutput:
     """What one step produced for one request (streaming unit)."""
     seq: Sequence
     token_id: int
+    index: int          # position of token_id in the output (read on the engine's thread)
     text_delta: str
     finished: bool
 
@@ -185,7 +186,7 @@ class LLMEngine:
                 delta += seq.detokenizer.flush()
             seq.finish_time = time.monotonic()
             self.scheduler.finish(seq, reason, keep_blocks=seq.prefill_only)
-        return StepOutput(seq, token, delta, reason is not None)
+        return StepOutput(seq, token, len(seq.output_token_ids) - 1, delta, reason is not None)
 
     # offline use
 

@@ -158,7 +158,7 @@ class SubscribeRequest(_message.Message):
     def __init__(self, coordinator_id: _Optional[str] = ...) -> None: ...
 
 class TokenUpdate(_message.Message):
-    __slots__ = ("request_id", "index", "token_id", "text", "finish_reason", "decode_start", "error", "error_code")
+    __slots__ = ("request_id", "index", "token_id", "text", "finish_reason", "decode_start", "error", "error_code", "kv_ready")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     INDEX_FIELD_NUMBER: _ClassVar[int]
     TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
@@ -167,6 +167,7 @@ class TokenUpdate(_message.Message):
     DECODE_START_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
     ERROR_CODE_FIELD_NUMBER: _ClassVar[int]
+    KV_READY_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     index: int
     token_id: int
@@ -175,7 +176,8 @@ class TokenUpdate(_message.Message):
     decode_start: float
     error: str
     error_code: int
-    def __init__(self, request_id: _Optional[str] = ..., index: _Optional[int] = ..., token_id: _Optional[int] = ..., text: _Optional[str] = ..., finish_reason: _Optional[_Union[_api_pb2.FinishReason, str]] = ..., decode_start: _Optional[float] = ..., error: _Optional[str] = ..., error_code: _Optional[int] = ...) -> None: ...
+    kv_ready: float
+    def __init__(self, request_id: _Optional[str] = ..., index: _Optional[int] = ..., token_id: _Optional[int] = ..., text: _Optional[str] = ..., finish_reason: _Optional[_Union[_api_pb2.FinishReason, str]] = ..., decode_start: _Optional[float] = ..., error: _Optional[str] = ..., error_code: _Optional[int] = ..., kv_ready: _Optional[float] = ...) -> None: ...
 
 class TokenBatch(_message.Message):
     __slots__ = ("updates",)
