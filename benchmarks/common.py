@@ -1,0 +1,79 @@
+"""Shared by the benchmarks: model shapes, result files, device facts."""
+from __future__ import annotations
+
+import datetime
+import json
+import platform
+import subprocess
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+# Hugging Face config fields of the shapes the benchmarks use (random weights).
+SHAPES = {
+    "llama-3.2-1b": dict(model_type="llama", vocab_size=128256, hidden_size=2048, intermediate_size=8192,
+                         num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8, head_dim=64,
+                         max_position_embeddings=131072, rms_norm_eps=1e-5, tie_word_embeddings=True,
+                         rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0,
+                                          "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                          "original_max_position_embeddings": 8192}),
+    "llama-3.1-8b": dict(model_type="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336,
+                         num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
+                         max_position_embeddings=131072, rms_norm_eps=1e-5, tie_word_embeddings=False,
+                         rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
+                                          "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                          "original_max_position_embeddings": 8192}),
+    "qwen2.5-0.5b": dict(model_type="qwen2", vocab_size=151936, hidden_size=896, intermediate_size=4864,
+                         num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
+                         max_position_embeddings=32768, rms_norm_eps=1e-6, tie_word_embeddings=True,
+                         rope_parameters={"rope_type": "default", "rope_theta": 1000000.0}),
+    "tiny": dict(model_type="llama", vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+                 tie_word_embeddings=False),
+}
+
+
+def hf_config(shape: str):
+    from transformers import AutoConfig
+    fields = dict(SHAPES[shape])
+    return AutoConfig.for_model(fields.pop("model_type"), **fields)
+
+
+def write_config_folder(shape: str, path: Path) -> Path:
+    """A checkpoint folder with config.json only (our engine runs it with load_format=dummy)."""
+    path.mkdir(parents=True, exist_ok=True)
+    hf_config(shape).save_pretrained(path)
+    return path
+
+
+def device_name() -> str:
+    import torch
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name(0)
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or "cpu"
+
+
+def commit(given: str | None = None) -> str:
+    """The commit measured: given by flag where the tree has no .git (the GPU machine's copy)."""
+    if given:
+        return given
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=RESULTS.parent)
+        return out.stdout.strip() or "unknown"
+    except OSError:
+        return "unknown"
+
+
+def write_result(name: str, benchmark: str, ratio: float, target: float, config: dict, commit_id: str | None = None,
+                 **details) -> Path:
+    import torch
+    result = dict(benchmark=benchmark, device=device_name(), date=datetime.datetime.now(datetime.timezone.utc)
+                  .isoformat(timespec="seconds"), commit=commit(commit_id), ratio=round(ratio, 4), target=target,
+                  config=config, torch=torch.__version__, **details)
+    RESULTS.mkdir(exist_ok=True)
+    path = RESULTS / f"{name}.json"
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    return path
