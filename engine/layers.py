@@ -24,7 +24,18 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
         self.weight.weight_loader = _load_full
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        """norm(x); with residual: (norm(x + residual), x + residual), the sum kept as the new residual."""
+        if x.is_cuda:
+            from engine.triton_ops import rms_norm
+            y = rms_norm(x, self.weight, self.eps, residual)
+            return y if residual is None else (y, residual)
+        if residual is not None:
+            residual = x + residual
+            return self._norm(residual), residual
+        return self._norm(x)
+
+    def _norm(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -146,6 +157,9 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("sin", emb.sin() * scaling, persistent=False)
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
+        if q.is_cuda:  # one fused kernel each, in place
+            from engine.triton_ops import rope_
+            return rope_(q, positions, self.cos, self.sin), rope_(k, positions, self.cos, self.sin)
         cos = self.cos[positions].to(q.dtype).unsqueeze(1)
         sin = self.sin[positions].to(q.dtype).unsqueeze(1)
         return _rotate(q, cos, sin), _rotate(k, cos, sin)
