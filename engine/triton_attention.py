@@ -79,7 +79,7 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
     _decode[(b, kvh)](q, k_cache, v_cache, out, block_tables, context_lens, scale,
                       q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
                       k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-                      G=g, GP=max(16, triton.next_power_of_2(g)), D=d, BS=bs, BLOCK_N=max(16, bs), num_warps=4)
+                      G=g, GP=max(16, triton.next_power_of_2(g)), D=d, BS=bs, BLOCK_N=64, num_warps=4)
     return out
 
 

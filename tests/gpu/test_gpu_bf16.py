@@ -64,7 +64,7 @@ def test_bf16_greedy_matches_transformers_within_bf16_tolerance(checkpoints, sha
     path, model = checkpoints(shape)
     rng = random.Random(tp)
     vocab = hf_config(shape).vocab_size
-    prompts = [[rng.randrange(vocab) for _ in range(rng.randint(16, 300))] for _ in range(12)]
+    prompts = [[rng.randrange(vocab) for _ in range(rng.randint(16, 300))] for _ in range(8)]
     cfg = EngineConfig(model=path, tp=tp, device="cuda", dtype="bfloat16", max_model_len=1024,
                        gpu_memory_utilization=0.3)
     with LLMEngine(cfg) as engine:
