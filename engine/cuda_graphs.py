@@ -27,7 +27,7 @@ class DecodeGraphs:
         self.tables = torch.zeros(self.max_batch, max_blocks, dtype=torch.int32, device=dev)
         self.context = torch.zeros(self.max_batch, dtype=torch.int32, device=dev)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self.logits: dict[int, torch.Tensor | None] = {}
+        self.logits: dict[int, torch.Tensor] = {}     # logits (TP 1) or hidden states (TP > 1)
 
     def fits(self, plan) -> bool:
         n = plan.query_lens.numel()
@@ -50,7 +50,9 @@ class DecodeGraphs:
             torch.cuda.synchronize(self.runner.device)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
-                self.logits[b] = model.compute_logits(model(self.ids[:b], self.positions[:b], meta))
+                hidden = model(self.ids[:b], self.positions[:b], meta)
+                # with TP the LM head's gather (point-to-point) runs eagerly after the replay
+                self.logits[b] = model.compute_logits(hidden) if self.runner.cfg.tp == 1 else hidden
             pool = graph.pool()
             self.graphs[b] = graph
         torch.cuda.synchronize(self.runner.device)
@@ -69,5 +71,5 @@ class DecodeGraphs:
             self.slots[n:b].fill_(-1)
             self.context[n:b].zero_()
         self.graphs[b].replay()
-        logits = self.logits[b]
-        return None if logits is None else logits[plan.sample_tokens.to(dev)]
+        out = self.logits[b][plan.sample_tokens.to(dev)]
+        return out if self.runner.cfg.tp == 1 else self.runner.model.compute_logits(out)
