@@ -93,9 +93,17 @@ class Executor:
                 p.kill()
                 p.wait()
         self.procs = []
+        self.runner = None  # its CUDA graphs hold NCCL work: they go before the communicator does
         if self.cfg.tp > 1:
+            _release_cuda()
             parallel.destroy()
-        self.runner = None
         if getattr(self, "store_dir", None) is not None:
             self.store_dir.cleanup()
             self.store_dir = None
+
+
+def _release_cuda() -> None:
+    import gc
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()

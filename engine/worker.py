@@ -10,7 +10,7 @@ import torch
 
 from engine import parallel
 from engine.config import EngineConfig
-from engine.executor import CMD_EXPORT, CMD_IMPORT, CMD_RUN, CMD_STOP
+from engine.executor import CMD_EXPORT, CMD_IMPORT, CMD_RUN, CMD_STOP, _release_cuda
 from engine.model_runner import ModelRunner, StepPlan
 
 
@@ -52,6 +52,8 @@ def main() -> None:
             runner.import_kv(layer_start, num_layers, blocks, None)
         else:
             raise RuntimeError(f"unknown command {kind}")
+    del runner  # CUDA graphs before the communicator
+    _release_cuda()
     parallel.destroy()
 
 
