@@ -245,3 +245,17 @@ def test_a_request_ended_by_its_first_token_releases_the_decode_reservation(qwen
     out = qwen3_cluster.generate(request([5, 6, 7], greedy(1, ignore_eos=True)))
     assert len(out["token_ids"]) == 1 and out["finish_reason"] == 2  # LENGTH
     qwen3_cluster.wait_blocks_at_baseline(timeout=5.0)  # well inside the 30 s lease
+
+
+def test_servers_answer_the_standard_health_check_and_reflection(qwen3_cluster):
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+    nodes = qwen3_cluster.status()["nodes"]
+    for address in [qwen3_cluster.address] + [n["address"] for n in nodes]:
+        with grpc.insecure_channel(address) as ch:
+            resp = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=""), timeout=5)
+            assert resp.status == health_pb2.HealthCheckResponse.SERVING
+            listing = reflection_pb2_grpc.ServerReflectionStub(ch).ServerReflectionInfo(
+                iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=5)
+            names = {s.name for r in listing for s in r.list_services_response.service}
+            assert "grpc.health.v1.Health" in names and any(n.startswith("pdserve.v1.") for n in names)
