@@ -32,7 +32,8 @@ class NodeEntry:
     inflight: int = 0                # requests routed here by this coordinator and not finished
     streaming: bool = False          # decode: its token stream to this coordinator is open
     channel: grpc.aio.Channel | None = None
-    stub: object = None
+    stub: object = None              # DecodeNodeStub (decode, both) or PrefillNodeStub (prefill)
+    prefill_stub: object = None      # PrefillNodeStub of a prefill or colocated node
 
     def status(self, healthy: bool) -> api_pb2.NodeStatus:
         return api_pb2.NodeStatus(id=self.id, role=self.role, address=self.address, healthy=healthy, tp=self.tp,
@@ -55,8 +56,11 @@ class Registry:
                          tp=req.tp, model=req.model, epoch=next(self._epochs), kv_blocks_total=req.kv_blocks_total,
                          kv_blocks_free=req.kv_blocks_total)
         node.channel = channel(req.address)
-        stub_cls = node_pb2_grpc.DecodeNodeStub if req.role == api_pb2.ROLE_DECODE else node_pb2_grpc.PrefillNodeStub
-        node.stub = stub_cls(node.channel)
+        if req.role != api_pb2.ROLE_PREFILL:
+            node.stub = node_pb2_grpc.DecodeNodeStub(node.channel)
+        if req.role != api_pb2.ROLE_DECODE:
+            node.prefill_stub = node_pb2_grpc.PrefillNodeStub(node.channel)
+            node.stub = node.stub or node.prefill_stub
         self.nodes[node.id] = node
         return node
 
@@ -77,12 +81,12 @@ class Registry:
     def healthy(self, node: NodeEntry) -> bool:
         """Heartbeating, reachable, and for a decode node, its token stream is open."""
         return (not node.down and time.monotonic() - node.last_seen < self.timeout
-                and (node.streaming or node.role != api_pb2.ROLE_DECODE))
+                and (node.streaming or node.role == api_pb2.ROLE_PREFILL))
 
     def candidates(self, role: int) -> list[NodeEntry]:
-        """Healthy nodes of a role, best first: decode by free blocks then load,
-        prefill by queued prompt tokens then load."""
-        nodes = [n for n in self.nodes.values() if n.role == role and self.healthy(n)]
+        """Healthy nodes that can take a role (a colocated node takes both), best first:
+        decode by load then free blocks, prefill by load then queued prompt tokens."""
+        nodes = [n for n in self.nodes.values() if n.role in (role, api_pb2.ROLE_BOTH) and self.healthy(n)]
         if role == api_pb2.ROLE_DECODE:
             return sorted(nodes, key=lambda n: (n.inflight + n.running, -n.kv_blocks_free))
         return sorted(nodes, key=lambda n: (n.inflight, n.queued_tokens))

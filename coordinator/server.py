@@ -68,7 +68,7 @@ class Coordinator(api_pb2_grpc.GenerationServicer, node_pb2_grpc.CoordinatorServ
         node = self.registry.register(req)
         for stale in [k for k in self.subscriptions if k not in self.registry.nodes]:
             self.subscriptions.pop(stale).cancel()
-        if node.role == api_pb2.ROLE_DECODE:
+        if node.role != api_pb2.ROLE_PREFILL:
             self.subscriptions[node.id] = asyncio.create_task(self._subscribe(node))
         log.info("registered %s node %s at %s", api_pb2.Role.Name(node.role), node.id, node.address)
         return node_pb2.RegisterResponse(node_id=node.id, epoch=node.epoch,
@@ -101,7 +101,10 @@ class Coordinator(api_pb2_grpc.GenerationServicer, node_pb2_grpc.CoordinatorServ
 
     async def Status(self, req: api_pb2.StatusRequest, context) -> api_pb2.StatusResponse:
         nodes = [n.status(self.registry.healthy(n)) for n in self.registry.nodes.values()]
-        return api_pb2.StatusResponse(nodes=nodes, model=self.model.name if self.model else "")
+        if self.model is None:
+            return api_pb2.StatusResponse(nodes=nodes)
+        return api_pb2.StatusResponse(nodes=nodes, model=self.model.name, vocab_size=self.model.vocab_size,
+                                      max_model_len=self.model.max_model_len)
 
     async def Generate(self, req: api_pb2.GenerateRequest, context):
         record = None
@@ -174,8 +177,10 @@ class Coordinator(api_pb2_grpc.GenerationServicer, node_pb2_grpc.CoordinatorServ
     async def _prefill(self, record: RequestRecord) -> node_pb2.PrefillResponse:
         """Run the prompt on a prefill node; a node that is down is skipped while the lease lasts."""
         tried = set()
+        colocated = record.decode.role == api_pb2.ROLE_BOTH
         while True:
-            nodes = [n for n in self.registry.candidates(api_pb2.ROLE_PREFILL) if n.id not in tried]
+            nodes = [record.decode] if colocated else \
+                [n for n in self.registry.candidates(api_pb2.ROLE_PREFILL) if n.id not in tried]
             if not nodes:
                 raise RpcError(grpc.StatusCode.UNAVAILABLE, "no prefill node is available")
             node = nodes[0]
@@ -183,13 +188,14 @@ class Coordinator(api_pb2_grpc.GenerationServicer, node_pb2_grpc.CoordinatorServ
             record.prefilling(node)
             node.inflight += 1
             try:
-                resp = await node.stub.Prefill(node_pb2.PrefillRequest(
+                resp = await node.prefill_stub.Prefill(node_pb2.PrefillRequest(
                     request_id=record.id, prompt_token_ids=record.prompt, sampling=record.sampling,
-                    ticket=record.ticket), timeout=max(0.1, record.ticket.lease_expiry - time.time()))
+                    ticket=record.ticket, keep_kv=colocated),
+                    timeout=None if colocated else max(0.1, record.ticket.lease_expiry - time.time()))
                 record.prefilled(resp)
                 return resp
             except grpc.aio.AioRpcError as e:
-                if e.code() != grpc.StatusCode.UNAVAILABLE or "KV transfer" in (e.details() or ""):
+                if colocated or e.code() != grpc.StatusCode.UNAVAILABLE or "KV transfer" in (e.details() or ""):
                     raise RpcError(e.code(), f"prefill failed: {e.details()}")
                 node.down = True  # the node itself is unreachable: try another
             finally:

@@ -140,8 +140,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--lease", type=float, default=30.0, help="seconds decode blocks wait for their KV")
     c.set_defaults(func=cmd_coordinator)
 
-    for role in ("prefill", "decode"):
-        n = sub.add_parser(role, help=f"run a {role} node")
+    for role in ("prefill", "decode", "node"):
+        n = sub.add_parser(role, help=f"run a {role} node" if role != "node" else "run a node of --role ROLE")
+        if role == "node":
+            n.add_argument("--role", required=True, choices=["prefill", "decode", "both"],
+                           help="both: a colocated node (prefill and decode in one continuous batch)")
         n.add_argument("--coordinator", required=True)
         n.add_argument("--listen", default="127.0.0.1:0", help="HOST:PORT of this node's gRPC server")
         n.add_argument("--kv-transport", default="zmq", choices=["zmq"])
@@ -149,13 +152,17 @@ def build_parser() -> argparse.ArgumentParser:
         n.add_argument("--kv-ipc", default=None, help="decode: bind the KV receiver to this ipc path instead")
         n.add_argument("--kv-layers-per-message", type=int, default=1)
         add_engine_flags(n)
-        n.set_defaults(func=cmd_node, role=role)
+        if role != "node":
+            n.set_defaults(role=role)
+        n.set_defaults(func=cmd_node)
 
     u = sub.add_parser("up", help="start a local cluster: coordinator + prefill and decode pools")
     u.add_argument("--prefill", type=int, default=1)
     u.add_argument("--decode", type=int, default=1)
     u.add_argument("--prefill-tp", type=int, default=1)
     u.add_argument("--decode-tp", type=int, default=1)
+    u.add_argument("--colocated", type=int, default=0,
+                   help="N colocated nodes (--role both, TP --decode-tp) instead of the two pools")
     u.add_argument("--model", default=None)
     u.add_argument("--device", default="auto", help="auto, cpu or cuda")
     u.add_argument("--listen", default="127.0.0.1:50051")
@@ -163,6 +170,11 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--max-num-seqs", type=int, default=64)
     u.add_argument("--max-num-batched-tokens", type=int, default=2048)
     u.set_defaults(func=cmd_up)
+
+    b = sub.add_parser("bench", help="serving benchmark with goodput against a running coordinator")
+    from pdserve.bench import add_flags
+    add_flags(b)
+    b.set_defaults(func=cmd_bench)
 
     st = sub.add_parser("status", help="nodes, roles, load and KV blocks of a cluster")
     st.add_argument("--coordinator", required=True)
@@ -189,6 +201,8 @@ def cmd_node(a: argparse.Namespace) -> int:
                      engine=engine_config(a))
     if a.role == "prefill":
         from prefill_node.server import PrefillNode as Node
+    elif a.role == "both":
+        from decode_node.colocated import ColocatedNode as Node
     else:
         from decode_node.server import DecodeNode as Node
     return asyncio.run(run_until_signal(Node(cfg)))
@@ -196,10 +210,16 @@ def cmd_node(a: argparse.Namespace) -> int:
 
 def cmd_up(a: argparse.Namespace) -> int:
     from pdserve.cluster import Cluster, ClusterConfig
-    cfg = ClusterConfig(prefill=a.prefill, decode=a.decode, prefill_tp=a.prefill_tp, decode_tp=a.decode_tp,
+    cfg = ClusterConfig(prefill=0 if a.colocated else a.prefill, decode=0 if a.colocated else a.decode,
+                        colocated=a.colocated, prefill_tp=a.prefill_tp, decode_tp=a.decode_tp,
                         model=a.model, device=a.device, listen=a.listen, kv_blocks=a.kv_blocks,
                         max_num_seqs=a.max_num_seqs, max_num_batched_tokens=a.max_num_batched_tokens)
     return Cluster(cfg).run()
+
+
+def cmd_bench(a: argparse.Namespace) -> int:
+    from pdserve.bench import main as bench
+    return bench(a)
 
 
 def cmd_status(a: argparse.Namespace) -> int:

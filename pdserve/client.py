@@ -74,7 +74,7 @@ def generate(address: str, req: api_pb2.GenerateRequest, as_json: bool, timeout:
 def status(address: str, timeout: float = 10.0) -> dict:
     with grpc.insecure_channel(address) as ch:
         resp = api_pb2_grpc.GenerationStub(ch).Status(api_pb2.StatusRequest(), timeout=timeout)
-    return {"model": resp.model, "nodes": [
+    return {"model": resp.model, "vocab_size": resp.vocab_size, "max_model_len": resp.max_model_len, "nodes": [
         {"id": n.id, "role": api_pb2.Role.Name(n.role).removeprefix("ROLE_").lower(), "address": n.address,
          "healthy": n.healthy, "tp": n.tp, "kv_blocks_free": n.kv_blocks_free, "kv_blocks_total": n.kv_blocks_total,
          "running": n.running, "queued": n.queued} for n in resp.nodes]}

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 class ClusterConfig:
     prefill: int = 1
     decode: int = 1
+    colocated: int = 0                # nodes doing both (--role both), with TP decode_tp
     prefill_tp: int = 1
     decode_tp: int = 1
     model: str | None = None
@@ -45,9 +46,12 @@ class Cluster:
             import torch
             gpus = torch.cuda.device_count()
         next_gpu, cmds = 0, []
-        for role, count, tp in (("prefill", cfg.prefill, cfg.prefill_tp), ("decode", cfg.decode, cfg.decode_tp)):
+        pools = (("prefill", cfg.prefill, cfg.prefill_tp), ("decode", cfg.decode, cfg.decode_tp),
+                 ("both", cfg.colocated, cfg.decode_tp))
+        for role, count, tp in pools:
             for _ in range(count):
-                cmd = [sys.executable, "-m", "pdserve", role, "--coordinator", cfg.listen, "--tp", str(tp),
+                cmd = [sys.executable, "-m", "pdserve", "node", "--role", role, "--coordinator", cfg.listen,
+                       "--tp", str(tp),
                        "--max-num-seqs", str(cfg.max_num_seqs),
                        "--max-num-batched-tokens", str(cfg.max_num_batched_tokens)]
                 if device == "cuda":
@@ -79,7 +83,8 @@ class Cluster:
     def _spawn(self, cmd: list[str]) -> subprocess.Popen:
         log = None
         if self.cfg.log_dir:
-            log = open(os.path.join(self.cfg.log_dir, f"{len(self.procs)}-{cmd[3]}.log"), "ab")
+            name = cmd[5] if cmd[3] == "node" else cmd[3]
+            log = open(os.path.join(self.cfg.log_dir, f"{len(self.procs)}-{name}.log"), "ab")
         p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log, start_new_session=True)
         if log is not None:
             log.close()
@@ -92,7 +97,8 @@ class Cluster:
         while time.monotonic() < deadline:
             dead = [p for p in self.procs if p.poll() is not None]
             if dead:
-                raise RuntimeError(f"{dead[0].args[3]} exited with status {dead[0].returncode} during start-up")
+                raise RuntimeError(f"{' '.join(dead[0].args[3:6])} exited with status {dead[0].returncode} "
+                                   f"during start-up")
             try:
                 nodes = status(self.cfg.listen, timeout=2.0)["nodes"]
                 if sum(n["healthy"] for n in nodes) >= expected:
@@ -120,8 +126,10 @@ class Cluster:
         signal.signal(signal.SIGTERM, _interrupt)
         try:
             self.start()
-            print(f"cluster ready: coordinator {self.cfg.listen}, {self.cfg.prefill} prefill (tp {self.cfg.prefill_tp}),"
-                  f" {self.cfg.decode} decode (tp {self.cfg.decode_tp}); Ctrl-C stops it", flush=True)
+            pools = (f"{self.cfg.colocated} colocated (tp {self.cfg.decode_tp})" if self.cfg.colocated else
+                     f"{self.cfg.prefill} prefill (tp {self.cfg.prefill_tp}), {self.cfg.decode} decode "
+                     f"(tp {self.cfg.decode_tp})")
+            print(f"cluster ready: coordinator {self.cfg.listen}, {pools}; Ctrl-C stops it", flush=True)
             while all(p.poll() is None for p in self.procs):
                 time.sleep(0.5)
             print("a cluster process exited; stopping the rest", file=sys.stderr)

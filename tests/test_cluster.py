@@ -259,3 +259,29 @@ def test_servers_answer_the_standard_health_check_and_reflection(qwen3_cluster):
                 iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=5)
             names = {s.name for r in listing for s in r.list_services_response.service}
             assert "grpc.health.v1.Health" in names and any(n.startswith("pdserve.v1.") for n in names)
+
+
+def test_a_colocated_cluster_serves_the_same_api_with_chunked_prefill(tiny_models, reference):
+    """`pdserve up --colocated 1`: one node does prefill and decode in one batch (the
+    goodput baseline); a 32-token budget makes longer prompts go in chunks beside decodes."""
+    cluster = start_cluster(model=tiny_models["qwen3"], prefill=0, decode=0, colocated=1, kv_blocks=128,
+                            max_num_batched_tokens=32)
+    client = Client(cluster.cfg.listen)
+    try:
+        nodes = client.status()["nodes"]
+        assert [n["role"] for n in nodes] == ["both"]
+        jobs = workload(21, 10) + [([9, 8, 7], 1)]
+        with ThreadPoolExecutor(11) as pool:
+            outs = list(pool.map(lambda j: client.generate(request(j[0], greedy(j[1], ignore_eos=True))), jobs))
+        stream = client.stub.Generate(request(list(range(1, 30)), greedy(480, ignore_eos=True)), timeout=60)
+        with pytest.raises(grpc.RpcError):
+            for i, _ in enumerate(stream):
+                if i == 2:
+                    stream.cancel()
+        client.wait_blocks_at_baseline()
+    finally:
+        client.close()
+        cluster.stop()
+    ref = reference(tiny_models["qwen3"])
+    for (prompt, n), out in zip(jobs, outs):
+        assert_matches_reference(out["token_ids"], ref.generate(prompt, n), "colocated")

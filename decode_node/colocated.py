@@ -1,0 +1,85 @@
+"""Colocated node (`--role both`): prefill and decode of a request in one engine,
+one continuous batch with chunked prefill, no KV transfer. It is the baseline that
+disaggregated goodput is measured against.
+
+It speaks both node APIs to the coordinator: Reserve only validates (the engine
+allocates blocks as it schedules), Prefill admits the request and answers with its
+first token, and the later tokens go out on the same per-step token stream as a
+decode node's."""
+from __future__ import annotations
+
+import asyncio
+import time
+
+import grpc
+
+from decode_node.server import DecodeNode
+from engine.llm_engine import StepOutput
+from pdserve.node_base import abort_with
+from pdserve.protocol import FINISH, to_engine_params
+from pdserve.v1 import api_pb2, node_pb2, node_pb2_grpc
+
+
+class ColocatedNode(DecodeNode, node_pb2_grpc.PrefillNodeServicer):
+    role = api_pb2.ROLE_BOTH
+    service_name = "pdserve.v1.DecodeNode"
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.first: dict[int, asyncio.Future] = {}   # seq_id -> future of its first StepOutput
+
+    def add_servicer(self, server: grpc.aio.Server) -> None:
+        node_pb2_grpc.add_DecodeNodeServicer_to_server(self, server)
+        node_pb2_grpc.add_PrefillNodeServicer_to_server(self, server)
+
+    async def Reserve(self, req: node_pb2.ReserveRequest, context) -> node_pb2.Ticket:
+        prompt, params = list(req.prompt_token_ids), to_engine_params(req.sampling)
+        try:
+            await self.call(lambda engine: engine.validate(prompt, params))
+        except ValueError as e:
+            await abort_with(context, e)
+        lease = req.lease_s if req.lease_s > 0 else self.cfg.lease_s
+        return node_pb2.Ticket(decode_node_id=self.agent.node_id, epoch=self.agent.epoch,
+                               lease_expiry=time.time() + lease, decode_tp=self.cfg.engine.tp)
+
+    async def Prefill(self, req: node_pb2.PrefillRequest, context) -> node_pb2.PrefillResponse:
+        prompt, params = list(req.prompt_token_ids), to_engine_params(req.sampling)
+        start = time.time()
+        fut = self.aio.create_future()
+
+        def add(engine):
+            seq = engine.add_request(prompt, params, req.request_id)
+            seq.kv_ready, seq.decode_start = 0.0, 0.0
+            self.first[seq.seq_id] = fut
+            self.running[req.request_id] = seq  # registered before any step can emit its tokens
+            return seq
+        try:
+            seq = await self.call(add)
+        except (ValueError, MemoryError) as e:
+            await abort_with(context, e)
+        try:
+            out = await fut
+        except asyncio.CancelledError:
+            self.first.pop(seq.seq_id, None)
+            self.running.pop(req.request_id, None)
+            await self.call(lambda engine: engine.abort(seq))
+            raise
+        resp = node_pb2.PrefillResponse(first_token=out.token_id, prefill_start=start, prefill_end=time.time(),
+                                        text=out.text_delta)
+        if out.finished:
+            resp.finish_reason = FINISH[out.seq.finish_reason]
+        return resp
+
+    def on_step(self, outs: list[StepOutput]) -> None:
+        later = []
+        for out in outs:
+            fut = self.first.pop(out.seq.seq_id, None) if out.index == 0 else None
+            if fut is None:
+                later.append(out)
+                continue
+            out.seq.decode_start = time.time()
+            if out.finished:
+                self.running.pop(out.seq.request_id, None)
+            if not fut.done():
+                fut.set_result(out)
+        super().on_step(later)

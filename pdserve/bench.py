@@ -1,0 +1,264 @@
+"""`pdserve bench`: serving benchmark against a running coordinator, with goodput.
+
+Flags and result fields follow `vllm bench serve` wherever the concept is the same,
+so tools that read one read the other. Per request: TTFT = first token - send,
+TPOT = (last token - first token) / (output tokens - 1), ITL = gaps between token
+arrivals, E2EL = last token - send. A request attains the SLOs given by --goodput
+only if it meets every one; goodput = attaining requests / duration."""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+import numpy as np
+
+from pdserve.client import status
+from pdserve.rpc import channel
+from pdserve.v1 import api_pb2, api_pb2_grpc
+
+SYNTHETIC = {  # name -> (mean input tokens, mean output tokens), lognormal lengths around them
+    "chat": (256, 256), "code": (768, 192), "summarization": (1536, 128)}
+
+
+@dataclass
+class Request:
+    prompt: list[int] | str
+    input_len: int
+    output_len: int
+
+
+@dataclass
+class Result:
+    success: bool = False
+    error: str = ""
+    ttft: float = 0.0
+    itl: list[float] = field(default_factory=list)
+    latency: float = 0.0
+    output_tokens: int = 0
+    text: str = ""
+    phases: dict = field(default_factory=dict)
+
+
+def sample_requests(a: argparse.Namespace, vocab: int, max_len: int) -> list[Request]:
+    rng = random.Random(a.seed)
+    if a.dataset_name == "sharegpt":
+        data = json.loads(Path(a.dataset_path).read_text())
+        out = []
+        for item in data:
+            turns = item.get("conversations") or item.get("conversation") or []
+            if len(turns) < 2:
+                continue
+            prompt, answer = turns[0]["value"], turns[1]["value"]
+            n_in, n_out = max(1, int(len(prompt.split()) * 1.3)), max(1, int(len(answer.split()) * 1.3))
+            if n_in + n_out < max_len:
+                out.append(Request(prompt, n_in, n_out))
+            if len(out) == a.num_prompts:
+                break
+        return out
+
+    def lengths(mean_in: float, mean_out: float) -> tuple[int, int]:
+        if a.dataset_name in SYNTHETIC:
+            return (max(4, int(rng.lognormvariate(np.log(mean_in), 0.6))),
+                    max(4, int(rng.lognormvariate(np.log(mean_out), 0.6))))
+        r = a.random_range_ratio if a.dataset_name == "random" else 0.0
+        return (rng.randint(int(mean_in * (1 - r)), int(mean_in * (1 + r))),
+                rng.randint(max(1, int(mean_out * (1 - r))), int(mean_out * (1 + r))))
+
+    mean_in, mean_out = SYNTHETIC.get(a.dataset_name, (a.random_input_len, a.random_output_len))
+    reqs = []
+    for _ in range(a.num_prompts):
+        n_in, n_out = lengths(mean_in, mean_out)
+        n_in = max(1, min(n_in, max_len - 2))
+        n_out = max(1, min(n_out, max_len - n_in))
+        reqs.append(Request([rng.randrange(vocab) for _ in range(n_in)], n_in, n_out))
+    return reqs
+
+
+def arrival_gaps(n: int, rate: float, burstiness: float, seed: int) -> list[float]:
+    """Gamma inter-arrival times (Poisson when burstiness = 1); rate inf sends all at once."""
+    if rate == float("inf"):
+        return [0.0] * n
+    rng = np.random.default_rng(seed)
+    return list(rng.gamma(shape=burstiness, scale=1.0 / (rate * burstiness), size=n))
+
+
+async def run_one(stub, req: Request, a: argparse.Namespace) -> Result:
+    sampling = api_pb2.SamplingParams(max_tokens=req.output_len, temperature=0.0, ignore_eos=a.ignore_eos)
+    msg = api_pb2.GenerateRequest(sampling=sampling)
+    if isinstance(req.prompt, str):
+        msg.text = req.prompt.encode()
+    else:
+        msg.token_ids.ids.extend(req.prompt)
+    res = Result()
+    start = last = time.perf_counter()
+    text = []
+    try:
+        async for resp in stub.Generate(msg, timeout=a.request_timeout):
+            now = time.perf_counter()
+            if resp.token_ids:
+                if res.output_tokens == 0:
+                    res.ttft = now - start
+                else:
+                    res.itl.append(now - last)
+                    res.itl.extend([0.0] * (len(resp.token_ids) - 1))
+                res.output_tokens += len(resp.token_ids)
+                last = now
+            text.append(resp.text)
+            if resp.finish_reason:
+                t = resp.times
+                res.phases = {"queue": t.reserved - t.received, "prefill": t.prefill_end - t.prefill_start,
+                              "transfer": max(0.0, t.transfer_end - t.prefill_end) if t.transfer_end else 0.0,
+                              "decode_admission": max(0.0, t.decode_start - (t.transfer_end or t.prefill_end))
+                              if t.decode_start else 0.0}
+        res.latency, res.success, res.text = last - start, True, "".join(text)
+    except grpc.aio.AioRpcError as e:
+        res.error = f"{e.code().name}: {e.details()}"
+    return res
+
+
+async def benchmark(a: argparse.Namespace, reqs: list[Request]) -> tuple[list[Result], float]:
+    ch = channel(a.coordinator)
+    stub = api_pb2_grpc.GenerationStub(ch)
+    limit = asyncio.Semaphore(a.max_concurrency or len(reqs) or 1)
+    gaps = arrival_gaps(len(reqs), a.request_rate, a.burstiness, a.seed)
+    progress = Progress(len(reqs), a.disable_tqdm)
+
+    async def limited(req: Request) -> Result:
+        async with limit:
+            r = await run_one(stub, req, a)
+        progress.update()
+        return r
+    start = time.perf_counter()
+    tasks = []
+    for req, gap in zip(reqs, gaps):
+        if gap:
+            await asyncio.sleep(gap)
+        tasks.append(asyncio.create_task(limited(req)))
+    results = await asyncio.gather(*tasks)
+    duration = time.perf_counter() - start
+    progress.close()
+    await ch.close()
+    return results, duration
+
+
+class Progress:
+    def __init__(self, total: int, disable: bool):
+        self.bar = None
+        if not disable:
+            try:
+                from tqdm import tqdm
+                self.bar = tqdm(total=total, desc="requests")
+            except ImportError:
+                pass
+
+    def update(self) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def parse_goodput(items: list[str]) -> dict[str, float]:
+    slos = {}
+    for item in items or []:
+        name, _, ms = item.partition(":")
+        if name not in ("ttft", "tpot", "e2el") or not ms:
+            raise SystemExit(f"--goodput takes ttft:MS tpot:MS e2el:MS, got {item!r}")
+        slos[name] = float(ms)
+    return slos
+
+
+def summarize(a: argparse.Namespace, reqs: list[Request], results: list[Result], duration: float,
+              slos: dict[str, float]) -> dict:
+    ok = [(q, r) for q, r in zip(reqs, results) if r.success]
+    tpots = [(r.latency - r.ttft) / (r.output_tokens - 1) for _, r in ok if r.output_tokens > 1]
+    metrics = {"ttft": [r.ttft for _, r in ok], "tpot": tpots, "itl": [x for _, r in ok for x in r.itl],
+               "e2el": [r.latency for _, r in ok]}
+    out_tokens = sum(r.output_tokens for _, r in ok)
+    in_tokens = sum(q.input_len for q, _ in ok)
+    good = 0
+    for _, r in ok:
+        tpot = (r.latency - r.ttft) / (r.output_tokens - 1) if r.output_tokens > 1 else 0.0
+        values = {"ttft": r.ttft * 1e3, "tpot": tpot * 1e3, "e2el": r.latency * 1e3}
+        good += all(values[k] <= v for k, v in slos.items())
+    s = {"date": time.strftime("%Y%m%d-%H%M%S"), "backend": "pdserve", "model_id": a.model_id,
+         "num_prompts": len(reqs), "request_rate": a.request_rate, "burstiness": a.burstiness,
+         "max_concurrency": a.max_concurrency, "duration": duration, "completed": len(ok),
+         "failed": len(reqs) - len(ok), "total_input_tokens": in_tokens, "total_output_tokens": out_tokens,
+         "request_throughput": len(ok) / duration, "output_throughput": out_tokens / duration,
+         "total_token_throughput": (in_tokens + out_tokens) / duration,
+         "request_goodput": good / duration if slos else None, "slo_attainment": good / len(reqs) if slos else None,
+         "goodput_slos_ms": slos}
+    for name in a.percentile_metrics.split(","):
+        values = np.array(metrics[name]) * 1e3 if metrics[name] else np.zeros(1)
+        s[f"mean_{name}_ms"] = float(values.mean())
+        s[f"median_{name}_ms"] = float(np.median(values))
+        s[f"std_{name}_ms"] = float(values.std())
+        for p in a.metric_percentiles.split(","):
+            s[f"p{p}_{name}_ms"] = float(np.percentile(values, float(p)))
+    phases = [r.phases for _, r in ok if r.phases]
+    s["ttft_split_mean_ms"] = {k: 1e3 * float(np.mean([ph[k] for ph in phases])) for k in phases[0]} if phases else {}
+    s.update(input_lens=[q.input_len for q, _ in ok], output_lens=[r.output_tokens for _, r in ok],
+             ttfts=[r.ttft for _, r in ok], itls=[r.itl for _, r in ok], e2els=[r.latency for _, r in ok],
+             errors=[r.error for r in results if not r.success])
+    return s
+
+
+def add_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--coordinator", required=True)
+    p.add_argument("--num-prompts", type=int, default=100)
+    p.add_argument("--request-rate", type=float, default=float("inf"), help="requests/s; inf sends all at once")
+    p.add_argument("--burstiness", type=float, default=1.0, help="gamma shape of inter-arrivals; 1 = Poisson")
+    p.add_argument("--max-concurrency", type=int, default=None)
+    p.add_argument("--dataset-name", default="random",
+                   choices=["random", "fixed", "sharegpt", *SYNTHETIC])
+    p.add_argument("--dataset-path", default=None, help="ShareGPT-format JSON (with --dataset-name sharegpt)")
+    p.add_argument("--random-input-len", type=int, default=256)
+    p.add_argument("--random-output-len", type=int, default=128)
+    p.add_argument("--random-range-ratio", type=float, default=0.0)
+    p.add_argument("--ignore-eos", action="store_true", default=True)
+    p.add_argument("--goodput", nargs="*", default=[], help="SLOs, e.g. ttft:500 tpot:50 [e2el:MS]")
+    p.add_argument("--percentile-metrics", default="ttft,tpot,itl,e2el")
+    p.add_argument("--metric-percentiles", default="50,90,99")
+    p.add_argument("--save-result", action="store_true")
+    p.add_argument("--result-dir", default=".")
+    p.add_argument("--result-filename", default=None)
+    p.add_argument("--request-timeout", type=float, default=600.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--disable-tqdm", action="store_true")
+
+
+def main(a: argparse.Namespace) -> int:
+    info = status(a.coordinator)
+    a.model_id = info["model"] or "default"
+    if a.dataset_name == "sharegpt" and not a.dataset_path:
+        raise SystemExit("--dataset-name sharegpt needs --dataset-path")
+    slos = parse_goodput(a.goodput)
+    reqs = sample_requests(a, info["vocab_size"] or 32000, info["max_model_len"] or 4096)
+    results, duration = asyncio.run(benchmark(a, reqs))
+    s = summarize(a, reqs, results, duration, slos)
+    print(f"completed {s['completed']}/{s['num_prompts']} in {duration:.2f} s: {s['request_throughput']:.2f} req/s, "
+          f"{s['output_throughput']:.1f} output tok/s")
+    for name in a.percentile_metrics.split(","):
+        print(f"  {name:5s} mean {s[f'mean_{name}_ms']:9.2f} ms  median {s[f'median_{name}_ms']:9.2f} ms  "
+              + "  ".join(f"p{p} {s[f'p{p}_{name}_ms']:9.2f}" for p in a.metric_percentiles.split(",")))
+    if slos:
+        print(f"  goodput {s['request_goodput']:.2f} req/s, SLO attainment {100 * s['slo_attainment']:.1f}% "
+              f"({', '.join(f'{k} <= {v:g} ms' for k, v in slos.items())})")
+    if s["ttft_split_mean_ms"]:
+        print("  TTFT split (server, mean ms): " + ", ".join(f"{k} {v:.2f}" for k, v in s["ttft_split_mean_ms"].items()))
+    if a.save_result:
+        name = a.result_filename or f"pdserve-{a.request_rate}qps-{s['date']}.json"
+        path = Path(a.result_dir) / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(s))
+        print(f"-> {path}")
+    return 0 if s["failed"] == 0 else 1

@@ -1,0 +1,58 @@
+"""`pdserve bench` against a real local cluster: counts add up, metrics agree with
+the per-request lists, SLO attainment follows the thresholds."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from pdserve.bench import arrival_gaps
+from tests.cluster_util import start_cluster
+
+
+@pytest.fixture(scope="module")
+def cluster(tiny_models):
+    c = start_cluster(model=tiny_models["qwen3"], kv_blocks=256)
+    yield c
+    c.stop()
+
+
+def bench(cluster, tmp_path, *flags: str) -> dict:
+    r = subprocess.run([sys.executable, "-m", "pdserve", "bench", "--coordinator", cluster.cfg.listen,
+                        "--save-result", "--result-dir", str(tmp_path), "--result-filename", "r.json",
+                        "--disable-tqdm", *flags], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    return json.loads((tmp_path / "r.json").read_text())
+
+
+def test_every_request_is_measured_once_and_the_summary_agrees_with_the_lists(cluster, tmp_path):
+    s = bench(cluster, tmp_path, "--num-prompts", "24", "--request-rate", "30", "--random-input-len", "40",
+              "--random-output-len", "12", "--random-range-ratio", "0.5", "--goodput", "ttft:60000", "tpot:60000")
+    n = s["completed"]
+    assert n == 24 and s["failed"] == 0 and not s["errors"]
+    assert len(s["ttfts"]) == len(s["e2els"]) == len(s["itls"]) == len(s["output_lens"]) == n
+    assert sum(s["output_lens"]) == s["total_output_tokens"] and sum(s["input_lens"]) == s["total_input_tokens"]
+    assert all(len(itl) == out - 1 for itl, out in zip(s["itls"], s["output_lens"]))
+    assert all(0 < t <= e for t, e in zip(s["ttfts"], s["e2els"]))
+    tpots = [(e - t) / (o - 1) for t, e, o in zip(s["ttfts"], s["e2els"], s["output_lens"]) if o > 1]
+    assert s["mean_tpot_ms"] == pytest.approx(1e3 * np.mean(tpots))
+    assert s["mean_ttft_ms"] == pytest.approx(1e3 * np.mean(s["ttfts"]))
+    assert s["slo_attainment"] == 1.0 and s["request_goodput"] == pytest.approx(n / s["duration"])
+    assert set(s["ttft_split_mean_ms"]) == {"queue", "prefill", "transfer", "decode_admission"}
+
+
+def test_an_slo_no_request_can_meet_gives_zero_goodput(cluster, tmp_path):
+    s = bench(cluster, tmp_path, "--num-prompts", "6", "--random-input-len", "20", "--random-output-len", "4",
+              "--goodput", "ttft:0.0001")
+    assert s["completed"] == 6 and s["slo_attainment"] == 0.0 and s["request_goodput"] == 0.0
+
+
+def test_poisson_arrivals_have_the_requested_rate_and_burstiness_keeps_the_mean():
+    for burstiness in (1.0, 0.25, 4.0):
+        gaps = arrival_gaps(20000, rate=50.0, burstiness=burstiness, seed=1)
+        assert np.mean(gaps) == pytest.approx(1 / 50.0, rel=0.05)
+    assert np.std(arrival_gaps(20000, 50.0, 0.25, 1)) > np.std(arrival_gaps(20000, 50.0, 4.0, 1))
+    assert arrival_gaps(3, float("inf"), 1.0, 0) == [0.0, 0.0, 0.0]
