@@ -234,6 +234,10 @@ def add_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--request-timeout", type=float, default=600.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--disable-tqdm", action="store_true")
+    p.add_argument("--sweep", default=None, help="comma-separated request rates: attainment curves + max goodput")
+    p.add_argument("--bisect-steps", type=int, default=4, help="bisection steps for the max-goodput rate")
+    p.add_argument("--slo-scale", default=None, help="comma-separated SLO multipliers at --request-rate")
+    p.add_argument("--label", default=None, help="name on plots and summaries")
 
 
 def main(a: argparse.Namespace) -> int:
@@ -243,8 +247,16 @@ def main(a: argparse.Namespace) -> int:
         raise SystemExit("--dataset-name sharegpt needs --dataset-path")
     slos = parse_goodput(a.goodput)
     reqs = sample_requests(a, info["vocab_size"] or 32000, info["max_model_len"] or 4096)
-    results, duration = asyncio.run(benchmark(a, reqs))
-    s = summarize(a, reqs, results, duration, slos)
+
+    def run(args: argparse.Namespace) -> dict:
+        results, duration = asyncio.run(benchmark(args, reqs))
+        return summarize(args, reqs, results, duration, slos)
+    if a.sweep or a.slo_scale:
+        from pdserve.goodput import run_search
+        run_search(a, run, slos)
+        return 0
+    s = run(a)
+    duration = s["duration"]
     print(f"completed {s['completed']}/{s['num_prompts']} in {duration:.2f} s: {s['request_throughput']:.2f} req/s, "
           f"{s['output_throughput']:.1f} output tok/s")
     for name in a.percentile_metrics.split(","):

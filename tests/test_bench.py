@@ -56,3 +56,30 @@ def test_poisson_arrivals_have_the_requested_rate_and_burstiness_keeps_the_mean(
         assert np.mean(gaps) == pytest.approx(1 / 50.0, rel=0.05)
     assert np.std(arrival_gaps(20000, 50.0, 0.25, 1)) > np.std(arrival_gaps(20000, 50.0, 4.0, 1))
     assert arrival_gaps(3, float("inf"), 1.0, 0) == [0.0, 0.0, 0.0]
+
+
+def test_bisection_converges_on_a_synthetic_attainment_curve():
+    from pdserve.goodput import max_rate_meeting
+    knee = 7.3  # attainment is 1 up to the knee, then below 0.9
+
+    def attainment(rate: float) -> float:
+        return 1.0 if rate <= knee else max(0.0, 0.9 - (rate - knee) * 0.1)
+    calls = []
+    found = max_rate_meeting(lambda r: calls.append(r) or attainment(r), lo=1.0, hi=20.0, steps=12)
+    assert found == pytest.approx(knee, abs=20 / 2 ** 12) and found <= knee and len(calls) == 12
+
+
+def test_a_rate_sweep_writes_curves_max_goodput_summary_and_plot(cluster, tmp_path):
+    r = subprocess.run([sys.executable, "-m", "pdserve", "bench", "--coordinator", cluster.cfg.listen,
+                        "--num-prompts", "12", "--random-input-len", "24", "--random-output-len", "6",
+                        "--goodput", "ttft:60000", "tpot:60000", "--sweep", "5,20", "--bisect-steps", "1",
+                        "--slo-scale", "0.5,1,2", "--result-dir", str(tmp_path), "--result-filename", "g.json",
+                        "--disable-tqdm"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    result = json.loads((tmp_path / "g.json").read_text())
+    assert [c["rate"] for c in result["sweep"]["curve"]] == [5.0, 20.0]
+    assert all(c["both"] == 1.0 for c in result["sweep"]["curve"])  # SLOs no request can miss
+    assert result["sweep"]["max_goodput_rate"] == 20.0
+    assert [s["scale"] for s in result["slo_scale"]] == [0.5, 1.0, 2.0]
+    assert (tmp_path / "g.png").read_bytes()[:4] == b"\x89PNG"
+    assert "Maximum goodput" in (tmp_path / "g.md").read_text()
