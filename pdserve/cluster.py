@@ -22,6 +22,7 @@ class ClusterConfig:
     listen: str = "127.0.0.1:50051"
     kv_blocks: int | None = None
     dtype: str = "auto"
+    load_format: str = "auto"         # dummy: random weights from config.json (benchmarks)
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 2048
     heartbeat_interval_s: float = 0.5
@@ -65,6 +66,8 @@ class Cluster:
                     cmd += ["--kv-blocks", str(cfg.kv_blocks)]
                 if cfg.dtype != "auto":
                     cmd += ["--dtype", cfg.dtype]
+                if cfg.load_format != "auto":
+                    cmd += ["--load-format", cfg.load_format]
                 cmds.append(cmd)
         return cmds
 
