@@ -63,7 +63,7 @@ class PagedAttention(nn.Module):
     def _decode(self, q: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         tables = meta.block_tables[meta.decode_rows]
         lens = meta.context_lens[meta.decode_rows]
-        b, bs = tables.shape[0], self.k_cache.shape[1]
+        b = tables.shape[0]
         k = self.k_cache[tables].view(b, -1, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_cache[tables].view(b, -1, self.num_kv_heads, self.head_dim).transpose(1, 2)
         mask = torch.arange(k.shape[2], device=q.device)[None, :] < lens[:, None]

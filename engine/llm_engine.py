@@ -17,7 +17,7 @@ from engine.loader import load_config, load_tokenizer, resolve_model
 from engine.model import ModelSpec
 from engine.sampler import Sampler, make_generator
 from engine.sampling_params import SamplingParams
-from engine.scheduler import ScheduledBatch, Scheduler
+from engine.scheduler import Scheduler
 from engine.model_runner import StepPlan
 from engine.sequence import Sequence
 

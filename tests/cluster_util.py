@@ -65,6 +65,12 @@ class Client:
             finish = resp.finish_reason or finish
         return {"token_ids": tokens, "text": "".join(text), "finish_reason": finish}
 
+    def generate_all(self, jobs: list[tuple[list[int], int]]) -> list[dict]:
+        """Greedy requests (prompt ids, max tokens) all at once, results in job order."""
+        from concurrent.futures import ThreadPoolExecutor
+        with ThreadPoolExecutor(len(jobs)) as pool:
+            return list(pool.map(lambda j: self.generate(request(j[0], greedy(j[1], ignore_eos=True))), jobs))
+
     def status(self) -> dict:
         return status(self.address)
 

@@ -7,8 +7,6 @@ import random
 import signal
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
-
 import grpc
 import pytest
 
@@ -37,8 +35,7 @@ def test_greedy_through_the_cluster_matches_transformers(tiny_models, reference,
     client = Client(cluster.cfg.listen)
     try:
         jobs = workload(p_tp * 10 + d_tp, 6)
-        with ThreadPoolExecutor(6) as pool:
-            outs = list(pool.map(lambda j: client.generate(request(j[0], greedy(j[1], ignore_eos=True))), jobs))
+        outs = client.generate_all(jobs)
         client.wait_blocks_at_baseline()
     finally:
         client.close()
@@ -51,8 +48,7 @@ def test_greedy_through_the_cluster_matches_transformers(tiny_models, reference,
 
 def test_sixteen_concurrent_requests_of_mixed_lengths_are_all_correct(qwen3_cluster, tiny_models, reference):
     jobs = workload(99, 20)
-    with ThreadPoolExecutor(20) as pool:
-        outs = list(pool.map(lambda j: qwen3_cluster.generate(request(j[0], greedy(j[1], ignore_eos=True))), jobs))
+    outs = qwen3_cluster.generate_all(jobs)
     ref = reference(tiny_models["qwen3"])
     for (prompt, n), out in zip(jobs, outs):
         assert_matches_reference(out["token_ids"], ref.generate(prompt, n), "concurrent")
@@ -271,8 +267,7 @@ def test_a_colocated_cluster_serves_the_same_api_with_chunked_prefill(tiny_model
         nodes = client.status()["nodes"]
         assert [n["role"] for n in nodes] == ["both"]
         jobs = workload(21, 10) + [([9, 8, 7], 1)]
-        with ThreadPoolExecutor(11) as pool:
-            outs = list(pool.map(lambda j: client.generate(request(j[0], greedy(j[1], ignore_eos=True))), jobs))
+        outs = client.generate_all(jobs)
         stream = client.stub.Generate(request(list(range(1, 30)), greedy(480, ignore_eos=True)), timeout=60)
         with pytest.raises(grpc.RpcError):
             for i, _ in enumerate(stream):

@@ -50,7 +50,6 @@ def test_continuous_batch_with_chunked_prefill_matches_transformers(tiny_models,
 def test_preemption_under_a_tiny_pool_still_yields_reference_outputs(tiny_models, reference):
     path = tiny_models["llama"]
     prompts, _ = mixed_workload(7, 8, 384)
-    max_tokens = [24] * len(prompts)
     cfg = EngineConfig(model=path, kv_blocks=24, block_size=4, max_num_batched_tokens=64, max_num_seqs=8)
     with LLMEngine(cfg) as engine:
         seqs = [engine.add_request(p, SamplingParams(max_tokens=24, temperature=0, ignore_eos=True))

@@ -2,12 +2,10 @@
 without two GPUs): greedy outputs equal transformers' in float32, and bfloat16 runs."""
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
-
 import pytest
 import torch
 
-from tests.cluster_util import Client, greedy, request, start_cluster
+from tests.cluster_util import Client, start_cluster
 from tests.conftest import assert_matches_reference
 from tests.test_cluster import workload
 
@@ -21,8 +19,7 @@ def test_two_gpu_cluster_over_zmq(tiny_models, reference, dtype):
     client = Client(cluster.cfg.listen)
     try:
         jobs = workload(11, 8)
-        with ThreadPoolExecutor(8) as pool:
-            outs = list(pool.map(lambda j: client.generate(request(j[0], greedy(j[1], ignore_eos=True))), jobs))
+        outs = client.generate_all(jobs)
         client.wait_blocks_at_baseline()
     finally:
         client.close()
