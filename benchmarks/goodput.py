@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import socket
 import subprocess
 import sys
 import tempfile
@@ -22,18 +21,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import RESULTS, write_config_folder, write_result  # noqa: E402
-from pdserve.cluster import Cluster, ClusterConfig  # noqa: E402
+from pdserve.cluster import Cluster, ClusterConfig, free_port  # noqa: E402
 
 WORKLOADS = {  # name -> (input len, output len, ttft SLO ms, tpot SLO ms)
     "prefill-heavy": (2048, 64, 1500, 30),
     "decode-heavy": (128, 512, 400, 25),
 }
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def measure(kind: str, a: argparse.Namespace, model: str, out: Path) -> dict:

@@ -2,22 +2,19 @@
 one streamed chat answer with TTFT and TPOT, then a clean shutdown."""
 from __future__ import annotations
 
-import socket
 import sys
 import tempfile
 import time
 
 from engine.sampling_params import SamplingParams
 from pdserve.client import build_request, generate
-from pdserve.cluster import Cluster, ClusterConfig
+from pdserve.cluster import Cluster, ClusterConfig, free_port
 
 PROMPT = "Explain in two sentences why the sky is blue."
 
 
 def main() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     logs = tempfile.mkdtemp(prefix="pdserve-demo-")
     cluster = Cluster(ClusterConfig(listen=f"127.0.0.1:{port}", device="cpu", kv_blocks=512, log_dir=logs))
     t0 = time.monotonic()

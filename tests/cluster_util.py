@@ -1,20 +1,14 @@
 """Helpers for end-to-end tests: a real local cluster and a small client."""
 from __future__ import annotations
 
-import socket
 import time
 
 import grpc
 
 from pdserve.client import status
-from pdserve.cluster import Cluster, ClusterConfig
+from pdserve.cluster import Cluster, ClusterConfig, free_port
 from pdserve.v1 import api_pb2, api_pb2_grpc
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_cluster(**kwargs) -> Cluster:
