@@ -29,7 +29,6 @@ WORKLOADS = {  # name -> (input len, output len, ttft SLO ms, tpot SLO ms)
 }
 
 
-
 def measure(kind: str, a: argparse.Namespace, model: str, out: Path) -> dict:
     n_in, n_out, ttft, tpot = WORKLOADS[a.workload]
     ttft, tpot = a.ttft or ttft, a.tpot or tpot

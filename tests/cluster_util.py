@@ -10,7 +10,6 @@ from pdserve.cluster import Cluster, ClusterConfig, free_port
 from pdserve.v1 import api_pb2, api_pb2_grpc
 
 
-
 def start_cluster(**kwargs) -> Cluster:
     kwargs.setdefault("device", "cpu")
     cfg = ClusterConfig(listen=f"127.0.0.1:{free_port()}", **kwargs)
