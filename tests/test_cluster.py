@@ -280,3 +280,32 @@ def test_a_colocated_cluster_serves_the_same_api_with_chunked_prefill(tiny_model
     ref = reference(tiny_models["qwen3"])
     for (prompt, n), out in zip(jobs, outs):
         assert_matches_reference(out["token_ids"], ref.generate(prompt, n), "colocated")
+
+
+def test_pdserve_up_stops_every_member_on_ctrl_c(tiny_models):
+    import subprocess
+    import sys
+    from pdserve.cluster import free_port
+    up = subprocess.Popen([sys.executable, "-m", "pdserve", "up", "--model", tiny_models["qwen2"], "--kv-blocks", "32",
+                           "--device", "cpu", "--listen", f"127.0.0.1:{free_port()}"],
+                          stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, start_new_session=True)
+    try:
+        line = up.stdout.readline()
+        assert line.startswith("cluster ready"), line
+        members = [p for p in os.listdir("/proc") if p.isdigit() and _parent(p) == up.pid]
+        assert len(members) == 3  # coordinator, prefill node, decode node
+        up.send_signal(signal.SIGINT)
+        assert up.wait(timeout=60) == 0
+        for pid in members:
+            assert not os.path.exists(f"/proc/{pid}") or open(f"/proc/{pid}/stat").read().split()[2] == "Z"
+    finally:
+        if up.poll() is None:
+            os.killpg(up.pid, signal.SIGKILL)
+
+
+def _parent(pid: str) -> int:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return -1
