@@ -27,6 +27,7 @@ class AttentionMetadata:
     query_starts: torch.Tensor | None = None   # [N] int32, triton path
     query_lens_dev: torch.Tensor | None = None  # [N] int32, triton path
     max_query_len: int = 1
+    query_starts_host: list[int] | None = None  # [N] torch path: where each sequence's tokens start
 
 
 class PagedAttention(nn.Module):
@@ -50,13 +51,8 @@ class PagedAttention(nn.Module):
         out = torch.empty_like(q)
         if meta.decode_rows.numel():
             out[meta.decode_tokens] = self._decode(q[meta.decode_tokens], meta)
-        start = 0
-        starts = []
-        for ql in meta.query_lens:
-            starts.append(start)
-            start += ql
         for row in meta.prefill_rows:
-            s, ql = starts[row], meta.query_lens[row]
+            s, ql = meta.query_starts_host[row], meta.query_lens[row]
             out[s:s + ql] = self._prefill(q[s:s + ql], meta.block_tables[row], meta.context_lens_host[row])
         return out
 

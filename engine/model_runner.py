@@ -33,8 +33,7 @@ class StepPlan:
         for seq, n in zip(seqs, num_new_tokens):
             start = seq.num_computed_tokens
             starts.append(len(ids))
-            tokens = seq.token_ids()
-            ids.extend(tokens[start:start + n])
+            ids.extend(seq.token_ids(start, start + n))
             pos.extend(range(start, start + n))
             table = seq.block_table
             slots.extend(table[p // block_size] * block_size + p % block_size for p in range(start, start + n))
@@ -187,7 +186,7 @@ class ModelRunner:
             context_lens=plan.context_lens.to(dev), query_lens=qlens, context_lens_host=clens,
             decode_rows=torch.tensor(decode_rows, dtype=torch.long, device=dev),
             decode_tokens=starts[decode_rows].to(dev),
-            prefill_rows=[i for i, q in enumerate(qlens) if q > 1])
+            prefill_rows=[i for i, q in enumerate(qlens) if q > 1], query_starts_host=starts.tolist())
 
     @torch.inference_mode()
     def execute(self, plan: StepPlan) -> torch.Tensor | None:

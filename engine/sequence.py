@@ -54,8 +54,13 @@ class Sequence:
     def is_finished(self) -> bool:
         return self.status == SeqStatus.FINISHED
 
-    def token_ids(self) -> list[int]:
-        return self.prompt_token_ids + self.output_token_ids
+    def token_ids(self, start: int = 0, end: int | None = None) -> list[int]:
+        """Tokens [start, end) of prompt + output, without copying the whole sequence."""
+        n = len(self.prompt_token_ids)
+        end = self.num_tokens if end is None else end
+        if start >= n:
+            return self.output_token_ids[start - n:end - n]
+        return self.prompt_token_ids[start:end] + self.output_token_ids[:max(0, end - n)]
 
     def append(self, token_id: int) -> None:
         if self.first_token_time is None:
