@@ -76,6 +76,26 @@ def step_times(engine: LLMEngine, batch: int, context: int, steps: int, vocab: i
     return times
 
 
+def profile_steps(engine: LLMEngine, context: int, vocab: int, path: Path) -> None:
+    """Where a batch-1 step's time goes: host and GPU time per operator over 20 steps."""
+    from torch.profiler import ProfilerActivity, profile
+    rng = random.Random(0)
+    seq = engine.add_request([rng.randrange(vocab) for _ in range(context - 1)],
+                             SamplingParams(max_tokens=64, temperature=0, ignore_eos=True))
+    while seq.num_computed_tokens < seq.num_prompt_tokens:
+        engine.step()
+    engine.step()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(20):
+            engine.step()
+        torch.cuda.synchronize()
+    engine.abort(seq)
+    table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=40)
+    table += "\n" + prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=25)
+    path.write_text(table)
+    print(f"profile -> {path}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", default="llama-3.2-1b")
@@ -85,6 +105,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--commit", default=None)
     ap.add_argument("--name", default=None)
+    ap.add_argument("--profile", default=None, help="write a torch profiler table of batch-1 steps to this file")
     args = ap.parse_args()
     cfg = hf_config(args.shape)
     bw = copy_bandwidth()
@@ -103,6 +124,8 @@ def main() -> None:
                                  tok_per_s=b / t))
                 print(f"batch {b:4d}: step {t * 1e3:7.3f} ms   floor {floor * 1e3:7.3f} ms   floor/step {floor / t:5.2f}"
                       f"   {b / t:9.0f} tok/s", flush=True)
+            if args.profile:
+                profile_steps(engine, args.context, cfg.vocab_size, Path(args.profile))
     ratio = rows[0]["ratio"]
     print(f"copy bandwidth {bw / 1e9:.0f} GB/s (read + write); ratio at batch {rows[0]['batch']}: {ratio:.2f}  target 0.5")
     suffix = "" if (args.shape, args.tp) == ("llama-3.2-1b", 1) else f"_{args.shape}_tp{args.tp}"

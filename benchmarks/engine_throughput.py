@@ -13,6 +13,7 @@ ratio = ours / transformers output tokens per second; target 10."""
 from __future__ import annotations
 
 import argparse
+import gc
 import random
 import sys
 import tempfile
@@ -36,8 +37,8 @@ def workload(n: int, vocab: int, lo: int, hi: int, seed: int = 0):
     return prompts, outputs
 
 
-def run_ours(folder: Path, args, prompts, outputs) -> dict:
-    cfg = EngineConfig(model=str(folder), tp=args.tp, device=args.device, dtype="bfloat16", load_format="dummy",
+def run_ours(folder: Path, args, tp: int, prompts, outputs) -> dict:
+    cfg = EngineConfig(model=str(folder), tp=tp, device=args.device, dtype="bfloat16", load_format="dummy",
                        max_num_seqs=args.num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                        max_model_len=args.max_model_len, gpu_memory_utilization=0.85)
     t0 = time.perf_counter()
@@ -50,9 +51,12 @@ def run_ours(folder: Path, args, prompts, outputs) -> dict:
         done = engine.generate(prompts, params)
         wall = time.perf_counter() - t
         blocks = engine.blocks.num_blocks
+    del engine
+    gc.collect()
+    torch.cuda.empty_cache() if torch.cuda.is_available() else None
     tokens = sum(len(c.token_ids) for c in done)
     assert tokens == sum(outputs)
-    return dict(output_tokens=tokens, seconds=wall, tok_per_s=tokens / wall, start_s=start_s, kv_blocks=blocks)
+    return dict(tp=tp, output_tokens=tokens, seconds=wall, tok_per_s=tokens / wall, start_s=start_s, kv_blocks=blocks)
 
 
 def run_hf(args, prompts) -> dict:
@@ -75,7 +79,8 @@ def run_hf(args, prompts) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", default="llama-3.2-1b")
-    ap.add_argument("--tp", type=int, default=1)
+    ap.add_argument("--tp", type=int, nargs="+", default=[1],
+                    help="TP sizes to run ours at (the ratio uses the last; more than one adds the scaling)")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--num-seqs", type=int, default=256)
     ap.add_argument("--min-len", type=int, default=100)
@@ -89,22 +94,32 @@ def main() -> None:
     args = ap.parse_args()
     vocab = hf_config(args.shape).vocab_size
     prompts, outputs = workload(args.num_seqs, vocab, args.min_len, args.max_len)
+    runs = []
     with tempfile.TemporaryDirectory() as tmp:
-        ours = run_ours(write_config_folder(args.shape, Path(tmp) / args.shape), args, prompts, outputs)
-    print(f"pdserve      {ours['output_tokens']:8d} tokens in {ours['seconds']:7.2f} s = {ours['tok_per_s']:9.0f} tok/s",
-          flush=True)
+        folder = write_config_folder(args.shape, Path(tmp) / args.shape)
+        for tp in args.tp:
+            runs.append(run_ours(folder, args, tp, prompts, outputs))
+            r = runs[-1]
+            print(f"pdserve tp{tp}  {r['output_tokens']:8d} tokens in {r['seconds']:7.2f} s = {r['tok_per_s']:9.0f} tok/s",
+                  flush=True)
+    ours = runs[-1]
+    scaling = {f"tp{r['tp']}_over_tp{runs[0]['tp']}": r["tok_per_s"] / runs[0]["tok_per_s"] for r in runs[1:]}
+    for k, v in scaling.items():
+        print(f"throughput {k}: {v:.2f}")
     if args.skip_hf:
         return
     hf = run_hf(args, prompts)
     print(f"transformers {hf['output_tokens']:8d} tokens in {hf['seconds']:7.2f} s = {hf['tok_per_s']:9.0f} tok/s")
     ratio = ours["tok_per_s"] / hf["tok_per_s"]
     print(f"ratio (ours / transformers generate_batch): {ratio:.2f}  target 10")
-    suffix = "" if (args.shape, args.tp) == ("llama-3.2-1b", 1) else f"_{args.shape}_tp{args.tp}"
-    config = dict(shape=args.shape, tp=args.tp, num_seqs=args.num_seqs, input_len=[args.min_len, args.max_len],
+    tp = args.tp[-1]
+    suffix = "" if (args.shape, tp) == ("llama-3.2-1b", 1) else f"_{args.shape}_tp{tp}"
+    config = dict(shape=args.shape, tp=tp, tp_runs=args.tp, num_seqs=args.num_seqs, input_len=[args.min_len, args.max_len],
                   output_len=[args.min_len, args.max_len], ignore_eos=True, seed=0, dtype="bfloat16",
                   max_num_batched_tokens=args.max_num_batched_tokens, hf_max_new_tokens=args.hf_max_new_tokens)
     path = write_result(args.name or f"engine_throughput{suffix}", "engine_throughput", ratio, 10.0, config,
-                        commit_id=args.commit, ours=ours, transformers=hf)
+                        commit_id=args.commit, ours=ours, transformers=hf,
+                        ours_by_tp=runs, tp_scaling=scaling)
     print(f"-> {path}")
 
 

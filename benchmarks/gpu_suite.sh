@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# Every GPU measurement and GPU test, by group, in one command (run on a GPU host
+# from the repository root):
+#
+#   bash benchmarks/gpu_suite.sh [--commit HASH] GROUP...
+#
+# Groups: tests-engine (tests/gpu engine and bf16 parity), engine-1b (decode_latency
+# and engine_throughput on the Llama-3.2-1B shape), engine-8b (both on the
+# Llama-3.1-8B shape at TP 1 and TP 2), goodput (both workloads, 1P1D against 2
+# colocated), nccl (NCCL KV transfer benchmarks and tests/gpu cluster tests).
+# Result JSONs land in benchmarks/results/ and, where $OUT is set, are copied there.
+set -u
+commit=()
+if [ "${1:-}" = "--commit" ]; then commit=(--commit "$2"); shift 2; fi
+export PYTHONUNBUFFERED=1
+out=${OUT:-}
+status=0
+run() {  # run NAME TIMEOUT CMD...: one step, its log kept, its failure remembered
+    local name=$1 limit=$2; shift 2
+    echo "=== $name: $*"
+    local t=$SECONDS
+    if [ -n "$out" ]; then timeout "$limit" "$@" 2>&1 | tee -a "$out/suite.log"; rc=${PIPESTATUS[0]}
+    else timeout "$limit" "$@"; rc=$?; fi
+    echo "=== $name: exit $rc in $((SECONDS - t)) s"
+    [ "$rc" = 0 ] || status=1
+}
+gpus=$(python3 -c 'import torch; print(torch.cuda.device_count())')
+for group in "$@"; do
+    case $group in
+        tests-engine)
+            run tests-engine 420 python3 -m pytest -q -x -s tests/gpu/test_gpu_engine.py tests/gpu/test_gpu_bf16.py ;;
+        engine-1b)
+            run decode-1b 150 python3 benchmarks/decode_latency.py "${commit[@]}" ${out:+--profile "$out/profile_1b.txt"}
+            run throughput-1b 300 python3 benchmarks/engine_throughput.py "${commit[@]}" ;;
+        engine-8b)
+            run decode-8b-tp1 150 python3 benchmarks/decode_latency.py --shape llama-3.1-8b --tp 1 "${commit[@]}"
+            [ "$gpus" -ge 2 ] && run decode-8b-tp2 150 python3 benchmarks/decode_latency.py --shape llama-3.1-8b --tp 2 "${commit[@]}"
+            [ "$gpus" -ge 2 ] && run throughput-8b 400 python3 benchmarks/engine_throughput.py --shape llama-3.1-8b --tp 1 2 \
+                --hf-max-new-tokens 128 "${commit[@]}" ;;
+        goodput)
+            run goodput-prefill 300 python3 benchmarks/goodput.py --workload prefill-heavy --device cuda "${commit[@]}"
+            run goodput-decode 300 python3 benchmarks/goodput.py --workload decode-heavy --device cuda "${commit[@]}" ;;
+        nccl)
+            run kv-nccl 150 python3 benchmarks/kv_transfer.py --transport nccl "${commit[@]}"
+            run kv-exposed 200 python3 benchmarks/kv_exposed.py "${commit[@]}"
+            run tests-cluster 300 python3 -m pytest -q -x -s tests/gpu/test_gpu_cluster.py ;;
+        *) echo "unknown group $group"; status=1 ;;
+    esac
+done
+if [ -n "$out" ]; then
+    tar czf "$out/results.tgz" benchmarks/results  # one file: few files come back from a device run
+fi
+exit $status
