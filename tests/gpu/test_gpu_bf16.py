@@ -2,10 +2,16 @@
 (skipped without CUDA): Llama-3.2-1B-shaped and Qwen2.5-0.5B-shaped, TP 1 and 2.
 
 bf16 arithmetic differs between any two implementations, so the rule is DESIGN.md's
-with a bf16 tolerance: most prompts must match token for token over 32 tokens, and
-where one diverges, the token we chose must be within BF16_ULPS units in the last
-place (bf16) of the reference's top logit at that step (a near-tie in bf16), never
-a clear miss."""
+with a bf16 tolerance. Free-running: where our 32 greedy tokens leave the
+reference's, the token we chose must be within BF16_ULPS units in the last place
+(bf16) of the reference's top logit at that step (a near-tie in bf16), never a
+clear miss. Random weights give flat logits (the top two of 128k random logits are
+often closer than bf16 rounding), so a near-tie comes every ten steps or so and a
+whole 32-token run rarely stays exact, for any two bf16 implementations. The
+token-exactness check is therefore made step by step, teacher-forced: given the
+reference's own prefix at each of the 32 steps, our next token must equal the
+reference's in at least MIN_STEP_AGREEMENT of the steps, and every miss must be a
+near-tie as above."""
 from __future__ import annotations
 
 import math
@@ -22,6 +28,7 @@ from engine.sampling_params import SamplingParams
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 BF16_ULPS = 4
+MIN_STEP_AGREEMENT = 0.8
 
 
 def bf16_tolerance(top: float) -> float:
@@ -69,18 +76,35 @@ def test_bf16_greedy_matches_transformers_within_bf16_tolerance(checkpoints, sha
                        gpu_memory_utilization=0.3)
     with LLMEngine(cfg) as engine:
         outs = engine.generate(prompts, SamplingParams(max_tokens=NEW_TOKENS, temperature=0, ignore_eos=True))
+        # teacher-forced: every prefix of the reference's run, one token each
+        refs = [reference(model, prompt) for prompt in prompts]
+        forced = [prompt + tokens[:i] for prompt, (tokens, _) in zip(prompts, refs) for i in range(NEW_TOKENS)]
+        step_outs = engine.generate(forced, SamplingParams(max_tokens=1, temperature=0, ignore_eos=True))
     exact, report = 0, []
-    for prompt, out in zip(prompts, outs):
-        tokens, logits = reference(model, prompt)
+    for prompt, out, (tokens, logits) in zip(prompts, outs, refs):
         diverged = next((i for i, (a, b) in enumerate(zip(out.token_ids, tokens)) if a != b), None)
         if diverged is None:
             exact += 1
             continue
-        step = logits[diverged]
-        top = step.max().item()
-        shortfall = top - step[out.token_ids[diverged]].item()
-        report.append((len(prompt), diverged, round(top, 3), round(shortfall, 4)))
-        assert shortfall <= bf16_tolerance(top), \
-            f"{shape} tp{tp}: a clear miss at step {diverged} (top {top:.3f}, short by {shortfall:.3f}): {report}"
-    print(f"{shape} tp{tp}: {exact}/{len(prompts)} exact over {NEW_TOKENS} tokens; divergences {report}")
-    assert exact >= len(prompts) // 2, f"only {exact}/{len(prompts)} prompts exact: {report}"
+        report.append(near_tie(shape, tp, logits[diverged], out.token_ids[diverged], f"free run, step {diverged}"))
+    agree, misses = 0, []
+    for j, out in enumerate(step_outs):
+        tokens, logits = refs[j // NEW_TOKENS]
+        i = j % NEW_TOKENS
+        if out.token_ids[0] == tokens[i]:
+            agree += 1
+        else:
+            misses.append(near_tie(shape, tp, logits[i], out.token_ids[0], f"teacher-forced, step {i}"))
+    rate = agree / len(step_outs)
+    print(f"{shape} tp{tp}: free run {exact}/{len(prompts)} exact over {NEW_TOKENS} tokens, divergences {report}; "
+          f"teacher-forced agreement {agree}/{len(step_outs)} ({rate:.1%}), misses {misses}")
+    assert rate >= MIN_STEP_AGREEMENT, f"{shape} tp{tp}: step agreement {rate:.1%} < {MIN_STEP_AGREEMENT:.0%}"
+
+
+def near_tie(shape: str, tp: int, step_logits: torch.Tensor, ours: int, where: str) -> tuple:
+    """Assert our token's reference logit is within bf16 tolerance of the top one; return the figures."""
+    top = step_logits.max().item()
+    shortfall = top - step_logits[ours].item()
+    assert shortfall <= bf16_tolerance(top), \
+        f"{shape} tp{tp}: a clear miss ({where}): top logit {top:.3f}, ours short by {shortfall:.4f}"
+    return round(top, 3), round(shortfall, 4)
