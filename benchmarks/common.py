@@ -67,11 +67,11 @@ def commit(given: str | None = None) -> str:
         return "unknown"
 
 
-def write_result(name: str, benchmark: str, ratio: float, target: float, config: dict, commit_id: str | None = None,
+def write_result(name: str, benchmark: str, ratio: float | None, target: float, config: dict, commit_id: str | None = None,
                  **details) -> Path:
     import torch
     result = dict(benchmark=benchmark, device=device_name(), date=datetime.datetime.now(datetime.timezone.utc)
-                  .isoformat(timespec="seconds"), commit=commit(commit_id), ratio=round(ratio, 4), target=target,
+                  .isoformat(timespec="seconds"), commit=commit(commit_id), ratio=None if ratio is None else round(ratio, 4), target=target,
                   config=config, torch=torch.__version__, **details)
     RESULTS.mkdir(exist_ok=True)
     path = RESULTS / f"{name}.json"

@@ -2,9 +2,11 @@
 
     python benchmarks/goodput.py --workload prefill-heavy [--model M | --shape llama-3.2-1b] [--device cuda]
 
-Starts a 1 prefill + 1 decode cluster, runs a rate sweep with bisection for the
-maximum goodput (`pdserve bench --sweep`), stops it, then does the same with 2
-colocated nodes on the same devices. Goodput per GPU = max goodput rate / GPUs
+Starts 2 colocated nodes, measures the unloaded latency (concurrency 1) and sets
+the SLOs from it unless --ttft/--tpot are given (TTFT and TPOT multiples per
+workload: DistServe scales SLOs to the model and device the same way), runs a rate
+sweep with bisection for the maximum goodput (`pdserve bench --sweep`), stops it,
+then does the same sweep on a 1 prefill + 1 decode cluster on the same devices. Goodput per GPU = max goodput rate / GPUs
 used; ratio = disaggregated / colocated goodput per GPU (DistServe's target: 2x on
 the workload its argument applies to). Each side's curves, summary and plot land
 in benchmarks/results/goodput_<workload>/; the headline JSON in
@@ -23,34 +25,51 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.common import RESULTS, write_config_folder, write_result  # noqa: E402
 from pdserve.cluster import Cluster, ClusterConfig, free_port  # noqa: E402
 
-WORKLOADS = {  # name -> (input len, output len, ttft SLO ms, tpot SLO ms)
-    "prefill-heavy": (2048, 64, 1500, 30),
-    "decode-heavy": (128, 512, 400, 25),
+WORKLOADS = {  # name -> (input len, output len, TTFT SLO, TPOT SLO as multiples of the unloaded latency)
+    "prefill-heavy": (2048, 64, 3.0, 1.5),    # long prompts, short outputs, tight TPOT
+    "decode-heavy": (128, 512, 3.0, 2.0),     # short prompts, long outputs
 }
 
 
-def measure(kind: str, a: argparse.Namespace, model: str, out: Path) -> dict:
-    n_in, n_out, ttft, tpot = WORKLOADS[a.workload]
-    ttft, tpot = a.ttft or ttft, a.tpot or tpot
+def bench(listen: str, a: argparse.Namespace, out: Path, name: str, extra: list[str]) -> dict:
+    n_in, n_out = WORKLOADS[a.workload][:2]
+    cmd = [sys.executable, "-m", "pdserve", "bench", "--coordinator", listen, "--random-input-len", str(n_in),
+           "--random-output-len", str(n_out), "--random-range-ratio", "0.2", "--result-dir", str(out),
+           "--result-filename", f"{name}.json", "--disable-tqdm", *extra]
+    subprocess.run(cmd, check=True)
+    return json.loads((out / f"{name}.json").read_text())
+
+
+def unloaded_slos(listen: str, a: argparse.Namespace, out: Path) -> dict:
+    """SLOs as multiples of the median TTFT and TPOT at concurrency 1."""
+    base = bench(listen, a, out, "baseline", ["--num-prompts", "12", "--max-concurrency", "1", "--save-result"])
+    ttft_x, tpot_x = WORKLOADS[a.workload][2:]
+    slos = dict(ttft=round(base["median_ttft_ms"] * ttft_x, 1), tpot=round(base["median_tpot_ms"] * tpot_x, 2),
+                baseline_ttft_ms=base["median_ttft_ms"], baseline_tpot_ms=base["median_tpot_ms"])
+    print(f"unloaded: TTFT {base['median_ttft_ms']:.1f} ms, TPOT {base['median_tpot_ms']:.2f} ms -> SLOs "
+          f"TTFT {slos['ttft']} ms, TPOT {slos['tpot']} ms", flush=True)
+    return slos
+
+
+def measure(kind: str, a: argparse.Namespace, model: str, out: Path, slos: dict | None) -> tuple[dict, dict]:
     listen = f"127.0.0.1:{free_port()}"
     pools = dict(prefill=1, decode=1) if kind == "disaggregated" else dict(prefill=0, decode=0, colocated=2)
     cluster = Cluster(ClusterConfig(listen=listen, model=model, device=a.device, kv_blocks=a.kv_blocks,
                                     load_format="auto" if a.model else "dummy",
-                                    max_num_seqs=a.max_num_seqs, log_dir=tempfile.mkdtemp(), **pools))
+                                    max_num_seqs=a.max_num_seqs, log_dir=tempfile.mkdtemp(),
+                                    kv_transport=a.kv_transport if kind == "disaggregated" else "zmq", **pools))
     try:
         cluster.start()
-        cmd = [sys.executable, "-m", "pdserve", "bench", "--coordinator", listen, "--num-prompts", str(a.num_prompts),
-               "--random-input-len", str(n_in), "--random-output-len", str(n_out), "--random-range-ratio", "0.2",
-               "--goodput", f"ttft:{ttft}", f"tpot:{tpot}", "--sweep", a.rates, "--bisect-steps", str(a.bisect_steps),
-               "--result-dir", str(out), "--result-filename", f"{kind}.json", "--label", f"{kind} ({a.workload})",
-               "--disable-tqdm"]
-        subprocess.run(cmd, check=True)
+        if slos is None:
+            slos = unloaded_slos(listen, a, out)
+        result = bench(listen, a, out, kind, [
+            "--num-prompts", str(a.num_prompts), "--goodput", f"ttft:{slos['ttft']}", f"tpot:{slos['tpot']}",
+            "--sweep", a.rates, "--bisect-steps", str(a.bisect_steps), "--label", f"{kind} ({a.workload})"])
     finally:
         cluster.stop()
-    result = json.loads((out / f"{kind}.json").read_text())
     gpus = 2  # both sides use two devices: 1P + 1D, or 2 colocated nodes
     return dict(max_goodput_rate=result["sweep"]["max_goodput_rate"], gpus=gpus,
-                goodput_per_gpu=result["sweep"]["max_goodput_rate"] / gpus, curve=result["sweep"]["curve"])
+                goodput_per_gpu=result["sweep"]["max_goodput_rate"] / gpus, curve=result["sweep"]["curve"]), slos
 
 
 def main() -> None:
@@ -59,11 +78,13 @@ def main() -> None:
     ap.add_argument("--model", default=None, help="checkpoint folder (default: random weights of --shape)")
     ap.add_argument("--shape", default="llama-3.2-1b")
     ap.add_argument("--device", default="auto")
-    ap.add_argument("--rates", default="1,2,4,8,16")
+    ap.add_argument("--rates", default="4,8,16,32,64")
     ap.add_argument("--bisect-steps", type=int, default=3)
-    ap.add_argument("--num-prompts", type=int, default=200)
-    ap.add_argument("--ttft", type=float, default=None, help="TTFT SLO ms (default per workload)")
-    ap.add_argument("--tpot", type=float, default=None, help="TPOT SLO ms (default per workload)")
+    ap.add_argument("--num-prompts", type=int, default=60)
+    ap.add_argument("--ttft", type=float, default=None, help="TTFT SLO ms (default: a multiple of the unloaded TTFT)")
+    ap.add_argument("--tpot", type=float, default=None, help="TPOT SLO ms (default: a multiple of the unloaded TPOT)")
+    ap.add_argument("--kv-transport", default="nccl", choices=["zmq", "nccl"],
+                    help="the disaggregated cluster's KV transport (nccl needs GPUs; gloo stands in on CPU)")
     ap.add_argument("--kv-blocks", type=int, default=None)
     ap.add_argument("--max-num-seqs", type=int, default=128)
     ap.add_argument("--commit", default=None)
@@ -72,15 +93,19 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         model = args.model or str(write_config_folder(args.shape, Path(tmp) / args.shape))
-        disagg = measure("disaggregated", args, model, out)
-        coloc = measure("colocated", args, model, out)
-    ratio = disagg["goodput_per_gpu"] / coloc["goodput_per_gpu"] if coloc["goodput_per_gpu"] else float("inf")
+        given = dict(ttft=args.ttft, tpot=args.tpot) if args.ttft and args.tpot else None
+        coloc, slos = measure("colocated", args, model, out, given)
+        disagg, _ = measure("disaggregated", args, model, out, slos)
+    # no ratio when colocated met the SLOs at no rate of the sweep (lower the rates)
+    ratio = disagg["goodput_per_gpu"] / coloc["goodput_per_gpu"] if coloc["goodput_per_gpu"] else None
     print(f"goodput per GPU: disaggregated {disagg['goodput_per_gpu']:.2f}, colocated {coloc['goodput_per_gpu']:.2f} "
-          f"req/s -> ratio {ratio:.2f} (target 2)")
-    n_in, n_out, ttft, tpot = WORKLOADS[args.workload]
-    config = dict(workload=args.workload, input_len=n_in, output_len=n_out, ttft_ms=args.ttft or ttft,
-                  tpot_ms=args.tpot or tpot, rates=args.rates, num_prompts=args.num_prompts,
-                  model=args.model or args.shape, device=args.device)
+          f"req/s -> ratio {ratio if ratio is None else round(ratio, 2)} (target 2)")
+    n_in, n_out = WORKLOADS[args.workload][:2]
+    config = dict(workload=args.workload, input_len=n_in, output_len=n_out, ttft_ms=slos["ttft"], tpot_ms=slos["tpot"],
+                  slo_rule="given" if given else "TTFT x%g, TPOT x%g of unloaded" % WORKLOADS[args.workload][2:],
+                  unloaded=dict(ttft_ms=slos.get("baseline_ttft_ms"), tpot_ms=slos.get("baseline_tpot_ms")),
+                  rates=args.rates, num_prompts=args.num_prompts, model=args.model or args.shape, device=args.device,
+                  kv_transport=args.kv_transport)
     path = write_result(f"goodput_{args.workload.replace('-', '_')}", f"goodput_{args.workload.replace('-', '_')}",
                         ratio, 2.0, config, commit_id=args.commit, disaggregated=disagg, colocated=coloc)
     print(f"-> {path}")
