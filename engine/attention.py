@@ -36,11 +36,13 @@ class PagedAttention(nn.Module):
         self.num_heads, self.num_kv_heads, self.head_dim, self.scale = num_heads, num_kv_heads, head_dim, scale
         self.k_cache = self.v_cache = torch.empty(0)
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        # q [T, H, D], k/v [T, Hkv, D]
+    def forward(self, q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor | None,
+                meta: AttentionMetadata) -> torch.Tensor:
+        # q [T, H, D], k/v [T, Hkv, D]; triton path: k/v None when already in the cache (fused RoPE + store)
         if meta.triton:
             from engine import triton_attention as ta
-            ta.store_kv(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
+            if k is not None:
+                ta.store_kv(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
             if meta.max_query_len == 1:
                 return ta.paged_decode(q, self.k_cache, self.v_cache, meta.block_tables, meta.context_lens, self.scale)
             return ta.paged_prefill(q, self.k_cache, self.v_cache, meta.block_tables, meta.query_starts,

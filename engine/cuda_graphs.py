@@ -4,12 +4,19 @@ A decode-only step of n sequences replays the smallest captured bucket >= n. The
 rows past n are padding: slot -1 (their K/V are written nowhere) and context 0
 (attention reads nothing). Prefill and mixed steps run eagerly. With TP, every
 rank captures the same buckets in the same order, so the NCCL collectives inside
-the graphs line up."""
+the graphs line up.
+
+A replay moves its inputs in one host-to-device copy: the step is packed into pinned
+memory as [n, m, ids, positions, slots, context, tables[n, m], sample_tokens], and a
+kernel captured at the head of each graph spreads it over the graph's static inputs
+and pads the rows past n."""
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from engine.attention import AttentionMetadata
+from engine.triton_ops import unpack_decode_inputs
 
 
 class DecodeGraphs:
@@ -26,6 +33,13 @@ class DecodeGraphs:
         self.slots = torch.full((self.max_batch,), -1, dtype=torch.long, device=dev)
         self.tables = torch.zeros(self.max_batch, max_blocks, dtype=torch.int32, device=dev)
         self.context = torch.zeros(self.max_batch, dtype=torch.int32, device=dev)
+        self.packed = torch.zeros(2 + 5 * self.max_batch + self.max_batch * max_blocks, dtype=torch.long, device=dev)
+        # two pinned staging buffers, used in turn; each one's event marks its last copy done
+        self.staging = [torch.zeros(0, dtype=torch.long) for _ in range(2)]
+        self.staging_np = [s.numpy() for s in self.staging]
+        self.copied: list[torch.cuda.Event | None] = [None, None]
+        self.turn = 0
+        self.arange = np.arange(self.max_batch)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.logits: dict[int, torch.Tensor] = {}     # logits (TP 1) or hidden states (TP > 1)
 
@@ -40,16 +54,22 @@ class DecodeGraphs:
                                  decode_rows=torch.empty(0), decode_tokens=torch.empty(0), prefill_rows=[],
                                  triton=True, max_query_len=1)
 
+    def _unpack(self, b: int) -> None:
+        unpack_decode_inputs(self.packed, self.ids[:b], self.positions[:b], self.slots[:b], self.context[:b],
+                             self.tables[:b])
+
     @torch.inference_mode()
     def capture(self) -> None:
         model, pool = self.runner.model, None
         for b in reversed(self.buckets):  # largest first, so smaller graphs reuse its memory pool
             meta = self._meta(b)
-            for _ in range(2):  # warm up (Triton compiles, allocator settles)
+            for _ in range(2):  # warm up (Triton compiles, allocator settles); packed n = 0: all padding
+                self._unpack(b)
                 model.compute_logits(model(self.ids[:b], self.positions[:b], meta))
             torch.cuda.synchronize(self.runner.device)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
+                self._unpack(b)
                 hidden = model(self.ids[:b], self.positions[:b], meta)
                 # with TP the LM head's gather (point-to-point) runs eagerly after the replay
                 self.logits[b] = model.compute_logits(hidden) if self.runner.cfg.tp == 1 else hidden
@@ -60,16 +80,32 @@ class DecodeGraphs:
     def replay(self, plan) -> torch.Tensor | None:
         n = plan.query_lens.numel()
         b = next(x for x in self.buckets if x >= n)
-        dev = self.runner.device
         m = plan.block_tables.shape[1]
-        self.ids[:n].copy_(plan.input_ids, non_blocking=True)
-        self.positions[:n].copy_(plan.positions, non_blocking=True)
-        self.slots[:n].copy_(plan.slot_mapping, non_blocking=True)
-        self.context[:n].copy_(plan.context_lens, non_blocking=True)
-        self.tables[:n, :m].copy_(plan.block_tables, non_blocking=True)
-        if b > n:
-            self.slots[n:b].fill_(-1)
-            self.context[n:b].zero_()
+        sample = plan.sample_tokens.numpy()
+        every_row = sample.size == n and np.array_equal(sample, self.arange[:n])  # the usual decode step
+        size = 2 + 4 * n + n * m + (0 if every_row else sample.size)
+        # pack the step into pinned memory (numpy: far cheaper per piece than torch ops)
+        i, self.turn = self.turn, self.turn ^ 1
+        if self.copied[i] is not None:
+            self.copied[i].synchronize()  # the copy from two steps ago has long read this buffer
+        else:
+            self.copied[i] = torch.cuda.Event()
+        if self.staging[i].numel() < size:
+            self.staging[i] = torch.empty(min(max(size, 4096, 2 * self.staging[i].numel()), self.packed.numel()),
+                                          dtype=torch.long, pin_memory=True)
+            self.staging_np[i] = self.staging[i].numpy()
+        host = self.staging_np[i]
+        host[0], host[1] = n, m
+        o = 2
+        for part in (plan.input_ids, plan.positions, plan.slot_mapping, plan.context_lens):
+            host[o:o + n] = part.numpy()
+            o += n
+        host[o:o + n * m] = plan.block_tables.numpy().reshape(-1)
+        o += n * m
+        if not every_row:
+            host[o:size] = sample
+        self.packed[:size].copy_(self.staging[i][:size], non_blocking=True)
+        self.copied[i].record()
         self.graphs[b].replay()
-        out = self.logits[b][plan.sample_tokens.to(dev)]
+        out = self.logits[b][:n] if every_row else self.logits[b][self.packed[o:size]]
         return out if self.runner.cfg.tp == 1 else self.runner.model.compute_logits(out)

@@ -164,6 +164,13 @@ class RotaryEmbedding(nn.Module):
         sin = self.sin[positions].to(q.dtype).unsqueeze(1)
         return _rotate(q, cos, sin), _rotate(k, cos, sin)
 
+    def rope_store_kv(self, qkv: torch.Tensor, heads: int, kv_heads: int, positions: torch.Tensor,
+                      k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor) -> torch.Tensor:
+        """CUDA: one kernel rotates q in place within the fused projection qkv [T, (heads + 2
+        kv_heads) * D] and writes rotated k and v into the KV cache; returns q [T, heads, D]."""
+        from engine.triton_ops import rope_store_kv
+        return rope_store_kv(qkv, heads, kv_heads, positions, self.cos, self.sin, k_cache, v_cache, slot_mapping)
+
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2

@@ -96,7 +96,12 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         d = self.head_dim
-        q, k, v = self.qkv_proj(x).split([self.heads * d, self.kv_heads * d, self.kv_heads * d], dim=-1)
+        qkv = self.qkv_proj(x)
+        if meta.triton and not self.qk_norm:  # one kernel: RoPE of q and k, k and v into the cache
+            q = self.rotary.rope_store_kv(qkv, self.heads, self.kv_heads, positions, self.attn.k_cache,
+                                          self.attn.v_cache, meta.slot_mapping)
+            return self.o_proj(self.attn(q, None, None, meta).reshape(-1, self.heads * d))
+        q, k, v = qkv.split([self.heads * d, self.kv_heads * d, self.kv_heads * d], dim=-1)
         q, k, v = q.view(-1, self.heads, d), k.view(-1, self.kv_heads, d), v.view(-1, self.kv_heads, d)
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)

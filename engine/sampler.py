@@ -15,13 +15,22 @@ def make_generator(seed: int | None, device) -> torch.Generator | None:
     return generator
 
 
+def _argmax(logits: torch.Tensor) -> torch.Tensor:
+    """First index of each row's maximum; on CUDA a two-stage Triton kernel (torch's
+    one-block reduction over a large vocab is latency bound)."""
+    if logits.is_cuda and logits.dim() == 2 and logits.numel() > 0:
+        from engine.triton_ops import argmax
+        return argmax(logits)
+    return logits.argmax(-1)
+
+
 class Sampler:
 
     def __call__(self, logits: torch.Tensor, params: list[SamplingParams], prompt_ids: list[list[int]],
                  output_ids: list[list[int]], generators: list[torch.Generator | None]) -> torch.Tensor:
         if any(p.has_penalties for p in params):
             logits = self.apply_penalties(logits.to(torch.float32, copy=True), params, prompt_ids, output_ids)
-        greedy_ids = logits.argmax(-1)  # without penalties: exactly the raw argmax
+        greedy_ids = _argmax(logits)  # without penalties: exactly the raw argmax
         if all(p.greedy for p in params):
             return greedy_ids.cpu()
 
