@@ -4,10 +4,11 @@
 #
 #   bash benchmarks/gpu_suite.sh [--commit HASH] GROUP...
 #
-# Groups: tests-engine (tests/gpu engine and bf16 parity), engine-1b (decode_latency
-# and engine_throughput on the Llama-3.2-1B shape), engine-8b (both on the
+# Groups: tests-engine (tests/gpu kernels, engine and bf16 parity), engine-1b
+# (decode-1b and throughput-1b: decode_latency and engine_throughput on the
+# Llama-3.2-1B shape), engine-8b (decode-8b and throughput-8b: both on the
 # Llama-3.1-8B shape at TP 1 and TP 2), goodput (both workloads, 1P1D against 2
-# colocated), nccl (NCCL KV transfer benchmarks and tests/gpu cluster tests).
+# colocated), nccl (NCCL KV transfer benchmarks and tests/gpu transport and cluster tests).
 # Result JSONs land in benchmarks/results/ and, where $OUT is set, are copied there.
 set -u
 commit=()
@@ -28,13 +29,18 @@ gpus=$(python3 -c 'import torch; print(torch.cuda.device_count())')
 for group in "$@"; do
     case $group in
         tests-engine)
-            run tests-engine 420 python3 -m pytest -q -x -s tests/gpu/test_gpu_engine.py tests/gpu/test_gpu_bf16.py ;;
-        engine-1b)
-            run decode-1b 150 python3 benchmarks/decode_latency.py "${commit[@]}" ${out:+--profile "$out/profile_1b.txt"}
+            run tests-kernels 120 python3 -m pytest -q -s tests/gpu/test_gpu_kernels.py
+            run tests-engine 300 python3 -m pytest -q -s tests/gpu/test_gpu_engine.py tests/gpu/test_gpu_bf16.py ;;
+        engine-1b) "$0" ${commit[@]+"${commit[@]}"} decode-1b throughput-1b || status=1 ;;
+        engine-8b) "$0" ${commit[@]+"${commit[@]}"} decode-8b throughput-8b || status=1 ;;
+        decode-1b)
+            run decode-1b 150 python3 benchmarks/decode_latency.py "${commit[@]}" ${out:+--profile "$out/profile_1b.txt"} ;;
+        throughput-1b)
             run throughput-1b 300 python3 benchmarks/engine_throughput.py "${commit[@]}" ;;
-        engine-8b)
+        decode-8b)
             run decode-8b-tp1 150 python3 benchmarks/decode_latency.py --shape llama-3.1-8b --tp 1 "${commit[@]}"
-            [ "$gpus" -ge 2 ] && run decode-8b-tp2 150 python3 benchmarks/decode_latency.py --shape llama-3.1-8b --tp 2 "${commit[@]}"
+            [ "$gpus" -ge 2 ] && run decode-8b-tp2 150 python3 benchmarks/decode_latency.py --shape llama-3.1-8b --tp 2 "${commit[@]}" ;;
+        throughput-8b)
             [ "$gpus" -ge 2 ] && run throughput-8b 400 python3 benchmarks/engine_throughput.py --shape llama-3.1-8b --tp 1 2 \
                 --hf-max-new-tokens 128 "${commit[@]}" ;;
         goodput)

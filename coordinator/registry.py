@@ -83,6 +83,16 @@ class Registry:
         return (not node.down and time.monotonic() - node.last_seen < self.timeout
                 and (node.streaming or node.role == api_pb2.ROLE_PREFILL))
 
+    def decode_peers(self, node: NodeEntry) -> list[node_pb2.Peer]:
+        """What a prefill node may send KV to (nothing for other roles): the live decode
+        nodes, so that it can set up its transport towards each before any request."""
+        if node.role != api_pb2.ROLE_PREFILL:
+            return []
+        return [node_pb2.Peer(node_id=n.id, epoch=n.epoch, address=n.address, kv_endpoint=n.kv_endpoint, tp=n.tp,
+                              compat_hash=n.model.compat_hash)
+                for n in self.nodes.values() if n.role == api_pb2.ROLE_DECODE and not n.down
+                and time.monotonic() - n.last_seen < self.timeout]
+
     def candidates(self, role: int) -> list[NodeEntry]:
         """Healthy nodes that can take a role (a colocated node takes both), best first:
         decode by load then free blocks, prefill by load then queued prompt tokens."""

@@ -133,13 +133,32 @@ class DecodeNode(NodeBase, node_pb2_grpc.DecodeNodeServicer):
         res = self.reservations.pop(req.request_id, None)
         if res is not None:
             self.kv.cancel(res.receiver.transfer_id)
-            await self.call(lambda engine: engine.release(res.blocks))
+            # the blocks go once the transfer ended: at once for ZeroMQ; for NCCL once
+            # receives already posted for them have ended
+            task = asyncio.create_task(self._release_when_ended(res))
+            self.waiters.add(task)
+            task.add_done_callback(self.waiters.discard)
             return node_pb2.AbortResponse(found=True)
         seq = self.running.pop(req.request_id, None)
         if seq is not None:
             await self.call(lambda engine: engine.abort(seq))
             return node_pb2.AbortResponse(found=True)
         return node_pb2.AbortResponse(found=False)
+
+    async def _release_when_ended(self, res: Reservation) -> None:
+        while not res.receiver.status.ended:
+            await asyncio.sleep(0.005)
+        await self.call(lambda engine: engine.release(res.blocks))
+
+    async def OpenKVPairs(self, req: node_pb2.KVPairsRequest, context) -> node_pb2.KVPairsResponse:
+        if not self.nccl:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                f"this decode node's KV transport is {self.cfg.kv_transport}, not nccl")
+        try:
+            host, port = self.kv.accept_pairs(req)
+        except ValueError as e:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
+        return node_pb2.KVPairsResponse(store_host=host, store_port=port, decode_tp=self.cfg.engine.tp)
 
     async def close(self, grace_s: float = 5.0) -> None:
         for task in list(self.waiters):

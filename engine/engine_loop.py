@@ -3,7 +3,9 @@
 Other threads never touch the engine: they submit functions with call(), which run
 on the loop thread between steps (in submission order), and receive each step's
 outputs through the on_step callback. If a step raises, the engine is unusable:
-on_fatal is called once and the loop stops."""
+on_fatal is called once and the loop stops. An optional poll(engine) runs before
+every step and while idle; while it returns True (work in flight outside the steps,
+like KV transfers), the idle loop wakes every millisecond to call it again."""
 from __future__ import annotations
 
 import queue
@@ -16,9 +18,9 @@ from engine.llm_engine import LLMEngine, StepOutput
 
 class EngineLoop:
     def __init__(self, engine: LLMEngine, on_step: Callable[[list[StepOutput]], None],
-                 on_fatal: Callable[[BaseException], None]):
+                 on_fatal: Callable[[BaseException], None], poll: Callable[[LLMEngine], bool] | None = None):
         self.engine = engine
-        self.on_step, self.on_fatal = on_step, on_fatal
+        self.on_step, self.on_fatal, self.poll = on_step, on_fatal, poll
         self.commands: queue.Queue = queue.Queue()
         self.thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
         self.stopping = False
@@ -45,8 +47,8 @@ class EngineLoop:
     def _run(self) -> None:
         try:
             while not self.stopping:
-                block = not self.engine.has_work()
-                self._drain(block)
+                busy = self.poll is not None and self.poll(self.engine)
+                self._drain(block=not self.engine.has_work(), timeout=0.001 if busy else 0.5)
                 if self.engine.has_work() and not self.stopping:
                     outs = self.engine.step()
                     if outs:
@@ -56,9 +58,9 @@ class EngineLoop:
             self._fail_pending(e)
             self.on_fatal(e)
 
-    def _drain(self, block: bool) -> None:
+    def _drain(self, block: bool, timeout: float) -> None:
         try:
-            item = self.commands.get(timeout=0.5) if block else self.commands.get_nowait()
+            item = self.commands.get(timeout=timeout) if block else self.commands.get_nowait()
         except queue.Empty:
             return
         while item is not None:

@@ -3,9 +3,11 @@ child processes (engine.worker) that receive each step's plan by broadcast.
 
 Commands are int64 tensors, never pickled objects: a 5-number header
 [command, *args] followed by an int64 body (the packed plan for RUN, block ids for
-EXPORT/IMPORT of KV, whose tensors then move by gather/scatter)."""
+EXPORT/IMPORT of KV, whose tensors then move by gather/scatter). KV commands of the
+NCCL transport (pairs, sends, receives, polls) carry a small JSON body as bytes."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -18,7 +20,7 @@ from engine import parallel
 from engine.config import EngineConfig
 from engine.model_runner import ModelRunner, StepPlan
 
-CMD_STOP, CMD_RUN, CMD_EXPORT, CMD_IMPORT = 0, 1, 2, 3
+CMD_STOP, CMD_RUN, CMD_EXPORT, CMD_IMPORT, CMD_KV = 0, 1, 2, 3, 4
 
 
 class Executor:
@@ -71,6 +73,14 @@ class Executor:
         self._send_kv_command(CMD_IMPORT, layer_start, num_layers, block_ids)
         self.runner.import_kv(layer_start, num_layers, block_ids, layers)
 
+    def kv(self, op: int, spec: dict):
+        """A KV-transport operation (engine.model_runner KV_*) on every rank; rank 0's result."""
+        if self.procs:
+            data = json.dumps(spec).encode()
+            self._broadcast(torch.tensor([CMD_KV, op, len(data), 0, 0]))
+            self._broadcast(torch.frombuffer(bytearray(data), dtype=torch.uint8))
+        return self.runner.kv_op(op, spec)
+
     def _send_kv_command(self, cmd: int, layer_start: int, num_layers: int, block_ids: list[int]) -> None:
         if self.procs:
             self._broadcast(torch.tensor([cmd, layer_start, num_layers, len(block_ids), 0]))
@@ -93,6 +103,8 @@ class Executor:
                 p.kill()
                 p.wait()
         self.procs = []
+        if self.runner is not None:
+            self.runner.close_kv()
         self.runner = None  # its CUDA graphs hold NCCL work: they go before the communicator does
         if self.cfg.tp > 1:
             _release_cuda()

@@ -18,7 +18,7 @@ from engine.model import ModelSpec
 from engine.sampler import Sampler, make_generator
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler
-from engine.model_runner import StepPlan
+from engine.model_runner import KV_CLOSE, KV_OPEN, KV_POLL, KV_RECV, KV_SEND, StepPlan
 from engine.sequence import Sequence
 
 
@@ -46,6 +46,9 @@ class LLMEngine:
     def __init__(self, cfg: EngineConfig):
         self.cfg = cfg
         self.executor: Executor | None = None
+        # NCCL KV transport: called on this thread with each sequence whose KV sends are
+        # issued in the coming step, in issue order (the receiver must post in that order)
+        self.on_kv_send = None
 
     def start(self) -> "LLMEngine":
         self.model_path = resolve_model(self.cfg.model)
@@ -79,12 +82,16 @@ class LLMEngine:
     # requests
 
     def add_request(self, prompt_token_ids: list[int], params: SamplingParams,
-                    request_id: str | None = None, prefill_only: bool = False) -> Sequence:
+                    request_id: str | None = None, prefill_only: bool = False,
+                    kv_send: dict | None = None) -> Sequence:
         """Validate and queue a request; raises ValueError with a readable message.
         A prefill_only request finishes after its first token ("prefilled") and keeps
-        its KV blocks for export until release()."""
+        its KV blocks for export until release(). kv_send ({"key", "dests"}: per TP rank,
+        the (pair, head start, heads) slices to send) streams its prompt KV over the
+        NCCL pairs during the step that completes its prefill."""
         self.validate(prompt_token_ids, params)
         seq = self._new_sequence(prompt_token_ids, params, request_id, prefill_only)
+        seq.kv_send = kv_send
         self.scheduler.add(seq)
         return seq
 
@@ -125,6 +132,25 @@ class LLMEngine:
         """Write [layer][tp rank] KV shards into reserved blocks on every rank."""
         self.executor.import_kv(layer_start, len(layers), block_ids, layers)
 
+    # NCCL KV transport (see kv_transfer.nccl_transport)
+
+    def kv_open_pairs(self, pairs: list[dict]) -> None:
+        """Join pair communicators ({name, rank, index, host, port}); blocks until every peer joined."""
+        self.executor.kv(KV_OPEN, {"pairs": pairs})
+
+    def kv_close_pairs(self, names: list[str]) -> None:
+        self.executor.kv(KV_CLOSE, {"pairs": names})
+
+    def kv_recv(self, key: int, block_ids: list[int], srcs: dict[str, list], num_layers: int) -> None:
+        """Post the receives of one transfer into reserved blocks on every rank (non-blocking)."""
+        self.executor.kv(KV_RECV, {"key": key, "blocks": block_ids, "srcs": srcs, "layers": num_layers})
+
+    def kv_poll(self, keys: list[int]) -> dict[int, tuple[bool, str]]:
+        """Transfers among keys that ended on every rank: key -> (ok, error)."""
+        if not keys:
+            return {}
+        return {k: (code == 2, err) for k, (code, err) in self.executor.kv(KV_POLL, {"keys": keys}).items()}
+
     def _new_sequence(self, prompt_token_ids, params, request_id, prefill_only) -> Sequence:
         seq = Sequence(prompt_token_ids, params, request_id, prefill_only)
         seq.generator = make_generator(params.seed, self.device)
@@ -156,6 +182,10 @@ class LLMEngine:
             return []
         rows = [i for i in range(len(batch)) if batch.samples(i)]
         plan = StepPlan.build(batch.seqs, batch.num_new_tokens, rows, self.cfg.block_size)
+        sends = [seq for seq, n in zip(batch.seqs, batch.num_new_tokens)
+                 if getattr(seq, "kv_send", None) and seq.num_computed_tokens + n >= seq.num_prompt_tokens]
+        if sends:
+            self._attach_sends(sends)
         logits = self.executor.execute(plan)
         self.scheduler.advance(batch)
         if not rows:
@@ -164,6 +194,16 @@ class LLMEngine:
         tokens = self.sampler(logits, [s.params for s in seqs], [s.prompt_token_ids for s in seqs],
                               [s.output_token_ids for s in seqs], [s.generator for s in seqs]).tolist()
         return [self._postprocess(seq, tok) for seq, tok in zip(seqs, tokens)]
+
+    def _attach_sends(self, seqs: list[Sequence]) -> None:
+        orders = []
+        for seq in seqs:
+            order, seq.kv_send = seq.kv_send, None
+            if self.on_kv_send is not None:
+                self.on_kv_send(seq, order)
+            blocks = seq.block_table[:self.blocks.blocks_for(seq.num_prompt_tokens)]
+            orders.append({"key": order["key"], "blocks": blocks, "dests": order["dests"]})
+        self.executor.kv(KV_SEND, {"sends": orders})
 
     def _postprocess(self, seq: Sequence, token: int) -> StepOutput:
         seq.append(token)

@@ -1,10 +1,16 @@
 """Runs the model on one TP rank: owns the weights, the KV pool and the step inputs.
 
 Rank 0 turns a scheduled batch into a StepPlan, a handful of int64 tensors packed
-into one buffer so it can be broadcast to the other ranks (no pickling)."""
+into one buffer so it can be broadcast to the other ranks (no pickling).
+
+The NCCL KV transport's per-rank work (kv_transfer.nccl_rank.RankKV) runs here too,
+through kv_op: pairs open and close, receives are posted, and sends are attached to
+the next step, whose forward records an event after each layer so that a layer's
+KV leaves while the next layers compute."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -15,6 +21,10 @@ from engine.config import EngineConfig
 from engine.kv_cache import KVCache
 from engine.loader import init_dummy_weights, load_config, load_weights
 from engine.model import CausalLM, ModelSpec
+
+
+KV_OPEN, KV_CLOSE, KV_SEND, KV_RECV, KV_POLL = range(5)
+KV_FAILED, KV_PENDING, KV_OK = 0, 1, 2   # poll codes: a MIN over the ranks lets one failure win
 
 
 @dataclass
@@ -92,6 +102,12 @@ class ModelRunner:
         self.kv_heads = self.spec.kv_heads_per_rank(cfg.tp)
         self.use_triton = self.device.type == "cuda" and _triton_ok(self.spec.head_dim, cfg.block_size)
         self.graphs = None
+        self.kv_xfer = None              # RankKV, made by the first KV-transport operation
+        self.kv_timeout_s = 30.0
+        self._sends: list[dict] = []     # KV sends attached to the next step
+        self._layer_events: list | None = None
+        self._kv_known: set[int] = set()  # keys of this rank's live transfers
+        self._kv_ended: dict[int, tuple[bool, str]] = {}
         self.num_blocks = self._pool_blocks()
         self.kv = KVCache(self.spec.num_layers, self.num_blocks, cfg.block_size, self.kv_heads,
                           self.spec.head_dim, self.dtype, self.device)
@@ -169,6 +185,80 @@ class ModelRunner:
         for i in range(num_layers):
             self.kv.import_layer(layer_start + i, block_ids, out[i])
 
+    # NCCL KV transport (every rank runs the same operations in the same order)
+
+    def kv_op(self, op: int, spec: dict):
+        if self.kv_xfer is None:
+            from kv_transfer.nccl_rank import RankKV
+            self.kv_xfer = RankKV(self.kv, self.device, timeout_s=self.kv_timeout_s)
+            for i, layer in enumerate(self.model.layers):
+                layer.register_forward_hook(partial(self._layer_done, i))
+        me = str(self.rank)
+        if op == KV_OPEN:  # in (prefill rank, decode rank) order on both sides: no rank waits on a busy peer
+            for pair in spec["pairs"]:
+                if pair["rank"] == self.rank:
+                    self.kv_xfer.open_pair(pair["name"], pair["host"], pair["port"], pair["index"])
+        elif op == KV_CLOSE:
+            for name in spec["pairs"]:
+                if name in self.kv_xfer.pairs:
+                    self.kv_xfer.close_pair(name)
+        elif op == KV_SEND:
+            self._sends.extend(spec["sends"])
+        elif op == KV_RECV:
+            srcs = spec["srcs"].get(me, [])
+            self._kv_known.add(spec["key"])
+            if srcs:
+                self.kv_xfer.recv(spec["key"], spec["blocks"], [tuple(s) for s in srcs], spec["layers"])
+            else:
+                self._kv_ended[spec["key"]] = (True, "")
+        elif op == KV_POLL:
+            return self._kv_poll(spec["keys"])
+        else:
+            raise RuntimeError(f"unknown KV operation {op}")
+
+    def _kv_poll(self, keys: list[int]) -> dict[int, tuple[int, str]]:
+        """key -> (code, error) for the given keys, codes MIN-reduced over the TP group
+        (rank 0's errors; a failure elsewhere says so). Reported ends are forgotten."""
+        self._kv_ended.update(self.kv_xfer.poll())
+        codes = []
+        for key in keys:
+            if key in self._kv_ended:
+                codes.append(KV_OK if self._kv_ended[key][0] else KV_FAILED)
+            else:
+                codes.append(KV_PENDING if key in self._kv_known else KV_OK)  # nothing for this rank to move
+        if self.cfg.tp > 1:
+            t = torch.tensor(codes, dtype=torch.long, device=self.device if self.device.type == "cuda" else "cpu")
+            torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN)
+            codes = t.tolist()
+        out = {}
+        for key, code in zip(keys, codes):
+            if code == KV_PENDING:
+                continue
+            ok, err = self._kv_ended.pop(key, (True, ""))
+            self._kv_known.discard(key)
+            out[key] = (code, err or ("" if code == KV_OK else "the transfer failed on another TP rank"))
+        return out
+
+    def _layer_done(self, layer: int, module, args, output) -> None:
+        if self._layer_events is not None:
+            self._layer_events[layer].record()
+
+    def _issue_sends(self, sends: list[dict]) -> None:
+        """After the forward was launched: each attached send leaves layer by layer."""
+        me = str(self.rank)
+        for s in sends:
+            dests = s["dests"].get(me, [])
+            self._kv_known.add(s["key"])
+            if dests:
+                self.kv_xfer.send(s["key"], s["blocks"], [tuple(d) for d in dests], self._layer_events)
+            else:
+                self._kv_ended[s["key"]] = (True, "")  # a replicated shard another rank sends
+
+    def close_kv(self) -> None:
+        if self.kv_xfer is not None:
+            self.kv_xfer.close()
+            self.kv_xfer = None
+
     def metadata(self, plan: StepPlan) -> AttentionMetadata:
         dev = self.device
         qlens, clens = plan.query_lens.tolist(), plan.context_lens.tolist()
@@ -192,10 +282,19 @@ class ModelRunner:
     def execute(self, plan: StepPlan) -> torch.Tensor | None:
         """Run one step; return the sampled rows' logits [S, V] in float32 on rank 0.
         A decode-only step that fits a captured CUDA graph replays it."""
-        if self.graphs is not None and self.graphs.fits(plan):
+        sends, self._sends = self._sends, []
+        if self.graphs is not None and self.graphs.fits(plan) and not sends:
             logits = self.graphs.replay(plan)
-        else:
-            hidden = self.model(plan.input_ids.to(self.device), plan.positions.to(self.device), self.metadata(plan))
+        else:  # eager; a step with KV sends records an event after each layer
+            if sends and self.device.type == "cuda":
+                self._layer_events = [torch.cuda.Event() for _ in range(self.spec.num_layers)]
+            try:
+                hidden = self.model(plan.input_ids.to(self.device), plan.positions.to(self.device),
+                                    self.metadata(plan))
+                if sends:
+                    self._issue_sends(sends)
+            finally:
+                self._layer_events = None
             if plan.sample_tokens.numel() == 0:
                 return None
             logits = self.model.compute_logits(hidden[plan.sample_tokens.to(self.device)])

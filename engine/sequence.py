@@ -41,6 +41,7 @@ class Sequence:
         # a prefill-only sequence stops after its first token and keeps its KV blocks
         # until release() (a prefill node exports them to a decode node first)
         self.prefill_only = prefill_only
+        self.kv_send: dict | None = None  # NCCL KV transport: sends issued when the prefill completes
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import json
 import signal
 from pathlib import Path
 
@@ -10,7 +11,7 @@ import torch
 
 from engine import parallel
 from engine.config import EngineConfig
-from engine.executor import CMD_EXPORT, CMD_IMPORT, CMD_RUN, CMD_STOP, _release_cuda
+from engine.executor import CMD_EXPORT, CMD_IMPORT, CMD_KV, CMD_RUN, CMD_STOP, _release_cuda
 from engine.model_runner import ModelRunner, StepPlan
 
 
@@ -44,6 +45,11 @@ def main() -> None:
             body = parallel.broadcast(torch.empty(StepPlan.body_numel(args), dtype=torch.long, device=comm))
             runner.execute(StepPlan.unpack(args, body.cpu()))
             continue
+        if kind == CMD_KV:
+            op, nbytes = args[:2].tolist()
+            data = parallel.broadcast(torch.empty(nbytes, dtype=torch.uint8, device=comm)).cpu()
+            runner.kv_op(op, json.loads(bytes(data.tolist())))
+            continue
         layer_start, num_layers, num_blocks = args[:3].tolist()
         blocks = parallel.broadcast(torch.empty(num_blocks, dtype=torch.long, device=comm)).cpu().tolist()
         if kind == CMD_EXPORT:
@@ -52,6 +58,7 @@ def main() -> None:
             runner.import_kv(layer_start, num_layers, blocks, None)
         else:
             raise RuntimeError(f"unknown command {kind}")
+    runner.close_kv()
     del runner  # CUDA graphs before the communicator
     _release_cuda()
     parallel.destroy()

@@ -73,6 +73,15 @@ class KVInbox:
             self._ended.pop(rx.transfer_id, None)
             self._expected[rx.transfer_id] = rx
 
+    def expected(self, transfer_id: str):
+        """The live receiver of a transfer, or None."""
+        with self._lock:
+            return self._expected.get(transfer_id)
+
+    def retire(self, rx) -> None:
+        """Forget a receiver that ended outside a message (the NCCL transport's data ends on the engine thread)."""
+        self._retire(rx, acked=rx.state == TransferState.DONE)
+
     def cancel(self, transfer_id: str) -> bool:
         with self._lock:
             rx = self._expected.get(transfer_id)

@@ -147,7 +147,10 @@ def build_parser() -> argparse.ArgumentParser:
                            help="both: a colocated node (prefill and decode in one continuous batch)")
         n.add_argument("--coordinator", required=True)
         n.add_argument("--listen", default="127.0.0.1:0", help="HOST:PORT of this node's gRPC server")
-        n.add_argument("--kv-transport", default="zmq", choices=["zmq"])
+        n.add_argument("--kv-transport", default="zmq", choices=["zmq", "nccl"],
+                       help="KV data plane: zmq (any hosts, the default) or nccl (GPU to GPU; gloo on CPU)")
+        n.add_argument("--kv-timeout", type=float, default=30.0,
+                       help="nccl: seconds a transfer may take before its pair is aborted and rebuilt")
         n.add_argument("--kv-host", default="127.0.0.1", help="decode: address the KV receiver binds")
         n.add_argument("--kv-ipc", default=None, help="decode: bind the KV receiver to this ipc path instead")
         n.add_argument("--kv-layers-per-message", type=int, default=1)
@@ -169,6 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--kv-blocks", type=int, default=None)
     u.add_argument("--max-num-seqs", type=int, default=64)
     u.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    u.add_argument("--kv-transport", default="zmq", choices=["zmq", "nccl"])
     u.set_defaults(func=cmd_up)
 
     b = sub.add_parser("bench", help="serving benchmark with goodput against a running coordinator")
@@ -198,7 +202,7 @@ def cmd_node(a: argparse.Namespace) -> int:
     from pdserve.process import run_until_signal
     cfg = NodeConfig(coordinator=a.coordinator, listen=a.listen, kv_host=a.kv_host, kv_ipc=a.kv_ipc,
                      kv_transport=a.kv_transport, kv_layers_per_message=a.kv_layers_per_message,
-                     engine=engine_config(a))
+                     kv_timeout_s=a.kv_timeout, engine=engine_config(a))
     if a.role == "prefill":
         from prefill_node.server import PrefillNode as Node
     elif a.role == "both":
@@ -213,7 +217,8 @@ def cmd_up(a: argparse.Namespace) -> int:
     cfg = ClusterConfig(prefill=0 if a.colocated else a.prefill, decode=0 if a.colocated else a.decode,
                         colocated=a.colocated, prefill_tp=a.prefill_tp, decode_tp=a.decode_tp,
                         model=a.model, device=a.device, listen=a.listen, kv_blocks=a.kv_blocks,
-                        max_num_seqs=a.max_num_seqs, max_num_batched_tokens=a.max_num_batched_tokens)
+                        max_num_seqs=a.max_num_seqs, max_num_batched_tokens=a.max_num_batched_tokens,
+                        kv_transport=a.kv_transport)
     return Cluster(cfg).run()
 
 

@@ -37,6 +37,7 @@ class ClusterConfig:
     max_inflight: int = 256
     ready_timeout_s: float = 300.0
     log_dir: str | None = None        # members' logs go here (one file each) instead of this terminal
+    kv_transport: str = "zmq"         # zmq or nccl, for the prefill and decode pools
 
 
 class Cluster:
@@ -76,6 +77,8 @@ class Cluster:
                     cmd += ["--dtype", cfg.dtype]
                 if cfg.load_format != "auto":
                     cmd += ["--load-format", cfg.load_format]
+                if cfg.kv_transport != "zmq" and role != "both":
+                    cmd += ["--kv-transport", cfg.kv_transport]
                 cmds.append(cmd)
         return cmds
 

@@ -17,9 +17,12 @@ log = logging.getLogger("pdserve.node")
 
 class NodeAgent:
     def __init__(self, coordinator: str, register: Callable[[], node_pb2.RegisterRequest],
-                 load: Callable[[], node_pb2.HeartbeatRequest]):
+                 load: Callable[[], node_pb2.HeartbeatRequest],
+                 on_peers: Callable[[list[node_pb2.Peer]], None] | None = None):
+        """on_peers receives the coordinator's list of live decode nodes after every
+        registration and heartbeat (prefill nodes set up their KV transport with it)."""
         self.coordinator = coordinator
-        self.make_register, self.make_load = register, load
+        self.make_register, self.make_load, self.on_peers = register, load, on_peers
         self.node_id, self.epoch, self.interval = "", 0, 1.0
         self.task: asyncio.Task | None = None
 
@@ -50,6 +53,11 @@ class NodeAgent:
                 await asyncio.sleep(0.2)
         self.node_id, self.epoch, self.interval = resp.node_id, resp.epoch, resp.heartbeat_interval_s
         log.info("registered as %s (epoch %d)", self.node_id, self.epoch)
+        self._peers(resp.decode_peers)
+
+    def _peers(self, peers) -> None:
+        if self.on_peers is not None:
+            self.on_peers(list(peers))
 
     async def _beat(self) -> None:
         while True:
@@ -60,5 +68,7 @@ class NodeAgent:
                 resp = await self.stub.Heartbeat(req, timeout=max(1.0, self.interval))
                 if not resp.known:
                     await self._register(wait_s=self.interval * 3)
+                else:
+                    self._peers(resp.decode_peers)
             except grpc.aio.AioRpcError as e:
                 log.warning("heartbeat failed: %s", e.code().name)

@@ -37,17 +37,27 @@ class NodeBase:
         self.aio = asyncio.get_running_loop()
         self.engine = await asyncio.to_thread(LLMEngine(self.cfg.engine).start)
         info = self.model = model_info(self.engine)
-        self.kv = ZmqKVManager(self.kv_role, KVLayout(info.num_layers, info.num_kv_heads, info.head_dim,
-                                                      info.block_size, self.engine.executor.runner.dtype,
-                                                      info.compat_hash),
-                               bind_host=self.cfg.kv_host, ipc_path=self.cfg.kv_ipc, tp=self.cfg.engine.tp)
+        layout = KVLayout(info.num_layers, info.num_kv_heads, info.head_dim, info.block_size,
+                          self.engine.executor.runner.dtype, info.compat_hash)
+        poll = None
+        if self.nccl:
+            from kv_transfer.nccl_transport import NcclKVManager
+            self.engine.executor.runner.kv_timeout_s = self.cfg.kv_timeout_s
+            self.kv = NcclKVManager(self.kv_role, layout, lambda fn: self.loop.call(fn), bind_host=self.cfg.kv_host,
+                                    tp=self.cfg.engine.tp)
+            self.engine.on_kv_send = self.kv.on_kv_send
+            poll = self.kv.poll
+        else:
+            self.kv = ZmqKVManager(self.kv_role, layout, bind_host=self.cfg.kv_host, ipc_path=self.cfg.kv_ipc,
+                                   tp=self.cfg.engine.tp)
         self.kv.start()
-        self.loop = EngineLoop(self.engine, self._on_step_thread, self._on_fatal_thread)
+        self.loop = EngineLoop(self.engine, self._on_step_thread, self._on_fatal_thread, poll)
         self.loop.start()
         self.server = ServerHandle(self.cfg.listen, [self.service_name])
         self.add_servicer(self.server.server)
         self.address = await self.server.start()
-        self.agent = NodeAgent(self.cfg.coordinator, self._register_request, self._load)
+        self.agent = NodeAgent(self.cfg.coordinator, self._register_request, self._load,
+                               self._on_peers if self.nccl and self.kv_role == Role.PREFILL else None)
         await self.agent.start()
         await self.server.ready()
         log.info("%s node serving on %s", self.kv_role.value, self.address)
@@ -63,8 +73,17 @@ class NodeBase:
         await asyncio.to_thread(self.engine.close)
         self.engine = None
 
+    @property
+    def nccl(self) -> bool:
+        return self.cfg.kv_transport == "nccl"
+
     def add_servicer(self, server: grpc.aio.Server) -> None:
         raise NotImplementedError
+
+    def _on_peers(self, peers: list[node_pb2.Peer]) -> None:
+        """Prefill with the NCCL transport: keep a pair set open towards every decode node."""
+        self.kv.node_id = self.agent.node_id
+        self.kv.on_peers(peers, _open_pairs)
 
     def on_step(self, outs: list[StepOutput]) -> None:
         """Called on the event loop with each engine step's outputs."""
@@ -94,6 +113,16 @@ class NodeBase:
         queued_tokens = sum(q.num_tokens - q.num_computed_tokens for q in list(s.waiting))
         return node_pb2.HeartbeatRequest(kv_blocks_free=self.engine.blocks.num_free, running=len(s.running),
                                          queued=len(s.waiting), queued_tokens=queued_tokens)
+
+
+async def _open_pairs(peer: node_pb2.Peer, req: node_pb2.KVPairsRequest) -> node_pb2.KVPairsResponse:
+    from pdserve.rpc import channel
+    from pdserve.v1 import node_pb2_grpc
+    ch = channel(peer.address)
+    try:
+        return await node_pb2_grpc.DecodeNodeStub(ch).OpenKVPairs(req, timeout=10.0)
+    finally:
+        await ch.close()
 
 
 async def abort_with(context: grpc.aio.ServicerContext, exc: BaseException) -> None:

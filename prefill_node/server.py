@@ -42,8 +42,17 @@ class PrefillNode(NodeBase, node_pb2_grpc.PrefillNodeServicer):
         if time.time() >= ticket.lease_expiry:
             raise RpcError(grpc.StatusCode.FAILED_PRECONDITION, "the decode reservation has already expired")
         start = time.time()
+        sender = None
+        if self.nccl:  # the engine sends the KV itself, during the step that completes the prompt
+            pairs = await self.kv.ready_pairs(ticket.decode_node_id, wait_s=10.0)
+            if pairs is None:
+                raise RpcError(grpc.StatusCode.UNAVAILABLE,
+                               f"KV transfer: no NCCL pairs open towards decode node {ticket.decode_node_id}")
+            nblocks = -(-len(prompt) // self.engine.cfg.block_size)
+            sender = self.kv.sender(ticket.kv_endpoint, ticket.transfer_id, ticket.epoch, nblocks, pairs)
         fut = self.aio.create_future()
-        seq = await self.call(lambda engine: self._add(engine, prompt, params, req.request_id, fut))
+        order = sender.order if sender is not None else None
+        seq = await self.call(lambda engine: self._add(engine, prompt, params, req.request_id, fut, order))
         self.requests[req.request_id] = seq
         try:
             out, layers = await fut
@@ -58,10 +67,11 @@ class PrefillNode(NodeBase, node_pb2_grpc.PrefillNodeServicer):
         if out.seq.finish_reason != "prefilled":
             resp.finish_reason = FINISH[out.seq.finish_reason]
             return resp
-        sender = self.kv.sender(ticket.kv_endpoint, ticket.transfer_id, ticket.epoch, layers[0][0].shape[1])
-        step = self.cfg.kv_layers_per_message
-        for start_layer in range(0, len(layers), step):
-            sender.send_layers(start_layer, layers[start_layer:start_layer + step])
+        if sender is None:
+            sender = self.kv.sender(ticket.kv_endpoint, ticket.transfer_id, ticket.epoch, layers[0][0].shape[1])
+            step = self.cfg.kv_layers_per_message
+            for start_layer in range(0, len(layers), step):
+                sender.send_layers(start_layer, layers[start_layer:start_layer + step])
         sender.finish(out.token_id)
         while sender.state not in (TransferState.DONE, TransferState.FAILED):
             if time.time() > ticket.lease_expiry:
@@ -73,8 +83,8 @@ class PrefillNode(NodeBase, node_pb2_grpc.PrefillNodeServicer):
         resp.transfer_end = time.time()
         return resp
 
-    def _add(self, engine, prompt, params, request_id, fut):
-        seq = engine.add_request(prompt, params, request_id, prefill_only=True)
+    def _add(self, engine, prompt, params, request_id, fut, kv_send=None):
+        seq = engine.add_request(prompt, params, request_id, prefill_only=True, kv_send=kv_send)
         self.pending[seq.seq_id] = fut
         return seq
 
@@ -88,7 +98,8 @@ class PrefillNode(NodeBase, node_pb2_grpc.PrefillNodeServicer):
             fut = self.pending.pop(out.seq.seq_id, None)
             if fut is None:
                 continue
-            layers = engine.export_kv(out.seq) if out.seq.finish_reason == "prefilled" else None
+            exported = out.seq.finish_reason == "prefilled" and not self.nccl  # NCCL: sent during the step
+            layers = engine.export_kv(out.seq) if exported else None
             engine.release(out.seq)
             self.aio.call_soon_threadsafe(_resolve, fut, (out, layers))
 

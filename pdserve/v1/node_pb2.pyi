@@ -47,15 +47,33 @@ class RegisterRequest(_message.Message):
     kv_blocks_total: int
     def __init__(self, protocol_version: _Optional[int] = ..., role: _Optional[_Union[_api_pb2.Role, str]] = ..., address: _Optional[str] = ..., kv_endpoint: _Optional[str] = ..., tp: _Optional[int] = ..., model: _Optional[_Union[ModelInfo, _Mapping]] = ..., kv_blocks_total: _Optional[int] = ...) -> None: ...
 
+class Peer(_message.Message):
+    __slots__ = ("node_id", "epoch", "address", "kv_endpoint", "tp", "compat_hash")
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    KV_ENDPOINT_FIELD_NUMBER: _ClassVar[int]
+    TP_FIELD_NUMBER: _ClassVar[int]
+    COMPAT_HASH_FIELD_NUMBER: _ClassVar[int]
+    node_id: str
+    epoch: int
+    address: str
+    kv_endpoint: str
+    tp: int
+    compat_hash: str
+    def __init__(self, node_id: _Optional[str] = ..., epoch: _Optional[int] = ..., address: _Optional[str] = ..., kv_endpoint: _Optional[str] = ..., tp: _Optional[int] = ..., compat_hash: _Optional[str] = ...) -> None: ...
+
 class RegisterResponse(_message.Message):
-    __slots__ = ("node_id", "epoch", "heartbeat_interval_s")
+    __slots__ = ("node_id", "epoch", "heartbeat_interval_s", "decode_peers")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     HEARTBEAT_INTERVAL_S_FIELD_NUMBER: _ClassVar[int]
+    DECODE_PEERS_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     epoch: int
     heartbeat_interval_s: float
-    def __init__(self, node_id: _Optional[str] = ..., epoch: _Optional[int] = ..., heartbeat_interval_s: _Optional[float] = ...) -> None: ...
+    decode_peers: _containers.RepeatedCompositeFieldContainer[Peer]
+    def __init__(self, node_id: _Optional[str] = ..., epoch: _Optional[int] = ..., heartbeat_interval_s: _Optional[float] = ..., decode_peers: _Optional[_Iterable[_Union[Peer, _Mapping]]] = ...) -> None: ...
 
 class HeartbeatRequest(_message.Message):
     __slots__ = ("node_id", "epoch", "kv_blocks_free", "running", "queued", "queued_tokens")
@@ -74,10 +92,36 @@ class HeartbeatRequest(_message.Message):
     def __init__(self, node_id: _Optional[str] = ..., epoch: _Optional[int] = ..., kv_blocks_free: _Optional[int] = ..., running: _Optional[int] = ..., queued: _Optional[int] = ..., queued_tokens: _Optional[int] = ...) -> None: ...
 
 class HeartbeatResponse(_message.Message):
-    __slots__ = ("known",)
+    __slots__ = ("known", "decode_peers")
     KNOWN_FIELD_NUMBER: _ClassVar[int]
+    DECODE_PEERS_FIELD_NUMBER: _ClassVar[int]
     known: bool
-    def __init__(self, known: _Optional[bool] = ...) -> None: ...
+    decode_peers: _containers.RepeatedCompositeFieldContainer[Peer]
+    def __init__(self, known: _Optional[bool] = ..., decode_peers: _Optional[_Iterable[_Union[Peer, _Mapping]]] = ...) -> None: ...
+
+class KVPairsRequest(_message.Message):
+    __slots__ = ("protocol_version", "compat_hash", "prefill_node_id", "prefill_tp", "pair_set")
+    PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    COMPAT_HASH_FIELD_NUMBER: _ClassVar[int]
+    PREFILL_NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    PREFILL_TP_FIELD_NUMBER: _ClassVar[int]
+    PAIR_SET_FIELD_NUMBER: _ClassVar[int]
+    protocol_version: int
+    compat_hash: str
+    prefill_node_id: str
+    prefill_tp: int
+    pair_set: str
+    def __init__(self, protocol_version: _Optional[int] = ..., compat_hash: _Optional[str] = ..., prefill_node_id: _Optional[str] = ..., prefill_tp: _Optional[int] = ..., pair_set: _Optional[str] = ...) -> None: ...
+
+class KVPairsResponse(_message.Message):
+    __slots__ = ("store_host", "store_port", "decode_tp")
+    STORE_HOST_FIELD_NUMBER: _ClassVar[int]
+    STORE_PORT_FIELD_NUMBER: _ClassVar[int]
+    DECODE_TP_FIELD_NUMBER: _ClassVar[int]
+    store_host: str
+    store_port: int
+    decode_tp: int
+    def __init__(self, store_host: _Optional[str] = ..., store_port: _Optional[int] = ..., decode_tp: _Optional[int] = ...) -> None: ...
 
 class Ticket(_message.Message):
     __slots__ = ("transfer_id", "decode_node_id", "epoch", "block_ids", "kv_endpoint", "lease_expiry", "decode_tp")

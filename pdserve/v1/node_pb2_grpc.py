@@ -279,6 +279,11 @@ class DecodeNodeStub:
                 request_serializer=pdserve_dot_v1_dot_node__pb2.AbortRequest.SerializeToString,
                 response_deserializer=pdserve_dot_v1_dot_node__pb2.AbortResponse.FromString,
                 _registered_method=True)
+        self.OpenKVPairs = channel.unary_unary(
+                '/pdserve.v1.DecodeNode/OpenKVPairs',
+                request_serializer=pdserve_dot_v1_dot_node__pb2.KVPairsRequest.SerializeToString,
+                response_deserializer=pdserve_dot_v1_dot_node__pb2.KVPairsResponse.FromString,
+                _registered_method=True)
 
 
 class DecodeNodeServicer:
@@ -302,6 +307,12 @@ class DecodeNodeServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def OpenKVPairs(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_DecodeNodeServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -319,6 +330,11 @@ def add_DecodeNodeServicer_to_server(servicer, server):
                     servicer.Abort,
                     request_deserializer=pdserve_dot_v1_dot_node__pb2.AbortRequest.FromString,
                     response_serializer=pdserve_dot_v1_dot_node__pb2.AbortResponse.SerializeToString,
+            ),
+            'OpenKVPairs': grpc.unary_unary_rpc_method_handler(
+                    servicer.OpenKVPairs,
+                    request_deserializer=pdserve_dot_v1_dot_node__pb2.KVPairsRequest.FromString,
+                    response_serializer=pdserve_dot_v1_dot_node__pb2.KVPairsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -402,6 +418,33 @@ class DecodeNode:
             '/pdserve.v1.DecodeNode/Abort',
             pdserve_dot_v1_dot_node__pb2.AbortRequest.SerializeToString,
             pdserve_dot_v1_dot_node__pb2.AbortResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def OpenKVPairs(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pdserve.v1.DecodeNode/OpenKVPairs',
+            pdserve_dot_v1_dot_node__pb2.KVPairsRequest.SerializeToString,
+            pdserve_dot_v1_dot_node__pb2.KVPairsResponse.FromString,
             options,
             channel_credentials,
             insecure,

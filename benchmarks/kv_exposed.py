@@ -1,0 +1,98 @@
+"""Exposed KV transfer time: TTFT of a 1 prefill + 1 decode cluster against prefill alone.
+
+    python benchmarks/kv_exposed.py [--shape llama-3.2-1b] [--prompt-len 2048] [--requests 20]
+
+At concurrency 1, the same 2K-token prompts (random ids, random bf16 weights of the
+shape) go through three clusters on the same GPUs, one after the other:
+- 1P1D over NCCL (prefill on GPU 0, decode on GPU 1);
+- 1P1D over ZeroMQ (for comparison: the portable path);
+- one colocated node (prefill alone: the same coordinator, reservation and prefill
+  RPCs, and no transfer at all).
+TTFT is the client's time from sending the request to receiving the first token.
+ratio = median TTFT(1P1D, NCCL) / median TTFT(prefill alone); target <= 1.05 (the
+transfer adds at most 5%). The server's own split (prefill, transfer) is reported
+beside it."""
+from __future__ import annotations
+
+import argparse
+import random
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import grpc  # noqa: E402
+
+from benchmarks.common import hf_config, write_config_folder, write_result  # noqa: E402
+from pdserve.cluster import Cluster, ClusterConfig, free_port  # noqa: E402
+from pdserve.v1 import api_pb2, api_pb2_grpc  # noqa: E402
+
+
+def measure(name: str, pools: dict, a: argparse.Namespace, model: str, prompts: list[list[int]]) -> dict:
+    listen = f"127.0.0.1:{free_port()}"
+    cluster = Cluster(ClusterConfig(listen=listen, model=model, device=a.device, load_format="dummy",
+                                    max_num_batched_tokens=max(2048, a.prompt_len), log_dir=tempfile.mkdtemp(),
+                                    **pools))
+    ttfts, prefill, transfer = [], [], []
+    try:
+        cluster.start()
+        with grpc.insecure_channel(listen) as ch:
+            stub = api_pb2_grpc.GenerationStub(ch)
+            for i, prompt in enumerate(prompts):
+                req = api_pb2.GenerateRequest(sampling=api_pb2.SamplingParams(max_tokens=2, temperature=0,
+                                                                              ignore_eos=True))
+                req.token_ids.ids.extend(prompt)
+                sent, first, times = time.perf_counter(), None, None
+                for resp in stub.Generate(req, timeout=60):
+                    if resp.token_ids and first is None:
+                        first = time.perf_counter()
+                    if resp.finish_reason:
+                        times = resp.times
+                if i < a.warmup:
+                    continue
+                ttfts.append(first - sent)
+                prefill.append(times.prefill_end - times.prefill_start)
+                transfer.append(times.transfer_end - times.prefill_end if times.transfer_end else 0.0)
+    finally:
+        cluster.stop()
+    med = lambda xs: statistics.median(xs) * 1e3  # noqa: E731
+    row = dict(name=name, ttft_ms=med(ttfts), ttft_p90_ms=sorted(ttfts)[int(0.9 * (len(ttfts) - 1))] * 1e3,
+               server_prefill_ms=med(prefill), server_transfer_ms=med(transfer), requests=len(ttfts))
+    print(f"{name:22s} TTFT median {row['ttft_ms']:7.2f} ms (p90 {row['ttft_p90_ms']:7.2f})   server: prefill "
+          f"{row['server_prefill_ms']:6.2f} ms, transfer after prefill {row['server_transfer_ms']:6.2f} ms", flush=True)
+    return row
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shape", default="llama-3.2-1b")
+    ap.add_argument("--prompt-len", type=int, default=2048)
+    ap.add_argument("--requests", type=int, default=20)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--skip-zmq", action="store_true")
+    ap.add_argument("--commit", default=None)
+    a = ap.parse_args()
+    vocab = hf_config(a.shape).vocab_size
+    rng = random.Random(0)
+    prompts = [[rng.randrange(vocab) for _ in range(a.prompt_len)] for _ in range(a.requests + a.warmup)]
+    with tempfile.TemporaryDirectory() as tmp:
+        model = str(write_config_folder(a.shape, Path(tmp) / a.shape))
+        nccl = measure("1P1D nccl", dict(prefill=1, decode=1, kv_transport="nccl"), a, model, prompts)
+        zmq = None if a.skip_zmq else measure("1P1D zmq", dict(prefill=1, decode=1), a, model, prompts)
+        alone = measure("prefill alone", dict(prefill=0, decode=0, colocated=1), a, model, prompts)
+    ratio = nccl["ttft_ms"] / alone["ttft_ms"]
+    print(f"ratio TTFT(1P1D nccl) / TTFT(prefill alone): {ratio:.3f}  target <= 1.05")
+    config = dict(shape=a.shape, prompt_len=a.prompt_len, requests=a.requests, warmup=a.warmup, concurrency=1,
+                  dtype="bfloat16", device=a.device)
+    path = write_result("kv_transfer_exposed", "kv_transfer_exposed", ratio, 1.05, config, commit_id=a.commit,
+                        nccl=nccl, zmq=zmq, prefill_alone=alone,
+                        exposed_ms=nccl["ttft_ms"] - alone["ttft_ms"])
+    print(f"-> {path}")
+
+
+if __name__ == "__main__":
+    main()
