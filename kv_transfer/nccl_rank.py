@@ -1,0 +1,553 @@
+"""The per-rank data mover of the NCCL KV transport: RankKV, one per rank process.
+
+A prefill rank holds KV heads [a, b) of every layer, a decode rank heads [c, d). Each
+(prefill rank, decode rank) pair whose heads intersect gets its own standalone 2-rank
+process group (index 0 = prefill, the sender; 1 = decode, the receiver): NCCL between
+GPUs, gloo on CPU, where the same code path runs in CI. The node decides pairs, head
+slices, block ids and keys; RankKV moves the bytes:
+
+- send: for each destination, the layers are cut into groups (layer_groups, computed the
+  same way on both ends), each group's [layers, 2, n_blocks, block_size, heads, head_dim]
+  is gathered from the blocks into one contiguous buffer and sent as one message (never
+  one per block); then a small int64 tail [key, n_blocks, num_layers, checksum per layer].
+  On GPU the gathers run on the pair's own stream, each waiting for the event of its
+  group's last layer, so early layers leave while later ones are computed, and the
+  calling (compute) stream waits for the last gather before its next kernels: the caller
+  may free the blocks right after send() returns.
+- recv: receives of the same groups into contiguous buffers, then the tail; on GPU the
+  scatter into the reserved blocks (k and v, at the head offset) and the checksums are
+  queued on the pair's stream behind each message; on CPU they run in poll().
+- poll: reports each transfer that ended, once: key -> (ok, error).
+
+Rules the node keeps:
+- Order: on each pair, transfers are matched in the order send() and recv() were called
+  on the two sides. The node calls them in the same order on both ends; several
+  transfers may be queued on one pair. A receiver that expects another key or block
+  count sees it in the tail and reports the transfer failed.
+- Blocks: a receiver's blocks may be written until poll() reports its key ended (ok or
+  failed): keep them reserved until then, never reuse them earlier. There is no cancel;
+  a transfer ends by completing, failing or timing out. A failed receive on GPU is only
+  reported once nothing queued can still write into its blocks.
+- Failures: a work that fails, or a transfer pending longer than timeout_s, closes
+  (aborts) its pair; every other transfer pending on that pair fails too. open_pair()
+  with the same name builds a fresh group (both sides must call it again).
+- layer_events[l] must be recorded (on the compute stream, after layer l was launched)
+  before send() is called.
+
+NCCL settings, made when this module is imported, so import it before any NCCL process
+group of the process exists (they are read when a group is created):
+TORCH_NCCL_ASYNC_ERROR_HANDLING=2 (CleanUpOnly): a failed or timed-out NCCL operation
+seen by torch's watchdog aborts that group's communicators instead of taking the whole
+process down (the default tears it down); RankKV aborts groups itself well before
+torch's own timeout, which is set at twice ours plus a minute. TORCH_NCCL_DUMP_ON_TIMEOUT
+defaults to 0: with it on, a failure seen by any group's watchdog makes the heartbeat
+monitor of the process's first group end the process a few minutes later."""
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+import queue
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.distributed as dist
+from torch.distributed import PrefixStore
+
+from .nccl_store import connect_store
+
+if TYPE_CHECKING:
+    from engine.kv_cache import KVCache
+
+log = logging.getLogger(__name__)
+
+_WARMUP = 0x6B76  # the warm-up message's value, checked by the receiver
+
+
+def _configure_nccl_env() -> None:
+    """See the module docstring: never let a NCCL failure or timeout kill the process."""
+    if os.environ.get("TORCH_NCCL_ASYNC_ERROR_HANDLING") not in ("0", "2"):
+        os.environ["TORCH_NCCL_ASYNC_ERROR_HANDLING"] = "2"
+    os.environ.setdefault("TORCH_NCCL_DUMP_ON_TIMEOUT", "0")
+
+
+_configure_nccl_env()
+
+
+def layer_groups(num_layers: int, bytes_per_layer: int, min_message_bytes: int) -> list[tuple[int, int]]:
+    """Consecutive layer ranges [start, end), one message each: as many groups as keep every
+    group at >= min_message_bytes (one group when the whole KV is smaller), sizes differing
+    by at most one layer. A pure function of its arguments: both ends compute the same."""
+    if num_layers < 1:
+        raise ValueError(f"num_layers must be >= 1, got {num_layers}")
+    per = max(1, -(-min_message_bytes // max(1, bytes_per_layer)))
+    n = max(1, num_layers // per)
+    base, extra = divmod(num_layers, n)
+    out, start = [], 0
+    for i in range(n):
+        end = start + base + (i < extra)
+        out.append((start, end))
+        start = end
+    return out
+
+
+def checksum(buf: torch.Tensor) -> torch.Tensor:
+    """int64 [layers] of a gathered [layers, 2, n_blocks, ...] buffer, on its device: per
+    layer, the sum over its k/v block rows of (row index + 1) x (the row's int32 words
+    summed mod 2**32). One read of the buffer; it catches a wrong, truncated or misordered
+    message, blocks in the wrong order and k swapped with v."""
+    layers = buf.shape[0]
+    rows = buf.reshape(layers * buf.shape[1] * buf.shape[2], -1)
+    width = rows.shape[1] * rows.element_size()
+    words = rows.view(torch.int32 if width % 4 == 0 else torch.int16 if width % 2 == 0 else torch.uint8)
+    sums = words.sum(1, dtype=words.dtype).to(torch.int64).view(layers, -1)  # no int64 copy of the buffer
+    weights = torch.arange(1, sums.shape[1] + 1, dtype=torch.int64, device=buf.device)
+    return (sums * weights).sum(1)
+
+
+class _Waiter:
+    """gloo only: its send/recv works report completion only through wait(), so a thread
+    per pair waits for them in order and records each outcome ("" ok, else the error)."""
+
+    def __init__(self, name: str):
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        threading.Thread(target=self._run, name=f"kv-wait-{name}", daemon=True).start()
+
+    def add(self, work, part: _Part) -> None:
+        part.status.append(None)
+        self._queue.put((work, part, len(part.status) - 1))
+
+    def stop(self) -> None:
+        self._queue.put(None)  # after the works queued so far (each ends: done, failed or gloo's timeout)
+
+    def _run(self) -> None:
+        while (item := self._queue.get()) is not None:
+            work, part, i = item
+            try:
+                work.wait()
+                part.status[i] = ""
+            except Exception as e:  # noqa: BLE001 - any failure of the work is its outcome
+                part.status[i] = f"{type(e).__name__}: {e}"
+
+
+@dataclass(eq=False)
+class _Pair:
+    name: str
+    index: int                        # 0 sends (prefill), 1 receives (decode)
+    group: Any                        # ProcessGroupNCCL | ProcessGroupGloo
+    stream: torch.cuda.Stream | None  # GPU: the pair's transfer stream
+    waiter: _Waiter | None            # CPU
+    closed: str = ""                  # why it was closed; "" while open
+
+
+@dataclass(eq=False)
+class _Part:
+    """One pair's share of a transfer: its heads, messages and their state."""
+    pair: _Pair
+    head: int                                  # first local head on this rank
+    heads: int
+    groups: list[tuple[int, int]]
+    bufs: list[torch.Tensor] = field(default_factory=list)
+    works: list = field(default_factory=list)
+    status: list[str | None] = field(default_factory=list)  # CPU: per work, set by the waiter
+    tail: torch.Tensor | None = None
+    host: torch.Tensor | None = None           # GPU recv: pinned copy of [tail..., local checksums...]
+    event: torch.cuda.Event | None = None      # GPU recv: after the scatter and the copy to host
+    error: str = ""
+    settled: bool = False
+
+
+@dataclass(eq=False)
+class _Transfer:
+    key: int
+    sending: bool
+    block_ids: list[int]
+    num_layers: int
+    started: float
+    parts: list[_Part] = field(default_factory=list)
+    error: str = ""
+
+
+class RankKV:
+    """Moves KV heads between this rank's paged cache and its peers, one 2-rank group per pair."""
+
+    def __init__(self, kv: KVCache, device: torch.device | str, timeout_s: float = 30.0,
+                 min_message_bytes: int = 64 << 20, bind_host: str = "127.0.0.1"):
+        self.kv = kv
+        self.device = torch.device(device)
+        self.cuda = self.device.type == "cuda"
+        if self.cuda and self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        if kv.k.device != self.device:
+            raise ValueError(f"the KV cache is on {kv.k.device}, not {self.device}")
+        self.backend = "nccl" if self.cuda else "gloo"
+        self.timeout_s, self.min_message_bytes = timeout_s, min_message_bytes
+        self.bind_host = bind_host  # gloo's listening address
+        self.group_timeout_s = 2 * timeout_s + 60  # torch's watchdog: only a backstop behind ours
+        self._pairs: dict[str, _Pair] = {}
+        self._pending: list[_Transfer] = []
+        self._dead: list = []  # aborted groups: destroyed in close(), their destructors may wait
+        if self.cuda and os.environ.get("TORCH_NCCL_BLOCKING_WAIT", "0") not in ("0", ""):
+            log.warning("TORCH_NCCL_BLOCKING_WAIT is set: recv() will block until its data arrived")
+
+    # pairs
+
+    @property
+    def pairs(self) -> list[str]:
+        return list(self._pairs)
+
+    def group(self, pair: str):
+        """The pair's process group (benchmarks compare against raw send/recv on it)."""
+        return self._pairs[pair].group
+
+    def open_pair(self, pair: str, host: str, port: int, index: int) -> None:
+        """Blocking: build the pair's 2-rank group through the store at (host, port), index 0
+        on the prefill (sending) side, 1 on the decode side, and exchange one tiny message so
+        the communicator exists before the first transfer. Replaces an open pair of the same
+        name. Raises on failure, or when the peer does not come within timeout_s."""
+        if index not in (0, 1):
+            raise ValueError(f"pair index must be 0 (sender) or 1 (receiver), got {index}")
+        if (old := self._pairs.get(pair)) is not None:
+            self._close(old, f"pair {pair} was reopened")
+        deadline = time.monotonic() + self.timeout_s
+        base = PrefixStore(f"pdserve-kv/{pair}/", connect_store(host, port, self.timeout_s))
+        store = PrefixStore(f"{_meet(base, index, deadline, pair)}/", base)  # fresh keys for every opening
+        group = self._new_group(store, index)
+        try:
+            self._warm_up(group, index, deadline, pair)
+        except BaseException:
+            _abort(group)
+            self._dead.append(group)
+            raise
+        stream = torch.cuda.Stream(self.device, priority=-1) if self.cuda else None
+        self._pairs[pair] = _Pair(pair, index, group, stream, None if self.cuda else _Waiter(pair))
+
+    def close_pair(self, pair: str) -> None:
+        """Abort the pair's group (NCCL: no kernel keeps spinning on a dead peer); its
+        pending transfers fail."""
+        if (p := self._pairs.get(pair)) is not None:
+            self._close(p, f"pair {pair} was closed")
+
+    def close(self) -> None:
+        """Close every pair."""
+        for p in list(self._pairs.values()):
+            self._close(p, f"pair {p.name} was closed")
+        self._dead.clear()
+
+    def _new_group(self, store, index: int):
+        if self.cuda:
+            opts = dist.ProcessGroupNCCL.Options(is_high_priority_stream=True)
+            opts._timeout = datetime.timedelta(seconds=self.group_timeout_s)
+            return dist.ProcessGroupNCCL(store, index, 2, opts)
+        opts = dist.ProcessGroupGloo._Options()
+        opts._devices = [dist.ProcessGroupGloo.create_device(hostname=self.bind_host)]
+        opts._timeout = datetime.timedelta(seconds=self.timeout_s)
+        opts._threads = 2
+        return dist.ProcessGroupGloo(store, index, 2, opts)
+
+    def _warm_up(self, group, index: int, deadline: float, pair: str) -> None:
+        """One int64 from sender to receiver: creates the NCCL communicator now."""
+        if index == 0:
+            t = torch.tensor([_WARMUP], dtype=torch.int64, device=self.device)
+            work = group.send([t], 1, 0)
+        else:
+            t = torch.zeros(1, dtype=torch.int64, device=self.device)
+            work = group.recv([t], 0, 0)
+        if self.cuda:
+            while not work.is_completed():
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"pair {pair}: the warm-up message did not complete in {self.timeout_s:g} s")
+                time.sleep(0.001)
+            work.wait()  # raises if it failed
+        else:
+            work.wait(datetime.timedelta(seconds=max(0.001, deadline - time.monotonic())))
+        if index == 1 and int(t.item()) != _WARMUP:
+            raise RuntimeError(f"pair {pair}: the warm-up message held {int(t.item())}, expected {_WARMUP}")
+
+    def _close(self, pair: _Pair, reason: str) -> None:
+        if pair.closed:
+            return
+        pair.closed = reason
+        if self._pairs.get(pair.name) is pair:
+            del self._pairs[pair.name]
+        _abort(pair.group)
+        self._dead.append(pair.group)
+        if pair.waiter is not None:
+            pair.waiter.stop()
+        for tr in self._pending:
+            for part in tr.parts:
+                if part.pair is pair and not part.settled and not part.error:
+                    part.error = reason
+
+    # transfers
+
+    def send(self, key: int, block_ids: list[int], dests: list[tuple[str, int, int]],
+             layer_events: list[torch.cuda.Event] | None = None) -> None:
+        """Non-blocking: send heads [head, head + heads) of `block_ids`, all layers, to each
+        (pair, head, heads) in dests. See the module docstring for streams and events."""
+        layers = self.kv.num_layers
+        if layer_events is not None and len(layer_events) < layers:
+            raise ValueError(f"{len(layer_events)} layer events for {layers} layers")
+        tr = self._transfer(key, True, block_ids, layers, dests)
+        idx = torch.tensor(block_ids, dtype=torch.long)
+        compute = torch.cuda.current_stream(self.device) if self.cuda else None
+        if self.cuda:
+            idx = idx.pin_memory()
+        for part in tr.parts:
+            if part.settled:
+                continue
+            try:
+                if self.cuda:
+                    self._send_cuda(part, key, idx, layer_events, compute)
+                else:
+                    self._send_cpu(part, key, idx)
+            except Exception as e:  # noqa: BLE001 - the pair is out of step now: it fails, the caller is told by poll()
+                log.exception("KV send %d on pair %s failed", key, part.pair.name)
+                part.error = f"send failed on pair {part.pair.name}: {type(e).__name__}: {e}"
+                self._close(part.pair, part.error)
+        self._pending.append(tr)
+
+    def recv(self, key: int, block_ids: list[int], srcs: list[tuple[str, int, int]], num_layers: int) -> None:
+        """Non-blocking: receive each (pair, head, heads) in srcs into heads [head, head + heads)
+        of `block_ids`, all layers. num_layers cross-checks the layout (it must be the cache's)."""
+        if num_layers != self.kv.num_layers:
+            raise ValueError(f"num_layers {num_layers} != the cache's {self.kv.num_layers}")
+        tr = self._transfer(key, False, block_ids, num_layers, srcs)
+        idx = torch.tensor(block_ids, dtype=torch.long)
+        if self.cuda:
+            idx = idx.pin_memory()
+        for part in tr.parts:
+            if part.settled:
+                continue
+            try:
+                if self.cuda:
+                    self._recv_cuda(part, idx, num_layers)
+                else:
+                    self._recv_cpu(part, len(block_ids), num_layers)
+            except Exception as e:  # noqa: BLE001 - as in send()
+                log.exception("KV recv %d on pair %s failed", key, part.pair.name)
+                part.error = f"recv failed on pair {part.pair.name}: {type(e).__name__}: {e}"
+                self._close(part.pair, part.error)
+        self._pending.append(tr)
+
+    def _check_blocks(self, block_ids: list[int]) -> int:
+        n = len(block_ids)
+        if n == 0 or len(set(block_ids)) != n or min(block_ids) < 0 or max(block_ids) >= self.kv.num_blocks:
+            raise ValueError(f"block ids must be distinct, in [0, {self.kv.num_blocks}) and not empty")
+        return n
+
+    def _transfer(self, key: int, sending: bool, block_ids: list[int], layers: int, slices) -> _Transfer:
+        """A transfer with one part per (pair, head, heads); a pair that is not open (closed
+        after a failure the node has not seen yet) makes its part fail at the next poll()."""
+        want, nb = 0 if sending else 1, self._check_blocks(block_ids)
+        tr = _Transfer(key, sending, list(block_ids), layers, time.monotonic())
+        for name, head, heads in slices:
+            if heads < 1 or head < 0 or head + heads > self.kv.kv_heads:
+                raise ValueError(f"heads [{head}, {head + heads}) are not within this rank's {self.kv.kv_heads}")
+            pair = self._pairs.get(name)
+            if pair is not None and pair.index != want:
+                raise ValueError(f"pair {name} has index {pair.index}: it cannot {'send' if sending else 'receive'}")
+            groups = layer_groups(layers, self._layer_bytes(nb, heads), self.min_message_bytes)
+            if pair is None:
+                gone = _Pair(name, want, None, None, None, closed=f"pair {name} is not open")
+                tr.parts.append(_Part(gone, head, heads, groups, error=gone.closed, settled=True))
+            else:
+                tr.parts.append(_Part(pair, head, heads, groups))
+        if not tr.parts:
+            raise ValueError("a transfer needs at least one pair")
+        return tr
+
+    def _layer_bytes(self, nb: int, heads: int) -> int:
+        kv = self.kv
+        return 2 * nb * kv.block_size * heads * kv.head_dim * kv.k.element_size()
+
+    def _gather(self, idx: torch.Tensor, l0: int, l1: int, head: int, heads: int) -> torch.Tensor:
+        """[l1 - l0, 2, n_blocks, block_size, heads, head_dim] of (k, v), contiguous."""
+        k, v = self.kv.k, self.kv.v
+        buf = torch.empty((l1 - l0, 2, len(idx), k.shape[2], heads, k.shape[4]), dtype=k.dtype, device=k.device)
+        torch.index_select(k[l0:l1, :, :, head:head + heads], 1, idx, out=buf[:, 0])
+        torch.index_select(v[l0:l1, :, :, head:head + heads], 1, idx, out=buf[:, 1])
+        return buf
+
+    def _scatter(self, idx: torch.Tensor, l0: int, l1: int, head: int, heads: int, buf: torch.Tensor) -> None:
+        self.kv.k[l0:l1, :, :, head:head + heads].index_copy_(1, idx, buf[:, 0])
+        self.kv.v[l0:l1, :, :, head:head + heads].index_copy_(1, idx, buf[:, 1])
+
+    def _send_cuda(self, part: _Part, key: int, idx_host: torch.Tensor, layer_events, compute) -> None:
+        stream, group, layers = part.pair.stream, part.pair.group, self.kv.num_layers
+        with torch.cuda.stream(stream):
+            idx = idx_host.to(self.device, non_blocking=True)
+            sums = torch.empty(layers, dtype=torch.int64, device=self.device)
+            if layer_events is None:
+                stream.wait_stream(compute)
+            for l0, l1 in part.groups:
+                if layer_events is not None:
+                    stream.wait_event(layer_events[l1 - 1])
+                buf = self._gather(idx, l0, l1, part.head, part.heads)
+                part.bufs.append(buf)
+                part.works.append(group.send([buf], 1, 0))  # NCCL's stream waits for the gather only
+                sums[l0:l1] = checksum(buf)
+            gathered = torch.cuda.Event()
+            gathered.record(stream)
+            head = torch.tensor([key, len(idx_host), layers], dtype=torch.int64).pin_memory()
+            part.tail = torch.cat((head.to(self.device, non_blocking=True), sums))
+            part.works.append(group.send([part.tail], 1, 0))
+        compute.wait_event(gathered)  # the next kernels on the compute stream cannot overwrite the blocks early
+
+    def _send_cpu(self, part: _Part, key: int, idx: torch.Tensor) -> None:
+        group, layers = part.pair.group, self.kv.num_layers
+        sums = torch.empty(layers, dtype=torch.int64)
+        for l0, l1 in part.groups:
+            buf = self._gather(idx, l0, l1, part.head, part.heads)
+            sums[l0:l1] = checksum(buf)
+            part.pair.waiter.add(group.send([buf], 1, 0), part)
+        part.tail = torch.cat((torch.tensor([key, len(idx), layers], dtype=torch.int64), sums))
+        part.pair.waiter.add(group.send([part.tail], 1, 0), part)
+
+    def _empty_bufs(self, part: _Part, nb: int) -> list[torch.Tensor]:
+        k = self.kv.k
+        return [torch.empty((l1 - l0, 2, nb, k.shape[2], part.heads, k.shape[4]), dtype=k.dtype, device=k.device)
+                for l0, l1 in part.groups]
+
+    def _recv_cuda(self, part: _Part, idx_host: torch.Tensor, layers: int) -> None:
+        stream, group = part.pair.stream, part.pair.group
+        with torch.cuda.stream(stream):
+            try:
+                idx = idx_host.to(self.device, non_blocking=True)
+                part.bufs = self._empty_bufs(part, len(idx_host))
+                part.tail = torch.empty(3 + layers, dtype=torch.int64, device=self.device)
+                # every receive is posted before this stream waits on any: a scatter never holds back a message
+                part.works = [group.recv([b], 0, 0) for b in part.bufs]
+                part.works.append(group.recv([part.tail], 0, 0))
+                sums = torch.empty(layers, dtype=torch.int64, device=self.device)
+                for (l0, l1), buf, work in zip(part.groups, part.bufs, part.works):
+                    work.wait()  # this stream waits for the message; the host does not
+                    self._scatter(idx, l0, l1, part.head, part.heads, buf)
+                    sums[l0:l1] = checksum(buf)
+                part.works[-1].wait()
+                part.host = torch.empty(3 + 2 * layers, dtype=torch.int64, pin_memory=True)
+                part.host[:3 + layers].copy_(part.tail, non_blocking=True)
+                part.host[3 + layers:].copy_(sums, non_blocking=True)
+            finally:  # whatever was queued must finish before the transfer may end
+                part.event = torch.cuda.Event()
+                part.event.record(stream)
+
+    def _recv_cpu(self, part: _Part, nb: int, layers: int) -> None:
+        group, waiter = part.pair.group, part.pair.waiter
+        part.bufs = self._empty_bufs(part, nb)
+        part.tail = torch.empty(3 + layers, dtype=torch.int64)
+        for b in [*part.bufs, part.tail]:
+            waiter.add(group.recv([b], 0, 0), part)
+
+    # completion
+
+    def poll(self) -> dict[int, tuple[bool, str]]:
+        """Non-blocking: key -> (ok, error) for every transfer that ended since the last
+        call. A transfer pending longer than timeout_s closes its pairs and fails."""
+        now, out, still = time.monotonic(), {}, []
+        for tr in self._pending:
+            for part in tr.parts:
+                if not part.settled:
+                    self._advance(tr, part)
+            if now - tr.started > self.timeout_s and not all(p.settled for p in tr.parts):
+                reason = f"timed out after {self.timeout_s:g} s (transfer {tr.key})"
+                tr.error = tr.error or reason
+                for part in tr.parts:
+                    if not part.settled:
+                        self._close(part.pair, f"pair {part.pair.name}: a transfer {reason}")
+                        self._advance(tr, part)
+            if not all(p.settled for p in tr.parts) or tr.key in out:
+                still.append(tr)
+                continue
+            errors = [tr.error] if tr.error else [p.error for p in tr.parts if p.error]
+            out[tr.key] = (not errors, "; ".join(dict.fromkeys(errors)))
+        self._pending = still
+        return out
+
+    def _advance(self, tr: _Transfer, part: _Part) -> None:
+        """Settle the part once nothing of it is in flight that could still touch its blocks."""
+        pair = part.pair
+        if self.cuda and not tr.sending:
+            if part.event is not None and not part.event.query():
+                return  # a queued scatter may still write the blocks, even after an abort
+        elif self.cuda:
+            if not pair.closed and not all(w.is_completed() for w in part.works):
+                return
+        else:
+            failed = [s for s in part.status if s]
+            if not pair.closed and not failed and None in part.status:
+                return
+            if failed and not part.error:
+                part.error = f"pair {pair.name}: {failed[0]}"
+        if pair.closed and not part.error:
+            part.error = pair.closed
+        if self.cuda and not part.error:
+            with torch.cuda.stream(pair.stream):
+                for w in part.works:
+                    try:
+                        w.wait()  # completed: raises only if the work failed
+                    except Exception as e:  # noqa: BLE001
+                        part.error = f"pair {pair.name}: {type(e).__name__}: {e}"
+                        break
+        if part.error:
+            self._close(pair, part.error)  # the pair is out of step or broken
+        elif not tr.sending:
+            part.error = self._verify(tr, part)
+        part.settled = True
+        part.bufs, part.works, part.tail, part.host = [], [], None, None
+
+    def _verify(self, tr: _Transfer, part: _Part) -> str:
+        """Check the tail against the expected key/shape and the received bytes; CPU: scatter."""
+        layers = tr.num_layers
+        if self.cuda:
+            host = part.host.tolist()
+            tail, sums = host[:3 + layers], host[3 + layers:]
+        else:
+            tail = part.tail.tolist()
+            sums = torch.cat([checksum(b) for b in part.bufs]).tolist()
+        want = [tr.key, len(tr.block_ids), layers]
+        if tail[:3] != want:
+            return (f"pair {part.pair.name}: the tail says key {tail[0]}, {tail[1]} blocks, {tail[2]} layers; "
+                    f"expected key {want[0]}, {want[1]} blocks, {want[2]} layers")
+        bad = [i for i in range(layers) if sums[i] != tail[3 + i]]
+        if bad:
+            return f"pair {part.pair.name}: checksum mismatch in layers {bad}"
+        if not self.cuda:
+            idx = torch.tensor(tr.block_ids, dtype=torch.long)
+            for (l0, l1), buf in zip(part.groups, part.bufs):
+                self._scatter(idx, l0, l1, part.head, part.heads, buf)
+        return ""
+
+
+def _meet(store, index: int, deadline: float, pair: str) -> str:
+    """Both sides of a pair agree on a fresh key prefix for this opening: each publishes a
+    nonce and acknowledges the other's; done when the peer acknowledged our current one.
+    Keys left by an earlier opening (a dead peer's) never match, so they cannot be joined."""
+    mine, me, peer = uuid.uuid4().hex[:16], str(index), str(1 - index)
+    store.set(f"hello/{me}", mine)
+    acked = None
+    while True:
+        if store.check([f"hello/{peer}"]):
+            other = store.get(f"hello/{peer}").decode()
+            if other != acked:
+                store.set(f"ack/{me}", f"{mine}:{other}")
+                acked = other
+            if store.check([f"ack/{peer}"]) and store.get(f"ack/{peer}").decode() == f"{other}:{mine}":
+                return f"{mine}.{other}" if index == 0 else f"{other}.{mine}"
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"pair {pair}: the peer (index {1 - index}) did not come")
+        time.sleep(0.005)
+
+
+def _abort(group) -> None:
+    """Abort a group, quietly: NCCL kills its kernels; gloo closes what it can."""
+    if group is None:
+        return
+    try:
+        group.abort()
+    except Exception:  # noqa: BLE001 - closing must not fail
+        log.warning("aborting a KV pair group failed", exc_info=True)

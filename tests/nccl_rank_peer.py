@@ -1,0 +1,119 @@
+"""One rank process for the RankKV tests (tests/test_nccl_rank.py on CPU over gloo,
+tests/gpu/test_gpu_nccl_rank.py over NCCL): builds a KVCache with known contents, runs
+a script of RankKV operations given as JSON on the command line and prints one JSON
+line per event on stdout (nothing is pickled; the cache is dumped as raw bytes).
+
+    python -m tests.nccl_rank_peer '{"device": "cpu", "layers": 4, ..., "ops": [...]}'
+
+Operations: open (pair, index), send (key, blocks, parts, [events], [corrupt]), recv
+(key, blocks, parts), wait (keys: poll until each ended), pause (until a line on
+stdin), dump (path: k then v of the whole cache), close."""
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+import torch
+
+import kv_transfer.nccl_rank as nccl_rank
+from engine.kv_cache import KVCache
+from kv_transfer.nccl_rank import RankKV
+
+
+def cache_contents(seed: int, layers: int, blocks: int, block_size: int, heads: int, head_dim: int,
+                   dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k and v a rank seeded with `seed` starts with (CPU; the tests rebuild them)."""
+    g = torch.Generator().manual_seed(seed)
+    shape = (layers, blocks, block_size, heads, head_dim)
+    return torch.randn(shape, generator=g).to(dtype), torch.randn(shape, generator=g).to(dtype)
+
+
+def emit(**fields) -> None:
+    print(json.dumps(fields), flush=True)
+
+
+def fill_like_a_forward(kv: KVCache, k: torch.Tensor, v: torch.Tensor, delay_cycles: int) -> list:
+    """GPU: write each layer's k/v on the current stream after a delay, recording an event
+    after each, as the prefill forward does; returns at once with the layers still to come."""
+    events, k, v = [], k.pin_memory(), v.pin_memory()
+    for layer in range(kv.num_layers):
+        torch.cuda._sleep(delay_cycles)
+        kv.k[layer].copy_(k[layer], non_blocking=True)
+        kv.v[layer].copy_(v[layer], non_blocking=True)
+        events.append(torch.cuda.Event())
+        events[-1].record()
+    return events
+
+
+def main(cfg: dict) -> None:
+    device = torch.device(cfg["device"])
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dtype = getattr(torch, cfg.get("dtype", "float32"))
+    shape = (cfg["layers"], cfg["blocks"], cfg["block_size"], cfg["heads"], cfg["head_dim"])
+    kv = KVCache(*shape, dtype, device)
+    contents = cache_contents(cfg["seed"], *shape, dtype) if cfg.get("seed") is not None else None
+    if contents is not None and not cfg.get("forward"):
+        kv.k.copy_(contents[0])
+        kv.v.copy_(contents[1])
+    rank = RankKV(kv, device, timeout_s=cfg["timeout"], min_message_bytes=cfg.get("min_message_bytes", 64 << 20))
+    host, port = cfg["store"]
+    ended: dict[int, tuple[bool, str, float]] = {}
+    started: dict[int, float] = {}
+
+    def collect() -> None:
+        for key, (ok, error) in rank.poll().items():
+            ended[key] = (ok, error, time.monotonic() - started[key])
+            emit(event="result", key=key, ok=ok, error=error, elapsed=round(ended[key][2], 3))
+
+    for op in cfg["ops"]:
+        kind = op["op"]
+        if kind == "open":
+            rank.open_pair(op["pair"], host, port, op["index"])
+            emit(event="opened", pair=op["pair"], pairs=rank.pairs)
+        elif kind == "send":
+            started[op["key"]] = time.monotonic()
+            events = None
+            if cfg.get("forward") and device.type == "cuda":  # the cache fills while send() is issued
+                events = fill_like_a_forward(kv, *contents, cfg.get("delay_cycles", 20_000_000))
+            saved = nccl_rank.checksum
+            if op.get("corrupt"):  # the receiver must see a mismatch
+                nccl_rank.checksum = lambda buf: saved(buf) + 1
+            try:
+                rank.send(op["key"], op["blocks"], [tuple(p) for p in op["parts"]], events)
+            finally:
+                nccl_rank.checksum = saved
+            emit(event="sent", key=op["key"], host_s=round(time.monotonic() - started[op["key"]], 4))
+        elif kind == "recv":
+            started[op["key"]] = time.monotonic()
+            rank.recv(op["key"], op["blocks"], [tuple(p) for p in op["parts"]], cfg["layers"])
+            emit(event="posted", key=op["key"])
+        elif kind == "wait":
+            deadline = time.monotonic() + op.get("limit", 3 * cfg["timeout"])
+            while not all(k in ended for k in op["keys"]) and time.monotonic() < deadline:
+                collect()
+                time.sleep(0.002)
+            for k in op["keys"]:
+                if k not in ended:
+                    emit(event="hung", key=k)
+        elif kind == "pause":
+            emit(event="paused")
+            sys.stdin.readline()
+        elif kind == "dump":
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            with open(op["path"], "wb") as f:
+                for t in (kv.k, kv.v):
+                    f.write(t.cpu().contiguous().view(torch.uint8).numpy().tobytes())
+            emit(event="dumped")
+        elif kind == "close":
+            rank.close()
+            emit(event="closed", pairs=rank.pairs)
+        else:
+            raise ValueError(f"unknown operation {kind}")
+    emit(event="done")
+
+
+if __name__ == "__main__":
+    main(json.loads(sys.argv[1]))
