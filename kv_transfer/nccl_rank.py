@@ -111,11 +111,14 @@ def checksum(buf: torch.Tensor) -> torch.Tensor:
 
 class _Waiter:
     """gloo only: its send/recv works report completion only through wait(), so a thread
-    per pair waits for them in order and records each outcome ("" ok, else the error)."""
+    per pair waits for them in order and records each outcome ("" ok, else the error).
+    It keeps no work once waited: a gloo work left alive in a thread when the process
+    exits makes it abort."""
 
     def __init__(self, name: str):
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
-        threading.Thread(target=self._run, name=f"kv-wait-{name}", daemon=True).start()
+        self.thread = threading.Thread(target=self._run, name=f"kv-wait-{name}", daemon=True)
+        self.thread.start()
 
     def add(self, work, part: _Part) -> None:
         part.status.append(None)
@@ -127,11 +130,13 @@ class _Waiter:
     def _run(self) -> None:
         while (item := self._queue.get()) is not None:
             work, part, i = item
+            del item
             try:
                 work.wait()
                 part.status[i] = ""
             except Exception as e:  # noqa: BLE001 - any failure of the work is its outcome
                 part.status[i] = f"{type(e).__name__}: {e}"
+            del work, part
 
 
 @dataclass(eq=False)
@@ -233,9 +238,14 @@ class RankKV:
             self._close(p, f"pair {pair} was closed")
 
     def close(self) -> None:
-        """Close every pair."""
-        for p in list(self._pairs.values()):
+        """Close every pair. gloo: waits (up to timeout_s) for the threads waiting on works."""
+        closing = list(self._pairs.values())
+        for p in closing:
             self._close(p, f"pair {p.name} was closed")
+        deadline = time.monotonic() + self.timeout_s
+        for p in closing:
+            if p.waiter is not None:
+                p.waiter.thread.join(max(0.0, deadline - time.monotonic()))
         self._dead.clear()
 
     def _new_group(self, store, index: int):
