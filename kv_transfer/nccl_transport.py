@@ -132,7 +132,7 @@ class NcclKVSender(KVSender):
         self.manager, self.pairs, self.endpoint = manager, pairs, pairs.endpoint
         self.key = transfer_key(transfer_id)
         self.order = {"key": self.key, "dests": pairs.dests()}   # LLMEngine.add_request(kv_send=...)
-        self._data_ok = self._finished = False
+        self._data_ok = self._finish_queued = self._finished = False
         self.answered = False
 
     def send_layers(self, layer_start, layers) -> None:
@@ -144,13 +144,12 @@ class NcclKVSender(KVSender):
         self.manager.submit(self, Outgoing(0, self.manager.layout.num_layers, []))
 
     def finish(self, first_token: int) -> None:
-        if self._finished:
+        if self._finish_queued:
             raise RuntimeError(f"transfer {self.transfer_id}: finish called twice")
-        self._finished = True
-        if not self.status.ended:
+        self._finish_queued = True
+        if not self.status.ended:  # DONE only once the I/O thread took the message (build_message)
             self.manager.submit(self, Outgoing(self.manager.layout.num_layers, 0, [], last=True,
                                                first_token=first_token))
-            self._maybe_done()
 
     def on_data(self, ok: bool, error: str) -> None:
         if not ok:
@@ -164,6 +163,10 @@ class NcclKVSender(KVSender):
             self.status.finish()
 
     def build_message(self, out: Outgoing) -> list[bytes]:
+        """(I/O thread) The control message; the finish, once built, may end the transfer."""
+        if out.last:
+            self._finished = True
+            self._maybe_done()
         layout = self.manager.layout
         shards = [kv_pb2.KVShard(tp_rank=r, head_start=kv_head_range(r, self.pairs.prefill_tp, layout.num_kv_heads)[0],
                                  num_heads=n) for r, n in self._shard_heads()] if out.num_layers else []
@@ -272,6 +275,7 @@ class NcclKVManager(KVManager):
         self.pair_sets: dict[str, PairSet] = {}      # by name
         self._by_peer: dict[str, PairSet] = {}       # prefill side: by decode node id
         self._connecting: dict[str, asyncio.Task] = {}
+        self._retry: dict[str, tuple[float, float]] = {}   # peer -> (not before, backoff s) after a failure
         self._generation = 0
         self._pending: dict[int, NcclKVSender | NcclKVReceiver] = {}   # engine thread only
         self._senders: dict[int, NcclKVSender] = {}
@@ -432,7 +436,7 @@ class NcclKVManager(KVManager):
             live[p.node_id] = p
             ps = self._by_peer.get(p.node_id)
             stale = ps is None or ps.broken or ps.peer_epoch != p.epoch
-            if stale and p.node_id not in self._connecting:
+            if stale and p.node_id not in self._connecting and time.monotonic() >= self._retry.get(p.node_id, (0, 0))[0]:
                 task = asyncio.ensure_future(self._connect(p, open_rpc))
                 self._connecting[p.node_id] = task
                 task.add_done_callback(lambda _, n=p.node_id: self._connecting.pop(n, None))
@@ -457,9 +461,12 @@ class NcclKVManager(KVManager):
                 engine.kv_open_pairs(spec)
 
             await asyncio.wrap_future(self.engine_call(join))
-        except Exception as e:  # retried at the next peer update
-            log.warning("KV pairs towards %s did not open: %s", peer.node_id, e)
+        except Exception as e:  # retried at a later peer update, backing off
+            backoff = min(30.0, 2 * self._retry.get(peer.node_id, (0, 0.5))[1])
+            self._retry[peer.node_id] = (time.monotonic() + backoff, backoff)
+            log.warning("KV pairs towards %s did not open (next try in %.0f s): %s", peer.node_id, backoff, e)
             return
+        self._retry.pop(peer.node_id, None)
         ps.ready = True
         if old is not None:
             self.pair_sets.pop(old.name, None)

@@ -1,0 +1,80 @@
+"""End to end with --kv-transport nccl. Without GPUs the same transport runs over
+gloo: pair sets opened at registration, sends issued by the prefill step layer
+group by layer group, receives posted in announce order, head re-slicing across TP
+sizes, checksums; tests/gpu/test_gpu_cluster.py runs it over NCCL on two GPUs."""
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+
+from tests.cluster_util import Client, greedy, request, start_cluster
+from tests.conftest import assert_matches_reference
+from tests.test_cluster import workload
+
+
+def opened(log_dir: Path) -> int:
+    """Pair sets the prefill node reported open."""
+    return sum(p.read_text().count("open towards") for p in log_dir.glob("*-prefill.log"))
+
+
+def wait_for(cond, what: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.1)
+
+
+@pytest.mark.parametrize("family, p_tp, d_tp", [("qwen3", 1, 1), ("llama", 1, 2), ("qwen2", 2, 1)])
+def test_greedy_through_an_nccl_cluster_matches_transformers(tiny_models, reference, family, p_tp, d_tp, tmp_path):
+    cluster = start_cluster(model=tiny_models[family], prefill_tp=p_tp, decode_tp=d_tp, kv_blocks=128,
+                            kv_transport="nccl", log_dir=str(tmp_path))
+    members = list(cluster.procs)
+    client = Client(cluster.cfg.listen)
+    try:
+        wait_for(lambda: opened(tmp_path) == 1, "the pair set to open at registration")
+        jobs = workload(p_tp * 10 + d_tp + 7, 8)
+        outs = client.generate_all(jobs)
+        client.wait_blocks_at_baseline()
+    finally:
+        client.close()
+        cluster.stop()
+    assert [p.returncode for p in members] == [0] * len(members), "SIGTERM must drain and exit 0"
+    ref = reference(tiny_models[family])
+    for (prompt, n), out in zip(jobs, outs):
+        assert_matches_reference(out["token_ids"], ref.generate(prompt, n), f"nccl {family} {p_tp}:{d_tp}")
+
+
+def test_a_cancelled_stream_frees_kv_and_a_restarted_decode_node_gets_new_pairs(tiny_models, reference, tmp_path):
+    cluster = start_cluster(model=tiny_models["qwen2"], kv_blocks=64, kv_transport="nccl", log_dir=str(tmp_path))
+    client = Client(cluster.cfg.listen)
+    try:
+        wait_for(lambda: opened(tmp_path) == 1, "the first pair set")
+        stream = client.stub.Generate(request(list(range(1, 30)), greedy(200, ignore_eos=True)), timeout=60)
+        with pytest.raises(grpc.RpcError) as e:
+            for i, _ in enumerate(stream):
+                if i == 2:
+                    stream.cancel()
+        assert e.value.code() == grpc.StatusCode.CANCELLED
+        client.wait_blocks_at_baseline()
+
+        decode_cmd = cluster.node_commands()[1]
+        victim = cluster.procs[2]  # coordinator, prefill, decode
+        os.kill(victim.pid, signal.SIGKILL)
+        victim.wait()
+        cluster._spawn(decode_cmd)
+        wait_for(lambda: opened(tmp_path) == 2, "a new pair set towards the restarted decode node", 60)
+        wait_for(lambda: sum(n["healthy"] for n in client.status()["nodes"] if n["role"] == "decode") == 1,
+                 "the restarted decode node")
+        ref = reference(tiny_models["qwen2"])
+        jobs = workload(31, 4)
+        for (prompt, n), out in zip(jobs, client.generate_all(jobs)):
+            assert_matches_reference(out["token_ids"], ref.generate(prompt, n), "after the decode node came back")
+        client.wait_blocks_at_baseline()
+    finally:
+        client.close()
+        cluster.stop()
