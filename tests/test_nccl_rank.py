@@ -1,7 +1,8 @@
 """RankKV, the NCCL KV transport's per-rank data mover, between real processes over gloo
 on loopback (the same code path as NCCL but for the streams): whole and re-sliced heads
 (TP 1 -> 2, TP 2 -> 1), shuffled block ids, queued transfers, multi-message layer
-groups, checksum and key mismatches, a peer that dies or goes silent, pairs rebuilt."""
+groups, checksum and key mismatches, a peer that dies or goes silent, pairs rebuilt.
+The scenarios take a Setup; tests/gpu/test_gpu_nccl_rank.py runs them over NCCL."""
 from __future__ import annotations
 
 import json
@@ -13,6 +14,7 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +28,28 @@ from tests.nccl_rank_peer import cache_contents
 
 ROOT = Path(__file__).resolve().parent.parent
 LAYERS, BLOCK, HEAD_DIM, HEADS, BLOCKS = 5, 4, 8, 4, 24   # HEADS: the model's KV heads
-MIN_MESSAGE = 6000  # bytes: a few layers per message at these sizes, so transfers take several messages
+
+
+@dataclass(frozen=True)
+class Setup:
+    """Where the ranks run and what the cache holds."""
+    dtype: str = "float32"
+    prefill_device: str = "cpu"
+    decode_device: str = "cpu"
+    forward: bool = False    # GPU: the sender's cache fills layer by layer (events) while send() is issued
+    sees_death: bool = True  # gloo notices a dead peer at once; NCCL between GPUs only by the timeout
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return getattr(torch, self.dtype)
+
+    @property
+    def min_message(self) -> int:
+        """1.5 layers of a 5-block transfer of all heads: two layers per message, several messages."""
+        return 3 * 5 * BLOCK * HEADS * HEAD_DIM * self.torch_dtype.itemsize
+
+
+CPU = Setup()
 
 
 class Peer:
@@ -37,7 +60,8 @@ class Peer:
         self.err_path = tmp / f"{name}.stderr"
         self.proc = subprocess.Popen([sys.executable, "-m", "tests.nccl_rank_peer", json.dumps(cfg)], cwd=ROOT,
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.err_path.open("w"),
-                                     text=True, env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})})
+                                     text=True, env={**os.environ, **(env or {}), "PYTHONPATH": os.pathsep.join(
+                                         [str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])})
         threading.Thread(target=self._read, daemon=True).start()
 
     def _read(self) -> None:
@@ -97,18 +121,20 @@ def peers(tmp_path):
         p.kill()
 
 
-def cfg(port: int, heads: int, seed: int | None, ops: list[dict], timeout: float = 20, **extra) -> dict:
-    return dict(device="cpu", dtype="float32", layers=LAYERS, blocks=BLOCKS, block_size=BLOCK, heads=heads,
-                head_dim=HEAD_DIM, seed=seed, store=["127.0.0.1", port], timeout=timeout,
-                min_message_bytes=MIN_MESSAGE, ops=ops, **extra)
+def cfg(setup: Setup, prefill: bool, port: int, heads: int, seed: int | None, ops: list[dict],
+        timeout: float = 20) -> dict:
+    return dict(device=setup.prefill_device if prefill else setup.decode_device, dtype=setup.dtype, layers=LAYERS,
+                blocks=BLOCKS, block_size=BLOCK, heads=heads, head_dim=HEAD_DIM, seed=seed,
+                store=["127.0.0.1", port], timeout=timeout, min_message_bytes=setup.min_message, ops=ops,
+                forward=setup.forward and prefill)
 
 
-def contents(seed: int, heads: int) -> tuple[torch.Tensor, torch.Tensor]:
-    return cache_contents(seed, LAYERS, BLOCKS, BLOCK, heads, HEAD_DIM, torch.float32)
+def contents(setup: Setup, seed: int, heads: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return cache_contents(seed, LAYERS, BLOCKS, BLOCK, heads, HEAD_DIM, setup.torch_dtype)
 
 
-def load_dump(path: Path, heads: int) -> tuple[torch.Tensor, torch.Tensor]:
-    raw = torch.from_numpy(np.fromfile(path, dtype=np.float32))
+def load_dump(setup: Setup, path: Path, heads: int) -> tuple[torch.Tensor, torch.Tensor]:
+    raw = torch.from_numpy(np.fromfile(path, dtype=np.uint8)).view(setup.torch_dtype)
     k, v = raw.view(2, LAYERS, BLOCKS, BLOCK, heads, HEAD_DIM)
     return k, v
 
@@ -166,10 +192,15 @@ def test_layer_groups_and_checksum():
 
 
 def test_one_to_one_queued_shuffled_multi_message_and_integrity(store, peers, tmp_path):
+    one_to_one(CPU, store, peers, tmp_path)
+
+
+def one_to_one(setup: Setup, store: int, peers, tmp_path: Path) -> None:
     rng, taken_s, taken_r = random.Random(1), set(), set()
     ks = {name: shuffled_blocks(rng, n, taken_s) for name, n in [("a", 5), ("b", 7), ("c", 4), ("d", 4), ("e", 3)]}
     kr = {name: shuffled_blocks(rng, len(ks[name]), taken_r) for name in ks}
-    assert len(layer_groups(LAYERS, 2 * 5 * BLOCK * HEADS * HEAD_DIM * 4, MIN_MESSAGE)) >= 2  # several messages
+    layer_bytes = 2 * 5 * BLOCK * HEADS * HEAD_DIM * setup.torch_dtype.itemsize
+    assert len(layer_groups(LAYERS, layer_bytes, setup.min_message)) >= 2  # several messages
     full = [["p", 0, HEADS]]
     send = [dict(op="send", key=1, blocks=ks["a"], parts=full), dict(op="send", key=2, blocks=ks["b"], parts=full),
             dict(op="send", key=3, blocks=ks["c"], parts=full, corrupt=True),
@@ -180,11 +211,11 @@ def test_one_to_one_queued_shuffled_multi_message_and_integrity(store, peers, tm
             dict(op="recv", key=5, blocks=kr["d"], parts=full),  # the sender sends key 4 here
             dict(op="recv", key=6, blocks=kr["e"], parts=[["p", 2, 2]])]  # ... into receiver heads 2-3
     dump = tmp_path / "r.bin"
-    s = peers("sender", **cfg(store, HEADS, 7, [dict(op="open", pair="p", index=0), *send,
-                                                 dict(op="wait", keys=[1, 2, 3, 4, 6])]))
-    r = peers("receiver", **cfg(store, HEADS, None, [dict(op="open", pair="p", index=1), *recv,
-                                                     dict(op="wait", keys=[1, 2, 3, 5, 6]),
-                                                     dict(op="dump", path=str(dump))]))
+    s = peers("sender", **cfg(setup, True, store, HEADS, 7, [dict(op="open", pair="p", index=0), *send,
+                                                              dict(op="wait", keys=[1, 2, 3, 4, 6])]))
+    r = peers("receiver", **cfg(setup, False, store, HEADS, None, [dict(op="open", pair="p", index=1), *recv,
+                                                                   dict(op="wait", keys=[1, 2, 3, 5, 6]),
+                                                                   dict(op="dump", path=str(dump))]))
     sent = s.results([1, 2, 3, 4, 6])
     got = r.results([1, 2, 3, 5, 6])
     s.finish()
@@ -193,7 +224,7 @@ def test_one_to_one_queued_shuffled_multi_message_and_integrity(store, peers, tm
     assert got[1]["ok"] and got[2]["ok"] and got[6]["ok"], got
     assert not got[3]["ok"] and "checksum mismatch" in got[3]["error"], got[3]
     assert not got[5]["ok"] and "key 4" in got[5]["error"], got[5]
-    want, cache = contents(7, HEADS), load_dump(dump, HEADS)
+    want, cache = contents(setup, 7, HEADS), load_dump(setup, dump, HEADS)
     assert_heads(cache, kr["a"], 0, want, ks["a"], 0, HEADS)
     assert_heads(cache, kr["b"], 0, want, ks["b"], 0, HEADS)
     assert_heads(cache, kr["e"], 2, want, ks["e"], 1, 2)
@@ -216,6 +247,10 @@ def plan(prefill_tp: int, decode_tp: int) -> list[tuple[int, int, int, int, int]
 
 @pytest.mark.parametrize("prefill_tp,decode_tp", [(1, 2), (2, 1)])
 def test_tp_resharding(store, peers, tmp_path, prefill_tp, decode_tp):
+    resharding(CPU, store, peers, tmp_path, prefill_tp, decode_tp)
+
+
+def resharding(setup: Setup, store: int, peers, tmp_path: Path, prefill_tp: int, decode_tp: int) -> None:
     """Every decode rank ends up with exactly its heads, each from the prefill rank holding them."""
     rng = random.Random(prefill_tp * 10 + decode_tp)
     pairs = plan(prefill_tp, decode_tp)
@@ -235,44 +270,49 @@ def test_tp_resharding(store, peers, tmp_path, prefill_tp, decode_tp):
         for s in range(decode_tp):
             parts = [[f"{r}-{s}", dh, n] for r, s2, _, dh, n in pairs if s2 == s]
             ops_d[s].append(dict(op="recv", key=key, blocks=dblocks[s][t], parts=parts))
-    pre = [peers(f"prefill{r}", **cfg(store, p_heads, 100 + r, [*ops_p[r], dict(op="wait", keys=[11, 12])]))
-           for r in range(prefill_tp)]
-    dec = [peers(f"decode{s}", **cfg(store, d_heads, None, [*ops_d[s], dict(op="wait", keys=[11, 12]),
-                                                              dict(op="dump", path=str(tmp_path / f"d{s}.bin"))]))
-           for s in range(decode_tp)]
+    pre = [peers(f"prefill{r}", **cfg(setup, True, store, p_heads, 100 + r,
+                                      [*ops_p[r], dict(op="wait", keys=[11, 12])])) for r in range(prefill_tp)]
+    dec = [peers(f"decode{s}", **cfg(setup, False, store, d_heads, None,
+                                     [*ops_d[s], dict(op="wait", keys=[11, 12]),
+                                      dict(op="dump", path=str(tmp_path / f"d{s}.bin"))])) for s in range(decode_tp)]
     for p in pre + dec:
         assert all(e["ok"] for e in p.results([11, 12]).values()), p.name
         p.finish()
     for s in range(decode_tp):
-        cache = load_dump(tmp_path / f"d{s}.bin", d_heads)
+        cache = load_dump(setup, tmp_path / f"d{s}.bin", d_heads)
         for r, s2, ph, dh, n in pairs:
             if s2 == s:
                 for t in range(2):
-                    assert_heads(cache, dblocks[s][t], dh, contents(100 + r, p_heads), sblocks[r][t], ph, n)
+                    assert_heads(cache, dblocks[s][t], dh, contents(setup, 100 + r, p_heads), sblocks[r][t], ph, n)
         assert_untouched(cache, set(dblocks[s][0]) | set(dblocks[s][1]))
 
 
 def test_dead_or_silent_peer_fails_in_time_and_the_pair_is_rebuilt(store, peers, tmp_path):
+    dead_or_silent(CPU, store, peers, tmp_path)
+
+
+def dead_or_silent(setup: Setup, store: int, peers, tmp_path: Path) -> None:
     timeout, rng = 3.0, random.Random(5)
     sb, rb = shuffled_blocks(rng, 5, set()), shuffled_blocks(rng, 5, set())
     full = [["c", 0, HEADS]]
     dump = tmp_path / "r.bin"
-    r = peers("receiver", **cfg(store, HEADS, None, timeout=timeout, ops=[
+    r = peers("receiver", **cfg(setup, False, store, HEADS, None, timeout=timeout, ops=[
         dict(op="open", pair="c", index=1), dict(op="recv", key=1, blocks=rb, parts=full), dict(op="wait", keys=[1]),
         dict(op="open", pair="c", index=1), dict(op="recv", key=2, blocks=rb, parts=full), dict(op="wait", keys=[2]),
         dict(op="open", pair="c", index=1), dict(op="recv", key=3, blocks=rb, parts=full), dict(op="wait", keys=[3]),
         dict(op="dump", path=str(dump))]))
-    s1 = peers("sender1", **cfg(store, HEADS, 9, [dict(op="open", pair="c", index=0), dict(op="pause")]))
+    s1 = peers("sender1", **cfg(setup, True, store, HEADS, 9, [dict(op="open", pair="c", index=0), dict(op="pause")]))
     r.expect("posted", key=1)
     s1.expect("paused")
     s1.kill()  # dies with a receive posted for it
-    dead = r.expect("result", key=1)
-    # seen dead, not waited out
-    assert not dead["ok"] and "timed out" not in dead["error"] and dead["elapsed"] < timeout, dead
-
-    s2 = peers("sender2", **cfg(store, HEADS, 9, [
+    # the next sender starts now: the receiver reopens the pair within its timeout of the failure
+    s2 = peers("sender2", **cfg(setup, True, store, HEADS, 9, [
         dict(op="open", pair="c", index=0), dict(op="pause"),
         dict(op="open", pair="c", index=0), dict(op="send", key=3, blocks=sb, parts=full), dict(op="wait", keys=[3])]))
+    dead = r.expect("result", key=1)
+    assert not dead["ok"] and dead["elapsed"] < timeout + 2, dead
+    if setup.sees_death:  # seen dead, not waited out
+        assert "timed out" not in dead["error"] and dead["elapsed"] < timeout, dead
     s2.expect("paused")  # alive, but sends nothing for key 2
     silent = r.expect("result", key=2)
     assert not silent["ok"] and "timed out" in silent["error"] and timeout - 0.5 < silent["elapsed"] < timeout + 2
@@ -282,6 +322,6 @@ def test_dead_or_silent_peer_fails_in_time_and_the_pair_is_rebuilt(store, peers,
     assert rebuilt["ok"], rebuilt
     r.finish()
     s2.finish()
-    cache = load_dump(dump, HEADS)
-    assert_heads(cache, rb, 0, contents(9, HEADS), sb, 0, HEADS)
+    cache = load_dump(setup, dump, HEADS)
+    assert_heads(cache, rb, 0, contents(setup, 9, HEADS), sb, 0, HEADS)
     assert_untouched(cache, set(rb))
