@@ -1,7 +1,14 @@
 """KV transfer bandwidth: our transport next to the raw library moving the same frames.
 
     .venv/bin/python benchmarks/kv_transfer.py --transport zmq [--runs 21] [--endpoints tcp ipc]
+    python3 benchmarks/kv_transfer.py --transport nccl [--commit HASH]   # two GPUs
+    .venv/bin/python benchmarks/kv_transfer.py --transport nccl --cpu    # gloo smoke run, no result file
 
+NCCL (see nccl_main below): RankKV between two processes (GPU 0 sends, GPU 1 receives),
+model-shaped bf16 caches with shuffled block ids, against plain send/recv of the same
+bytes as one tensor on the same pair group.
+
+ZeroMQ:
 For each case (a model-shaped KV of a prompt) and endpoint kind (tcp loopback, ipc),
 ours = bytes / seconds from the first send_layers() to the receiver's DONE (all
 layers checked with XXH3 and handed to write(), here a no-op); raw = the same
@@ -37,6 +44,7 @@ import zmq  # noqa: E402
 
 import kv_transfer.protocol  # noqa: E402
 
+from benchmarks.common import write_result  # noqa: E402
 from kv_transfer import KVLayout, Role, TransferState, ZmqKVManager  # noqa: E402
 from kv_transfer.layout import unique_ranks  # noqa: E402
 
@@ -239,17 +247,31 @@ def git(*args: str) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--transport", choices=["zmq"], default="zmq")
-    ap.add_argument("--tokens", type=int, default=2048)
+    ap.add_argument("--transport", choices=["zmq", "nccl"], default="zmq")
+    ap.add_argument("--tokens", type=int, default=2048, help="zmq: prompt tokens")
     ap.add_argument("--block-size", type=int, default=16)
-    ap.add_argument("--layers-per-message", type=int, default=1)
-    ap.add_argument("--prefill-tp", type=int, default=1)
-    ap.add_argument("--decode-tp", type=int, default=1)
-    ap.add_argument("--endpoints", nargs="+", choices=["tcp", "ipc"], default=["tcp", "ipc"])
-    ap.add_argument("--runs", type=int, default=15)
+    ap.add_argument("--layers-per-message", type=int, default=1, help="zmq")
+    ap.add_argument("--prefill-tp", type=int, default=1, help="zmq")
+    ap.add_argument("--decode-tp", type=int, default=1, help="zmq")
+    ap.add_argument("--endpoints", nargs="+", choices=["tcp", "ipc"], default=["tcp", "ipc"], help="zmq")
+    ap.add_argument("--runs", type=int, default=None, help="timed runs of each (zmq 15, nccl 10)")
     ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/kv_transfer_zmq.json")
+    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/kv_transfer_zmq.json", help="zmq")
+    ap.add_argument("--commit", default=None, help="commit measured, where the tree has no .git")
+    ap.add_argument("--cpu", action="store_true", help="nccl: smoke run over gloo on CPU with tiny caches")
+    ap.add_argument("--save", action="store_true", help="nccl --cpu: write the result file anyway")
+    ap.add_argument("--min-message-mib", type=float, default=64, help="nccl: RankKV's min_message_bytes")
+    ap.add_argument("--cases", nargs="*", default=None, help="nccl: only the cases whose names start so")
+    ap.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)  # nccl: a rank process
+    ap.add_argument("--store-port", type=int, default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--dump-after", type=float, default=None, help="nccl: rank processes print their stacks "
+                    "and exit after this many seconds (debugging a hang)")
     args = ap.parse_args()
+    if args.runs is None:
+        args.runs = 10 if args.transport == "nccl" else 15
+    if args.transport == "nccl":
+        nccl_worker(args) if args.worker is not None else nccl_main(args)
+        return
 
     cases = []
     for case in CASES:
@@ -270,7 +292,7 @@ def main() -> None:
     headline = next((c for c in cases if (c["case"], c["endpoint"]) == HEADLINE), cases[0])
     result = dict(
         benchmark="kv_transfer_zmq", device=cpu_model(), date=datetime.datetime.now().astimezone().isoformat(),
-        commit=git("rev-parse", "HEAD"), ratio=round(headline["ratio"], 3), target=0.8,
+        commit=args.commit or git("rev-parse", "HEAD"), ratio=round(headline["ratio"], 3), target=0.8,
         config=dict(transport=args.transport, tokens=args.tokens, block_size=args.block_size,
                     layers_per_message=args.layers_per_message, prefill_tp=args.prefill_tp,
                     decode_tp=args.decode_tp, runs=args.runs, warmup=args.warmup, cpus=os.cpu_count(),
@@ -283,6 +305,184 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"ratio (headline {HEADLINE[0]}, {HEADLINE[1]}): {result['ratio']:.2f}  target 0.8  -> {args.out}")
+
+
+# NCCL: RankKV between two rank processes against raw send/recv on the same pair group
+
+
+@dataclass(frozen=True)
+class NcclCase:
+    name: str
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    tokens: int
+
+
+NCCL_CASES = [NcclCase("llama-3.1-8b 4K", 32, 8, 128, 4096), NcclCase("llama-3.2-1b 2K", 16, 8, 64, 2048)]
+NCCL_HEADLINE = "llama-3.1-8b 4K"
+SMOKE_CASES = [NcclCase("smoke 4L", 4, 2, 16, 256), NcclCase("smoke 3L", 3, 2, 8, 64)]
+
+
+def nccl_cases(args) -> list[NcclCase]:
+    cases = SMOKE_CASES if args.cpu else NCCL_CASES
+    return [c for c in cases if not args.cases or any(c.name.startswith(p) for p in args.cases)]
+
+
+def nccl_main(args) -> None:
+    """Serve the rendezvous store, run the two rank processes, report the receiver's timings.
+    Ours = bytes / (the receiver's poll() reporting the key ok - the sender entering send());
+    raw = bytes / (the receiver's recv work completed - the sender entering send), one
+    tensor of the same bytes; both ends start together behind a barrier on the store and
+    both receives are posted before it. Runs alternate; medians are reported. Times are
+    CLOCK_MONOTONIC (time.perf_counter), one clock for every process of the host."""
+    from kv_transfer.nccl_store import serve_store
+    if not args.cpu and torch.cuda.device_count() < 2:
+        sys.exit("--transport nccl needs 2 GPUs (or --cpu for a gloo smoke run)")
+    cases = nccl_cases(args)
+    store, port = serve_store()
+    flags = ["--transport", "nccl", "--store-port", str(port), "--runs", str(args.runs), "--warmup", str(args.warmup),
+             "--block-size", str(args.block_size), "--min-message-mib", str(args.min_message_mib)]
+    flags += ["--cpu"] if args.cpu else []
+    flags += ["--cases", *args.cases] if args.cases else []
+    flags += ["--dump-after", str(args.dump_after)] if args.dump_after else []
+    env = {"CUDA_MODULE_LOADING": "EAGER", **os.environ}  # see kv_transfer/nccl_rank.py: no lazy kernel loading
+    procs = [subprocess.Popen([sys.executable, __file__, *flags, "--worker", str(i)], stdout=subprocess.PIPE,
+                              text=True, env=env) for i in (0, 1)]
+    outs = []
+    for p in procs:
+        out, _ = p.communicate(timeout=900)
+        if p.returncode != 0:
+            for q in procs:
+                q.kill()
+            sys.exit(f"a rank process failed (exit {p.returncode})")
+        outs.append(out)
+    del store
+    rows = []
+    for line in outs[1].splitlines():
+        r = json.loads(line)
+        ours, raw = statistics.median(r["ours"]), statistics.median(r["raw"])
+        rows.append(dict(case=r["case"], bytes=r["bytes"], messages=r["messages"], ours_ms=round(ours * 1e3, 4),
+                         raw_ms=round(raw * 1e3, 4), ours_gbps=round(r["bytes"] / ours / 1e9, 2),
+                         raw_gbps=round(r["bytes"] / raw / 1e9, 2), ratio=round(raw / ours, 4),
+                         ours_runs_ms=[round(t * 1e3, 4) for t in r["ours"]],
+                         raw_runs_ms=[round(t * 1e3, 4) for t in r["raw"]]))
+    print(f"{'case':<18} {'MiB':>7} {'msgs':>4} {'ours ms':>8} {'ours GB/s':>9} {'raw ms':>7} {'raw GB/s':>8} "
+          f"{'ratio':>6}")
+    for c in rows:
+        print(f"{c['case']:<18} {c['bytes'] / 2**20:7.1f} {c['messages']:4d} {c['ours_ms']:8.3f} {c['ours_gbps']:9.1f} "
+              f"{c['raw_ms']:7.3f} {c['raw_gbps']:8.1f} {c['ratio']:6.3f}")
+    headline = next((c for c in rows if c["case"] == NCCL_HEADLINE), rows[0])
+    print(f"ratio (headline {headline['case']}): {headline['ratio']:.3f}  target 0.85")
+    if args.cpu and not args.save:
+        return
+    config = dict(transport="nccl", backend="gloo" if args.cpu else "nccl", dtype="float32" if args.cpu else "bfloat16",
+                  block_size=args.block_size, block_ids="shuffled", prefill_tp=1, decode_tp=1, runs=args.runs,
+                  warmup=args.warmup, min_message_bytes=int(args.min_message_mib * 2**20), headline=NCCL_HEADLINE,
+                  shapes=[asdict(c) for c in cases],
+                  devices=[torch.cuda.get_device_name(i) for i in (0, 1)] if not args.cpu else ["cpu", "cpu"],
+                  nccl=".".join(map(str, torch.cuda.nccl.version())) if not args.cpu else None,
+                  timing="send() entered -> receiver's poll() ok; raw: send entered -> recv work completed",
+                  uncommitted_changes=bool(git("status", "--porcelain", "--", "kv_transfer", "benchmarks"))
+                  if not args.commit else None)
+    path = write_result("kv_transfer_nccl", "kv_transfer_nccl", headline["ratio"], 0.85, config, args.commit,
+                        cases=rows)
+    print(f"-> {path}")
+
+
+def nccl_worker(args) -> None:
+    """One rank process: index 0 sends from GPU 0, 1 receives on GPU 1 (CPU with --cpu)."""
+    from engine.kv_cache import KVCache
+    from kv_transfer.nccl_rank import RankKV, layer_groups
+    from kv_transfer.nccl_store import connect_store
+    index, cuda = args.worker, not args.cpu
+    if args.dump_after:
+        import faulthandler
+        faulthandler.dump_traceback_later(args.dump_after, exit=True)
+    device = torch.device("cuda", index) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    dtype = torch.bfloat16 if cuda else torch.float32
+    store = connect_store("127.0.0.1", args.store_port, 300)
+    min_message = int(args.min_message_mib * 2**20)
+    for ci, case in enumerate(nccl_cases(args)):
+        bs, heads, layers = args.block_size, case.num_kv_heads, case.num_layers
+        nb = -(-case.tokens // bs)
+        kv = KVCache(layers, 2 * nb, bs, heads, case.head_dim, dtype, device)
+        blocks = torch.randperm(2 * nb, generator=torch.Generator().manual_seed(index))[:nb].tolist()  # shuffled
+        nbytes = 2 * layers * nb * bs * heads * case.head_dim * kv.k.element_size()
+        raw = torch.empty(nbytes // kv.k.element_size(), dtype=dtype, device=device)
+        if index == 0:
+            for t in (kv.k, kv.v, raw):
+                t.normal_()
+        rank = RankKV(kv, device, timeout_s=120, min_message_bytes=min_message)
+        pair = f"bench{ci}"
+        rank.open_pair(pair, "127.0.0.1", args.store_port, index)
+        print(f"rank {index}: {case.name}: pair open", file=sys.stderr, flush=True)
+        group, times = rank.group(pair), {"ours": [], "raw": []}
+        for run in range(args.warmup + args.runs):
+            for kind in ("ours", "raw"):
+                key, tag = 2 * run + (kind == "raw"), f"{ci}/{run}/{kind}"
+                if index == 0:
+                    _barrier(store, tag)
+                    t0 = time.perf_counter()
+                    if kind == "ours":
+                        rank.send(key, blocks, [(pair, 0, heads)])
+                    else:
+                        work = group.send([raw], 1, 0)
+                    store.set(f"t0/{tag}", repr(t0))
+                    if kind == "ours":
+                        _until_ended(rank, key)
+                    else:
+                        _until_completed(work, cuda)
+                else:
+                    if kind == "ours":
+                        rank.recv(key, blocks, [(pair, 0, heads)], layers)
+                    else:
+                        work = group.recv([raw], 0, 0)
+                    _barrier(store, tag)
+                    if kind == "ours":
+                        _until_ended(rank, key)
+                    else:
+                        _until_completed(work, cuda)
+                    t1 = time.perf_counter()
+                    if run >= args.warmup:
+                        times[kind].append(t1 - float(store.get(f"t0/{tag}")))
+                    if run == 0:
+                        print(f"rank {index}: {case.name}: first {kind} transfer done", file=sys.stderr, flush=True)
+        if index == 1:
+            groups = layer_groups(layers, nbytes // layers, min_message)
+            print(json.dumps(dict(case=case.name, bytes=nbytes, messages=len(groups) + 1, **times)), flush=True)
+        rank.close()
+        del kv, raw, rank, group
+        if cuda:
+            torch.cuda.empty_cache()
+
+
+def _barrier(store, tag: str) -> None:
+    """Both rank processes leave together (to within a store round trip)."""
+    store.add(f"barrier/{tag}", 1)
+    while store.add(f"barrier/{tag}", 0) < 2:
+        pass
+
+
+def _until_ended(rank, key: int) -> None:
+    while True:
+        done = rank.poll()
+        if key in done:
+            ok, error = done[key]
+            if not ok:
+                raise RuntimeError(f"transfer {key} failed: {error}")
+            return
+        if not rank.cuda:
+            time.sleep(0)  # gloo: let the thread waiting for the works take the GIL
+
+
+def _until_completed(work, cuda: bool) -> None:
+    if cuda:
+        while not work.is_completed():
+            pass
+    work.wait()  # gloo: its works complete only through wait()
 
 
 if __name__ == "__main__":
