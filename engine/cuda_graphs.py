@@ -6,19 +6,17 @@ rows past n are padding: slot -1 (their K/V are written nowhere) and context 0
 rank captures the same buckets in the same order, so the NCCL collectives inside
 the graphs line up.
 
-A replay moves its inputs in one host-to-device copy: [n, m] and the StepPlan's body
-([ids, positions, slots, query lens, context, tables[n, m], sample_tokens]) go to pinned
-memory, and a kernel captured at the head of each graph spreads them over the graph's
-static inputs and pads the rows past n.
-
-With TP 1 each graph also ends with the argmax of its logits (first index of each row's
-maximum, as torch.argmax), so an all-greedy step reads back only the token ids."""
+A replay moves its inputs in one host-to-device copy: the step is packed into pinned
+memory as [n, m, ids, positions, slots, context, tables[n, m], sample_tokens], and a
+kernel captured at the head of each graph spreads it over the graph's static inputs
+and pads the rows past n."""
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from engine.attention import AttentionMetadata
-from engine.triton_ops import argmax, unpack_decode_inputs
+from engine.triton_ops import unpack_decode_inputs
 
 
 class DecodeGraphs:
@@ -35,22 +33,20 @@ class DecodeGraphs:
         self.slots = torch.full((self.max_batch,), -1, dtype=torch.long, device=dev)
         self.tables = torch.zeros(self.max_batch, max_blocks, dtype=torch.int32, device=dev)
         self.context = torch.zeros(self.max_batch, dtype=torch.int32, device=dev)
-        self.max_blocks = max_blocks
-        self.packed = torch.zeros(2 + 6 * self.max_batch + self.max_batch * max_blocks, dtype=torch.long, device=dev)
+        self.packed = torch.zeros(2 + 5 * self.max_batch + self.max_batch * max_blocks, dtype=torch.long, device=dev)
         # two pinned staging buffers, used in turn; each one's event marks its last copy done
         self.staging = [torch.zeros(0, dtype=torch.long) for _ in range(2)]
         self.staging_np = [s.numpy() for s in self.staging]
         self.copied: list[torch.cuda.Event | None] = [None, None]
         self.turn = 0
-        self.views: list[dict[int, tuple[torch.Tensor, torch.Tensor]]] = [{}, {}]  # size -> (device, staging) slices
-        self.bucket = [next(x for x in self.buckets if x >= n) if n else 0 for n in range(self.max_batch + 1)]
+        self.arange = np.arange(self.max_batch)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.logits: dict[int, torch.Tensor] = {}     # logits (TP 1) or hidden states (TP > 1)
-        self.greedy: dict[int, torch.Tensor] = {}     # TP 1: argmax of each row of logits
 
     def fits(self, plan) -> bool:
-        t, n, m, _ = plan.dims
-        return t == n and 0 < n <= self.max_batch and m <= self.max_blocks
+        n = plan.query_lens.numel()
+        return plan.input_ids.numel() == n and n <= self.max_batch \
+            and plan.block_tables.shape[1] <= self.tables.shape[1]
 
     def _meta(self, b: int) -> AttentionMetadata:
         return AttentionMetadata(slot_mapping=self.slots[:b], block_tables=self.tables[:b],
@@ -65,33 +61,30 @@ class DecodeGraphs:
     @torch.inference_mode()
     def capture(self) -> None:
         model, pool = self.runner.model, None
-        tp1 = self.runner.cfg.tp == 1
         for b in reversed(self.buckets):  # largest first, so smaller graphs reuse its memory pool
             meta = self._meta(b)
             for _ in range(2):  # warm up (Triton compiles, allocator settles); packed n = 0: all padding
                 self._unpack(b)
-                logits = model.compute_logits(model(self.ids[:b], self.positions[:b], meta))
-                if tp1:
-                    argmax(logits)
+                model.compute_logits(model(self.ids[:b], self.positions[:b], meta))
             torch.cuda.synchronize(self.runner.device)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
                 self._unpack(b)
                 hidden = model(self.ids[:b], self.positions[:b], meta)
                 # with TP the LM head's gather (point-to-point) runs eagerly after the replay
-                self.logits[b] = model.compute_logits(hidden) if tp1 else hidden
-                if tp1:
-                    self.greedy[b] = argmax(self.logits[b])
+                self.logits[b] = model.compute_logits(hidden) if self.runner.cfg.tp == 1 else hidden
             pool = graph.pool()
             self.graphs[b] = graph
         torch.cuda.synchronize(self.runner.device)
 
-    def replay(self, plan) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """Run a decode step that fits(); returns the sampled rows' logits (None on TP ranks
-        other than 0) and, with TP 1, their argmax (else None), both on the device."""
-        _, n, m, s = plan.dims
-        b = self.bucket[n]
-        size = 2 + plan.body.size
+    def replay(self, plan) -> torch.Tensor | None:
+        n = plan.query_lens.numel()
+        b = next(x for x in self.buckets if x >= n)
+        m = plan.block_tables.shape[1]
+        sample = plan.sample_tokens.numpy()
+        every_row = sample.size == n and np.array_equal(sample, self.arange[:n])  # the usual decode step
+        size = 2 + 4 * n + n * m + (0 if every_row else sample.size)
+        # pack the step into pinned memory (numpy: far cheaper per piece than torch ops)
         i, self.turn = self.turn, self.turn ^ 1
         if self.copied[i] is not None:
             self.copied[i].synchronize()  # the copy from two steps ago has long read this buffer
@@ -101,26 +94,18 @@ class DecodeGraphs:
             self.staging[i] = torch.empty(min(max(size, 4096, 2 * self.staging[i].numel()), self.packed.numel()),
                                           dtype=torch.long, pin_memory=True)
             self.staging_np[i] = self.staging[i].numpy()
-            self.views[i].clear()
-        host = self.staging_np[i]  # numpy: far cheaper per piece than torch ops
+        host = self.staging_np[i]
         host[0], host[1] = n, m
-        host[2:size] = plan.body
-        views = self.views[i].get(size)
-        if views is None:  # a steady batch changes size once every block_size steps
-            if len(self.views[i]) >= 64:
-                self.views[i].clear()
-            views = self.views[i][size] = (self.packed[:size], self.staging[i][:size])
-        views[0].copy_(views[1], non_blocking=True)
+        o = 2
+        for part in (plan.input_ids, plan.positions, plan.slot_mapping, plan.context_lens):
+            host[o:o + n] = part.numpy()
+            o += n
+        host[o:o + n * m] = plan.block_tables.numpy().reshape(-1)
+        o += n * m
+        if not every_row:
+            host[o:size] = sample
+        self.packed[:size].copy_(self.staging[i][:size], non_blocking=True)
         self.copied[i].record()
         self.graphs[b].replay()
-        greedy = self.greedy.get(b)
-        if s == n:  # every row samples (a decode step's sample rows ascend, so S == N is all of them)
-            out = self.logits[b][:n]
-            ids = None if greedy is None else greedy[:n]
-        else:
-            rows = self.packed[size - s:size]
-            out = self.logits[b][rows]
-            ids = None if greedy is None else greedy[rows]
-        if self.runner.cfg.tp > 1:
-            out = self.runner.model.compute_logits(out)
-        return out, ids
+        out = self.logits[b][:n] if every_row else self.logits[b][self.packed[o:size]]
+        return out if self.runner.cfg.tp == 1 else self.runner.model.compute_logits(out)

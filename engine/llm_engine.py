@@ -192,8 +192,7 @@ class LLMEngine:
             return []
         seqs = [batch.seqs[i] for i in rows]
         tokens = self.sampler(logits, [s.params for s in seqs], [s.prompt_token_ids for s in seqs],
-                              [s.output_token_ids for s in seqs], [s.generator for s in seqs],
-                              greedy_ids=self.executor.runner.greedy_ids).tolist()
+                              [s.output_token_ids for s in seqs], [s.generator for s in seqs]).tolist()
         return [self._postprocess(seq, tok) for seq, tok in zip(seqs, tokens)]
 
     def _attach_sends(self, seqs: list[Sequence]) -> None:

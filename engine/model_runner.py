@@ -9,10 +9,10 @@ the next step, whose forward records an event after each layer so that a layer's
 KV leaves while the next layers compute."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from engine import parallel
@@ -27,45 +27,15 @@ KV_OPEN, KV_CLOSE, KV_SEND, KV_RECV, KV_POLL = range(5)
 KV_FAILED, KV_PENDING, KV_OK = 0, 1, 2   # poll codes: a MIN over the ranks lets one failure win
 
 
+@dataclass
 class StepPlan:
-    """One step's inputs, int64, in one host array `body`:
-    [input_ids (T), positions (T), slot_mapping (T), query_lens (N), context_lens (N),
-     block_tables (N x M, row-major), sample_tokens (S)], dims = (T, N, M, S).
-    sample_tokens (the flat index of each sampling row's last token) ascend. The tensor
-    fields are views of body made on first use: a CUDA graph replay copies body as it is
-    and never needs them, and TP ranks receive body as one broadcast."""
-    __slots__ = ("dims", "body", "_tensors")
-
-    def __init__(self, input_ids: torch.Tensor, positions: torch.Tensor, slot_mapping: torch.Tensor,
-                 query_lens: torch.Tensor, context_lens: torch.Tensor, block_tables: torch.Tensor,
-                 sample_tokens: torch.Tensor):
-        n, m = block_tables.shape
-        parts = (input_ids, positions, slot_mapping, query_lens, context_lens, block_tables.reshape(-1), sample_tokens)
-        self._set((input_ids.numel(), n, m, sample_tokens.numel()),
-                  torch.cat([p.to(torch.long) for p in parts]).numpy())
-
-    def _set(self, dims: tuple[int, int, int, int], body: np.ndarray) -> "StepPlan":
-        self.dims, self.body, self._tensors = dims, body, None
-        return self
-
-    @classmethod
-    def from_body(cls, dims: tuple[int, int, int, int], body: np.ndarray) -> "StepPlan":
-        return cls.__new__(cls)._set(tuple(dims), body)
-
-    def tensors(self) -> tuple[torch.Tensor, ...]:
-        if self._tensors is None:
-            t, n, m, s = self.dims
-            parts = torch.from_numpy(self.body).split([t, t, t, n, n, n * m, s])
-            self._tensors = (*parts[:5], parts[5].view(n, m), parts[6])
-        return self._tensors
-
-    input_ids = property(lambda self: self.tensors()[0])      # [T]
-    positions = property(lambda self: self.tensors()[1])      # [T]
-    slot_mapping = property(lambda self: self.tensors()[2])   # [T]
-    query_lens = property(lambda self: self.tensors()[3])     # [N]
-    context_lens = property(lambda self: self.tensors()[4])   # [N]
-    block_tables = property(lambda self: self.tensors()[5])   # [N, M]
-    sample_tokens = property(lambda self: self.tensors()[6])  # [S]
+    input_ids: torch.Tensor      # [T]
+    positions: torch.Tensor      # [T]
+    slot_mapping: torch.Tensor   # [T]
+    query_lens: torch.Tensor     # [N]
+    context_lens: torch.Tensor   # [N]
+    block_tables: torch.Tensor   # [N, M]
+    sample_tokens: torch.Tensor  # [S] flat token index whose logits are wanted
 
     @classmethod
     def build(cls, seqs, num_new_tokens: list[int], sample_rows: list[int], block_size: int) -> "StepPlan":
@@ -74,33 +44,29 @@ class StepPlan:
             start = seq.num_computed_tokens
             starts.append(len(ids))
             ids.extend(seq.token_ids(start, start + n))
+            pos.extend(range(start, start + n))
             table = seq.block_table
-            if n == 1:  # a decode row
-                pos.append(start)
-                slots.append(table[start // block_size] * block_size + start % block_size)
-            else:
-                pos.extend(range(start, start + n))
-                slots.extend(table[p // block_size] * block_size + p % block_size for p in range(start, start + n))
+            slots.extend(table[p // block_size] * block_size + p % block_size for p in range(start, start + n))
             qlens.append(n)
             clens.append(start + n)
         width = max(len(s.block_table) for s in seqs)
-        tables = []
-        for s in seqs:
-            tables += s.block_table
-            if len(s.block_table) < width:
-                tables += [0] * (width - len(s.block_table))
+        tables = [s.block_table + [0] * (width - len(s.block_table)) for s in seqs]
         sample = [starts[i] + num_new_tokens[i] - 1 for i in sample_rows]
-        # one array straight from the lists: a handful of small torch.tensor calls cost more
-        # than the rest of a decode step's host work
-        body = np.array(ids + pos + slots + qlens + clens + tables + sample, dtype=np.int64)
-        return cls.from_body((len(ids), len(seqs), width, len(sample)), body)
+        t = lambda x: torch.tensor(x, dtype=torch.long)  # noqa: E731
+        return cls(t(ids), t(pos), t(slots), t(qlens), t(clens), t(tables), t(sample))
 
     def pack(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return torch.tensor(self.dims, dtype=torch.long), torch.from_numpy(self.body)
+        n, m = self.block_tables.shape
+        header = torch.tensor([self.input_ids.numel(), n, m, self.sample_tokens.numel()], dtype=torch.long)
+        body = torch.cat([self.input_ids, self.positions, self.slot_mapping, self.query_lens,
+                          self.context_lens, self.block_tables.flatten(), self.sample_tokens])
+        return header, body
 
     @classmethod
     def unpack(cls, header: torch.Tensor, body: torch.Tensor) -> "StepPlan":
-        return cls.from_body(header.tolist(), body.to(torch.long).contiguous().numpy())
+        t, n, m, s = header.tolist()
+        parts = body.split([t, t, t, n, n, n * m, s])
+        return cls(parts[0], parts[1], parts[2], parts[3], parts[4], parts[5].view(n, m), parts[6])
 
     @staticmethod
     def body_numel(header: torch.Tensor) -> int:
@@ -314,14 +280,11 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, plan: StepPlan) -> torch.Tensor | None:
-        """Run one step; return the sampled rows' logits [S, V] on rank 0, in the model's
-        dtype (the sampler converts where it needs float32). A decode-only step that fits a
-        captured CUDA graph replays it; with TP 1 the graph also computes the rows' argmax,
-        left in greedy_ids (a device tensor [S]; None after any other step)."""
+        """Run one step; return the sampled rows' logits [S, V] in float32 on rank 0.
+        A decode-only step that fits a captured CUDA graph replays it."""
         sends, self._sends = self._sends, []
-        self.greedy_ids = None
         if self.graphs is not None and self.graphs.fits(plan) and not sends:
-            logits, self.greedy_ids = self.graphs.replay(plan)
+            logits = self.graphs.replay(plan)
         else:  # eager; a step with KV sends records an event after each layer
             if sends and self.device.type == "cuda":
                 self._layer_events = [torch.cuda.Event() for _ in range(self.spec.num_layers)]
@@ -335,7 +298,7 @@ class ModelRunner:
             if plan.sample_tokens.numel() == 0:
                 return None
             logits = self.model.compute_logits(hidden[plan.sample_tokens.to(self.device)])
-        return logits
+        return None if logits is None else logits.float()
 
 
 def _triton_ok(head_dim: int, block_size: int) -> bool:

@@ -27,15 +27,10 @@ def _argmax(logits: torch.Tensor) -> torch.Tensor:
 class Sampler:
 
     def __call__(self, logits: torch.Tensor, params: list[SamplingParams], prompt_ids: list[list[int]],
-                 output_ids: list[list[int]], generators: list[torch.Generator | None],
-                 greedy_ids: torch.Tensor | None = None) -> torch.Tensor:
-        """Next token of each row of logits [S, V] (any float dtype). greedy_ids, where
-        given, is the argmax of logits already computed on their device (a CUDA graph's)."""
+                 output_ids: list[list[int]], generators: list[torch.Generator | None]) -> torch.Tensor:
         if any(p.has_penalties for p in params):
             logits = self.apply_penalties(logits.to(torch.float32, copy=True), params, prompt_ids, output_ids)
-            greedy_ids = _argmax(logits)
-        elif greedy_ids is None:
-            greedy_ids = _argmax(logits)  # without penalties: exactly the raw argmax
+        greedy_ids = _argmax(logits)  # without penalties: exactly the raw argmax
         if all(p.greedy for p in params):
             return greedy_ids.cpu()
 

@@ -173,8 +173,7 @@ def argmax(x: torch.Tensor, block: int = 2048) -> torch.Tensor:
 
 @triton.jit
 def _unpack_decode_inputs(SRC, IDS, POS, SLOTS, CTX, TABLES, stride_tab, BLOCK: tl.constexpr):
-    # SRC (int64): [n, m, ids[n], positions[n], slots[n], query_lens[n], context[n], tables[n, m], ...]
-    # (a decode StepPlan's body after [n, m]; the query lens, all 1, are not read)
+    # SRC (int64): [n, m, ids[n], positions[n], slots[n], context[n], tables[n, m], ...]
     r = tl.program_id(0)
     n = tl.load(SRC)
     m = tl.load(SRC + 1)
@@ -183,8 +182,8 @@ def _unpack_decode_inputs(SRC, IDS, POS, SLOTS, CTX, TABLES, stride_tab, BLOCK: 
         tl.store(IDS + r, tl.load(p))
         tl.store(POS + r, tl.load(p + n))
         tl.store(SLOTS + r, tl.load(p + 2 * n))
-        tl.store(CTX + r, tl.load(p + 4 * n).to(tl.int32))
-        src = SRC + 2 + 5 * n + r * m
+        tl.store(CTX + r, tl.load(p + 3 * n).to(tl.int32))
+        src = SRC + 2 + 4 * n + r * m
         for j in range(0, m, BLOCK):  # columns past m keep stale entries, never read (context)
             c = j + tl.arange(0, BLOCK)
             tl.store(TABLES + r * stride_tab + c, tl.load(src + c, mask=c < m).to(tl.int32), mask=c < m)

@@ -1,7 +1,6 @@
 """The decode-path Triton kernels against plain torch (skipped without CUDA): split-KV
 paged decode attention, fused RoPE + KV-cache store, the two-stage argmax and the
-unpacking of a CUDA graph's packed inputs (a StepPlan's body); on CUDA also the greedy
-ids a graph replay computes.
+unpacking of a CUDA graph's packed inputs.
 
 Run on a GPU host: PYTHONPATH=. python -m pytest -q tests/gpu/test_gpu_kernels.py
 (TRITON_INTERPRET=1 runs them on CPU through Triton's interpreter, in float16 since
@@ -117,89 +116,24 @@ def test_argmax_first_index_like_torch(n, block):
     assert torch.equal(argmax(xb.to(DEV)).cpu(), xb.float().argmax(-1))
 
 
-def _unpack(plan, maxb: int, width: int, b: int):
-    """Run the unpack kernel over [n, m] + plan.body into static inputs of maxb rows
-    (filled with 7s, tables with -5s) for bucket b; returns them on the host."""
+def test_unpack_decode_inputs_pads_rows_past_n():
     from engine.triton_ops import unpack_decode_inputs
-    _, n, m, _ = plan.dims
-    src = torch.zeros(2 + plan.body.size + 9, dtype=torch.long)
-    src[:2 + plan.body.size] = torch.cat([torch.tensor([n, m]), torch.from_numpy(plan.body)])
+    maxb, width, n, m = 8, 6, 3, 4
+    ids, pos, slots = torch.arange(n) + 10, torch.arange(n) + 20, torch.tensor([5, -1, 7])
+    ctx, tables = torch.tensor([9, 0, 13]), torch.arange(n * m).view(n, m) + 100
+    packed = torch.cat([torch.tensor([n, m]), ids, pos, slots, ctx, tables.flatten(), torch.tensor([2, 0])])
+    src = torch.zeros(64, dtype=torch.long)
+    src[:packed.numel()] = packed
     d_ids, d_pos = torch.full((maxb,), 7), torch.full((maxb,), 7)
     d_slots, d_ctx = torch.full((maxb,), 7), torch.full((maxb,), 7, dtype=torch.int32)
     d_tables = torch.full((maxb, width), -5, dtype=torch.int32)
     bufs = [t.to(DEV) for t in (src, d_ids, d_pos, d_slots, d_ctx, d_tables)]
-    unpack_decode_inputs(bufs[0], bufs[1][:b], bufs[2][:b], bufs[3][:b], bufs[4][:b], bufs[5][:b])
-    return [t.cpu() for t in bufs[1:]]
-
-
-def test_unpack_decode_inputs_pads_rows_past_n():
-    from engine.model_runner import StepPlan
-    maxb, width, n, m = 8, 6, 3, 4
-    ids, pos, slots = torch.arange(n) + 10, torch.arange(n) + 20, torch.tensor([5, -1, 7])
-    ctx, tables = torch.tensor([9, 0, 13]), torch.arange(n * m).view(n, m) + 100
-    plan = StepPlan(ids, pos, slots, torch.ones(n, dtype=torch.long), ctx, tables, torch.tensor([0, 2]))
-    assert plan.dims == (n, n, m, 2) and torch.equal(plan.block_tables, tables)
-    assert torch.equal(plan.context_lens, ctx) and plan.sample_tokens.tolist() == [0, 2]
     b = 5  # the bucket: rows n..b-1 are padding, rows past b untouched
-    d_ids, d_pos, d_slots, d_ctx, d_tables = _unpack(plan, maxb, width, b)
+    unpack_decode_inputs(bufs[0], bufs[1][:b], bufs[2][:b], bufs[3][:b], bufs[4][:b], bufs[5][:b])
+    d_ids, d_pos, d_slots, d_ctx, d_tables = (t.cpu() for t in bufs[1:])
     assert d_ids.tolist() == [10, 11, 12, 0, 0, 7, 7, 7]
     assert d_pos.tolist() == [20, 21, 22, 0, 0, 7, 7, 7]
     assert d_slots.tolist() == [5, -1, 7, -1, -1, 7, 7, 7]
     assert d_ctx.tolist() == [9, 0, 13, 0, 0, 7, 7, 7]
     assert torch.equal(d_tables[:n, :m], tables.int())
     assert (d_tables[:, m:] == -5).all() and (d_tables[n:] == -5).all()
-
-
-def test_unpack_decode_inputs_of_a_built_decode_plan():
-    from types import SimpleNamespace
-    from engine.model_runner import StepPlan
-    bs = 4
-    def seq(tokens, table):  # a sequence whose last token is not yet in the cache
-        return SimpleNamespace(num_computed_tokens=len(tokens) - 1, block_table=table,
-                               token_ids=lambda a, b: tokens[a:b])
-    seqs = [seq([3, 1, 4, 1, 5], [7, 2]), seq([9] * 9, [4, 0, 6]), seq([2], [5])]
-    plan = StepPlan.build(seqs, [1, 1, 1], [0, 1, 2], bs)
-    assert plan.dims == (3, 3, 3, 3)
-    assert plan.positions.tolist() == [4, 8, 0] and plan.slot_mapping.tolist() == [2 * bs, 6 * bs, 5 * bs]
-    d_ids, d_pos, d_slots, d_ctx, d_tables = _unpack(plan, 4, 5, 4)
-    assert d_ids.tolist() == [5, 9, 2, 0] and d_pos.tolist() == [4, 8, 0, 0]
-    assert d_slots.tolist() == [8, 24, 20, -1] and d_ctx.tolist() == [5, 9, 1, 0]
-    assert d_tables[:3, :3].tolist() == [[7, 2, 0], [4, 0, 6], [5, 0, 0]]
-
-
-@pytest.mark.skipif(INTERPRET, reason="CUDA graphs")
-def test_graph_replay_greedy_ids_are_the_argmax_of_its_logits(tiny_models):
-    """Every decode step replayed from a graph leaves greedy ids equal to the argmax
-    (first index on ties) of the logits it returns, the engine emits them, and a step
-    that samples only some rows gathers the same logits and ids."""
-    from engine.config import EngineConfig
-    from engine.llm_engine import LLMEngine
-    from engine.model_runner import StepPlan
-    from engine.sampling_params import SamplingParams
-    cfg = EngineConfig(model=tiny_models["llama"], device="cuda", kv_blocks=64, block_size=16, max_num_seqs=8)
-    with LLMEngine(cfg) as engine:  # bfloat16: ties among the logits are common
-        runner = engine.executor.runner
-        assert runner.graphs is not None and runner.graphs.greedy
-        seen, execute = [], runner.execute
-
-        def spy(plan):
-            logits = execute(plan)
-            seen.append((logits.clone(), None if runner.greedy_ids is None else runner.greedy_ids.clone()))
-            return logits
-        runner.execute = spy
-        params = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
-        seqs = [engine.add_request(list(range(1, 1 + k)), params) for k in (5, 17, 40)]
-        engine.step()  # the prompts: eager
-        assert seen[-1][1] is None
-        for _ in range(20):  # 3 sequences: bucket 4, one padded row
-            outs = engine.step()
-            logits, ids = seen[-1]
-            assert logits.dtype == torch.bfloat16 and ids is not None
-            assert torch.equal(ids, logits.float().argmax(-1))
-            assert [o.token_id for o in outs] == ids.tolist()
-        runner.execute = execute
-        every = StepPlan.build(seqs, [1, 1, 1], [0, 1, 2], cfg.block_size)
-        logits_all, ids_all = runner.execute(every).clone(), runner.greedy_ids.clone()
-        some = StepPlan.build(seqs, [1, 1, 1], [0, 2], cfg.block_size)  # the same step again (same KV writes)
-        logits_some, ids_some = runner.execute(some), runner.greedy_ids
-        assert torch.equal(logits_some, logits_all[[0, 2]]) and torch.equal(ids_some, ids_all[[0, 2]])
