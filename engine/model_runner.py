@@ -151,6 +151,13 @@ class ModelRunner:
         self.execute(plan)
         torch.cuda.synchronize(self.device)
         peak = torch.cuda.max_memory_allocated(self.device) - base
+        # a short prompt too: its kernel variants get loaded now, not later behind a
+        # NCCL KV transfer still spinning on the device (a first load waits for it)
+        m = min(16, n)
+        self.execute(StepPlan(torch.zeros(m, dtype=torch.long), torch.arange(m), torch.full((m,), -1, dtype=torch.long),
+                              torch.tensor([m]), torch.tensor([m]), torch.zeros(1, -(-m // self.cfg.block_size),
+                                                                               dtype=torch.long), torch.tensor([m - 1])))
+        torch.cuda.synchronize(self.device)
         del scratch
         torch.cuda.empty_cache()
         return peak

@@ -26,8 +26,10 @@ marks its set broken, and the next peer update opens a new set (new name).
 Blocks and NCCL: a posted receive writes into its blocks until RankKV reports it
 ended, so a receiver that fails or is cancelled after its announce only ends (and
 lets its owner free the blocks) once its receives ended. Cancelled before the
-announce, it ends at once; an announce arriving later is refused, and the sender's
-data is dropped when its pair times out."""
+announce, it waits for whichever comes first: the announce (the sends were already
+issued: the data is received into the still-reserved blocks and dropped, so the
+pair stays in step), the sender's withdrawal (its request was aborted before the
+sending step), or the end of the lease."""
 from __future__ import annotations
 
 import asyncio
@@ -132,7 +134,7 @@ class NcclKVSender(KVSender):
         self.manager, self.pairs, self.endpoint = manager, pairs, pairs.endpoint
         self.key = transfer_key(transfer_id)
         self.order = {"key": self.key, "dests": pairs.dests()}   # LLMEngine.add_request(kv_send=...)
-        self._data_ok = self._finish_queued = self._finished = False
+        self._data_ok = self._finish_queued = self._finished = self._withdrawing = False
         self.answered = False
 
     def send_layers(self, layer_start, layers) -> None:
@@ -151,6 +153,12 @@ class NcclKVSender(KVSender):
             self.manager.submit(self, Outgoing(self.manager.layout.num_layers, 0, [], last=True,
                                                first_token=first_token))
 
+    def withdraw(self) -> None:
+        """The request ended before its sends were issued: tell the receiver not to wait."""
+        if not self.status.ended and not self._withdrawing:
+            self._withdrawing = True
+            self.manager.submit(self, Outgoing(0, 0, [], last=True, first_token=-1))
+
     def on_data(self, ok: bool, error: str) -> None:
         if not ok:
             self.fail(f"NCCL send failed: {error}")
@@ -164,7 +172,10 @@ class NcclKVSender(KVSender):
 
     def build_message(self, out: Outgoing) -> list[bytes]:
         """(I/O thread) The control message; the finish, once built, may end the transfer."""
-        if out.last:
+        withdrawn = out.last and self._withdrawing
+        if withdrawn:
+            self.status.fail("withdrawn")
+        elif out.last:
             self._finished = True
             self._maybe_done()
         layout = self.manager.layout
@@ -175,7 +186,7 @@ class NcclKVSender(KVSender):
             epoch=self.epoch, layer_start=out.layer_start, num_layers=out.num_layers, total_layers=layout.num_layers,
             num_blocks=self.num_blocks, block_size=layout.block_size, head_dim=layout.head_dim,
             dtype=layout.dtype_name, shards=shards, last=out.last, first_token=out.first_token,
-            pair_set=self.pairs.name).SerializeToString()]
+            pair_set=self.pairs.name, withdrawn=withdrawn).SerializeToString()]
 
     def _shard_heads(self) -> list[tuple[int, int]]:
         h, tp = self.manager.layout.num_kv_heads, self.pairs.prefill_tp
@@ -211,6 +222,10 @@ class NcclKVReceiver(KVReceiver):
         with self._lock:
             if self.status.ended:
                 return self.error or "transfer already complete"
+            if header.withdrawn:
+                if not self.posted:
+                    self._end_failed(self._failure or "withdrawn by the prefill node")
+                return ""
             if not header.last:
                 error = ("announced twice" if self.posted else
                          "unexpected data frames" if frames else
@@ -240,6 +255,19 @@ class NcclKVReceiver(KVReceiver):
             if not ok:
                 self._failure = self._failure or f"NCCL receive failed: {error}"
             self._maybe_end()
+
+    def cancel(self) -> bool:
+        """The request is gone. Before the announce, the sender may still have issued its
+        sends (the announce is on its way): stay expected until the announce (its data is
+        then received and dropped, so the pair stays in step), the sender's withdrawal or
+        the lease's end; the blocks stay reserved until then."""
+        with self._lock:
+            if self.status.ended:
+                return False
+            if not self.posted and time.time() < self.lease_expiry:
+                self._failure = self._failure or "cancelled"
+                return True
+        return self.fail("cancelled")
 
     def fail(self, error: str) -> bool:
         """FAILED now, or once the posted receives ended (they may still write the blocks)."""
@@ -403,7 +431,7 @@ class NcclKVManager(KVManager):
 
     def cancel(self, transfer_id: str) -> bool:
         rx = self._inbox.expected(transfer_id) if self._inbox is not None else None
-        return rx is not None and rx.fail("cancelled")
+        return rx is not None and rx.cancel()
 
     def post_recv(self, rx: NcclKVReceiver, ps: PairSet) -> None:
         """(inbox thread) Post the receives on the engine thread, in announce order."""

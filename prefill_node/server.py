@@ -26,6 +26,7 @@ class PrefillNode(NodeBase, node_pb2_grpc.PrefillNodeServicer):
         super().__init__(cfg)
         self.pending: dict[int, asyncio.Future] = {}   # seq_id -> (first StepOutput, exported KV)
         self.requests: dict[str, object] = {}          # request_id -> Sequence, while prefilling
+        self.senders: dict[str, object] = {}           # request_id -> NcclKVSender, while prefilling
 
     def add_servicer(self, server: grpc.aio.Server) -> None:
         node_pb2_grpc.add_PrefillNodeServicer_to_server(self, server)
@@ -52,8 +53,14 @@ class PrefillNode(NodeBase, node_pb2_grpc.PrefillNodeServicer):
             sender = self.kv.sender(ticket.kv_endpoint, ticket.transfer_id, ticket.epoch, nblocks, pairs)
         fut = self.aio.create_future()
         order = sender.order if sender is not None else None
-        seq = await self.call(lambda engine: self._add(engine, prompt, params, req.request_id, fut, order))
+        try:
+            seq = await self.call(lambda engine: self._add(engine, prompt, params, req.request_id, fut, order))
+        except BaseException:
+            if sender is not None:
+                sender.withdraw()
+            raise
         self.requests[req.request_id] = seq
+        self.senders[req.request_id] = sender
         try:
             out, layers = await fut
         except asyncio.CancelledError:
@@ -61,6 +68,7 @@ class PrefillNode(NodeBase, node_pb2_grpc.PrefillNodeServicer):
             raise
         finally:
             self.requests.pop(req.request_id, None)
+            self.senders.pop(req.request_id, None)
         end = time.time()
         resp = node_pb2.PrefillResponse(first_token=out.token_id, prefill_start=start, prefill_end=end,
                                         text=out.text_delta)
@@ -104,11 +112,16 @@ class PrefillNode(NodeBase, node_pb2_grpc.PrefillNodeServicer):
             self.aio.call_soon_threadsafe(_resolve, fut, (out, layers))
 
     async def _abort(self, seq) -> None:
+        sender = self.senders.get(seq.request_id)
+
         def abort(engine):
             self.pending.pop(seq.seq_id, None)
+            unsent, seq.kv_send = seq.kv_send is not None, None  # NCCL: its sends were never issued
             if not seq.is_finished:
                 engine.abort(seq)
-        await self.call(abort)
+            return unsent
+        if await self.call(abort) and sender is not None:
+            sender.withdraw()
 
     async def Abort(self, req: node_pb2.AbortRequest, context) -> node_pb2.AbortResponse:
         seq = self.requests.get(req.request_id)

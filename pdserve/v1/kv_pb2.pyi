@@ -17,7 +17,7 @@ class KVShard(_message.Message):
     def __init__(self, tp_rank: _Optional[int] = ..., head_start: _Optional[int] = ..., num_heads: _Optional[int] = ...) -> None: ...
 
 class KVHeader(_message.Message):
-    __slots__ = ("protocol_version", "compat_hash", "transfer_id", "epoch", "layer_start", "num_layers", "total_layers", "num_blocks", "block_size", "head_dim", "dtype", "shards", "frame_xxh3", "frame_bytes", "last", "first_token", "pair_set")
+    __slots__ = ("protocol_version", "compat_hash", "transfer_id", "epoch", "layer_start", "num_layers", "total_layers", "num_blocks", "block_size", "head_dim", "dtype", "shards", "frame_xxh3", "frame_bytes", "last", "first_token", "pair_set", "withdrawn")
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
     COMPAT_HASH_FIELD_NUMBER: _ClassVar[int]
     TRANSFER_ID_FIELD_NUMBER: _ClassVar[int]
@@ -35,6 +35,7 @@ class KVHeader(_message.Message):
     LAST_FIELD_NUMBER: _ClassVar[int]
     FIRST_TOKEN_FIELD_NUMBER: _ClassVar[int]
     PAIR_SET_FIELD_NUMBER: _ClassVar[int]
+    WITHDRAWN_FIELD_NUMBER: _ClassVar[int]
     protocol_version: int
     compat_hash: str
     transfer_id: str
@@ -52,7 +53,8 @@ class KVHeader(_message.Message):
     last: bool
     first_token: int
     pair_set: str
-    def __init__(self, protocol_version: _Optional[int] = ..., compat_hash: _Optional[str] = ..., transfer_id: _Optional[str] = ..., epoch: _Optional[int] = ..., layer_start: _Optional[int] = ..., num_layers: _Optional[int] = ..., total_layers: _Optional[int] = ..., num_blocks: _Optional[int] = ..., block_size: _Optional[int] = ..., head_dim: _Optional[int] = ..., dtype: _Optional[str] = ..., shards: _Optional[_Iterable[_Union[KVShard, _Mapping]]] = ..., frame_xxh3: _Optional[_Iterable[int]] = ..., frame_bytes: _Optional[_Iterable[int]] = ..., last: _Optional[bool] = ..., first_token: _Optional[int] = ..., pair_set: _Optional[str] = ...) -> None: ...
+    withdrawn: bool
+    def __init__(self, protocol_version: _Optional[int] = ..., compat_hash: _Optional[str] = ..., transfer_id: _Optional[str] = ..., epoch: _Optional[int] = ..., layer_start: _Optional[int] = ..., num_layers: _Optional[int] = ..., total_layers: _Optional[int] = ..., num_blocks: _Optional[int] = ..., block_size: _Optional[int] = ..., head_dim: _Optional[int] = ..., dtype: _Optional[str] = ..., shards: _Optional[_Iterable[_Union[KVShard, _Mapping]]] = ..., frame_xxh3: _Optional[_Iterable[int]] = ..., frame_bytes: _Optional[_Iterable[int]] = ..., last: _Optional[bool] = ..., first_token: _Optional[int] = ..., pair_set: _Optional[str] = ..., withdrawn: _Optional[bool] = ...) -> None: ...
 
 class KVAck(_message.Message):
     __slots__ = ("transfer_id", "ok", "error")
