@@ -8,7 +8,8 @@
 # (decode-1b and throughput-1b: decode_latency and engine_throughput on the
 # Llama-3.2-1B shape), engine-8b (decode-8b and throughput-8b: both on the
 # Llama-3.1-8B shape at TP 1 and TP 2), goodput (both workloads, 1P1D against 2
-# colocated), nccl (NCCL KV transfer benchmarks and tests/gpu transport and cluster tests).
+# colocated), nccl (NCCL KV transfer benchmarks and tests/gpu transport and cluster tests;
+# the 1:2 and 2:1 cluster tests need three GPUs).
 # Result JSONs land in benchmarks/results/ and, where $OUT is set, are copied there.
 set -u
 commit=()
@@ -49,7 +50,7 @@ for group in "$@"; do
         nccl)
             run kv-nccl 150 python3 benchmarks/kv_transfer.py --transport nccl "${commit[@]}"
             run kv-exposed 200 python3 benchmarks/kv_exposed.py "${commit[@]}"
-            run tests-cluster 300 python3 -m pytest -q -x -s tests/gpu/test_gpu_cluster.py ;;
+            run tests-nccl 300 python3 -m pytest -q -s tests/gpu/test_gpu_nccl_rank.py tests/gpu/test_gpu_cluster.py ;;
         *) echo "unknown group $group"; status=1 ;;
     esac
 done
