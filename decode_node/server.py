@@ -77,8 +77,7 @@ class DecodeNode(NodeBase, node_pb2_grpc.DecodeNodeServicer):
 
     async def _await_kv(self, res: Reservation) -> None:
         rx = res.receiver
-        while rx.state not in (TransferState.DONE, TransferState.FAILED):
-            await asyncio.sleep(0.002)
+        await rx.status.ended_async()  # the KV manager ends it by the lease at the latest
         kv_ready = time.time()
         if self.reservations.pop(res.request_id, None) is None:
             return  # aborted meanwhile; Abort freed the blocks
@@ -146,8 +145,7 @@ class DecodeNode(NodeBase, node_pb2_grpc.DecodeNodeServicer):
         return node_pb2.AbortResponse(found=False)
 
     async def _release_when_ended(self, res: Reservation) -> None:
-        while not res.receiver.status.ended:
-            await asyncio.sleep(0.005)
+        await res.receiver.status.ended_async()
         await self.call(lambda engine: engine.release(res.blocks))
 
     async def OpenKVPairs(self, req: node_pb2.KVPairsRequest, context) -> node_pb2.KVPairsResponse:

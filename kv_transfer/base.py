@@ -45,6 +45,7 @@ class TransferStatus:
         self._cond = threading.Condition()
         self.state = TransferState.WAITING
         self.error = ""
+        self._callbacks: list[Callable[[], None]] = []
 
     @property
     def ended(self) -> bool:
@@ -67,13 +68,36 @@ class TransferStatus:
             self._cond.wait_for(lambda: self.ended, timeout)
             return self.state
 
+    def on_end(self, fn: Callable[[], None]) -> None:
+        """Call fn() once the transfer ended (now, if it has), on the thread that ends it."""
+        with self._cond:
+            if not self.ended:
+                self._callbacks.append(fn)
+                return
+        fn()
+
+    async def ended_async(self, timeout: float | None = None) -> bool:
+        """Await the end without polling; False if timeout (seconds) passed first."""
+        import asyncio
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+        self.on_end(lambda: loop.call_soon_threadsafe(lambda: fut.done() or fut.set_result(None)))
+        try:
+            await asyncio.wait_for(fut, timeout)
+            return True
+        except asyncio.TimeoutError:
+            return False
+
     def _end(self, state: TransferState, error: str) -> bool:
         with self._cond:
             if self.ended:
                 return False
             self.state, self.error = state, error
             self._cond.notify_all()
-            return True
+            callbacks, self._callbacks = self._callbacks, []
+        for fn in callbacks:
+            fn()
+        return True
 
 
 class KVSender(ABC):

@@ -81,11 +81,8 @@ class PrefillNode(NodeBase, node_pb2_grpc.PrefillNodeServicer):
             for start_layer in range(0, len(layers), step):
                 sender.send_layers(start_layer, layers[start_layer:start_layer + step])
         sender.finish(out.token_id)
-        while sender.state not in (TransferState.DONE, TransferState.FAILED):
-            if time.time() > ticket.lease_expiry:
-                sender.status.fail("no acknowledgement before the lease expired")
-                break
-            await asyncio.sleep(0.002)
+        if not await sender.status.ended_async(max(0.0, ticket.lease_expiry - time.time())):
+            sender.status.fail("no acknowledgement before the lease expired")
         if sender.state != TransferState.DONE:
             raise RpcError(grpc.StatusCode.UNAVAILABLE, f"KV transfer to the decode node failed: {sender.error}")
         resp.transfer_end = time.time()
