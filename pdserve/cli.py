@@ -206,6 +206,9 @@ def cmd_node(a: argparse.Namespace) -> int:
         # when CUDA starts instead (about 2 s and 640 MiB per process on an H200); the TP
         # rank processes inherit it.
         os.environ.setdefault("CUDA_MODULE_LOADING", "EAGER")
+        if a.kv_host in ("127.0.0.1", "localhost"):  # NCCL's and gloo's own sockets stay on loopback too
+            os.environ.setdefault("NCCL_SOCKET_IFNAME", "lo")
+            os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     from pdserve.node_config import NodeConfig
     from pdserve.process import run_until_signal
     cfg = NodeConfig(coordinator=a.coordinator, listen=a.listen, kv_host=a.kv_host, kv_ipc=a.kv_ipc,
