@@ -236,6 +236,8 @@ def add_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--disable-tqdm", action="store_true")
     p.add_argument("--sweep", default=None, help="comma-separated request rates: attainment curves + max goodput")
     p.add_argument("--bisect-steps", type=int, default=4, help="bisection steps for the max-goodput rate")
+    p.add_argument("--sweep-extend", type=int, default=2,
+                   help="doublings (or halvings) of the rate tried when every swept rate meets (or misses) the SLOs")
     p.add_argument("--slo-scale", default=None, help="comma-separated SLO multipliers at --request-rate")
     p.add_argument("--label", default=None, help="name on plots and summaries")
 

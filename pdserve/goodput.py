@@ -38,11 +38,23 @@ def attainments(s: dict, slos: dict[str, float]) -> dict[str, float]:
 def sweep(a: argparse.Namespace, run: Callable[[argparse.Namespace], dict], slos: dict[str, float]) -> dict:
     """Attainment curves over --sweep rates, then bisection for the maximum goodput."""
     curve = []
-    for rate in sorted(float(r) for r in a.sweep.split(",")):
+
+    def point(rate: float) -> None:
         s = run(_with(a, request_rate=rate))
         curve.append({"rate": rate, **attainments(s, slos), "request_throughput": s["request_throughput"]})
-        print(f"  rate {rate:8.2f} req/s: attainment both {curve[-1]['both']:.2f}, ttft {curve[-1]['ttft']:.2f}, "
-              f"tpot {curve[-1]['tpot']:.2f}", flush=True)
+        curve.sort(key=lambda c: c["rate"])
+        c = next(c for c in curve if c["rate"] == rate)
+        print(f"  rate {rate:8.2f} req/s: attainment both {c['both']:.2f}, ttft {c['ttft']:.2f}, "
+              f"tpot {c['tpot']:.2f}", flush=True)
+    for rate in sorted(float(r) for r in a.sweep.split(",")):
+        point(rate)
+    for _ in range(getattr(a, "sweep_extend", 0)):  # the rates given may not bracket the goodput: widen them
+        if all(c["both"] >= TARGET for c in curve):
+            point(curve[-1]["rate"] * 2)
+        elif all(c["both"] < TARGET for c in curve):
+            point(curve[0]["rate"] / 2)
+        else:
+            break
     meeting = [c["rate"] for c in curve if c["both"] >= TARGET]
     missing = [c["rate"] for c in curve if c["both"] < TARGET and (not meeting or c["rate"] > max(meeting))]
     best = max(meeting) if meeting else 0.0

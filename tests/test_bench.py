@@ -69,10 +69,28 @@ def test_bisection_converges_on_a_synthetic_attainment_curve():
     assert found == pytest.approx(knee, abs=20 / 2 ** 12) and found <= knee and len(calls) == 12
 
 
+@pytest.mark.parametrize("knee, rates, extended", [(50.0, "4,8", [16.0, 32.0, 64.0]), (0.7, "4,8", [0.5, 1.0, 2.0])])
+def test_a_sweep_that_does_not_bracket_the_goodput_widens_its_rates(knee, rates, extended):
+    import argparse
+    from pdserve.goodput import sweep
+    n = 20
+
+    def run(a):  # a synthetic cluster: every request meets the SLOs up to the knee rate, none above
+        ok = a.request_rate <= knee
+        return {"num_prompts": n, "ttfts": [0.001 if ok else 9.0] * n, "e2els": [0.002] * n, "output_lens": [2] * n,
+                "request_throughput": a.request_rate}
+    a = argparse.Namespace(sweep=rates, sweep_extend=3, bisect_steps=2, request_rate=None)
+    result = sweep(a, run, {"ttft": 100.0})
+    rates_run = [c["rate"] for c in result["curve"]]
+    assert sorted(set(rates_run) - {4.0, 8.0}) == extended
+    assert 0 < result["max_goodput_rate"] <= knee
+
+
 def test_a_rate_sweep_writes_curves_max_goodput_summary_and_plot(cluster, tmp_path):
     r = subprocess.run([sys.executable, "-m", "pdserve", "bench", "--coordinator", cluster.cfg.listen,
                         "--num-prompts", "12", "--random-input-len", "24", "--random-output-len", "6",
                         "--goodput", "ttft:60000", "tpot:60000", "--sweep", "5,20", "--bisect-steps", "1",
+                        "--sweep-extend", "0",
                         "--slo-scale", "0.5,1,2", "--result-dir", str(tmp_path), "--result-filename", "g.json",
                         "--disable-tqdm"], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
