@@ -83,15 +83,18 @@ class Registry:
         return (not node.down and time.monotonic() - node.last_seen < self.timeout
                 and (node.streaming or node.role == api_pb2.ROLE_PREFILL))
 
-    def decode_peers(self, node: NodeEntry) -> list[node_pb2.Peer]:
-        """What a prefill node may send KV to (nothing for other roles): the live decode
-        nodes, so that it can set up its transport towards each before any request."""
-        if node.role != api_pb2.ROLE_PREFILL:
-            return []
-        return [node_pb2.Peer(node_id=n.id, epoch=n.epoch, address=n.address, kv_endpoint=n.kv_endpoint, tp=n.tp,
+    def peers(self, node: NodeEntry) -> dict[str, list[node_pb2.Peer]]:
+        """The live nodes on the other side of a node's KV plane: decode nodes for a
+        prefill node (it sets up its transport towards each before any request), prefill
+        nodes for a decode node (it drops what it set up for departed ones)."""
+        other = {api_pb2.ROLE_PREFILL: api_pb2.ROLE_DECODE, api_pb2.ROLE_DECODE: api_pb2.ROLE_PREFILL}.get(node.role)
+        if other is None:
+            return {}
+        live = [node_pb2.Peer(node_id=n.id, epoch=n.epoch, address=n.address, kv_endpoint=n.kv_endpoint, tp=n.tp,
                               compat_hash=n.model.compat_hash)
-                for n in self.nodes.values() if n.role == api_pb2.ROLE_DECODE and not n.down
+                for n in self.nodes.values() if n.role == other and not n.down
                 and time.monotonic() - n.last_seen < self.timeout]
+        return {"decode_peers" if other == api_pb2.ROLE_DECODE else "prefill_peers": live}
 
     def candidates(self, role: int) -> list[NodeEntry]:
         """Healthy nodes that can take a role (a colocated node takes both), best first:

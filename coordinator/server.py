@@ -73,13 +73,12 @@ class Coordinator(api_pb2_grpc.GenerationServicer, node_pb2_grpc.CoordinatorServ
         log.info("registered %s node %s at %s", api_pb2.Role.Name(node.role), node.id, node.address)
         return node_pb2.RegisterResponse(node_id=node.id, epoch=node.epoch,
                                          heartbeat_interval_s=self.cfg.heartbeat_interval_s,
-                                         decode_peers=self.registry.decode_peers(node))
+                                         **self.registry.peers(node))
 
     async def Heartbeat(self, req: node_pb2.HeartbeatRequest, context) -> node_pb2.HeartbeatResponse:
         if not self.registry.heartbeat(req):
             return node_pb2.HeartbeatResponse(known=False)
-        return node_pb2.HeartbeatResponse(known=True, decode_peers=self.registry.decode_peers(
-            self.registry.nodes[req.node_id]))
+        return node_pb2.HeartbeatResponse(known=True, **self.registry.peers(self.registry.nodes[req.node_id]))
 
     async def _subscribe(self, node: NodeEntry) -> None:
         """Relay a decode node's per-step token batches to the requests they belong to."""

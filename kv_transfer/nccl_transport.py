@@ -304,6 +304,7 @@ class NcclKVManager(KVManager):
         self._by_peer: dict[str, PairSet] = {}       # prefill side: by decode node id
         self._connecting: dict[str, asyncio.Task] = {}
         self._retry: dict[str, tuple[float, float]] = {}   # peer -> (not before, backoff s) after a failure
+        self._missing: dict[str, float] = {}  # decode side: prefill node -> when first seen absent
         self._generation = 0
         self._pending: dict[int, NcclKVSender | NcclKVReceiver] = {}   # engine thread only
         self._senders: dict[int, NcclKVSender] = {}
@@ -407,6 +408,18 @@ class NcclKVManager(KVManager):
         fut = self.engine_call(join)
         fut.add_done_callback(lambda f: f.exception() and self._join_failed(ps, f.exception()))
         return host, self.store_port
+
+    def on_prefill_peers(self, live: set[str], grace_s: float = 10.0) -> None:
+        """(event loop) Close the pair sets of prefill nodes the coordinator has not
+        listed for grace_s (a node that only missed a few heartbeats keeps its set)."""
+        now = time.monotonic()
+        for ps in list(self.pair_sets.values()):
+            if ps.peer_id in live:
+                self._missing.pop(ps.peer_id, None)
+            elif now - self._missing.setdefault(ps.peer_id, now) >= grace_s:
+                self._missing.pop(ps.peer_id, None)
+                log.info("KV pair set %s closed: prefill node %s left", ps.name, ps.peer_id)
+                self._drop(ps)
 
     def _join_failed(self, ps: PairSet, exc: BaseException) -> None:
         log.warning("KV pair set %s did not open: %s", ps.name, exc)

@@ -19,8 +19,9 @@ class NodeAgent:
     def __init__(self, coordinator: str, register: Callable[[], node_pb2.RegisterRequest],
                  load: Callable[[], node_pb2.HeartbeatRequest],
                  on_peers: Callable[[list[node_pb2.Peer]], None] | None = None):
-        """on_peers receives the coordinator's list of live decode nodes after every
-        registration and heartbeat (prefill nodes set up their KV transport with it)."""
+        """on_peers receives the coordinator's list of live peers after every registration
+        and heartbeat: decode nodes for a prefill node (it sets up its KV transport towards
+        them), prefill nodes for a decode node."""
         self.coordinator = coordinator
         self.make_register, self.make_load, self.on_peers = register, load, on_peers
         self.node_id, self.epoch, self.interval = "", 0, 1.0
@@ -53,11 +54,11 @@ class NodeAgent:
                 await asyncio.sleep(0.2)
         self.node_id, self.epoch, self.interval = resp.node_id, resp.epoch, resp.heartbeat_interval_s
         log.info("registered as %s (epoch %d)", self.node_id, self.epoch)
-        self._peers(resp.decode_peers)
+        self._peers(resp)
 
-    def _peers(self, peers) -> None:
+    def _peers(self, resp) -> None:
         if self.on_peers is not None:
-            self.on_peers(list(peers))
+            self.on_peers(list(resp.decode_peers) + list(resp.prefill_peers))
 
     async def _beat(self) -> None:
         while True:
@@ -69,6 +70,6 @@ class NodeAgent:
                 if not resp.known:
                     await self._register(wait_s=self.interval * 3)
                 else:
-                    self._peers(resp.decode_peers)
+                    self._peers(resp)
             except grpc.aio.AioRpcError as e:
                 log.warning("heartbeat failed: %s", e.code().name)

@@ -57,7 +57,7 @@ class NodeBase:
         self.add_servicer(self.server.server)
         self.address = await self.server.start()
         self.agent = NodeAgent(self.cfg.coordinator, self._register_request, self._load,
-                               self._on_peers if self.nccl and self.kv_role == Role.PREFILL else None)
+                               self._on_peers if self.nccl else None)
         await self.agent.start()
         await self.server.ready()
         log.info("%s node serving on %s", self.kv_role.value, self.address)
@@ -81,9 +81,13 @@ class NodeBase:
         raise NotImplementedError
 
     def _on_peers(self, peers: list[node_pb2.Peer]) -> None:
-        """Prefill with the NCCL transport: keep a pair set open towards every decode node."""
+        """NCCL transport: a prefill node keeps a pair set open towards every decode node;
+        a decode node drops the sets of prefill nodes that left."""
         self.kv.node_id = self.agent.node_id
-        self.kv.on_peers(peers, _open_pairs)
+        if self.kv_role == Role.PREFILL:
+            self.kv.on_peers(peers, _open_pairs)
+        else:
+            self.kv.on_prefill_peers({p.node_id for p in peers})
 
     def on_step(self, outs: list[StepOutput]) -> None:
         """Called on the event loop with each engine step's outputs."""

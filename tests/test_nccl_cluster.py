@@ -49,7 +49,7 @@ def test_greedy_through_an_nccl_cluster_matches_transformers(tiny_models, refere
         assert_matches_reference(out["token_ids"], ref.generate(prompt, n), f"nccl {family} {p_tp}:{d_tp}")
 
 
-def test_a_cancelled_stream_frees_kv_and_a_restarted_decode_node_gets_new_pairs(tiny_models, reference, tmp_path):
+def test_a_cancelled_stream_frees_kv_and_restarted_nodes_get_new_pairs(tiny_models, reference, tmp_path):
     cluster = start_cluster(model=tiny_models["qwen2"], kv_blocks=64, kv_transport="nccl", log_dir=str(tmp_path))
     client = Client(cluster.cfg.listen)
     try:
@@ -74,6 +74,18 @@ def test_a_cancelled_stream_frees_kv_and_a_restarted_decode_node_gets_new_pairs(
         jobs = workload(31, 4)
         for (prompt, n), out in zip(jobs, client.generate_all(jobs)):
             assert_matches_reference(out["token_ids"], ref.generate(prompt, n), "after the decode node came back")
+        client.wait_blocks_at_baseline()
+
+        # a prefill node that goes away: the decode node closes its pair set; its successor gets a new one
+        prefill_cmd = cluster.node_commands()[0]
+        os.kill(cluster.procs[1].pid, signal.SIGKILL)
+        cluster.procs[1].wait()
+        cluster._spawn(prefill_cmd)
+        wait_for(lambda: "left" in "".join(p.read_text() for p in tmp_path.glob("*-decode.log")),
+                 "the decode node to close the departed prefill node's pairs", 60)
+        wait_for(lambda: opened(tmp_path) == 3, "a pair set from the new prefill node", 60)
+        for (prompt, n), out in zip(jobs, client.generate_all(jobs)):
+            assert_matches_reference(out["token_ids"], ref.generate(prompt, n), "after the prefill node came back")
         client.wait_blocks_at_baseline()
     finally:
         client.close()

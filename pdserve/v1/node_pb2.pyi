@@ -64,16 +64,18 @@ class Peer(_message.Message):
     def __init__(self, node_id: _Optional[str] = ..., epoch: _Optional[int] = ..., address: _Optional[str] = ..., kv_endpoint: _Optional[str] = ..., tp: _Optional[int] = ..., compat_hash: _Optional[str] = ...) -> None: ...
 
 class RegisterResponse(_message.Message):
-    __slots__ = ("node_id", "epoch", "heartbeat_interval_s", "decode_peers")
+    __slots__ = ("node_id", "epoch", "heartbeat_interval_s", "decode_peers", "prefill_peers")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     HEARTBEAT_INTERVAL_S_FIELD_NUMBER: _ClassVar[int]
     DECODE_PEERS_FIELD_NUMBER: _ClassVar[int]
+    PREFILL_PEERS_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     epoch: int
     heartbeat_interval_s: float
     decode_peers: _containers.RepeatedCompositeFieldContainer[Peer]
-    def __init__(self, node_id: _Optional[str] = ..., epoch: _Optional[int] = ..., heartbeat_interval_s: _Optional[float] = ..., decode_peers: _Optional[_Iterable[_Union[Peer, _Mapping]]] = ...) -> None: ...
+    prefill_peers: _containers.RepeatedCompositeFieldContainer[Peer]
+    def __init__(self, node_id: _Optional[str] = ..., epoch: _Optional[int] = ..., heartbeat_interval_s: _Optional[float] = ..., decode_peers: _Optional[_Iterable[_Union[Peer, _Mapping]]] = ..., prefill_peers: _Optional[_Iterable[_Union[Peer, _Mapping]]] = ...) -> None: ...
 
 class HeartbeatRequest(_message.Message):
     __slots__ = ("node_id", "epoch", "kv_blocks_free", "running", "queued", "queued_tokens")
@@ -92,12 +94,14 @@ class HeartbeatRequest(_message.Message):
     def __init__(self, node_id: _Optional[str] = ..., epoch: _Optional[int] = ..., kv_blocks_free: _Optional[int] = ..., running: _Optional[int] = ..., queued: _Optional[int] = ..., queued_tokens: _Optional[int] = ...) -> None: ...
 
 class HeartbeatResponse(_message.Message):
-    __slots__ = ("known", "decode_peers")
+    __slots__ = ("known", "decode_peers", "prefill_peers")
     KNOWN_FIELD_NUMBER: _ClassVar[int]
     DECODE_PEERS_FIELD_NUMBER: _ClassVar[int]
+    PREFILL_PEERS_FIELD_NUMBER: _ClassVar[int]
     known: bool
     decode_peers: _containers.RepeatedCompositeFieldContainer[Peer]
-    def __init__(self, known: _Optional[bool] = ..., decode_peers: _Optional[_Iterable[_Union[Peer, _Mapping]]] = ...) -> None: ...
+    prefill_peers: _containers.RepeatedCompositeFieldContainer[Peer]
+    def __init__(self, known: _Optional[bool] = ..., decode_peers: _Optional[_Iterable[_Union[Peer, _Mapping]]] = ..., prefill_peers: _Optional[_Iterable[_Union[Peer, _Mapping]]] = ...) -> None: ...
 
 class KVPairsRequest(_message.Message):
     __slots__ = ("protocol_version", "compat_hash", "prefill_node_id", "prefill_tp", "pair_set")
