@@ -38,6 +38,7 @@ class ClusterConfig:
     ready_timeout_s: float = 300.0
     log_dir: str | None = None        # members' logs go here (one file each) instead of this terminal
     kv_transport: str = "zmq"         # zmq or nccl, for the prefill and decode pools
+    kv_timeout_s: float | None = None  # nccl: --kv-timeout of the nodes (default theirs)
 
 
 class Cluster:
@@ -79,6 +80,8 @@ class Cluster:
                     cmd += ["--load-format", cfg.load_format]
                 if cfg.kv_transport != "zmq" and role != "both":
                     cmd += ["--kv-transport", cfg.kv_transport]
+                    if cfg.kv_timeout_s is not None:
+                        cmd += ["--kv-timeout", str(cfg.kv_timeout_s)]
                 cmds.append(cmd)
         return cmds
 

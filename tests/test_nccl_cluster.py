@@ -90,3 +90,48 @@ def test_a_cancelled_stream_frees_kv_and_restarted_nodes_get_new_pairs(tiny_mode
     finally:
         client.close()
         cluster.stop()
+
+
+def children(pid: int) -> list[int]:
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            out.append(int(stat.parent.name))
+    return out
+
+
+def test_a_decode_rank_that_stalls_mid_transfer_fails_the_request_and_the_pairs_are_rebuilt(tiny_models, reference,
+                                                                                            tmp_path):
+    """Decode TP 2 with its second rank stopped (SIGSTOP): the prefill side's send to it
+    times out, the request fails with UNAVAILABLE instead of hanging, and once the rank
+    runs again every block is freed and new pairs carry requests again."""
+    cluster = start_cluster(model=tiny_models["qwen2"], decode_tp=2, kv_blocks=64, kv_transport="nccl",
+                            kv_timeout_s=3.0, log_dir=str(tmp_path))
+    client = Client(cluster.cfg.listen)
+    try:
+        wait_for(lambda: opened(tmp_path) == 1, "the first pair set")
+        rank1 = children(cluster.procs[2].pid)
+        assert len(rank1) == 1, f"one TP rank process under the decode node, found {rank1}"
+        os.kill(rank1[0], signal.SIGSTOP)
+        try:
+            started = time.monotonic()
+            with pytest.raises(grpc.RpcError) as e:
+                client.generate(request(list(range(1, 40)), greedy(8, ignore_eos=True)), timeout=60)
+            assert e.value.code() == grpc.StatusCode.UNAVAILABLE and "KV transfer" in e.value.details()
+            assert time.monotonic() - started < 30, "the timeout, not the lease, ended it"
+        finally:
+            os.kill(rank1[0], signal.SIGCONT)
+        client.wait_blocks_at_baseline(timeout=60)
+        wait_for(lambda: opened(tmp_path) >= 2, "a new pair set after the aborted one", 90)
+        ref = reference(tiny_models["qwen2"])
+        jobs = workload(41, 4)
+        for (prompt, n), out in zip(jobs, client.generate_all(jobs)):
+            assert_matches_reference(out["token_ids"], ref.generate(prompt, n), "after the pairs were rebuilt")
+        client.wait_blocks_at_baseline()
+    finally:
+        client.close()
+        cluster.stop()
