@@ -39,17 +39,18 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
-from dataclasses import dataclass, field
 
-import xxhash
 import zmq
 
-from pdserve.v1 import kv_pb2, node_pb2
+from pdserve.v1 import node_pb2
 
-from .base import KVManager, KVReceiver, KVSender, Role, WriteFn
-from .layout import KVLayout, kv_head_range, unique_ranks
+from .base import KVManager, Role, WriteFn
+from .layout import KVLayout
+from .nccl_pairs import PairSet
+from .nccl_receiver import NcclKVReceiver
+from .nccl_sender import NcclKVSender
 from .nccl_store import serve_store
-from .protocol import PROTOCOL_VERSION, check_layout
+from .protocol import PROTOCOL_VERSION
 from .zmq_inbox import KVInbox
 from .zmq_outbox import KVOutbox
 from .zmq_sender import Outgoing
@@ -57,241 +58,6 @@ from .zmq_sender import Outgoing
 log = logging.getLogger(__name__)
 
 EngineCall = Callable[[Callable], Future]   # runs fn(engine) on the engine thread
-
-
-def transfer_key(transfer_id: str) -> int:
-    """The int64 a transfer is known by on the ranks."""
-    return xxhash.xxh3_64_intdigest(transfer_id.encode()) & ((1 << 62) - 1)
-
-
-def pair_slices(num_kv_heads: int, prefill_tp: int, decode_tp: int) -> list[tuple[int, int, int, int]]:
-    """(prefill rank, decode rank, first global head, heads) for every pair that moves
-    heads: each decode rank gets each of its heads from exactly one prefill rank."""
-    out = []
-    for s in range(decode_tp):
-        c, d = kv_head_range(s, decode_tp, num_kv_heads)
-        for r in unique_ranks(prefill_tp, num_kv_heads):
-            a, b = kv_head_range(r, prefill_tp, num_kv_heads)
-            lo, hi = max(a, c), min(b, d)
-            if lo < hi:
-                out.append((r, s, lo, hi - lo))
-    return sorted(out)
-
-
-@dataclass
-class PairSet:
-    """The pairs between one prefill node and one decode node."""
-    name: str
-    num_kv_heads: int
-    prefill_tp: int
-    decode_tp: int
-    peer_id: str = ""            # the other node's id
-    peer_epoch: int = 0
-    endpoint: str = ""           # decode node's control endpoint (prefill side)
-    ready: bool = False
-    broken: bool = False
-    slices: list = field(default_factory=list)
-
-    def __post_init__(self) -> None:
-        self.slices = pair_slices(self.num_kv_heads, self.prefill_tp, self.decode_tp)
-
-    def pair(self, r: int, s: int) -> str:
-        return f"{self.name}/{r}-{s}"
-
-    @property
-    def pairs(self) -> list[str]:
-        return [self.pair(r, s) for r, s, _, _ in self.slices]
-
-    def dests(self) -> dict[str, list]:
-        """Per prefill rank: (pair, first local head, heads) to send."""
-        out: dict[str, list] = {}
-        for r, s, lo, n in self.slices:
-            out.setdefault(str(r), []).append([self.pair(r, s), lo - kv_head_range(r, self.prefill_tp,
-                                                                                     self.num_kv_heads)[0], n])
-        return out
-
-    def srcs(self) -> dict[str, list]:
-        """Per decode rank: (pair, first local head, heads) to receive."""
-        out: dict[str, list] = {}
-        for r, s, lo, n in self.slices:
-            out.setdefault(str(s), []).append([self.pair(r, s), lo - kv_head_range(s, self.decode_tp,
-                                                                                     self.num_kv_heads)[0], n])
-        return out
-
-    def open_spec(self, role: Role, host: str, port: int) -> list[dict]:
-        """The KV_OPEN entries of one side, in (prefill rank, decode rank) order."""
-        prefill = role == Role.PREFILL
-        return [{"name": self.pair(r, s), "rank": r if prefill else s, "index": 0 if prefill else 1,
-                 "host": host, "port": port} for r, s, _, _ in self.slices]
-
-
-class NcclKVSender(KVSender):
-    """Prefill side, one per request: the engine sends the data; this sends the two
-    control messages and ends DONE once the ranks' sends completed and the finish was queued."""
-
-    def __init__(self, manager: NcclKVManager, pairs: PairSet, transfer_id: str, epoch: int, num_blocks: int):
-        super().__init__(transfer_id, epoch, num_blocks)
-        self.manager, self.pairs, self.endpoint = manager, pairs, pairs.endpoint
-        self.key = transfer_key(transfer_id)
-        self.order = {"key": self.key, "dests": pairs.dests()}   # LLMEngine.add_request(kv_send=...)
-        self._data_ok = self._finish_queued = self._finished = self._withdrawing = False
-        self.answered = False
-
-    def send_layers(self, layer_start, layers) -> None:
-        raise RuntimeError("the NCCL transport sends from the engine step (add_request(kv_send=sender.order))")
-
-    def announce(self) -> None:
-        """Engine thread, in send order: tell the decode node to post its receives."""
-        self.status.start()
-        self.manager.submit(self, Outgoing(0, self.manager.layout.num_layers, []))
-
-    def finish(self, first_token: int) -> None:
-        if self._finish_queued:
-            raise RuntimeError(f"transfer {self.transfer_id}: finish called twice")
-        self._finish_queued = True
-        if not self.status.ended:  # DONE only once the I/O thread took the message (build_message)
-            self.manager.submit(self, Outgoing(self.manager.layout.num_layers, 0, [], last=True,
-                                               first_token=first_token))
-
-    def withdraw(self) -> None:
-        """The request ended before its sends were issued: tell the receiver not to wait."""
-        if not self.status.ended and not self._withdrawing:
-            self._withdrawing = True
-            self.manager.submit(self, Outgoing(0, 0, [], last=True, first_token=-1))
-
-    def on_data(self, ok: bool, error: str) -> None:
-        if not ok:
-            self.fail(f"NCCL send failed: {error}")
-        else:
-            self._data_ok = True
-            self._maybe_done()
-
-    def _maybe_done(self) -> None:
-        if self._data_ok and self._finished:
-            self.status.finish()
-
-    def build_message(self, out: Outgoing) -> list[bytes]:
-        """(I/O thread) The control message; the finish, once built, may end the transfer."""
-        withdrawn = out.last and self._withdrawing
-        if withdrawn:
-            self.status.fail("withdrawn")
-        elif out.last:
-            self._finished = True
-            self._maybe_done()
-        layout = self.manager.layout
-        shards = [kv_pb2.KVShard(tp_rank=r, head_start=kv_head_range(r, self.pairs.prefill_tp, layout.num_kv_heads)[0],
-                                 num_heads=n) for r, n in self._shard_heads()] if out.num_layers else []
-        return [kv_pb2.KVHeader(
-            protocol_version=PROTOCOL_VERSION, compat_hash=layout.compat_hash, transfer_id=self.transfer_id,
-            epoch=self.epoch, layer_start=out.layer_start, num_layers=out.num_layers, total_layers=layout.num_layers,
-            num_blocks=self.num_blocks, block_size=layout.block_size, head_dim=layout.head_dim,
-            dtype=layout.dtype_name, shards=shards, last=out.last, first_token=out.first_token,
-            pair_set=self.pairs.name, withdrawn=withdrawn).SerializeToString()]
-
-    def _shard_heads(self) -> list[tuple[int, int]]:
-        h, tp = self.manager.layout.num_kv_heads, self.pairs.prefill_tp
-        return [(r, kv_head_range(r, tp, h)[1] - kv_head_range(r, tp, h)[0]) for r in unique_ranks(tp, h)]
-
-    def on_ack(self, ack: kv_pb2.KVAck) -> None:
-        self.answered = True
-        if not ack.ok:
-            self.fail(f"refused by the receiver: {ack.error}")
-
-    def fail(self, error: str) -> None:
-        self.status.fail(error)
-
-    def release(self) -> None:
-        pass  # nothing held here: the ranks hold the buffers until their sends end
-
-
-class NcclKVReceiver(KVReceiver):
-    """Decode side, one per request (see the module docstring for when it may end)."""
-
-    def __init__(self, manager: NcclKVManager, transfer_id: str, epoch: int, block_ids: list[int],
-                 lease_expiry: float, tp: int):
-        super().__init__(transfer_id, epoch, block_ids, lease_expiry, tp)
-        self.manager = manager
-        self.key = transfer_key(transfer_id)
-        self.posted = False       # receives posted on the ranks (or about to be)
-        self._data: bool | None = None   # None: in flight; True: verified; False: failed
-        self._failure = ""
-        self._got_first = False
-        self._lock = threading.Lock()
-
-    def accept(self, header: kv_pb2.KVHeader, frames) -> str:
-        with self._lock:
-            if self.status.ended:
-                return self.error or "transfer already complete"
-            if header.withdrawn:
-                if not self.posted:
-                    self._end_failed(self._failure or "withdrawn by the prefill node")
-                return ""
-            if not header.last:
-                error = ("announced twice" if self.posted else
-                         "unexpected data frames" if frames else
-                         check_layout(header, self.manager.layout, len(self.block_ids), 0)
-                         or ("" if header.num_layers == self.manager.layout.num_layers
-                             else f"announce of {header.num_layers} layers")
-                         or ("" if header.pair_set in self.manager.pair_sets else
-                             f"unknown pair set {header.pair_set!r}"))
-                if error:
-                    self._end_failed(error)
-                    return error
-                self.posted = True
-                self.status.start()
-                self.manager.post_recv(self, self.manager.pair_sets[header.pair_set])
-                return ""
-            if not self.posted:
-                error = "finish before announce"
-                self._end_failed(error)
-                return error
-            self.first_token, self._got_first = header.first_token, True
-            self._maybe_end()
-            return ""
-
-    def on_data(self, ok: bool, error: str) -> None:
-        with self._lock:
-            self._data = ok
-            if not ok:
-                self._failure = self._failure or f"NCCL receive failed: {error}"
-            self._maybe_end()
-
-    def cancel(self) -> bool:
-        """The request is gone. Before the announce, the sender may still have issued its
-        sends (the announce is on its way): stay expected until the announce (its data is
-        then received and dropped, so the pair stays in step), the sender's withdrawal or
-        the lease's end; the blocks stay reserved until then."""
-        with self._lock:
-            if self.status.ended:
-                return False
-            if not self.posted and time.time() < self.lease_expiry:
-                self._failure = self._failure or "cancelled"
-                return True
-        return self.fail("cancelled")
-
-    def fail(self, error: str) -> bool:
-        """FAILED now, or once the posted receives ended (they may still write the blocks)."""
-        with self._lock:
-            if self.status.ended:
-                return False
-            if self.posted and self._data is None:
-                self._failure = self._failure or error
-                return True
-            return self._end_failed(error)
-
-    def _maybe_end(self) -> None:
-        if self._data is None:
-            return
-        if self._failure:
-            self._end_failed(self._failure)
-        elif self._got_first:
-            self.status.finish()
-            self.manager.retire(self)
-
-    def _end_failed(self, error: str) -> bool:
-        ended = self.status.fail(error)
-        self.manager.retire(self)
-        return ended
 
 
 class NcclKVManager(KVManager):
@@ -542,4 +308,3 @@ class NcclKVManager(KVManager):
 
     def submit(self, tx: NcclKVSender, out: Outgoing) -> None:
         self._outbox.submit(tx, out)
-

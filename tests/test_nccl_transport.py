@@ -10,7 +10,9 @@ import torch
 
 from kv_transfer.base import TransferState
 from kv_transfer.layout import KVLayout, kv_head_range
-from kv_transfer.nccl_transport import NcclKVReceiver, NcclKVSender, PairSet, pair_slices
+from kv_transfer.nccl_pairs import PairSet
+from kv_transfer.nccl_receiver import NcclKVReceiver
+from kv_transfer.nccl_sender import NcclKVSender
 from kv_transfer.protocol import PROTOCOL_VERSION
 from pdserve.v1 import kv_pb2
 
