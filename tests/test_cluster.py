@@ -309,3 +309,14 @@ def _parent(pid: str) -> int:
             return int(f.read().rsplit(")", 1)[1].split()[1])
     except (OSError, IndexError, ValueError):
         return -1
+
+
+def test_a_zeromq_decode_node_refuses_nccl_pairs(qwen3_cluster):
+    from kv_transfer.protocol import PROTOCOL_VERSION
+    from pdserve.v1 import node_pb2, node_pb2_grpc
+    decode = next(n for n in qwen3_cluster.status()["nodes"] if n["role"] == "decode")
+    with grpc.insecure_channel(decode["address"]) as ch:
+        with pytest.raises(grpc.RpcError) as e:
+            node_pb2_grpc.DecodeNodeStub(ch).OpenKVPairs(node_pb2.KVPairsRequest(
+                protocol_version=PROTOCOL_VERSION, prefill_node_id="p", prefill_tp=1, pair_set="p.1"), timeout=10)
+    assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "not nccl" in e.value.details()

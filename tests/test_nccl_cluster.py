@@ -54,6 +54,7 @@ def test_a_cancelled_stream_frees_kv_and_restarted_nodes_get_new_pairs(tiny_mode
     client = Client(cluster.cfg.listen)
     try:
         wait_for(lambda: opened(tmp_path) == 1, "the first pair set")
+        check_the_pair_handshake_refuses_mismatches(client)
         stream = client.stub.Generate(request(list(range(1, 30)), greedy(200, ignore_eos=True)), timeout=60)
         with pytest.raises(grpc.RpcError) as e:
             for i, _ in enumerate(stream):
@@ -90,6 +91,22 @@ def test_a_cancelled_stream_frees_kv_and_restarted_nodes_get_new_pairs(tiny_mode
     finally:
         client.close()
         cluster.stop()
+
+
+def check_the_pair_handshake_refuses_mismatches(client: Client) -> None:
+    """OpenKVPairs checks the protocol version and the compat hash before anything else."""
+    from pdserve.v1 import node_pb2, node_pb2_grpc
+    from kv_transfer.protocol import PROTOCOL_VERSION
+    decode = next(n for n in client.status()["nodes"] if n["role"] == "decode")
+    with grpc.insecure_channel(decode["address"]) as ch:
+        stub = node_pb2_grpc.DecodeNodeStub(ch)
+        for req, why in [(node_pb2.KVPairsRequest(protocol_version=PROTOCOL_VERSION + 1, compat_hash="x",
+                                                  prefill_node_id="p", prefill_tp=1, pair_set="p.1"), "version"),
+                         (node_pb2.KVPairsRequest(protocol_version=PROTOCOL_VERSION, compat_hash="not-this-model",
+                                                  prefill_node_id="p", prefill_tp=1, pair_set="p.1"), "compat_hash")]:
+            with pytest.raises(grpc.RpcError) as e:
+                stub.OpenKVPairs(req, timeout=10)
+            assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION and why in e.value.details()
 
 
 def children(pid: int) -> list[int]:
