@@ -50,7 +50,7 @@ for group in "$@"; do
         nccl)
             run kv-nccl 150 python3 benchmarks/kv_transfer.py --transport nccl "${commit[@]}"
             run kv-exposed 200 python3 benchmarks/kv_exposed.py "${commit[@]}"
-            run tests-nccl 300 python3 -m pytest -q -s tests/gpu/test_gpu_nccl_rank.py tests/gpu/test_gpu_cluster.py ;;
+            run tests-nccl 420 python3 -m pytest -q -s tests/gpu/test_gpu_nccl_rank.py tests/gpu/test_gpu_cluster.py ;;
         *) echo "unknown group $group"; status=1 ;;
     esac
 done
