@@ -13,6 +13,7 @@ from pdserve.rpc import RpcError
 from pdserve.v1 import api_pb2, node_pb2
 
 TERMINAL = ("FINISHED", "CANCELLED", "FAILED")
+DECODE_LOST = object()  # queued by the coordinator when the request's decode node is gone
 
 
 def prepare(req: api_pb2.GenerateRequest, tokenizer, model: node_pb2.ModelInfo,
@@ -61,6 +62,11 @@ class RequestRecord:
         self.decode = self.prefill = None
         self.ticket: node_pb2.Ticket | None = None
         self.tokens = 0
+        self.generated: list[int] = []       # every token sent to the client, in order
+        # what the cluster runs: the client's prompt, or after a migration the prompt plus
+        # the tokens generated so far, whose first new token is output index `offset`
+        self.run_prompt, self.run_sampling, self.offset = prompt, sampling, 0
+        self.migrations = 0
 
     @property
     def terminal(self) -> bool:
@@ -92,33 +98,57 @@ class RequestRecord:
     def first_response(self, resp: node_pb2.PrefillResponse) -> api_pb2.GenerateResponse:
         self.times.first_token = time.time()
         self.tokens = 1
+        self.generated.append(resp.first_token)
         return api_pb2.GenerateResponse(request_id=self.id, index=0, token_ids=[resp.first_token], text=resp.text,
                                         prompt_tokens=len(self.prompt), prompt_token_ids=self.prompt,
                                         client_tag=self.client_tag)
 
-    def relay(self, updates: list[node_pb2.TokenUpdate], next_index: int):
+    def migrate(self) -> None:
+        """The decode node is gone: run prompt + generated tokens again for the rest."""
+        self.migrations += 1
+        self.offset = len(self.generated)
+        self.run_prompt = self.prompt + self.generated
+        self.run_sampling = api_pb2.SamplingParams()
+        self.run_sampling.CopyFrom(self.sampling)
+        self.run_sampling.max_tokens = self.sampling.max_tokens - len(self.generated)
+        self.decode, self.ticket, self.state = None, None, "QUEUED"
+
+    def continued_response(self, resp: node_pb2.PrefillResponse) -> api_pb2.GenerateResponse:
+        """The first token after a migration (output index `offset`)."""
+        self.tokens += 1
+        self.generated.append(resp.first_token)
+        return api_pb2.GenerateResponse(request_id=self.id, index=self.offset, token_ids=[resp.first_token],
+                                        text=resp.text)
+
+    def relay(self, updates: list, next_index: int):
         """Merge a decode step's updates into one response; raise on an error update.
-        Returns (response or None, finish reason or 0). Duplicate indexes are dropped."""
-        tokens, text, finish = [], [], 0
+        Returns (response or None, finish reason or 0, decode node lost). Duplicate
+        indexes are dropped; a node's indexes count from the last migration."""
+        tokens, text, finish, lost = [], [], 0, False
         for u in updates:
+            if u is DECODE_LOST:
+                lost = True
+                break
             if u.error:
                 raise RpcError(_status(u.error_code), u.error)
             if u.decode_start and not self.times.decode_start:
                 self.times.decode_start = u.decode_start
                 self.times.transfer_end = u.kv_ready or self.times.transfer_end  # the decode node's view
             expected = next_index + len(tokens)
-            if u.index < expected:
+            index = u.index + self.offset
+            if index < expected:
                 continue  # a duplicate
-            if u.index > expected:
-                raise RpcError(grpc.StatusCode.INTERNAL, f"token stream gap: got index {u.index}, expected {expected}")
+            if index > expected:
+                raise RpcError(grpc.StatusCode.INTERNAL, f"token stream gap: got index {index}, expected {expected}")
             tokens.append(u.token_id)
             text.append(u.text)
             finish = finish or u.finish_reason
         if not tokens:
-            return None, finish
+            return None, finish, lost
         self.tokens += len(tokens)
+        self.generated.extend(tokens)
         return api_pb2.GenerateResponse(request_id=self.id, index=next_index, token_ids=tokens,
-                                        text="".join(text)), finish
+                                        text="".join(text)), finish, lost
 
     def last_response(self, finish: int) -> api_pb2.GenerateResponse:
         return api_pb2.GenerateResponse(request_id=self.id, index=self.tokens, finish_reason=finish, times=self.times)

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import grpc
 
 from coordinator.registry import NodeEntry, Registry
-from coordinator.request import RequestRecord, prepare
+from coordinator.request import DECODE_LOST, RequestRecord, prepare
 from pdserve.protocol import PROTOCOL_VERSION
 from pdserve.rpc import RpcError, ServerHandle, status_for
 from pdserve.v1 import api_pb2, api_pb2_grpc, node_pb2, node_pb2_grpc
@@ -26,6 +26,7 @@ class CoordinatorConfig:
     max_inflight: int = 256              # requests admitted at once; more get RESOURCE_EXHAUSTED
     lease_s: float = 30.0                # how long decode blocks wait for their KV
     max_tokens_limit: int = 32768
+    max_migrations: int = 2              # times a request may move to another decode node when its node dies
 
 
 class Coordinator(api_pb2_grpc.GenerationServicer, node_pb2_grpc.CoordinatorServicer):
@@ -96,9 +97,7 @@ class Coordinator(api_pb2_grpc.GenerationServicer, node_pb2_grpc.CoordinatorServ
         node.down, node.streaming = True, False
         for record in list(self.requests.values()):
             if record.decode is node:
-                record.updates.put_nowait(node_pb2.TokenUpdate(
-                    request_id=record.id, error=f"decode node {node.id} is gone",
-                    error_code=grpc.StatusCode.UNAVAILABLE.value[0]))
+                record.updates.put_nowait(DECODE_LOST)
 
     # client API
 
@@ -149,21 +148,41 @@ class Coordinator(api_pb2_grpc.GenerationServicer, node_pb2_grpc.CoordinatorServ
             batch = [update]
             while not record.updates.empty():
                 batch.append(record.updates.get_nowait())
-            resp, finish = record.relay(batch, next_index)
+            resp, finish, lost = record.relay(batch, next_index)
             if resp is not None:
                 next_index = resp.index + len(resp.token_ids)
                 yield resp
+            if not finish and lost:
+                first = await self._migrate(record)
+                yield record.continued_response(first)
+                next_index = record.offset + 1
+                finish = first.finish_reason
+                if finish:
+                    await self._abort(record.decode, record)
             if finish:
                 record.finish()
                 yield record.last_response(finish)
                 return
 
+    async def _migrate(self, record: RequestRecord) -> node_pb2.PrefillResponse:
+        """The decode node died mid-stream: prefill the prompt and the tokens sent so far
+        again, for another decode node, which continues from the next output index (greedy
+        requests continue exactly; seeded sampling does not replay its draws)."""
+        gone = record.decode
+        if record.migrations >= self.cfg.max_migrations:
+            raise RpcError(grpc.StatusCode.UNAVAILABLE, f"decode node {gone.id} is gone")
+        gone.inflight -= 1
+        record.migrate()
+        log.info("request %s moves off decode node %s after %d tokens", record.id, gone.id, record.offset)
+        await self._reserve(record)
+        return await self._prefill(record)
+
     async def _reserve(self, record: RequestRecord) -> None:
-        sampling = record.sampling
+        sampling = record.run_sampling
         for node in self.registry.candidates(api_pb2.ROLE_DECODE):
             try:
                 ticket = await node.stub.Reserve(node_pb2.ReserveRequest(
-                    request_id=record.id, prompt_token_ids=record.prompt, sampling=sampling,
+                    request_id=record.id, prompt_token_ids=record.run_prompt, sampling=sampling,
                     lease_s=self.cfg.lease_s), timeout=10.0)
             except grpc.aio.AioRpcError as e:
                 if e.code() == grpc.StatusCode.INVALID_ARGUMENT:
@@ -192,7 +211,7 @@ class Coordinator(api_pb2_grpc.GenerationServicer, node_pb2_grpc.CoordinatorServ
             node.inflight += 1
             try:
                 resp = await node.prefill_stub.Prefill(node_pb2.PrefillRequest(
-                    request_id=record.id, prompt_token_ids=record.prompt, sampling=record.sampling,
+                    request_id=record.id, prompt_token_ids=record.run_prompt, sampling=record.run_sampling,
                     ticket=record.ticket, keep_kv=colocated),
                     timeout=None if colocated else max(0.1, record.ticket.lease_expiry - time.time()))
                 record.prefilled(resp)

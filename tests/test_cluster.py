@@ -320,3 +320,57 @@ def test_a_zeromq_decode_node_refuses_nccl_pairs(qwen3_cluster):
             node_pb2_grpc.DecodeNodeStub(ch).OpenKVPairs(node_pb2.KVPairsRequest(
                 protocol_version=PROTOCOL_VERSION, prefill_node_id="p", prefill_tp=1, pair_set="p.1"), timeout=10)
     assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "not nccl" in e.value.details()
+
+
+def pid_listening(port: int, pids: list[int]) -> int | None:
+    """Which of pids has a socket listening on 127.0.0.1:port (from /proc, no tools needed)."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            rows = open(table).read().splitlines()[1:]
+        except OSError:
+            continue
+        for row in rows:
+            f = row.split()
+            if int(f[1].rsplit(":", 1)[1], 16) == port and f[3] == "0A":  # LISTEN
+                inodes.add(f[9])
+    for pid in pids:
+        try:
+            links = {os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")}
+        except OSError:
+            continue
+        if any(f"socket:[{i}]" in links for i in inodes):
+            return pid
+    return None
+
+
+def test_a_request_whose_decode_node_dies_midstream_continues_on_another_without_losing_a_token(tiny_models,
+                                                                                               reference, tmp_path):
+    cluster = start_cluster(model=tiny_models["qwen2"], decode=2, kv_blocks=128, log_dir=str(tmp_path))
+    client = Client(cluster.cfg.listen)
+    try:
+        prompt, n = list(range(3, 23)), 480
+        stream = client.stub.Generate(request(prompt, greedy(n, ignore_eos=True)), timeout=120)
+        tokens, killed_at = [], None
+        for resp in stream:
+            if resp.token_ids:
+                assert resp.index == len(tokens), f"index {resp.index} after {len(tokens)} tokens"
+            tokens.extend(resp.token_ids)
+            if killed_at is None and len(tokens) >= 3:
+                deadline = time.monotonic() + 2
+                busy = []
+                while not busy and time.monotonic() < deadline:
+                    busy = [d for d in client.status()["nodes"] if d["role"] == "decode" and d["running"]]
+                    time.sleep(0.02)
+                assert busy, "no decode node reported the request running"
+                pid = pid_listening(int(busy[0]["address"].rsplit(":", 1)[1]), [p.pid for p in cluster.procs])
+                os.kill(pid, signal.SIGKILL)
+                killed_at = len(tokens)
+        assert killed_at is not None and killed_at < n, "the request had to be running when its node died"
+        ref = reference(tiny_models["qwen2"])
+        assert_matches_reference(tokens, ref.generate(prompt, n), "across a decode node's death")
+        assert "moves off decode node" in (tmp_path / "0-coordinator.log").read_text()
+        client.wait_blocks_at_baseline()
+    finally:
+        client.close()
+        cluster.stop()
