@@ -138,6 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--heartbeat-interval", type=float, default=0.5)
     c.add_argument("--max-inflight", type=int, default=256, help="requests admitted at once")
     c.add_argument("--lease", type=float, default=30.0, help="seconds decode blocks wait for their KV")
+    c.add_argument("--max-migrations", type=int, default=2,
+                   help="times a request may move to another decode node when its decode node dies")
     c.set_defaults(func=cmd_coordinator)
 
     for role in ("prefill", "decode", "node"):
@@ -192,7 +194,7 @@ def cmd_coordinator(a: argparse.Namespace) -> int:
     from coordinator.server import Coordinator, CoordinatorConfig
     from pdserve.process import run_until_signal
     cfg = CoordinatorConfig(listen=a.listen, model=a.model, heartbeat_interval_s=a.heartbeat_interval,
-                            max_inflight=a.max_inflight, lease_s=a.lease)
+                            max_inflight=a.max_inflight, lease_s=a.lease, max_migrations=a.max_migrations)
     return asyncio.run(run_until_signal(Coordinator(cfg)))
 
 
