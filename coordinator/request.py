@@ -67,6 +67,7 @@ class RequestRecord:
         # the tokens generated so far, whose first new token is output index `offset`
         self.run_prompt, self.run_sampling, self.offset = prompt, sampling, 0
         self.migrations = 0
+        self.lost = False  # DECODE_LOST queued for the current decode node
 
     @property
     def terminal(self) -> bool:
@@ -111,7 +112,7 @@ class RequestRecord:
         self.run_sampling = api_pb2.SamplingParams()
         self.run_sampling.CopyFrom(self.sampling)
         self.run_sampling.max_tokens = self.sampling.max_tokens - len(self.generated)
-        self.decode, self.ticket, self.state = None, None, "QUEUED"
+        self.decode, self.ticket, self.state, self.lost = None, None, "QUEUED", False
 
     def continued_response(self, resp: node_pb2.PrefillResponse) -> api_pb2.GenerateResponse:
         """The first token after a migration (output index `offset`)."""

@@ -37,6 +37,7 @@ class Coordinator(api_pb2_grpc.GenerationServicer, node_pb2_grpc.CoordinatorServ
         self.tokenizer = None
         self.model: node_pb2.ModelInfo | None = None
         self.subscriptions: dict[str, asyncio.Task] = {}
+        self.background: set[asyncio.Task] = set()
 
     async def start(self) -> str:
         self.server = ServerHandle(self.cfg.listen, ["pdserve.v1.Generation", "pdserve.v1.Coordinator"])
@@ -44,11 +45,12 @@ class Coordinator(api_pb2_grpc.GenerationServicer, node_pb2_grpc.CoordinatorServ
         node_pb2_grpc.add_CoordinatorServicer_to_server(self, self.server.server)
         self.address = await self.server.start()
         await self.server.ready()
+        self._spawn(self._watch_decode_nodes())
         return self.address
 
     async def close(self, grace_s: float = 5.0) -> None:
         await self.server.drain(grace_s)
-        for task in self.subscriptions.values():
+        for task in [*self.subscriptions.values(), *self.background]:
             task.cancel()
         for node_id in list(self.registry.nodes):
             self.registry.remove(node_id)
@@ -88,7 +90,7 @@ class Coordinator(api_pb2_grpc.GenerationServicer, node_pb2_grpc.CoordinatorServ
                 node.streaming = True  # routable from now on: no token of its can be missed
                 for update in batch.updates:
                     record = self.requests.get(update.request_id)
-                    if record is not None:
+                    if record is not None and record.decode is node and not record.lost:  # moved on: fenced off
                         record.updates.put_nowait(update)
         except asyncio.CancelledError:
             raise
@@ -96,8 +98,27 @@ class Coordinator(api_pb2_grpc.GenerationServicer, node_pb2_grpc.CoordinatorServ
             log.warning("token stream from %s broke: %s", node.id, e.code().name)
         node.down, node.streaming = True, False
         for record in list(self.requests.values()):
-            if record.decode is node:
+            if record.decode is node and not record.lost:
+                record.lost = True
                 record.updates.put_nowait(DECODE_LOST)
+
+    def _spawn(self, coro) -> None:
+        task = asyncio.create_task(coro)
+        self.background.add(task)
+        task.add_done_callback(self.background.discard)
+
+    async def _watch_decode_nodes(self) -> None:
+        """A decode node that stopped heartbeating (frozen, cut off) while its TCP stream
+        stays open: its requests move to another decode node, as if it had died."""
+        while True:
+            await asyncio.sleep(self.cfg.heartbeat_interval_s)
+            for record in list(self.requests.values()):
+                node = record.decode
+                if (node is not None and record.state == "DECODING" and not record.lost
+                        and time.monotonic() - node.last_seen > self.registry.timeout):
+                    log.warning("decode node %s missed its heartbeats", node.id)
+                    record.lost = True
+                    record.updates.put_nowait(DECODE_LOST)
 
     # client API
 
@@ -174,6 +195,7 @@ class Coordinator(api_pb2_grpc.GenerationServicer, node_pb2_grpc.CoordinatorServ
         gone.inflight -= 1
         record.migrate()
         log.info("request %s moves off decode node %s after %d tokens", record.id, gone.id, record.offset)
+        self._spawn(self._abort(gone, record))  # a frozen node frees it when it wakes
         await self._reserve(record)
         return await self._prefill(record)
 

@@ -374,3 +374,42 @@ def test_a_request_whose_decode_node_dies_midstream_continues_on_another_without
     finally:
         client.close()
         cluster.stop()
+
+
+def test_a_request_on_a_frozen_decode_node_moves_on_and_the_node_is_fenced_off_when_it_wakes(tiny_models,
+                                                                                           reference, tmp_path):
+    cluster = start_cluster(model=tiny_models["qwen2"], decode=2, kv_blocks=128, log_dir=str(tmp_path))
+    client = Client(cluster.cfg.listen)
+    frozen = None
+    try:
+        prompt, n = list(range(5, 25)), 480
+        stream = client.stub.Generate(request(prompt, greedy(n, ignore_eos=True)), timeout=120)
+        tokens = []
+        for resp in stream:
+            if resp.token_ids:
+                assert resp.index == len(tokens), f"index {resp.index} after {len(tokens)} tokens"
+            tokens.extend(resp.token_ids)
+            if frozen is None and len(tokens) >= 3:
+                deadline = time.monotonic() + 2
+                busy = []
+                while not busy and time.monotonic() < deadline:
+                    busy = [d for d in client.status()["nodes"] if d["role"] == "decode" and d["running"]]
+                    time.sleep(0.02)
+                assert busy, "no decode node reported the request running"
+                frozen = pid_listening(int(busy[0]["address"].rsplit(":", 1)[1]), [p.pid for p in cluster.procs])
+                os.kill(frozen, signal.SIGSTOP)
+        assert "missed its heartbeats" in (tmp_path / "0-coordinator.log").read_text()
+        ref = reference(tiny_models["qwen2"])
+        assert_matches_reference(tokens, ref.generate(prompt, n), "across a frozen decode node")
+        os.kill(frozen, signal.SIGCONT)
+        frozen = None
+        deadline = time.monotonic() + 20  # awake again: it heartbeats, and the abort frees its blocks
+        while sum(d["healthy"] for d in client.status()["nodes"] if d["role"] == "decode") < 2:
+            assert time.monotonic() < deadline, "the woken node never came back"
+            time.sleep(0.2)
+        client.wait_blocks_at_baseline(timeout=30)
+    finally:
+        if frozen is not None:
+            os.kill(frozen, signal.SIGCONT)
+        client.close()
+        cluster.stop()
