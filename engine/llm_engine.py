@@ -183,7 +183,7 @@ class LLMEngine:
         rows = [i for i in range(len(batch)) if batch.samples(i)]
         plan = StepPlan.build(batch.seqs, batch.num_new_tokens, rows, self.cfg.block_size)
         sends = [seq for seq, n in zip(batch.seqs, batch.num_new_tokens)
-                 if getattr(seq, "kv_send", None) and seq.num_computed_tokens + n >= seq.num_prompt_tokens]
+                 if seq.kv_send and seq.num_computed_tokens + n >= seq.num_prompt_tokens]
         if sends:
             self._attach_sends(sends)
         logits = self.executor.execute(plan)

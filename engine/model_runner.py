@@ -213,11 +213,9 @@ class ModelRunner:
             self._sends.extend(spec["sends"])
         elif op == KV_RECV:
             srcs = spec["srcs"].get(me, [])
-            self._kv_known.add(spec["key"])
-            if srcs:
+            if srcs:  # a rank with nothing to move reports the key done (see _kv_poll)
+                self._kv_known.add(spec["key"])
                 self.kv_xfer.recv(spec["key"], spec["blocks"], [tuple(s) for s in srcs], spec["layers"])
-            else:
-                self._kv_ended[spec["key"]] = (True, "")
         elif op == KV_POLL:
             return self._kv_poll(spec["keys"])
         else:
@@ -255,11 +253,9 @@ class ModelRunner:
         me = str(self.rank)
         for s in sends:
             dests = s["dests"].get(me, [])
-            self._kv_known.add(s["key"])
-            if dests:
+            if dests:  # none: a replicated shard another rank sends
+                self._kv_known.add(s["key"])
                 self.kv_xfer.send(s["key"], s["blocks"], [tuple(d) for d in dests], self._layer_events)
-            else:
-                self._kv_ended[s["key"]] = (True, "")  # a replicated shard another rank sends
 
     def close_kv(self) -> None:
         if self.kv_xfer is not None:

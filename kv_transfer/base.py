@@ -14,6 +14,7 @@ States: WAITING -> TRANSFERRING -> DONE | FAILED. FAILED = 0 so that a MIN over
 TP ranks makes one failure win."""
 from __future__ import annotations
 
+import asyncio
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable
@@ -78,7 +79,6 @@ class TransferStatus:
 
     async def ended_async(self, timeout: float | None = None) -> bool:
         """Await the end without polling; False if timeout (seconds) passed first."""
-        import asyncio
         loop = asyncio.get_running_loop()
         fut = loop.create_future()
         self.on_end(lambda: loop.call_soon_threadsafe(lambda: fut.done() or fut.set_result(None)))

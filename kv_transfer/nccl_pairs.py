@@ -58,18 +58,18 @@ class PairSet:
 
     def dests(self) -> dict[str, list]:
         """Per prefill rank: (pair, first local head, heads) to send."""
-        out: dict[str, list] = {}
-        for r, s, lo, n in self.slices:
-            out.setdefault(str(r), []).append([self.pair(r, s), lo - kv_head_range(r, self.prefill_tp,
-                                                                                     self.num_kv_heads)[0], n])
-        return out
+        return self._by_rank(Role.PREFILL)
 
     def srcs(self) -> dict[str, list]:
         """Per decode rank: (pair, first local head, heads) to receive."""
+        return self._by_rank(Role.DECODE)
+
+    def _by_rank(self, role: Role) -> dict[str, list]:
         out: dict[str, list] = {}
         for r, s, lo, n in self.slices:
-            out.setdefault(str(s), []).append([self.pair(r, s), lo - kv_head_range(s, self.decode_tp,
-                                                                                     self.num_kv_heads)[0], n])
+            rank, tp = (r, self.prefill_tp) if role == Role.PREFILL else (s, self.decode_tp)
+            first = kv_head_range(rank, tp, self.num_kv_heads)[0]
+            out.setdefault(str(rank), []).append([self.pair(r, s), lo - first, n])
         return out
 
     def open_spec(self, role: Role, host: str, port: int) -> list[dict]:

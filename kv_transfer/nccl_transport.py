@@ -128,8 +128,8 @@ class NcclKVManager(KVManager):
             owner = self._pending.pop(key, None)
             if owner is not None:
                 owner.on_data(ok, error)
-                if not ok:
-                    self._mark_broken(owner, error)
+                if not ok and isinstance(owner, NcclKVSender):
+                    owner.pairs.broken = True  # reopened at the next peer update: the pair may be out of step
         return bool(self._pending)
 
     def on_kv_send(self, seq, order: dict) -> None:
@@ -140,13 +140,6 @@ class NcclKVManager(KVManager):
             return
         self._pending[tx.key] = tx
         tx.announce()
-
-    def _mark_broken(self, owner, error: str) -> None:
-        if "timed out" in error or "abort" in error:
-            pairs = owner.pairs if isinstance(owner, NcclKVSender) else None
-            for ps in ([pairs] if pairs else list(self.pair_sets.values())):
-                if ps is not None:
-                    ps.broken = True
 
     # decode role
 

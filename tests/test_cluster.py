@@ -28,22 +28,29 @@ def qwen3_cluster(tiny_models):
     cluster.stop()
 
 
-@pytest.mark.parametrize("family, p_tp, d_tp", [("qwen3", 1, 1), ("llama", 1, 2), ("qwen2", 2, 1)])
-def test_greedy_through_the_cluster_matches_transformers(tiny_models, reference, family, p_tp, d_tp):
-    cluster = start_cluster(model=tiny_models[family], prefill_tp=p_tp, decode_tp=d_tp, kv_blocks=128)
+def check_parity(model: str, ref, jobs, what: str, ready=None, **cluster_kw) -> None:
+    """Greedy jobs through a fresh cluster equal the reference, every block comes back,
+    and SIGTERM drains every member to exit 0. ready() runs before the jobs."""
+    cluster = start_cluster(model=model, kv_blocks=128, **cluster_kw)
     members = list(cluster.procs)
     client = Client(cluster.cfg.listen)
     try:
-        jobs = workload(p_tp * 10 + d_tp, 6)
+        if ready is not None:
+            ready()
         outs = client.generate_all(jobs)
         client.wait_blocks_at_baseline()
     finally:
         client.close()
         cluster.stop()
     assert [p.returncode for p in members] == [0] * len(members), "SIGTERM must drain and exit 0"
-    ref = reference(tiny_models[family])
     for (prompt, n), out in zip(jobs, outs):
-        assert_matches_reference(out["token_ids"], ref.generate(prompt, n), f"{family} {p_tp}:{d_tp}")
+        assert_matches_reference(out["token_ids"], ref.generate(prompt, n), what)
+
+
+@pytest.mark.parametrize("family, p_tp, d_tp", [("qwen3", 1, 1), ("llama", 1, 2), ("qwen2", 2, 1)])
+def test_greedy_through_the_cluster_matches_transformers(tiny_models, reference, family, p_tp, d_tp):
+    check_parity(tiny_models[family], reference(tiny_models[family]), workload(p_tp * 10 + d_tp, 6),
+                 f"{family} {p_tp}:{d_tp}", prefill_tp=p_tp, decode_tp=d_tp)
 
 
 def test_sixteen_concurrent_requests_of_mixed_lengths_are_all_correct(qwen3_cluster, tiny_models, reference):
@@ -344,29 +351,35 @@ def pid_listening(port: int, pids: list[int]) -> int | None:
     return None
 
 
+def stream_with_fault(client: Client, cluster, prompt: list[int], n: int, fault) -> tuple[list[int], int | None]:
+    """Stream a greedy request, checking its indexes; once 3 tokens came, fault(pid) hits the
+    process of the decode node running it. Returns the tokens and that pid (None if never hit)."""
+    tokens, hit = [], None
+    for resp in client.stub.Generate(request(prompt, greedy(n, ignore_eos=True)), timeout=120):
+        if resp.token_ids:
+            assert resp.index == len(tokens), f"index {resp.index} after {len(tokens)} tokens"
+        tokens.extend(resp.token_ids)
+        if hit is None and len(tokens) >= 3:
+            deadline = time.monotonic() + 2
+            busy = []
+            while not busy and time.monotonic() < deadline:
+                busy = [d for d in client.status()["nodes"] if d["role"] == "decode" and d["running"]]
+                time.sleep(0.02)
+            assert busy, "no decode node reported the request running"
+            hit = pid_listening(int(busy[0]["address"].rsplit(":", 1)[1]), [p.pid for p in cluster.procs])
+            fault(hit)
+            assert len(tokens) < n, "the request had to be running when its node was hit"
+    return tokens, hit
+
+
 def test_a_request_whose_decode_node_dies_midstream_continues_on_another_without_losing_a_token(tiny_models,
                                                                                                reference, tmp_path):
     cluster = start_cluster(model=tiny_models["qwen2"], decode=2, kv_blocks=128, log_dir=str(tmp_path))
     client = Client(cluster.cfg.listen)
     try:
         prompt, n = list(range(3, 23)), 480
-        stream = client.stub.Generate(request(prompt, greedy(n, ignore_eos=True)), timeout=120)
-        tokens, killed_at = [], None
-        for resp in stream:
-            if resp.token_ids:
-                assert resp.index == len(tokens), f"index {resp.index} after {len(tokens)} tokens"
-            tokens.extend(resp.token_ids)
-            if killed_at is None and len(tokens) >= 3:
-                deadline = time.monotonic() + 2
-                busy = []
-                while not busy and time.monotonic() < deadline:
-                    busy = [d for d in client.status()["nodes"] if d["role"] == "decode" and d["running"]]
-                    time.sleep(0.02)
-                assert busy, "no decode node reported the request running"
-                pid = pid_listening(int(busy[0]["address"].rsplit(":", 1)[1]), [p.pid for p in cluster.procs])
-                os.kill(pid, signal.SIGKILL)
-                killed_at = len(tokens)
-        assert killed_at is not None and killed_at < n, "the request had to be running when its node died"
+        tokens, killed = stream_with_fault(client, cluster, prompt, n, lambda pid: os.kill(pid, signal.SIGKILL))
+        assert killed is not None, "the request had to be running when its node died"
         ref = reference(tiny_models["qwen2"])
         assert_matches_reference(tokens, ref.generate(prompt, n), "across a decode node's death")
         assert "moves off decode node" in (tmp_path / "0-coordinator.log").read_text()
@@ -380,36 +393,22 @@ def test_a_request_on_a_frozen_decode_node_moves_on_and_the_node_is_fenced_off_w
                                                                                            reference, tmp_path):
     cluster = start_cluster(model=tiny_models["qwen2"], decode=2, kv_blocks=128, log_dir=str(tmp_path))
     client = Client(cluster.cfg.listen)
-    frozen = None
+    frozen = []
     try:
         prompt, n = list(range(5, 25)), 480
-        stream = client.stub.Generate(request(prompt, greedy(n, ignore_eos=True)), timeout=120)
-        tokens = []
-        for resp in stream:
-            if resp.token_ids:
-                assert resp.index == len(tokens), f"index {resp.index} after {len(tokens)} tokens"
-            tokens.extend(resp.token_ids)
-            if frozen is None and len(tokens) >= 3:
-                deadline = time.monotonic() + 2
-                busy = []
-                while not busy and time.monotonic() < deadline:
-                    busy = [d for d in client.status()["nodes"] if d["role"] == "decode" and d["running"]]
-                    time.sleep(0.02)
-                assert busy, "no decode node reported the request running"
-                frozen = pid_listening(int(busy[0]["address"].rsplit(":", 1)[1]), [p.pid for p in cluster.procs])
-                os.kill(frozen, signal.SIGSTOP)
+        tokens, _ = stream_with_fault(client, cluster, prompt, n,
+                                      lambda pid: (frozen.append(pid), os.kill(pid, signal.SIGSTOP)))
         assert "missed its heartbeats" in (tmp_path / "0-coordinator.log").read_text()
         ref = reference(tiny_models["qwen2"])
         assert_matches_reference(tokens, ref.generate(prompt, n), "across a frozen decode node")
-        os.kill(frozen, signal.SIGCONT)
-        frozen = None
+        os.kill(frozen.pop(), signal.SIGCONT)
         deadline = time.monotonic() + 20  # awake again: it heartbeats, and the abort frees its blocks
         while sum(d["healthy"] for d in client.status()["nodes"] if d["role"] == "decode") < 2:
             assert time.monotonic() < deadline, "the woken node never came back"
             time.sleep(0.2)
         client.wait_blocks_at_baseline(timeout=30)
     finally:
-        if frozen is not None:
-            os.kill(frozen, signal.SIGCONT)
+        for pid in frozen:
+            os.kill(pid, signal.SIGCONT)
         client.close()
         cluster.stop()

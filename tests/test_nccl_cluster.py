@@ -14,7 +14,7 @@ import pytest
 
 from tests.cluster_util import Client, greedy, request, start_cluster
 from tests.conftest import assert_matches_reference
-from tests.test_cluster import workload
+from tests.test_cluster import check_parity, workload
 
 
 def opened(log_dir: Path) -> int:
@@ -31,22 +31,10 @@ def wait_for(cond, what: str, timeout: float = 30.0) -> None:
 
 @pytest.mark.parametrize("family, p_tp, d_tp", [("qwen3", 1, 1), ("llama", 1, 2), ("qwen2", 2, 1)])
 def test_greedy_through_an_nccl_cluster_matches_transformers(tiny_models, reference, family, p_tp, d_tp, tmp_path):
-    cluster = start_cluster(model=tiny_models[family], prefill_tp=p_tp, decode_tp=d_tp, kv_blocks=128,
-                            kv_transport="nccl", log_dir=str(tmp_path))
-    members = list(cluster.procs)
-    client = Client(cluster.cfg.listen)
-    try:
-        wait_for(lambda: opened(tmp_path) == 1, "the pair set to open at registration")
-        jobs = workload(p_tp * 10 + d_tp + 7, 8)
-        outs = client.generate_all(jobs)
-        client.wait_blocks_at_baseline()
-    finally:
-        client.close()
-        cluster.stop()
-    assert [p.returncode for p in members] == [0] * len(members), "SIGTERM must drain and exit 0"
-    ref = reference(tiny_models[family])
-    for (prompt, n), out in zip(jobs, outs):
-        assert_matches_reference(out["token_ids"], ref.generate(prompt, n), f"nccl {family} {p_tp}:{d_tp}")
+    check_parity(tiny_models[family], reference(tiny_models[family]), workload(p_tp * 10 + d_tp + 7, 8),
+                 f"nccl {family} {p_tp}:{d_tp}",
+                 ready=lambda: wait_for(lambda: opened(tmp_path) == 1, "the pair set to open at registration"),
+                 prefill_tp=p_tp, decode_tp=d_tp, kv_transport="nccl", log_dir=str(tmp_path))
 
 
 def test_a_cancelled_stream_frees_kv_and_restarted_nodes_get_new_pairs(tiny_models, reference, tmp_path):

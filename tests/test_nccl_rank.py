@@ -21,7 +21,8 @@ import numpy as np
 import pytest
 import torch
 
-from kv_transfer.layout import kv_head_range, unique_ranks
+from kv_transfer.layout import kv_head_range
+from kv_transfer.nccl_pairs import pair_slices
 from kv_transfer.nccl_rank import checksum, layer_groups
 from kv_transfer.nccl_store import serve_store
 from tests.nccl_rank_peer import cache_contents
@@ -234,15 +235,8 @@ def one_to_one(setup: Setup, store: int, peers, tmp_path: Path) -> None:
 
 def plan(prefill_tp: int, decode_tp: int) -> list[tuple[int, int, int, int, int]]:
     """(prefill rank, decode rank, its local head, the receiver's local head, heads) per pair."""
-    out = []
-    for s in range(decode_tp):
-        c, d = kv_head_range(s, decode_tp, HEADS)
-        for r in unique_ranks(prefill_tp, HEADS):
-            a, b = kv_head_range(r, prefill_tp, HEADS)
-            lo, hi = max(a, c), min(b, d)
-            if lo < hi:
-                out.append((r, s, lo - a, lo - c, hi - lo))
-    return out
+    return [(r, s, lo - kv_head_range(r, prefill_tp, HEADS)[0], lo - kv_head_range(s, decode_tp, HEADS)[0], n)
+            for r, s, lo, n in pair_slices(HEADS, prefill_tp, decode_tp)]
 
 
 @pytest.mark.parametrize("prefill_tp,decode_tp", [(1, 2), (2, 1)])
