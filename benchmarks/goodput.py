@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -31,17 +32,19 @@ WORKLOADS = {  # name -> (input len, output len, TTFT SLO, TPOT SLO as multiples
 }
 
 
-def bench(listen: str, a: argparse.Namespace, out: Path, name: str, extra: list[str]) -> dict:
+def bench(listen: str, a: argparse.Namespace, out: Path, name: str, extra: list[str]) -> dict | None:
     n_in, n_out = WORKLOADS[a.workload][:2]
     cmd = [sys.executable, "-m", "pdserve", "bench", "--coordinator", listen, "--random-input-len", str(n_in),
            "--random-output-len", str(n_out), "--random-range-ratio", "0.2", "--result-dir", str(out),
            "--result-filename", f"{name}.json", "--disable-tqdm", *extra]
     subprocess.run(cmd, check=True)
-    return json.loads((out / f"{name}.json").read_text())
+    path = out / f"{name}.json"
+    return json.loads(path.read_text()) if path.exists() else None
 
 
 def unloaded_slos(listen: str, a: argparse.Namespace, out: Path) -> dict:
     """SLOs as multiples of the median TTFT and TPOT at concurrency 1."""
+    bench(listen, a, out, "warmup", ["--num-prompts", "8", "--max-concurrency", "4"])  # first-shape kernel builds
     base = bench(listen, a, out, "baseline", ["--num-prompts", "12", "--max-concurrency", "1", "--save-result"])
     ttft_x, tpot_x = WORKLOADS[a.workload][2:]
     slos = dict(ttft=round(base["median_ttft_ms"] * ttft_x, 1), tpot=round(base["median_tpot_ms"] * tpot_x, 2),
@@ -53,10 +56,13 @@ def unloaded_slos(listen: str, a: argparse.Namespace, out: Path) -> dict:
 
 def measure(kind: str, a: argparse.Namespace, model: str, out: Path, slos: dict | None) -> tuple[dict, dict]:
     listen = f"127.0.0.1:{free_port()}"
+    logs = out / "logs" / kind  # the members' logs, kept beside the results (not committed)
+    shutil.rmtree(logs, ignore_errors=True)
+    logs.mkdir(parents=True)
     pools = dict(prefill=1, decode=1) if kind == "disaggregated" else dict(prefill=0, decode=0, colocated=2)
     cluster = Cluster(ClusterConfig(listen=listen, model=model, device=a.device, kv_blocks=a.kv_blocks,
                                     load_format="auto" if a.model else "dummy",
-                                    max_num_seqs=a.max_num_seqs, log_dir=tempfile.mkdtemp(),
+                                    max_num_seqs=a.max_num_seqs, log_dir=str(logs),
                                     kv_transport=a.kv_transport if kind == "disaggregated" else "zmq", **pools))
     try:
         cluster.start()

@@ -33,9 +33,10 @@ from pdserve.v1 import api_pb2, api_pb2_grpc  # noqa: E402
 
 def measure(name: str, pools: dict, a: argparse.Namespace, model: str, prompts: list[list[int]]) -> dict:
     listen = f"127.0.0.1:{free_port()}"
+    log_dir = Path(a.log_dir) / name.replace(" ", "_") if a.log_dir else Path(tempfile.mkdtemp())
+    log_dir.mkdir(parents=True, exist_ok=True)
     cluster = Cluster(ClusterConfig(listen=listen, model=model, device=a.device, load_format="dummy",
-                                    max_num_batched_tokens=max(2048, a.prompt_len), log_dir=tempfile.mkdtemp(),
-                                    **pools))
+                                    max_num_batched_tokens=max(2048, a.prompt_len), log_dir=str(log_dir), **pools))
     ttfts, prefill, transfer = [], [], []
     try:
         cluster.start()
@@ -75,6 +76,7 @@ def main() -> None:
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--skip-zmq", action="store_true")
     ap.add_argument("--commit", default=None)
+    ap.add_argument("--log-dir", default=None, help="keep the cluster members' logs here")
     a = ap.parse_args()
     vocab = hf_config(a.shape).vocab_size
     rng = random.Random(0)

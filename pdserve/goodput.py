@@ -41,11 +41,13 @@ def sweep(a: argparse.Namespace, run: Callable[[argparse.Namespace], dict], slos
 
     def point(rate: float) -> None:
         s = run(_with(a, request_rate=rate))
-        curve.append({"rate": rate, **attainments(s, slos), "request_throughput": s["request_throughput"]})
+        curve.append({"rate": rate, **attainments(s, slos), "request_throughput": s["request_throughput"],
+                      "failed": s["failed"]})
         curve.sort(key=lambda c: c["rate"])
         c = next(c for c in curve if c["rate"] == rate)
+        failed = f", {s['failed']} failed (first: {s['errors'][0]})" if s["failed"] else ""
         print(f"  rate {rate:8.2f} req/s: attainment both {c['both']:.2f}, ttft {c['ttft']:.2f}, "
-              f"tpot {c['tpot']:.2f}", flush=True)
+              f"tpot {c['tpot']:.2f}{failed}", flush=True)
     for rate in sorted(float(r) for r in a.sweep.split(",")):
         point(rate)
     for _ in range(getattr(a, "sweep_extend", 0)):  # the rates given may not bracket the goodput: widen them
@@ -103,8 +105,9 @@ def markdown(result: dict) -> str:
     if result.get("sweep"):
         sw = result["sweep"]
         lines += [f"Maximum goodput (>= {int(100 * TARGET)}% attainment): **{sw['max_goodput_rate']:.2f} req/s**", "",
-                  "| rate (req/s) | both | TTFT only | TPOT only |", "| --- | --- | --- | --- |"]
-        lines += [f"| {c['rate']:.2f} | {c['both']:.2f} | {c['ttft']:.2f} | {c['tpot']:.2f} |" for c in sw["curve"]]
+                  "| rate (req/s) | both | TTFT only | TPOT only | failed |", "| --- | --- | --- | --- | --- |"]
+        lines += [f"| {c['rate']:.2f} | {c['both']:.2f} | {c['ttft']:.2f} | {c['tpot']:.2f} | {c.get('failed', 0)} |"
+                  for c in sw["curve"]]
     if result.get("slo_scale"):
         lines += ["", "| SLO scale | both | TTFT only | TPOT only |", "| --- | --- | --- | --- |"]
         lines += [f"| {r['scale']:g} | {r['both']:.2f} | {r['ttft']:.2f} | {r['tpot']:.2f} |" for r in result["slo_scale"]]
