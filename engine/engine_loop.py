@@ -13,6 +13,8 @@ import threading
 from concurrent.futures import Future
 from typing import Callable
 
+import torch
+
 from engine.llm_engine import LLMEngine, StepOutput
 
 
@@ -46,6 +48,11 @@ class EngineLoop:
 
     def _run(self) -> None:
         try:
+            device = getattr(self.engine, "device", None)
+            if device is not None and device.type == "cuda":
+                # the current device is per thread: kernels launched here (Triton's included) and
+                # NCCL communicators created here belong to the engine's device, not to device 0
+                torch.cuda.set_device(device)
             while not self.stopping:
                 busy = self.poll is not None and self.poll(self.engine)
                 self._drain(block=not self.engine.has_work(), timeout=0.0002 if busy else 0.5)

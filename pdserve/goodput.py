@@ -42,10 +42,10 @@ def sweep(a: argparse.Namespace, run: Callable[[argparse.Namespace], dict], slos
     def point(rate: float) -> None:
         s = run(_with(a, request_rate=rate))
         curve.append({"rate": rate, **attainments(s, slos), "request_throughput": s["request_throughput"],
-                      "failed": s["failed"]})
+                      "failed": s.get("failed", 0)})
         curve.sort(key=lambda c: c["rate"])
         c = next(c for c in curve if c["rate"] == rate)
-        failed = f", {s['failed']} failed (first: {s['errors'][0]})" if s["failed"] else ""
+        failed = f", {c['failed']} failed (first: {s['errors'][0]})" if c["failed"] else ""
         print(f"  rate {rate:8.2f} req/s: attainment both {c['both']:.2f}, ttft {c['ttft']:.2f}, "
               f"tpot {c['tpot']:.2f}{failed}", flush=True)
     for rate in sorted(float(r) for r in a.sweep.split(",")):
