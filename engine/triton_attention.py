@@ -39,7 +39,7 @@ def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
 def _decode(Q, KC, VC, O, OP, LSE, BT, CL, scale, stride_qb, stride_qh, stride_ob, stride_oh, stride_bt,
             stride_kb, stride_kt, stride_kh,
             G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BS: tl.constexpr, BLOCK_N: tl.constexpr,
-            SPLITS: tl.constexpr):
+            SPLITS: tl.constexpr, PREC: tl.constexpr):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
@@ -65,13 +65,13 @@ def _decode(Q, KC, VC, O, OP, LSE, BT, CL, scale, stride_qb, stride_qh, stride_o
         off = blk.to(tl.int64) * stride_kb + (t % BS) * stride_kt + kvh * stride_kh
         k = tl.load(KC + off[:, None] + d[None, :], mask=tmask[:, None], other=0.0)
         v = tl.load(VC + off[:, None] + d[None, :], mask=tmask[:, None], other=0.0)
-        s = tl.dot(q, tl.trans(k)) * scale
+        s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale
         s = tl.where(tmask[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))  # finite: every tile holds at least one token
         p = tl.exp(s - m_new[:, None])
         alpha = tl.exp(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
         m_i = m_new
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]  # an empty range (padded row, ctx 0) gives zeros
     h = kvh * G + g
@@ -98,6 +98,13 @@ def _decode_combine(OP, LSE, O, stride_ob, stride_oh, SPLITS: tl.constexpr, SP: 
     o = tl.load(OP + row[:, None] * D + d[None, :], mask=(s < SPLITS)[:, None], other=0.0)
     out = tl.sum(o * w[:, None], 0) / tl.where(den == 0.0, 1.0, den)  # all empty (ctx 0): zeros
     tl.store(O + b * stride_ob + h * stride_oh + d, out.to(O.dtype.element_ty))
+
+
+def dot_precision(dtype: torch.dtype) -> str | None:
+    """tl.dot's input precision: float32 stays IEEE (a float32 model is the parity oracle;
+    tl.dot would round its inputs to tf32, about 1e-3 relative, enough to flip a greedy
+    choice), half types keep the default."""
+    return "ieee" if dtype == torch.float32 else None
 
 
 _SMS: dict = {}
@@ -142,7 +149,7 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
                               q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
                               k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
                               G=g, GP=max(16, triton.next_power_of_2(g)), D=d, BS=bs, BLOCK_N=64,
-                              SPLITS=splits, num_warps=4)
+                              SPLITS=splits, PREC=dot_precision(q.dtype), num_warps=4)
     if splits > 1:
         _decode_combine[(b, h)](part, lse, out, out.stride(0), out.stride(1),
                                 SPLITS=splits, SP=triton.next_power_of_2(splits), D=d, num_warps=4)
@@ -152,7 +159,8 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
 @triton.jit
 def _prefill(Q, KC, VC, O, BT, QS, QL, CL, scale, stride_qt, stride_qh, stride_ot, stride_oh, stride_bt,
              stride_kb, stride_kt, stride_kh,
-             G: tl.constexpr, D: tl.constexpr, BS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+             G: tl.constexpr, D: tl.constexpr, BS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+             PREC: tl.constexpr):
     seq = tl.program_id(0)
     mt = tl.program_id(1)
     h = tl.program_id(2)
@@ -180,14 +188,14 @@ def _prefill(Q, KC, VC, O, BT, QS, QL, CL, scale, stride_qt, stride_qh, stride_o
         off = blk.to(tl.int64) * stride_kb + (t % BS) * stride_kt + kvh * stride_kh
         k = tl.load(KC + off[:, None] + d[None, :], mask=tmask[:, None], other=0.0)
         v = tl.load(VC + off[:, None] + d[None, :], mask=tmask[:, None], other=0.0)
-        s = tl.dot(q, tl.trans(k)) * scale
+        s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale
         s = tl.where((t[None, :] <= qpos[:, None]) & tmask[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         p = tl.exp(s - m_safe[:, None])
         alpha = tl.exp(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
         m_i = m_new
     l_i = tl.where(l_i == 0.0, 1.0, l_i)
     out = acc / l_i[:, None]
@@ -208,7 +216,8 @@ def paged_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     _prefill[grid](q, k_cache, v_cache, out, block_tables, query_starts, query_lens, context_lens, scale,
                    q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
                    k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-                   G=h // kvh, D=d, BS=bs, BLOCK_M=block_m, BLOCK_N=max(16, min(64, bs * 4)), num_warps=4)
+                   G=h // kvh, D=d, BS=bs, BLOCK_M=block_m, BLOCK_N=max(16, min(64, bs * 4)),
+                   PREC=dot_precision(q.dtype), num_warps=4)
     return out
 
 

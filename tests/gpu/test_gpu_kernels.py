@@ -56,6 +56,33 @@ def test_paged_decode_matches_torch(group, d, splits):
     torch.testing.assert_close(out, ref, atol=2e-2, rtol=2e-2)
 
 
+@pytest.mark.skipif(INTERPRET, reason="the interpreter computes in numpy float32 either way")
+def test_float32_attention_is_not_rounded_to_tf32():
+    """A float32 model is the parity oracle: its attention must not round q, k, p or v to
+    tf32 inside tl.dot (about 1e-3 relative, enough to flip a greedy near-tie)."""
+    from engine.triton_attention import paged_decode, paged_prefill
+    torch.manual_seed(7)
+    kvh, group, d, bs, nb = 2, 4, 64, 16, 32
+    h = kvh * group
+    k_cache, v_cache = torch.randn(nb, bs, kvh, d), torch.randn(nb, bs, kvh, d)
+    tables = torch.randperm(nb)[:24].int()[None]
+    n = 300
+    q = torch.randn(n, h, d)
+    scale = d ** -0.5
+    k = k_cache[tables[0, :-(-n // bs)].long()].reshape(-1, kvh, d)[:n].repeat_interleave(group, 1)
+    v = v_cache[tables[0, :-(-n // bs)].long()].reshape(-1, kvh, d)[:n].repeat_interleave(group, 1)
+    s = torch.einsum("thd,nhd->htn", q.double(), k.double()) * scale
+    s = s.masked_fill(torch.ones(n, n, dtype=torch.bool).triu(1), float("-inf"))
+    ref = torch.einsum("htn,nhd->thd", s.softmax(-1), v.double()).float()
+    cuda = lambda t: t.cuda()  # noqa: E731
+    ctx = torch.tensor([n], dtype=torch.int32)
+    out = paged_prefill(cuda(q), cuda(k_cache), cuda(v_cache), cuda(tables), cuda(torch.tensor([0], dtype=torch.int32)),
+                        cuda(ctx), cuda(ctx), n, scale).cpu()
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-4)
+    last = paged_decode(cuda(q[-1:].contiguous()), cuda(k_cache), cuda(v_cache), cuda(tables), cuda(ctx), scale).cpu()
+    torch.testing.assert_close(last, ref[-1:], atol=2e-5, rtol=1e-4)
+
+
 def test_num_splits_fills_the_gpu_at_small_batches():
     from engine.triton_attention import num_splits
     cpu = torch.device("cpu")  # counts as 132 SMs
