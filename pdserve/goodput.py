@@ -63,7 +63,10 @@ def sweep(a: argparse.Namespace, run: Callable[[argparse.Namespace], dict], slos
     if meeting and missing and a.bisect_steps:
         best = max_rate_meeting(lambda r: attainments(run(_with(a, request_rate=r)), slos)["both"],
                                 best, min(missing), a.bisect_steps)
-    return {"curve": curve, "max_goodput_rate": best, "target_attainment": TARGET, "slos_ms": slos}
+    # unbracketed: every rate met the target, so the goodput is at least `best` (a lower bound);
+    # or none did (best 0: lower the rates)
+    return {"curve": curve, "max_goodput_rate": best, "bracketed": bool(meeting and missing),
+            "target_attainment": TARGET, "slos_ms": slos}
 
 
 def slo_scale(a: argparse.Namespace, run: Callable[[argparse.Namespace], dict], slos: dict[str, float]) -> list[dict]:
@@ -104,7 +107,10 @@ def markdown(result: dict) -> str:
     lines = [f"# Goodput: {result.get('label', 'pdserve')}", "", f"SLOs: {result['slos_ms']} (ms)", ""]
     if result.get("sweep"):
         sw = result["sweep"]
-        lines += [f"Maximum goodput (>= {int(100 * TARGET)}% attainment): **{sw['max_goodput_rate']:.2f} req/s**", "",
+        bound = "" if sw.get("bracketed", True) or not sw["max_goodput_rate"] else \
+            " (a lower bound: every rate swept met the target)"
+        lines += [f"Maximum goodput (>= {int(100 * TARGET)}% attainment): "
+                  f"**{sw['max_goodput_rate']:.2f} req/s**{bound}", "",
                   "| rate (req/s) | both | TTFT only | TPOT only | failed |", "| --- | --- | --- | --- | --- |"]
         lines += [f"| {c['rate']:.2f} | {c['both']:.2f} | {c['ttft']:.2f} | {c['tpot']:.2f} | {c.get('failed', 0)} |"
                   for c in sw["curve"]]
@@ -120,7 +126,9 @@ def run_search(a: argparse.Namespace, run: Callable[[argparse.Namespace], dict],
     result = {"label": a.label or a.model_id, "slos_ms": slos}
     if a.sweep:
         result["sweep"] = sweep(a, run, slos)
-        print(f"maximum goodput: {result['sweep']['max_goodput_rate']:.2f} req/s at >= {int(100 * TARGET)}% attainment")
+        sw = result["sweep"]
+        print(f"maximum goodput: {sw['max_goodput_rate']:.2f} req/s at >= {int(100 * TARGET)}% attainment"
+              + ("" if sw["bracketed"] or not sw["max_goodput_rate"] else " (lower bound: no swept rate missed)"))
     if a.slo_scale:
         result["slo_scale"] = slo_scale(a, run, slos)
     out = Path(a.result_dir)

@@ -84,6 +84,19 @@ def test_a_sweep_that_does_not_bracket_the_goodput_widens_its_rates(knee, rates,
     rates_run = [c["rate"] for c in result["curve"]]
     assert sorted(set(rates_run) - {4.0, 8.0}) == extended
     assert 0 < result["max_goodput_rate"] <= knee
+    assert result["bracketed"]  # the widened rates found a rate that misses
+
+
+def test_a_sweep_every_rate_of_which_meets_the_slos_says_its_goodput_is_a_lower_bound():
+    import argparse
+    from pdserve.goodput import markdown, sweep
+    n = 10
+    a = argparse.Namespace(sweep="1,2", sweep_extend=1, bisect_steps=2, request_rate=None)
+    result = sweep(a, lambda a: {"num_prompts": n, "ttfts": [0.001] * n, "e2els": [0.002] * n, "output_lens": [2] * n,
+                                 "request_throughput": a.request_rate}, {"ttft": 100.0})
+    assert [c["rate"] for c in result["curve"]] == [1.0, 2.0, 4.0]
+    assert result["max_goodput_rate"] == 4.0 and not result["bracketed"]
+    assert "lower bound" in markdown({"slos_ms": {"ttft": 100.0}, "sweep": result})
 
 
 def test_a_rate_sweep_writes_curves_max_goodput_summary_and_plot(cluster, tmp_path):
