@@ -70,7 +70,8 @@ def measure(kind: str, a: argparse.Namespace, model: str, out: Path, slos: dict 
             slos = unloaded_slos(listen, a, out)
         result = bench(listen, a, out, kind, [
             "--num-prompts", str(a.num_prompts), "--goodput", f"ttft:{slos['ttft']}", f"tpot:{slos['tpot']}",
-            "--sweep", a.rates, "--bisect-steps", str(a.bisect_steps), "--label", f"{kind} ({a.workload})"])
+            "--sweep", a.rates, "--bisect-steps", str(a.bisect_steps), "--label", f"{kind} ({a.workload})",
+            "--sweep-duration", str(a.sweep_duration)])
     finally:
         cluster.stop()
     gpus = 2  # both sides use two devices: 1P + 1D, or 2 colocated nodes
@@ -86,7 +87,9 @@ def main() -> None:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--rates", default="4,8,16,32,64")
     ap.add_argument("--bisect-steps", type=int, default=3)
-    ap.add_argument("--num-prompts", type=int, default=60)
+    ap.add_argument("--num-prompts", type=int, default=60, help="requests per rate, at least")
+    ap.add_argument("--sweep-duration", type=float, default=10.0,
+                    help="seconds of arrivals per rate (more requests at higher rates: steady state, not a burst)")
     ap.add_argument("--ttft", type=float, default=None, help="TTFT SLO ms (default: a multiple of the unloaded TTFT)")
     ap.add_argument("--tpot", type=float, default=None, help="TPOT SLO ms (default: a multiple of the unloaded TPOT)")
     ap.add_argument("--kv-transport", default="nccl", choices=["zmq", "nccl"],
@@ -113,7 +116,7 @@ def main() -> None:
     config = dict(workload=args.workload, input_len=n_in, output_len=n_out, ttft_ms=slos["ttft"], tpot_ms=slos["tpot"],
                   slo_rule="given" if given else "TTFT x%g, TPOT x%g of unloaded" % WORKLOADS[args.workload][2:],
                   unloaded=dict(ttft_ms=slos.get("baseline_ttft_ms"), tpot_ms=slos.get("baseline_tpot_ms")),
-                  rates=args.rates, num_prompts=args.num_prompts, model=args.model or args.shape, device=args.device,
+                  rates=args.rates, num_prompts=args.num_prompts, sweep_duration_s=args.sweep_duration, model=args.model or args.shape, device=args.device,
                   kv_transport=args.kv_transport, ratio_is=bound)
     path = write_result(f"goodput_{args.workload.replace('-', '_')}", f"goodput_{args.workload.replace('-', '_')}",
                         ratio, 2.0, config, commit_id=args.commit, disaggregated=disagg, colocated=coloc)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import random
 import time
 from dataclasses import dataclass, field
@@ -78,6 +79,14 @@ def sample_requests(a: argparse.Namespace, vocab: int, max_len: int) -> list[Req
         n_out = max(1, min(n_out, max_len - n_in))
         reqs.append(Request([rng.randrange(vocab) for _ in range(n_in)], n_in, n_out))
     return reqs
+
+
+def prompts_at(rate: float, num_prompts: int, duration_s: float, cap: int) -> int:
+    """Requests for one run: at least num_prompts, and with duration_s > 0 enough to keep
+    arrivals going that long at `rate` (steady state, not one burst), at most cap."""
+    if duration_s <= 0 or rate == float("inf"):
+        return num_prompts
+    return max(num_prompts, min(cap, math.ceil(rate * duration_s)))
 
 
 def arrival_gaps(n: int, rate: float, burstiness: float, seed: int) -> list[float]:
@@ -236,6 +245,10 @@ def add_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--disable-tqdm", action="store_true")
     p.add_argument("--sweep", default=None, help="comma-separated request rates: attainment curves + max goodput")
     p.add_argument("--bisect-steps", type=int, default=4, help="bisection steps for the max-goodput rate")
+    p.add_argument("--sweep-duration", type=float, default=0.0,
+                   help="seconds of arrivals per run: a run at rate R sends max(--num-prompts, R x this) "
+                        "requests (at most --sweep-max-prompts); 0 sends --num-prompts at every rate")
+    p.add_argument("--sweep-max-prompts", type=int, default=3000)
     p.add_argument("--sweep-extend", type=int, default=2,
                    help="doublings (or halvings) of the rate tried when every swept rate meets (or misses) the SLOs")
     p.add_argument("--slo-scale", default=None, help="comma-separated SLO multipliers at --request-rate")
@@ -248,9 +261,15 @@ def main(a: argparse.Namespace) -> int:
     if a.dataset_name == "sharegpt" and not a.dataset_path:
         raise SystemExit("--dataset-name sharegpt needs --dataset-path")
     slos = parse_goodput(a.goodput)
-    reqs = sample_requests(a, info["vocab_size"] or 32000, info["max_model_len"] or 4096)
+    vocab, max_len = info["vocab_size"] or 32000, info["max_model_len"] or 4096
+    pool = sample_requests(a, vocab, max_len)
 
     def run(args: argparse.Namespace) -> dict:
+        nonlocal pool
+        n = prompts_at(args.request_rate, args.num_prompts, args.sweep_duration, args.sweep_max_prompts)
+        if n > len(pool):  # same seed: the requests sampled so far stay the first ones
+            pool = sample_requests(argparse.Namespace(**{**vars(a), "num_prompts": n}), vocab, max_len)
+        reqs = pool[:n]
         results, duration = asyncio.run(benchmark(args, reqs))
         return summarize(args, reqs, results, duration, slos)
     if a.sweep or a.slo_scale:

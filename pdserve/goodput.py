@@ -42,7 +42,7 @@ def sweep(a: argparse.Namespace, run: Callable[[argparse.Namespace], dict], slos
     def point(rate: float) -> None:
         s = run(_with(a, request_rate=rate))
         curve.append({"rate": rate, **attainments(s, slos), "request_throughput": s["request_throughput"],
-                      "failed": s.get("failed", 0)})
+                      "num_prompts": s["num_prompts"], "failed": s.get("failed", 0)})
         curve.sort(key=lambda c: c["rate"])
         c = next(c for c in curve if c["rate"] == rate)
         failed = f", {c['failed']} failed (first: {s['errors'][0]})" if c["failed"] else ""
@@ -111,9 +111,10 @@ def markdown(result: dict) -> str:
             " (a lower bound: every rate swept met the target)"
         lines += [f"Maximum goodput (>= {int(100 * TARGET)}% attainment): "
                   f"**{sw['max_goodput_rate']:.2f} req/s**{bound}", "",
-                  "| rate (req/s) | both | TTFT only | TPOT only | failed |", "| --- | --- | --- | --- | --- |"]
-        lines += [f"| {c['rate']:.2f} | {c['both']:.2f} | {c['ttft']:.2f} | {c['tpot']:.2f} | {c.get('failed', 0)} |"
-                  for c in sw["curve"]]
+                  "| rate (req/s) | requests | both | TTFT only | TPOT only | failed |",
+                  "| --- | --- | --- | --- | --- | --- |"]
+        lines += [f"| {c['rate']:.2f} | {c.get('num_prompts', '')} | {c['both']:.2f} | {c['ttft']:.2f} | "
+                  f"{c['tpot']:.2f} | {c.get('failed', 0)} |" for c in sw["curve"]]
     if result.get("slo_scale"):
         lines += ["", "| SLO scale | both | TTFT only | TPOT only |", "| --- | --- | --- | --- |"]
         lines += [f"| {r['scale']:g} | {r['both']:.2f} | {r['ttft']:.2f} | {r['tpot']:.2f} |" for r in result["slo_scale"]]

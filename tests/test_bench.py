@@ -87,6 +87,15 @@ def test_a_sweep_that_does_not_bracket_the_goodput_widens_its_rates(knee, rates,
     assert result["bracketed"]  # the widened rates found a rate that misses
 
 
+def test_a_run_at_a_higher_rate_sends_more_requests_for_the_same_duration():
+    from pdserve.bench import prompts_at
+    assert prompts_at(4.0, 60, 0.0, 3000) == 60             # fixed count by default
+    assert prompts_at(4.0, 60, 10.0, 3000) == 60            # 40 would be fewer than asked for
+    assert prompts_at(32.0, 60, 10.0, 3000) == 320          # 10 s of arrivals
+    assert prompts_at(512.0, 60, 10.0, 3000) == 3000        # capped
+    assert prompts_at(float("inf"), 60, 10.0, 3000) == 60   # all at once: the count as given
+
+
 def test_a_sweep_every_rate_of_which_meets_the_slos_says_its_goodput_is_a_lower_bound():
     import argparse
     from pdserve.goodput import markdown, sweep
@@ -103,12 +112,13 @@ def test_a_rate_sweep_writes_curves_max_goodput_summary_and_plot(cluster, tmp_pa
     r = subprocess.run([sys.executable, "-m", "pdserve", "bench", "--coordinator", cluster.cfg.listen,
                         "--num-prompts", "12", "--random-input-len", "24", "--random-output-len", "6",
                         "--goodput", "ttft:60000", "tpot:60000", "--sweep", "5,20", "--bisect-steps", "1",
-                        "--sweep-extend", "0",
+                        "--sweep-extend", "0", "--sweep-duration", "1",
                         "--slo-scale", "0.5,1,2", "--result-dir", str(tmp_path), "--result-filename", "g.json",
                         "--disable-tqdm"], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
     result = json.loads((tmp_path / "g.json").read_text())
     assert [c["rate"] for c in result["sweep"]["curve"]] == [5.0, 20.0]
+    assert [c["num_prompts"] for c in result["sweep"]["curve"]] == [12, 20]  # 1 s of arrivals at 20 req/s
     assert all(c["both"] == 1.0 for c in result["sweep"]["curve"])  # SLOs no request can miss
     assert result["sweep"]["max_goodput_rate"] == 20.0
     assert [s["scale"] for s in result["slo_scale"]] == [0.5, 1.0, 2.0]
