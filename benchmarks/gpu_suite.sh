@@ -7,8 +7,8 @@
 # Groups: tests-engine (tests/gpu kernels, engine and bf16 parity), engine-1b
 # (decode-1b and throughput-1b: decode_latency and engine_throughput on the
 # Llama-3.2-1B shape), engine-8b (decode-8b and throughput-8b: both on the
-# Llama-3.1-8B shape at TP 1 and TP 2), goodput (both workloads, 1P1D against 2
-# colocated), nccl (NCCL KV transfer benchmarks and tests/gpu transport and cluster tests;
+# Llama-3.1-8B shape at TP 1 and TP 2), goodput (goodput-prefill and goodput-decode:
+# each workload, 1P1D against 2 colocated), nccl (NCCL KV transfer benchmarks and tests/gpu transport and cluster tests;
 # the 1:2 and 2:1 cluster tests need three GPUs).
 # Result JSONs land in benchmarks/results/ and, where $OUT is set, are copied there.
 set -u
@@ -44,9 +44,11 @@ for group in "$@"; do
         throughput-8b)
             [ "$gpus" -ge 2 ] && run throughput-8b 400 python3 benchmarks/engine_throughput.py --shape llama-3.1-8b --tp 1 2 \
                 --hf-max-new-tokens 128 "${commit[@]}" ;;
-        goodput)
-            run goodput-prefill 300 python3 benchmarks/goodput.py --workload prefill-heavy --device cuda "${commit[@]}"
-            run goodput-decode 300 python3 benchmarks/goodput.py --workload decode-heavy --device cuda "${commit[@]}" ;;
+        goodput) "$0" ${commit[@]+"${commit[@]}"} goodput-prefill goodput-decode || status=1 ;;
+        goodput-prefill)  # each about 6 min with 10 s of arrivals per rate: one device call each
+            run goodput-prefill 580 python3 benchmarks/goodput.py --workload prefill-heavy --device cuda "${commit[@]}" ;;
+        goodput-decode)
+            run goodput-decode 580 python3 benchmarks/goodput.py --workload decode-heavy --device cuda "${commit[@]}" ;;
         nccl)
             run kv-nccl 150 python3 benchmarks/kv_transfer.py --transport nccl "${commit[@]}"
             run kv-exposed 200 python3 benchmarks/kv_exposed.py "${commit[@]}"
