@@ -75,8 +75,16 @@ def measure(kind: str, a: argparse.Namespace, model: str, out: Path, slos: dict 
     finally:
         cluster.stop()
     gpus = 2  # both sides use two devices: 1P + 1D, or 2 colocated nodes
-    return dict(max_goodput_rate=result["sweep"]["max_goodput_rate"], bracketed=result["sweep"]["bracketed"], gpus=gpus,
-                goodput_per_gpu=result["sweep"]["max_goodput_rate"] / gpus, curve=result["sweep"]["curve"]), slos
+    sw = result["sweep"]
+    return dict(max_goodput_rate=sw["max_goodput_rate"], bracketed=sw["bracketed"], gpus=gpus,
+                goodput_per_gpu=sw["max_goodput_rate"] / gpus, curve=sw["curve"]), slos
+
+
+def ratio_bound(disagg: dict, coloc: dict) -> str:
+    """A side whose every swept rate met the SLOs gives a lower bound of its goodput, and
+    so a bound of the ratio."""
+    return {(True, True): "exact", (False, True): "lower bound", (True, False): "upper bound"}.get(
+        (disagg["bracketed"], coloc["bracketed"]), "unknown")
 
 
 def main() -> None:
@@ -107,17 +115,15 @@ def main() -> None:
         disagg, _ = measure("disaggregated", args, model, out, slos)
     # no ratio when colocated met the SLOs at no rate of the sweep (lower the rates)
     ratio = disagg["goodput_per_gpu"] / coloc["goodput_per_gpu"] if coloc["goodput_per_gpu"] else None
-    # a side whose every swept rate met the SLOs gives a lower bound of its goodput, and so a bound of the ratio
-    bound = {(True, True): "exact", (False, True): "lower bound", (True, False): "upper bound"}.get(
-        (disagg["bracketed"], coloc["bracketed"]), "unknown") if disagg["max_goodput_rate"] and ratio else "unknown"
+    bound = ratio_bound(disagg, coloc) if ratio else "unknown"
     print(f"goodput per GPU: disaggregated {disagg['goodput_per_gpu']:.2f}, colocated {coloc['goodput_per_gpu']:.2f} "
           f"req/s -> ratio {ratio if ratio is None else round(ratio, 2)} ({bound}; target 2)")
     n_in, n_out = WORKLOADS[args.workload][:2]
     config = dict(workload=args.workload, input_len=n_in, output_len=n_out, ttft_ms=slos["ttft"], tpot_ms=slos["tpot"],
                   slo_rule="given" if given else "TTFT x%g, TPOT x%g of unloaded" % WORKLOADS[args.workload][2:],
                   unloaded=dict(ttft_ms=slos.get("baseline_ttft_ms"), tpot_ms=slos.get("baseline_tpot_ms")),
-                  rates=args.rates, num_prompts=args.num_prompts, sweep_duration_s=args.sweep_duration, model=args.model or args.shape, device=args.device,
-                  kv_transport=args.kv_transport, ratio_is=bound)
+                  rates=args.rates, num_prompts=args.num_prompts, sweep_duration_s=args.sweep_duration,
+                  model=args.model or args.shape, device=args.device, kv_transport=args.kv_transport, ratio_is=bound)
     path = write_result(f"goodput_{args.workload.replace('-', '_')}", f"goodput_{args.workload.replace('-', '_')}",
                         ratio, 2.0, config, commit_id=args.commit, disaggregated=disagg, colocated=coloc)
     print(f"-> {path}")

@@ -9,7 +9,6 @@ the next step, whose forward records an event after each layer so that a layer's
 KV leaves while the next layers compute."""
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -22,8 +21,6 @@ from engine.config import EngineConfig
 from engine.kv_cache import KVCache
 from engine.loader import init_dummy_weights, load_config, load_weights
 from engine.model import CausalLM, ModelSpec
-
-log = logging.getLogger(__name__)
 
 
 KV_OPEN, KV_CLOSE, KV_SEND, KV_RECV, KV_POLL = range(5)
@@ -223,12 +220,6 @@ class ModelRunner:
             return self._kv_poll(spec["keys"])
         else:
             raise RuntimeError(f"unknown KV operation {op}")
-        if self.device.type == "cuda" and torch.cuda.current_device() != self.device.index:
-            # a communicator's setup must not move this thread off the engine's device: the
-            # next Triton launch would take the cache for host memory
-            log.warning("KV operation %d left the thread on cuda:%d; back to %s", op, torch.cuda.current_device(),
-                        self.device)
-            torch.cuda.set_device(self.device)
 
     def _kv_poll(self, keys: list[int]) -> dict[int, tuple[int, str]]:
         """key -> (code, error) for the given keys, codes MIN-reduced over the TP group

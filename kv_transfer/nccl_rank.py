@@ -342,23 +342,12 @@ class RankKV:
         if layer_events is not None and len(layer_events) < layers:
             raise ValueError(f"{len(layer_events)} layer events for {layers} layers")
         tr = self._transfer(key, True, block_ids, layers, dests)
-        idx = torch.tensor(block_ids, dtype=torch.long)
-        compute = torch.cuda.current_stream(self.device) if self.cuda else None
+        idx = self._index(block_ids)
         if self.cuda:
-            idx = idx.pin_memory()
-        for part in tr.parts:
-            if part.settled:
-                continue
-            try:
-                if self.cuda:
-                    self._send_cuda(part, key, idx, layer_events, compute)
-                else:
-                    self._send_cpu(part, key, idx)
-            except Exception as e:  # noqa: BLE001 - the pair is out of step now: it fails, the caller is told by poll()
-                log.exception("KV send %d on pair %s failed", key, part.pair.name)
-                part.error = f"send failed on pair {part.pair.name}: {type(e).__name__}: {e}"
-                self._close(part.pair, part.error)
-        self._pending.append(tr)
+            compute = torch.cuda.current_stream(self.device)
+            self._start(tr, "send", lambda part: self._send_cuda(part, key, idx, layer_events, compute))
+        else:
+            self._start(tr, "send", lambda part: self._send_cpu(part, key, idx))
 
     def recv(self, key: int, block_ids: list[int], srcs: list[tuple[str, int, int]], num_layers: int) -> None:
         """Non-blocking: receive each (pair, head, heads) in srcs into heads [head, head + heads)
@@ -366,20 +355,29 @@ class RankKV:
         if num_layers != self.kv.num_layers:
             raise ValueError(f"num_layers {num_layers} != the cache's {self.kv.num_layers}")
         tr = self._transfer(key, False, block_ids, num_layers, srcs)
-        idx = torch.tensor(block_ids, dtype=torch.long)
+        idx = self._index(block_ids)
         if self.cuda:
-            idx = idx.pin_memory()
+            self._start(tr, "recv", lambda part: self._recv_cuda(part, idx, num_layers))
+        else:
+            self._start(tr, "recv", lambda part: self._recv_cpu(part, len(block_ids), num_layers))
+
+    def _index(self, block_ids: list[int]) -> torch.Tensor:
+        """The block ids as an int64 host tensor, page-locked on GPU (copied without a sync)."""
+        idx = torch.tensor(block_ids, dtype=torch.long)
+        return idx.pin_memory() if self.cuda else idx
+
+    def _start(self, tr: _Transfer, what: str, begin) -> None:
+        """Queue every unsettled part of tr with begin(part), then track tr. A part that
+        fails to queue leaves its pair out of step: the pair closes and the part fails,
+        which the caller hears from poll()."""
         for part in tr.parts:
             if part.settled:
                 continue
             try:
-                if self.cuda:
-                    self._recv_cuda(part, idx, num_layers)
-                else:
-                    self._recv_cpu(part, len(block_ids), num_layers)
-            except Exception as e:  # noqa: BLE001 - as in send()
-                log.exception("KV recv %d on pair %s failed", key, part.pair.name)
-                part.error = f"recv failed on pair {part.pair.name}: {type(e).__name__}: {e}"
+                begin(part)
+            except Exception as e:  # noqa: BLE001 - reported through poll(), as any transfer failure
+                log.exception("KV %s %d on pair %s failed", what, tr.key, part.pair.name)
+                part.error = f"{what} failed on pair {part.pair.name}: {type(e).__name__}: {e}"
                 self._close(part.pair, part.error)
         self._pending.append(tr)
 
