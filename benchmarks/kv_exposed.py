@@ -77,6 +77,9 @@ def main() -> None:
     ap.add_argument("--skip-zmq", action="store_true")
     ap.add_argument("--commit", default=None)
     ap.add_argument("--log-dir", default=None, help="keep the cluster members' logs here")
+    ap.add_argument("--variants", nargs="*", default=[], metavar="MIB:CTAS",
+                    help="more NCCL clusters with these --kv-min-message-mib and --kv-max-ctas (reported beside; "
+                         "the ratio is the nodes' defaults')")
     a = ap.parse_args()
     vocab = hf_config(a.shape).vocab_size
     rng = random.Random(0)
@@ -85,13 +88,24 @@ def main() -> None:
         model = str(write_config_folder(a.shape, Path(tmp) / a.shape))
         nccl = measure("1P1D nccl", dict(prefill=1, decode=1, kv_transport="nccl"), a, model, prompts)
         zmq = None if a.skip_zmq else measure("1P1D zmq", dict(prefill=1, decode=1), a, model, prompts)
+        variants = []
+        for v in a.variants:
+            mib, ctas = v.split(":")
+            row = measure(f"1P1D nccl {mib} MiB {ctas} CTAs", dict(prefill=1, decode=1, kv_transport="nccl",
+                          kv_min_message_mib=float(mib), kv_max_ctas=int(ctas)), a, model, prompts)
+            variants.append(dict(row, kv_min_message_mib=float(mib), kv_max_ctas=int(ctas)))
         alone = measure("prefill alone", dict(prefill=0, decode=0, colocated=1), a, model, prompts)
     ratio = nccl["ttft_ms"] / alone["ttft_ms"]
+    for v in variants:
+        print(f"  variant {v['name']}: ratio {v['ttft_ms'] / alone['ttft_ms']:.3f}")
     print(f"ratio TTFT(1P1D nccl) / TTFT(prefill alone): {ratio:.3f}  target <= 1.05")
+    from engine.config import EngineConfig
+    node = EngineConfig()
     config = dict(shape=a.shape, prompt_len=a.prompt_len, requests=a.requests, warmup=a.warmup, concurrency=1,
-                  dtype="bfloat16", device=a.device)
+                  dtype="bfloat16", device=a.device, kv_min_message_mib=node.kv_min_message_mib,
+                  kv_max_ctas=node.kv_max_ctas)
     path = write_result("kv_transfer_exposed", "kv_transfer_exposed", ratio, 1.05, config, commit_id=a.commit,
-                        nccl=nccl, zmq=zmq, prefill_alone=alone,
+                        nccl=nccl, zmq=zmq, prefill_alone=alone, variants=variants,
                         exposed_ms=nccl["ttft_ms"] - alone["ttft_ms"])
     print(f"-> {path}")
 

@@ -262,6 +262,10 @@ def main() -> None:
     ap.add_argument("--save", action="store_true", help="nccl --cpu: write the result file anyway")
     ap.add_argument("--min-message-mib", type=float, default=64, help="nccl: RankKV's min_message_bytes")
     ap.add_argument("--cases", nargs="*", default=None, help="nccl: only the cases whose names start so")
+    ap.add_argument("--max-ctas", type=int, default=0, help="nccl: RankKV's max_ctas (0: NCCL's choice)")
+    ap.add_argument("--diag", action="store_true", help="nccl: also the split kind and the kernels' own times")
+    ap.add_argument("--profile", default=None, help="nccl: profile one transfer of ours per case; traces here")
+    ap.add_argument("--result-name", default="kv_transfer_nccl", help="nccl: result file name (a sweep's points)")
     ap.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)  # nccl: a rank process
     ap.add_argument("--store-port", type=int, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--dump-after", type=float, default=None, help="nccl: rank processes print their stacks "
@@ -346,6 +350,8 @@ def nccl_main(args) -> None:
     flags += ["--cpu"] if args.cpu else []
     flags += ["--cases", *args.cases] if args.cases else []
     flags += ["--dump-after", str(args.dump_after)] if args.dump_after else []
+    flags += ["--max-ctas", str(args.max_ctas)] + (["--diag"] if args.diag else [])
+    flags += ["--profile", args.profile] if args.profile else []
     env = {"CUDA_MODULE_LOADING": "EAGER", **os.environ}  # see kv_transfer/nccl_rank.py: no lazy kernel loading
     procs = [subprocess.Popen([sys.executable, __file__, *flags, "--worker", str(i)], stdout=subprocess.PIPE,
                               text=True, env=env) for i in (0, 1)]
@@ -359,19 +365,27 @@ def nccl_main(args) -> None:
         outs.append(out)
     del store
     rows = []
+    senders = {r["case"]: r["sender"] for r in map(json.loads, outs[0].splitlines())}
     for line in outs[1].splitlines():
         r = json.loads(line)
         ours, raw = statistics.median(r["ours"]), statistics.median(r["raw"])
-        rows.append(dict(case=r["case"], bytes=r["bytes"], messages=r["messages"], ours_ms=round(ours * 1e3, 4),
-                         raw_ms=round(raw * 1e3, 4), ours_gbps=round(r["bytes"] / ours / 1e9, 2),
-                         raw_gbps=round(r["bytes"] / raw / 1e9, 2), ratio=round(raw / ours, 4),
-                         ours_runs_ms=[round(t * 1e3, 4) for t in r["ours"]],
-                         raw_runs_ms=[round(t * 1e3, 4) for t in r["raw"]]))
+        row = dict(case=r["case"], bytes=r["bytes"], messages=r["messages"], ours_ms=round(ours * 1e3, 4),
+                   raw_ms=round(raw * 1e3, 4), ours_gbps=round(r["bytes"] / ours / 1e9, 2),
+                   raw_gbps=round(r["bytes"] / raw / 1e9, 2), ratio=round(raw / ours, 4),
+                   ours_runs_ms=[round(t * 1e3, 4) for t in r["ours"]],
+                   raw_runs_ms=[round(t * 1e3, 4) for t in r["raw"]])
+        if "split" in r:  # --diag
+            row.update(split_ms=round(statistics.median(r["split"]) * 1e3, 4), kernels_ms=r.get("kernels_ms"),
+                       profile_receiver=r.get("profile"), sender=senders.get(r["case"]))
+        rows.append(row)
     print(f"{'case':<18} {'MiB':>7} {'msgs':>4} {'ours ms':>8} {'ours GB/s':>9} {'raw ms':>7} {'raw GB/s':>8} "
           f"{'ratio':>6}")
     for c in rows:
         print(f"{c['case']:<18} {c['bytes'] / 2**20:7.1f} {c['messages']:4d} {c['ours_ms']:8.3f} {c['ours_gbps']:9.1f} "
               f"{c['raw_ms']:7.3f} {c['raw_gbps']:8.1f} {c['ratio']:6.3f}")
+        if "split_ms" in c:
+            print(f"  diag: split (same messages, pre-gathered) {c['split_ms']:.3f} ms; kernels alone (ms) "
+                  f"receiver {c['kernels_ms']} sender {(c['sender'] or {}).get('kernels_ms')}")
     headline = next((c for c in rows if c["case"] == NCCL_HEADLINE), rows[0])
     print(f"ratio (headline {headline['case']}): {headline['ratio']:.3f}  target 0.85")
     if args.cpu and not args.save:
@@ -379,19 +393,24 @@ def nccl_main(args) -> None:
     config = dict(transport="nccl", backend="gloo" if args.cpu else "nccl", dtype="float32" if args.cpu else "bfloat16",
                   block_size=args.block_size, block_ids="shuffled", prefill_tp=1, decode_tp=1, runs=args.runs,
                   warmup=args.warmup, min_message_bytes=int(args.min_message_mib * 2**20), headline=NCCL_HEADLINE,
+                  max_ctas=args.max_ctas or None, raw_group="NCCL's own settings",
                   shapes=[asdict(c) for c in cases],
                   devices=[torch.cuda.get_device_name(i) for i in (0, 1)] if not args.cpu else ["cpu", "cpu"],
                   nccl=".".join(map(str, torch.cuda.nccl.version())) if not args.cpu else None,
                   timing="send() entered -> receiver's poll() ok; raw: send entered -> recv work completed",
                   uncommitted_changes=bool(git("status", "--porcelain", "--", "kv_transfer", "benchmarks"))
                   if not args.commit else None)
-    path = write_result("kv_transfer_nccl", "kv_transfer_nccl", headline["ratio"], 0.85, config, args.commit,
+    path = write_result(args.result_name, "kv_transfer_nccl", headline["ratio"], 0.85, config, args.commit,
                         cases=rows)
     print(f"-> {path}")
 
 
 def nccl_worker(args) -> None:
-    """One rank process: index 0 sends from GPU 0, 1 receives on GPU 1 (CPU with --cpu)."""
+    """One rank process: index 0 sends from GPU 0, 1 receives on GPU 1 (CPU with --cpu).
+    Per run: ours (RankKV), raw (one send of the same bytes on a pair group with NCCL's
+    own settings) and, with --diag, split (the same messages as ours, gathered
+    beforehand, sent by plain send/recv on our pair group: the cost of cutting the KV
+    into messages apart from gathering, checking and scattering)."""
     from engine.kv_cache import KVCache
     from kv_transfer.nccl_rank import RankKV, layer_groups
     from kv_transfer.nccl_store import connect_store
@@ -405,6 +424,7 @@ def nccl_worker(args) -> None:
     dtype = torch.bfloat16 if cuda else torch.float32
     store = connect_store("127.0.0.1", args.store_port, 300)
     min_message = int(args.min_message_mib * 2**20)
+    kinds = ("ours", "raw", "split") if args.diag else ("ours", "raw")
     for ci, case in enumerate(nccl_cases(args)):
         bs, heads, layers = args.block_size, case.num_kv_heads, case.num_layers
         nb = -(-case.tokens // bs)
@@ -415,48 +435,141 @@ def nccl_worker(args) -> None:
         if index == 0:
             for t in (kv.k, kv.v, raw):
                 t.normal_()
-        rank = RankKV(kv, device, timeout_s=120, min_message_bytes=min_message)
+        rank = RankKV(kv, device, timeout_s=120, min_message_bytes=min_message, max_ctas=args.max_ctas)
         pair = f"bench{ci}"
         rank.open_pair(pair, "127.0.0.1", args.store_port, index)
+        reference = rank
+        if args.max_ctas:  # raw runs on a group with NCCL's own settings
+            reference = RankKV(kv, device, timeout_s=120)
+            reference.open_pair(f"ref{ci}", "127.0.0.1", args.store_port, index)
         print(f"rank {index}: {case.name}: pair open", file=sys.stderr, flush=True)
-        group, times = rank.group(pair), {"ours": [], "raw": []}
+        group, ref_group = rank.group(pair), reference.group(reference.pairs[0])
+        groups = layer_groups(layers, nbytes // layers, min_message)
+        split = _split_buffers(rank, blocks, groups, heads, index)
+        times = {k: [] for k in kinds}
         for run in range(args.warmup + args.runs):
-            for kind in ("ours", "raw"):
-                key, tag = 2 * run + (kind == "raw"), f"{ci}/{run}/{kind}"
-                if index == 0:
-                    _barrier(store, tag)
-                    t0 = time.perf_counter()
-                    if kind == "ours":
-                        rank.send(key, blocks, [(pair, 0, heads)])
-                    else:
-                        work = group.send([raw], 1, 0)
-                    store.set(f"t0/{tag}", repr(t0))
-                    if kind == "ours":
-                        _until_ended(rank, key)
-                    else:
-                        _until_completed(work, cuda)
-                else:
-                    if kind == "ours":
-                        rank.recv(key, blocks, [(pair, 0, heads)], layers)
-                    else:
-                        work = group.recv([raw], 0, 0)
-                    _barrier(store, tag)
-                    if kind == "ours":
-                        _until_ended(rank, key)
-                    else:
-                        _until_completed(work, cuda)
-                    t1 = time.perf_counter()
-                    if run >= args.warmup:
-                        times[kind].append(t1 - float(store.get(f"t0/{tag}")))
-                    if run == 0:
-                        print(f"rank {index}: {case.name}: first {kind} transfer done", file=sys.stderr, flush=True)
+            for kind in kinds:
+                tag = f"{ci}/{run}/{kind}"
+                key = 3 * run + kinds.index(kind)
+                t = _one_transfer(kind, index, rank, store, tag, key, blocks, pair, heads, layers, group, ref_group,
+                                  raw, split, cuda)
+                if index == 1 and run >= args.warmup:
+                    times[kind].append(t)
+                if index == 1 and run == 0:
+                    print(f"rank {index}: {case.name}: first {kind} transfer done", file=sys.stderr, flush=True)
+        extra = {}
+        if args.diag and cuda:
+            extra["kernels_ms"] = _kernel_times(rank, blocks, groups, heads)
+        if args.profile and cuda:
+            extra["profile"] = _profile_one(args, index, rank, store, ci, blocks, pair, heads, layers)
         if index == 1:
-            groups = layer_groups(layers, nbytes // layers, min_message)
-            print(json.dumps(dict(case=case.name, bytes=nbytes, messages=len(groups) + 1, **times)), flush=True)
+            print(json.dumps(dict(case=case.name, bytes=nbytes, messages=len(groups) + 1, **times, **extra)), flush=True)
+        elif extra:
+            print(json.dumps(dict(case=case.name, sender=extra)), flush=True)
         rank.close()
-        del kv, raw, rank, group
+        if reference is not rank:
+            reference.close()
+        del kv, raw, rank, reference, group, ref_group, split
         if cuda:
             torch.cuda.empty_cache()
+
+
+def _one_transfer(kind, index, rank, store, tag, key, blocks, pair, heads, layers, group, ref_group, raw, split,
+                  cuda) -> float | None:
+    """One transfer of `kind`, both ends leaving a barrier together; the receiver returns
+    its seconds from the sender's start to its own end."""
+    if index == 0:
+        _barrier(store, tag)
+        t0 = time.perf_counter()
+        if kind == "ours":
+            rank.send(key, blocks, [(pair, 0, heads)])
+        elif kind == "raw":
+            works = [ref_group.send([raw], 1, 0)]
+        else:
+            works = [group.send([b], 1, 0) for b in split]
+        store.set(f"t0/{tag}", repr(t0))
+        if kind == "ours":
+            _until_ended(rank, key)
+        else:
+            for w in works:
+                _until_completed(w, cuda)
+        return None
+    if kind == "ours":
+        rank.recv(key, blocks, [(pair, 0, heads)], layers)
+    elif kind == "raw":
+        works = [ref_group.recv([raw], 0, 0)]
+    else:
+        works = [group.recv([b], 0, 0) for b in split]
+    _barrier(store, tag)
+    if kind == "ours":
+        _until_ended(rank, key)
+    else:
+        for w in works:
+            _until_completed(w, cuda)
+    t1 = time.perf_counter()
+    return t1 - float(store.get(f"t0/{tag}"))
+
+
+def _split_buffers(rank, blocks, groups, heads, index) -> list[torch.Tensor]:
+    """--diag's split kind: ours's messages, gathered once beforehand, and a tail of the same size."""
+    idx = torch.tensor(blocks, dtype=torch.long, device=rank.device)
+    bufs = [rank._gather(idx, l0, l1, 0, heads) for l0, l1 in groups]
+    if index == 1:
+        bufs = [torch.empty_like(b) for b in bufs]
+    return [*bufs, torch.zeros(3 + rank.kv.num_layers, dtype=torch.int64, device=rank.device)]
+
+
+def _kernel_times(rank, blocks, groups, heads) -> dict:
+    """GPU time of the data-mover's kernels alone (no transfer running), median of 5, ms:
+    gathering every message, checksumming them, scattering them back."""
+    from kv_transfer.nccl_rank import checksum
+    idx = torch.tensor(blocks, dtype=torch.long, device=rank.device)
+    bufs = [rank._gather(idx, l0, l1, 0, heads) for l0, l1 in groups]
+    steps = {"gather": lambda: [rank._gather(idx, l0, l1, 0, heads) for l0, l1 in groups],
+             "checksum": lambda: [checksum(b) for b in bufs],
+             "scatter": lambda: [rank._scatter(idx, l0, l1, 0, heads, b) for (l0, l1), b in zip(groups, bufs)]}
+    out = {}
+    for name, fn in steps.items():
+        samples = []
+        for _ in range(6):
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            fn()
+            b.record()
+            torch.cuda.synchronize()
+            samples.append(a.elapsed_time(b))
+        out[name] = round(statistics.median(samples[1:]), 4)
+    return out
+
+
+def _profile_one(args, index, rank, store, ci, blocks, pair, heads, layers) -> dict:
+    """One more transfer of ours under torch.profiler: its GPU kernels and copies, per
+    stream, in microseconds from the first of them (a compact timeline of this rank)."""
+    from torch.profiler import ProfilerActivity, profile
+    key = 10**6 + ci
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        if index == 0:
+            _barrier(store, f"profile/{ci}")
+            rank.send(key, blocks, [(pair, 0, heads)])
+        else:
+            rank.recv(key, blocks, [(pair, 0, heads)], layers)
+            _barrier(store, f"profile/{ci}")
+        _until_ended(rank, key)
+        torch.cuda.synchronize()
+    path = Path(args.profile) / f"trace_{ci}_{index}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    prof.export_chrome_trace(str(path))
+    events = json.loads(path.read_text())["traceEvents"]
+    path.unlink()
+    gpu = [e for e in events if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")]
+    if not gpu:
+        return {}
+    t0 = min(e["ts"] for e in gpu)
+    rows = [dict(name=e["name"][:70], stream=e.get("args", {}).get("stream"), start_us=round(e["ts"] - t0, 1),
+                 dur_us=round(e["dur"], 1)) for e in sorted(gpu, key=lambda e: e["ts"])]
+    cpu = [e for e in events if e.get("cat") == "cpu_op" and "dur" in e]
+    host_us = round(max(e["ts"] + e["dur"] for e in cpu) - min(e["ts"] for e in cpu), 1) if cpu else None
+    return dict(gpu=rows, host_span_us=host_us)
 
 
 def _barrier(store, tag: str) -> None:

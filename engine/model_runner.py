@@ -103,7 +103,6 @@ class ModelRunner:
         self.use_triton = self.device.type == "cuda" and _triton_ok(self.spec.head_dim, cfg.block_size)
         self.graphs = None
         self.kv_xfer = None              # RankKV, made by the first KV-transport operation
-        self.kv_timeout_s = 30.0
         self._sends: list[dict] = []     # KV sends attached to the next step
         self._layer_events: list | None = None
         self._kv_known: set[int] = set()  # keys of this rank's live transfers
@@ -197,7 +196,9 @@ class ModelRunner:
     def kv_op(self, op: int, spec: dict):
         if self.kv_xfer is None:
             from kv_transfer.nccl_rank import RankKV
-            self.kv_xfer = RankKV(self.kv, self.device, timeout_s=self.kv_timeout_s)
+            cfg = self.cfg
+            self.kv_xfer = RankKV(self.kv, self.device, timeout_s=cfg.kv_timeout_s,
+                                  min_message_bytes=int(cfg.kv_min_message_mib * 2**20), max_ctas=cfg.kv_max_ctas)
             for i, layer in enumerate(self.model.layers):
                 layer.register_forward_hook(partial(self._layer_done, i))
         me = str(self.rank)

@@ -189,7 +189,7 @@ class RankKV:
     """Moves KV heads between this rank's paged cache and its peers, one 2-rank group per pair."""
 
     def __init__(self, kv: KVCache, device: torch.device | str, timeout_s: float = 30.0,
-                 min_message_bytes: int = 64 << 20, bind_host: str = "127.0.0.1"):
+                 min_message_bytes: int = 64 << 20, bind_host: str = "127.0.0.1", max_ctas: int = 0):
         self.kv = kv
         self.device = torch.device(device)
         self.cuda = self.device.type == "cuda"
@@ -199,6 +199,7 @@ class RankKV:
             raise ValueError(f"the KV cache is on {kv.k.device}, not {self.device}")
         self.backend = "nccl" if self.cuda else "gloo"
         self.timeout_s, self.min_message_bytes = timeout_s, min_message_bytes
+        self.max_ctas = max_ctas  # NCCL: at most this many CTAs (SMs) per pair communicator; 0 = NCCL's choice
         self.bind_host = bind_host  # gloo's listening address
         self.group_timeout_s = 2 * timeout_s + 60  # torch's watchdog: only a backstop behind ours
         self._pairs: dict[str, _Pair] = {}
@@ -291,6 +292,11 @@ class RankKV:
         if self.cuda:
             opts = dist.ProcessGroupNCCL.Options(is_high_priority_stream=True)
             opts._timeout = datetime.timedelta(seconds=self.group_timeout_s)
+            if self.max_ctas > 0:
+                # a receive spins on its SMs until the data comes (for a streamed prefill, the
+                # whole forward): fewer CTAs leave more SMs to the compute beside it
+                opts.config.max_ctas = self.max_ctas
+                opts.config.min_ctas = 1
             return dist.ProcessGroupNCCL(store, index, 2, opts)
         opts = dist.ProcessGroupGloo._Options()
         opts._devices = [dist.ProcessGroupGloo.create_device(hostname=self.bind_host)]

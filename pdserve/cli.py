@@ -33,7 +33,9 @@ def engine_config(a: argparse.Namespace) -> EngineConfig:
                         kv_blocks=a.kv_blocks, gpu_memory_utilization=a.gpu_memory_utilization,
                         max_num_seqs=a.max_num_seqs, max_num_batched_tokens=a.max_num_batched_tokens,
                         max_model_len=a.max_model_len, chunked_prefill=not a.no_chunked_prefill,
-                        enforce_eager=a.enforce_eager, load_format=a.load_format)
+                        enforce_eager=a.enforce_eager, load_format=a.load_format,
+                        **{f"kv_{k}": getattr(a, f"kv_{k}") for k in ("timeout_s", "min_message_mib", "max_ctas")
+                           if hasattr(a, f"kv_{k}")})
 
 
 def add_sampling_flags(p: argparse.ArgumentParser) -> None:
@@ -151,8 +153,13 @@ def build_parser() -> argparse.ArgumentParser:
         n.add_argument("--listen", default="127.0.0.1:0", help="HOST:PORT of this node's gRPC server")
         n.add_argument("--kv-transport", default="zmq", choices=["zmq", "nccl"],
                        help="KV data plane: zmq (any hosts, the default) or nccl (GPU to GPU; gloo on CPU)")
-        n.add_argument("--kv-timeout", type=float, default=30.0,
+        n.add_argument("--kv-timeout", dest="kv_timeout_s", type=float, default=30.0,
                        help="nccl: seconds a transfer may take before its pair is aborted and rebuilt")
+        n.add_argument("--kv-min-message-mib", type=float, default=16.0,
+                       help="nccl: layers go in messages of at least this many MiB (fewer, larger messages "
+                            "against a shorter tail after the last layer)")
+        n.add_argument("--kv-max-ctas", type=int, default=0,
+                       help="nccl: most SMs each KV pair's NCCL kernels may take (0: NCCL's choice)")
         n.add_argument("--kv-host", default="127.0.0.1", help="decode: address the KV receiver binds")
         n.add_argument("--kv-ipc", default=None, help="decode: bind the KV receiver to this ipc path instead")
         n.add_argument("--kv-layers-per-message", type=int, default=1)
@@ -215,7 +222,7 @@ def cmd_node(a: argparse.Namespace) -> int:
     from pdserve.process import run_until_signal
     cfg = NodeConfig(coordinator=a.coordinator, listen=a.listen, kv_host=a.kv_host, kv_ipc=a.kv_ipc,
                      kv_transport=a.kv_transport, kv_layers_per_message=a.kv_layers_per_message,
-                     kv_timeout_s=a.kv_timeout, engine=engine_config(a))
+                     engine=engine_config(a))
     if a.role == "prefill":
         from prefill_node.server import PrefillNode as Node
     elif a.role == "both":

@@ -39,6 +39,8 @@ class ClusterConfig:
     log_dir: str | None = None        # members' logs go here (one file each) instead of this terminal
     kv_transport: str = "zmq"         # zmq or nccl, for the prefill and decode pools
     kv_timeout_s: float | None = None  # nccl: --kv-timeout of the nodes (default theirs)
+    kv_min_message_mib: float | None = None  # nccl: --kv-min-message-mib (default theirs)
+    kv_max_ctas: int | None = None     # nccl: --kv-max-ctas (default theirs)
 
 
 class Cluster:
@@ -80,8 +82,11 @@ class Cluster:
                     cmd += ["--load-format", cfg.load_format]
                 if cfg.kv_transport != "zmq" and role != "both":
                     cmd += ["--kv-transport", cfg.kv_transport]
-                    if cfg.kv_timeout_s is not None:
-                        cmd += ["--kv-timeout", str(cfg.kv_timeout_s)]
+                    for flag, value in (("--kv-timeout", cfg.kv_timeout_s),
+                                        ("--kv-min-message-mib", cfg.kv_min_message_mib),
+                                        ("--kv-max-ctas", cfg.kv_max_ctas)):
+                        if value is not None:
+                            cmd += [flag, str(value)]
                 cmds.append(cmd)
         return cmds
 

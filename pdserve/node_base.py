@@ -42,7 +42,6 @@ class NodeBase:
         poll = None
         if self.nccl:
             from kv_transfer.nccl_transport import NcclKVManager
-            self.engine.executor.runner.kv_timeout_s = self.cfg.kv_timeout_s
             self.kv = NcclKVManager(self.kv_role, layout, lambda fn: self.loop.call(fn), bind_host=self.cfg.kv_host,
                                     tp=self.cfg.engine.tp)
             self.engine.on_kv_send = self.kv.on_kv_send

@@ -13,7 +13,6 @@ class NodeConfig:
     kv_host: str = "127.0.0.1"               # decode: where the KV receiver binds (tcp)
     kv_ipc: str | None = None                # decode: bind an ipc:// path instead of tcp
     kv_transport: str = "zmq"                # zmq, or nccl (GPU to GPU; gloo on CPU)
-    kv_timeout_s: float = 30.0               # nccl: a transfer older than this aborts its pair
     kv_layers_per_message: int = 1           # prefill: layers coalesced into one KV message
     lease_s: float = 30.0                    # decode: how long reserved blocks wait for their KV
     engine: EngineConfig = field(default_factory=EngineConfig)
