@@ -63,7 +63,8 @@ def measure(kind: str, a: argparse.Namespace, model: str, out: Path, slos: dict 
     cluster = Cluster(ClusterConfig(listen=listen, model=model, device=a.device, kv_blocks=a.kv_blocks,
                                     load_format="auto" if a.model else "dummy",
                                     max_num_seqs=a.max_num_seqs, log_dir=str(logs),
-                                    kv_transport=a.kv_transport if kind == "disaggregated" else "zmq", **pools))
+                                    kv_transport=a.kv_transport if kind == "disaggregated" else "zmq",
+                                    kv_max_ctas=a.kv_max_ctas, kv_min_message_mib=a.kv_min_message_mib, **pools))
     try:
         cluster.start()
         if slos is None:
@@ -102,6 +103,9 @@ def main() -> None:
     ap.add_argument("--tpot", type=float, default=None, help="TPOT SLO ms (default: a multiple of the unloaded TPOT)")
     ap.add_argument("--kv-transport", default="nccl", choices=["zmq", "nccl"],
                     help="the disaggregated cluster's KV transport (nccl needs GPUs; gloo stands in on CPU)")
+    ap.add_argument("--kv-max-ctas", type=int, default=None, help="nccl: the nodes' --kv-max-ctas (default theirs)")
+    ap.add_argument("--kv-min-message-mib", type=float, default=None,
+                    help="nccl: the nodes' --kv-min-message-mib (default theirs)")
     ap.add_argument("--kv-blocks", type=int, default=None)
     ap.add_argument("--max-num-seqs", type=int, default=128)
     ap.add_argument("--commit", default=None)
@@ -123,7 +127,8 @@ def main() -> None:
                   slo_rule="given" if given else "TTFT x%g, TPOT x%g of unloaded" % WORKLOADS[args.workload][2:],
                   unloaded=dict(ttft_ms=slos.get("baseline_ttft_ms"), tpot_ms=slos.get("baseline_tpot_ms")),
                   rates=args.rates, num_prompts=args.num_prompts, sweep_duration_s=args.sweep_duration,
-                  model=args.model or args.shape, device=args.device, kv_transport=args.kv_transport, ratio_is=bound)
+                  model=args.model or args.shape, device=args.device, kv_transport=args.kv_transport, ratio_is=bound,
+                  kv_max_ctas=args.kv_max_ctas, kv_min_message_mib=args.kv_min_message_mib)
     path = write_result(f"goodput_{args.workload.replace('-', '_')}", f"goodput_{args.workload.replace('-', '_')}",
                         ratio, 2.0, config, commit_id=args.commit, disaggregated=disagg, colocated=coloc)
     print(f"-> {path}")

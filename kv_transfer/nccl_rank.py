@@ -10,6 +10,8 @@ slices, block ids and keys; RankKV moves the bytes:
   same way on both ends), each group's [layers, 2, n_blocks, block_size, heads, head_dim]
   is gathered from the blocks into one contiguous buffer and sent as one message (never
   one per block); then a small int64 tail [key, n_blocks, num_layers, checksum per layer].
+  On GPU one fused kernel per message gathers it and checksums it in the same pass
+  (nccl_kernels; torch ops where a head is not whole int32 words, and on CPU).
   On GPU the gathers run on the pair's own stream, each waiting for the event of its
   group's last layer, so early layers leave while later ones are computed, and the
   calling (compute) stream waits for the last gather before its next kernels: the caller
@@ -67,6 +69,11 @@ import torch.distributed as dist
 from torch.distributed import PrefixStore
 
 from .nccl_store import connect_store
+
+try:  # the fused gather/scatter + checksum kernels (GPU); torch ops where Triton is missing
+    from . import nccl_kernels as kernels
+except ImportError:
+    kernels = None
 
 if TYPE_CHECKING:
     from engine.kv_cache import KVCache
@@ -237,6 +244,8 @@ class RankKV:
                 tail = torch.cat((head3.to(self.device, non_blocking=True), sums))
                 host = torch.empty(2 * tail.numel(), dtype=torch.int64, pin_memory=True)
                 host[:tail.numel()].copy_(tail, non_blocking=True)
+        if kernels is not None:
+            kernels.preload(k, list(range(1, kv.kv_heads + 1)))
         torch.cuda.synchronize(self.device)
 
     # pairs
@@ -431,22 +440,35 @@ class RankKV:
         for dst, i in zip(into or (self.kv.k, self.kv.v), (0, 1)):
             _wide(dst[l0:l1, :, :, head:head + heads]).index_copy_(1, idx, _wide(buf[:, i]))
 
+    def _fused(self, part: _Part) -> bool:
+        """Whether the part's messages move through the fused kernels (nccl_kernels)."""
+        return self.cuda and kernels is not None and kernels.supported(self.kv.k, part.head, part.heads)
+
     def _send_cuda(self, part: _Part, key: int, idx_host: torch.Tensor, layer_events, compute) -> None:
         stream, group, layers = part.pair.stream, part.pair.group, self.kv.num_layers
+        fused, kv = self._fused(part), self.kv
         with torch.cuda.stream(stream):
             idx = idx_host.to(self.device, non_blocking=True)
+            rows = torch.empty((layers, 2 * len(idx_host)), dtype=torch.int64, device=self.device) if fused else None
             sums = torch.empty(layers, dtype=torch.int64, device=self.device)
             if layer_events is None:
                 stream.wait_stream(compute)
             for l0, l1 in part.groups:
                 if layer_events is not None:
                     stream.wait_event(layer_events[l1 - 1])
-                buf = self._gather(idx, l0, l1, part.head, part.heads)
+                if fused:
+                    buf = self._empty_buf(l1 - l0, len(idx_host), part.heads)
+                    kernels.move(kv.k, kv.v, idx, l0, l1, part.head, part.heads, buf, rows, scatter=False)
+                else:
+                    buf = self._gather(idx, l0, l1, part.head, part.heads)
                 part.bufs.append(buf)
                 part.works.append(group.send([buf], 1, 0))  # NCCL's stream waits for the gather only
-                sums[l0:l1] = checksum(buf)
+                if not fused:
+                    sums[l0:l1] = checksum(buf)
             gathered = torch.cuda.Event()
             gathered.record(stream)
+            if fused:
+                torch.sum(rows, 1, out=sums)
             head = torch.tensor([key, len(idx_host), layers], dtype=torch.int64).pin_memory()
             part.tail = torch.cat((head.to(self.device, non_blocking=True), sums))
             part.works.append(group.send([part.tail], 1, 0))
@@ -462,10 +484,12 @@ class RankKV:
         part.tail = torch.cat((torch.tensor([key, len(idx), layers], dtype=torch.int64), sums))
         part.pair.waiter.add(group.send([part.tail], 1, 0), part)
 
-    def _empty_bufs(self, part: _Part, nb: int) -> list[torch.Tensor]:
+    def _empty_buf(self, layers: int, nb: int, heads: int) -> torch.Tensor:
         k = self.kv.k
-        return [torch.empty((l1 - l0, 2, nb, k.shape[2], part.heads, k.shape[4]), dtype=k.dtype, device=k.device)
-                for l0, l1 in part.groups]
+        return torch.empty((layers, 2, nb, k.shape[2], heads, k.shape[4]), dtype=k.dtype, device=k.device)
+
+    def _empty_bufs(self, part: _Part, nb: int) -> list[torch.Tensor]:
+        return [self._empty_buf(l1 - l0, nb, part.heads) for l0, l1 in part.groups]
 
     def _recv_cuda(self, part: _Part, idx_host: torch.Tensor, layers: int) -> None:
         stream, group = part.pair.stream, part.pair.group
@@ -478,10 +502,17 @@ class RankKV:
                 part.works = [group.recv([b], 0, 0) for b in part.bufs]
                 part.works.append(group.recv([part.tail], 0, 0))
                 sums = torch.empty(layers, dtype=torch.int64, device=self.device)
+                fused, kv = self._fused(part), self.kv
+                rows = torch.empty((layers, 2 * len(idx_host)), dtype=torch.int64, device=self.device) if fused else None
                 for (l0, l1), buf, work in zip(part.groups, part.bufs, part.works):
                     work.wait()  # this stream waits for the message; the host does not
-                    self._scatter(idx, l0, l1, part.head, part.heads, buf)
-                    sums[l0:l1] = checksum(buf)
+                    if fused:
+                        kernels.move(kv.k, kv.v, idx, l0, l1, part.head, part.heads, buf, rows, scatter=True)
+                    else:
+                        self._scatter(idx, l0, l1, part.head, part.heads, buf)
+                        sums[l0:l1] = checksum(buf)
+                if fused:
+                    torch.sum(rows, 1, out=sums)
                 part.works[-1].wait()
                 part.host = torch.empty(3 + 2 * layers, dtype=torch.int64, pin_memory=True)
                 part.host[:3 + layers].copy_(part.tail, non_blocking=True)

@@ -1,0 +1,105 @@
+"""Fused gather/scatter kernels of the NCCL KV data mover (Triton, GPU).
+
+A message of RankKV holds layers [l0, l1) of heads [head, head + heads) of a transfer's
+blocks as [layers, 2 (k, v), n_blocks, block_size, heads, head_dim]. One launch per
+message moves it between the paged cache and the contiguous buffer and, in the same
+pass over the bytes, checksums it: per block row (a layer's k or v of one block), the
+row's int32 words summed mod 2**32, times (its index in the layer + 1), written to
+rows[layer, index]; rows.sum(1) is then the per-layer checksum of nccl_rank.checksum,
+bit for bit. Against torch's index_select/index_copy_ plus a separate checksum (about
+ten launches and two reads of the buffer per message), this is one launch and one read,
+which is what lets the messages be small enough to stream the KV layer by layer.
+
+Rows whose width is not a multiple of 4 bytes are not handled here (supported() says
+which); RankKV then keeps its torch path."""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit(do_not_specialize=["l0", "nb", "head"])
+def _move_rows(k_ptr, v_ptr, idx_ptr, buf_ptr, rows_ptr, l0, nb, layer_stride, block_stride, tok_stride, head,
+               WPH: tl.constexpr, SEG: tl.constexpr, SEGP: tl.constexpr, BS: tl.constexpr, TB: tl.constexpr,
+               SCATTER: tl.constexpr):
+    """One program per block row of the message (grid: layers x 2 x nb). All sizes and
+    strides are in int32 words: WPH per head, SEG = heads x WPH per token (SEGP: the next
+    power of two), BS tokens per block, TB tokens per tile. l0, nb and head are not
+    specialized on (one compiled kernel serves every request); the head offset is
+    head x WPH so that its alignment stays known."""
+    pid = tl.program_id(0)
+    per_layer = 2 * nb
+    lg = pid // per_layer
+    r = pid % per_layer          # index in the layer: kv * nb + j
+    kv = r // nb
+    blk = tl.load(idx_ptr + r % nb).to(tl.int64)
+    base = (l0 + lg).to(tl.int64) * layer_stride + blk * block_stride + head * WPH
+    row = pid.to(tl.int64) * (BS * SEG)
+    t = tl.arange(0, TB)[:, None]
+    w = tl.arange(0, SEGP)[None, :]
+    acc = tl.zeros([TB, SEGP], dtype=tl.int64)
+    for t0 in range(0, BS, TB):
+        mask = (t0 + t < BS) & (w < SEG)
+        cache = base + (t0 + t) * tok_stride + w
+        flat = row + (t0 + t) * SEG + w
+        if SCATTER:
+            x = tl.load(buf_ptr + flat, mask=mask, other=0)
+            if kv == 0:
+                tl.store(k_ptr + cache, x, mask=mask)
+            else:
+                tl.store(v_ptr + cache, x, mask=mask)
+        else:
+            if kv == 0:
+                x = tl.load(k_ptr + cache, mask=mask, other=0)
+            else:
+                x = tl.load(v_ptr + cache, mask=mask, other=0)
+            tl.store(buf_ptr + flat, x, mask=mask)
+        acc += x.to(tl.int64)
+    s = tl.sum(tl.sum(acc, axis=1), axis=0)
+    s32 = ((s + 2147483648) & 4294967295) - 2147483648  # the int32 sum's wrap-around, sign-extended
+    tl.store(rows_ptr + (l0 + lg).to(tl.int64) * per_layer + r, s32 * (r + 1).to(tl.int64))
+
+
+def supported(k: torch.Tensor, head: int, heads: int) -> bool:
+    """Whether these kernels can move heads [head, head + heads) of this cache: every offset
+    and length is whole int32 words, and the cache is a contiguous GPU (or, interpreted,
+    CPU) tensor."""
+    es, hd, kvh = k.element_size(), k.shape[-1], k.shape[-2]
+    return k.is_contiguous() and all(n * hd * es % 4 == 0 for n in (head, heads, kvh))
+
+
+def move(k: torch.Tensor, v: torch.Tensor, idx: torch.Tensor, l0: int, l1: int, head: int, heads: int,
+         buf: torch.Tensor, rows: torch.Tensor, scatter: bool) -> None:
+    """Gather (scatter=False) layers [l0, l1), heads [head, head + heads) of the blocks in idx
+    from k/v [layers, num_blocks, block_size, kv_heads, head_dim] into buf [l1 - l0, 2,
+    len(idx), block_size, heads, head_dim], or scatter buf back; either way write the rows'
+    weighted sums into rows [num_layers, 2 * len(idx)] (int64) at layers [l0, l1)."""
+    nb, bs, hd, es = len(idx), k.shape[2], k.shape[4], k.element_size()
+    word = lambda n: n * es // 4  # noqa: E731 - elements to int32 words (whole, by supported())
+    wph, seg = word(hd), word(heads * hd)
+    if wph * 4 != hd * es:  # a head is not whole words (heads and offsets are): pass the offset in words
+        wph, head = 1, word(head * hd)
+    segp = triton.next_power_of_2(seg)
+    tb = max(1, min(triton.next_power_of_2(bs), 4096 // segp))
+    k32, v32, b32 = (t.view(-1).view(torch.int32) for t in (k, v, buf))
+    _move_rows[((l1 - l0) * 2 * nb,)](
+        k32, v32, idx, b32, rows, l0, nb, word(k.stride(0)), word(k.stride(1)), word(k.stride(2)), head,
+        WPH=wph, SEG=seg, SEGP=segp, BS=bs, TB=tb, SCATTER=scatter, num_warps=4)
+
+
+def preload(k: torch.Tensor, heads_counts: list[int]) -> None:
+    """Compile and load the kernels a cache shaped like k will use, for each count of heads
+    moved, gathering and scattering (see nccl_rank: a kernel first loaded while a NCCL
+    receive spins can hold the host until that receive's data comes). Runs on scratch
+    tensors whose strides specialize the kernel as k's do; writes nothing of k."""
+    nb_like = k.shape[1] % 16 or 16  # same residue mod 16 as k's block count: the same layer stride class
+    scratch = [torch.zeros((1, nb_like, *k.shape[2:]), dtype=k.dtype, device=k.device) for _ in range(2)]
+    idx = torch.zeros(1, dtype=torch.long, device=k.device)
+    rows = torch.zeros((1, 2), dtype=torch.int64, device=k.device)
+    for heads in heads_counts:
+        if not supported(k, 0, heads):
+            continue
+        buf = torch.zeros((1, 2, 1, k.shape[2], heads, k.shape[4]), dtype=k.dtype, device=k.device)
+        for scatter in (False, True):
+            move(*scratch, idx, 0, 1, 0, heads, buf, rows, scatter)
