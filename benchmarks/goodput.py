@@ -109,8 +109,11 @@ def main() -> None:
     ap.add_argument("--kv-blocks", type=int, default=None)
     ap.add_argument("--max-num-seqs", type=int, default=128)
     ap.add_argument("--commit", default=None)
+    ap.add_argument("--result-name", default=None,
+                    help="result file and folder name (default goodput_<workload>; a variant's runs beside it)")
     args = ap.parse_args()
-    out = RESULTS / f"goodput_{args.workload.replace('-', '_')}"
+    name = args.result_name or f"goodput_{args.workload.replace('-', '_')}"
+    out = RESULTS / name
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         model = args.model or str(write_config_folder(args.shape, Path(tmp) / args.shape))
@@ -129,7 +132,7 @@ def main() -> None:
                   rates=args.rates, num_prompts=args.num_prompts, sweep_duration_s=args.sweep_duration,
                   model=args.model or args.shape, device=args.device, kv_transport=args.kv_transport, ratio_is=bound,
                   kv_max_ctas=args.kv_max_ctas, kv_min_message_mib=args.kv_min_message_mib)
-    path = write_result(f"goodput_{args.workload.replace('-', '_')}", f"goodput_{args.workload.replace('-', '_')}",
+    path = write_result(name, f"goodput_{args.workload.replace('-', '_')}",
                         ratio, 2.0, config, commit_id=args.commit, disaggregated=disagg, colocated=coloc)
     print(f"-> {path}")
 

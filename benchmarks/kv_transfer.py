@@ -260,7 +260,8 @@ def main() -> None:
     ap.add_argument("--commit", default=None, help="commit measured, where the tree has no .git")
     ap.add_argument("--cpu", action="store_true", help="nccl: smoke run over gloo on CPU with tiny caches")
     ap.add_argument("--save", action="store_true", help="nccl --cpu: write the result file anyway")
-    ap.add_argument("--min-message-mib", type=float, default=64, help="nccl: RankKV's min_message_bytes")
+    ap.add_argument("--min-message-mib", type=float, default=16,
+                    help="nccl: RankKV's min_message_bytes (default: the nodes')")
     ap.add_argument("--cases", nargs="*", default=None, help="nccl: only the cases whose names start so")
     ap.add_argument("--max-ctas", type=int, default=0, help="nccl: RankKV's max_ctas (0: NCCL's choice)")
     ap.add_argument("--diag", action="store_true", help="nccl: also the split kind and the kernels' own times")
@@ -520,14 +521,22 @@ def _split_buffers(rank, blocks, groups, heads, index) -> list[torch.Tensor]:
 
 
 def _kernel_times(rank, blocks, groups, heads) -> dict:
-    """GPU time of the data-mover's kernels alone (no transfer running), median of 5, ms:
-    gathering every message, checksumming them, scattering them back."""
+    """GPU time of the data-mover's kernels alone (no transfer running), median of 5, ms, for
+    every message: the fused gather (or scatter) + checksum kernels RankKV runs, and the
+    torch ops it runs where they do not apply (gather, checksum, scatter)."""
     from kv_transfer.nccl_rank import checksum
     idx = torch.tensor(blocks, dtype=torch.long, device=rank.device)
     bufs = [rank._gather(idx, l0, l1, 0, heads) for l0, l1 in groups]
-    steps = {"gather": lambda: [rank._gather(idx, l0, l1, 0, heads) for l0, l1 in groups],
-             "checksum": lambda: [checksum(b) for b in bufs],
-             "scatter": lambda: [rank._scatter(idx, l0, l1, 0, heads, b) for (l0, l1), b in zip(groups, bufs)]}
+    from kv_transfer.nccl_rank import kernels
+    steps = {"torch_gather": lambda: [rank._gather(idx, l0, l1, 0, heads) for l0, l1 in groups],
+             "torch_checksum": lambda: [checksum(b) for b in bufs],
+             "torch_scatter": lambda: [rank._scatter(idx, l0, l1, 0, heads, b) for (l0, l1), b in zip(groups, bufs)]}
+    if kernels is not None:  # what RankKV runs: gather/scatter and checksum in one kernel per message
+        k, v, rows = rank.kv.k, rank.kv.v, torch.empty((rank.kv.num_layers, 2 * len(blocks)), dtype=torch.int64,
+                                                       device=rank.device)
+        for name, scatter in (("fused_gather", False), ("fused_scatter", True)):
+            steps[name] = lambda scatter=scatter: [kernels.move(k, v, idx, l0, l1, 0, heads, b, rows, scatter)
+                                                   for (l0, l1), b in zip(groups, bufs)]
     out = {}
     for name, fn in steps.items():
         samples = []

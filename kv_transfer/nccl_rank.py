@@ -93,14 +93,20 @@ def _configure_nccl_env() -> None:
 _configure_nccl_env()
 
 
-def layer_groups(num_layers: int, bytes_per_layer: int, min_message_bytes: int) -> list[tuple[int, int]]:
+MAX_MESSAGES = 8  # per transfer and pair: each message costs the host ~0.1 ms to issue (measured, H200)
+
+
+def layer_groups(num_layers: int, bytes_per_layer: int, min_message_bytes: int,
+                 max_messages: int = MAX_MESSAGES) -> list[tuple[int, int]]:
     """Consecutive layer ranges [start, end), one message each: as many groups as keep every
-    group at >= min_message_bytes (one group when the whole KV is smaller), sizes differing
-    by at most one layer. A pure function of its arguments: both ends compute the same."""
+    group at >= min_message_bytes (one group when the whole KV is smaller) and their number
+    at most max_messages, sizes differing by at most one layer. Small messages shorten what
+    is left to send after the last layer; each message costs host time, so a large KV goes
+    in a few large ones. A pure function of its arguments: both ends compute the same."""
     if num_layers < 1:
         raise ValueError(f"num_layers must be >= 1, got {num_layers}")
     per = max(1, -(-min_message_bytes // max(1, bytes_per_layer)))
-    n = max(1, num_layers // per)
+    n = max(1, min(num_layers // per, max_messages))
     base, extra = divmod(num_layers, n)
     out, start = [], 0
     for i in range(n):

@@ -178,6 +178,9 @@ def test_layer_groups_and_checksum():
     assert layer_groups(7, 100, 250) == [(0, 4), (4, 7)]  # each group >= 250 bytes, the sizes balanced
     assert layer_groups(3, 100, 0) == [(0, 1), (1, 2), (2, 3)]
     assert layer_groups(3, 100, 10_000) == [(0, 3)]
+    assert layer_groups(32, 16 << 20, 16 << 20) == [(i, i + 4) for i in range(0, 32, 4)]  # at most 8 messages
+    assert layer_groups(16, 4 << 20, 16 << 20) == [(i, i + 4) for i in range(0, 16, 4)]
+    assert layer_groups(30, 1, 0, max_messages=4) == [(0, 8), (8, 16), (16, 23), (23, 30)]
     buf = torch.randn(2, 2, 3, 4, 2, 8)
     base = checksum(buf)
     assert base.shape == (2,) and base.dtype == torch.int64
