@@ -8,8 +8,9 @@
 # (decode-1b and throughput-1b: decode_latency and engine_throughput on the
 # Llama-3.2-1B shape), engine-8b (decode-8b and throughput-8b: both on the
 # Llama-3.1-8B shape at TP 1 and TP 2), goodput (goodput-prefill and goodput-decode:
-# each workload, 1P1D against 2 colocated), nccl (NCCL KV transfer benchmarks and tests/gpu transport and cluster tests;
-# the 1:2 and 2:1 cluster tests need three GPUs).
+# each workload, 1P1D against 2 colocated), nccl (nccl-bench: the NCCL KV transfer
+# benchmarks; nccl-tests: tests/gpu fused KV kernels, transport and cluster tests; the
+# 1:2 and 2:1 cluster tests need three GPUs).
 # Result JSONs land in benchmarks/results/ and, where $OUT is set, are copied there.
 set -u
 commit=()
@@ -49,9 +50,12 @@ for group in "$@"; do
             run goodput-prefill 580 python3 benchmarks/goodput.py --workload prefill-heavy --device cuda "${commit[@]}" ;;
         goodput-decode)
             run goodput-decode 580 python3 benchmarks/goodput.py --workload decode-heavy --device cuda "${commit[@]}" ;;
-        nccl)
-            run kv-nccl 150 python3 benchmarks/kv_transfer.py --transport nccl "${commit[@]}"
-            run kv-exposed 200 python3 benchmarks/kv_exposed.py "${commit[@]}"
+        nccl) "$0" ${commit[@]+"${commit[@]}"} nccl-bench nccl-tests || status=1 ;;
+        nccl-bench)  # about 4 min
+            run kv-nccl 150 python3 benchmarks/kv_transfer.py --transport nccl --diag "${commit[@]}"
+            run kv-exposed 300 python3 benchmarks/kv_exposed.py --requests 30 "${commit[@]}" ;;
+        nccl-tests)  # about 4 min; the 1:2 and 2:1 cluster tests need three GPUs
+            run tests-kv-kernels 120 python3 -m pytest -q tests/gpu/test_gpu_kv_kernels.py
             run tests-nccl 420 python3 -m pytest -q -s tests/gpu/test_gpu_nccl_rank.py tests/gpu/test_gpu_cluster.py ;;
         *) echo "unknown group $group"; status=1 ;;
     esac
