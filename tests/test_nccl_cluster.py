@@ -22,6 +22,13 @@ def opened(log_dir: Path) -> int:
     return sum(p.read_text().count("open towards") for p in log_dir.glob("*-prefill.log"))
 
 
+def serves_like_reference(client: Client, ref, jobs, what: str) -> None:
+    """Every job's greedy output equals the reference's, and the KV blocks are all free after."""
+    for (prompt, n), out in zip(jobs, client.generate_all(jobs)):
+        assert_matches_reference(out["token_ids"], ref.generate(prompt, n), what)
+    client.wait_blocks_at_baseline()
+
+
 def wait_for(cond, what: str, timeout: float = 30.0) -> None:
     deadline = time.monotonic() + timeout
     while not cond():
@@ -61,9 +68,7 @@ def test_a_cancelled_stream_frees_kv_and_restarted_nodes_get_new_pairs(tiny_mode
                  "the restarted decode node")
         ref = reference(tiny_models["qwen2"])
         jobs = workload(31, 4)
-        for (prompt, n), out in zip(jobs, client.generate_all(jobs)):
-            assert_matches_reference(out["token_ids"], ref.generate(prompt, n), "after the decode node came back")
-        client.wait_blocks_at_baseline()
+        serves_like_reference(client, ref, jobs, "after the decode node came back")
 
         # a prefill node that goes away: the decode node closes its pair set; its successor gets a new one
         prefill_cmd = cluster.node_commands()[0]
@@ -73,9 +78,7 @@ def test_a_cancelled_stream_frees_kv_and_restarted_nodes_get_new_pairs(tiny_mode
         wait_for(lambda: "left" in "".join(p.read_text() for p in tmp_path.glob("*-decode.log")),
                  "the decode node to close the departed prefill node's pairs", 60)
         wait_for(lambda: opened(tmp_path) == 3, "a pair set from the new prefill node", 60)
-        for (prompt, n), out in zip(jobs, client.generate_all(jobs)):
-            assert_matches_reference(out["token_ids"], ref.generate(prompt, n), "after the prefill node came back")
-        client.wait_blocks_at_baseline()
+        serves_like_reference(client, ref, jobs, "after the prefill node came back")
     finally:
         client.close()
         cluster.stop()
@@ -134,9 +137,7 @@ def test_a_decode_rank_that_stalls_mid_transfer_fails_the_request_and_the_pairs_
         wait_for(lambda: opened(tmp_path) >= 2, "a new pair set after the aborted one", 90)
         ref = reference(tiny_models["qwen2"])
         jobs = workload(41, 4)
-        for (prompt, n), out in zip(jobs, client.generate_all(jobs)):
-            assert_matches_reference(out["token_ids"], ref.generate(prompt, n), "after the pairs were rebuilt")
-        client.wait_blocks_at_baseline()
+        serves_like_reference(client, ref, jobs, "after the pairs were rebuilt")
     finally:
         client.close()
         cluster.stop()
