@@ -264,6 +264,8 @@ def main() -> None:
                     help="nccl: RankKV's min_message_bytes (default: the nodes')")
     ap.add_argument("--cases", nargs="*", default=None, help="nccl: only the cases whose names start so")
     ap.add_argument("--max-ctas", type=int, default=0, help="nccl: RankKV's max_ctas (0: NCCL's choice)")
+    ap.add_argument("--gather-programs", type=int, default=0,
+                    help="nccl: cap on the fused kernels' grid (RankKV gather_programs; 0: a program per block row)")
     ap.add_argument("--diag", action="store_true", help="nccl: also the split kind and the kernels' own times")
     ap.add_argument("--profile", default=None, help="nccl: profile one transfer of ours per case; traces here")
     ap.add_argument("--result-name", default="kv_transfer_nccl", help="nccl: result file name (a sweep's points)")
@@ -351,7 +353,8 @@ def nccl_main(args) -> None:
     flags += ["--cpu"] if args.cpu else []
     flags += ["--cases", *args.cases] if args.cases else []
     flags += ["--dump-after", str(args.dump_after)] if args.dump_after else []
-    flags += ["--max-ctas", str(args.max_ctas)] + (["--diag"] if args.diag else [])
+    flags += ["--max-ctas", str(args.max_ctas), "--gather-programs", str(args.gather_programs)]
+    flags += ["--diag"] if args.diag else []
     flags += ["--profile", args.profile] if args.profile else []
     env = {"CUDA_MODULE_LOADING": "EAGER", **os.environ}  # see kv_transfer/nccl_rank.py: no lazy kernel loading
     procs = [subprocess.Popen([sys.executable, __file__, *flags, "--worker", str(i)], stdout=subprocess.PIPE,
@@ -376,8 +379,12 @@ def nccl_main(args) -> None:
                    ours_runs_ms=[round(t * 1e3, 4) for t in r["ours"]],
                    raw_runs_ms=[round(t * 1e3, 4) for t in r["raw"]])
         if "split" in r:  # --diag
+            sender = senders.get(r["case"]) or {}
             row.update(split_ms=round(statistics.median(r["split"]) * 1e3, 4), kernels_ms=r.get("kernels_ms"),
-                       profile_receiver=r.get("profile"), sender=senders.get(r["case"]))
+                       host_us=r.get("host_us"), profile_receiver=r.get("profile"),
+                       sender={k: v for k, v in sender.items() if k != "trace"})
+            if "trace" in r and "trace" in sender:
+                row["timeline_us"] = _timeline(sender["trace"], r["trace"])
         rows.append(row)
     print(f"{'case':<18} {'MiB':>7} {'msgs':>4} {'ours ms':>8} {'ours GB/s':>9} {'raw ms':>7} {'raw GB/s':>8} "
           f"{'ratio':>6}")
@@ -387,6 +394,9 @@ def nccl_main(args) -> None:
         if "split_ms" in c:
             print(f"  diag: split (same messages, pre-gathered) {c['split_ms']:.3f} ms; kernels alone (ms) "
                   f"receiver {c['kernels_ms']} sender {(c['sender'] or {}).get('kernels_ms')}")
+            print(f"  diag: host costs (us per call) {c['host_us']}")
+            for name, us in c.get("timeline_us", []):
+                print(f"    {us:9.1f} us  {name}")
     headline = next((c for c in rows if c["case"] == NCCL_HEADLINE), rows[0])
     print(f"ratio (headline {headline['case']}): {headline['ratio']:.3f}  target 0.85")
     if args.cpu and not args.save:
@@ -394,7 +404,7 @@ def nccl_main(args) -> None:
     config = dict(transport="nccl", backend="gloo" if args.cpu else "nccl", dtype="float32" if args.cpu else "bfloat16",
                   block_size=args.block_size, block_ids="shuffled", prefill_tp=1, decode_tp=1, runs=args.runs,
                   warmup=args.warmup, min_message_bytes=int(args.min_message_mib * 2**20), headline=NCCL_HEADLINE,
-                  max_ctas=args.max_ctas or None, raw_group="NCCL's own settings",
+                  max_ctas=args.max_ctas or None, gather_programs=args.gather_programs or None, raw_group="NCCL's own settings",
                   shapes=[asdict(c) for c in cases],
                   devices=[torch.cuda.get_device_name(i) for i in (0, 1)] if not args.cpu else ["cpu", "cpu"],
                   nccl=".".join(map(str, torch.cuda.nccl.version())) if not args.cpu else None,
@@ -436,7 +446,8 @@ def nccl_worker(args) -> None:
         if index == 0:
             for t in (kv.k, kv.v, raw):
                 t.normal_()
-        rank = RankKV(kv, device, timeout_s=120, min_message_bytes=min_message, max_ctas=args.max_ctas)
+        rank = RankKV(kv, device, timeout_s=120, min_message_bytes=min_message, max_ctas=args.max_ctas,
+                      gather_programs=args.gather_programs)
         pair = f"bench{ci}"
         rank.open_pair(pair, "127.0.0.1", args.store_port, index)
         reference = rank
@@ -461,6 +472,8 @@ def nccl_worker(args) -> None:
         extra = {}
         if args.diag and cuda:
             extra["kernels_ms"] = _kernel_times(rank, blocks, groups, heads)
+            extra["host_us"] = _host_costs(rank, blocks, groups, heads)
+            extra["trace"] = _traced(index, rank, store, ci, blocks, pair, heads, layers)
         if args.profile and cuda:
             extra["profile"] = _profile_one(args, index, rank, store, ci, blocks, pair, heads, layers)
         if index == 1:
@@ -527,16 +540,15 @@ def _kernel_times(rank, blocks, groups, heads) -> dict:
     from kv_transfer.nccl_rank import checksum
     idx = torch.tensor(blocks, dtype=torch.long, device=rank.device)
     bufs = [rank._gather(idx, l0, l1, 0, heads) for l0, l1 in groups]
-    from kv_transfer.nccl_rank import kernels
     steps = {"torch_gather": lambda: [rank._gather(idx, l0, l1, 0, heads) for l0, l1 in groups],
              "torch_checksum": lambda: [checksum(b) for b in bufs],
              "torch_scatter": lambda: [rank._scatter(idx, l0, l1, 0, heads, b) for (l0, l1), b in zip(groups, bufs)]}
-    if kernels is not None:  # what RankKV runs: gather/scatter and checksum in one kernel per message
-        k, v, rows = rank.kv.k, rank.kv.v, torch.empty((rank.kv.num_layers, 2 * len(blocks)), dtype=torch.int64,
-                                                       device=rank.device)
+    if rank._mover is not None:  # what RankKV runs: gather/scatter and checksum in one kernel per message
+        flat = [b.view(-1).view(torch.int32) for b in bufs]
+        rows = torch.empty((rank.kv.num_layers, 2 * len(blocks)), dtype=torch.int64, device=rank.device)
         for name, scatter in (("fused_gather", False), ("fused_scatter", True)):
-            steps[name] = lambda scatter=scatter: [kernels.move(k, v, idx, l0, l1, 0, heads, b, rows, scatter)
-                                                   for (l0, l1), b in zip(groups, bufs)]
+            steps[name] = lambda scatter=scatter: [rank._mover.move(idx, l0, l1, 0, heads, b, rows, scatter)
+                                                   for (l0, l1), b in zip(groups, flat)]
     out = {}
     for name, fn in steps.items():
         samples = []
@@ -549,6 +561,72 @@ def _kernel_times(rank, blocks, groups, heads) -> dict:
             samples.append(a.elapsed_time(b))
         out[name] = round(statistics.median(samples[1:]), 4)
     return out
+
+
+def _host_costs(rank, blocks, groups, heads) -> dict:
+    """Host time of the steps a send issues, microseconds per call (median of 5 rounds of 20)."""
+    from kv_transfer.nccl_rank import kernels
+    idx = torch.tensor(blocks, dtype=torch.long, device=rank.device)
+    (l0, l1), nb = groups[0], len(blocks)
+    buf = rank._gather(idx, l0, l1, 0, heads)
+    rows = torch.empty((rank.kv.num_layers, 2 * nb), dtype=torch.int64, device=rank.device)
+    event = torch.cuda.Event()
+    ids = torch.tensor(blocks, dtype=torch.long)
+    steps = {"block ids to pinned tensor": lambda: rank._index(blocks),
+             "torch.tensor(block ids)": lambda: torch.tensor(blocks, dtype=torch.long),
+             "pin_memory()": lambda: ids.pin_memory(),
+             "empty pinned": lambda: torch.empty(len(blocks), dtype=torch.long, pin_memory=True),
+             "message buffer (torch.empty)": lambda: rank._empty_buf(l1 - l0, nb, heads),
+             "event record": lambda: event.record(),
+             "event query": lambda: event.query()}
+    if rank._mover is not None:
+        flat = buf.view(-1).view(torch.int32)
+        steps["fused gather launch"] = lambda: rank._mover.move(idx, l0, l1, 0, heads, flat, rows, False)
+        steps["int32 view"] = lambda: buf.view(-1).view(torch.int32)
+    out = {}
+    for name, fn in steps.items():
+        samples = []
+        for _ in range(5):
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            for _ in range(20):
+                fn()
+            samples.append((time.perf_counter() - t0) / 20 * 1e6)
+        out[name] = round(statistics.median(samples), 1)
+    torch.cuda.synchronize()
+    return out
+
+
+def _traced(index, rank, store, ci, blocks, pair, heads, layers, runs: int = 7) -> list:
+    """Transfers of ours with RankKV's Trace on: per run, this rank's marks (label, host
+    seconds), both ends leaving a barrier together as in the timed runs."""
+    from kv_transfer.nccl_rank import Trace
+    rank.trace, out = Trace(rank.device), []
+    for run in range(runs):
+        key, tag = 2 * 10**6 + run, f"trace/{ci}/{run}"
+        if index == 0:
+            _barrier(store, tag)
+            rank.send(key, blocks, [(pair, 0, heads)])
+        else:
+            rank.recv(key, blocks, [(pair, 0, heads)], layers)
+            _barrier(store, tag)
+        _until_ended(rank, key)
+        out.append(rank.trace.report())
+    rank.trace = None
+    return out
+
+
+def _timeline(sender: list, receiver: list) -> list:
+    """The traced runs of both ends merged: per step, the median over runs of its time after
+    the sender entered send(), microseconds, in order."""
+    steps: dict[str, list[float]] = {}
+    for s_marks, r_marks in zip(sender, receiver):
+        t0 = next(t for label, t in s_marks if label == "send entered")
+        for side, marks in (("sender", s_marks), ("receiver", r_marks)):
+            for label, t in marks:
+                steps.setdefault(f"{side}: {label}", []).append((t - t0) * 1e6)
+    rows = [(name, round(statistics.median(ts), 1)) for name, ts in steps.items()]
+    return sorted(rows, key=lambda r: r[1])
 
 
 def _profile_one(args, index, rank, store, ci, blocks, pair, heads, layers) -> dict:

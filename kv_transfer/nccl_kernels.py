@@ -19,46 +19,51 @@ import triton
 import triton.language as tl
 
 
-@triton.jit(do_not_specialize=["l0", "nb", "head"])
-def _move_rows(k_ptr, v_ptr, idx_ptr, buf_ptr, rows_ptr, l0, nb, layer_stride, block_stride, tok_stride, head,
-               WPH: tl.constexpr, SEG: tl.constexpr, SEGP: tl.constexpr, BS: tl.constexpr, TB: tl.constexpr,
+@triton.jit(do_not_specialize=["l0", "nb", "head", "total", "rounds"])
+def _move_rows(k_ptr, v_ptr, idx_ptr, buf_ptr, rows_ptr, l0, nb, layer_stride, block_stride, tok_stride, head, total,
+               rounds, WPH: tl.constexpr, SEG: tl.constexpr, SEGP: tl.constexpr, BS: tl.constexpr, TB: tl.constexpr,
                SCATTER: tl.constexpr):
-    """One program per block row of the message (grid: layers x 2 x nb). All sizes and
-    strides are in int32 words: WPH per head, SEG = heads x WPH per token (SEGP: the next
-    power of two), BS tokens per block, TB tokens per tile. l0, nb and head are not
-    specialized on (one compiled kernel serves every request); the head offset is
-    head x WPH so that its alignment stays known."""
-    pid = tl.program_id(0)
+    """The message's block rows (layers x 2 x nb of them, `total`), each program taking
+    rows pid, pid + programs, ... in `rounds` rounds. All sizes and strides are in int32 words: WPH per head,
+    SEG = heads x WPH per token (SEGP: the next power of two), BS tokens per block, TB
+    tokens per tile. l0, nb, head, total and rounds are not specialized on (one compiled kernel
+    serves every request); the head offset is head x WPH so that its alignment stays known."""
     per_layer = 2 * nb
-    lg = pid // per_layer
-    r = pid % per_layer          # index in the layer: kv * nb + j
-    kv = r // nb
-    blk = tl.load(idx_ptr + r % nb).to(tl.int64)
-    base = (l0 + lg).to(tl.int64) * layer_stride + blk * block_stride + head * WPH
-    row = pid.to(tl.int64) * (BS * SEG)
     t = tl.arange(0, TB)[:, None]
     w = tl.arange(0, SEGP)[None, :]
-    acc = tl.zeros([TB, SEGP], dtype=tl.int64)
-    for t0 in range(0, BS, TB):
-        mask = (t0 + t < BS) & (w < SEG)
-        cache = base + (t0 + t) * tok_stride + w
-        flat = row + (t0 + t) * SEG + w
-        if SCATTER:
-            x = tl.load(buf_ptr + flat, mask=mask, other=0)
-            if kv == 0:
-                tl.store(k_ptr + cache, x, mask=mask)
+    i = 0
+    while i < rounds:  # not range(): Triton's interpreter cannot loop to a runtime bound that way
+        pid = tl.program_id(0) + i * tl.num_programs(0)
+        i += 1
+        live = pid < total
+        pid = tl.minimum(pid, total - 1)  # past the end: reads the last row again, writes nothing
+        lg = pid // per_layer
+        r = pid % per_layer          # index in the layer: kv * nb + j
+        kv = r // nb
+        blk = tl.load(idx_ptr + r % nb).to(tl.int64)
+        base = (l0 + lg).to(tl.int64) * layer_stride + blk * block_stride + head * WPH
+        row = pid.to(tl.int64) * (BS * SEG)
+        acc = tl.zeros([TB, SEGP], dtype=tl.int64)
+        for t0 in range(0, BS, TB):
+            mask = (t0 + t < BS) & (w < SEG) & live
+            cache = base + (t0 + t) * tok_stride + w
+            flat = row + (t0 + t) * SEG + w
+            if SCATTER:
+                x = tl.load(buf_ptr + flat, mask=mask, other=0)
+                if kv == 0:
+                    tl.store(k_ptr + cache, x, mask=mask)
+                else:
+                    tl.store(v_ptr + cache, x, mask=mask)
             else:
-                tl.store(v_ptr + cache, x, mask=mask)
-        else:
-            if kv == 0:
-                x = tl.load(k_ptr + cache, mask=mask, other=0)
-            else:
-                x = tl.load(v_ptr + cache, mask=mask, other=0)
-            tl.store(buf_ptr + flat, x, mask=mask)
-        acc += x.to(tl.int64)
-    s = tl.sum(tl.sum(acc, axis=1), axis=0)
-    s32 = ((s + 2147483648) & 4294967295) - 2147483648  # the int32 sum's wrap-around, sign-extended
-    tl.store(rows_ptr + (l0 + lg).to(tl.int64) * per_layer + r, s32 * (r + 1).to(tl.int64))
+                if kv == 0:
+                    x = tl.load(k_ptr + cache, mask=mask, other=0)
+                else:
+                    x = tl.load(v_ptr + cache, mask=mask, other=0)
+                tl.store(buf_ptr + flat, x, mask=mask)
+            acc += x.to(tl.int64)
+        s = tl.sum(tl.sum(acc, axis=1), axis=0)
+        s32 = ((s + 2147483648) & 4294967295) - 2147483648  # the int32 sum's wrap-around, sign-extended
+        tl.store(rows_ptr + (l0 + lg).to(tl.int64) * per_layer + r, s32 * (r + 1).to(tl.int64), mask=live)
 
 
 def supported(k: torch.Tensor, head: int, heads: int) -> bool:
@@ -69,23 +74,49 @@ def supported(k: torch.Tensor, head: int, heads: int) -> bool:
     return k.is_contiguous() and all(n * hd * es % 4 == 0 for n in (head, heads, kvh))
 
 
+class Mover:
+    """The kernels bound to one cache (k, v: [layers, num_blocks, block_size, kv_heads,
+    head_dim]): its int32 views and strides are worked out once, so that a launch costs
+    the host little more than Triton's own dispatch (a message's host time is on the
+    transfer's critical path whenever the KV is already computed). programs caps the
+    grid (0: one program per block row): a gather running beside a NCCL send takes
+    memory bandwidth from it."""
+
+    def __init__(self, k: torch.Tensor, v: torch.Tensor, programs: int = 0):
+        self.k, self.v, self.programs = k, v, programs
+        self.k32, self.v32 = (t.view(-1).view(torch.int32) for t in (k, v))
+        es = k.element_size()
+        self.es, self.bs, self.hd = es, k.shape[2], k.shape[4]
+        self.strides = tuple(n * es // 4 for n in k.stride()[:3])
+        self._shapes: dict[int, tuple[int, int, int, int]] = {}
+
+    def move(self, idx: torch.Tensor, l0: int, l1: int, head: int, heads: int, buf: torch.Tensor,
+             rows: torch.Tensor, scatter: bool) -> None:
+        """Gather (scatter=False) layers [l0, l1), heads [head, head + heads) of the blocks in
+        idx into buf (int32, the message's words: [l1 - l0, 2, len(idx), block_size, heads,
+        head_dim] of the cache's dtype), or scatter buf back; either way write the rows'
+        weighted sums into rows [num_layers, 2 * len(idx)] (int64) at layers [l0, l1)."""
+        shape = self._shapes.get(heads)
+        if shape is None:
+            wph, seg = self.hd * self.es // 4, heads * self.hd * self.es // 4
+            segp = triton.next_power_of_2(seg)
+            shape = self._shapes[heads] = (wph, seg, segp, max(1, min(triton.next_power_of_2(self.bs), 4096 // segp)))
+        wph, seg, segp, tb = shape
+        if wph * 4 != self.hd * self.es:  # a head is not whole words (heads and offsets are): the offset in words
+            wph, head = 1, head * self.hd * self.es // 4
+        nb = len(idx)
+        total = (l1 - l0) * 2 * nb
+        programs = min(total, self.programs) if self.programs > 0 else total
+        _move_rows[(programs,)](self.k32, self.v32, idx, buf, rows, l0, nb, *self.strides, head, total,
+                                -(-total // programs),
+                                WPH=wph, SEG=seg, SEGP=segp, BS=self.bs, TB=tb, SCATTER=scatter, num_warps=4)
+
+
 def move(k: torch.Tensor, v: torch.Tensor, idx: torch.Tensor, l0: int, l1: int, head: int, heads: int,
-         buf: torch.Tensor, rows: torch.Tensor, scatter: bool) -> None:
-    """Gather (scatter=False) layers [l0, l1), heads [head, head + heads) of the blocks in idx
-    from k/v [layers, num_blocks, block_size, kv_heads, head_dim] into buf [l1 - l0, 2,
-    len(idx), block_size, heads, head_dim], or scatter buf back; either way write the rows'
-    weighted sums into rows [num_layers, 2 * len(idx)] (int64) at layers [l0, l1)."""
-    nb, bs, hd, es = len(idx), k.shape[2], k.shape[4], k.element_size()
-    word = lambda n: n * es // 4  # noqa: E731 - elements to int32 words (whole, by supported())
-    wph, seg = word(hd), word(heads * hd)
-    if wph * 4 != hd * es:  # a head is not whole words (heads and offsets are): pass the offset in words
-        wph, head = 1, word(head * hd)
-    segp = triton.next_power_of_2(seg)
-    tb = max(1, min(triton.next_power_of_2(bs), 4096 // segp))
-    k32, v32, b32 = (t.view(-1).view(torch.int32) for t in (k, v, buf))
-    _move_rows[((l1 - l0) * 2 * nb,)](
-        k32, v32, idx, b32, rows, l0, nb, word(k.stride(0)), word(k.stride(1)), word(k.stride(2)), head,
-        WPH=wph, SEG=seg, SEGP=segp, BS=bs, TB=tb, SCATTER=scatter, num_warps=4)
+         buf: torch.Tensor, rows: torch.Tensor, scatter: bool, programs: int = 0) -> None:
+    """Mover(k, v, programs).move for one call, buf shaped [l1 - l0, 2, len(idx),
+    block_size, heads, head_dim] in the cache's dtype (tests and benchmarks)."""
+    Mover(k, v, programs).move(idx, l0, l1, head, heads, buf.view(-1).view(torch.int32), rows, scatter)
 
 
 def preload(k: torch.Tensor, heads_counts: list[int]) -> None:
@@ -102,4 +133,5 @@ def preload(k: torch.Tensor, heads_counts: list[int]) -> None:
             continue
         buf = torch.zeros((1, 2, 1, k.shape[2], heads, k.shape[4]), dtype=k.dtype, device=k.device)
         for scatter in (False, True):
-            move(*scratch, idx, 0, 1, 0, heads, buf, rows, scatter)
+            for programs in (0, 1):  # a capped grid: the same kernel, whatever the cap
+                move(*scratch, idx, 0, 1, 0, heads, buf, rows, scatter, programs)

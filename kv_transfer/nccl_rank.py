@@ -100,19 +100,27 @@ def layer_groups(num_layers: int, bytes_per_layer: int, min_message_bytes: int,
                  max_messages: int = MAX_MESSAGES) -> list[tuple[int, int]]:
     """Consecutive layer ranges [start, end), one message each: as many groups as keep every
     group at >= min_message_bytes (one group when the whole KV is smaller) and their number
-    at most max_messages, sizes differing by at most one layer. Small messages shorten what
-    is left to send after the last layer; each message costs host time, so a large KV goes
-    in a few large ones. A pure function of its arguments: both ends compute the same."""
+    at most max_messages. From three groups on, the first and the last are the smallest
+    allowed and the others even (sizes differing by at most one layer): the first gather
+    and the last scatter, which nothing overlaps, stay short, and so does what is left to
+    send after the last layer of a streamed prefill. Each message costs host time, so a
+    large KV goes in a few large ones. A pure function of its arguments: both ends
+    compute the same."""
     if num_layers < 1:
         raise ValueError(f"num_layers must be >= 1, got {num_layers}")
     per = max(1, -(-min_message_bytes // max(1, bytes_per_layer)))
     n = max(1, min(num_layers // per, max_messages))
-    base, extra = divmod(num_layers, n)
-    out, start = [], 0
+    if n < 3:
+        return _even(0, num_layers, n)
+    return [(0, per), *_even(per, num_layers - per, n - 2), (num_layers - per, num_layers)]
+
+
+def _even(start: int, end: int, n: int) -> list[tuple[int, int]]:
+    base, extra = divmod(end - start, n)
+    out = []
     for i in range(n):
-        end = start + base + (i < extra)
-        out.append((start, end))
-        start = end
+        out.append((start, start + base + (i < extra)))
+        start = out[-1][1]
     return out
 
 
@@ -160,6 +168,46 @@ class _Waiter:
             del work, part
 
 
+class Trace:
+    """Diagnostics (benchmarks/kv_transfer.py --diag): the steps of GPU transfers, each as a
+    host time (time.perf_counter: CLOCK_MONOTONIC, one clock for every process of the
+    host) or a CUDA event, converted to that clock by report(). Set RankKV.trace to one;
+    it adds an event per step and a stream that waits for each NCCL work, so it is never
+    on in serving."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.probe = torch.cuda.Stream(device)  # waits for each work in turn: its events mark their ends
+        self.marks: list[tuple[str, float | None, torch.cuda.Event | None]] = []
+
+    def host(self, label: str) -> None:
+        self.marks.append((label, time.perf_counter(), None))
+
+    def gpu(self, label: str, stream: torch.cuda.Stream) -> None:
+        event = torch.cuda.Event(enable_timing=True)
+        event.record(stream)
+        self.marks.append((label, None, event))
+
+    def ended(self, label: str, work) -> None:
+        with torch.cuda.stream(self.probe):
+            work.wait()
+            self.gpu(label, self.probe)
+
+    def report(self) -> list[tuple[str, float]]:
+        """(label, host seconds) of every mark so far, in the order made; clears them. A GPU
+        mark's time is a reference event's host time (recorded on an idle stream, spun on
+        until it completed: within a few microseconds) minus its GPU time before it."""
+        torch.cuda.synchronize(self.device)
+        ref = torch.cuda.Event(enable_timing=True)
+        ref.record(torch.cuda.Stream(self.device))
+        while not ref.query():
+            pass
+        now = time.perf_counter()
+        out = [(label, t if event is None else now - event.elapsed_time(ref) / 1e3) for label, t, event in self.marks]
+        self.marks.clear()
+        return out
+
+
 @dataclass(eq=False)
 class _Pair:
     name: str
@@ -202,7 +250,8 @@ class RankKV:
     """Moves KV heads between this rank's paged cache and its peers, one 2-rank group per pair."""
 
     def __init__(self, kv: KVCache, device: torch.device | str, timeout_s: float = 30.0,
-                 min_message_bytes: int = 64 << 20, bind_host: str = "127.0.0.1", max_ctas: int = 0):
+                 min_message_bytes: int = 64 << 20, bind_host: str = "127.0.0.1", max_ctas: int = 0,
+                 gather_programs: int = 0):
         self.kv = kv
         self.device = torch.device(device)
         self.cuda = self.device.type == "cuda"
@@ -218,8 +267,11 @@ class RankKV:
         self._pairs: dict[str, _Pair] = {}
         self._pending: list[_Transfer] = []
         self._dead: list = []  # aborted groups: destroyed in close(), their destructors may wait
+        self.trace: Trace | None = None  # diagnostics only (see Trace)
         if self.cuda and os.environ.get("TORCH_NCCL_BLOCKING_WAIT", "0") not in ("0", ""):
             log.warning("TORCH_NCCL_BLOCKING_WAIT is set: recv() will block until its data arrived")
+        # the fused kernels (nccl_kernels) where Triton is there; gather_programs caps their grid
+        self._mover = kernels.Mover(kv.k, kv.v, gather_programs) if self.cuda and kernels is not None else None
         if self.cuda:
             self._preload_kernels()
 
@@ -359,14 +411,20 @@ class RankKV:
              layer_events: list[torch.cuda.Event] | None = None) -> None:
         """Non-blocking: send heads [head, head + heads) of `block_ids`, all layers, to each
         (pair, head, heads) in dests. See the module docstring for streams and events."""
+        if self.trace:
+            self.trace.host("send entered")
         layers = self.kv.num_layers
         if layer_events is not None and len(layer_events) < layers:
             raise ValueError(f"{len(layer_events)} layer events for {layers} layers")
         tr = self._transfer(key, True, block_ids, layers, dests)
         idx = self._index(block_ids)
+        if self.trace:
+            self.trace.host("block ids pinned")
         if self.cuda:
             compute = torch.cuda.current_stream(self.device)
             self._start(tr, "send", lambda part: self._send_cuda(part, key, idx, layer_events, compute))
+            if self.trace:
+                self.trace.host("send returned")
         else:
             self._start(tr, "send", lambda part: self._send_cpu(part, key, idx))
 
@@ -448,27 +506,34 @@ class RankKV:
 
     def _fused(self, part: _Part) -> bool:
         """Whether the part's messages move through the fused kernels (nccl_kernels)."""
-        return self.cuda and kernels is not None and kernels.supported(self.kv.k, part.head, part.heads)
+        return self._mover is not None and kernels.supported(self.kv.k, part.head, part.heads)
 
     def _send_cuda(self, part: _Part, key: int, idx_host: torch.Tensor, layer_events, compute) -> None:
         stream, group, layers = part.pair.stream, part.pair.group, self.kv.num_layers
-        fused, kv = self._fused(part), self.kv
+        fused, mover = self._fused(part), self._mover
         with torch.cuda.stream(stream):
             idx = idx_host.to(self.device, non_blocking=True)
             rows = torch.empty((layers, 2 * len(idx_host)), dtype=torch.int64, device=self.device) if fused else None
             sums = torch.empty(layers, dtype=torch.int64, device=self.device)
             if layer_events is None:
                 stream.wait_stream(compute)
-            for l0, l1 in part.groups:
+            trace = self.trace
+            if trace:
+                trace.gpu("first gather starts", stream)
+            for i, (l0, l1) in enumerate(part.groups):
                 if layer_events is not None:
                     stream.wait_event(layer_events[l1 - 1])
                 if fused:
-                    buf = self._empty_buf(l1 - l0, len(idx_host), part.heads)
-                    kernels.move(kv.k, kv.v, idx, l0, l1, part.head, part.heads, buf, rows, scatter=False)
+                    buf = self._flat_buf(l1 - l0, len(idx_host), part.heads)
+                    mover.move(idx, l0, l1, part.head, part.heads, buf.view(torch.int32), rows, scatter=False)
                 else:
                     buf = self._gather(idx, l0, l1, part.head, part.heads)
                 part.bufs.append(buf)
+                if trace:
+                    trace.gpu(f"gathered {i}", stream)
                 part.works.append(group.send([buf], 1, 0))  # NCCL's stream waits for the gather only
+                if trace:
+                    trace.host(f"send {i} issued")
                 if not fused:
                     sums[l0:l1] = checksum(buf)
             gathered = torch.cuda.Event()
@@ -478,6 +543,9 @@ class RankKV:
             head = torch.tensor([key, len(idx_host), layers], dtype=torch.int64).pin_memory()
             part.tail = torch.cat((head.to(self.device, non_blocking=True), sums))
             part.works.append(group.send([part.tail], 1, 0))
+            if trace:
+                for i, work in enumerate(part.works):
+                    trace.ended(f"sent {i}", work)
         compute.wait_event(gathered)  # the next kernels on the compute stream cannot overwrite the blocks early
 
     def _send_cpu(self, part: _Part, key: int, idx: torch.Tensor) -> None:
@@ -494,8 +562,15 @@ class RankKV:
         k = self.kv.k
         return torch.empty((layers, 2, nb, k.shape[2], heads, k.shape[4]), dtype=k.dtype, device=k.device)
 
+    def _flat_buf(self, layers: int, nb: int, heads: int) -> torch.Tensor:
+        """A fused message's buffer: the same bytes as _empty_buf's, one dimension (NCCL
+        matches a send with its receive by bytes; both ends use the cache's dtype)."""
+        k = self.kv.k
+        return torch.empty(layers * 2 * nb * k.shape[2] * heads * k.shape[4], dtype=k.dtype, device=self.device)
+
     def _empty_bufs(self, part: _Part, nb: int) -> list[torch.Tensor]:
-        return [self._empty_buf(l1 - l0, nb, part.heads) for l0, l1 in part.groups]
+        new = self._flat_buf if self._fused(part) else self._empty_buf
+        return [new(l1 - l0, nb, part.heads) for l0, l1 in part.groups]
 
     def _recv_cuda(self, part: _Part, idx_host: torch.Tensor, layers: int) -> None:
         stream, group = part.pair.stream, part.pair.group
@@ -508,21 +583,29 @@ class RankKV:
                 part.works = [group.recv([b], 0, 0) for b in part.bufs]
                 part.works.append(group.recv([part.tail], 0, 0))
                 sums = torch.empty(layers, dtype=torch.int64, device=self.device)
-                fused, kv = self._fused(part), self.kv
+                fused, mover = self._fused(part), self._mover
                 rows = torch.empty((layers, 2 * len(idx_host)), dtype=torch.int64, device=self.device) if fused else None
-                for (l0, l1), buf, work in zip(part.groups, part.bufs, part.works):
+                trace = self.trace
+                if trace:
+                    for i, work in enumerate(part.works):
+                        trace.ended(f"received {i}", work)
+                for i, ((l0, l1), buf, work) in enumerate(zip(part.groups, part.bufs, part.works)):
                     work.wait()  # this stream waits for the message; the host does not
                     if fused:
-                        kernels.move(kv.k, kv.v, idx, l0, l1, part.head, part.heads, buf, rows, scatter=True)
+                        mover.move(idx, l0, l1, part.head, part.heads, buf.view(torch.int32), rows, scatter=True)
                     else:
                         self._scatter(idx, l0, l1, part.head, part.heads, buf)
                         sums[l0:l1] = checksum(buf)
+                    if trace:
+                        trace.gpu(f"scattered {i}", stream)
                 if fused:
                     torch.sum(rows, 1, out=sums)
                 part.works[-1].wait()
                 part.host = torch.empty(3 + 2 * layers, dtype=torch.int64, pin_memory=True)
                 part.host[:3 + layers].copy_(part.tail, non_blocking=True)
                 part.host[3 + layers:].copy_(sums, non_blocking=True)
+                if trace:
+                    trace.gpu("tail on host", stream)
             finally:  # whatever was queued must finish before the transfer may end
                 part.event = torch.cuda.Event()
                 part.event.record(stream)
@@ -565,8 +648,10 @@ class RankKV:
         if self.cuda and not tr.sending:
             if part.event is not None and not part.event.query():
                 return  # a queued scatter may still write the blocks, even after an abort
-        elif self.cuda:
-            if not pair.closed and not all(w.is_completed() for w in part.works):
+            if self.trace:
+                self.trace.host("receive seen ended")
+        elif self.cuda:  # a pair's works run in order on its NCCL stream: the last (the tail) ends last
+            if not pair.closed and part.works and not part.works[-1].is_completed():
                 return
         else:
             failed = [s for s in part.status if s]
@@ -576,20 +661,18 @@ class RankKV:
                 part.error = f"pair {pair.name}: {failed[0]}"
         if pair.closed and not part.error:
             part.error = pair.closed
-        if self.cuda and not part.error:
-            with torch.cuda.stream(pair.stream):
-                for w in part.works:
-                    try:
-                        w.wait()  # completed: raises only if the work failed
-                    except Exception as e:  # noqa: BLE001
-                        part.error = f"pair {pair.name}: {type(e).__name__}: {e}"
-                        break
+        if self.cuda and not part.error and part.works:
+            part.error = _work_error(pair, part.works[-1])
+            if self.trace:
+                self.trace.host("works checked")
         if part.error:
             self._close(pair, part.error)  # the pair is out of step or broken
         elif not tr.sending:
             part.error = self._verify(tr, part)
         part.settled = True
         part.bufs, part.works, part.tail, part.host = [], [], None, None
+        if self.trace:
+            self.trace.host("settled")
 
     def _verify(self, tr: _Transfer, part: _Part) -> str:
         """Check the tail against the expected key/shape and the received bytes; CPU: scatter."""
@@ -623,6 +706,19 @@ def _wide(t: torch.Tensor) -> torch.Tensor:
     element instead of 2, several times faster for bfloat16, bit for bit the same."""
     width = t.shape[-1] * t.element_size()
     return t.view(next(dt for w, dt in _WIDE.items() if width % w == 0))
+
+
+def _work_error(pair: _Pair, work) -> str:
+    """The error of a pair's ended NCCL work, "" if none. The works of a pair share its
+    communicator, and a failure of any (an asynchronous NCCL error, an abort) fails the
+    ones after it: waiting on the last one is enough (a wait() costs the host tens of
+    microseconds, on the path to reporting a transfer done)."""
+    try:
+        with torch.cuda.stream(pair.stream):
+            work.wait()  # ended: raises only if it failed
+    except Exception as e:  # noqa: BLE001 - any failure of the work is its outcome
+        return f"pair {pair.name}: {type(e).__name__}: {e}"
+    return ""
 
 
 def _meet(store, index: int, deadline: float, pair: str) -> str:

@@ -178,9 +178,13 @@ def test_layer_groups_and_checksum():
     assert layer_groups(7, 100, 250) == [(0, 4), (4, 7)]  # each group >= 250 bytes, the sizes balanced
     assert layer_groups(3, 100, 0) == [(0, 1), (1, 2), (2, 3)]
     assert layer_groups(3, 100, 10_000) == [(0, 3)]
-    assert layer_groups(32, 16 << 20, 16 << 20) == [(i, i + 4) for i in range(0, 32, 4)]  # at most 8 messages
+    # at most 8 messages; the first and the last the smallest allowed (the ends nothing overlaps), the rest even
+    assert layer_groups(32, 16 << 20, 16 << 20) == [(0, 1), *[(i, i + 5) for i in range(1, 31, 5)], (31, 32)]
+    assert layer_groups(10, 100, 200, max_messages=4) == [(0, 2), (2, 5), (5, 8), (8, 10)]
     assert layer_groups(16, 4 << 20, 16 << 20) == [(i, i + 4) for i in range(0, 16, 4)]
-    assert layer_groups(30, 1, 0, max_messages=4) == [(0, 8), (8, 16), (16, 23), (23, 30)]
+    assert layer_groups(30, 1, 0, max_messages=4) == [(0, 1), (1, 15), (15, 29), (29, 30)]
+    assert layer_groups(31, 1, 0, max_messages=5) == [(0, 1), (1, 11), (11, 21), (21, 30), (30, 31)]
+    assert layer_groups(30, 1, 0, max_messages=2) == [(0, 15), (15, 30)]  # two: even
     buf = torch.randn(2, 2, 3, 4, 2, 8)
     base = checksum(buf)
     assert base.shape == (2,) and base.dtype == torch.int64

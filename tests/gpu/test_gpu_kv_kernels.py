@@ -29,10 +29,11 @@ def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
     return torch.equal(a.contiguous().view(torch.uint8), b.contiguous().view(torch.uint8))
 
 
+@pytest.mark.parametrize("programs", [0, 5])  # a program per block row; 5 programs looping over them
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("layers,num_blocks,block_size,kv_heads,head_dim",
                          [(4, 40, 16, 8, 64), (3, 7, 4, 3, 32), (2, 5, 16, 2, 128)])
-def test_move_matches_torch(dtype, layers, num_blocks, block_size, kv_heads, head_dim):
+def test_move_matches_torch(dtype, layers, num_blocks, block_size, kv_heads, head_dim, programs):
     from kv_transfer import nccl_kernels
     from kv_transfer.nccl_rank import checksum
     rng = random.Random(layers * num_blocks)
@@ -47,14 +48,14 @@ def test_move_matches_torch(dtype, layers, num_blocks, block_size, kv_heads, hea
             ref = gather_ref(k, v, idx, l0, l1, head, heads)
             buf = torch.full_like(ref, 7)
             rows = torch.zeros((layers, 2 * len(ids)), dtype=torch.int64, device=DEV)
-            nccl_kernels.move(k, v, idx, l0, l1, head, heads, buf, rows, scatter=False)
+            nccl_kernels.move(k, v, idx, l0, l1, head, heads, buf, rows, scatter=False, programs=programs)
             assert same_bits(buf, ref)
             assert torch.equal(rows[l0:l1].sum(1), checksum(ref))
             assert (rows[:l0] == 0).all() and (rows[l1:] == 0).all()
 
             k2, v2 = torch.zeros_like(k), torch.zeros_like(v)
             back = torch.zeros_like(rows)
-            nccl_kernels.move(k2, v2, idx, l0, l1, head, heads, buf, back, scatter=True)
+            nccl_kernels.move(k2, v2, idx, l0, l1, head, heads, buf, back, scatter=True, programs=programs)
             assert torch.equal(back, rows)
             for got, want in ((k2, k), (v2, v)):
                 assert same_bits(got[l0:l1, ids, :, head:head + heads], want[l0:l1, ids, :, head:head + heads])
