@@ -266,6 +266,8 @@ def main() -> None:
     ap.add_argument("--max-ctas", type=int, default=0, help="nccl: RankKV's max_ctas (0: NCCL's choice)")
     ap.add_argument("--gather-programs", type=int, default=0,
                     help="nccl: cap on the fused kernels' grid (RankKV gather_programs; 0: a program per block row)")
+    ap.add_argument("--min-ctas", type=int, default=0, help="nccl: RankKV's min_ctas (0: NCCL's choice)")
+    ap.add_argument("--max-messages", type=int, default=None, help="nccl: RankKV's max_messages (default: its own)")
     ap.add_argument("--diag", action="store_true", help="nccl: also the split kind and the kernels' own times")
     ap.add_argument("--profile", default=None, help="nccl: profile one transfer of ours per case; traces here")
     ap.add_argument("--result-name", default="kv_transfer_nccl", help="nccl: result file name (a sweep's points)")
@@ -353,7 +355,9 @@ def nccl_main(args) -> None:
     flags += ["--cpu"] if args.cpu else []
     flags += ["--cases", *args.cases] if args.cases else []
     flags += ["--dump-after", str(args.dump_after)] if args.dump_after else []
-    flags += ["--max-ctas", str(args.max_ctas), "--gather-programs", str(args.gather_programs)]
+    flags += ["--max-ctas", str(args.max_ctas), "--gather-programs", str(args.gather_programs),
+              "--min-ctas", str(args.min_ctas)]
+    flags += ["--max-messages", str(args.max_messages)] if args.max_messages else []
     flags += ["--diag"] if args.diag else []
     flags += ["--profile", args.profile] if args.profile else []
     env = {"CUDA_MODULE_LOADING": "EAGER", **os.environ}  # see kv_transfer/nccl_rank.py: no lazy kernel loading
@@ -378,6 +382,8 @@ def nccl_main(args) -> None:
                    raw_gbps=round(r["bytes"] / raw / 1e9, 2), ratio=round(raw / ours, 4),
                    ours_runs_ms=[round(t * 1e3, 4) for t in r["ours"]],
                    raw_runs_ms=[round(t * 1e3, 4) for t in r["raw"]])
+        if "raw_our_group" in r:
+            row["raw_on_our_group_ms"] = round(statistics.median(r["raw_our_group"]) * 1e3, 4)
         if "split" in r:  # --diag
             sender = senders.get(r["case"]) or {}
             row.update(split_ms=round(statistics.median(r["split"]) * 1e3, 4), kernels_ms=r.get("kernels_ms"),
@@ -391,6 +397,8 @@ def nccl_main(args) -> None:
     for c in rows:
         print(f"{c['case']:<18} {c['bytes'] / 2**20:7.1f} {c['messages']:4d} {c['ours_ms']:8.3f} {c['ours_gbps']:9.1f} "
               f"{c['raw_ms']:7.3f} {c['raw_gbps']:8.1f} {c['ratio']:6.3f}")
+        if "raw_on_our_group_ms" in c:
+            print(f"  raw on our tuned group: {c['raw_on_our_group_ms']:.3f} ms")
         if "split_ms" in c:
             print(f"  diag: split (same messages, pre-gathered) {c['split_ms']:.3f} ms; kernels alone (ms) "
                   f"receiver {c['kernels_ms']} sender {(c['sender'] or {}).get('kernels_ms')}")
@@ -401,10 +409,13 @@ def nccl_main(args) -> None:
     print(f"ratio (headline {headline['case']}): {headline['ratio']:.3f}  target 0.85")
     if args.cpu and not args.save:
         return
+    from kv_transfer.nccl_rank import MAX_MESSAGES
+    max_messages = args.max_messages or MAX_MESSAGES
     config = dict(transport="nccl", backend="gloo" if args.cpu else "nccl", dtype="float32" if args.cpu else "bfloat16",
                   block_size=args.block_size, block_ids="shuffled", prefill_tp=1, decode_tp=1, runs=args.runs,
                   warmup=args.warmup, min_message_bytes=int(args.min_message_mib * 2**20), headline=NCCL_HEADLINE,
-                  max_ctas=args.max_ctas or None, gather_programs=args.gather_programs or None, raw_group="NCCL's own settings",
+                  max_ctas=args.max_ctas or None, min_ctas=args.min_ctas or None, max_messages=max_messages,
+                  gather_programs=args.gather_programs or None, raw_group="NCCL's own settings",
                   shapes=[asdict(c) for c in cases],
                   devices=[torch.cuda.get_device_name(i) for i in (0, 1)] if not args.cpu else ["cpu", "cpu"],
                   nccl=".".join(map(str, torch.cuda.nccl.version())) if not args.cpu else None,
@@ -436,6 +447,8 @@ def nccl_worker(args) -> None:
     store = connect_store("127.0.0.1", args.store_port, 300)
     min_message = int(args.min_message_mib * 2**20)
     kinds = ("ours", "raw", "split") if args.diag else ("ours", "raw")
+    if args.max_ctas or args.min_ctas:  # raw on our tuned group too: what the tuning alone gives
+        kinds += ("raw_our_group",)
     for ci, case in enumerate(nccl_cases(args)):
         bs, heads, layers = args.block_size, case.num_kv_heads, case.num_layers
         nb = -(-case.tokens // bs)
@@ -446,23 +459,25 @@ def nccl_worker(args) -> None:
         if index == 0:
             for t in (kv.k, kv.v, raw):
                 t.normal_()
-        rank = RankKV(kv, device, timeout_s=120, min_message_bytes=min_message, max_ctas=args.max_ctas,
-                      gather_programs=args.gather_programs)
+        tuning = dict(max_ctas=args.max_ctas, min_ctas=args.min_ctas, gather_programs=args.gather_programs)
+        if args.max_messages:
+            tuning["max_messages"] = args.max_messages
+        rank = RankKV(kv, device, timeout_s=120, min_message_bytes=min_message, **tuning)
         pair = f"bench{ci}"
         rank.open_pair(pair, "127.0.0.1", args.store_port, index)
         reference = rank
-        if args.max_ctas:  # raw runs on a group with NCCL's own settings
+        if args.max_ctas or args.min_ctas:  # raw runs on a group with NCCL's own settings
             reference = RankKV(kv, device, timeout_s=120)
             reference.open_pair(f"ref{ci}", "127.0.0.1", args.store_port, index)
         print(f"rank {index}: {case.name}: pair open", file=sys.stderr, flush=True)
         group, ref_group = rank.group(pair), reference.group(reference.pairs[0])
-        groups = layer_groups(layers, nbytes // layers, min_message)
+        groups = layer_groups(layers, nbytes // layers, min_message, rank.max_messages)
         split = _split_buffers(rank, blocks, groups, heads, index)
         times = {k: [] for k in kinds}
         for run in range(args.warmup + args.runs):
             for kind in kinds:
                 tag = f"{ci}/{run}/{kind}"
-                key = 3 * run + kinds.index(kind)
+                key = len(kinds) * run + kinds.index(kind)
                 t = _one_transfer(kind, index, rank, store, tag, key, blocks, pair, heads, layers, group, ref_group,
                                   raw, split, cuda)
                 if index == 1 and run >= args.warmup:
@@ -499,6 +514,8 @@ def _one_transfer(kind, index, rank, store, tag, key, blocks, pair, heads, layer
             rank.send(key, blocks, [(pair, 0, heads)])
         elif kind == "raw":
             works = [ref_group.send([raw], 1, 0)]
+        elif kind == "raw_our_group":
+            works = [group.send([raw], 1, 0)]
         else:
             works = [group.send([b], 1, 0) for b in split]
         store.set(f"t0/{tag}", repr(t0))
@@ -512,6 +529,8 @@ def _one_transfer(kind, index, rank, store, tag, key, blocks, pair, heads, layer
         rank.recv(key, blocks, [(pair, 0, heads)], layers)
     elif kind == "raw":
         works = [ref_group.recv([raw], 0, 0)]
+    elif kind == "raw_our_group":
+        works = [group.recv([raw], 0, 0)]
     else:
         works = [group.recv([b], 0, 0) for b in split]
     _barrier(store, tag)
