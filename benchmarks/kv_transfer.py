@@ -342,8 +342,8 @@ def nccl_main(args) -> None:
     """Serve the rendezvous store, run the two rank processes, report the receiver's timings.
     Ours = bytes / (the receiver's poll() reporting the key ok - the sender entering send());
     raw = bytes / (the receiver's recv work completed - the sender entering send), one
-    tensor of the same bytes; both ends start together behind a barrier on the store and
-    both receives are posted before it. Runs alternate; medians are reported. Times are
+    tensor of the same bytes; both receives are posted before a barrier on the store, after
+    which the sender spins until an agreed start instant (_start_together) and starts. Runs alternate; medians are reported. Times are
     CLOCK_MONOTONIC (time.perf_counter), one clock for every process of the host."""
     from kv_transfer.nccl_store import serve_store
     if not args.cpu and torch.cuda.device_count() < 2:
@@ -508,8 +508,7 @@ def _one_transfer(kind, index, rank, store, tag, key, blocks, pair, heads, layer
     """One transfer of `kind`, both ends leaving a barrier together; the receiver returns
     its seconds from the sender's start to its own end."""
     if index == 0:
-        _barrier(store, tag)
-        t0 = time.perf_counter()
+        t0 = _start_together(store, tag, index)
         if kind == "ours":
             rank.send(key, blocks, [(pair, 0, heads)])
         elif kind == "raw":
@@ -518,7 +517,6 @@ def _one_transfer(kind, index, rank, store, tag, key, blocks, pair, heads, layer
             works = [group.send([raw], 1, 0)]
         else:
             works = [group.send([b], 1, 0) for b in split]
-        store.set(f"t0/{tag}", repr(t0))
         if kind == "ours":
             _until_ended(rank, key)
         else:
@@ -533,14 +531,13 @@ def _one_transfer(kind, index, rank, store, tag, key, blocks, pair, heads, layer
         works = [group.recv([raw], 0, 0)]
     else:
         works = [group.recv([b], 0, 0) for b in split]
-    _barrier(store, tag)
+    t0 = _start_together(store, tag, index)
     if kind == "ours":
         _until_ended(rank, key)
     else:
         for w in works:
             _until_completed(w, cuda)
-    t1 = time.perf_counter()
-    return t1 - float(store.get(f"t0/{tag}"))
+    return time.perf_counter() - t0
 
 
 def _split_buffers(rank, blocks, groups, heads, index) -> list[torch.Tensor]:
@@ -624,11 +621,11 @@ def _traced(index, rank, store, ci, blocks, pair, heads, layers, runs: int = 7) 
     for run in range(runs):
         key, tag = 2 * 10**6 + run, f"trace/{ci}/{run}"
         if index == 0:
-            _barrier(store, tag)
+            _start_together(store, tag, index)
             rank.send(key, blocks, [(pair, 0, heads)])
         else:
             rank.recv(key, blocks, [(pair, 0, heads)], layers)
-            _barrier(store, tag)
+            _start_together(store, tag, index)
         _until_ended(rank, key)
         out.append(rank.trace.report())
     rank.trace = None
@@ -676,6 +673,22 @@ def _profile_one(args, index, rank, store, ci, blocks, pair, heads, layers) -> d
     cpu = [e for e in events if e.get("cat") == "cpu_op" and "dur" in e]
     host_us = round(max(e["ts"] + e["dur"] for e in cpu) - min(e["ts"] for e in cpu), 1) if cpu else None
     return dict(gpu=rows, host_span_us=host_us)
+
+
+def _start_together(store, tag: str, index: int, lead_s: float = 0.002) -> float:
+    """Both rank processes meet at the barrier; the sender then names a start instant
+    lead_s ahead on the host's monotonic clock and both return it, the sender by spinning
+    until it comes. The sender starts from a running core rather than from waking up after
+    a store round trip (on these hosts that alone cost ours, dozens of Python and CUDA
+    calls, a few hundred microseconds, and raw one call), and both ends share one t0."""
+    _barrier(store, tag)
+    if index == 0:
+        t0 = time.perf_counter() + lead_s
+        store.set(f"t0/{tag}", repr(t0))
+        while time.perf_counter() < t0:
+            pass
+        return t0
+    return float(store.get(f"t0/{tag}"))
 
 
 def _barrier(store, tag: str) -> None:

@@ -369,8 +369,9 @@ class RankKV:
                 # whole forward): fewer CTAs leave more SMs to the compute beside it
                 opts.config.max_ctas = self.max_ctas
                 opts.config.min_ctas = 1
-            if self.min_ctas > 0:
+            if self.min_ctas > 0:  # NCCL wants both bounds set
                 opts.config.min_ctas = self.min_ctas
+                opts.config.max_ctas = max(self.min_ctas, self.max_ctas if self.max_ctas > 0 else 64)
             return dist.ProcessGroupNCCL(store, index, 2, opts)
         opts = dist.ProcessGroupGloo._Options()
         opts._devices = [dist.ProcessGroupGloo.create_device(hostname=self.bind_host)]

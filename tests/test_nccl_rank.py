@@ -322,7 +322,8 @@ def dead_or_silent(setup: Setup, store: int, peers, tmp_path: Path) -> None:
         assert "timed out" not in dead["error"] and dead["elapsed"] < timeout, dead
     s2.expect("paused")  # alive, but sends nothing for key 2
     silent = r.expect("result", key=2)
-    assert not silent["ok"] and "timed out" in silent["error"] and timeout - 0.5 < silent["elapsed"] < timeout + 2
+    # ours or, on CPU, gloo's own timeout of the same length: whichever fires first
+    assert not silent["ok"] and "timed out" in silent["error"].lower() and timeout - 0.5 < silent["elapsed"] < timeout + 2
     s2.resume()  # both sides open the pair again: the transfer goes through
     assert s2.expect("result", key=3)["ok"]
     rebuilt = r.expect("result", key=3)
