@@ -91,9 +91,9 @@ class Mover:
         self._shapes: dict[int, tuple[int, int, int, int]] = {}
 
     def move(self, idx: torch.Tensor, l0: int, l1: int, head: int, heads: int, buf: torch.Tensor,
-             rows: torch.Tensor, scatter: bool) -> None:
+             rows: torch.Tensor, scatter: bool, nb: int | None = None) -> None:
         """Gather (scatter=False) layers [l0, l1), heads [head, head + heads) of the blocks in
-        idx into buf (int32, the message's words: [l1 - l0, 2, len(idx), block_size, heads,
+        idx (its first nb entries: len(idx) by default) into buf (int32, the message's words: [l1 - l0, 2, len(idx), block_size, heads,
         head_dim] of the cache's dtype), or scatter buf back; either way write the rows'
         weighted sums into rows [num_layers, 2 * len(idx)] (int64) at layers [l0, l1)."""
         shape = self._shapes.get(heads)
@@ -104,7 +104,7 @@ class Mover:
         wph, seg, segp, tb = shape
         if wph * 4 != self.hd * self.es:  # a head is not whole words (heads and offsets are): the offset in words
             wph, head = 1, head * self.hd * self.es // 4
-        nb = len(idx)
+        nb = len(idx) if nb is None else nb
         total = (l1 - l0) * 2 * nb
         programs = min(total, self.programs) if self.programs > 0 else total
         _move_rows[(programs,)](self.k32, self.v32, idx, buf, rows, l0, nb, *self.strides, head, total,

@@ -226,6 +226,7 @@ class _Part:
     head: int                                  # first local head on this rank
     heads: int
     groups: list[tuple[int, int]]
+    fused: bool = False                        # its messages move through the fused kernels
     bufs: list[torch.Tensor] = field(default_factory=list)
     works: list = field(default_factory=list)
     status: list[str | None] = field(default_factory=list)  # CPU: per work, set by the waiter
@@ -276,6 +277,7 @@ class RankKV:
             log.warning("TORCH_NCCL_BLOCKING_WAIT is set: recv() will block until its data arrived")
         # the fused kernels (nccl_kernels) where Triton is there; gather_programs caps their grid
         self._mover = kernels.Mover(kv.k, kv.v, gather_programs) if self.cuda and kernels is not None else None
+        self._computed = torch.cuda.Event() if self.cuda else None  # send(): the compute stream up to now
         if self.cuda:
             self._preload_kernels()
 
@@ -430,6 +432,8 @@ class RankKV:
             self.trace.host("block ids pinned")
         if self.cuda:
             compute = torch.cuda.current_stream(self.device)
+            if layer_events is None:
+                self._computed.record(compute)  # each pair's stream waits for it (one event, reused)
             self._start(tr, "send", lambda part: self._send_cuda(part, meta, layer_events, compute))
             if self.trace:
                 self.trace.host("send returned")
@@ -493,7 +497,7 @@ class RankKV:
                 gone = _Pair(name, want, None, None, None, closed=f"pair {name} is not open")
                 tr.parts.append(_Part(gone, head, heads, groups, error=gone.closed, settled=True))
             else:
-                tr.parts.append(_Part(pair, head, heads, groups))
+                tr.parts.append(_Part(pair, head, heads, groups, self._fused(head, heads)))
         if not tr.parts:
             raise ValueError("a transfer needs at least one pair")
         return tr
@@ -515,21 +519,20 @@ class RankKV:
         for dst, i in zip(into or (self.kv.k, self.kv.v), (0, 1)):
             _wide(dst[l0:l1, :, :, head:head + heads]).index_copy_(1, idx, _wide(buf[:, i]))
 
-    def _fused(self, part: _Part) -> bool:
-        """Whether the part's messages move through the fused kernels (nccl_kernels)."""
-        return self._mover is not None and kernels.supported(self.kv.k, part.head, part.heads)
+    def _fused(self, head: int, heads: int) -> bool:
+        """Whether messages of these heads move through the fused kernels (nccl_kernels)."""
+        return self._mover is not None and kernels.supported(self.kv.k, head, heads)
 
     def _send_cuda(self, part: _Part, meta_host: torch.Tensor, layer_events, compute) -> None:
         """Queue the part's gathers and sends. Only what the first message needs comes
         before its send: where the KV is already computed, the host time spent here before
         it is time the link stands idle."""
         stream, group, layers = part.pair.stream, part.pair.group, self.kv.num_layers
-        fused, mover, nb = self._fused(part), self._mover, len(meta_host) - 3
+        fused, mover, nb = part.fused, self._mover, len(meta_host) - 3
         with torch.cuda.stream(stream):
             if layer_events is None:
-                stream.wait_stream(compute)
+                stream.wait_event(self._computed)  # recorded by send() on the compute stream
             meta = meta_host.to(self.device, non_blocking=True)  # [block ids..., key, n_blocks, num_layers]
-            idx = meta[:nb]
             rows = torch.empty((layers, 2 * nb), dtype=torch.int64, device=self.device) if fused else None
             tail = None if fused else torch.empty(3 + layers, dtype=torch.int64, device=self.device)
             trace = self.trace
@@ -540,9 +543,9 @@ class RankKV:
                     stream.wait_event(layer_events[l1 - 1])
                 if fused:
                     buf = self._flat_buf(l1 - l0, nb, part.heads)
-                    mover.move(idx, l0, l1, part.head, part.heads, buf.view(torch.int32), rows, scatter=False)
+                    mover.move(meta, l0, l1, part.head, part.heads, buf.view(torch.int32), rows, False, nb)
                 else:
-                    buf = self._gather(idx, l0, l1, part.head, part.heads)
+                    buf = self._gather(meta[:nb], l0, l1, part.head, part.heads)
                 part.bufs.append(buf)
                 if trace:
                     trace.gpu(f"gathered {i}", stream)
@@ -586,7 +589,7 @@ class RankKV:
         return torch.empty(layers * 2 * nb * k.shape[2] * heads * k.shape[4], dtype=k.dtype, device=self.device)
 
     def _empty_bufs(self, part: _Part, nb: int) -> list[torch.Tensor]:
-        new = self._flat_buf if self._fused(part) else self._empty_buf
+        new = self._flat_buf if part.fused else self._empty_buf
         return [new(l1 - l0, nb, part.heads) for l0, l1 in part.groups]
 
     def _recv_cuda(self, part: _Part, idx_host: torch.Tensor, layers: int) -> None:
@@ -600,7 +603,7 @@ class RankKV:
                 part.works = [group.recv([b], 0, 0) for b in part.bufs]
                 part.works.append(group.recv([part.tail], 0, 0))
                 sums = torch.empty(layers, dtype=torch.int64, device=self.device)
-                fused, mover = self._fused(part), self._mover
+                fused, mover = part.fused, self._mover
                 rows = torch.empty((layers, 2 * len(idx_host)), dtype=torch.int64, device=self.device) if fused else None
                 trace = self.trace
                 if trace:

@@ -77,14 +77,14 @@ def main(cfg: dict) -> None:
             events = None
             if cfg.get("forward") and device.type == "cuda":  # the cache fills while send() is issued
                 events = fill_like_a_forward(kv, *contents, cfg.get("delay_cycles", 20_000_000))
-            saved, saved_kernels = nccl_rank.checksum, nccl_rank.kernels
+            saved, saved_mover = nccl_rank.checksum, rank._mover
             if op.get("corrupt"):  # the receiver must see a mismatch: the sender's checksums are off by one
                 nccl_rank.checksum = lambda buf: saved(buf) + 1
-                nccl_rank.kernels = OffByOne(saved_kernels) if saved_kernels is not None else None
+                rank._mover = OffByOne(saved_mover) if saved_mover is not None else None
             try:
                 rank.send(op["key"], op["blocks"], [tuple(p) for p in op["parts"]], events)
             finally:
-                nccl_rank.checksum, nccl_rank.kernels = saved, saved_kernels
+                nccl_rank.checksum, rank._mover = saved, saved_mover
             emit(event="sent", key=op["key"], host_s=round(time.monotonic() - started[op["key"]], 4))
         elif kind == "recv":
             started[op["key"]] = time.monotonic()
@@ -117,17 +117,14 @@ def main(cfg: dict) -> None:
 
 
 class OffByOne:
-    """nccl_kernels as the sender's fused path uses it, with each message's first checksum
-    row one too high (the torch path's corruption is checksum + 1)."""
+    """RankKV's fused mover (nccl_kernels.Mover) with each message's first checksum row one
+    too high (the torch path's corruption is checksum + 1)."""
 
-    def __init__(self, kernels):
-        self.kernels = kernels
+    def __init__(self, mover):
+        self.mover = mover
 
-    def supported(self, *args):
-        return self.kernels.supported(*args)
-
-    def move(self, k, v, idx, l0, l1, head, heads, buf, rows, scatter):
-        self.kernels.move(k, v, idx, l0, l1, head, heads, buf, rows, scatter)
+    def move(self, idx, l0, l1, head, heads, buf, rows, scatter, nb=None):
+        self.mover.move(idx, l0, l1, head, heads, buf, rows, scatter, nb)
         rows[l0, 0] += 1
 
 
