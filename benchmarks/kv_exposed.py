@@ -77,6 +77,7 @@ def main() -> None:
     ap.add_argument("--skip-zmq", action="store_true")
     ap.add_argument("--commit", default=None)
     ap.add_argument("--log-dir", default=None, help="keep the cluster members' logs here")
+    ap.add_argument("--result-name", default="kv_transfer_exposed", help="result file name (variants of a run)")
     ap.add_argument("--variants", nargs="*", default=[], metavar="MIB:CTAS",
                     help="more NCCL clusters with these --kv-min-message-mib and --kv-max-ctas (reported beside; "
                          "the ratio is the nodes' defaults')")
@@ -104,7 +105,7 @@ def main() -> None:
     config = dict(shape=a.shape, prompt_len=a.prompt_len, requests=a.requests, warmup=a.warmup, concurrency=1,
                   dtype="bfloat16", device=a.device, kv_min_message_mib=node.kv_min_message_mib,
                   kv_max_ctas=node.kv_max_ctas)
-    path = write_result("kv_transfer_exposed", "kv_transfer_exposed", ratio, 1.05, config, commit_id=a.commit,
+    path = write_result(a.result_name, "kv_transfer_exposed", ratio, 1.05, config, commit_id=a.commit,
                         nccl=nccl, zmq=zmq, prefill_alone=alone, variants=variants,
                         exposed_ms=nccl["ttft_ms"] - alone["ttft_ms"])
     print(f"-> {path}")

@@ -5,7 +5,7 @@ on the loop thread between steps (in submission order), and receive each step's
 outputs through the on_step callback. If a step raises, the engine is unusable:
 on_fatal is called once and the loop stops. An optional poll(engine) runs before
 every step and while idle; while it returns True (work in flight outside the steps,
-like KV transfers), the idle loop wakes every 50 us to call it again."""
+like KV transfers), the idle loop wakes every 0.2 ms to call it again."""
 from __future__ import annotations
 
 import queue
@@ -55,8 +55,10 @@ class EngineLoop:
                 torch.cuda.set_device(device)
             while not self.stopping:
                 busy = self.poll is not None and self.poll(self.engine)
-                # transfers in flight: poll them every 50 us (about the kernel's timer slack)
-                self._drain(block=not self.engine.has_work(), timeout=0.00005 if busy else 0.5)
+                # transfers in flight: poll them every 0.2 ms (every 50 us measured worse: a 1P1D
+                # TTFT 1.21x prefill's instead of about 1.05x, the polling taking the GIL from
+                # the node's other threads)
+                self._drain(block=not self.engine.has_work(), timeout=0.0002 if busy else 0.5)
                 if self.engine.has_work() and not self.stopping:
                     outs = self.engine.step()
                     if outs:
