@@ -42,6 +42,8 @@ class NcclKVSender(KVSender):
         self.manager.submit(self, Outgoing(0, self.manager.layout.num_layers, []))
 
     def finish(self, first_token: int) -> None:
+        """Queue the finish (the first token); thread-safe: the prefill node calls it from
+        the engine thread as the prompt's step ends."""
         if self._finish_queued:
             raise RuntimeError(f"transfer {self.transfer_id}: finish called twice")
         self._finish_queued = True

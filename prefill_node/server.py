@@ -24,7 +24,7 @@ class PrefillNode(NodeBase, node_pb2_grpc.PrefillNodeServicer):
 
     def __init__(self, cfg):
         super().__init__(cfg)
-        self.pending: dict[int, asyncio.Future] = {}   # seq_id -> (first StepOutput, exported KV)
+        self.pending: dict[int, tuple] = {}   # seq_id -> (future of (first StepOutput, exported KV), NCCL sender)
         self.requests: dict[str, object] = {}          # request_id -> Sequence, while prefilling
         self.senders: dict[str, object] = {}           # request_id -> NcclKVSender, while prefilling
 
@@ -52,9 +52,8 @@ class PrefillNode(NodeBase, node_pb2_grpc.PrefillNodeServicer):
             nblocks = -(-len(prompt) // self.engine.cfg.block_size)
             sender = self.kv.sender(ticket.kv_endpoint, ticket.transfer_id, ticket.epoch, nblocks, pairs)
         fut = self.aio.create_future()
-        order = sender.order if sender is not None else None
         try:
-            seq = await self.call(lambda engine: self._add(engine, prompt, params, req.request_id, fut, order))
+            seq = await self.call(lambda engine: self._add(engine, prompt, params, req.request_id, fut, sender))
         except BaseException:
             if sender is not None:
                 sender.withdraw()
@@ -75,12 +74,12 @@ class PrefillNode(NodeBase, node_pb2_grpc.PrefillNodeServicer):
         if out.seq.finish_reason != "prefilled":
             resp.finish_reason = FINISH[out.seq.finish_reason]
             return resp
-        if sender is None:
+        if sender is None:  # ZeroMQ (NCCL: the step sent the data, the engine thread queued the finish)
             sender = self.kv.sender(ticket.kv_endpoint, ticket.transfer_id, ticket.epoch, layers[0][0].shape[1])
             step = self.cfg.kv_layers_per_message
             for start_layer in range(0, len(layers), step):
                 sender.send_layers(start_layer, layers[start_layer:start_layer + step])
-        sender.finish(out.token_id)
+            sender.finish(out.token_id)
         if not await sender.status.ended_async(max(0.0, ticket.lease_expiry - time.time())):
             sender.status.fail("no acknowledgement before the lease expired")
         if sender.state != TransferState.DONE:
@@ -88,9 +87,10 @@ class PrefillNode(NodeBase, node_pb2_grpc.PrefillNodeServicer):
         resp.transfer_end = time.time()
         return resp
 
-    def _add(self, engine, prompt, params, request_id, fut, kv_send=None):
+    def _add(self, engine, prompt, params, request_id, fut, sender=None):
+        kv_send = sender.order if sender is not None else None
         seq = engine.add_request(prompt, params, request_id, prefill_only=True, kv_send=kv_send)
-        self.pending[seq.seq_id] = fut
+        self.pending[seq.seq_id] = (fut, sender)
         return seq
 
     def on_step(self, outs: list[StepOutput]) -> None:
@@ -100,9 +100,13 @@ class PrefillNode(NodeBase, node_pb2_grpc.PrefillNodeServicer):
         # engine thread: export the finished prompts' KV and free their blocks right away
         engine = self.engine
         for out in outs:
-            fut = self.pending.pop(out.seq.seq_id, None)
+            fut, sender = self.pending.pop(out.seq.seq_id, (None, None))
             if fut is None:
                 continue
+            if sender is not None and out.seq.finish_reason == "prefilled":
+                # NCCL: the finish (first token) leaves now, not after a hop to the event loop:
+                # the decode side needs it, and the sender is done only once it went out
+                sender.finish(out.token_id)
             exported = out.seq.finish_reason == "prefilled" and not self.nccl  # NCCL: sent during the step
             layers = engine.export_kv(out.seq) if exported else None
             engine.release(out.seq)
