@@ -427,6 +427,8 @@ class RankKV:
         if layer_events is not None and len(layer_events) < layers:
             raise ValueError(f"{len(layer_events)} layer events for {layers} layers")
         tr = self._transfer(key, True, block_ids, layers, dests)
+        if self.trace:
+            self.trace.host("transfer made")
         meta = self._index(block_ids, (key, len(block_ids), layers))  # the tail's head rides with the block ids
         if self.trace:
             self.trace.host("block ids pinned")
