@@ -270,7 +270,6 @@ def main() -> None:
     ap.add_argument("--max-messages", type=int, default=None, help="nccl: RankKV's max_messages (default: its own)")
     ap.add_argument("--gc-freeze", action="store_true",
                     help="nccl: the rank processes call gc.freeze() once set up (what is there stays out of GC passes)")
-    ap.add_argument("--no-defer-gc", action="store_true", help="nccl: RankKV.defer_gc off (diagnostics)")
     ap.add_argument("--diag", action="store_true", help="nccl: also the split kind and the kernels' own times")
     ap.add_argument("--profile", default=None, help="nccl: profile one transfer of ours per case; traces here")
     ap.add_argument("--result-name", default="kv_transfer_nccl", help="nccl: result file name (a sweep's points)")
@@ -363,7 +362,6 @@ def nccl_main(args) -> None:
     flags += ["--max-messages", str(args.max_messages)] if args.max_messages else []
     flags += ["--diag"] if args.diag else []
     flags += ["--gc-freeze"] if args.gc_freeze else []
-    flags += ["--no-defer-gc"] if args.no_defer_gc else []
     flags += ["--profile", args.profile] if args.profile else []
     env = {"CUDA_MODULE_LOADING": "EAGER", **os.environ}  # see kv_transfer/nccl_rank.py: no lazy kernel loading
     procs = [subprocess.Popen([sys.executable, __file__, *flags, "--worker", str(i)], stdout=subprocess.PIPE,
@@ -419,7 +417,7 @@ def nccl_main(args) -> None:
     config = dict(transport="nccl", backend="gloo" if args.cpu else "nccl", dtype="float32" if args.cpu else "bfloat16",
                   block_size=args.block_size, block_ids="shuffled", prefill_tp=1, decode_tp=1, runs=args.runs,
                   warmup=args.warmup, min_message_bytes=int(args.min_message_mib * 2**20), headline=NCCL_HEADLINE,
-                  gc_freeze=args.gc_freeze or None, defer_gc=not args.no_defer_gc, max_ctas=args.max_ctas or None, min_ctas=args.min_ctas or None, max_messages=max_messages,
+                  gc_freeze=args.gc_freeze or None, max_ctas=args.max_ctas or None, min_ctas=args.min_ctas or None, max_messages=max_messages,
                   gather_programs=args.gather_programs or None, raw_group="NCCL's own settings",
                   shapes=[asdict(c) for c in cases],
                   devices=[torch.cuda.get_device_name(i) for i in (0, 1)] if not args.cpu else ["cpu", "cpu"],
@@ -468,7 +466,6 @@ def nccl_worker(args) -> None:
         if args.max_messages:
             tuning["max_messages"] = args.max_messages
         rank = RankKV(kv, device, timeout_s=120, min_message_bytes=min_message, **tuning)
-        rank.defer_gc = not args.no_defer_gc
         pair = f"bench{ci}"
         rank.open_pair(pair, "127.0.0.1", args.store_port, index)
         reference = rank

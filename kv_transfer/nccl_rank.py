@@ -56,7 +56,6 @@ from __future__ import annotations
 
 import array
 import datetime
-import gc
 import logging
 import os
 import queue
@@ -274,7 +273,6 @@ class RankKV:
         self._dead: list = []  # aborted groups: destroyed in close(), their destructors may wait
         self.trace: Trace | None = None  # diagnostics only (see Trace)
         self._spent: list = []  # settled parts' buffers and works, dropped at the next poll()
-        self.defer_gc = True  # see send()
         if self.cuda and os.environ.get("TORCH_NCCL_BLOCKING_WAIT", "0") not in ("0", ""):
             log.warning("TORCH_NCCL_BLOCKING_WAIT is set: recv() will block until its data arrived")
         # the fused kernels (nccl_kernels) where Triton is there; gather_programs caps their grid
@@ -422,20 +420,7 @@ class RankKV:
     def send(self, key: int, block_ids: list[int], dests: list[tuple[str, int, int]],
              layer_events: list[torch.cuda.Event] | None = None) -> None:
         """Non-blocking: send heads [head, head + heads) of `block_ids`, all layers, to each
-        (pair, head, heads) in dests. See the module docstring for streams and events.
-        With defer_gc (the default), Python's cyclic GC waits until send() returns: a
-        collection in the middle of it (tens of microseconds and more) would hold the
-        first messages back while the link idles."""
-        if not (self.defer_gc and gc.isenabled()):
-            self._send(key, block_ids, dests, layer_events)
-            return
-        gc.disable()
-        try:
-            self._send(key, block_ids, dests, layer_events)
-        finally:
-            gc.enable()
-
-    def _send(self, key: int, block_ids: list[int], dests, layer_events) -> None:
+        (pair, head, heads) in dests. See the module docstring for streams and events."""
         if self.trace:
             self.trace.host("send entered")
         layers = self.kv.num_layers
