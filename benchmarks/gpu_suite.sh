@@ -53,7 +53,7 @@ for group in "$@"; do
         nccl) "$0" ${commit[@]+"${commit[@]}"} nccl-bench nccl-tests || status=1 ;;
         nccl-bench)  # about 4 min
             run kv-nccl 150 python3 benchmarks/kv_transfer.py --transport nccl --diag "${commit[@]}"
-            run kv-exposed 300 python3 benchmarks/kv_exposed.py --requests 30 "${commit[@]}" ;;
+            run kv-exposed 300 python3 benchmarks/kv_exposed.py --requests 60 "${commit[@]}" ;;
         nccl-tests)  # about 4 min; the 1:2 and 2:1 cluster tests need three GPUs
             run tests-kv-kernels 120 python3 -m pytest -q tests/gpu/test_gpu_kv_kernels.py
             run tests-nccl 420 python3 -m pytest -q -s tests/gpu/test_gpu_nccl_rank.py tests/gpu/test_gpu_cluster.py ;;
