@@ -33,10 +33,10 @@ def _move_rows(k_ptr, v_ptr, idx_ptr, buf_ptr, rows_ptr, l0, nb, layer_stride, b
     w = tl.arange(0, SEGP)[None, :]
     i = 0
     while i < rounds:  # not range(): Triton's interpreter cannot loop to a runtime bound that way
-        pid = tl.program_id(0) + i * tl.num_programs(0)
+        first = tl.program_id(0) + i * tl.num_programs(0)
         i += 1
-        live = pid < total
-        pid = tl.minimum(pid, total - 1)  # past the end: reads the last row again, writes nothing
+        live = (t * 0 + first) < total  # [TB, 1], not a scalar: Triton 3.9's interpreter refuses scalar masks
+        pid = tl.minimum(first, total - 1)  # past the end: reads the last row again, writes nothing
         lg = pid // per_layer
         r = pid % per_layer          # index in the layer: kv * nb + j
         kv = r // nb
@@ -63,7 +63,8 @@ def _move_rows(k_ptr, v_ptr, idx_ptr, buf_ptr, rows_ptr, l0, nb, layer_stride, b
             acc += x.to(tl.int64)
         s = tl.sum(tl.sum(acc, axis=1), axis=0)
         s32 = ((s + 2147483648) & 4294967295) - 2147483648  # the int32 sum's wrap-around, sign-extended
-        tl.store(rows_ptr + (l0 + lg).to(tl.int64) * per_layer + r, s32 * (r + 1).to(tl.int64), mask=live)
+        if first < total:
+            tl.store(rows_ptr + (l0 + lg).to(tl.int64) * per_layer + r, s32 * (r + 1).to(tl.int64))
 
 
 def supported(k: torch.Tensor, head: int, heads: int) -> bool:
