@@ -512,39 +512,31 @@ def nccl_worker(args) -> None:
 
 def _one_transfer(kind, index, rank, store, tag, key, blocks, pair, heads, layers, group, ref_group, raw, split,
                   cuda) -> float | None:
-    """One transfer of `kind`, both ends leaving a barrier together; the receiver returns
-    its seconds from the sender's start to its own end."""
+    """One transfer of `kind`: the receiver posts before the start, the sender issues after
+    it (_start_together); the receiver returns its seconds from the start to its own end."""
+    def issue() -> list | None:
+        if kind == "ours":
+            if index == 0:
+                rank.send(key, blocks, [(pair, 0, heads)])
+            else:
+                rank.recv(key, blocks, [(pair, 0, heads)], layers)
+            return None
+        on, bufs = {"raw": (ref_group, [raw]), "raw_our_group": (group, [raw])}.get(kind, (group, split))
+        op = on.send if index == 0 else on.recv
+        return [op([b], 1 - index, 0) for b in bufs]
+
     if index == 0:
         t0 = _start_together(store, tag, index)
-        if kind == "ours":
-            rank.send(key, blocks, [(pair, 0, heads)])
-        elif kind == "raw":
-            works = [ref_group.send([raw], 1, 0)]
-        elif kind == "raw_our_group":
-            works = [group.send([raw], 1, 0)]
-        else:
-            works = [group.send([b], 1, 0) for b in split]
-        if kind == "ours":
-            _until_ended(rank, key)
-        else:
-            for w in works:
-                _until_completed(w, cuda)
-        return None
-    if kind == "ours":
-        rank.recv(key, blocks, [(pair, 0, heads)], layers)
-    elif kind == "raw":
-        works = [ref_group.recv([raw], 0, 0)]
-    elif kind == "raw_our_group":
-        works = [group.recv([raw], 0, 0)]
+        works = issue()
     else:
-        works = [group.recv([b], 0, 0) for b in split]
-    t0 = _start_together(store, tag, index)
-    if kind == "ours":
+        works = issue()
+        t0 = _start_together(store, tag, index)
+    if works is None:
         _until_ended(rank, key)
     else:
         for w in works:
             _until_completed(w, cuda)
-    return time.perf_counter() - t0
+    return None if index == 0 else time.perf_counter() - t0
 
 
 def _split_buffers(rank, blocks, groups, heads, index) -> list[torch.Tensor]:

@@ -94,9 +94,10 @@ class Mover:
     def move(self, idx: torch.Tensor, l0: int, l1: int, head: int, heads: int, buf: torch.Tensor,
              rows: torch.Tensor, scatter: bool, nb: int | None = None) -> None:
         """Gather (scatter=False) layers [l0, l1), heads [head, head + heads) of the blocks in
-        idx (its first nb entries: len(idx) by default) into buf (int32, the message's words: [l1 - l0, 2, len(idx), block_size, heads,
-        head_dim] of the cache's dtype), or scatter buf back; either way write the rows'
-        weighted sums into rows [num_layers, 2 * len(idx)] (int64) at layers [l0, l1)."""
+        idx (its first nb entries; all of it by default) into buf (int32: the words of
+        [l1 - l0, 2, nb, block_size, heads, head_dim] in the cache's dtype), or scatter buf
+        back; either way write the rows' weighted sums into rows [num_layers, 2 * nb]
+        (int64) at layers [l0, l1)."""
         shape = self._shapes.get(heads)
         if shape is None:
             wph, seg = self.hd * self.es // 4, heads * self.hd * self.es // 4
@@ -133,6 +134,5 @@ def preload(k: torch.Tensor, heads_counts: list[int]) -> None:
         if not supported(k, 0, heads):
             continue
         buf = torch.zeros((1, 2, 1, k.shape[2], heads, k.shape[4]), dtype=k.dtype, device=k.device)
-        for scatter in (False, True):
-            for programs in (0, 1):  # a capped grid: the same kernel, whatever the cap
-                move(*scratch, idx, 0, 1, 0, heads, buf, rows, scatter, programs)
+        for scatter in (False, True):  # the grid's cap is not specialized on: one kernel whatever it is
+            move(*scratch, idx, 0, 1, 0, heads, buf, rows, scatter)
