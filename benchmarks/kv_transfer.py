@@ -393,7 +393,9 @@ def nccl_main(args) -> None:
                        host_us=r.get("host_us"), profile_receiver=r.get("profile"),
                        sender={k: v for k, v in sender.items() if k != "trace"})
             if "trace" in r and "trace" in sender:
-                row["timeline_us"] = _timeline(sender["trace"], r["trace"])
+                row["timeline_us"] = _timeline(sender["trace"]["ours"], r["trace"]["ours"])
+                row["timeline_us_raw"] = _timeline(sender["trace"]["raw"], r["trace"]["raw"])
+                row["timeline_us_split"] = _timeline(sender["trace"]["split"], r["trace"]["split"])
         rows.append(row)
     print(f"{'case':<18} {'MiB':>7} {'msgs':>4} {'ours ms':>8} {'ours GB/s':>9} {'raw ms':>7} {'raw GB/s':>8} "
           f"{'ratio':>6}")
@@ -406,8 +408,10 @@ def nccl_main(args) -> None:
             print(f"  diag: split (same messages, pre-gathered) {c['split_ms']:.3f} ms; kernels alone (ms) "
                   f"receiver {c['kernels_ms']} sender {(c['sender'] or {}).get('kernels_ms')}")
             print(f"  diag: host costs (us per call) {c['host_us']}")
-            for name, us in c.get("timeline_us", []):
-                print(f"    {us:9.1f} us  {name}")
+            for kind in ("timeline_us", "timeline_us_raw", "timeline_us_split"):
+                print(f"  diag: {kind}")
+                for name, us in c.get(kind, []):
+                    print(f"    {us:9.1f} us  {name}")
     headline = next((c for c in rows if c["case"] == NCCL_HEADLINE), rows[0])
     print(f"ratio (headline {headline['case']}): {headline['ratio']:.3f}  target 0.85")
     if args.cpu and not args.save:
@@ -495,7 +499,7 @@ def nccl_worker(args) -> None:
         if args.diag and cuda:
             extra["kernels_ms"] = _kernel_times(rank, blocks, groups, heads)
             extra["host_us"] = _host_costs(rank, blocks, groups, heads)
-            extra["trace"] = _traced(index, rank, store, ci, blocks, pair, heads, layers)
+            extra["trace"] = _traced(index, rank, store, ci, blocks, pair, heads, layers, group, raw, split)
         if args.profile and cuda:
             extra["profile"] = _profile_one(args, index, rank, store, ci, blocks, pair, heads, layers)
         if index == 1:
@@ -612,21 +616,42 @@ def _host_costs(rank, blocks, groups, heads) -> dict:
     return out
 
 
-def _traced(index, rank, store, ci, blocks, pair, heads, layers, runs: int = 7) -> list:
-    """Transfers of ours with RankKV's Trace on: per run, this rank's marks (label, host
-    seconds), both ends leaving a barrier together as in the timed runs."""
+def _traced(index, rank, store, ci, blocks, pair, heads, layers, group, raw, split, runs: int = 7) -> dict:
+    """Transfers with RankKV's Trace on, both ends leaving a barrier together as in the timed
+    runs: per kind (ours, raw, split), per run, this rank's marks (label, host seconds). For
+    raw and split the sender marks its entry and each send issued, the receiver each
+    receive completed: the host cost of cold send calls beside ours."""
     from kv_transfer.nccl_rank import Trace
-    rank.trace, out = Trace(rank.device), []
+    rank.trace, out = Trace(rank.device), {"ours": [], "raw": [], "split": []}
+    trace = rank.trace
     for run in range(runs):
-        key, tag = 2 * 10**6 + run, f"trace/{ci}/{run}"
-        if index == 0:
-            _start_together(store, tag, index)
-            rank.send(key, blocks, [(pair, 0, heads)])
-        else:
-            rank.recv(key, blocks, [(pair, 0, heads)], layers)
-            _start_together(store, tag, index)
-        _until_ended(rank, key)
-        out.append(rank.trace.report())
+        for kind in out:
+            key, tag = 2 * 10**6 + 3 * run + len(out[kind]), f"trace/{ci}/{run}/{kind}"
+            bufs = [raw] if kind == "raw" else split
+            if index == 0:
+                _start_together(store, tag, index)
+                if kind == "ours":
+                    rank.send(key, blocks, [(pair, 0, heads)])
+                else:
+                    trace.host("send entered")
+                    works = []
+                    for i, b in enumerate(bufs):
+                        works.append(group.send([b], 1, 0))
+                        trace.host(f"send {i} issued")
+            else:
+                if kind == "ours":
+                    rank.recv(key, blocks, [(pair, 0, heads)], layers)
+                else:
+                    works = [group.recv([b], 0, 0) for b in bufs]
+                _start_together(store, tag, index)
+            if kind == "ours":
+                _until_ended(rank, key)
+            else:
+                for i, w in enumerate(works):
+                    _until_completed(w, True)
+                    if index == 1:
+                        trace.host(f"received {i}")
+            out[kind].append(trace.report())
     rank.trace = None
     return out
 

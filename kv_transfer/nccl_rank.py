@@ -436,6 +436,8 @@ class RankKV:
             compute = torch.cuda.current_stream(self.device)
             if layer_events is None:
                 self._computed.record(compute)  # each pair's stream waits for it (one event, reused)
+            if self.trace:
+                self.trace.host("computed recorded")
             self._start(tr, "send", lambda part: self._send_cuda(part, meta, layer_events, compute))
             if self.trace:
                 self.trace.host("send returned")
@@ -534,22 +536,30 @@ class RankKV:
         with torch.cuda.stream(stream):
             if layer_events is None:
                 stream.wait_event(self._computed)  # recorded by send() on the compute stream
-            meta = meta_host.to(self.device, non_blocking=True)  # [block ids..., key, n_blocks, num_layers]
-            rows = torch.empty((layers, 2 * nb), dtype=torch.int64, device=self.device) if fused else None
-            tail = None if fused else torch.empty(3 + layers, dtype=torch.int64, device=self.device)
             trace = self.trace
             if trace:
+                trace.host("stream entered")
+            meta = meta_host.to(self.device, non_blocking=True)  # [block ids..., key, n_blocks, num_layers]
+            if trace:
+                trace.host("ids copy issued")
+            rows = torch.empty((layers, 2 * nb), dtype=torch.int64, device=self.device) if fused else None
+            tail = None if fused else torch.empty(3 + layers, dtype=torch.int64, device=self.device)
+            if trace:
+                trace.host("rows made")
                 trace.gpu("first gather starts", stream)
             for i, (l0, l1) in enumerate(part.groups):
                 if layer_events is not None:
                     stream.wait_event(layer_events[l1 - 1])
                 if fused:
                     buf = self._flat_buf(l1 - l0, nb, part.heads)
+                    if trace:
+                        trace.host(f"buffer {i} made")
                     mover.move(meta, l0, l1, part.head, part.heads, buf.view(torch.int32), rows, False, nb)
                 else:
                     buf = self._gather(meta[:nb], l0, l1, part.head, part.heads)
                 part.bufs.append(buf)
                 if trace:
+                    trace.host(f"gather {i} launched")
                     trace.gpu(f"gathered {i}", stream)
                 part.works.append(group.send([buf], 1, 0))  # NCCL's stream waits for the gather only
                 if trace:
