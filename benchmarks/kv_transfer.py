@@ -584,7 +584,6 @@ def _kernel_times(rank, blocks, groups, heads) -> dict:
 
 def _host_costs(rank, blocks, groups, heads) -> dict:
     """Host time of the steps a send issues, microseconds per call (median of 5 rounds of 20)."""
-    from kv_transfer.nccl_rank import kernels
     idx = torch.tensor(blocks, dtype=torch.long, device=rank.device)
     (l0, l1), nb = groups[0], len(blocks)
     buf = rank._gather(idx, l0, l1, 0, heads)
