@@ -14,6 +14,9 @@ Rows whose width is not a multiple of 4 bytes are not handled here (supported() 
 which); RankKV then keeps its torch path."""
 from __future__ import annotations
 
+import contextlib
+from typing import Any
+
 import torch
 import triton
 import triton.language as tl
@@ -90,14 +93,21 @@ class Mover:
         self.es, self.bs, self.hd = es, k.shape[2], k.shape[4]
         self.strides = tuple(n * es // 4 for n in k.stride()[:3])
         self._shapes: dict[int, tuple[int, int, int, int]] = {}
+        # (heads, scatter) -> the compiled kernel, launched directly: Triton's dispatch (binding
+        # and specializing the arguments, looking the kernel up) costs the host ~20 us warm
+        # and ~70 us cold per launch, on the transfer's critical path
+        self._compiled: dict[tuple[int, bool], Any] = {}
+        self.direct = k.is_cuda  # False: always through Triton's dispatch (the interpreter, tests)
 
     def move(self, idx: torch.Tensor, l0: int, l1: int, head: int, heads: int, buf: torch.Tensor,
-             rows: torch.Tensor, scatter: bool, nb: int | None = None) -> None:
+             rows: torch.Tensor, scatter: bool, nb: int | None = None, stream: torch.cuda.Stream | None = None) -> None:
         """Gather (scatter=False) layers [l0, l1), heads [head, head + heads) of the blocks in
         idx (its first nb entries; all of it by default) into buf (int32: the words of
         [l1 - l0, 2, nb, block_size, heads, head_dim] in the cache's dtype), or scatter buf
         back; either way write the rows' weighted sums into rows [num_layers, 2 * nb]
-        (int64) at layers [l0, l1)."""
+        (int64) at layers [l0, l1). idx may be page-locked host memory, which the kernel
+        then reads in place (no copy to the device first). Runs on `stream` (default: the
+        current one)."""
         shape = self._shapes.get(heads)
         if shape is None:
             wph, seg = self.hd * self.es // 4, heads * self.hd * self.es // 4
@@ -109,9 +119,22 @@ class Mover:
         nb = len(idx) if nb is None else nb
         total = (l1 - l0) * 2 * nb
         programs = min(total, self.programs) if self.programs > 0 else total
-        _move_rows[(programs,)](self.k32, self.v32, idx, buf, rows, l0, nb, *self.strides, head, total,
-                                -(-total // programs),
-                                WPH=wph, SEG=seg, SEGP=segp, BS=self.bs, TB=tb, SCATTER=scatter, num_warps=4)
+        rounds = -(-total // programs)
+        ptrs = idx.data_ptr(), buf.data_ptr(), rows.data_ptr()
+        compiled = self._compiled.get((heads, scatter))
+        if compiled is not None and not (ptrs[0] | ptrs[1] | ptrs[2]) % 16:  # as specialized when compiled
+            handle = (stream or torch.cuda.current_stream(self.k.device)).cuda_stream
+            compiled[(programs, 1, 1)](self.k32.data_ptr(), self.v32.data_ptr(), *ptrs, l0, nb, *self.strides, head,
+                                       total, rounds, wph, seg, segp, self.bs, tb, scatter, stream=handle)
+            return
+        if idx.device != self.k.device:  # Triton's dispatch wants device tensors
+            idx = idx.to(self.k.device, non_blocking=True)
+        with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+            kernel = _move_rows[(programs,)](self.k32, self.v32, idx, buf, rows, l0, nb, *self.strides, head, total,
+                                             rounds, WPH=wph, SEG=seg, SEGP=segp, BS=self.bs, TB=tb, SCATTER=scatter,
+                                             num_warps=4)
+        if self.direct and hasattr(kernel, "function") and not (idx.data_ptr() | ptrs[1] | ptrs[2]) % 16:
+            self._compiled[(heads, scatter)] = kernel
 
 
 def move(k: torch.Tensor, v: torch.Tensor, idx: torch.Tensor, l0: int, l1: int, head: int, heads: int,

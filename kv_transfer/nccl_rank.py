@@ -55,6 +55,7 @@ on an H200 with torch 2.11)."""
 from __future__ import annotations
 
 import array
+import ctypes
 import datetime
 import logging
 import os
@@ -217,6 +218,14 @@ class _Pair:
     stream: torch.cuda.Stream | None  # GPU: the pair's transfer stream
     waiter: _Waiter | None            # CPU
     closed: str = ""                  # why it was closed; "" while open
+    rows: torch.Tensor | None = None  # GPU, fused: the row sums, reused by every transfer (stream order)
+
+    def row_sums(self, layers: int, nb: int, device: torch.device) -> torch.Tensor:
+        """[layers, 2 * nb] int64 for the fused kernels' row sums: one buffer per pair, grown
+        when needed, used only on the pair's stream (one transfer after another)."""
+        if self.rows is None or self.rows.numel() < layers * 2 * nb:
+            self.rows = torch.empty(max(layers * 2 * nb, 1 << 16), dtype=torch.int64, device=device)
+        return self.rows[:layers * 2 * nb].view(layers, 2 * nb)
 
 
 @dataclass(eq=False)
@@ -248,12 +257,47 @@ class _Transfer:
     error: str = ""
 
 
+class _HostIds:
+    """Page-locked host buffers for block ids (GPU). The fused kernels read them in place,
+    so a transfer's ids reach the device with no copy or torch call on its critical path.
+    A buffer is taken per part and released once the last kernel that reads it is queued;
+    an event then guards its reuse."""
+
+    KEEP = 64  # released buffers kept for reuse
+
+    def __init__(self):
+        self._free: list[tuple[torch.Tensor, torch.cuda.Event]] = []
+
+    def take(self, values: array.array) -> torch.Tensor:
+        """A page-locked int64 tensor whose first len(values) entries are values."""
+        n = len(values)
+        for i, (t, event) in enumerate(self._free):
+            if t.numel() >= n and event.query():
+                del self._free[i]
+                break
+        else:
+            t = torch.empty(max(256, 1 << (n - 1).bit_length()), dtype=torch.int64, pin_memory=True)
+        ctypes.memmove(t.data_ptr(), values.buffer_info()[0], n * 8)
+        return t
+
+    def release(self, t: torch.Tensor, stream: torch.cuda.Stream) -> None:
+        """t may be reused once what is queued on stream so far ran."""
+        event = torch.cuda.Event()
+        event.record(stream)
+        self._free.append((t, event))
+        if len(self._free) > self.KEEP:  # drop one no kernel can still read (torch may hand it out again)
+            done = next((i for i, (_, e) in enumerate(self._free) if e.query()), None)
+            if done is not None:
+                del self._free[done]
+
+
 class RankKV:
     """Moves KV heads between this rank's paged cache and its peers, one 2-rank group per pair."""
 
     def __init__(self, kv: KVCache, device: torch.device | str, timeout_s: float = 30.0,
                  min_message_bytes: int = 64 << 20, bind_host: str = "127.0.0.1", max_ctas: int = 0,
-                 gather_programs: int = 0, min_ctas: int = 0, max_messages: int = MAX_MESSAGES):
+                 gather_programs: int = 0, min_ctas: int = 0, max_messages: int = MAX_MESSAGES,
+                 gather_ahead: int = 2):
         self.kv = kv
         self.device = torch.device(device)
         self.cuda = self.device.type == "cuda"
@@ -266,6 +310,10 @@ class RankKV:
         self.max_ctas = max_ctas  # NCCL: at most this many CTAs (SMs) per pair communicator; 0 = NCCL's choice
         self.min_ctas = min_ctas  # NCCL: at least this many; 0 = NCCL's choice
         self.max_messages = max_messages
+        # GPU: message i is gathered only once message i - gather_ahead has left (0: no limit).
+        # A burst of gathers beside a send takes the memory bandwidth the send needs (the
+        # message they ran beside took ~1.5x as long); spread one per message, they cost it little
+        self.gather_ahead = gather_ahead
         self.bind_host = bind_host  # gloo's listening address
         self.group_timeout_s = 2 * timeout_s + 60  # torch's watchdog: only a backstop behind ours
         self._pairs: dict[str, _Pair] = {}
@@ -278,6 +326,8 @@ class RankKV:
         # the fused kernels (nccl_kernels) where Triton is there; gather_programs caps their grid
         self._mover = kernels.Mover(kv.k, kv.v, gather_programs) if self.cuda and kernels is not None else None
         self._computed = torch.cuda.Event() if self.cuda else None  # send(): the compute stream up to now
+        self._host_ids = _HostIds() if self.cuda else None
+        self._plans: dict[tuple[int, int, int], tuple[list[tuple[int, int]], bool]] = {}
         if self.cuda:
             self._preload_kernels()
 
@@ -429,9 +479,10 @@ class RankKV:
         tr = self._transfer(key, True, block_ids, layers, dests)
         if self.trace:
             self.trace.host("transfer made")
-        meta = self._index(block_ids, (key, len(block_ids), layers))  # the tail's head rides with the block ids
+        meta = array.array("q", block_ids)
+        meta.extend((key, len(block_ids), layers))  # the tail's head rides with the block ids
         if self.trace:
-            self.trace.host("block ids pinned")
+            self.trace.host("block ids listed")
         if self.cuda:
             compute = torch.cuda.current_stream(self.device)
             if layer_events is None:
@@ -442,7 +493,7 @@ class RankKV:
             if self.trace:
                 self.trace.host("send returned")
         else:
-            self._start(tr, "send", lambda part: self._send_cpu(part, meta))
+            self._start(tr, "send", lambda part: self._send_cpu(part, torch.frombuffer(meta, dtype=torch.long).clone()))
 
     def recv(self, key: int, block_ids: list[int], srcs: list[tuple[str, int, int]], num_layers: int) -> None:
         """Non-blocking: receive each (pair, head, heads) in srcs into heads [head, head + heads)
@@ -450,19 +501,11 @@ class RankKV:
         if num_layers != self.kv.num_layers:
             raise ValueError(f"num_layers {num_layers} != the cache's {self.kv.num_layers}")
         tr = self._transfer(key, False, block_ids, num_layers, srcs)
-        idx = self._index(block_ids)
         if self.cuda:
+            idx = array.array("q", block_ids)
             self._start(tr, "recv", lambda part: self._recv_cuda(part, idx, num_layers))
         else:
             self._start(tr, "recv", lambda part: self._recv_cpu(part, len(block_ids), num_layers))
-
-    def _index(self, block_ids: list[int], head: tuple[int, ...] = ()) -> torch.Tensor:
-        """[*block_ids, *head] as an int64 host tensor, page-locked on GPU (copied without a
-        sync). Through an array: a quarter of torch.tensor(list)'s host time."""
-        ids = array.array("q", block_ids)
-        ids.extend(head)
-        t = torch.frombuffer(ids, dtype=torch.long)
-        return t.pin_memory() if self.cuda else t.clone()
 
     def _start(self, tr: _Transfer, what: str, begin) -> None:
         """Queue every unsettled part of tr with begin(part), then track tr. A part that
@@ -496,12 +539,18 @@ class RankKV:
             pair = self._pairs.get(name)
             if pair is not None and pair.index != want:
                 raise ValueError(f"pair {name} has index {pair.index}: it cannot {'send' if sending else 'receive'}")
-            groups = layer_groups(layers, self._layer_bytes(nb, heads), self.min_message_bytes, self.max_messages)
+            plan = self._plans.get((nb, head, heads))
+            if plan is None:
+                groups = layer_groups(layers, self._layer_bytes(nb, heads), self.min_message_bytes, self.max_messages)
+                plan = self._plans[(nb, head, heads)] = (groups, self._fused(head, heads))
+                if len(self._plans) > 4096:
+                    self._plans.clear()
+            groups, fused = plan
             if pair is None:
                 gone = _Pair(name, want, None, None, None, closed=f"pair {name} is not open")
                 tr.parts.append(_Part(gone, head, heads, groups, error=gone.closed, settled=True))
             else:
-                tr.parts.append(_Part(pair, head, heads, groups, self._fused(head, heads)))
+                tr.parts.append(_Part(pair, head, heads, groups, fused))
         if not tr.parts:
             raise ValueError("a transfer needs at least one pair")
         return tr
@@ -527,57 +576,73 @@ class RankKV:
         """Whether messages of these heads move through the fused kernels (nccl_kernels)."""
         return self._mover is not None and kernels.supported(self.kv.k, head, heads)
 
-    def _send_cuda(self, part: _Part, meta_host: torch.Tensor, layer_events, compute) -> None:
+    def _send_cuda(self, part: _Part, meta: array.array, layer_events, compute) -> None:
         """Queue the part's gathers and sends. Only what the first message needs comes
         before its send: where the KV is already computed, the host time spent here before
         it is time the link stands idle."""
-        stream, group, layers = part.pair.stream, part.pair.group, self.kv.num_layers
-        fused, mover, nb = part.fused, self._mover, len(meta_host) - 3
+        stream = part.pair.stream
         with torch.cuda.stream(stream):
             if layer_events is None:
                 stream.wait_event(self._computed)  # recorded by send() on the compute stream
-            trace = self.trace
-            if trace:
-                trace.host("stream entered")
-            meta = meta_host.to(self.device, non_blocking=True)  # [block ids..., key, n_blocks, num_layers]
-            if trace:
-                trace.host("ids copy issued")
-            rows = torch.empty((layers, 2 * nb), dtype=torch.int64, device=self.device) if fused else None
-            tail = None if fused else torch.empty(3 + layers, dtype=torch.int64, device=self.device)
-            if trace:
-                trace.host("rows made")
-                trace.gpu("first gather starts", stream)
-            for i, (l0, l1) in enumerate(part.groups):
-                if layer_events is not None:
-                    stream.wait_event(layer_events[l1 - 1])
-                if fused:
-                    buf = self._flat_buf(l1 - l0, nb, part.heads)
-                    if trace:
-                        trace.host(f"buffer {i} made")
-                    mover.move(meta, l0, l1, part.head, part.heads, buf.view(torch.int32), rows, False, nb)
-                else:
-                    buf = self._gather(meta[:nb], l0, l1, part.head, part.heads)
-                part.bufs.append(buf)
-                if trace:
-                    trace.host(f"gather {i} launched")
-                    trace.gpu(f"gathered {i}", stream)
-                part.works.append(group.send([buf], 1, 0))  # NCCL's stream waits for the gather only
-                if trace:
-                    trace.host(f"send {i} issued")
-                if not fused:
-                    tail[3 + l0:3 + l1] = checksum(buf)
-            gathered = torch.cuda.Event()
-            gathered.record(stream)
+            if self.trace:
+                self.trace.host("stream entered")
+            ids = self._host_ids.take(meta)  # [block ids..., key, n_blocks, num_layers], page-locked
+            try:
+                gathered = self._queue_sends(part, ids, len(meta) - 3, layer_events)
+            finally:  # reused once what reads it ran
+                self._host_ids.release(ids, stream)
+        # the next kernels on the compute stream cannot overwrite the blocks early (with
+        # gather_ahead, the last gather runs only a message or two before the transfer's end)
+        compute.wait_event(gathered)
+
+    def _queue_sends(self, part: _Part, ids: torch.Tensor, nb: int, layer_events) -> torch.cuda.Event:
+        """_send_cuda's body, on the pair's stream: returns the event after the last gather."""
+        pair = part.pair
+        stream, group, layers, trace = pair.stream, pair.group, self.kv.num_layers, self.trace
+        fused, mover, ahead = part.fused, self._mover, self.gather_ahead
+        if fused:
+            rows = pair.row_sums(layers, nb, self.device)
+        else:
+            dev = ids[:nb + 3].to(self.device, non_blocking=True)
+            tail = torch.empty(3 + layers, dtype=torch.int64, device=self.device)
+        if trace:
+            trace.host("ids ready")
+            trace.gpu("first gather starts", stream)
+        for i, (l0, l1) in enumerate(part.groups):
+            if layer_events is not None:
+                stream.wait_event(layer_events[l1 - 1])
+            if ahead and i >= ahead:
+                part.works[i - ahead].wait()  # this stream waits for that message to have left
             if fused:
-                tail = torch.empty(3 + layers, dtype=torch.int64, device=self.device)
-                torch.sum(rows, 1, out=tail[3:])
-            tail[:3].copy_(meta[nb:])
-            part.tail = tail
-            part.works.append(group.send([tail], 1, 0))
+                buf = self._flat_buf(l1 - l0, nb, part.heads)
+                if trace:
+                    trace.host(f"buffer {i} made")
+                mover.move(ids, l0, l1, part.head, part.heads, buf.view(torch.int32), rows, False, nb, stream)
+            else:
+                buf = self._gather(dev[:nb], l0, l1, part.head, part.heads)
+            part.bufs.append(buf)
             if trace:
-                for i, work in enumerate(part.works):
-                    trace.ended(f"sent {i}", work)
-        compute.wait_event(gathered)  # the next kernels on the compute stream cannot overwrite the blocks early
+                trace.host(f"gather {i} launched")
+                trace.gpu(f"gathered {i}", stream)
+            part.works.append(group.send([buf], 1, 0))  # NCCL's stream waits for the gather only
+            if trace:
+                trace.host(f"send {i} issued")
+            if not fused:
+                tail[3 + l0:3 + l1] = checksum(buf)
+        gathered = torch.cuda.Event()
+        gathered.record(stream)
+        if fused:
+            tail = torch.empty(3 + layers, dtype=torch.int64, device=self.device)
+            torch.sum(rows, 1, out=tail[3:])
+            tail[:3].copy_(ids[nb:nb + 3], non_blocking=True)
+        else:
+            tail[:3].copy_(dev[nb:])
+        part.tail = tail
+        part.works.append(group.send([tail], 1, 0))
+        if trace:
+            for i, work in enumerate(part.works):
+                trace.ended(f"sent {i}", work)
+        return gathered
 
     def _send_cpu(self, part: _Part, meta: torch.Tensor) -> None:
         group, layers, nb = part.pair.group, self.kv.num_layers, len(meta) - 3
@@ -604,19 +669,23 @@ class RankKV:
         new = self._flat_buf if part.fused else self._empty_buf
         return [new(l1 - l0, nb, part.heads) for l0, l1 in part.groups]
 
-    def _recv_cuda(self, part: _Part, idx_host: torch.Tensor, layers: int) -> None:
-        stream, group = part.pair.stream, part.pair.group
+    def _recv_cuda(self, part: _Part, ids_list: array.array, layers: int) -> None:
+        pair, nb = part.pair, len(ids_list)
+        stream, group, ids = pair.stream, pair.group, None
         with torch.cuda.stream(stream):
             try:
-                idx = idx_host.to(self.device, non_blocking=True)
-                part.bufs = self._empty_bufs(part, len(idx_host))
+                ids = self._host_ids.take(ids_list)
+                part.bufs = self._empty_bufs(part, nb)
                 part.tail = torch.empty(3 + layers, dtype=torch.int64, device=self.device)
                 # every receive is posted before this stream waits on any: a scatter never holds back a message
                 part.works = [group.recv([b], 0, 0) for b in part.bufs]
                 part.works.append(group.recv([part.tail], 0, 0))
                 sums = torch.empty(layers, dtype=torch.int64, device=self.device)
                 fused, mover = part.fused, self._mover
-                rows = torch.empty((layers, 2 * len(idx_host)), dtype=torch.int64, device=self.device) if fused else None
+                if fused:
+                    rows = pair.row_sums(layers, nb, self.device)
+                else:
+                    idx = ids[:nb].to(self.device, non_blocking=True)
                 trace = self.trace
                 if trace:
                     for i, work in enumerate(part.works):
@@ -624,7 +693,7 @@ class RankKV:
                 for i, ((l0, l1), buf, work) in enumerate(zip(part.groups, part.bufs, part.works)):
                     work.wait()  # this stream waits for the message; the host does not
                     if fused:
-                        mover.move(idx, l0, l1, part.head, part.heads, buf.view(torch.int32), rows, scatter=True)
+                        mover.move(ids, l0, l1, part.head, part.heads, buf.view(torch.int32), rows, True, nb, stream)
                     else:
                         self._scatter(idx, l0, l1, part.head, part.heads, buf)
                         sums[l0:l1] = checksum(buf)
@@ -641,6 +710,8 @@ class RankKV:
             finally:  # whatever was queued must finish before the transfer may end
                 part.event = torch.cuda.Event()
                 part.event.record(stream)
+                if ids is not None:
+                    self._host_ids.release(ids, stream)
 
     def _recv_cpu(self, part: _Part, nb: int, layers: int) -> None:
         group, waiter = part.pair.group, part.pair.waiter

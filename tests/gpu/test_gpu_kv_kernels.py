@@ -70,3 +70,42 @@ def test_preload_writes_nothing():
     before = k.clone()
     nccl_kernels.preload(k, [1, 2, 3, 4])
     assert same_bits(k, before)
+
+
+@pytest.mark.skipif(INTERPRET, reason="the direct launch and page-locked ids are GPU-only")
+def test_mover_direct_launch_and_host_ids():
+    """One Mover over many calls, as RankKV uses it: after the first call per (heads, gather
+    or scatter) it launches the compiled kernel directly, on the stream it is given, and
+    reads block ids from page-locked host memory in place. Every call matches torch."""
+    from kv_transfer import nccl_kernels
+    from kv_transfer.nccl_rank import checksum
+    layers, num_blocks, kv_heads = 4, 64, 8
+    k, v = (torch.randn((layers, num_blocks, 16, kv_heads, 64), device=DEV).to(torch.bfloat16) for _ in range(2))
+    mover = nccl_kernels.Mover(k, v)
+    side = torch.cuda.Stream()
+    rng = random.Random(5)
+    for call in range(12):
+        head, heads = ((0, kv_heads), (3, 2), (kv_heads - 1, 1))[call % 3]
+        ids = rng.sample(range(num_blocks), rng.randint(1, 40))
+        l0 = rng.randrange(layers)
+        l1 = rng.randint(l0 + 1, layers)
+        on_host = call % 2 == 1
+        idx = torch.tensor(ids, dtype=torch.long)
+        idx = idx.pin_memory() if on_host else idx.to(DEV)
+        ref = gather_ref(k, v, idx.to(DEV), l0, l1, head, heads)
+        buf = torch.full_like(ref, 7)
+        rows = torch.zeros((layers, 2 * len(ids)), dtype=torch.int64, device=DEV)
+        side.wait_stream(torch.cuda.current_stream())
+        mover.move(idx, l0, l1, head, heads, buf.view(-1).view(torch.int32), rows, False, stream=side)
+        k2, v2 = torch.zeros_like(k), torch.zeros_like(v)
+        back = torch.zeros_like(rows)
+        scattered = nccl_kernels.Mover(k2, v2)
+        scattered._compiled = mover._compiled  # the same compiled kernels serve a same-shaped cache
+        scattered.move(idx, l0, l1, head, heads, buf.view(-1).view(torch.int32), back, True, stream=side)
+        torch.cuda.current_stream().wait_stream(side)
+        torch.cuda.synchronize()
+        assert same_bits(buf, ref), call
+        assert torch.equal(rows[l0:l1].sum(1), checksum(ref)) and torch.equal(back, rows)
+        assert same_bits(k2[l0:l1, ids, :, head:head + heads], k[l0:l1, ids, :, head:head + heads])
+        assert same_bits(v2[l0:l1, ids, :, head:head + heads], v[l0:l1, ids, :, head:head + heads])
+    assert len(mover._compiled) == 6  # three head counts, gather and scatter: later calls went direct
