@@ -267,8 +267,6 @@ def main() -> None:
     ap.add_argument("--gather-programs", type=int, default=0,
                     help="nccl: cap on the fused kernels' grid (RankKV gather_programs; 0: a program per block row)")
     ap.add_argument("--min-ctas", type=int, default=0, help="nccl: RankKV's min_ctas (0: NCCL's choice)")
-    ap.add_argument("--gather-ahead", type=int, default=2,
-                    help="nccl: RankKV's gather_ahead (messages gathered ahead of the link; 0: no limit)")
     ap.add_argument("--max-messages", type=int, default=None, help="nccl: RankKV's max_messages (default: its own)")
     ap.add_argument("--gc-freeze", action="store_true",
                     help="nccl: the rank processes call gc.freeze() once set up (what is there stays out of GC passes)")
@@ -362,7 +360,6 @@ def nccl_main(args) -> None:
     flags += ["--max-ctas", str(args.max_ctas), "--gather-programs", str(args.gather_programs),
               "--min-ctas", str(args.min_ctas)]
     flags += ["--max-messages", str(args.max_messages)] if args.max_messages else []
-    flags += ["--gather-ahead", str(args.gather_ahead)]
     flags += ["--diag"] if args.diag else []
     flags += ["--gc-freeze"] if args.gc_freeze else []
     flags += ["--profile", args.profile] if args.profile else []
@@ -425,7 +422,7 @@ def nccl_main(args) -> None:
                   block_size=args.block_size, block_ids="shuffled", prefill_tp=1, decode_tp=1, runs=args.runs,
                   warmup=args.warmup, min_message_bytes=int(args.min_message_mib * 2**20), headline=NCCL_HEADLINE,
                   gc_freeze=args.gc_freeze or None, max_ctas=args.max_ctas or None, min_ctas=args.min_ctas or None, max_messages=max_messages,
-                  gather_programs=args.gather_programs or None, gather_ahead=args.gather_ahead, raw_group="NCCL's own settings",
+                  gather_programs=args.gather_programs or None, raw_group="NCCL's own settings",
                   shapes=[asdict(c) for c in cases],
                   devices=[torch.cuda.get_device_name(i) for i in (0, 1)] if not args.cpu else ["cpu", "cpu"],
                   nccl=".".join(map(str, torch.cuda.nccl.version())) if not args.cpu else None,
@@ -469,8 +466,7 @@ def nccl_worker(args) -> None:
         if index == 0:
             for t in (kv.k, kv.v, raw):
                 t.normal_()
-        tuning = dict(max_ctas=args.max_ctas, min_ctas=args.min_ctas, gather_programs=args.gather_programs,
-                      gather_ahead=args.gather_ahead)
+        tuning = dict(max_ctas=args.max_ctas, min_ctas=args.min_ctas, gather_programs=args.gather_programs)
         if args.max_messages:
             tuning["max_messages"] = args.max_messages
         rank = RankKV(kv, device, timeout_s=120, min_message_bytes=min_message, **tuning)

@@ -296,8 +296,7 @@ class RankKV:
 
     def __init__(self, kv: KVCache, device: torch.device | str, timeout_s: float = 30.0,
                  min_message_bytes: int = 64 << 20, bind_host: str = "127.0.0.1", max_ctas: int = 0,
-                 gather_programs: int = 0, min_ctas: int = 0, max_messages: int = MAX_MESSAGES,
-                 gather_ahead: int = 2):
+                 gather_programs: int = 0, min_ctas: int = 0, max_messages: int = MAX_MESSAGES):
         self.kv = kv
         self.device = torch.device(device)
         self.cuda = self.device.type == "cuda"
@@ -310,10 +309,6 @@ class RankKV:
         self.max_ctas = max_ctas  # NCCL: at most this many CTAs (SMs) per pair communicator; 0 = NCCL's choice
         self.min_ctas = min_ctas  # NCCL: at least this many; 0 = NCCL's choice
         self.max_messages = max_messages
-        # GPU: message i is gathered only once message i - gather_ahead has left (0: no limit).
-        # A burst of gathers beside a send takes the memory bandwidth the send needs (the
-        # message they ran beside took ~1.5x as long); spread one per message, they cost it little
-        self.gather_ahead = gather_ahead
         self.bind_host = bind_host  # gloo's listening address
         self.group_timeout_s = 2 * timeout_s + 60  # torch's watchdog: only a backstop behind ours
         self._pairs: dict[str, _Pair] = {}
@@ -485,10 +480,6 @@ class RankKV:
             self.trace.host("block ids listed")
         if self.cuda:
             compute = torch.cuda.current_stream(self.device)
-            if layer_events is None:
-                self._computed.record(compute)  # each pair's stream waits for it (one event, reused)
-            if self.trace:
-                self.trace.host("computed recorded")
             self._start(tr, "send", lambda part: self._send_cuda(part, meta, layer_events, compute))
             if self.trace:
                 self.trace.host("send returned")
@@ -579,66 +570,80 @@ class RankKV:
     def _send_cuda(self, part: _Part, meta: array.array, layer_events, compute) -> None:
         """Queue the part's gathers and sends. Only what the first message needs comes
         before its send: where the KV is already computed, the host time spent here before
-        it is time the link stands idle."""
-        stream = part.pair.stream
-        with torch.cuda.stream(stream):
+        it is time the link stands idle, so that message is gathered on the compute stream
+        itself and leaves before any stream switch or event."""
+        stream, nb, trace = part.pair.stream, len(meta) - 3, self.trace
+        ids = self._host_ids.take(meta)  # [block ids..., key, n_blocks, num_layers], page-locked
+        try:
+            first = None
+            if layer_events is None and part.fused:
+                # its row sums go to a buffer of this transfer's: the pair's may still be read
+                # by an earlier transfer's work queued on the pair's stream
+                first = torch.empty((part.groups[0][1], 2 * nb), dtype=torch.int64, device=self.device)
+                self._send_message(part, ids, nb, 0, compute, first)
+                part.bufs.append(first)  # kept until the part settles, as the messages' buffers
             if layer_events is None:
-                stream.wait_event(self._computed)  # recorded by send() on the compute stream
-            if self.trace:
-                self.trace.host("stream entered")
-            ids = self._host_ids.take(meta)  # [block ids..., key, n_blocks, num_layers], page-locked
-            try:
-                gathered = self._queue_sends(part, ids, len(meta) - 3, layer_events)
-            finally:  # reused once what reads it ran
-                self._host_ids.release(ids, stream)
-        # the next kernels on the compute stream cannot overwrite the blocks early (with
-        # gather_ahead, the last gather runs only a message or two before the transfer's end)
-        compute.wait_event(gathered)
+                self._computed.record(compute)  # the KV, and the first gather if any (one event, reused)
+            with torch.cuda.stream(stream):
+                if layer_events is None:
+                    stream.wait_event(self._computed)
+                if trace:
+                    trace.host("stream entered")
+                gathered = self._queue_sends(part, ids, nb, layer_events, first)
+        finally:  # reused once what reads it ran (the pair's stream waited for the compute stream's gather)
+            self._host_ids.release(ids, stream)
+        compute.wait_event(gathered)  # the next kernels on the compute stream cannot overwrite the blocks early
 
-    def _queue_sends(self, part: _Part, ids: torch.Tensor, nb: int, layer_events) -> torch.cuda.Event:
-        """_send_cuda's body, on the pair's stream: returns the event after the last gather."""
+    def _send_message(self, part: _Part, ids: torch.Tensor, nb: int, i: int, stream: torch.cuda.Stream,
+                      rows: torch.Tensor) -> None:
+        """Fused: gather message i on `stream` (the current one), its row sums into rows, and send it."""
+        l0, l1 = part.groups[i]
+        buf = self._flat_buf(l1 - l0, nb, part.heads)
+        self._mover.move(ids, l0, l1, part.head, part.heads, buf.view(torch.int32), rows, False, nb, stream)
+        part.bufs.append(buf)
+        if self.trace:
+            self.trace.host(f"gather {i} launched")
+            self.trace.gpu(f"gathered {i}", stream)
+        part.works.append(part.pair.group.send([buf], 1, 0))  # NCCL's stream waits for the gather only
+        if self.trace:
+            self.trace.host(f"send {i} issued")
+
+    def _queue_sends(self, part: _Part, ids: torch.Tensor, nb: int, layer_events,
+                     first: torch.Tensor | None) -> torch.cuda.Event:
+        """_send_cuda's messages and the tail, on the pair's stream (the current one), but the
+        first where it was sent already (first: its row sums); returns the event after the
+        last gather."""
         pair = part.pair
-        stream, group, layers, trace = pair.stream, pair.group, self.kv.num_layers, self.trace
-        fused, mover, ahead = part.fused, self._mover, self.gather_ahead
-        if fused:
+        stream, layers, trace = pair.stream, self.kv.num_layers, self.trace
+        if part.fused:
             rows = pair.row_sums(layers, nb, self.device)
         else:
             dev = ids[:nb + 3].to(self.device, non_blocking=True)
             tail = torch.empty(3 + layers, dtype=torch.int64, device=self.device)
-        if trace:
-            trace.host("ids ready")
-            trace.gpu("first gather starts", stream)
-        for i, (l0, l1) in enumerate(part.groups):
+        for i in range(0 if first is None else 1, len(part.groups)):
+            l0, l1 = part.groups[i]
             if layer_events is not None:
                 stream.wait_event(layer_events[l1 - 1])
-            if ahead and i >= ahead:
-                part.works[i - ahead].wait()  # this stream waits for that message to have left
-            if fused:
-                buf = self._flat_buf(l1 - l0, nb, part.heads)
-                if trace:
-                    trace.host(f"buffer {i} made")
-                mover.move(ids, l0, l1, part.head, part.heads, buf.view(torch.int32), rows, False, nb, stream)
+            if part.fused:
+                self._send_message(part, ids, nb, i, stream, rows)
             else:
                 buf = self._gather(dev[:nb], l0, l1, part.head, part.heads)
-            part.bufs.append(buf)
-            if trace:
-                trace.host(f"gather {i} launched")
-                trace.gpu(f"gathered {i}", stream)
-            part.works.append(group.send([buf], 1, 0))  # NCCL's stream waits for the gather only
-            if trace:
-                trace.host(f"send {i} issued")
-            if not fused:
+                part.bufs.append(buf)
+                part.works.append(pair.group.send([buf], 1, 0))
                 tail[3 + l0:3 + l1] = checksum(buf)
         gathered = torch.cuda.Event()
         gathered.record(stream)
-        if fused:
+        if part.fused:
             tail = torch.empty(3 + layers, dtype=torch.int64, device=self.device)
-            torch.sum(rows, 1, out=tail[3:])
+            f = 0 if first is None else len(first)
+            if first is not None:
+                torch.sum(first, 1, out=tail[3:3 + f])
+            torch.sum(rows[f:], 1, out=tail[3 + f:])
             tail[:3].copy_(ids[nb:nb + 3], non_blocking=True)
         else:
             tail[:3].copy_(dev[nb:])
         part.tail = tail
-        part.works.append(group.send([tail], 1, 0))
+        part.works.append(pair.group.send([tail], 1, 0))
         if trace:
             for i, work in enumerate(part.works):
                 trace.ended(f"sent {i}", work)

@@ -123,8 +123,8 @@ class OffByOne:
     def __init__(self, mover):
         self.mover = mover
 
-    def move(self, idx, l0, l1, head, heads, buf, rows, scatter, nb=None):
-        self.mover.move(idx, l0, l1, head, heads, buf, rows, scatter, nb)
+    def move(self, idx, l0, l1, head, heads, buf, rows, scatter, nb=None, stream=None):
+        self.mover.move(idx, l0, l1, head, heads, buf, rows, scatter, nb, stream)
         rows[l0, 0] += 1
 
 
