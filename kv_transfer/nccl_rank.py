@@ -480,6 +480,8 @@ class RankKV:
             self.trace.host("block ids listed")
         if self.cuda:
             compute = torch.cuda.current_stream(self.device)
+            if layer_events is None:
+                self._computed.record(compute)  # each pair's stream waits for it (one event, reused)
             self._start(tr, "send", lambda part: self._send_cuda(part, meta, layer_events, compute))
             if self.trace:
                 self.trace.host("send returned")
@@ -568,51 +570,25 @@ class RankKV:
         return self._mover is not None and kernels.supported(self.kv.k, head, heads)
 
     def _send_cuda(self, part: _Part, meta: array.array, layer_events, compute) -> None:
-        """Queue the part's gathers and sends. Only what the first message needs comes
-        before its send: where the KV is already computed, the host time spent here before
-        it is time the link stands idle, so that message is gathered on the compute stream
-        itself and leaves before any stream switch or event."""
-        stream, nb, trace = part.pair.stream, len(meta) - 3, self.trace
+        """Queue the part's gathers and sends on the pair's stream. Only what the first
+        message needs comes before its send: where the KV is already computed, the host
+        time spent here before it is time the link stands idle."""
+        stream, nb = part.pair.stream, len(meta) - 3
         ids = self._host_ids.take(meta)  # [block ids..., key, n_blocks, num_layers], page-locked
         try:
-            first = None
-            if layer_events is None and part.fused:
-                # its row sums go to a buffer of this transfer's: the pair's may still be read
-                # by an earlier transfer's work queued on the pair's stream
-                first = torch.empty((part.groups[0][1], 2 * nb), dtype=torch.int64, device=self.device)
-                self._send_message(part, ids, nb, 0, compute, first)
-                part.bufs.append(first)  # kept until the part settles, as the messages' buffers
-            if layer_events is None:
-                self._computed.record(compute)  # the KV, and the first gather if any (one event, reused)
             with torch.cuda.stream(stream):
                 if layer_events is None:
-                    stream.wait_event(self._computed)
-                if trace:
-                    trace.host("stream entered")
-                gathered = self._queue_sends(part, ids, nb, layer_events, first)
-        finally:  # reused once what reads it ran (the pair's stream waited for the compute stream's gather)
+                    stream.wait_event(self._computed)  # recorded by send() on the compute stream
+                if self.trace:
+                    self.trace.host("stream entered")
+                gathered = self._queue_sends(part, ids, nb, layer_events)
+        finally:  # reused once what reads it ran
             self._host_ids.release(ids, stream)
         compute.wait_event(gathered)  # the next kernels on the compute stream cannot overwrite the blocks early
 
-    def _send_message(self, part: _Part, ids: torch.Tensor, nb: int, i: int, stream: torch.cuda.Stream,
-                      rows: torch.Tensor) -> None:
-        """Fused: gather message i on `stream` (the current one), its row sums into rows, and send it."""
-        l0, l1 = part.groups[i]
-        buf = self._flat_buf(l1 - l0, nb, part.heads)
-        self._mover.move(ids, l0, l1, part.head, part.heads, buf.view(torch.int32), rows, False, nb, stream)
-        part.bufs.append(buf)
-        if self.trace:
-            self.trace.host(f"gather {i} launched")
-            self.trace.gpu(f"gathered {i}", stream)
-        part.works.append(part.pair.group.send([buf], 1, 0))  # NCCL's stream waits for the gather only
-        if self.trace:
-            self.trace.host(f"send {i} issued")
-
-    def _queue_sends(self, part: _Part, ids: torch.Tensor, nb: int, layer_events,
-                     first: torch.Tensor | None) -> torch.cuda.Event:
-        """_send_cuda's messages and the tail, on the pair's stream (the current one), but the
-        first where it was sent already (first: its row sums); returns the event after the
-        last gather."""
+    def _queue_sends(self, part: _Part, ids: torch.Tensor, nb: int, layer_events) -> torch.cuda.Event:
+        """_send_cuda's messages and the tail, on the pair's stream (the current one): returns
+        the event after the last gather."""
         pair = part.pair
         stream, layers, trace = pair.stream, self.kv.num_layers, self.trace
         if part.fused:
@@ -620,25 +596,28 @@ class RankKV:
         else:
             dev = ids[:nb + 3].to(self.device, non_blocking=True)
             tail = torch.empty(3 + layers, dtype=torch.int64, device=self.device)
-        for i in range(0 if first is None else 1, len(part.groups)):
-            l0, l1 = part.groups[i]
+        for i, (l0, l1) in enumerate(part.groups):
             if layer_events is not None:
                 stream.wait_event(layer_events[l1 - 1])
             if part.fused:
-                self._send_message(part, ids, nb, i, stream, rows)
+                buf = self._flat_buf(l1 - l0, nb, part.heads)
+                self._mover.move(ids, l0, l1, part.head, part.heads, buf.view(torch.int32), rows, False, nb, stream)
             else:
                 buf = self._gather(dev[:nb], l0, l1, part.head, part.heads)
-                part.bufs.append(buf)
-                part.works.append(pair.group.send([buf], 1, 0))
+            part.bufs.append(buf)
+            if trace:
+                trace.host(f"gather {i} launched")
+                trace.gpu(f"gathered {i}", stream)
+            part.works.append(pair.group.send([buf], 1, 0))  # NCCL's stream waits for the gather only
+            if trace:
+                trace.host(f"send {i} issued")
+            if not part.fused:
                 tail[3 + l0:3 + l1] = checksum(buf)
         gathered = torch.cuda.Event()
         gathered.record(stream)
         if part.fused:
             tail = torch.empty(3 + layers, dtype=torch.int64, device=self.device)
-            f = 0 if first is None else len(first)
-            if first is not None:
-                torch.sum(first, 1, out=tail[3:3 + f])
-            torch.sum(rows[f:], 1, out=tail[3 + f:])
+            torch.sum(rows, 1, out=tail[3:])
             tail[:3].copy_(ids[nb:nb + 3], non_blocking=True)
         else:
             tail[:3].copy_(dev[nb:])
