@@ -268,6 +268,8 @@ def main() -> None:
                     help="nccl: cap on the fused kernels' grid (RankKV gather_programs; 0: a program per block row)")
     ap.add_argument("--min-ctas", type=int, default=0, help="nccl: RankKV's min_ctas (0: NCCL's choice)")
     ap.add_argument("--max-messages", type=int, default=None, help="nccl: RankKV's max_messages (default: its own)")
+    ap.add_argument("--pin-cpus", default="",
+                    help="nccl: 'S,R': pin the sender process to CPU S and the receiver's to CPU R (Linux)")
     ap.add_argument("--gc-freeze", action="store_true",
                     help="nccl: the rank processes call gc.freeze() once set up (what is there stays out of GC passes)")
     ap.add_argument("--diag", action="store_true", help="nccl: also the split kind and the kernels' own times")
@@ -362,6 +364,7 @@ def nccl_main(args) -> None:
     flags += ["--max-messages", str(args.max_messages)] if args.max_messages else []
     flags += ["--diag"] if args.diag else []
     flags += ["--gc-freeze"] if args.gc_freeze else []
+    flags += ["--pin-cpus", args.pin_cpus] if args.pin_cpus else []
     flags += ["--profile", args.profile] if args.profile else []
     env = {"CUDA_MODULE_LOADING": "EAGER", **os.environ}  # see kv_transfer/nccl_rank.py: no lazy kernel loading
     procs = [subprocess.Popen([sys.executable, __file__, *flags, "--worker", str(i)], stdout=subprocess.PIPE,
@@ -421,7 +424,7 @@ def nccl_main(args) -> None:
     config = dict(transport="nccl", backend="gloo" if args.cpu else "nccl", dtype="float32" if args.cpu else "bfloat16",
                   block_size=args.block_size, block_ids="shuffled", prefill_tp=1, decode_tp=1, runs=args.runs,
                   warmup=args.warmup, min_message_bytes=int(args.min_message_mib * 2**20), headline=NCCL_HEADLINE,
-                  gc_freeze=args.gc_freeze or None, max_ctas=args.max_ctas or None, min_ctas=args.min_ctas or None, max_messages=max_messages,
+                  gc_freeze=args.gc_freeze or None, pin_cpus=args.pin_cpus or None, max_ctas=args.max_ctas or None, min_ctas=args.min_ctas or None, max_messages=max_messages,
                   gather_programs=args.gather_programs or None, raw_group="NCCL's own settings",
                   shapes=[asdict(c) for c in cases],
                   devices=[torch.cuda.get_device_name(i) for i in (0, 1)] if not args.cpu else ["cpu", "cpu"],
@@ -444,6 +447,8 @@ def nccl_worker(args) -> None:
     from kv_transfer.nccl_rank import RankKV, layer_groups
     from kv_transfer.nccl_store import connect_store
     index, cuda = args.worker, not args.cpu
+    if args.pin_cpus:
+        os.sched_setaffinity(0, {int(args.pin_cpus.split(",")[index])})
     if args.dump_after:
         import faulthandler
         faulthandler.dump_traceback_later(args.dump_after, exit=True)
