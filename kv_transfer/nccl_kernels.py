@@ -127,9 +127,9 @@ class Mover:
             compiled[(programs, 1, 1)](self.k32.data_ptr(), self.v32.data_ptr(), *ptrs, l0, nb, *self.strides, head,
                                        total, rounds, wph, seg, segp, self.bs, tb, scatter, stream=handle)
             return
-        if idx.device != self.k.device:  # Triton's dispatch wants device tensors
-            idx = idx.to(self.k.device, non_blocking=True)
         with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+            if idx.device != self.k.device:  # Triton's dispatch wants device tensors (a copy on the kernel's stream)
+                idx = idx.to(self.k.device, non_blocking=True)
             kernel = _move_rows[(programs,)](self.k32, self.v32, idx, buf, rows, l0, nb, *self.strides, head, total,
                                              rounds, WPH=wph, SEG=seg, SEGP=segp, BS=self.bs, TB=tb, SCATTER=scatter,
                                              num_warps=4)

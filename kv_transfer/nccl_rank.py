@@ -11,7 +11,8 @@ slices, block ids and keys; RankKV moves the bytes:
   is gathered from the blocks into one contiguous buffer and sent as one message (never
   one per block); then a small int64 tail [key, n_blocks, num_layers, checksum per layer].
   On GPU one fused kernel per message gathers it and checksums it in the same pass
-  (nccl_kernels; torch ops where a head is not whole int32 words, and on CPU).
+  (nccl_kernels; torch ops where a head is not whole int32 words, and on CPU); it
+  reads the block ids from a page-locked host buffer in place (_HostIds).
   On GPU the gathers run on the pair's own stream, each waiting for the event of its
   group's last layer, so early layers leave while later ones are computed, and the
   calling (compute) stream waits for the last gather before its next kernels: the caller
