@@ -504,7 +504,8 @@ def nccl_worker(args) -> None:
         if args.diag and cuda:
             extra["kernels_ms"] = _kernel_times(rank, blocks, groups, heads)
             extra["host_us"] = _host_costs(rank, blocks, groups, heads)
-            extra["trace"] = _traced(index, rank, store, ci, blocks, pair, heads, layers, group, raw, split)
+            extra["trace"] = _traced(index, rank, store, ci, blocks, pair, heads, layers, group, ref_group,
+                                    raw, split)
         if args.profile and cuda:
             extra["profile"] = _profile_one(args, index, rank, store, ci, blocks, pair, heads, layers)
         if index == 1:
@@ -626,7 +627,8 @@ def _host_costs(rank, blocks, groups, heads) -> dict:
     return out
 
 
-def _traced(index, rank, store, ci, blocks, pair, heads, layers, group, raw, split, runs: int = 7) -> dict:
+def _traced(index, rank, store, ci, blocks, pair, heads, layers, group, ref_group, raw, split,
+            runs: int = 7) -> dict:
     """Transfers with RankKV's Trace on, both ends leaving a barrier together as in the timed
     runs: per kind (ours, raw, split), per run, this rank's marks (label, host seconds). For
     raw and split the sender marks its entry and each send issued, the receiver each
@@ -637,7 +639,7 @@ def _traced(index, rank, store, ci, blocks, pair, heads, layers, group, raw, spl
     for run in range(runs):
         for kind in out:
             key, tag = 2 * 10**6 + 3 * run + len(out[kind]), f"trace/{ci}/{run}/{kind}"
-            bufs = [raw] if kind == "raw" else split
+            on, bufs = (ref_group, [raw]) if kind == "raw" else (group, split)  # as _one_transfer
             if index == 0:
                 _start_together(store, tag, index)
                 if kind == "ours":
@@ -646,13 +648,13 @@ def _traced(index, rank, store, ci, blocks, pair, heads, layers, group, raw, spl
                     trace.host("send entered")
                     works = []
                     for i, b in enumerate(bufs):
-                        works.append(group.send([b], 1, 0))
+                        works.append(on.send([b], 1, 0))
                         trace.host(f"send {i} issued")
             else:
                 if kind == "ours":
                     rank.recv(key, blocks, [(pair, 0, heads)], layers)
                 else:
-                    works = [group.recv([b], 0, 0) for b in bufs]
+                    works = [on.recv([b], 0, 0) for b in bufs]
                 _start_together(store, tag, index)
             if kind == "ours":
                 _until_ended(rank, key)

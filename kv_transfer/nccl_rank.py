@@ -323,7 +323,6 @@ class RankKV:
         self._mover = kernels.Mover(kv.k, kv.v, gather_programs) if self.cuda and kernels is not None else None
         self._computed = torch.cuda.Event() if self.cuda else None  # send(): the compute stream up to now
         self._host_ids = _HostIds() if self.cuda else None
-        self._plans: dict[tuple[int, int, int], tuple[list[tuple[int, int]], bool]] = {}
         if self.cuda:
             self._preload_kernels()
 
@@ -533,18 +532,12 @@ class RankKV:
             pair = self._pairs.get(name)
             if pair is not None and pair.index != want:
                 raise ValueError(f"pair {name} has index {pair.index}: it cannot {'send' if sending else 'receive'}")
-            plan = self._plans.get((nb, head, heads))
-            if plan is None:
-                groups = layer_groups(layers, self._layer_bytes(nb, heads), self.min_message_bytes, self.max_messages)
-                plan = self._plans[(nb, head, heads)] = (groups, self._fused(head, heads))
-                if len(self._plans) > 4096:
-                    self._plans.clear()
-            groups, fused = plan
+            groups = layer_groups(layers, self._layer_bytes(nb, heads), self.min_message_bytes, self.max_messages)
             if pair is None:
                 gone = _Pair(name, want, None, None, None, closed=f"pair {name} is not open")
                 tr.parts.append(_Part(gone, head, heads, groups, error=gone.closed, settled=True))
             else:
-                tr.parts.append(_Part(pair, head, heads, groups, fused))
+                tr.parts.append(_Part(pair, head, heads, groups, self._fused(head, heads)))
         if not tr.parts:
             raise ValueError("a transfer needs at least one pair")
         return tr
@@ -574,60 +567,54 @@ class RankKV:
         """Queue the part's gathers and sends on the pair's stream. Only what the first
         message needs comes before its send: where the KV is already computed, the host
         time spent here before it is time the link stands idle."""
-        stream, nb = part.pair.stream, len(meta) - 3
+        pair, layers, trace, nb = part.pair, self.kv.num_layers, self.trace, len(meta) - 3
+        stream = pair.stream
         ids = self._host_ids.take(meta)  # [block ids..., key, n_blocks, num_layers], page-locked
-        try:
-            with torch.cuda.stream(stream):
+        with torch.cuda.stream(stream):
+            try:
                 if layer_events is None:
                     stream.wait_event(self._computed)  # recorded by send() on the compute stream
-                if self.trace:
-                    self.trace.host("stream entered")
-                gathered = self._queue_sends(part, ids, nb, layer_events)
-        finally:  # reused once what reads it ran
-            self._host_ids.release(ids, stream)
+                if trace:
+                    trace.host("stream entered")
+                if part.fused:
+                    rows = pair.row_sums(layers, nb, self.device)
+                else:
+                    dev = ids[:nb + 3].to(self.device, non_blocking=True)
+                    tail = torch.empty(3 + layers, dtype=torch.int64, device=self.device)
+                for i, (l0, l1) in enumerate(part.groups):
+                    if layer_events is not None:
+                        stream.wait_event(layer_events[l1 - 1])
+                    if part.fused:
+                        buf = self._flat_buf(l1 - l0, nb, part.heads)
+                        self._mover.move(ids, l0, l1, part.head, part.heads, buf.view(torch.int32), rows, False, nb,
+                                         stream)
+                    else:
+                        buf = self._gather(dev[:nb], l0, l1, part.head, part.heads)
+                    part.bufs.append(buf)
+                    if trace:
+                        trace.host(f"gather {i} launched")
+                        trace.gpu(f"gathered {i}", stream)
+                    part.works.append(pair.group.send([buf], 1, 0))  # NCCL's stream waits for the gather only
+                    if trace:
+                        trace.host(f"send {i} issued")
+                    if not part.fused:
+                        tail[3 + l0:3 + l1] = checksum(buf)
+                gathered = torch.cuda.Event()
+                gathered.record(stream)
+                if part.fused:
+                    tail = torch.empty(3 + layers, dtype=torch.int64, device=self.device)
+                    torch.sum(rows, 1, out=tail[3:])
+                    tail[:3].copy_(ids[nb:nb + 3], non_blocking=True)
+                else:
+                    tail[:3].copy_(dev[nb:])
+                part.tail = tail
+                part.works.append(pair.group.send([tail], 1, 0))
+                if trace:
+                    for i, work in enumerate(part.works):
+                        trace.ended(f"sent {i}", work)
+            finally:  # reused once what reads it ran
+                self._host_ids.release(ids, stream)
         compute.wait_event(gathered)  # the next kernels on the compute stream cannot overwrite the blocks early
-
-    def _queue_sends(self, part: _Part, ids: torch.Tensor, nb: int, layer_events) -> torch.cuda.Event:
-        """_send_cuda's messages and the tail, on the pair's stream (the current one): returns
-        the event after the last gather."""
-        pair = part.pair
-        stream, layers, trace = pair.stream, self.kv.num_layers, self.trace
-        if part.fused:
-            rows = pair.row_sums(layers, nb, self.device)
-        else:
-            dev = ids[:nb + 3].to(self.device, non_blocking=True)
-            tail = torch.empty(3 + layers, dtype=torch.int64, device=self.device)
-        for i, (l0, l1) in enumerate(part.groups):
-            if layer_events is not None:
-                stream.wait_event(layer_events[l1 - 1])
-            if part.fused:
-                buf = self._flat_buf(l1 - l0, nb, part.heads)
-                self._mover.move(ids, l0, l1, part.head, part.heads, buf.view(torch.int32), rows, False, nb, stream)
-            else:
-                buf = self._gather(dev[:nb], l0, l1, part.head, part.heads)
-            part.bufs.append(buf)
-            if trace:
-                trace.host(f"gather {i} launched")
-                trace.gpu(f"gathered {i}", stream)
-            part.works.append(pair.group.send([buf], 1, 0))  # NCCL's stream waits for the gather only
-            if trace:
-                trace.host(f"send {i} issued")
-            if not part.fused:
-                tail[3 + l0:3 + l1] = checksum(buf)
-        gathered = torch.cuda.Event()
-        gathered.record(stream)
-        if part.fused:
-            tail = torch.empty(3 + layers, dtype=torch.int64, device=self.device)
-            torch.sum(rows, 1, out=tail[3:])
-            tail[:3].copy_(ids[nb:nb + 3], non_blocking=True)
-        else:
-            tail[:3].copy_(dev[nb:])
-        part.tail = tail
-        part.works.append(pair.group.send([tail], 1, 0))
-        if trace:
-            for i, work in enumerate(part.works):
-                trace.ended(f"sent {i}", work)
-        return gathered
 
     def _send_cpu(self, part: _Part, meta: torch.Tensor) -> None:
         group, layers, nb = part.pair.group, self.kv.num_layers, len(meta) - 3
