@@ -309,6 +309,7 @@ class RankKV:
         self._mover = kernels.Mover(kv.k, kv.v, gather_programs) if self.cuda and kernels is not None else None
         self._computed = torch.cuda.Event() if self.cuda else None  # send(): the compute stream up to now
         self._host_ids = _HostIds() if self.cuda else None
+        self._fused_heads: dict[tuple[int, int], bool] = {}
         if self.cuda:
             self._preload_kernels()
 
@@ -569,7 +570,11 @@ class RankKV:
 
     def _fused(self, head: int, heads: int) -> bool:
         """Whether messages of these heads move through the fused kernels (nccl_kernels)."""
-        return self._mover is not None and kernels.supported(self.kv.k, head, heads)
+        fused = self._fused_heads.get((head, heads))
+        if fused is None:
+            fused = self._fused_heads[(head, heads)] = self._mover is not None and kernels.supported(self.kv.k, head,
+                                                                                                      heads)
+        return fused
 
     def _send_cuda(self, part: _Part, meta: array.array, layer_events, compute) -> None:
         """Queue the part's gathers on the pair's stream and its sends on the pair's wire
@@ -583,14 +588,19 @@ class RankKV:
             if layer_events is None:
                 stream.wait_event(self._computed)  # recorded by send() on the compute stream
             sizes = [self._layer_bytes(nb, part.heads) * (l1 - l0) for l0, l1 in part.groups]
-            # one allocation, made on the pair's stream: memory the caching allocator hands
-            # out there was last used there (on the compute stream it could still be in use
-            # by queued layers that this gather does not wait for)
-            torch.cuda.set_stream(stream)
-            try:
-                whole = torch.empty(sum(sizes) // self.kv.k.element_size(), dtype=self.kv.k.dtype, device=self.device)
-            finally:
-                torch.cuda.set_stream(compute)
+            numel = sum(sizes) // self.kv.k.element_size()
+            if layer_events is None:  # the gathers wait for all the compute queued so far: its memory is free
+                whole = torch.empty(numel, dtype=self.kv.k.dtype, device=self.device)
+            else:
+                # made on the pair's stream: memory the caching allocator hands out there was
+                # last used there (on the compute stream it could still be in use by queued
+                # layers that the early gathers do not wait for)
+                torch.cuda.set_stream(stream)
+                try:
+                    whole = torch.empty(numel, dtype=self.kv.k.dtype, device=self.device)
+                finally:
+                    torch.cuda.set_stream(compute)
+            part.bufs.append(whole)  # freed only once nothing queued can touch it (see _advance)
             if trace:
                 trace.host("buffer made")
             if part.fused:
@@ -599,15 +609,20 @@ class RankKV:
                 with torch.cuda.stream(stream):
                     dev = ids[:nb + 3].to(self.device, non_blocking=True)
                     tail = torch.empty(3 + layers, dtype=torch.int64, device=self.device)
-            start = 0
+            start, base, handle = 0, whole.data_ptr(), stream.cuda_stream
+            ids_ptr, rows_ptr = ids.data_ptr(), rows.data_ptr() if part.fused else 0
             for i, (l0, l1) in enumerate(part.groups):
                 if layer_events is not None:
                     stream.wait_event(layer_events[l1 - 1])
-                buf = whole[start:start + sizes[i] // self.kv.k.element_size()]
-                start += buf.numel()
-                if part.fused:
+                at = base + start
+                if part.fused and self._mover.launch(ids_ptr, at, rows_ptr, l0, l1, part.head, part.heads, False, nb,
+                                                     handle):
+                    pass  # launched by address: no torch call before the send
+                elif part.fused:
+                    buf = whole[start // self.kv.k.element_size():(start + sizes[i]) // self.kv.k.element_size()]
                     self._mover.move(ids, l0, l1, part.head, part.heads, buf.view(torch.int32), rows, False, nb, stream)
                 else:
+                    buf = whole[start // self.kv.k.element_size():(start + sizes[i]) // self.kv.k.element_size()]
                     with torch.cuda.stream(stream):
                         buf.copy_(self._gather(dev[:nb], l0, l1, part.head, part.heads).view(-1))
                         tail[3 + l0:3 + l1] = checksum(buf.view(l1 - l0, 2, nb, -1))
@@ -615,11 +630,14 @@ class RankKV:
                     trace.host(f"gather {i} launched")
                     trace.gpu(f"gathered {i}", stream)
                 wire.wait_event(pair.mark(i, stream))
-                comm.send(buf.data_ptr(), sizes[i], 1, wire.cuda_stream)
+                comm.send(at, sizes[i], 1, wire.cuda_stream)
+                start += sizes[i]
                 if trace:
                     trace.host(f"send {i} issued")
                     trace.gpu(f"sent {i}", wire)
-            part.bufs.append(whole)
+            whole.record_stream(wire)  # its memory is not handed out again before the sends read it
+            if layer_events is None:
+                whole.record_stream(stream)  # nor, made on the compute stream, before the gathers wrote it
             with torch.cuda.stream(stream):
                 if part.fused:
                     tail = torch.empty(3 + layers, dtype=torch.int64, device=self.device)
