@@ -345,10 +345,12 @@ def nccl_cases(args) -> list[NcclCase]:
 def nccl_main(args) -> None:
     """Serve the rendezvous store, run the two rank processes, report the receiver's timings.
     Ours = bytes / (the receiver's poll() reporting the key ok - the sender entering send());
-    raw = bytes / (the receiver's recv work completed - the sender entering send), one
-    tensor of the same bytes; both receives are posted before a barrier on the store, after
-    which the sender spins until an agreed start instant (_start_together) and starts. Runs alternate; medians are reported. Times are
-    CLOCK_MONOTONIC (time.perf_counter), one clock for every process of the host."""
+    raw = bytes / (the receive completed - the sender entering its send), one message of
+    the same bytes, through torch's send and through a bare ncclSend (GPU; the faster is
+    the reference). Every receive is posted before a barrier on the store, after which the
+    sender spins until an agreed start instant (_start_together) and starts. Runs
+    alternate; medians are reported. Times are CLOCK_MONOTONIC (time.perf_counter), one
+    clock for every process of the host."""
     from kv_transfer.nccl_store import serve_store
     if not args.cpu and torch.cuda.device_count() < 2:
         sys.exit("--transport nccl needs 2 GPUs (or --cpu for a gloo smoke run)")
@@ -382,38 +384,43 @@ def nccl_main(args) -> None:
     senders = {r["case"]: r["sender"] for r in map(json.loads, outs[0].splitlines())}
     for line in outs[1].splitlines():
         r = json.loads(line)
-        ours, raw = statistics.median(r["ours"]), statistics.median(r["raw"])
+        ours, raw_torch = statistics.median(r["ours"]), statistics.median(r["raw"])
+        raw_nccl = statistics.median(r["raw_nccl"]) if "raw_nccl" in r else None
+        raw = min(t for t in (raw_torch, raw_nccl) if t is not None)  # the faster is the limit
         row = dict(case=r["case"], bytes=r["bytes"], messages=r["messages"], ours_ms=round(ours * 1e3, 4),
                    raw_ms=round(raw * 1e3, 4), ours_gbps=round(r["bytes"] / ours / 1e9, 2),
                    raw_gbps=round(r["bytes"] / raw / 1e9, 2), ratio=round(raw / ours, 4),
+                   raw_torch_ms=round(raw_torch * 1e3, 4), ratio_vs_raw_torch=round(raw_torch / ours, 4),
                    ours_runs_ms=[round(t * 1e3, 4) for t in r["ours"]],
-                   raw_runs_ms=[round(t * 1e3, 4) for t in r["raw"]])
-        if "raw_our_group" in r:
-            row["raw_on_our_group_ms"] = round(statistics.median(r["raw_our_group"]) * 1e3, 4)
+                   raw_torch_runs_ms=[round(t * 1e3, 4) for t in r["raw"]])
+        if raw_nccl is not None:
+            row.update(raw_nccl_ms=round(raw_nccl * 1e3, 4), ratio_vs_raw_nccl=round(raw_nccl / ours, 4),
+                       raw_nccl_runs_ms=[round(t * 1e3, 4) for t in r["raw_nccl"]])
         if "split" in r:  # --diag
             sender = senders.get(r["case"]) or {}
             row.update(split_ms=round(statistics.median(r["split"]) * 1e3, 4), kernels_ms=r.get("kernels_ms"),
                        host_us=r.get("host_us"), profile_receiver=r.get("profile"),
                        sender={k: v for k, v in sender.items() if k != "trace"})
             if "trace" in r and "trace" in sender:
-                row["timeline_us"] = _timeline(sender["trace"]["ours"], r["trace"]["ours"])
-                row["timeline_us_raw"] = _timeline(sender["trace"]["raw"], r["trace"]["raw"])
-                row["timeline_us_split"] = _timeline(sender["trace"]["split"], r["trace"]["split"])
+                for kind in r["trace"]:
+                    name = "timeline_us" if kind == "ours" else f"timeline_us_{kind}"
+                    row[name] = _timeline(sender["trace"][kind], r["trace"][kind])
         rows.append(row)
     print(f"{'case':<18} {'MiB':>7} {'msgs':>4} {'ours ms':>8} {'ours GB/s':>9} {'raw ms':>7} {'raw GB/s':>8} "
-          f"{'ratio':>6}")
+          f"{'ratio':>6}  (raw: {'one message on our gloo group' if args.cpu else 'the faster of torch send, bare ncclSend'})")
     for c in rows:
         print(f"{c['case']:<18} {c['bytes'] / 2**20:7.1f} {c['messages']:4d} {c['ours_ms']:8.3f} {c['ours_gbps']:9.1f} "
               f"{c['raw_ms']:7.3f} {c['raw_gbps']:8.1f} {c['ratio']:6.3f}")
-        if "raw_on_our_group_ms" in c:
-            print(f"  raw on our tuned group: {c['raw_on_our_group_ms']:.3f} ms")
+        print(f"  raw through torch's send {c['raw_torch_ms']:.3f} ms (ratio {c['ratio_vs_raw_torch']:.3f})"
+              + (f"; bare ncclSend {c['raw_nccl_ms']:.3f} ms (ratio {c['ratio_vs_raw_nccl']:.3f})"
+                 if "raw_nccl_ms" in c else ""))
         if "split_ms" in c:
             print(f"  diag: split (same messages, pre-gathered) {c['split_ms']:.3f} ms; kernels alone (ms) "
                   f"receiver {c['kernels_ms']} sender {(c['sender'] or {}).get('kernels_ms')}")
             print(f"  diag: host costs (us per call) {c['host_us']}")
-            for kind in ("timeline_us", "timeline_us_raw", "timeline_us_split"):
+            for kind in [k for k in c if k.startswith("timeline_us")]:
                 print(f"  diag: {kind}")
-                for name, us in c.get(kind, []):
+                for name, us in c[kind]:
                     print(f"    {us:9.1f} us  {name}")
     headline = next((c for c in rows if c["case"] == NCCL_HEADLINE), rows[0])
     print(f"ratio (headline {headline['case']}): {headline['ratio']:.3f}  target 0.85")
@@ -425,11 +432,13 @@ def nccl_main(args) -> None:
                   block_size=args.block_size, block_ids="shuffled", prefill_tp=1, decode_tp=1, runs=args.runs,
                   warmup=args.warmup, min_message_bytes=int(args.min_message_mib * 2**20), headline=NCCL_HEADLINE,
                   gc_freeze=args.gc_freeze or None, pin_cpus=args.pin_cpus or None, max_ctas=args.max_ctas or None, min_ctas=args.min_ctas or None, max_messages=max_messages,
-                  gather_programs=args.gather_programs or None, raw_group="NCCL's own settings",
+                  gather_programs=args.gather_programs or None,
+                  raw="the faster (median) of one message through torch's ProcessGroupNCCL (NCCL's own settings) "
+                      "and one through a bare ncclSend/ncclRecv on our pair's communicator",
                   shapes=[asdict(c) for c in cases],
                   devices=[torch.cuda.get_device_name(i) for i in (0, 1)] if not args.cpu else ["cpu", "cpu"],
                   nccl=".".join(map(str, torch.cuda.nccl.version())) if not args.cpu else None,
-                  timing="send() entered -> receiver's poll() ok; raw: send entered -> recv work completed",
+                  timing="send() entered -> receiver's poll() ok; raw: send entered -> receive completed",
                   uncommitted_changes=bool(git("status", "--porcelain", "--", "kv_transfer", "benchmarks"))
                   if not args.commit else None)
     path = write_result(args.result_name, "kv_transfer_nccl", headline["ratio"], 0.85, config, args.commit,
@@ -439,10 +448,13 @@ def nccl_main(args) -> None:
 
 def nccl_worker(args) -> None:
     """One rank process: index 0 sends from GPU 0, 1 receives on GPU 1 (CPU with --cpu).
-    Per run: ours (RankKV), raw (one send of the same bytes on a pair group with NCCL's
-    own settings) and, with --diag, split (the same messages as ours, gathered
-    beforehand, sent by plain send/recv on our pair group: the cost of cutting the KV
-    into messages apart from gathering, checking and scattering)."""
+    Per run: ours (RankKV); raw, one message of the same bytes through torch's
+    ProcessGroupNCCL (a group of its own, NCCL's own settings); raw_nccl, that one message
+    through a bare ncclSend/ncclRecv on our pair's communicator (nccl_lib, the least a
+    send can cost the host); with --diag, split: the same messages as ours, gathered
+    beforehand, through bare sends on our pair's communicator (the cost of cutting the KV
+    into messages apart from gathering, checking and scattering). On CPU, raw and split
+    go through our pair's gloo group."""
     from engine.kv_cache import KVCache
     from kv_transfer.nccl_rank import RankKV, layer_groups
     from kv_transfer.nccl_store import connect_store
@@ -458,9 +470,8 @@ def nccl_worker(args) -> None:
     dtype = torch.bfloat16 if cuda else torch.float32
     store = connect_store("127.0.0.1", args.store_port, 300)
     min_message = int(args.min_message_mib * 2**20)
-    kinds = ("ours", "raw", "split") if args.diag else ("ours", "raw")
-    if args.max_ctas or args.min_ctas:  # raw on our tuned group too: what the tuning alone gives
-        kinds += ("raw_our_group",)
+    kinds = ("ours", "raw", "raw_nccl") if cuda else ("ours", "raw")
+    kinds += ("split",) if args.diag else ()
     for ci, case in enumerate(nccl_cases(args)):
         bs, heads, layers = args.block_size, case.num_kv_heads, case.num_layers
         nb = -(-case.tokens // bs)
@@ -477,14 +488,14 @@ def nccl_worker(args) -> None:
         rank = RankKV(kv, device, timeout_s=120, min_message_bytes=min_message, **tuning)
         pair = f"bench{ci}"
         rank.open_pair(pair, "127.0.0.1", args.store_port, index)
-        reference = rank
-        if args.max_ctas or args.min_ctas:  # raw runs on a group with NCCL's own settings
-            reference = RankKV(kv, device, timeout_s=120)
-            reference.open_pair(f"ref{ci}", "127.0.0.1", args.store_port, index)
         print(f"rank {index}: {case.name}: pair open", file=sys.stderr, flush=True)
-        group, ref_group = rank.group(pair), reference.group(reference.pairs[0])
+        ours_link = _Link(rank.link(pair), index, device)
+        wires = {"raw": (_Link(_torch_nccl_group(store, f"raw{ci}", index, device), index, device) if cuda
+                         else ours_link, [raw]),
+                 "raw_nccl": (ours_link, [raw])}
         groups = layer_groups(layers, nbytes // layers, min_message, rank.max_messages)
-        split = _split_buffers(rank, blocks, groups, heads, index)
+        if args.diag:
+            wires["split"] = (ours_link, _split_buffers(rank, blocks, groups, heads, index))
         times = {k: [] for k in kinds}
         if args.gc_freeze:
             import gc
@@ -494,8 +505,7 @@ def nccl_worker(args) -> None:
             for kind in kinds:
                 tag = f"{ci}/{run}/{kind}"
                 key = len(kinds) * run + kinds.index(kind)
-                t = _one_transfer(kind, index, rank, store, tag, key, blocks, pair, heads, layers, group, ref_group,
-                                  raw, split, cuda)
+                t = _one_transfer(kind, index, rank, store, tag, key, blocks, pair, heads, layers, wires.get(kind))
                 if index == 1 and run >= args.warmup:
                     times[kind].append(t)
                 if index == 1 and run == 0:
@@ -504,8 +514,7 @@ def nccl_worker(args) -> None:
         if args.diag and cuda:
             extra["kernels_ms"] = _kernel_times(rank, blocks, groups, heads)
             extra["host_us"] = _host_costs(rank, blocks, groups, heads)
-            extra["trace"] = _traced(index, rank, store, ci, blocks, pair, heads, layers, group, ref_group,
-                                    raw, split)
+            extra["trace"] = _traced(index, rank, store, ci, blocks, pair, heads, layers, wires)
         if args.profile and cuda:
             extra["profile"] = _profile_one(args, index, rank, store, ci, blocks, pair, heads, layers)
         if index == 1:
@@ -513,39 +522,82 @@ def nccl_worker(args) -> None:
         elif extra:
             print(json.dumps(dict(case=case.name, sender=extra)), flush=True)
         rank.close()
-        if reference is not rank:
-            reference.close()
-        del kv, raw, rank, reference, group, ref_group, split
+        del kv, raw, rank, wires, ours_link
         if cuda:
             torch.cuda.empty_cache()
 
 
-def _one_transfer(kind, index, rank, store, tag, key, blocks, pair, heads, layers, group, ref_group, raw, split,
-                  cuda) -> float | None:
+class _Link:
+    """Plain sends or receives of whole buffers, in order: on a torch process group
+    (its works) or on a nccl_lib.Comm (on a stream of our own, an event after the last)."""
+
+    def __init__(self, link, index: int, device: torch.device):
+        from kv_transfer.nccl_lib import Comm
+        self.link, self.index, self.cuda = link, index, device.type == "cuda"
+        self.comm = isinstance(link, Comm)
+        self.stream = torch.cuda.Stream(device) if self.comm else None
+        self.done = torch.cuda.Event() if self.comm else None
+        self.works: list = []
+
+    def issue(self, bufs: list[torch.Tensor], trace=None) -> None:
+        op, peer = (self.link.send if self.index == 0 else self.link.recv), 1 - self.index
+        for i, b in enumerate(bufs):
+            if self.comm:
+                op(b.data_ptr(), b.numel() * b.element_size(), peer, self.stream.cuda_stream)
+            else:
+                self.works.append(op([b], peer, 0))
+            if trace and self.index == 0:
+                trace.host(f"send {i} issued")
+        if self.comm:
+            self.done.record(self.stream)
+
+    def wait(self, trace=None) -> None:
+        if self.comm:
+            while not self.done.query():
+                pass
+            if trace and self.index == 1:
+                trace.host("received all")
+            return
+        for i, w in enumerate(self.works):
+            _until_completed(w, self.cuda)
+            if trace and self.index == 1:
+                trace.host(f"received {i}")
+        self.works = []
+
+
+def _torch_nccl_group(store, prefix: str, index: int, device: torch.device):
+    """A 2-rank ProcessGroupNCCL of torch with NCCL's own settings, connected by one tiny message."""
+    import torch.distributed as dist
+    from torch.distributed import PrefixStore
+    group = dist.ProcessGroupNCCL(PrefixStore(f"{prefix}/", store), index, 2, dist.ProcessGroupNCCL.Options())
+    t = torch.zeros(1, device=device)
+    (group.send([t], 1, 0) if index == 0 else group.recv([t], 0, 0)).wait()
+    torch.cuda.synchronize(device)
+    return group
+
+
+def _one_transfer(kind, index, rank, store, tag, key, blocks, pair, heads, layers, wire) -> float | None:
     """One transfer of `kind`: the receiver posts before the start, the sender issues after
     it (_start_together); the receiver returns its seconds from the start to its own end."""
-    def issue() -> list | None:
+    def issue() -> None:
         if kind == "ours":
             if index == 0:
                 rank.send(key, blocks, [(pair, 0, heads)])
             else:
                 rank.recv(key, blocks, [(pair, 0, heads)], layers)
-            return None
-        on, bufs = {"raw": (ref_group, [raw]), "raw_our_group": (group, [raw])}.get(kind, (group, split))
-        op = on.send if index == 0 else on.recv
-        return [op([b], 1 - index, 0) for b in bufs]
+        else:
+            wire[0].issue(wire[1])
 
     if index == 0:
         t0 = _start_together(store, tag, index)
-        works = issue()
+        issue()
     else:
-        works = issue()
+        issue()
         t0 = _start_together(store, tag, index)
-    if works is None:
+    if kind == "ours":
         _until_ended(rank, key)
     else:
-        for w in works:
-            _until_completed(w, cuda)
+        wire[0].wait()
     return None if index == 0 else time.perf_counter() - t0
 
 
@@ -627,42 +679,35 @@ def _host_costs(rank, blocks, groups, heads) -> dict:
     return out
 
 
-def _traced(index, rank, store, ci, blocks, pair, heads, layers, group, ref_group, raw, split,
-            runs: int = 7) -> dict:
+def _traced(index, rank, store, ci, blocks, pair, heads, layers, wires, runs: int = 7) -> dict:
     """Transfers with RankKV's Trace on, both ends leaving a barrier together as in the timed
-    runs: per kind (ours, raw, split), per run, this rank's marks (label, host seconds). For
-    raw and split the sender marks its entry and each send issued, the receiver each
-    receive completed: the host cost of cold send calls beside ours."""
+    runs: per kind (ours and the plain ones), per run, this rank's marks (label, host
+    seconds). For the plain kinds the sender marks its entry and each send issued, the
+    receiver the receives completed: the host cost of cold send calls beside ours."""
     from kv_transfer.nccl_rank import Trace
-    rank.trace, out = Trace(rank.device), {"ours": [], "raw": [], "split": []}
+    rank.trace, out = Trace(rank.device), {kind: [] for kind in ("ours", *wires)}
     trace = rank.trace
     for run in range(runs):
         for kind in out:
-            key, tag = 2 * 10**6 + 3 * run + len(out[kind]), f"trace/{ci}/{run}/{kind}"
-            on, bufs = (ref_group, [raw]) if kind == "raw" else (group, split)  # as _one_transfer
+            key, tag = 2 * 10**6 + len(out) * run + len(out[kind]), f"trace/{ci}/{run}/{kind}"
+            link, bufs = wires.get(kind, (None, None))
             if index == 0:
                 _start_together(store, tag, index)
                 if kind == "ours":
                     rank.send(key, blocks, [(pair, 0, heads)])
                 else:
                     trace.host("send entered")
-                    works = []
-                    for i, b in enumerate(bufs):
-                        works.append(on.send([b], 1, 0))
-                        trace.host(f"send {i} issued")
+                    link.issue(bufs, trace)
             else:
                 if kind == "ours":
                     rank.recv(key, blocks, [(pair, 0, heads)], layers)
                 else:
-                    works = [on.recv([b], 0, 0) for b in bufs]
+                    link.issue(bufs)
                 _start_together(store, tag, index)
             if kind == "ours":
                 _until_ended(rank, key)
             else:
-                for i, w in enumerate(works):
-                    _until_completed(w, True)
-                    if index == 1:
-                        trace.host(f"received {i}")
+                link.wait(trace)
             out[kind].append(trace.report())
     rank.trace = None
     return out

@@ -89,6 +89,7 @@ class Mover:
     def __init__(self, k: torch.Tensor, v: torch.Tensor, programs: int = 0):
         self.k, self.v, self.programs = k, v, programs
         self.k32, self.v32 = (t.view(-1).view(torch.int32) for t in (k, v))
+        self.k_ptr, self.v_ptr = self.k32.data_ptr(), self.v32.data_ptr()
         es = k.element_size()
         self.es, self.bs, self.hd = es, k.shape[2], k.shape[4]
         self.strides = tuple(n * es // 4 for n in k.stride()[:3])
@@ -98,6 +99,24 @@ class Mover:
         # and ~70 us cold per launch, on the transfer's critical path
         self._compiled: dict[tuple[int, bool], Any] = {}
         self.direct = k.is_cuda  # False: always through Triton's dispatch (the interpreter, tests)
+
+    def launch(self, idx: int, buf: int, rows: int, l0: int, l1: int, head: int, heads: int, scatter: bool, nb: int,
+               stream: int) -> bool:
+        """move() by raw addresses (idx, buf, rows) on a raw CUDA stream handle, with none of
+        torch's calls: only where move() already compiled this (heads, scatter) variant and
+        the addresses are 16-byte aligned as it was compiled for. False: nothing launched,
+        call move()."""
+        compiled = self._compiled.get((heads, scatter))
+        if compiled is None or (idx | buf | rows) % 16:
+            return False
+        wph, seg, segp, tb = self._shapes[heads]
+        if wph * 4 != self.hd * self.es:
+            wph, head = 1, head * self.hd * self.es // 4
+        total = (l1 - l0) * 2 * nb
+        programs = min(total, self.programs) if self.programs > 0 else total
+        compiled[(programs, 1, 1)](self.k_ptr, self.v_ptr, idx, buf, rows, l0, nb, *self.strides, head, total,
+                                   -(-total // programs), wph, seg, segp, self.bs, tb, scatter, stream=stream)
+        return True
 
     def move(self, idx: torch.Tensor, l0: int, l1: int, head: int, heads: int, buf: torch.Tensor,
              rows: torch.Tensor, scatter: bool, nb: int | None = None, stream: torch.cuda.Stream | None = None) -> None:
@@ -124,7 +143,7 @@ class Mover:
         compiled = self._compiled.get((heads, scatter))
         if compiled is not None and not (ptrs[0] | ptrs[1] | ptrs[2]) % 16:  # as specialized when compiled
             handle = (stream or torch.cuda.current_stream(self.k.device)).cuda_stream
-            compiled[(programs, 1, 1)](self.k32.data_ptr(), self.v32.data_ptr(), *ptrs, l0, nb, *self.strides, head,
+            compiled[(programs, 1, 1)](self.k_ptr, self.v_ptr, *ptrs, l0, nb, *self.strides, head,
                                        total, rounds, wph, seg, segp, self.bs, tb, scatter, stream=handle)
             return
         with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():

@@ -2,9 +2,10 @@
 
 A prefill rank holds KV heads [a, b) of every layer, a decode rank heads [c, d). Each
 (prefill rank, decode rank) pair whose heads intersect gets its own standalone 2-rank
-process group (index 0 = prefill, the sender; 1 = decode, the receiver): NCCL between
-GPUs, gloo on CPU, where the same code path runs in CI. The node decides pairs, head
-slices, block ids and keys; RankKV moves the bytes:
+communicator (index 0 = prefill, the sender; 1 = decode, the receiver): NCCL between
+GPUs, called directly (nccl_lib: one C call per message, on a stream we name), and a
+gloo process group on CPU, where the same code path runs in CI. The node decides pairs,
+head slices, block ids and keys; RankKV moves the bytes:
 
 - send: for each destination, the layers are cut into groups (layer_groups, computed the
   same way on both ends), each group's [layers, 2, n_blocks, block_size, heads, head_dim]
@@ -13,13 +14,16 @@ slices, block ids and keys; RankKV moves the bytes:
   On GPU one fused kernel per message gathers it and checksums it in the same pass
   (nccl_kernels; torch ops where a head is not whole int32 words, and on CPU); it
   reads the block ids from a page-locked host buffer in place (_HostIds).
-  On GPU the gathers run on the pair's own stream, each waiting for the event of its
-  group's last layer, so early layers leave while later ones are computed, and the
-  calling (compute) stream waits for the last gather before its next kernels: the caller
-  may free the blocks right after send() returns.
-- recv: receives of the same groups into contiguous buffers, then the tail; on GPU the
-  scatter into the reserved blocks (k and v, at the head offset) and the checksums are
-  queued on the pair's stream behind each message; on CPU they run in poll().
+  On GPU each pair has two streams: the gathers run on its stream, each waiting for the
+  event of its group's last layer, so early layers leave while later ones are computed;
+  the sends run in order on its wire stream, each waiting for its own gather only, so
+  gathering message i + 1 overlaps sending message i. The calling (compute) stream waits
+  for the last gather before its next kernels: the caller may free the blocks right
+  after send() returns.
+- recv: receives of the same groups into contiguous buffers, then the tail, all posted
+  on the wire stream at once; on GPU the scatter of each message into the reserved
+  blocks (k and v, at the head offset) and the checksums are queued on the pair's stream
+  behind its receive; on CPU they run in poll().
 - poll: reports each transfer that ended, once: key -> (ok, error).
 
 Rules the node keeps:
@@ -31,20 +35,11 @@ Rules the node keeps:
   failed): keep them reserved until then, never reuse them earlier. There is no cancel;
   a transfer ends by completing, failing or timing out. A failed receive on GPU is only
   reported once nothing queued can still write into its blocks.
-- Failures: a work that fails, or a transfer pending longer than timeout_s, closes
-  (aborts) its pair; every other transfer pending on that pair fails too. open_pair()
-  with the same name builds a fresh group (both sides must call it again).
+- Failures: a NCCL error, or a transfer pending longer than timeout_s, closes (aborts)
+  its pair; every other transfer pending on that pair fails too. open_pair() with the
+  same name builds a fresh communicator (both sides must call it again).
 - layer_events[l] must be recorded (on the compute stream, after layer l was launched)
   before send() is called.
-
-NCCL settings, made when this module is imported, so import it before any NCCL process
-group of the process exists (they are read when a group is created):
-TORCH_NCCL_ASYNC_ERROR_HANDLING=2 (CleanUpOnly): a failed or timed-out NCCL operation
-seen by torch's watchdog aborts that group's communicators instead of taking the whole
-process down (the default tears it down); RankKV aborts groups itself well before
-torch's own timeout, which is set at twice ours plus a minute. TORCH_NCCL_DUMP_ON_TIMEOUT
-defaults to 0: with it on, a failure seen by any group's watchdog makes the heartbeat
-monitor of the process's first group end the process a few minutes later.
 
 CUDA loads kernels lazily by default, and loading one waits for the kernels running on
 the device, a NCCL receive spinning until its peer sends included: the first launch of
@@ -59,7 +54,6 @@ import array
 import ctypes
 import datetime
 import logging
-import os
 import queue
 import threading
 import time
@@ -71,6 +65,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed import PrefixStore
 
+from . import nccl_lib
 from .nccl_store import connect_store
 
 try:  # the fused gather/scatter + checksum kernels (GPU); torch ops where Triton is missing
@@ -84,16 +79,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 _WARMUP = 0x6B76  # the warm-up message's value, checked by the receiver
-
-
-def _configure_nccl_env() -> None:
-    """See the module docstring: never let a NCCL failure or timeout kill the process."""
-    if os.environ.get("TORCH_NCCL_ASYNC_ERROR_HANDLING") not in ("0", "2"):
-        os.environ["TORCH_NCCL_ASYNC_ERROR_HANDLING"] = "2"
-    os.environ.setdefault("TORCH_NCCL_DUMP_ON_TIMEOUT", "0")
-
-
-_configure_nccl_env()
 
 
 MAX_MESSAGES = 8  # per transfer and pair: each message costs the host ~0.1 ms to issue (measured, H200)
@@ -175,12 +160,10 @@ class Trace:
     """Diagnostics (benchmarks/kv_transfer.py --diag): the steps of GPU transfers, each as a
     host time (time.perf_counter: CLOCK_MONOTONIC, one clock for every process of the
     host) or a CUDA event, converted to that clock by report(). Set RankKV.trace to one;
-    it adds an event per step and a stream that waits for each NCCL work, so it is never
-    on in serving."""
+    it adds an event per step, so it is never on in serving."""
 
     def __init__(self, device: torch.device):
         self.device = device
-        self.probe = torch.cuda.Stream(device)  # waits for each work in turn: its events mark their ends
         self.marks: list[tuple[str, float | None, torch.cuda.Event | None]] = []
 
     def host(self, label: str) -> None:
@@ -190,11 +173,6 @@ class Trace:
         event = torch.cuda.Event(enable_timing=True)
         event.record(stream)
         self.marks.append((label, None, event))
-
-    def ended(self, label: str, work) -> None:
-        with torch.cuda.stream(self.probe):
-            work.wait()
-            self.gpu(label, self.probe)
 
     def report(self) -> list[tuple[str, float]]:
         """(label, host seconds) of every mark so far, in the order made; clears them. A GPU
@@ -215,18 +193,35 @@ class Trace:
 class _Pair:
     name: str
     index: int                        # 0 sends (prefill), 1 receives (decode)
-    group: Any                        # ProcessGroupNCCL | ProcessGroupGloo
-    stream: torch.cuda.Stream | None  # GPU: the pair's transfer stream
+    group: Any                        # CPU: ProcessGroupGloo
+    stream: torch.cuda.Stream | None  # GPU: the pair's gather/scatter stream
     waiter: _Waiter | None            # CPU
     closed: str = ""                  # why it was closed; "" while open
+    comm: nccl_lib.Comm | None = None      # GPU: the pair's NCCL communicator
+    wire: torch.cuda.Stream | None = None  # GPU: its sends or receives, in order
     rows: torch.Tensor | None = None  # GPU, fused: the row sums, reused by every transfer (stream order)
+    marks: list[torch.cuda.Event] = field(default_factory=list)  # GPU: per message, reused (see mark())
 
     def row_sums(self, layers: int, nb: int, device: torch.device) -> torch.Tensor:
         """[layers, 2 * nb] int64 for the fused kernels' row sums: one buffer per pair, grown
         when needed, used only on the pair's stream (one transfer after another)."""
         if self.rows is None or self.rows.numel() < layers * 2 * nb:
-            self.rows = torch.empty(max(layers * 2 * nb, 1 << 16), dtype=torch.int64, device=device)
+            # made on the pair's stream, whatever stream is current: memory the caching
+            # allocator hands out on the compute stream can still be in use by queued layers
+            # (a streamed send is issued after the whole forward was queued), and the old
+            # buffer, freed here, goes back to the pair's stream, behind its last reader
+            with torch.cuda.stream(self.stream):
+                self.rows = torch.empty(max(layers * 2 * nb, 1 << 16), dtype=torch.int64, device=device)
         return self.rows[:layers * 2 * nb].view(layers, 2 * nb)
+
+    def mark(self, i: int, on: torch.cuda.Stream) -> torch.cuda.Event:
+        """The pair's i-th event, recorded on `on` now. The events are reused by every
+        transfer: a wait takes an event's last record at the time the wait is queued, so
+        recording it again later cannot change an earlier wait."""
+        while len(self.marks) <= i:
+            self.marks.append(torch.cuda.Event())
+        self.marks[i].record(on)
+        return self.marks[i]
 
 
 @dataclass(eq=False)
@@ -238,11 +233,10 @@ class _Part:
     groups: list[tuple[int, int]]
     fused: bool = False                        # its messages move through the fused kernels
     bufs: list[torch.Tensor] = field(default_factory=list)
-    works: list = field(default_factory=list)
     status: list[str | None] = field(default_factory=list)  # CPU: per work, set by the waiter
     tail: torch.Tensor | None = None
     host: torch.Tensor | None = None           # GPU recv: pinned copy of [tail..., local checksums...]
-    event: torch.cuda.Event | None = None      # GPU recv: after the scatter and the copy to host
+    event: torch.cuda.Event | None = None      # GPU: send: after the tail left; recv: after the scatter and the copy to host
     error: str = ""
     settled: bool = False
 
@@ -311,18 +305,16 @@ class RankKV:
         self.min_ctas = min_ctas  # NCCL: at least this many; 0 = NCCL's choice
         self.max_messages = max_messages
         self.bind_host = bind_host  # gloo's listening address
-        self.group_timeout_s = 2 * timeout_s + 60  # torch's watchdog: only a backstop behind ours
         self._pairs: dict[str, _Pair] = {}
         self._pending: list[_Transfer] = []
         self._dead: list = []  # aborted groups: destroyed in close(), their destructors may wait
         self.trace: Trace | None = None  # diagnostics only (see Trace)
-        self._spent: list = []  # settled parts' buffers and works, dropped at the next poll()
-        if self.cuda and os.environ.get("TORCH_NCCL_BLOCKING_WAIT", "0") not in ("0", ""):
-            log.warning("TORCH_NCCL_BLOCKING_WAIT is set: recv() will block until its data arrived")
+        self._spent: list = []  # settled parts' buffers, dropped at the next poll()
         # the fused kernels (nccl_kernels) where Triton is there; gather_programs caps their grid
         self._mover = kernels.Mover(kv.k, kv.v, gather_programs) if self.cuda and kernels is not None else None
         self._computed = torch.cuda.Event() if self.cuda else None  # send(): the compute stream up to now
         self._host_ids = _HostIds() if self.cuda else None
+        self._fused_heads: dict[tuple[int, int], bool] = {}
         if self.cuda:
             self._preload_kernels()
 
@@ -363,15 +355,17 @@ class RankKV:
     def pairs(self) -> list[str]:
         return list(self._pairs)
 
-    def group(self, pair: str):
-        """The pair's process group (benchmarks compare against raw send/recv on it)."""
-        return self._pairs[pair].group
+    def link(self, pair: str):
+        """The pair's nccl_lib.Comm (GPU) or gloo process group (CPU): benchmarks compare
+        against raw sends on it."""
+        p = self._pairs[pair]
+        return p.comm if self.cuda else p.group
 
     def open_pair(self, pair: str, host: str, port: int, index: int) -> None:
-        """Blocking: build the pair's 2-rank group through the store at (host, port), index 0
-        on the prefill (sending) side, 1 on the decode side, and exchange one tiny message so
-        the communicator exists before the first transfer. Replaces an open pair of the same
-        name. Raises on failure, or when the peer does not come within timeout_s."""
+        """Blocking: build the pair's 2-rank communicator through the store at (host, port),
+        index 0 on the prefill (sending) side, 1 on the decode side, and exchange one tiny
+        message so its connection exists before the first transfer. Replaces an open pair
+        of the same name. Raises on failure, or when the peer does not come within timeout_s."""
         if index not in (0, 1):
             raise ValueError(f"pair index must be 0 (sender) or 1 (receiver), got {index}")
         if (old := self._pairs.get(pair)) is not None:
@@ -379,18 +373,22 @@ class RankKV:
         deadline = time.monotonic() + self.timeout_s
         base = PrefixStore(f"pdserve-kv/{pair}/", connect_store(host, port, self.timeout_s))
         store = PrefixStore(f"{_meet(base, index, deadline, pair)}/", base)  # fresh keys for every opening
-        group = self._new_group(store, index)
+        if self.cuda:
+            p = _Pair(pair, index, None, torch.cuda.Stream(self.device, priority=-1), None,
+                      comm=self._new_comm(store, index, deadline, pair), wire=torch.cuda.Stream(self.device, priority=-1))
+        else:
+            p = _Pair(pair, index, self._new_group(store, index), None, _Waiter(pair))
         try:
-            self._warm_up(group, index, deadline, pair)
+            self._warm_up(p, deadline)
         except BaseException:
-            _abort(group)
-            self._dead.append(group)
+            _abort(p)
+            if p.waiter is not None:
+                p.waiter.stop()
             raise
-        stream = torch.cuda.Stream(self.device, priority=-1) if self.cuda else None
-        self._pairs[pair] = _Pair(pair, index, group, stream, None if self.cuda else _Waiter(pair))
+        self._pairs[pair] = p
 
     def close_pair(self, pair: str) -> None:
-        """Abort the pair's group (NCCL: no kernel keeps spinning on a dead peer); its
+        """Abort the pair's communicator (NCCL: no kernel keeps spinning on a dead peer); its
         pending transfers fail."""
         if (p := self._pairs.get(pair)) is not None:
             self._close(p, f"pair {pair} was closed")
@@ -407,43 +405,58 @@ class RankKV:
                 p.waiter.thread.join(max(0.0, deadline - time.monotonic()))
         self._dead.clear()
 
+    def _new_comm(self, store, index: int, deadline: float, pair: str) -> nccl_lib.Comm:
+        """The pair's NCCL communicator: the sender draws its unique id, the receiver reads it
+        from the store (128 bytes, under this opening's fresh prefix)."""
+        if index == 0:
+            store.set("nccl-id", nccl_lib.unique_id())
+        while not store.check(["nccl-id"]):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"pair {pair}: the sender's NCCL id did not come")
+            time.sleep(0.002)
+        uid = store.get("nccl-id")
+        min_ctas, max_ctas = 0, 0
+        if self.max_ctas > 0:
+            # a receive spins on its SMs until the data comes (for a streamed prefill, the
+            # whole forward): fewer CTAs leave more SMs to the compute beside it
+            min_ctas, max_ctas = 1, self.max_ctas
+        if self.min_ctas > 0:  # NCCL wants both bounds set
+            min_ctas, max_ctas = self.min_ctas, max(self.min_ctas, self.max_ctas if self.max_ctas > 0 else 64)
+        with torch.cuda.device(self.device):
+            return nccl_lib.Comm(uid, 2, index, min_ctas, max_ctas)
+
     def _new_group(self, store, index: int):
-        if self.cuda:
-            opts = dist.ProcessGroupNCCL.Options(is_high_priority_stream=True)
-            opts._timeout = datetime.timedelta(seconds=self.group_timeout_s)
-            if self.max_ctas > 0:
-                # a receive spins on its SMs until the data comes (for a streamed prefill, the
-                # whole forward): fewer CTAs leave more SMs to the compute beside it
-                opts.config.max_ctas = self.max_ctas
-                opts.config.min_ctas = 1
-            if self.min_ctas > 0:  # NCCL wants both bounds set
-                opts.config.min_ctas = self.min_ctas
-                opts.config.max_ctas = max(self.min_ctas, self.max_ctas if self.max_ctas > 0 else 64)
-            return dist.ProcessGroupNCCL(store, index, 2, opts)
         opts = dist.ProcessGroupGloo._Options()
         opts._devices = [dist.ProcessGroupGloo.create_device(hostname=self.bind_host)]
         opts._timeout = datetime.timedelta(seconds=self.timeout_s)
         opts._threads = 2
         return dist.ProcessGroupGloo(store, index, 2, opts)
 
-    def _warm_up(self, group, index: int, deadline: float, pair: str) -> None:
-        """One int64 from sender to receiver: creates the NCCL communicator now."""
-        if index == 0:
+    def _warm_up(self, pair: _Pair, deadline: float) -> None:
+        """One int64 from sender to receiver: NCCL connects the pair now, not at its first transfer."""
+        if pair.index == 0:
             t = torch.tensor([_WARMUP], dtype=torch.int64, device=self.device)
-            work = group.send([t], 1, 0)
         else:
             t = torch.zeros(1, dtype=torch.int64, device=self.device)
-            work = group.recv([t], 0, 0)
         if self.cuda:
-            while not work.is_completed():
+            pair.wire.wait_stream(torch.cuda.current_stream(self.device))
+            if pair.index == 0:
+                pair.comm.send(t.data_ptr(), 8, 1, pair.wire.cuda_stream)
+            else:
+                pair.comm.recv(t.data_ptr(), 8, 0, pair.wire.cuda_stream)
+            done = torch.cuda.Event()
+            done.record(pair.wire)
+            while not done.query():
                 if time.monotonic() > deadline:
-                    raise TimeoutError(f"pair {pair}: the warm-up message did not complete in {self.timeout_s:g} s")
+                    raise TimeoutError(f"pair {pair.name}: the warm-up message did not complete in {self.timeout_s:g} s")
                 time.sleep(0.001)
-            work.wait()  # raises if it failed
+            if (code := pair.comm.async_error()) != nccl_lib.SUCCESS:
+                raise nccl_lib.NcclError(f"pair {pair.name}: the warm-up message", code)
         else:
+            work = pair.group.send([t], 1, 0) if pair.index == 0 else pair.group.recv([t], 0, 0)
             work.wait(datetime.timedelta(seconds=max(0.001, deadline - time.monotonic())))
-        if index == 1 and int(t.item()) != _WARMUP:
-            raise RuntimeError(f"pair {pair}: the warm-up message held {int(t.item())}, expected {_WARMUP}")
+        if pair.index == 1 and int(t.item()) != _WARMUP:
+            raise RuntimeError(f"pair {pair.name}: the warm-up message held {int(t.item())}, expected {_WARMUP}")
 
     def _close(self, pair: _Pair, reason: str) -> None:
         if pair.closed:
@@ -451,8 +464,9 @@ class RankKV:
         pair.closed = reason
         if self._pairs.get(pair.name) is pair:
             del self._pairs[pair.name]
-        _abort(pair.group)
-        self._dead.append(pair.group)
+        _abort(pair)
+        if pair.group is not None:
+            self._dead.append(pair.group)
         if pair.waiter is not None:
             pair.waiter.stop()
         for tr in self._pending:
@@ -561,59 +575,92 @@ class RankKV:
 
     def _fused(self, head: int, heads: int) -> bool:
         """Whether messages of these heads move through the fused kernels (nccl_kernels)."""
-        return self._mover is not None and kernels.supported(self.kv.k, head, heads)
+        fused = self._fused_heads.get((head, heads))
+        if fused is None:
+            fused = self._fused_heads[(head, heads)] = self._mover is not None and kernels.supported(self.kv.k, head,
+                                                                                                      heads)
+        return fused
 
     def _send_cuda(self, part: _Part, meta: array.array, layer_events, compute) -> None:
-        """Queue the part's gathers and sends on the pair's stream. Only what the first
-        message needs comes before its send: where the KV is already computed, the host
-        time spent here before it is time the link stands idle."""
+        """Queue the part's gathers on the pair's stream and its sends on the pair's wire
+        stream, each send behind its own gather only. Only what the first message needs
+        comes before its send: where the KV is already computed, the host time spent here
+        before it is time the link stands idle."""
         pair, layers, trace, nb = part.pair, self.kv.num_layers, self.trace, len(meta) - 3
-        stream = pair.stream
+        stream, wire, comm = pair.stream, pair.wire, pair.comm
         ids = self._host_ids.take(meta)  # [block ids..., key, n_blocks, num_layers], page-locked
-        with torch.cuda.stream(stream):
-            try:
-                if layer_events is None:
-                    stream.wait_event(self._computed)  # recorded by send() on the compute stream
-                if trace:
-                    trace.host("stream entered")
-                if part.fused:
-                    rows = pair.row_sums(layers, nb, self.device)
-                else:
+        try:
+            if layer_events is None:
+                stream.wait_event(self._computed)  # recorded by send() on the compute stream
+            sizes = [self._layer_bytes(nb, part.heads) * (l1 - l0) for l0, l1 in part.groups]
+            numel = sum(sizes) // self.kv.k.element_size()
+            if layer_events is None:  # the gathers wait for all the compute queued so far: its memory is free
+                whole = torch.empty(numel, dtype=self.kv.k.dtype, device=self.device)
+            else:
+                # made on the pair's stream: memory the caching allocator hands out there was
+                # last used there (on the compute stream it could still be in use by queued
+                # layers that the early gathers do not wait for)
+                torch.cuda.set_stream(stream)
+                try:
+                    whole = torch.empty(numel, dtype=self.kv.k.dtype, device=self.device)
+                finally:
+                    torch.cuda.set_stream(compute)
+            part.bufs.append(whole)  # freed only once nothing queued can touch it (see _advance)
+            if trace:
+                trace.host("buffer made")
+            if part.fused:
+                rows = pair.row_sums(layers, nb, self.device)
+            else:
+                with torch.cuda.stream(stream):
                     dev = ids[:nb + 3].to(self.device, non_blocking=True)
                     tail = torch.empty(3 + layers, dtype=torch.int64, device=self.device)
-                for i, (l0, l1) in enumerate(part.groups):
-                    if layer_events is not None:
-                        stream.wait_event(layer_events[l1 - 1])
-                    if part.fused:
-                        buf = self._flat_buf(l1 - l0, nb, part.heads)
-                        self._mover.move(ids, l0, l1, part.head, part.heads, buf.view(torch.int32), rows, False, nb,
-                                         stream)
-                    else:
-                        buf = self._gather(dev[:nb], l0, l1, part.head, part.heads)
-                    part.bufs.append(buf)
-                    if trace:
-                        trace.host(f"gather {i} launched")
-                        trace.gpu(f"gathered {i}", stream)
-                    part.works.append(pair.group.send([buf], 1, 0))  # NCCL's stream waits for the gather only
-                    if trace:
-                        trace.host(f"send {i} issued")
-                    if not part.fused:
-                        tail[3 + l0:3 + l1] = checksum(buf)
-                gathered = torch.cuda.Event()
-                gathered.record(stream)
+            start, base, handle = 0, whole.data_ptr(), stream.cuda_stream
+            ids_ptr, rows_ptr = ids.data_ptr(), rows.data_ptr() if part.fused else 0
+            for i, (l0, l1) in enumerate(part.groups):
+                if layer_events is not None:
+                    stream.wait_event(layer_events[l1 - 1])
+                at = base + start
+                if part.fused and self._mover.launch(ids_ptr, at, rows_ptr, l0, l1, part.head, part.heads, False, nb,
+                                                     handle):
+                    pass  # launched by address: no torch call before the send
+                elif part.fused:
+                    buf = whole[start // self.kv.k.element_size():(start + sizes[i]) // self.kv.k.element_size()]
+                    self._mover.move(ids, l0, l1, part.head, part.heads, buf.view(torch.int32), rows, False, nb, stream)
+                else:
+                    buf = whole[start // self.kv.k.element_size():(start + sizes[i]) // self.kv.k.element_size()]
+                    with torch.cuda.stream(stream):
+                        buf.copy_(self._gather(dev[:nb], l0, l1, part.head, part.heads).view(-1))
+                        tail[3 + l0:3 + l1] = checksum(buf.view(l1 - l0, 2, nb, -1))
+                if trace:
+                    trace.host(f"gather {i} launched")
+                    trace.gpu(f"gathered {i}", stream)
+                wire.wait_event(pair.mark(i, stream))
+                comm.send(at, sizes[i], 1, wire.cuda_stream)
+                start += sizes[i]
+                if trace:
+                    trace.host(f"send {i} issued")
+                    trace.gpu(f"sent {i}", wire)
+            whole.record_stream(wire)  # its memory is not handed out again before the sends read it
+            if layer_events is None:
+                whole.record_stream(stream)  # nor, made on the compute stream, before the gathers wrote it
+            with torch.cuda.stream(stream):
                 if part.fused:
                     tail = torch.empty(3 + layers, dtype=torch.int64, device=self.device)
                     torch.sum(rows, 1, out=tail[3:])
                     tail[:3].copy_(ids[nb:nb + 3], non_blocking=True)
                 else:
                     tail[:3].copy_(dev[nb:])
-                part.tail = tail
-                part.works.append(pair.group.send([tail], 1, 0))
-                if trace:
-                    for i, work in enumerate(part.works):
-                        trace.ended(f"sent {i}", work)
-            finally:  # reused once what reads it ran
-                self._host_ids.release(ids, stream)
+            part.tail = tail
+            gathered = torch.cuda.Event()
+            gathered.record(stream)
+            wire.wait_event(gathered)
+            comm.send(tail.data_ptr(), tail.numel() * 8, 1, wire.cuda_stream)
+            part.event = torch.cuda.Event()
+            part.event.record(wire)
+            if trace:
+                trace.gpu(f"sent {len(part.groups)}", wire)
+        finally:  # reused once what reads it ran
+            self._host_ids.release(ids, stream)
         compute.wait_event(gathered)  # the next kernels on the compute stream cannot overwrite the blocks early
 
     def _send_cpu(self, part: _Part, meta: torch.Tensor) -> None:
@@ -642,28 +689,31 @@ class RankKV:
         return [new(l1 - l0, nb, part.heads) for l0, l1 in part.groups]
 
     def _recv_cuda(self, part: _Part, ids_list: array.array, layers: int) -> None:
+        """Post the part's receives on the pair's wire stream, all of them before anything
+        waits (a scatter never holds back a message), and queue each message's scatter on
+        the pair's stream behind its receive."""
         pair, nb = part.pair, len(ids_list)
-        stream, group, ids = pair.stream, pair.group, None
-        with torch.cuda.stream(stream):
+        stream, wire, comm, ids = pair.stream, pair.wire, pair.comm, None
+        with torch.cuda.stream(stream):  # the buffers are allocated on the stream that last reads them
             try:
                 ids = self._host_ids.take(ids_list)
                 part.bufs = self._empty_bufs(part, nb)
                 part.tail = torch.empty(3 + layers, dtype=torch.int64, device=self.device)
-                # every receive is posted before this stream waits on any: a scatter never holds back a message
-                part.works = [group.recv([b], 0, 0) for b in part.bufs]
-                part.works.append(group.recv([part.tail], 0, 0))
+                wire.wait_stream(stream)  # the buffers' memory is free once the stream got here
+                arrived = []
+                for buf in [*part.bufs, part.tail]:
+                    comm.recv(buf.data_ptr(), buf.numel() * buf.element_size(), 0, wire.cuda_stream)
+                    arrived.append(pair.mark(len(arrived), wire))
                 sums = torch.empty(layers, dtype=torch.int64, device=self.device)
-                fused, mover = part.fused, self._mover
+                fused, mover, trace = part.fused, self._mover, self.trace
                 if fused:
                     rows = pair.row_sums(layers, nb, self.device)
                 else:
                     idx = ids[:nb].to(self.device, non_blocking=True)
-                trace = self.trace
-                if trace:
-                    for i, work in enumerate(part.works):
-                        trace.ended(f"received {i}", work)
-                for i, ((l0, l1), buf, work) in enumerate(zip(part.groups, part.bufs, part.works)):
-                    work.wait()  # this stream waits for the message; the host does not
+                for i, ((l0, l1), buf) in enumerate(zip(part.groups, part.bufs)):
+                    stream.wait_event(arrived[i])
+                    if trace:
+                        trace.gpu(f"received {i}", stream)
                     if fused:
                         mover.move(ids, l0, l1, part.head, part.heads, buf.view(torch.int32), rows, True, nb, stream)
                     else:
@@ -673,13 +723,14 @@ class RankKV:
                         trace.gpu(f"scattered {i}", stream)
                 if fused:
                     torch.sum(rows, 1, out=sums)
-                part.works[-1].wait()
+                stream.wait_event(arrived[-1])
                 part.host = torch.empty(3 + 2 * layers, dtype=torch.int64, pin_memory=True)
                 part.host[:3 + layers].copy_(part.tail, non_blocking=True)
                 part.host[3 + layers:].copy_(sums, non_blocking=True)
                 if trace:
                     trace.gpu("tail on host", stream)
             finally:  # whatever was queued must finish before the transfer may end
+                stream.wait_stream(wire)
                 part.event = torch.cuda.Event()
                 part.event.record(stream)
                 if ids is not None:
@@ -726,8 +777,8 @@ class RankKV:
                 return  # a queued scatter may still write the blocks, even after an abort
             if self.trace:
                 self.trace.host("receive seen ended")
-        elif self.cuda:  # a pair's works run in order on its NCCL stream: the last (the tail) ends last
-            if not pair.closed and part.works and not part.works[-1].is_completed():
+        elif self.cuda:  # the event follows the tail's send on the wire stream
+            if not pair.closed and part.event is not None and not part.event.query():
                 return
         else:
             failed = [s for s in part.status if s]
@@ -737,23 +788,23 @@ class RankKV:
                 part.error = f"pair {pair.name}: {failed[0]}"
         if pair.closed and not part.error:
             part.error = pair.closed
-        if self.cuda and not part.error and part.works and tr.sending:
-            part.error = _work_error(pair, part.works[-1])
+        if self.cuda and not part.error and tr.sending:
+            part.error = _comm_error(pair)
         if not part.error and not tr.sending:
             # a tail that names this transfer and checksums that match mean every message
-            # arrived whole (the tail is the pair's last, in order): no wait() on the works
-            # before reporting; where they do not match, a failed work is the likelier cause
+            # arrived whole (the tail is the pair's last, in order); where they do not
+            # match, a NCCL error is the likelier cause
             part.error = self._verify(tr, part)
-            if part.error and self.cuda and part.works and (failed := _work_error(pair, part.works[-1])):
+            if part.error and self.cuda and (failed := _comm_error(pair)):
                 part.error = failed
                 self._close(pair, failed)
         elif part.error:
             self._close(pair, part.error)  # the pair is out of step or broken
         part.settled = True
-        # freed at the next poll(): dropping a transfer's buffers and works costs the host
+        # freed at the next poll(): dropping a transfer's buffers costs the host
         # tens of microseconds, which the caller would wait for before hearing it ended
-        self._spent.append((part.bufs, part.works, part.tail, part.host))
-        part.bufs, part.works, part.tail, part.host = [], [], None, None
+        self._spent.append((part.bufs, part.tail, part.host))
+        part.bufs, part.tail, part.host = [], None, None
         if self.trace:
             self.trace.host("settled")
 
@@ -791,17 +842,15 @@ def _wide(t: torch.Tensor) -> torch.Tensor:
     return t.view(next(dt for w, dt in _WIDE.items() if width % w == 0))
 
 
-def _work_error(pair: _Pair, work) -> str:
-    """The error of a pair's ended NCCL work, "" if none. The works of a pair share its
-    communicator, and a failure of any (an asynchronous NCCL error, an abort) fails the
-    ones after it: waiting on the last one is enough (a wait() costs the host tens of
-    microseconds, on the path to reporting a transfer done)."""
+def _comm_error(pair: _Pair) -> str:
+    """The pair's asynchronous NCCL error, "" if none (GPU)."""
     try:
-        with torch.cuda.stream(pair.stream):
-            work.wait()  # ended: raises only if it failed
-    except Exception as e:  # noqa: BLE001 - any failure of the work is its outcome
-        return f"pair {pair.name}: {type(e).__name__}: {e}"
-    return ""
+        code = pair.comm.async_error() if pair.comm is not None else nccl_lib.SUCCESS
+    except nccl_lib.NcclError as e:
+        return f"pair {pair.name}: {e}"
+    if code in (nccl_lib.SUCCESS, nccl_lib.IN_PROGRESS):
+        return ""
+    return f"pair {pair.name}: {nccl_lib.NcclError('asynchronous error', code)}"
 
 
 def _meet(store, index: int, deadline: float, pair: str) -> str:
@@ -824,11 +873,12 @@ def _meet(store, index: int, deadline: float, pair: str) -> str:
         time.sleep(0.005)
 
 
-def _abort(group) -> None:
-    """Abort a group, quietly: NCCL kills its kernels; gloo closes what it can."""
-    if group is None:
-        return
+def _abort(pair: _Pair) -> None:
+    """Abort a pair's communicator or group, quietly: NCCL stops its kernels; gloo closes what it can."""
     try:
-        group.abort()
+        if pair.comm is not None:
+            pair.comm.abort()
+        elif pair.group is not None:
+            pair.group.abort()
     except Exception:  # noqa: BLE001 - closing must not fail
-        log.warning("aborting a KV pair group failed", exc_info=True)
+        log.warning("aborting KV pair %s failed", pair.name, exc_info=True)

@@ -109,3 +109,16 @@ def test_mover_direct_launch_and_host_ids():
         assert same_bits(k2[l0:l1, ids, :, head:head + heads], k[l0:l1, ids, :, head:head + heads])
         assert same_bits(v2[l0:l1, ids, :, head:head + heads], v[l0:l1, ids, :, head:head + heads])
     assert len(mover._compiled) == 6  # three head counts, gather and scatter: later calls went direct
+    # by address (RankKV's send path): the same bytes and row sums as move(), on a raw stream handle
+    ids = rng.sample(range(num_blocks), 33)
+    idx = torch.tensor(ids, dtype=torch.long).pin_memory()
+    ref = gather_ref(k, v, idx.to(DEV), 1, 3, 3, 2)
+    buf = torch.full_like(ref, 7)
+    rows = torch.zeros((layers, 2 * len(ids)), dtype=torch.int64, device=DEV)
+    side.wait_stream(torch.cuda.current_stream())
+    assert mover.launch(idx.data_ptr(), buf.data_ptr(), rows.data_ptr(), 1, 3, 3, 2, False, len(ids), side.cuda_stream)
+    assert not mover.launch(idx.data_ptr(), buf.data_ptr() + 4, rows.data_ptr(), 1, 3, 3, 2, False, len(ids),
+                            side.cuda_stream)  # not aligned as compiled: nothing launched
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    assert same_bits(buf, ref) and torch.equal(rows[1:3].sum(1), checksum(ref))
