@@ -132,20 +132,18 @@ class Mover:
             wph, seg = self.hd * self.es // 4, heads * self.hd * self.es // 4
             segp = triton.next_power_of_2(seg)
             shape = self._shapes[heads] = (wph, seg, segp, max(1, min(triton.next_power_of_2(self.bs), 4096 // segp)))
+        nb = len(idx) if nb is None else nb
+        ptrs = idx.data_ptr(), buf.data_ptr(), rows.data_ptr()
+        if (heads, scatter) in self._compiled:
+            handle = (stream or torch.cuda.current_stream(self.k.device)).cuda_stream
+            if self.launch(*ptrs, l0, l1, head, heads, scatter, nb, handle):
+                return
         wph, seg, segp, tb = shape
         if wph * 4 != self.hd * self.es:  # a head is not whole words (heads and offsets are): the offset in words
             wph, head = 1, head * self.hd * self.es // 4
-        nb = len(idx) if nb is None else nb
         total = (l1 - l0) * 2 * nb
         programs = min(total, self.programs) if self.programs > 0 else total
         rounds = -(-total // programs)
-        ptrs = idx.data_ptr(), buf.data_ptr(), rows.data_ptr()
-        compiled = self._compiled.get((heads, scatter))
-        if compiled is not None and not (ptrs[0] | ptrs[1] | ptrs[2]) % 16:  # as specialized when compiled
-            handle = (stream or torch.cuda.current_stream(self.k.device)).cuda_stream
-            compiled[(programs, 1, 1)](self.k_ptr, self.v_ptr, *ptrs, l0, nb, *self.strides, head,
-                                       total, rounds, wph, seg, segp, self.bs, tb, scatter, stream=handle)
-            return
         with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
             if idx.device != self.k.device:  # Triton's dispatch wants device tensors (a copy on the kernel's stream)
                 idx = idx.to(self.k.device, non_blocking=True)

@@ -72,11 +72,9 @@ def lib() -> ctypes.CDLL:
         raise OSError("the NCCL library was not found: " + "; ".join(errors))
     c_p, c_int, c_size = ctypes.c_void_p, ctypes.c_int, ctypes.c_size_t
     sigs = {
-        "ncclGetVersion": [ctypes.POINTER(c_int)],
         "ncclGetUniqueId": [ctypes.POINTER(UniqueId)],
         "ncclCommInitRankConfig": [ctypes.POINTER(c_p), c_int, UniqueId, c_int, ctypes.POINTER(_Config)],
         "ncclCommAbort": [c_p],
-        "ncclCommDestroy": [c_p],
         "ncclCommGetAsyncError": [c_p, ctypes.POINTER(c_int)],
         "ncclSend": [c_p, c_size, c_int, c_int, c_p, c_p],
         "ncclRecv": [c_p, c_size, c_int, c_int, c_p, c_p],
@@ -84,7 +82,7 @@ def lib() -> ctypes.CDLL:
     for name, args in sigs.items():
         fn = getattr(found, name, None)
         if fn is None:
-            continue  # an older library: version() tells what it can do
+            continue  # an older library: using that call fails then
         fn.argtypes, fn.restype = args, c_int
     found.ncclGetErrorString.argtypes, found.ncclGetErrorString.restype = [c_int], ctypes.c_char_p
     _lib = found
@@ -101,13 +99,6 @@ def _error_string(code: int) -> str:
 def _check(what: str, code: int) -> None:
     if code != SUCCESS:
         raise NcclError(what, code)
-
-
-def version() -> int:
-    """The library's version as NCCL codes it: 22703 for 2.27.3."""
-    v = ctypes.c_int()
-    _check("ncclGetVersion", lib().ncclGetVersion(ctypes.byref(v)))
-    return v.value
 
 
 def unique_id() -> bytes:
@@ -160,10 +151,3 @@ class Comm:
             return
         handle, self.handle = self.handle, None
         lib().ncclCommAbort(handle)
-
-    def destroy(self) -> None:
-        """Free the communicator once its queued work ran (blocks until then)."""
-        if self.handle is None:
-            return
-        handle, self.handle = self.handle, None
-        _check("ncclCommDestroy", lib().ncclCommDestroy(handle))
