@@ -4,6 +4,8 @@
 """
 from __future__ import annotations
 
+import json
+import os
 import time
 from dataclasses import dataclass, field
 
@@ -42,6 +44,36 @@ class Completion:
     timings: dict = field(default_factory=dict)
 
 
+class StepTrace:
+    """Diagnostics: with PDSERVE_STEP_TRACE=DIR, each engine (process) appends one JSON line
+    per step to DIR/steps-PID.jsonl: wall time at its start, tokens, whether it issued KV
+    sends, host ms to queue the forward and logits, ms of device time between two events
+    around them (the device's own time when the host keeps ahead of it, else the host's
+    pace), and ms of the whole step up to the sampled tokens on the host. Never on in serving."""
+
+    def __init__(self, directory: str, device: torch.device):
+        os.makedirs(directory, exist_ok=True)
+        self.out = open(os.path.join(directory, f"steps-{os.getpid()}.jsonl"), "a", buffering=1)
+        self.cuda = device.type == "cuda"
+        self.events = [torch.cuda.Event(enable_timing=True) for _ in range(2)] if self.cuda else []
+
+    def start(self) -> tuple[float, float]:
+        if self.cuda:
+            self.events[0].record()
+        return time.time(), time.perf_counter()
+
+    def queued(self) -> float:
+        if self.cuda:
+            self.events[1].record()
+        return time.perf_counter()
+
+    def end(self, started: tuple[float, float], queued: float, tokens: int, sends: bool) -> None:
+        done = time.perf_counter()
+        gpu = self.events[0].elapsed_time(self.events[1]) if self.cuda else None
+        self.out.write(json.dumps(dict(t=started[0], tokens=tokens, sends=sends, queue_ms=(queued - started[1]) * 1e3,
+                                       gpu_ms=gpu, step_ms=(done - started[1]) * 1e3)) + "\n")
+
+
 class LLMEngine:
     def __init__(self, cfg: EngineConfig):
         self.cfg = cfg
@@ -66,6 +98,8 @@ class LLMEngine:
         if not self.cfg.chunked_prefill and self.cfg.max_num_batched_tokens < self.max_model_len:
             self.scheduler.budget = self.max_model_len  # a whole prompt must fit in one step
         self.sampler = Sampler()
+        trace_dir = os.environ.get("PDSERVE_STEP_TRACE")
+        self.trace = StepTrace(trace_dir, self.device) if trace_dir else None
         return self
 
     def close(self) -> None:
@@ -186,13 +220,17 @@ class LLMEngine:
                  if seq.kv_send and seq.num_computed_tokens + n >= seq.num_prompt_tokens]
         if sends:
             self._attach_sends(sends)
+        started = self.trace.start() if self.trace else None
         logits = self.executor.execute(plan)
+        queued = self.trace.queued() if self.trace else 0.0
         self.scheduler.advance(batch)
         if not rows:
             return []
         seqs = [batch.seqs[i] for i in rows]
         tokens = self.sampler(logits, [s.params for s in seqs], [s.prompt_token_ids for s in seqs],
                               [s.output_token_ids for s in seqs], [s.generator for s in seqs]).tolist()
+        if started:
+            self.trace.end(started, queued, sum(batch.num_new_tokens), bool(sends))
         return [self._postprocess(seq, tok) for seq, tok in zip(seqs, tokens)]
 
     def _attach_sends(self, seqs: list[Sequence]) -> None:
