@@ -5,8 +5,10 @@ into one buffer so it can be broadcast to the other ranks (no pickling).
 
 The NCCL KV transport's per-rank work (kv_transfer.nccl_rank.RankKV) runs here too,
 through kv_op: pairs open and close, receives are posted, and sends are attached to
-the next step, whose forward records an event after each layer so that a layer's
-KV leaves while the next layers compute."""
+the next step. Its forward records an event after each layer, and the hook that
+records it has RankKV queue the gather and send of each layer group whose last layer
+that was: a group's KV leaves while the host queues the next layers and the device
+computes them (the host queues a prefill's layers barely ahead of the device)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -248,9 +250,11 @@ class ModelRunner:
     def _layer_done(self, layer: int, module, args, output) -> None:
         if self._layer_events is not None:
             self._layer_events[layer].record()
+            self.kv_xfer.layer_queued(layer)
 
     def _issue_sends(self, sends: list[dict]) -> None:
-        """After the forward was launched: each attached send leaves layer by layer."""
+        """GPU: before the forward (each layer group then leaves from its last layer's hook);
+        CPU: after it."""
         me = str(self.rank)
         for s in sends:
             dests = s["dests"].get(me, [])
@@ -290,13 +294,21 @@ class ModelRunner:
         if self.graphs is not None and self.graphs.fits(plan) and not sends:
             logits = self.graphs.replay(plan)
         else:  # eager; a step with KV sends records an event after each layer
-            if sends and self.device.type == "cuda":
+            streamed = bool(sends) and self.device.type == "cuda"
+            if streamed:  # each layer group leaves from the hook of its last layer, while later layers are queued
                 self._layer_events = [torch.cuda.Event() for _ in range(self.spec.num_layers)]
+                self._issue_sends(sends)
             try:
                 hidden = self.model(plan.input_ids.to(self.device), plan.positions.to(self.device),
                                     self.metadata(plan))
-                if sends:
+                if streamed:
+                    self.kv_xfer.end_streams()
+                elif sends:  # CPU: the whole KV, once computed
                     self._issue_sends(sends)
+            except BaseException:
+                if streamed:
+                    self.kv_xfer.abort_streams("the forward that computes the KV failed")
+                raise
             finally:
                 self._layer_events = None
             if plan.sample_tokens.numel() == 0:

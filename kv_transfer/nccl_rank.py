@@ -15,11 +15,15 @@ head slices, block ids and keys; RankKV moves the bytes:
   (nccl_kernels; torch ops where a head is not whole int32 words, and on CPU); it
   reads the block ids from a page-locked host buffer in place (_HostIds).
   On GPU each pair has two streams: the gathers run on its stream, each waiting for the
-  event of its group's last layer, so early layers leave while later ones are computed;
+  event of its group's last layer, so early layers leave while later ones are computed.
+  With layer events, send() only prepares; the caller reports each layer queued
+  (layer_queued, from inside the forward) and each group's gather and send are queued
+  then, not after the whole forward; end_streams() after the forward, abort_streams()
+  if it failed. On a pair, a transfer's messages are all queued before the next one's;
   the sends run in order on its wire stream, each waiting for its own gather only, so
   gathering message i + 1 overlaps sending message i. The calling (compute) stream waits
   for the last gather before its next kernels: the caller may free the blocks right
-  after send() returns.
+  after send() returns (streamed: after end_streams()).
 - recv: receives of the same groups into contiguous buffers, then the tail, all posted
   on the wire stream at once; on GPU the scatter of each message into the reserved
   blocks (k and v, at the head offset) and the checksums are queued on the pair's stream
@@ -239,6 +243,7 @@ class _Part:
     event: torch.cuda.Event | None = None      # GPU: send: after the tail left; recv: after the scatter and the copy to host
     error: str = ""
     settled: bool = False
+    streaming: bool = False                    # GPU send: some of its messages wait for layers still to be queued
 
 
 @dataclass(eq=False)
@@ -315,6 +320,7 @@ class RankKV:
         self._computed = torch.cuda.Event() if self.cuda else None  # send(): the compute stream up to now
         self._host_ids = _HostIds() if self.cuda else None
         self._fused_heads: dict[tuple[int, int], bool] = {}
+        self._streams: list[list] = []  # GPU: [part, its send generator, the layer it waits for], in send() order
         if self.cuda:
             self._preload_kernels()
 
@@ -496,11 +502,74 @@ class RankKV:
             compute = torch.cuda.current_stream(self.device)
             if layer_events is None:
                 self._computed.record(compute)  # each pair's stream waits for it (one event, reused)
-            self._start(tr, "send", lambda part: self._send_cuda(part, meta, layer_events, compute))
+                self._start(tr, "send", lambda part: _exhaust(self._send_cuda(part, meta, None, compute)))
+            else:
+                self._start(tr, "send", lambda part: self._stream(part, self._send_cuda(part, meta, layer_events,
+                                                                                           compute)))
+                self._run_streams(-1)
             if self.trace:
                 self.trace.host("send returned")
         else:
             self._start(tr, "send", lambda part: self._send_cpu(part, torch.frombuffer(meta, dtype=torch.long).clone()))
+
+    def layer_queued(self, layer: int) -> None:
+        """Streamed sends (send() with layer_events): layer `layer` is queued on the compute
+        stream and its event recorded. Queues the gathers and sends of the layer groups
+        that end there, so they leave while the host queues the next layers; the caller
+        calls it after each layer, from inside the forward."""
+        if self._streams:
+            self._run_streams(layer)
+
+    def end_streams(self) -> None:
+        """After the forward's last layer_queued(): queue whatever streamed sends still hold
+        (on a pair, a transfer behind another one of the same step)."""
+        if self._streams:
+            self._run_streams(self.kv.num_layers)
+
+    def abort_streams(self, reason: str) -> None:
+        """The forward failed before every layer was queued: the streamed sends not fully
+        queued fail and their pairs close (the receiver would wait for the rest)."""
+        streams, self._streams = self._streams, []
+        for part, gen, _ in streams:
+            gen.close()
+            part.streaming = False
+            part.error = part.error or reason
+            self._close(part.pair, part.error)
+
+    def _stream(self, part: _Part, gen) -> None:
+        part.streaming = True
+        self._streams.append([part, gen, -1])
+
+    def _run_streams(self, layer: int) -> None:
+        """Advance each streamed send while the layer its next group waits for is queued
+        (<= layer), in send() order. On a pair only the oldest unfinished transfer advances:
+        its messages must all precede the next transfer's, as the receiver posts them."""
+        busy, keep = set(), []
+        for entry in self._streams:
+            part, gen = entry[0], entry[1]
+            pair = part.pair
+            if pair.closed:  # the part fails at the next poll()
+                gen.close()
+                part.streaming = False
+                continue
+            if pair.name in busy:
+                keep.append(entry)
+                continue
+            try:
+                while entry[2] is not None and entry[2] <= layer:
+                    entry[2] = next(gen, None)
+            except Exception as e:  # noqa: BLE001 - reported through poll(), as any transfer failure
+                log.exception("KV send on pair %s failed", pair.name)
+                part.streaming = False
+                part.error = f"send failed on pair {pair.name}: {type(e).__name__}: {e}"
+                self._close(pair, part.error)
+                continue
+            if entry[2] is None:
+                part.streaming = False
+            else:
+                busy.add(pair.name)
+                keep.append(entry)
+        self._streams = keep
 
     def recv(self, key: int, block_ids: list[int], srcs: list[tuple[str, int, int]], num_layers: int) -> None:
         """Non-blocking: receive each (pair, head, heads) in srcs into heads [head, head + heads)
@@ -581,11 +650,13 @@ class RankKV:
                                                                                                       heads)
         return fused
 
-    def _send_cuda(self, part: _Part, meta: array.array, layer_events, compute) -> None:
-        """Queue the part's gathers on the pair's stream and its sends on the pair's wire
-        stream, each send behind its own gather only. Only what the first message needs
-        comes before its send: where the KV is already computed, the host time spent here
-        before it is time the link stands idle."""
+    def _send_cuda(self, part: _Part, meta: array.array, layer_events, compute):
+        """A generator: queues the part's gathers on the pair's stream and its sends on the
+        pair's wire stream, each send behind its own gather only. With layer_events it
+        yields, before each group, the last layer that group needs (run by _run_streams as
+        the forward queues the layers); without, it runs through at once. Only what the
+        first message needs comes before its send: where the KV is already computed, the
+        host time spent here before it is time the link stands idle."""
         pair, layers, trace, nb = part.pair, self.kv.num_layers, self.trace, len(meta) - 3
         stream, wire, comm = pair.stream, pair.wire, pair.comm
         ids = self._host_ids.take(meta)  # [block ids..., key, n_blocks, num_layers], page-locked
@@ -618,6 +689,7 @@ class RankKV:
             ids_ptr, rows_ptr = ids.data_ptr(), rows.data_ptr() if part.fused else 0
             for i, (l0, l1) in enumerate(part.groups):
                 if layer_events is not None:
+                    yield l1 - 1  # resumed once that layer was queued and its event recorded
                     stream.wait_event(layer_events[l1 - 1])
                 at = base + start
                 if part.fused and self._mover.launch(ids_ptr, at, rows_ptr, l0, l1, part.head, part.heads, False, nb,
@@ -778,7 +850,7 @@ class RankKV:
             if self.trace:
                 self.trace.host("receive seen ended")
         elif self.cuda:  # the event follows the tail's send on the wire stream
-            if not pair.closed and part.event is not None and not part.event.query():
+            if not pair.closed and (part.streaming or part.event is not None and not part.event.query()):
                 return
         else:
             failed = [s for s in part.status if s]
@@ -829,6 +901,11 @@ class RankKV:
             for (l0, l1), buf in zip(part.groups, part.bufs):
                 self._scatter(idx, l0, l1, part.head, part.heads, buf)
         return ""
+
+
+def _exhaust(gen) -> None:
+    for _ in gen:
+        raise RuntimeError("a send without layer events waited for a layer")
 
 
 _WIDE = {16: torch.complex128, 8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.uint8}

@@ -33,17 +33,19 @@ def emit(**fields) -> None:
     print(json.dumps(fields), flush=True)
 
 
-def fill_like_a_forward(kv: KVCache, k: torch.Tensor, v: torch.Tensor, delay_cycles: int) -> list:
-    """GPU: write each layer's k/v on the current stream after a delay, recording an event
-    after each, as the prefill forward does; returns at once with the layers still to come."""
-    events, k, v = [], k.pin_memory(), v.pin_memory()
+def fill_like_a_forward(kv: KVCache, k: torch.Tensor, v: torch.Tensor, delay_cycles: int, events: list,
+                        rank: RankKV) -> None:
+    """GPU: write each layer's k/v on the current stream after a delay, then record its event
+    and report it queued (rank.layer_queued), as the prefill forward's layer hook does;
+    returns with the layers still running on the device."""
+    k, v = k.pin_memory(), v.pin_memory()
     for layer in range(kv.num_layers):
         torch.cuda._sleep(delay_cycles)
         kv.k[layer].copy_(k[layer], non_blocking=True)
         kv.v[layer].copy_(v[layer], non_blocking=True)
-        events.append(torch.cuda.Event())
-        events[-1].record()
-    return events
+        events[layer].record()
+        rank.layer_queued(layer)
+    rank.end_streams()
 
 
 def main(cfg: dict) -> None:
@@ -72,20 +74,24 @@ def main(cfg: dict) -> None:
         if kind == "open":
             rank.open_pair(op["pair"], host, port, op["index"])
             emit(event="opened", pair=op["pair"], pairs=rank.pairs)
-        elif kind == "send":
-            started[op["key"]] = time.monotonic()
-            events = None
-            if cfg.get("forward") and device.type == "cuda":  # the cache fills while send() is issued
-                events = fill_like_a_forward(kv, *contents, cfg.get("delay_cycles", 20_000_000))
+        elif kind in ("send", "step"):  # step: several transfers sent by one forward
+            sends = op["sends"] if kind == "step" else [op]
+            forward = cfg.get("forward") and device.type == "cuda"  # the cache fills while the sends are queued
+            events = [torch.cuda.Event() for _ in range(cfg["layers"])] if forward else None
             saved, saved_mover = nccl_rank.checksum, rank._mover
             if op.get("corrupt"):  # the receiver must see a mismatch: the sender's checksums are off by one
                 nccl_rank.checksum = lambda buf: saved(buf) + 1
                 rank._mover = OffByOne(saved_mover) if saved_mover is not None else None
             try:
-                rank.send(op["key"], op["blocks"], [tuple(p) for p in op["parts"]], events)
+                for one in sends:
+                    started[one["key"]] = time.monotonic()
+                    rank.send(one["key"], one["blocks"], [tuple(p) for p in one["parts"]], events)
+                if forward:
+                    fill_like_a_forward(kv, *contents, cfg.get("delay_cycles", 20_000_000), events, rank)
             finally:
                 nccl_rank.checksum, rank._mover = saved, saved_mover
-            emit(event="sent", key=op["key"], host_s=round(time.monotonic() - started[op["key"]], 4))
+            for one in sends:
+                emit(event="sent", key=one["key"], host_s=round(time.monotonic() - started[one["key"]], 4))
         elif kind == "recv":
             started[op["key"]] = time.monotonic()
             rank.recv(op["key"], op["blocks"], [tuple(p) for p in op["parts"]], cfg["layers"])

@@ -216,7 +216,8 @@ def one_to_one(setup: Setup, store: int, peers, tmp_path: Path) -> None:
     layer_bytes = 2 * 5 * BLOCK * HEADS * HEAD_DIM * setup.torch_dtype.itemsize
     assert len(layer_groups(LAYERS, layer_bytes, setup.min_message)) >= 2  # several messages
     full = [["p", 0, HEADS]]
-    send = [dict(op="send", key=1, blocks=ks["a"], parts=full), dict(op="send", key=2, blocks=ks["b"], parts=full),
+    # keys 1 and 2 leave from one forward (GPU: the layer hooks queue both on one pair, 1's messages first)
+    send = [dict(op="step", sends=[dict(key=1, blocks=ks["a"], parts=full), dict(key=2, blocks=ks["b"], parts=full)]),
             dict(op="send", key=3, blocks=ks["c"], parts=full, corrupt=True),
             dict(op="send", key=4, blocks=ks["d"], parts=full),
             dict(op="send", key=6, blocks=ks["e"], parts=[["p", 1, 2]])]  # sender heads 1-2 ...

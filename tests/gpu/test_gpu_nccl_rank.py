@@ -1,7 +1,8 @@
 """RankKV over NCCL between two GPUs (skipped without two): the CPU tests' scenarios with
 the prefill ranks on GPU 0 and the decode ranks on GPU 1, in bfloat16, the sender's cache
-filled layer by layer behind a delay while send() is issued with the layer events (a
-gather that did not wait for its layers would send zeros and fail the comparison), and a
+filled layer by layer behind a delay, each layer reported queued as the forward's hook
+does, the sends queued from those reports (a gather that did not wait for its layers
+would send zeros and fail the comparison; two transfers of one forward share a pair), and a
 dead or silent peer ended by the timeout and its abort, then the pair rebuilt.
 
 Run on a GPU host: PYTHONPATH=. python -m pytest -q tests/gpu/test_gpu_nccl_rank.py"""
