@@ -60,7 +60,7 @@ class Target:
         log_dir.mkdir(parents=True, exist_ok=True)
         self.cluster = Cluster(ClusterConfig(listen=self.listen, model=model, device=a.device, load_format="dummy",
                                              max_num_batched_tokens=max(2048, a.prompt_len), log_dir=str(log_dir),
-                                             **pools))
+                                             cores_per_member=a.cores_per_member, **pools))
         self.cluster.start()
         self.channel = grpc.insecure_channel(self.listen)
         self.stub = api_pb2_grpc.GenerationStub(self.channel)
@@ -174,6 +174,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=4, help="alternating rounds (the headline method)")
     ap.add_argument("--no-warmup-round", dest="warmup_round", action="store_false",
                     help="skip the first round of both clusters that is run and not kept")
+    ap.add_argument("--cores-per-member", type=int, default=0,
+                    help="pin each cluster member to its own physical cores, this many (0: the OS places them)")
     ap.add_argument("--paired", action="store_true",
                     help="also measure both clusters up at once, each prompt to each in turn (reported beside)")
     ap.add_argument("--device", default="cuda")
@@ -222,7 +224,7 @@ def main() -> None:
     from engine.config import EngineConfig
     node = EngineConfig()
     config = dict(shape=a.shape, prompt_len=a.prompt_len, requests=a.requests, warmup=a.warmup, concurrency=1,
-                  rounds=a.rounds, warmup_round=a.warmup_round,
+                  rounds=a.rounds, warmup_round=a.warmup_round, cores_per_member=a.cores_per_member,
                   method="alternating rounds: in each, a fresh 1P1D cluster and a fresh colocated node, one at a "
                   "time, the order alternating, after a warm-up round not kept; ratio of the medians over all rounds",
                   dtype="bfloat16", device=a.device, kv_min_message_mib=node.kv_min_message_mib,

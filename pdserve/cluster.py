@@ -41,6 +41,7 @@ class ClusterConfig:
     kv_timeout_s: float | None = None  # nccl: --kv-timeout of the nodes (default theirs)
     kv_min_message_mib: float | None = None  # nccl: --kv-min-message-mib (default theirs)
     kv_max_ctas: int | None = None     # nccl: --kv-max-ctas (default theirs)
+    cores_per_member: int = 0          # >0: member i (coordinator 0, then the nodes) runs on physical cores [i*n, (i+1)*n)
 
 
 class Cluster:
@@ -110,6 +111,8 @@ class Cluster:
         p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log, start_new_session=True)
         if log is not None:
             log.close()
+        if self.cfg.cores_per_member > 0:  # set while the child has one thread: the later ones inherit it
+            os.sched_setaffinity(p.pid, member_cpus(len(self.procs), self.cfg.cores_per_member))
         self.procs.append(p)
         return p
 
@@ -164,3 +167,38 @@ class Cluster:
 
 def _interrupt(signum, frame) -> None:
     raise KeyboardInterrupt
+
+
+def physical_cores() -> list[list[int]]:
+    """This process's allowed logical CPUs grouped by physical core (SMT siblings together),
+    in CPU order; each CPU alone where the topology is not readable."""
+    allowed, cores, seen = sorted(os.sched_getaffinity(0)), [], set()
+    for cpu in allowed:
+        if cpu in seen:
+            continue
+        try:
+            text = open(f"/sys/devices/system/cpu/cpu{cpu}/topology/thread_siblings_list").read()
+            siblings = sorted(c for c in _cpu_list(text) if c in allowed)
+        except (OSError, ValueError):
+            siblings = [cpu]
+        seen.update(siblings)
+        cores.append(siblings)
+    return cores
+
+
+def member_cpus(index: int, per_member: int, cores: list[list[int]] | None = None) -> set[int]:
+    """The logical CPUs of member `index`: physical cores [index * per_member, (index + 1) *
+    per_member), wrapping around where there are fewer. The same index gets the same cores
+    in every cluster, so a role measured in two clusters one after the other (a prefill
+    node, a colocated node: both index 1) runs on the same cores."""
+    cores = cores if cores is not None else physical_cores()
+    return {cpu for i in range(index * per_member, (index + 1) * per_member) for cpu in cores[i % len(cores)]}
+
+
+def _cpu_list(text: str) -> list[int]:
+    """'0-3,8,10-11' -> [0, 1, 2, 3, 8, 10, 11]."""
+    out = []
+    for part in text.strip().split(","):
+        lo, _, hi = part.partition("-")
+        out.extend(range(int(lo), int(hi or lo) + 1))
+    return out

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import random
 import signal
+import sys
 import threading
 import time
 import grpc
@@ -412,3 +413,23 @@ def test_a_request_on_a_frozen_decode_node_moves_on_and_the_node_is_fenced_off_w
             os.kill(pid, signal.SIGCONT)
         client.close()
         cluster.stop()
+
+
+def test_members_pinned_to_their_own_physical_cores():
+    from pdserve.cluster import Cluster, ClusterConfig, member_cpus
+    cores = [[0, 8], [1, 9], [2, 10], [3, 11]]  # SMT siblings stay together
+    assert member_cpus(0, 2, cores) == {0, 8, 1, 9}
+    assert member_cpus(1, 2, cores) == {2, 10, 3, 11}
+    assert member_cpus(2, 3, cores) == {2, 10, 3, 11, 0, 8}  # cores 6, 7, 8: wrapped around
+    cluster = Cluster(ClusterConfig(cores_per_member=1))
+    child = cluster._spawn([sys.executable, "-c", "import threading, time; threading.Thread(target=time.sleep, "
+                            "args=(30,)).start(); time.sleep(30)"])
+    try:
+        time.sleep(1.0)  # its second thread now exists
+        want = member_cpus(0, 1)
+        assert os.sched_getaffinity(child.pid) == want
+        tids = os.listdir(f"/proc/{child.pid}/task")
+        assert len(tids) >= 2 and all(os.sched_getaffinity(int(t)) == want for t in tids)
+    finally:
+        child.kill()
+        child.wait()
