@@ -104,15 +104,21 @@ def summarize(name: str, samples: list[tuple], splits: list[list[float]]) -> dic
     return row
 
 
-def measure(name: str, pools: dict, a: argparse.Namespace, model: str, prompts: list[list[int]]) -> dict:
-    """One cluster alone: its requests one after the other."""
+def run_alone(name: str, pools: dict, a: argparse.Namespace, model: str, prompts: list[list[int]],
+              keep: bool = True) -> Target:
+    """One cluster alone, started and stopped here: its requests one after the other, the
+    first a.warmup not kept (none kept when keep is False)."""
     t = Target(name, pools, a, model)
     try:
         for i, prompt in enumerate(prompts):
-            t.one(prompt, keep=i >= a.warmup)
+            t.one(prompt, keep=keep and i >= a.warmup)
     finally:
         t.close()
-    return t.row()
+    return t
+
+
+def measure(name: str, pools: dict, a: argparse.Namespace, model: str, prompts: list[list[int]]) -> dict:
+    return run_alone(name, pools, a, model, prompts).row()
 
 
 def paired(targets: list[Target], a: argparse.Namespace, prompts: list[list[int]]) -> None:
@@ -133,29 +139,20 @@ def alternating_rounds(a: argparse.Namespace, model: str, prompts: list[list[int
     after the other and never up together (the order alternating: 1P1D first in even
     rounds), each taking a.warmup + its share of the prompts. Returns both rows (every
     round's requests) and each round's ratio of medians."""
-    names = ("1P1D nccl", "prefill alone")
+    kinds = {"1P1D nccl": NCCL_POOLS, "prefill alone": ALONE_POOLS}
+    names = tuple(kinds)
     kept = {n: ([], []) for n in names}
     per_round = []
     share = -(-a.requests // a.rounds)
     if a.warmup_round:  # a fresh machine's first cluster ran ~30% slower in 2 of 3 runs: not kept
         for name in names:
-            t = Target(name, NCCL_POOLS if name == names[0] else ALONE_POOLS, a, model)
-            try:
-                for prompt in prompts[:a.warmup + share]:
-                    t.one(prompt, keep=False)
-            finally:
-                t.close()
+            run_alone(name, kinds[name], a, model, prompts[:a.warmup + share], keep=False)
         print("warm-up round done (not kept)", flush=True)
     for r in range(a.rounds):
         chunk = prompts[:a.warmup] + prompts[a.warmup + r * share:a.warmup + (r + 1) * share]
         medians = {}
         for name in (names if r % 2 == 0 else names[::-1]):
-            t = Target(name, NCCL_POOLS if name == names[0] else ALONE_POOLS, a, model)
-            try:
-                for i, prompt in enumerate(chunk):
-                    t.one(prompt, keep=i >= a.warmup)
-            finally:
-                t.close()
+            t = run_alone(name, kinds[name], a, model, chunk)
             kept[name][0].extend(t.samples)
             kept[name][1].extend(t.splits)
             medians[name] = statistics.median(x[0] for x in t.samples)

@@ -212,8 +212,8 @@ class _Pair:
         if self.rows is None or self.rows.numel() < layers * 2 * nb:
             # made on the pair's stream, whatever stream is current: memory the caching
             # allocator hands out on the compute stream can still be in use by queued layers
-            # (a streamed send is issued after the whole forward was queued), and the old
-            # buffer, freed here, goes back to the pair's stream, behind its last reader
+            # (a streamed send is prepared before its forward runs), and the old buffer,
+            # freed here, goes back to the pair's stream, behind its last reader
             with torch.cuda.stream(self.stream):
                 self.rows = torch.empty(max(layers * 2 * nb, 1 << 16), dtype=torch.int64, device=device)
         return self.rows[:layers * 2 * nb].view(layers, 2 * nb)
