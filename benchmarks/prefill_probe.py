@@ -1,0 +1,175 @@
+"""Where a prefill step's time goes: the host's time to queue it against the device's, per process.
+
+    python benchmarks/prefill_probe.py [--shape llama-3.2-1b] [--tokens 2048] [--procs 6] [--steps 30]
+
+Each of --procs fresh processes (CUDA_MODULE_LOADING EAGER and LAZY in turn, as the
+NCCL nodes and the other nodes run) starts an engine with random weights of the shape
+and runs one prompt of --tokens tokens through ModelRunner.execute, --steps times in
+each of three ways:
+
+- served: as a node runs it (the device idle when the step starts), host time until
+  execute() returned, device time between events around it, and the whole step up to
+  the logits on the host;
+- host alone: the same behind a ~50 ms sleep kernel, so that the host queues the whole
+  step before the device reaches it: host time is then the host's own cost (a sync
+  inside the step would show as tens of ms), device time the device's own;
+- hooked: served, with a forward hook recording an event after each layer, as a step
+  with KV sends does.
+
+Also, once per process: the step under torch's sync debug mode (any synchronizing call
+inside it is listed) and a cProfile of one host-alone step (top functions by own time).
+Prints one JSON line per process and a summary; writes benchmarks/results/prefill_probe.json."""
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import json
+import os
+import pstats
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.common import write_config_folder, write_result  # noqa: E402
+
+
+def child(a: argparse.Namespace) -> None:
+    import torch
+
+    from engine.config import EngineConfig
+    from engine.llm_engine import LLMEngine
+    from engine.model_runner import StepPlan
+
+    folder = write_config_folder(a.shape, Path(tempfile.mkdtemp()) / "model")
+    n, bs = a.tokens, 16
+    cfg = EngineConfig(model=str(folder), device="cuda", dtype="bfloat16", load_format="dummy", enforce_eager=True,
+                       max_num_seqs=8, max_num_batched_tokens=n, max_model_len=max(4096, n),
+                       gpu_memory_utilization=0.5)
+    engine = LLMEngine(cfg).start()
+    runner = engine.executor.runner
+    g = torch.Generator().manual_seed(0)
+    blocks = -(-n // bs)
+    table = torch.randperm(runner.num_blocks, generator=g)[:blocks]
+    pos = torch.arange(n)
+    plan = StepPlan(torch.randint(0, runner.spec.vocab_size, (n,), generator=g), pos,
+                    table[pos // bs] * bs + pos % bs, torch.tensor([n]), torch.tensor([n]), table.view(1, -1),
+                    torch.tensor([n - 1]))
+    events = [torch.cuda.Event(enable_timing=True) for _ in range(2)]
+
+    def step(sleep_cycles: int = 0) -> tuple[float, float, float]:
+        torch.cuda.synchronize()
+        if sleep_cycles:
+            torch.cuda._sleep(sleep_cycles)
+        t0 = time.perf_counter()
+        events[0].record()
+        logits = runner.execute(plan)
+        t1 = time.perf_counter()
+        events[1].record()
+        logits.argmax(-1).tolist()
+        t2 = time.perf_counter()
+        return (t1 - t0) * 1e3, events[0].elapsed_time(events[1]), (t2 - t0) * 1e3
+
+    for _ in range(3):
+        step()
+    # ~50 ms of device time at the H200's clock, whatever it is: calibrate
+    torch.cuda.synchronize()
+    events[0].record()
+    torch.cuda._sleep(10_000_000)
+    events[1].record()
+    torch.cuda.synchronize()
+    cycles = int(10_000_000 * 50.0 / max(events[0].elapsed_time(events[1]), 1e-3))
+
+    out: dict = dict(pid=os.getpid(), loading=os.environ.get("CUDA_MODULE_LOADING", "default"),
+                     device=torch.cuda.get_device_name(0), num_blocks=runner.num_blocks)
+    for name, sleep in (("served", 0), ("host_alone", cycles)):
+        rows = [step(sleep) for _ in range(a.steps)]
+        out[name] = {k: round(statistics.median(r[i] for r in rows), 3) for i, k in
+                     enumerate(("host_ms", "gpu_ms", "step_ms"))}
+        out[name]["step_ms_all"] = [round(r[2 if not sleep else 1], 3) for r in rows]
+    hooked = [torch.cuda.Event() for _ in runner.model.layers]
+    handles = [layer.register_forward_hook(lambda m, i, o, e=e: e.record()) for layer, e in
+               zip(runner.model.layers, hooked)]
+    rows = [step() for _ in range(a.steps)]
+    for h in handles:
+        h.remove()
+    out["hooked"] = {k: round(statistics.median(r[i] for r in rows), 3) for i, k in
+                     enumerate(("host_ms", "gpu_ms", "step_ms"))}
+
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode(1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        logits = runner.execute(plan)
+    torch.cuda.set_sync_debug_mode(0)
+    logits.argmax(-1).tolist()
+    out["syncs"] = [str(w.message)[:160] for w in caught][:10]
+    out["sync_count"] = len(caught)
+
+    torch.cuda.synchronize()
+    torch.cuda._sleep(cycles)
+    prof = cProfile.Profile()
+    prof.enable()
+    logits = runner.execute(plan)
+    prof.disable()
+    torch.cuda.synchronize()
+    s = io.StringIO()
+    pstats.Stats(prof, stream=s).sort_stats("tottime").print_stats(18)
+    out["profile"] = s.getvalue().splitlines()[-26:]
+    print("PROBE " + json.dumps(out), flush=True)
+    engine.close()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shape", default="llama-3.2-1b")
+    ap.add_argument("--tokens", type=int, default=2048)
+    ap.add_argument("--procs", type=int, default=6)
+    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--child", action="store_true")
+    ap.add_argument("--commit", default=None)
+    ap.add_argument("--out", default="prefill_probe")
+    a = ap.parse_args()
+    if a.child:
+        child(a)
+        return
+    procs = []
+    for i in range(a.procs):
+        env = dict(os.environ, CUDA_MODULE_LOADING="EAGER" if i % 2 == 0 else "LAZY")
+        cmd = [sys.executable, __file__, "--child", "--shape", a.shape, "--tokens", str(a.tokens),
+               "--steps", str(a.steps)]
+        r = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        line = next((x for x in r.stdout.splitlines() if x.startswith("PROBE ")), None)
+        if line is None:
+            print(r.stdout[-2000:], r.stderr[-4000:], flush=True)
+            continue
+        row = json.loads(line[6:])
+        procs.append(row)
+        print(f"[{i}] {row['loading']:6s} served host {row['served']['host_ms']:6.2f} gpu {row['served']['gpu_ms']:6.2f}"
+              f" step {row['served']['step_ms']:6.2f} | alone host {row['host_alone']['host_ms']:6.2f}"
+              f" gpu {row['host_alone']['gpu_ms']:6.2f} | hooked step {row['hooked']['step_ms']:6.2f}"
+              f" | syncs {row['sync_count']}", flush=True)
+        if i == 0:
+            print("\n".join(row["profile"]), "\n".join(row["syncs"]), sep="\n", flush=True)
+    if not procs:
+        sys.exit("no process finished")
+    host = statistics.median(p["host_alone"]["host_ms"] for p in procs)
+    gpu = statistics.median(p["host_alone"]["gpu_ms"] for p in procs)
+    served = statistics.median(p["served"]["step_ms"] for p in procs)
+    print(f"median over processes: host alone {host:.2f} ms, device alone {gpu:.2f} ms, served step {served:.2f} ms; "
+          f"host / device {host / gpu:.3f}")
+    write_result(a.out, "prefill_probe", host / gpu, 1.0,
+                 dict(shape=a.shape, tokens=a.tokens, procs=a.procs, steps=a.steps,
+                      ratio="host's own time to queue a prefill step / the device's own time for it (< 1: the "
+                            "device is the limit)"),
+                 a.commit, processes=procs)
+
+
+if __name__ == "__main__":
+    main()
