@@ -12,7 +12,9 @@ each of three ways:
   the logits on the host;
 - host alone: the same behind a ~50 ms sleep kernel, so that the host queues the whole
   step before the device reaches it: host time is then the host's own cost (a sync
-  inside the step would show as tens of ms), device time the device's own;
+  inside the step would show as tens of ms), device time the device's own. The plan's
+  tensors are on the device already here (served, copying them from pageable memory
+  waits for the device);
 - hooked: served, with a forward hook recording an event after each layer, as a step
   with KV sends does.
 
@@ -61,20 +63,29 @@ def child(a: argparse.Namespace) -> None:
     plan = StepPlan(torch.randint(0, runner.spec.vocab_size, (n,), generator=g), pos,
                     table[pos // bs] * bs + pos % bs, torch.tensor([n]), torch.tensor([n]), table.view(1, -1),
                     torch.tensor([n - 1]))
+    # the same plan with its tensors already on the device (pinned where the host reads them):
+    # served, the plan's copies from pageable memory wait for the device, which would hold
+    # the host behind the sleep kernel
+    dev = torch.device("cuda")
+    dplan = StepPlan(plan.input_ids.to(dev), plan.positions.to(dev), plan.slot_mapping.to(dev),
+                     plan.query_lens.pin_memory(), plan.context_lens.pin_memory(), plan.block_tables.to(dev),
+                     plan.sample_tokens.to(dev))
     events = [torch.cuda.Event(enable_timing=True) for _ in range(2)]
 
-    def step(sleep_cycles: int = 0) -> tuple[float, float, float]:
+    def step(sleep_cycles: int = 0) -> tuple[float, float, float, float]:
         torch.cuda.synchronize()
         if sleep_cycles:
             torch.cuda._sleep(sleep_cycles)
+        c0 = time.thread_time()
         t0 = time.perf_counter()
         events[0].record()
-        logits = runner.execute(plan)
+        logits = runner.execute(dplan if sleep_cycles else plan)
         t1 = time.perf_counter()
+        c1 = time.thread_time()
         events[1].record()
         logits.argmax(-1).tolist()
         t2 = time.perf_counter()
-        return (t1 - t0) * 1e3, events[0].elapsed_time(events[1]), (t2 - t0) * 1e3
+        return (t1 - t0) * 1e3, events[0].elapsed_time(events[1]), (t2 - t0) * 1e3, (c1 - c0) * 1e3
 
     for _ in range(3):
         step()
@@ -91,8 +102,8 @@ def child(a: argparse.Namespace) -> None:
     for name, sleep in (("served", 0), ("host_alone", cycles)):
         rows = [step(sleep) for _ in range(a.steps)]
         out[name] = {k: round(statistics.median(r[i] for r in rows), 3) for i, k in
-                     enumerate(("host_ms", "gpu_ms", "step_ms"))}
-        out[name]["step_ms_all"] = [round(r[2 if not sleep else 1], 3) for r in rows]
+                     enumerate(("host_ms", "gpu_ms", "step_ms", "host_cpu_ms"))}
+        out[name]["series"] = [[round(x, 2) for x in r] for r in rows]
     hooked = [torch.cuda.Event() for _ in runner.model.layers]
     handles = [layer.register_forward_hook(lambda m, i, o, e=e: e.record()) for layer, e in
                zip(runner.model.layers, hooked)]
@@ -100,13 +111,13 @@ def child(a: argparse.Namespace) -> None:
     for h in handles:
         h.remove()
     out["hooked"] = {k: round(statistics.median(r[i] for r in rows), 3) for i, k in
-                     enumerate(("host_ms", "gpu_ms", "step_ms"))}
+                     enumerate(("host_ms", "gpu_ms", "step_ms", "host_cpu_ms"))}
 
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode(1)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        logits = runner.execute(plan)
+        logits = runner.execute(dplan)
     torch.cuda.set_sync_debug_mode(0)
     logits.argmax(-1).tolist()
     out["syncs"] = [str(w.message)[:160] for w in caught][:10]
@@ -116,7 +127,7 @@ def child(a: argparse.Namespace) -> None:
     torch.cuda._sleep(cycles)
     prof = cProfile.Profile()
     prof.enable()
-    logits = runner.execute(plan)
+    logits = runner.execute(dplan)
     prof.disable()
     torch.cuda.synchronize()
     s = io.StringIO()
@@ -152,8 +163,8 @@ def main() -> None:
         row = json.loads(line[6:])
         procs.append(row)
         print(f"[{i}] {row['loading']:6s} served host {row['served']['host_ms']:6.2f} gpu {row['served']['gpu_ms']:6.2f}"
-              f" step {row['served']['step_ms']:6.2f} | alone host {row['host_alone']['host_ms']:6.2f}"
-              f" gpu {row['host_alone']['gpu_ms']:6.2f} | hooked step {row['hooked']['step_ms']:6.2f}"
+              f" step {row['served']['step_ms']:6.2f} cpu {row['served']['host_cpu_ms']:6.2f} | alone host {row['host_alone']['host_ms']:6.2f}"
+              f" cpu {row['host_alone']['host_cpu_ms']:6.2f} gpu {row['host_alone']['gpu_ms']:6.2f} | hooked step {row['hooked']['step_ms']:6.2f}"
               f" | syncs {row['sync_count']}", flush=True)
         if i == 0:
             print("\n".join(row["profile"]), "\n".join(row["syncs"]), sep="\n", flush=True)
