@@ -41,6 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import grpc  # noqa: E402
 
 from benchmarks.common import hf_config, write_config_folder, write_result  # noqa: E402
+from pdserve.cli import SWITCH_INTERVAL_US  # noqa: E402
 from pdserve.cluster import Cluster, ClusterConfig, free_port  # noqa: E402
 from pdserve.v1 import api_pb2, api_pb2_grpc  # noqa: E402
 
@@ -60,7 +61,8 @@ class Target:
         log_dir.mkdir(parents=True, exist_ok=True)
         self.cluster = Cluster(ClusterConfig(listen=self.listen, model=model, device=a.device, load_format="dummy",
                                              max_num_batched_tokens=max(2048, a.prompt_len), log_dir=str(log_dir),
-                                             cores_per_member=a.cores_per_member, **pools))
+                                             cores_per_member=a.cores_per_member,
+                                             switch_interval_us=a.switch_interval_us, **pools))
         self.cluster.start()
         self.channel = grpc.insecure_channel(self.listen)
         self.stub = api_pb2_grpc.GenerationStub(self.channel)
@@ -173,6 +175,8 @@ def main() -> None:
                     help="skip the first round of both clusters that is run and not kept")
     ap.add_argument("--cores-per-member", type=int, default=0,
                     help="pin each cluster member to its own physical cores, this many (0: the OS places them)")
+    ap.add_argument("--switch-interval-us", type=float, default=None,
+                    help="every cluster member's --switch-interval-us (default: the nodes' own)")
     ap.add_argument("--paired", action="store_true",
                     help="also measure both clusters up at once, each prompt to each in turn (reported beside)")
     ap.add_argument("--device", default="cuda")
@@ -222,6 +226,7 @@ def main() -> None:
     node = EngineConfig()
     config = dict(shape=a.shape, prompt_len=a.prompt_len, requests=a.requests, warmup=a.warmup, concurrency=1,
                   rounds=a.rounds, warmup_round=a.warmup_round, cores_per_member=a.cores_per_member,
+                  switch_interval_us=a.switch_interval_us or SWITCH_INTERVAL_US,
                   method="alternating rounds: in each, a fresh 1P1D cluster and a fresh colocated node, one at a "
                   "time, the order alternating, after a warm-up round not kept; ratio of the medians over all rounds",
                   dtype="bfloat16", device=a.device, kv_min_message_mib=node.kv_min_message_mib,

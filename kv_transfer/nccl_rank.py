@@ -16,7 +16,9 @@ head slices, block ids and keys; RankKV moves the bytes:
   reads the block ids from a page-locked host buffer in place (_HostIds).
   On GPU each pair has two streams: the gathers run on its stream, each waiting for the
   event of its group's last layer, so early layers leave while later ones are computed.
-  With layer events, send() only prepares; the caller reports each layer queued
+  With layer events, send() only registers the transfer (its buffers are made at the
+  first layer_queued(), while the device computes that layer, not before the forward's
+  first kernel, when the device is idle); the caller reports each layer queued
   (layer_queued, from inside the forward) and each group's gather and send are queued
   then, not after the whole forward; end_streams() after the forward, abort_streams()
   if it failed. On a pair, a transfer's messages are all queued before the next one's;
@@ -504,9 +506,9 @@ class RankKV:
                 self._computed.record(compute)  # each pair's stream waits for it (one event, reused)
                 self._start(tr, "send", lambda part: _exhaust(self._send_cuda(part, meta, None, compute)))
             else:
+                # nothing runs yet: the first layer_queued() makes the buffers and queues what is due
                 self._start(tr, "send", lambda part: self._stream(part, self._send_cuda(part, meta, layer_events,
                                                                                            compute)))
-                self._run_streams(-1)
             if self.trace:
                 self.trace.host("send returned")
         else:

@@ -142,6 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--lease", type=float, default=30.0, help="seconds decode blocks wait for their KV")
     c.add_argument("--max-migrations", type=int, default=2,
                    help="times a request may move to another decode node when its decode node dies")
+    add_switch_interval_flag(c)
     c.set_defaults(func=cmd_coordinator)
 
     for role in ("prefill", "decode", "node"):
@@ -163,6 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
         n.add_argument("--kv-host", default="127.0.0.1", help="decode: address the KV receiver binds")
         n.add_argument("--kv-ipc", default=None, help="decode: bind the KV receiver to this ipc path instead")
         n.add_argument("--kv-layers-per-message", type=int, default=1)
+        add_switch_interval_flag(n)
         add_engine_flags(n)
         if role != "node":
             n.set_defaults(role=role)
@@ -196,8 +198,28 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+SWITCH_INTERVAL_US = 200.0
+
+
+def add_switch_interval_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--switch-interval-us", type=float, default=SWITCH_INTERVAL_US,
+                   help="Python's thread switch interval, microseconds (Python's default: 5000): the longest a "
+                        "thread that woke up (gRPC, the KV I/O thread) waits for the GIL while another runs "
+                        "Python, as the engine thread does for the whole time it queues a step")
+
+
+def set_switch_interval(a: argparse.Namespace) -> None:
+    """A serving process's threads hand work to each other (a request to the engine thread,
+    a KV control message to the I/O thread): at Python's 5 ms, a message queued as a
+    prefill step starts waited up to 5 ms for the engine thread to let go of the GIL."""
+    if a.switch_interval_us <= 0:
+        raise SystemExit("--switch-interval-us must be > 0")
+    sys.setswitchinterval(a.switch_interval_us * 1e-6)
+
+
 def cmd_coordinator(a: argparse.Namespace) -> int:
     import asyncio
+    set_switch_interval(a)
     from coordinator.server import Coordinator, CoordinatorConfig
     from pdserve.process import run_until_signal
     cfg = CoordinatorConfig(listen=a.listen, model=a.model, heartbeat_interval_s=a.heartbeat_interval,
@@ -208,6 +230,7 @@ def cmd_coordinator(a: argparse.Namespace) -> int:
 def cmd_node(a: argparse.Namespace) -> int:
     import asyncio
     import os
+    set_switch_interval(a)
     if a.kv_transport == "nccl":
         # CUDA loads a kernel lazily by default, and loading one waits for the kernels
         # running on the device, a NCCL receive spinning on a dead peer included: the

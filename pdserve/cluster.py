@@ -42,6 +42,7 @@ class ClusterConfig:
     kv_min_message_mib: float | None = None  # nccl: --kv-min-message-mib (default theirs)
     kv_max_ctas: int | None = None     # nccl: --kv-max-ctas (default theirs)
     cores_per_member: int = 0          # >0: member i (coordinator 0, then the nodes) runs on physical cores [i*n, (i+1)*n)
+    switch_interval_us: float | None = None  # every member's --switch-interval-us (default theirs)
 
 
 class Cluster:
@@ -81,6 +82,8 @@ class Cluster:
                     cmd += ["--dtype", cfg.dtype]
                 if cfg.load_format != "auto":
                     cmd += ["--load-format", cfg.load_format]
+                if cfg.switch_interval_us is not None:
+                    cmd += ["--switch-interval-us", str(cfg.switch_interval_us)]
                 if cfg.kv_transport != "zmq" and role != "both":
                     cmd += ["--kv-transport", cfg.kv_transport]
                     for flag, value in (("--kv-timeout", cfg.kv_timeout_s),
@@ -98,6 +101,8 @@ class Cluster:
                        "--max-inflight", str(self.cfg.max_inflight)]
         if self.cfg.model:
             coordinator += ["--model", self.cfg.model]
+        if self.cfg.switch_interval_us is not None:
+            coordinator += ["--switch-interval-us", str(self.cfg.switch_interval_us)]
         self._spawn(coordinator)
         for cmd in nodes:
             self._spawn(cmd)

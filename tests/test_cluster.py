@@ -433,3 +433,26 @@ def test_members_pinned_to_their_own_physical_cores():
     finally:
         child.kill()
         child.wait()
+
+
+def test_members_run_with_a_short_thread_switch_interval():
+    """Nodes and the coordinator hand work between threads (a KV control message queued as
+    a prefill step starts waits for the engine thread's GIL): they switch at 200 us by
+    default, not Python's 5 ms, and a cluster passes its own value to every member."""
+    from pdserve.cli import build_parser, set_switch_interval
+    from pdserve.cluster import Cluster, ClusterConfig
+    ap = build_parser()
+    node = ap.parse_args(["node", "--role", "prefill", "--coordinator", "127.0.0.1:1"])
+    coord = ap.parse_args(["coordinator", "--switch-interval-us", "350"])
+    assert node.switch_interval_us == 200.0 and coord.switch_interval_us == 350.0
+    before = sys.getswitchinterval()
+    try:
+        set_switch_interval(node)
+        assert abs(sys.getswitchinterval() - 200e-6) < 2e-6  # Python keeps whole microseconds
+    finally:
+        sys.setswitchinterval(before)
+    with pytest.raises(SystemExit):
+        set_switch_interval(ap.parse_args(["decode", "--coordinator", "x", "--switch-interval-us", "0"]))
+    cmds = Cluster(ClusterConfig(device="cpu", switch_interval_us=1000.0)).node_commands()
+    assert cmds and all(c[c.index("--switch-interval-us") + 1] == "1000.0" for c in cmds)
+    assert all("--switch-interval-us" not in c for c in Cluster(ClusterConfig(device="cpu")).node_commands())
