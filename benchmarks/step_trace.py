@@ -23,8 +23,9 @@ def main() -> None:
             group = [s for s in steps if s["sends"] == sends]
             if not group:
                 continue
-            med = {k: statistics.median(s[k] for s in group) for k in ("queue_ms", "gpu_ms", "step_ms")
-                   if group[0][k] is not None}
+            med = {k: statistics.median(s[k] for s in group) for k in ("queue_ms", "gpu_ms", "step_ms", "forward_ms",
+                                                                      "forward_cpu_ms")
+                   if group[0].get(k) is not None}
             print(f"{path.name:24s} sends={sends!s:5s} steps {len(group):4d}  " +
                   "  ".join(f"{k} {v:7.3f}" for k, v in med.items()))
 

@@ -57,21 +57,28 @@ class StepTrace:
         self.cuda = device.type == "cuda"
         self.events = [torch.cuda.Event(enable_timing=True) for _ in range(2)] if self.cuda else []
 
-    def start(self) -> tuple[float, float]:
+    def start(self) -> tuple[float, float, float]:
         if self.cuda:
             self.events[0].record()
-        return time.time(), time.perf_counter()
+        return time.time(), time.perf_counter(), time.thread_time()
 
     def queued(self) -> float:
         if self.cuda:
             self.events[1].record()
         return time.perf_counter()
 
-    def end(self, started: tuple[float, float], queued: float, tokens: int, sends: bool) -> None:
+    def end(self, started: tuple[float, float, float], queued: float, tokens: int, sends: bool,
+            forward: tuple[float, float] | None) -> None:
+        """forward: (perf_counter, thread_time) once the model's layers were queued, before
+        anything waits for the device (ModelRunner.forward_queued): wall time well under the
+        device's means the host kept ahead; CPU time well under wall time means the thread
+        was kept off a CPU (another thread holding the GIL, the OS)."""
         done = time.perf_counter()
         gpu = self.events[0].elapsed_time(self.events[1]) if self.cuda else None
+        fwd = dict(forward_ms=(forward[0] - started[1]) * 1e3, forward_cpu_ms=(forward[1] - started[2]) * 1e3
+                   ) if forward else {}
         self.out.write(json.dumps(dict(t=started[0], tokens=tokens, sends=sends, queue_ms=(queued - started[1]) * 1e3,
-                                       gpu_ms=gpu, step_ms=(done - started[1]) * 1e3)) + "\n")
+                                       gpu_ms=gpu, step_ms=(done - started[1]) * 1e3, **fwd)) + "\n")
 
 
 class LLMEngine:
@@ -230,7 +237,8 @@ class LLMEngine:
         tokens = self.sampler(logits, [s.params for s in seqs], [s.prompt_token_ids for s in seqs],
                               [s.output_token_ids for s in seqs], [s.generator for s in seqs]).tolist()
         if started:
-            self.trace.end(started, queued, sum(batch.num_new_tokens), bool(sends))
+            runner = self.executor.runner
+            self.trace.end(started, queued, sum(batch.num_new_tokens), bool(sends), runner.forward_queued)
         return [self._postprocess(seq, tok) for seq, tok in zip(seqs, tokens)]
 
     def _attach_sends(self, seqs: list[Sequence]) -> None:

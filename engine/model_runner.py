@@ -11,6 +11,7 @@ that was: a group's KV leaves while the host queues the next layers and the devi
 computes them (the host queues a prefill's layers barely ahead of the device)."""
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -109,6 +110,7 @@ class ModelRunner:
         self._layer_events: list | None = None
         self._kv_known: set[int] = set()  # keys of this rank's live transfers
         self._kv_ended: dict[int, tuple[bool, str]] = {}
+        self.forward_queued: tuple[float, float] | None = None  # last eager step: (perf_counter, thread_time)
         self.num_blocks = self._pool_blocks()
         self.kv = KVCache(self.spec.num_layers, self.num_blocks, cfg.block_size, self.kv_heads,
                           self.spec.head_dim, self.dtype, self.device)
@@ -291,6 +293,7 @@ class ModelRunner:
         """Run one step; return the sampled rows' logits [S, V] in float32 on rank 0.
         A decode-only step that fits a captured CUDA graph replays it."""
         sends, self._sends = self._sends, []
+        self.forward_queued = None
         if self.graphs is not None and self.graphs.fits(plan) and not sends:
             logits = self.graphs.replay(plan)
         else:  # eager; a step with KV sends records an event after each layer
@@ -301,6 +304,7 @@ class ModelRunner:
             try:
                 hidden = self.model(plan.input_ids.to(self.device), plan.positions.to(self.device),
                                     self.metadata(plan))
+                self.forward_queued = (time.perf_counter(), time.thread_time())  # diagnostics (StepTrace)
                 if streamed:
                     self.kv_xfer.end_streams()
                 elif sends:  # CPU: the whole KV, once computed

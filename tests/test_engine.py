@@ -1,6 +1,7 @@
 """Engine behaviour beyond parity: requests in and out, KV export/import, validation."""
 from __future__ import annotations
 
+import json
 import pytest
 import torch
 
@@ -145,3 +146,17 @@ def test_a_tp_rank_that_dies_makes_the_next_step_fail_instead_of_hanging(tiny_mo
     finally:
         engine.close()
     assert engine.executor is None
+
+
+def test_step_trace_writes_one_line_per_step_with_the_forward_times(tiny_models, tmp_path, monkeypatch):
+    """PDSERVE_STEP_TRACE (diagnostics): each step's line says how long the host took to
+    queue the forward, in wall and in its own CPU time, and how long the whole step took."""
+    monkeypatch.setenv("PDSERVE_STEP_TRACE", str(tmp_path))
+    with LLMEngine(EngineConfig(model=tiny_models["llama"], kv_blocks=32, block_size=4)) as engine:
+        engine.generate([[5, 17, 99, 3, 250, 8]], SamplingParams(max_tokens=3, **GREEDY))
+    (path,) = tmp_path.glob("steps-*.jsonl")
+    steps = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [s["tokens"] for s in steps] == [6, 1, 1]
+    for s in steps:
+        assert 0 < s["forward_ms"] <= s["queue_ms"] <= s["step_ms"] and s["forward_cpu_ms"] > 0
+        assert s["gpu_ms"] is None and s["sends"] is False
