@@ -77,3 +77,24 @@ def write_result(name: str, benchmark: str, ratio: float | None, target: float, 
     path = RESULTS / f"{name}.json"
     path.write_text(json.dumps(result, indent=2) + "\n")
     return path
+
+
+REQUIRED_FIELDS = ("benchmark", "device", "date", "commit", "ratio", "target", "config")  # every result JSON's
+
+
+def stamp_parts(folder: Path, headline: dict) -> list[Path]:
+    """Give each detail JSON in folder (a run's raw files kept beside its headline result,
+    like a goodput sweep's per-side curves) the headline's top-level fields and `part`
+    (its file name), so that every JSON under results/ can be read by the same script.
+    A field the file already had under one of those names is kept as raw_<name>."""
+    stamped = []
+    for path in sorted(folder.glob("*.json")):
+        data = json.loads(path.read_text())
+        data = data if isinstance(data, dict) else {"data": data}
+        if all(data.get(k) == headline[k] for k in REQUIRED_FIELDS):
+            continue
+        kept = {(f"raw_{k}" if k in REQUIRED_FIELDS or k == "part" else k): v for k, v in data.items()}
+        path.write_text(json.dumps({**{k: headline[k] for k in REQUIRED_FIELDS}, "part": path.stem, **kept},
+                                   indent=2) + "\n")
+        stamped.append(path)
+    return stamped

@@ -23,7 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import RESULTS, write_config_folder, write_result  # noqa: E402
+from benchmarks.common import RESULTS, stamp_parts, write_config_folder, write_result  # noqa: E402
 from pdserve.cluster import Cluster, ClusterConfig, free_port  # noqa: E402
 
 WORKLOADS = {  # name -> (input len, output len, TTFT SLO, TPOT SLO as multiples of the unloaded latency)
@@ -134,6 +134,7 @@ def main() -> None:
                   kv_max_ctas=args.kv_max_ctas, kv_min_message_mib=args.kv_min_message_mib)
     path = write_result(name, f"goodput_{args.workload.replace('-', '_')}",
                         ratio, 2.0, config, commit_id=args.commit, disaggregated=disagg, colocated=coloc)
+    stamp_parts(out, json.loads(path.read_text()))  # the sweeps' own files carry the run's fields too
     print(f"-> {path}")
 
 

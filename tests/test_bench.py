@@ -124,3 +124,32 @@ def test_a_rate_sweep_writes_curves_max_goodput_summary_and_plot(cluster, tmp_pa
     assert [s["scale"] for s in result["slo_scale"]] == [0.5, 1.0, 2.0]
     assert (tmp_path / "g.png").read_bytes()[:4] == b"\x89PNG"
     assert "Maximum goodput" in (tmp_path / "g.md").read_text()
+
+
+def test_every_result_json_has_the_fields_a_script_reads():
+    """Every JSON under benchmarks/results/ (headlines, sweeps, a run's raw parts) carries
+    benchmark, device, date, commit, ratio, target and config at the top level."""
+    from benchmarks.common import REQUIRED_FIELDS, RESULTS
+    files = sorted(RESULTS.rglob("*.json"))
+    assert files
+    missing = {}
+    for path in files:
+        data = json.loads(path.read_text())
+        lacks = [k for k in REQUIRED_FIELDS if not isinstance(data, dict) or k not in data]
+        if lacks:
+            missing[str(path.relative_to(RESULTS))] = lacks
+    assert not missing
+
+
+def test_stamp_parts_gives_raw_files_the_headline_fields_and_keeps_theirs(tmp_path):
+    from benchmarks.common import REQUIRED_FIELDS, stamp_parts
+    head = dict(benchmark="goodput_x", device="D", date="2026-01-01", commit="abc", ratio=1.5, target=2.0,
+                config={"rates": "4,8"})
+    (tmp_path / "baseline.json").write_text(json.dumps({"date": "20260101-000000", "median_ttft_ms": 12.0}))
+    (tmp_path / "curve.json").write_text(json.dumps([1, 2]))
+    assert len(stamp_parts(tmp_path, head)) == 2
+    base = json.loads((tmp_path / "baseline.json").read_text())
+    assert {k: base[k] for k in REQUIRED_FIELDS} == head
+    assert base["part"] == "baseline" and base["raw_date"] == "20260101-000000" and base["median_ttft_ms"] == 12.0
+    assert json.loads((tmp_path / "curve.json").read_text())["data"] == [1, 2]
+    assert stamp_parts(tmp_path, head) == []  # already stamped: left alone
