@@ -211,7 +211,7 @@ def add_switch_interval_flag(p: argparse.ArgumentParser) -> None:
 def set_switch_interval(a: argparse.Namespace) -> None:
     """A serving process's threads hand work to each other (a request to the engine thread,
     a KV control message to the I/O thread): at Python's 5 ms, a message queued as a
-    prefill step starts waited up to 5 ms for the engine thread to let go of the GIL."""
+    prefill step starts can wait up to 5 ms for the engine thread to let go of the GIL."""
     if a.switch_interval_us <= 0:
         raise SystemExit("--switch-interval-us must be > 0")
     sys.setswitchinterval(a.switch_interval_us * 1e-6)
