@@ -11,6 +11,7 @@ that was: a group's KV leaves while the host queues the next layers and the devi
 computes them (the host queues a prefill's layers barely ahead of the device)."""
 from __future__ import annotations
 
+import array
 import time
 from dataclasses import dataclass
 from functools import partial
@@ -48,15 +49,17 @@ class StepPlan:
             starts.append(len(ids))
             ids.extend(seq.token_ids(start, start + n))
             pos.extend(range(start, start + n))
-            table = seq.block_table
-            slots.extend(table[p // block_size] * block_size + p % block_size for p in range(start, start + n))
+            _extend_slots(slots, seq.block_table, start, start + n, block_size)
             qlens.append(n)
             clens.append(start + n)
         width = max(len(s.block_table) for s in seqs)
-        tables = [s.block_table + [0] * (width - len(s.block_table)) for s in seqs]
+        tables = array.array("q")
+        for s in seqs:
+            tables.extend(s.block_table)
+            tables.extend([0] * (width - len(s.block_table)))
         sample = [starts[i] + num_new_tokens[i] - 1 for i in sample_rows]
-        t = lambda x: torch.tensor(x, dtype=torch.long)  # noqa: E731
-        return cls(t(ids), t(pos), t(slots), t(qlens), t(clens), t(tables), t(sample))
+        t = _long
+        return cls(t(ids), t(pos), t(slots), t(qlens), t(clens), t(tables).view(len(seqs), width), t(sample))
 
     def pack(self) -> tuple[torch.Tensor, torch.Tensor]:
         n, m = self.block_tables.shape
@@ -319,6 +322,27 @@ class ModelRunner:
                 return None
             logits = self.model.compute_logits(hidden[plan.sample_tokens.to(self.device)])
         return None if logits is None else logits.float()
+
+
+def _long(values) -> torch.Tensor:
+    """A 1-D int64 tensor of a list or array of ints: through an array's buffer, about 4x
+    faster than torch.tensor(list) (a 2K-token plan holds three such lists)."""
+    buf = values if isinstance(values, array.array) else array.array("q", values)
+    if not buf:
+        return torch.empty(0, dtype=torch.long)
+    return torch.frombuffer(buf, dtype=torch.long).clone()
+
+
+def _extend_slots(slots: list[int], table: list[int], start: int, end: int, block_size: int) -> None:
+    """Append the cache slots of positions [start, end): one range per block, not one
+    division per token (a 2K-token prompt's plan is built before its forward's first
+    kernel, with the device idle)."""
+    while start < end:
+        b, off = divmod(start, block_size)
+        run = min(end - start, block_size - off)
+        base = table[b] * block_size + off
+        slots.extend(range(base, base + run))
+        start += run
 
 
 def _triton_ok(head_dim: int, block_size: int) -> bool:
