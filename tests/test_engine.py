@@ -160,3 +160,47 @@ def test_step_trace_writes_one_line_per_step_with_the_forward_times(tiny_models,
     for s in steps:
         assert 0 < s["forward_ms"] <= s["queue_ms"] <= s["step_ms"] and s["forward_cpu_ms"] > 0
         assert s["gpu_ms"] is None and s["sends"] is False
+
+
+def test_step_plan_matches_the_per_token_formulas_for_mixed_batches():
+    """StepPlan.build (slots one range per block, tensors through array buffers) against
+    the plain per-token definitions, for prompts, chunks and decodes of any offset."""
+    import random
+
+    from engine.model_runner import StepPlan
+
+    class Seq:
+        def __init__(self, tokens, computed, table):
+            self.tokens, self.num_computed_tokens, self.block_table = tokens, computed, table
+
+        def token_ids(self, a, b):
+            return self.tokens[a:b]
+
+    rng = random.Random(0)
+    for _ in range(200):
+        bs = rng.choice([1, 4, 16])
+        seqs, news = [], []
+        for _ in range(rng.randint(1, 6)):
+            total = rng.randint(1, 120)
+            computed = rng.randint(0, total - 1)
+            n = rng.randint(1, total - computed)
+            seqs.append(Seq([rng.randrange(1000) for _ in range(total)], computed,
+                            rng.sample(range(500), -(-total // bs))))
+            news.append(n)
+        rows = sorted(rng.sample(range(len(seqs)), rng.randint(0, len(seqs))))
+        plan = StepPlan.build(seqs, news, rows, bs)
+        ids, pos, slots, starts = [], [], [], []
+        for s, n in zip(seqs, news):
+            starts.append(len(ids))
+            for p in range(s.num_computed_tokens, s.num_computed_tokens + n):
+                ids.append(s.tokens[p])
+                pos.append(p)
+                slots.append(s.block_table[p // bs] * bs + p % bs)
+        width = max(len(s.block_table) for s in seqs)
+        assert plan.input_ids.tolist() == ids and plan.positions.tolist() == pos
+        assert plan.slot_mapping.tolist() == slots
+        assert plan.query_lens.tolist() == news
+        assert plan.context_lens.tolist() == [s.num_computed_tokens + n for s, n in zip(seqs, news)]
+        assert plan.block_tables.tolist() == [s.block_table + [0] * (width - len(s.block_table)) for s in seqs]
+        assert plan.sample_tokens.tolist() == [starts[i] + news[i] - 1 for i in rows]
+        assert all(t.dtype == torch.long for t in (plan.input_ids, plan.sample_tokens, plan.block_tables))
