@@ -4,7 +4,8 @@
 #
 #   bash benchmarks/gpu_suite.sh [--commit HASH] GROUP...
 #
-# Groups: tests-engine (tests/gpu kernels, engine and bf16 parity), engine-1b
+# Groups: tests-engine (tests/gpu kernels, engine and bf16 parity), prefill-graphs
+# (their tests and benchmarks/prefill_probe.py, one GPU), engine-1b
 # (decode-1b and throughput-1b: decode_latency and engine_throughput on the
 # Llama-3.2-1B shape), engine-8b (decode-8b and throughput-8b: both on the
 # Llama-3.1-8B shape at TP 1 and TP 2), goodput (goodput-prefill and goodput-decode:
@@ -50,6 +51,9 @@ for group in "$@"; do
             run goodput-prefill 580 python3 benchmarks/goodput.py --workload prefill-heavy --device cuda "${commit[@]}" ;;
         goodput-decode)
             run goodput-decode 580 python3 benchmarks/goodput.py --workload decode-heavy --device cuda "${commit[@]}" ;;
+        prefill-graphs)  # about 3 min on one GPU: the prefill graphs' tests, then eager against graph steps
+            run tests-prefill-graphs 300 python3 -m pytest -q -s tests/gpu/test_gpu_prefill_graphs.py
+            run prefill-probe 300 python3 benchmarks/prefill_probe.py --procs 4 --steps 20 "${commit[@]}" ;;
         nccl) "$0" ${commit[@]+"${commit[@]}"} nccl-bench nccl-tests || status=1 ;;
         nccl-bench)  # about 4 min
             run kv-nccl 150 python3 benchmarks/kv_transfer.py --transport nccl --diag "${commit[@]}"

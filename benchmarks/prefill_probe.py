@@ -1,26 +1,26 @@
-"""Where a prefill step's time goes: the host's time to queue it against the device's, per process.
+"""Where a prefill step's time goes: the host's time to queue it against the device's, per
+process, for eager steps and for replays of the prefill CUDA graphs.
 
     python benchmarks/prefill_probe.py [--shape llama-3.2-1b] [--tokens 2048] [--procs 6] [--steps 30]
 
-Each of --procs fresh processes (CUDA_MODULE_LOADING EAGER and LAZY in turn, as the
-NCCL nodes and the other nodes run) starts an engine with random weights of the shape
-and runs one prompt of --tokens tokens through ModelRunner.execute, --steps times in
-each of three ways:
+Each of --procs fresh processes (eager and graph in turn; CUDA_MODULE_LOADING EAGER and
+LAZY alternating by pairs, as the NCCL nodes and the other nodes run) starts an engine
+with random weights of the shape and runs one prompt of --tokens tokens through
+ModelRunner.execute, --steps times in each of these ways:
 
 - served: as a node runs it (the device idle when the step starts), host time until
   execute() returned, device time between events around it, and the whole step up to
   the logits on the host;
 - host alone: the same behind a ~50 ms sleep kernel, so that the host queues the whole
   step before the device reaches it: host time is then the host's own cost (a sync
-  inside the step would show as tens of ms), device time the device's own. The plan's
-  tensors are on the device already here (served, copying them from pageable memory
-  waits for the device);
-- hooked: served, with a forward hook recording an event after each layer, as a step
-  with KV sends does.
+  inside the step would show as tens of ms), device time the device's own;
+- hooked (eager only): served, with a forward hook recording an event after each layer,
+  as an eager step with KV sends does.
 
 Also, once per process: the step under torch's sync debug mode (any synchronizing call
 inside it is listed) and a cProfile of one host-alone step (top functions by own time).
-Prints one JSON line per process and a summary; writes benchmarks/results/prefill_probe.json."""
+Prints one JSON line per process and a summary; writes benchmarks/results/prefill_probe.json
+with ratio = the graph's served step / the eager served step (median over processes)."""
 from __future__ import annotations
 
 import argparse
@@ -51,7 +51,8 @@ def child(a: argparse.Namespace) -> None:
 
     folder = write_config_folder(a.shape, Path(tempfile.mkdtemp()) / "model")
     n, bs = a.tokens, 16
-    cfg = EngineConfig(model=str(folder), device="cuda", dtype="bfloat16", load_format="dummy", enforce_eager=True,
+    cfg = EngineConfig(model=str(folder), device="cuda", dtype="bfloat16", load_format="dummy",
+                       enforce_eager=a.mode == "eager",
                        max_num_seqs=8, max_num_batched_tokens=n, max_model_len=max(4096, n),
                        gpu_memory_utilization=0.5)
     engine = LLMEngine(cfg).start()
@@ -63,13 +64,6 @@ def child(a: argparse.Namespace) -> None:
     plan = StepPlan(torch.randint(0, runner.spec.vocab_size, (n,), generator=g), pos,
                     table[pos // bs] * bs + pos % bs, torch.tensor([n]), torch.tensor([n]), table.view(1, -1),
                     torch.tensor([n - 1]))
-    # the same plan with its tensors already on the device (pinned where the host reads them):
-    # served, the plan's copies from pageable memory wait for the device, which would hold
-    # the host behind the sleep kernel
-    dev = torch.device("cuda")
-    dplan = StepPlan(plan.input_ids.to(dev), plan.positions.to(dev), plan.slot_mapping.to(dev),
-                     plan.query_lens.pin_memory(), plan.context_lens.pin_memory(), plan.block_tables.to(dev),
-                     plan.sample_tokens.to(dev))
     events = [torch.cuda.Event(enable_timing=True) for _ in range(2)]
 
     def step(sleep_cycles: int = 0) -> tuple[float, float, float, float]:
@@ -79,7 +73,7 @@ def child(a: argparse.Namespace) -> None:
         c0 = time.thread_time()
         t0 = time.perf_counter()
         events[0].record()
-        logits = runner.execute(dplan if sleep_cycles else plan)
+        logits = runner.execute(plan)
         t1 = time.perf_counter()
         c1 = time.thread_time()
         events[1].record()
@@ -97,27 +91,27 @@ def child(a: argparse.Namespace) -> None:
     torch.cuda.synchronize()
     cycles = int(10_000_000 * 50.0 / max(events[0].elapsed_time(events[1]), 1e-3))
 
-    out: dict = dict(pid=os.getpid(), loading=os.environ.get("CUDA_MODULE_LOADING", "default"),
+    out: dict = dict(pid=os.getpid(), mode=a.mode, loading=os.environ.get("CUDA_MODULE_LOADING", "default"),
                      device=torch.cuda.get_device_name(0), num_blocks=runner.num_blocks)
     for name, sleep in (("served", 0), ("host_alone", cycles)):
         rows = [step(sleep) for _ in range(a.steps)]
         out[name] = {k: round(statistics.median(r[i] for r in rows), 3) for i, k in
                      enumerate(("host_ms", "gpu_ms", "step_ms", "host_cpu_ms"))}
         out[name]["series"] = [[round(x, 2) for x in r] for r in rows]
-    hooked = [torch.cuda.Event() for _ in runner.model.layers]
+    hooked = [torch.cuda.Event() for _ in runner.model.layers] if a.mode == "eager" else []
     handles = [layer.register_forward_hook(lambda m, i, o, e=e: e.record()) for layer, e in
                zip(runner.model.layers, hooked)]
     rows = [step() for _ in range(a.steps)]
     for h in handles:
         h.remove()
-    out["hooked"] = {k: round(statistics.median(r[i] for r in rows), 3) for i, k in
+    out["hooked" if hooked else "served_again"] = {k: round(statistics.median(r[i] for r in rows), 3) for i, k in
                      enumerate(("host_ms", "gpu_ms", "step_ms", "host_cpu_ms"))}
 
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode(1)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        logits = runner.execute(dplan)
+        logits = runner.execute(plan)
     torch.cuda.set_sync_debug_mode(0)
     logits.argmax(-1).tolist()
     out["syncs"] = [str(w.message)[:160] for w in caught][:10]
@@ -127,7 +121,7 @@ def child(a: argparse.Namespace) -> None:
     torch.cuda._sleep(cycles)
     prof = cProfile.Profile()
     prof.enable()
-    logits = runner.execute(dplan)
+    logits = runner.execute(plan)
     prof.disable()
     torch.cuda.synchronize()
     s = io.StringIO()
@@ -144,6 +138,7 @@ def main() -> None:
     ap.add_argument("--procs", type=int, default=6)
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--child", action="store_true")
+    ap.add_argument("--mode", choices=["eager", "graph"], default="eager")
     ap.add_argument("--commit", default=None)
     ap.add_argument("--out", default="prefill_probe")
     a = ap.parse_args()
@@ -152,9 +147,10 @@ def main() -> None:
         return
     procs = []
     for i in range(a.procs):
-        env = dict(os.environ, CUDA_MODULE_LOADING="EAGER" if i % 2 == 0 else "LAZY")
+        mode = ("eager", "graph")[i % 2]
+        env = dict(os.environ, CUDA_MODULE_LOADING="EAGER" if i // 2 % 2 == 0 else "LAZY")
         cmd = [sys.executable, __file__, "--child", "--shape", a.shape, "--tokens", str(a.tokens),
-               "--steps", str(a.steps)]
+               "--steps", str(a.steps), "--mode", mode]
         r = subprocess.run(cmd, env=env, capture_output=True, text=True)
         line = next((x for x in r.stdout.splitlines() if x.startswith("PROBE ")), None)
         if line is None:
@@ -162,25 +158,38 @@ def main() -> None:
             continue
         row = json.loads(line[6:])
         procs.append(row)
-        print(f"[{i}] {row['loading']:6s} served host {row['served']['host_ms']:6.2f} gpu {row['served']['gpu_ms']:6.2f}"
+        again = row.get("hooked") or row["served_again"]
+        print(f"[{i}] {row['mode']:5s} {row['loading']:6s} served host {row['served']['host_ms']:6.2f} gpu {row['served']['gpu_ms']:6.2f}"
               f" step {row['served']['step_ms']:6.2f} cpu {row['served']['host_cpu_ms']:6.2f} | alone host {row['host_alone']['host_ms']:6.2f}"
-              f" cpu {row['host_alone']['host_cpu_ms']:6.2f} gpu {row['host_alone']['gpu_ms']:6.2f} | hooked step {row['hooked']['step_ms']:6.2f}"
+              f" cpu {row['host_alone']['host_cpu_ms']:6.2f} gpu {row['host_alone']['gpu_ms']:6.2f} | hooked/again step {again['step_ms']:6.2f}"
               f" | syncs {row['sync_count']}", flush=True)
-        if i == 0:
+        if i < 2:
             print("\n".join(row["profile"]), "\n".join(row["syncs"]), sep="\n", flush=True)
     if not procs:
         sys.exit("no process finished")
-    host = statistics.median(p["host_alone"]["host_ms"] for p in procs)
-    gpu = statistics.median(p["host_alone"]["gpu_ms"] for p in procs)
-    served = statistics.median(p["served"]["step_ms"] for p in procs)
-    print(f"median over processes: host alone {host:.2f} ms, device alone {gpu:.2f} ms, served step {served:.2f} ms; "
-          f"host / device {host / gpu:.3f}")
-    write_result(a.out, "prefill_probe", host / gpu, 1.0,
+    summary = {}
+    for mode in ("eager", "graph"):
+        rows = [p for p in procs if p["mode"] == mode]
+        if not rows:
+            continue
+        med = lambda key, part: round(statistics.median(p[part][key] for p in rows), 3)  # noqa: E731
+        summary[mode] = dict(host_alone_ms=med("host_ms", "host_alone"), device_alone_ms=med("gpu_ms", "host_alone"),
+                             served_step_ms=med("step_ms", "served"), served_host_cpu_ms=med("host_cpu_ms", "served"),
+                             processes=len(rows))
+        m = summary[mode]
+        m["host_over_device"] = round(m["host_alone_ms"] / m["device_alone_ms"], 4)
+        print(f"{mode:5s} median over {len(rows)} processes: host alone {m['host_alone_ms']:.2f} ms, device alone "
+              f"{m['device_alone_ms']:.2f} ms (host / device {m['host_over_device']:.3f}), served step "
+              f"{m['served_step_ms']:.2f} ms")
+    if len(summary) < 2:
+        sys.exit("a mode had no process finish")
+    ratio = summary["graph"]["served_step_ms"] / summary["eager"]["served_step_ms"]
+    print(f"served prefill step, graph / eager: {ratio:.3f}")
+    write_result(a.out, "prefill_probe", ratio, 1.0,
                  dict(shape=a.shape, tokens=a.tokens, procs=a.procs, steps=a.steps,
-                      ratio="host's own time to queue a prefill step / the device's own time for it (< 1: the "
-                            "device is the limit)"),
-                 a.commit, processes=procs)
-
+                      ratio="served prefill step (execute to logits on the host, device idle at the start): CUDA "
+                            "graph replay / eager, medians over processes (< 1: the graphs are faster)"),
+                 a.commit, summary=summary, processes=procs)
 
 if __name__ == "__main__":
     main()

@@ -27,6 +27,12 @@ class AttentionMetadata:
     query_starts: torch.Tensor | None = None   # [N] int32, triton path
     query_lens_dev: torch.Tensor | None = None  # [N] int32, triton path
     max_query_len: int = 1
+    # triton prefill kernel (engine/step_inputs.py): block tables row after row at the width
+    # table_width[0] gives, and the tiles of block_m query rows to compute
+    tables: torch.Tensor | None = None
+    table_width: torch.Tensor | None = None
+    work: torch.Tensor | None = None
+    block_m: int = 64
     query_starts_host: list[int] | None = None  # [N] torch path: where each sequence's tokens start
 
 
@@ -45,8 +51,9 @@ class PagedAttention(nn.Module):
                 ta.store_kv(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
             if meta.max_query_len == 1:
                 return ta.paged_decode(q, self.k_cache, self.v_cache, meta.block_tables, meta.context_lens, self.scale)
-            return ta.paged_prefill(q, self.k_cache, self.v_cache, meta.block_tables, meta.query_starts,
-                                    meta.query_lens_dev, meta.context_lens, meta.max_query_len, self.scale)
+            return ta.paged_prefill(q, self.k_cache, self.v_cache, meta.tables, meta.table_width, meta.work,
+                                    meta.query_starts, meta.query_lens_dev, meta.context_lens, meta.block_m,
+                                    self.scale)
         nb, bs = self.k_cache.shape[:2]
         self.k_cache.view(nb * bs, self.num_kv_heads, self.head_dim)[meta.slot_mapping] = k
         self.v_cache.view(nb * bs, self.num_kv_heads, self.head_dim)[meta.slot_mapping] = v

@@ -21,7 +21,8 @@ class EngineConfig:
     max_model_len: int | None = None     # None = the model's max_position_embeddings
     chunked_prefill: bool = True
     max_tokens_limit: int = 32768       # largest max_tokens a request may ask for
-    enforce_eager: bool = False         # GPU: no CUDA graphs for decode
+    enforce_eager: bool = False         # GPU: no CUDA graphs at all
+    prefill_graphs: bool = True         # GPU: CUDA graphs for steps with prompt tokens too (engine/prefill_graphs.py)
     load_format: str = "auto"           # "dummy": random weights from config.json alone (benchmarks)
     # NCCL KV transport, per rank (kv_transfer/nccl_rank.py)
     kv_timeout_s: float = 30.0          # a transfer older than this aborts its pair

@@ -2,7 +2,8 @@
 
 A decode-only step of n sequences replays the smallest captured bucket >= n. The
 rows past n are padding: slot -1 (their K/V are written nowhere) and context 0
-(attention reads nothing). Prefill and mixed steps run eagerly. With TP, every
+(attention reads nothing). Prefill and mixed steps replay the prefill graphs
+(engine/prefill_graphs.py), or run eagerly. With TP, every
 rank captures the same buckets in the same order, so the NCCL collectives inside
 the graphs line up.
 
@@ -59,8 +60,9 @@ class DecodeGraphs:
                              self.tables[:b])
 
     @torch.inference_mode()
-    def capture(self) -> None:
-        model, pool = self.runner.model, None
+    def capture(self, pool=None) -> None:
+        """pool: a memory pool to share (the prefill graphs')."""
+        model = self.runner.model
         for b in reversed(self.buckets):  # largest first, so smaller graphs reuse its memory pool
             meta = self._meta(b)
             for _ in range(2):  # warm up (Triton compiles, allocator settles); packed n = 0: all padding

@@ -108,6 +108,11 @@ class ModelRunner:
         self.kv_heads = self.spec.kv_heads_per_rank(cfg.tp)
         self.use_triton = self.device.type == "cuda" and _triton_ok(self.spec.head_dim, cfg.block_size)
         self.graphs = None
+        self.prefill_graphs = None
+        self.inputs = None               # the Triton path's one-copy step inputs
+        if self.use_triton:
+            from engine.step_inputs import DeviceInputs
+            self.inputs = DeviceInputs(self.device)
         self.kv_xfer = None              # RankKV, made by the first KV-transport operation
         self._sends: list[dict] = []     # KV sends attached to the next step
         self._layer_events: list | None = None
@@ -120,8 +125,13 @@ class ModelRunner:
         self.kv.bind([layer.self_attn.attn for layer in self.model.layers])
         if self.use_triton and not cfg.enforce_eager:
             from engine.cuda_graphs import DecodeGraphs
+            pool = None
+            if cfg.prefill_graphs:
+                from engine.prefill_graphs import PrefillGraphs
+                self.prefill_graphs = PrefillGraphs(self, cfg.max_num_batched_tokens, cfg.max_num_seqs)
+                pool = self.prefill_graphs.capture()
             self.graphs = DecodeGraphs(self, min(cfg.max_num_seqs, 512))
-            self.graphs.capture()
+            self.graphs.capture(pool)
 
     def _pool_blocks(self) -> int:
         per_block = KVCache.bytes_per_block(self.spec.num_layers, self.cfg.block_size, self.kv_heads,
@@ -132,6 +142,8 @@ class ModelRunner:
             peak = self._profile_activations()
             free, _ = torch.cuda.mem_get_info(self.device)
             graph_reserve = 0 if self.cfg.enforce_eager else 256 << 20
+            if not self.cfg.enforce_eager and self.cfg.prefill_graphs:
+                graph_reserve += peak  # the prefill graphs' pool holds the largest step's activations
             blocks = int((free - peak - graph_reserve) * self.cfg.gpu_memory_utilization) // per_block
         else:
             blocks = max(1, (512 << 20) // per_block)  # 512 MiB by default on CPU
@@ -273,16 +285,10 @@ class ModelRunner:
             self.kv_xfer = None
 
     def metadata(self, plan: StepPlan) -> AttentionMetadata:
+        """The torch attention path's metadata (CPU, or a GPU without the Triton kernels)."""
         dev = self.device
         qlens, clens = plan.query_lens.tolist(), plan.context_lens.tolist()
         starts = torch.cumsum(plan.query_lens, 0) - plan.query_lens
-        if self.use_triton:
-            i32 = lambda t: t.to(dev, torch.int32, non_blocking=True)  # noqa: E731
-            return AttentionMetadata(
-                slot_mapping=plan.slot_mapping.to(dev, non_blocking=True), block_tables=i32(plan.block_tables),
-                context_lens=i32(plan.context_lens), query_lens=qlens, context_lens_host=clens,
-                decode_rows=torch.empty(0), decode_tokens=torch.empty(0), prefill_rows=[], triton=True,
-                query_starts=i32(starts), query_lens_dev=i32(plan.query_lens), max_query_len=max(qlens))
         decode_rows = [i for i, q in enumerate(qlens) if q == 1]
         return AttentionMetadata(
             slot_mapping=plan.slot_mapping.to(dev), block_tables=plan.block_tables.to(dev),
@@ -294,34 +300,66 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, plan: StepPlan) -> torch.Tensor | None:
         """Run one step; return the sampled rows' logits [S, V] in float32 on rank 0.
-        A decode-only step that fits a captured CUDA graph replays it."""
+        A decode-only step that fits a captured CUDA graph replays it; so does any other
+        step that fits a prefill graph (with KV sends too, where the graphs record layer events)."""
         sends, self._sends = self._sends, []
         self.forward_queued = None
+        pg = self.prefill_graphs
         if self.graphs is not None and self.graphs.fits(plan) and not sends:
             logits = self.graphs.replay(plan)
+        elif pg is not None and pg.fits(plan) and (not sends or pg.layer_events(plan) is not None):
+            logits = self._replay_prefill(plan, sends)
         else:  # eager; a step with KV sends records an event after each layer
-            streamed = bool(sends) and self.device.type == "cuda"
-            if streamed:  # each layer group leaves from the hook of its last layer, while later layers are queued
-                self._layer_events = [torch.cuda.Event() for _ in range(self.spec.num_layers)]
-                self._issue_sends(sends)
-            try:
-                hidden = self.model(plan.input_ids.to(self.device), plan.positions.to(self.device),
-                                    self.metadata(plan))
-                self.forward_queued = (time.perf_counter(), time.thread_time())  # diagnostics (StepTrace)
-                if streamed:
-                    self.kv_xfer.end_streams()
-                elif sends:  # CPU: the whole KV, once computed
-                    self._issue_sends(sends)
-            except BaseException:
-                if streamed:
-                    self.kv_xfer.abort_streams("the forward that computes the KV failed")
-                raise
-            finally:
-                self._layer_events = None
-            if plan.sample_tokens.numel() == 0:
-                return None
-            logits = self.model.compute_logits(hidden[plan.sample_tokens.to(self.device)])
+            logits = self._eager(plan, sends)
         return None if logits is None else logits.float()
+
+    def _replay_prefill(self, plan: StepPlan, sends: list[dict]) -> torch.Tensor | None:
+        """Replay the prefill graph; KV sends are queued after it, each group's gather behind
+        the event the graph records after the group's last layer."""
+        if sends:
+            self._layer_events = self.prefill_graphs.layer_events(plan)
+            self._issue_sends(sends)
+        try:
+            out = self.prefill_graphs.replay(plan, self.inputs)
+            self.forward_queued = (time.perf_counter(), time.thread_time())  # diagnostics (StepTrace)
+            if sends:
+                self.kv_xfer.end_streams()
+        except BaseException:
+            if sends:
+                self.kv_xfer.abort_streams("the forward that computes the KV failed")
+            raise
+        finally:
+            self._layer_events = None
+        if plan.sample_tokens.numel() == 0:
+            return None
+        return out if self.cfg.tp == 1 else self.model.compute_logits(out)
+
+    def _eager(self, plan: StepPlan, sends: list[dict]) -> torch.Tensor | None:
+        streamed = bool(sends) and self.device.type == "cuda"
+        if streamed:  # each layer group leaves from the hook of its last layer, while later layers are queued
+            self._layer_events = [torch.cuda.Event() for _ in range(self.spec.num_layers)]
+            self._issue_sends(sends)
+        try:
+            if self.inputs is not None:  # one copy of every input (engine/step_inputs.py)
+                ids, positions, meta, sample = self.inputs.eager(plan)
+            else:
+                ids, positions, meta = plan.input_ids.to(self.device), plan.positions.to(self.device), self.metadata(plan)
+                sample = plan.sample_tokens
+            hidden = self.model(ids, positions, meta)
+            self.forward_queued = (time.perf_counter(), time.thread_time())  # diagnostics (StepTrace)
+            if streamed:
+                self.kv_xfer.end_streams()
+            elif sends:  # CPU: the whole KV, once computed
+                self._issue_sends(sends)
+        except BaseException:
+            if streamed:
+                self.kv_xfer.abort_streams("the forward that computes the KV failed")
+            raise
+        finally:
+            self._layer_events = None
+        if plan.sample_tokens.numel() == 0:
+            return None
+        return self.model.compute_logits(hidden[sample.to(self.device)])
 
 
 def _long(values) -> torch.Tensor:

@@ -157,18 +157,23 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
 
 
 @triton.jit
-def _prefill(Q, KC, VC, O, BT, QS, QL, CL, scale, stride_qt, stride_qh, stride_ot, stride_oh, stride_bt,
+def _prefill(Q, KC, VC, O, BT, BTW, WORK, QS, QL, CL, scale, stride_qt, stride_qh, stride_ot, stride_oh,
              stride_kb, stride_kt, stride_kh,
              G: tl.constexpr, D: tl.constexpr, BS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
              PREC: tl.constexpr):
-    seq = tl.program_id(0)
-    mt = tl.program_id(1)
-    h = tl.program_id(2)
-    ql = tl.load(QL + seq)
-    if mt * BLOCK_M >= ql:
+    # one program per (tile, head): WORK[tile] = seq << 16 | the tile's index in the sequence,
+    # -1 for padding. The block table's width is read from BTW: a captured graph's launch
+    # arguments are fixed, the step's width is not.
+    w = tl.load(WORK + tl.program_id(0))
+    if w < 0:
         return
+    seq = w >> 16
+    mt = w & 0xFFFF
+    h = tl.program_id(1)
+    ql = tl.load(QL + seq)
     qs = tl.load(QS + seq)
     ctx = tl.load(CL + seq)
+    row_bt = BT + seq.to(tl.int64) * tl.load(BTW)
     prefix = ctx - ql
     kvh = h // G
     m = mt * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -184,7 +189,7 @@ def _prefill(Q, KC, VC, O, BT, QS, QL, CL, scale, stride_qt, stride_qh, stride_o
     for start in range(0, end, BLOCK_N):
         t = start + tl.arange(0, BLOCK_N)
         tmask = t < ctx
-        blk = tl.load(BT + seq * stride_bt + t // BS, mask=tmask, other=0)
+        blk = tl.load(row_bt + t // BS, mask=tmask, other=0)
         off = blk.to(tl.int64) * stride_kb + (t % BS) * stride_kt + kvh * stride_kh
         k = tl.load(KC + off[:, None] + d[None, :], mask=tmask[:, None], other=0.0)
         v = tl.load(VC + off[:, None] + d[None, :], mask=tmask[:, None], other=0.0)
@@ -203,21 +208,23 @@ def _prefill(Q, KC, VC, O, BT, QS, QL, CL, scale, stride_qt, stride_qh, stride_o
              mask=mmask[:, None])
 
 
-def paged_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
-                  query_starts: torch.Tensor, query_lens: torch.Tensor, context_lens: torch.Tensor,
-                  max_query_len: int, scale: float) -> torch.Tensor:
+def paged_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, tables: torch.Tensor,
+                  table_width: torch.Tensor, work: torch.Tensor, query_starts: torch.Tensor,
+                  query_lens: torch.Tensor, context_lens: torch.Tensor, block_m: int, scale: float) -> torch.Tensor:
     """q [T, heads, D] for all sequences' new tokens, flattened; each sequence's K/V
-    (prefix + new, already stored) read through its block table. Causal."""
+    (prefix + new, already stored) read through its block table. Causal.
+
+    tables: the block tables, row after row, table_width[0] entries each (int32 on the
+    device); work: the tiles of block_m query rows to compute (engine.step_inputs.tile_work),
+    -1 entries skipped. Rows of q that no tile covers are left unwritten."""
     t, h, d = q.shape
     kvh, bs = k_cache.shape[2], k_cache.shape[1]
     out = torch.empty_like(q)
-    block_m = 64 if max_query_len > 32 else 16
-    grid = (block_tables.shape[0], triton.cdiv(max_query_len, block_m), h)
-    _prefill[grid](q, k_cache, v_cache, out, block_tables, query_starts, query_lens, context_lens, scale,
-                   q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
-                   k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-                   G=h // kvh, D=d, BS=bs, BLOCK_M=block_m, BLOCK_N=max(16, min(64, bs * 4)),
-                   PREC=dot_precision(q.dtype), num_warps=4)
+    _prefill[(work.numel(), h)](q, k_cache, v_cache, out, tables, table_width, work, query_starts, query_lens,
+                                context_lens, scale, q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+                                k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+                                G=h // kvh, D=d, BS=bs, BLOCK_M=block_m, BLOCK_N=max(16, min(64, bs * 4)),
+                                PREC=dot_precision(q.dtype), num_warps=4)
     return out
 
 

@@ -23,7 +23,9 @@ def add_engine_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-num-batched-tokens", type=int, default=2048)
     g.add_argument("--max-model-len", type=int, default=None)
     g.add_argument("--no-chunked-prefill", action="store_true")
-    g.add_argument("--enforce-eager", action="store_true", help="GPU: no CUDA graphs for decode")
+    g.add_argument("--enforce-eager", action="store_true", help="GPU: no CUDA graphs")
+    g.add_argument("--no-prefill-graphs", action="store_true",
+                   help="GPU: steps with prompt tokens run eagerly (decode-only steps still replay graphs)")
     g.add_argument("--load-format", default="auto", choices=["auto", "dummy"],
                    help="dummy: random weights from config.json alone (benchmarks)")
 
@@ -33,7 +35,8 @@ def engine_config(a: argparse.Namespace) -> EngineConfig:
                         kv_blocks=a.kv_blocks, gpu_memory_utilization=a.gpu_memory_utilization,
                         max_num_seqs=a.max_num_seqs, max_num_batched_tokens=a.max_num_batched_tokens,
                         max_model_len=a.max_model_len, chunked_prefill=not a.no_chunked_prefill,
-                        enforce_eager=a.enforce_eager, load_format=a.load_format,
+                        enforce_eager=a.enforce_eager, prefill_graphs=not a.no_prefill_graphs,
+                        load_format=a.load_format,
                         **{f"kv_{k}": getattr(a, f"kv_{k}") for k in ("timeout_s", "min_message_mib", "max_ctas")
                            if hasattr(a, f"kv_{k}")})
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
 import pytest
 import torch
 
@@ -56,10 +57,67 @@ def test_paged_decode_matches_torch(group, d, splits):
     torch.testing.assert_close(out, ref, atol=2e-2, rtol=2e-2)
 
 
+def ref_prefill(q, k_cache, v_cache, tables, starts, qlens, ctx, scale):
+    """Causal attention of each sequence's new rows over its prefix and themselves, float32."""
+    bs, kvh, d = k_cache.shape[1], k_cache.shape[2], k_cache.shape[3]
+    h = q.shape[1]
+    out = torch.zeros(q.shape)
+    for i in range(len(qlens)):
+        s0, ql, n = int(starts[i]), int(qlens[i]), int(ctx[i])
+        blocks = tables[i, :-(-n // bs)].long()
+        k = k_cache[blocks].reshape(-1, kvh, d)[:n].float().repeat_interleave(h // kvh, 1)
+        v = v_cache[blocks].reshape(-1, kvh, d)[:n].float().repeat_interleave(h // kvh, 1)
+        s = torch.einsum("thd,nhd->htn", q[s0:s0 + ql].float(), k) * scale
+        qpos = torch.arange(n - ql, n)
+        s = s.masked_fill(torch.arange(n)[None, :] > qpos[:, None], float("-inf"))
+        out[s0:s0 + ql] = torch.einsum("htn,nhd->thd", s.softmax(-1), v)
+    return out
+
+
+@pytest.mark.parametrize("block_m", [16, 64])
+def test_paged_prefill_tiles_match_torch(block_m):
+    """Several sequences with cached prefixes (chunked prefill), one-row decodes among them,
+    a tile list padded with -1 entries as a captured graph's is, and the block table read
+    at the width the buffer gives: each row of each sequence as the reference."""
+    from engine.step_inputs import tile_work
+    from engine.triton_attention import paged_prefill
+    torch.manual_seed(block_m)
+    dtype = torch.float16 if INTERPRET else torch.bfloat16
+    kvh, group, d, bs, nb = 2, 3, 64, 16, 96
+    h = kvh * group
+    qlens = np.array([70, 1, 17, 130])
+    ctx = np.array([70, 40, 50, 150])  # prefixes 0, 39, 33, 20
+    starts = np.cumsum(qlens) - qlens
+    width = 12
+    tables = torch.stack([torch.randperm(nb)[:width] for _ in qlens]).int()
+    k_cache = torch.randn(nb, bs, kvh, d).to(dtype)
+    v_cache = torch.randn(nb, bs, kvh, d).to(dtype)
+    t = int(qlens.sum())
+    q = torch.randn(t + 5, h + 2 * kvh, d).to(dtype)[:, :h]  # strided, with 5 padded rows past the last sequence
+    work = np.concatenate([tile_work(qlens, block_m), np.full(7, -1, dtype=np.int32)])
+    scale = d ** -0.5
+    dev = lambda x: torch.as_tensor(x).to(DEV)  # noqa: E731
+    i32 = lambda x: dev(torch.as_tensor(x, dtype=torch.int32))  # noqa: E731
+    out = paged_prefill(dev(q), dev(k_cache), dev(v_cache), dev(tables.flatten()), i32([width]), dev(torch.from_numpy(work)),
+                        i32(starts), i32(qlens), i32(ctx), block_m, scale).float().cpu()
+    ref = ref_prefill(q[:t], k_cache, v_cache, tables, starts, qlens, ctx, scale)
+    torch.testing.assert_close(out[:t], ref, atol=2e-2, rtol=2e-2)
+
+
+def test_tile_work_lists_every_tile_once():
+    from engine.step_inputs import max_tiles, tile_work
+    qlens = np.array([1, 64, 65, 0, 200])
+    work = tile_work(qlens, 64)
+    pairs = [(int(w) >> 16, int(w) & 0xFFFF) for w in work]
+    assert pairs == [(0, 0), (1, 0), (2, 0), (2, 1), (4, 0), (4, 1), (4, 2), (4, 3)]
+    assert work.dtype == np.int32 and len(work) <= max_tiles(int(qlens.sum()), len(qlens))
+
+
 @pytest.mark.skipif(INTERPRET, reason="the interpreter computes in numpy float32 either way")
 def test_float32_attention_is_not_rounded_to_tf32():
     """A float32 model is the parity oracle: its attention must not round q, k, p or v to
     tf32 inside tl.dot (about 1e-3 relative, enough to flip a greedy near-tie)."""
+    from engine.step_inputs import tile_work
     from engine.triton_attention import paged_decode, paged_prefill
     torch.manual_seed(7)
     kvh, group, d, bs, nb = 2, 4, 64, 16, 32
@@ -76,8 +134,10 @@ def test_float32_attention_is_not_rounded_to_tf32():
     ref = torch.einsum("htn,nhd->thd", s.softmax(-1), v.double()).float()
     cuda = lambda t: t.cuda()  # noqa: E731
     ctx = torch.tensor([n], dtype=torch.int32)
-    out = paged_prefill(cuda(q), cuda(k_cache), cuda(v_cache), cuda(tables), cuda(torch.tensor([0], dtype=torch.int32)),
-                        cuda(ctx), cuda(ctx), n, scale).cpu()
+    work = torch.from_numpy(tile_work(np.array([n]), 64))
+    width = torch.tensor([tables.shape[1]], dtype=torch.int32)
+    out = paged_prefill(cuda(q), cuda(k_cache), cuda(v_cache), cuda(tables.flatten()), cuda(width), cuda(work),
+                        cuda(torch.tensor([0], dtype=torch.int32)), cuda(ctx), cuda(ctx), 64, scale).cpu()
     torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-4)
     last = paged_decode(cuda(q[-1:].contiguous()), cuda(k_cache), cuda(v_cache), cuda(tables), cuda(ctx), scale).cpu()
     torch.testing.assert_close(last, ref[-1:], atol=2e-5, rtol=1e-4)
