@@ -136,12 +136,13 @@ NCCL_POOLS = dict(prefill=1, decode=1, kv_transport="nccl")
 ALONE_POOLS = dict(prefill=0, decode=0, colocated=1)
 
 
-def alternating_rounds(a: argparse.Namespace, model: str, prompts: list[list[int]]) -> tuple[dict, dict, list[float]]:
-    """a.rounds rounds; in each, a fresh 1P1D cluster and a fresh colocated node, one
-    after the other and never up together (the order alternating: 1P1D first in even
-    rounds), each taking a.warmup + its share of the prompts. Returns both rows (every
-    round's requests) and each round's ratio of medians."""
-    kinds = {"1P1D nccl": NCCL_POOLS, "prefill alone": ALONE_POOLS}
+def alternating_rounds(a: argparse.Namespace, model: str, prompts: list[list[int]],
+                       kinds: dict | None = None) -> tuple[dict, dict, list[float]]:
+    """a.rounds rounds; in each, a fresh 1P1D cluster and a fresh colocated node (or the two
+    kinds given), one after the other and never up together (the order alternating: the
+    first kind first in even rounds), each taking a.warmup + its share of the prompts.
+    Returns both rows (every round's requests) and each round's ratio of medians."""
+    kinds = kinds or {"1P1D nccl": NCCL_POOLS, "prefill alone": ALONE_POOLS}
     names = tuple(kinds)
     kept = {n: ([], []) for n in names}
     per_round = []
@@ -184,6 +185,9 @@ def main() -> None:
     ap.add_argument("--commit", default=None)
     ap.add_argument("--log-dir", default=None, help="keep the cluster members' logs here")
     ap.add_argument("--result-name", default="kv_transfer_exposed", help="result file name (variants of a run)")
+    ap.add_argument("--graphs-ab", action="store_true",
+                    help="one GPU: instead, the colocated node with prefill CUDA graphs against the same node with "
+                         "eager prefill steps (result prefill_graphs_ttft)")
     ap.add_argument("--variants", nargs="*", default=[], metavar="MIB:CTAS",
                     help="more NCCL clusters with these --kv-min-message-mib and --kv-max-ctas, each measured "
                          "alone once (reported beside; the ratio is the nodes' defaults')")
@@ -192,6 +196,9 @@ def main() -> None:
     rng = random.Random(0)
     prompts = [[rng.randrange(vocab) for _ in range(a.prompt_len)] for _ in range(a.requests + a.warmup)]
     paired_row = None
+    if a.graphs_ab:
+        graphs_ab(a, prompts)
+        return
     with tempfile.TemporaryDirectory() as tmp:
         model = str(write_config_folder(a.shape, Path(tmp) / a.shape))
         nccl, alone, per_round = alternating_rounds(a, model, prompts)
@@ -234,6 +241,25 @@ def main() -> None:
     path = write_result(a.result_name, "kv_transfer_exposed", ratio, 1.05, config, commit_id=a.commit,
                         nccl=nccl, zmq=zmq, prefill_alone=alone, per_round_ratio=per_round, paired=paired_row,
                         variants=variants, exposed_ms=nccl["ttft_ms"] - alone["ttft_ms"])
+    print(f"-> {path}")
+
+
+def graphs_ab(a: argparse.Namespace, prompts: list[list[int]]) -> None:
+    """TTFT at concurrency 1 of one colocated node replaying prefill CUDA graphs against the
+    same node running prefill steps eagerly (alternating rounds, as the headline)."""
+    kinds = {"prefill alone, graphs": ALONE_POOLS, "prefill alone, eager": dict(ALONE_POOLS, prefill_graphs=False)}
+    with tempfile.TemporaryDirectory() as tmp:
+        model = str(write_config_folder(a.shape, Path(tmp) / a.shape))
+        graphs, eager, per_round = alternating_rounds(a, model, prompts, kinds)
+    ratio = graphs["ttft_ms"] / eager["ttft_ms"]
+    print(f"per round: {per_round}")
+    print(f"ratio TTFT(prefill graphs) / TTFT(eager prefill): {ratio:.3f}")
+    config = dict(shape=a.shape, prompt_len=a.prompt_len, requests=a.requests, warmup=a.warmup, concurrency=1,
+                  rounds=a.rounds, warmup_round=a.warmup_round, dtype="bfloat16", device=a.device,
+                  method="alternating rounds of a fresh colocated node with and without prefill CUDA graphs, one "
+                  "at a time; ratio of the medians over all rounds (< 1: the graphs cut TTFT)")
+    path = write_result("prefill_graphs_ttft", "prefill_graphs_ttft", ratio, 1.0, config, commit_id=a.commit,
+                        graphs=graphs, eager=eager, per_round_ratio=per_round)
     print(f"-> {path}")
 
 

@@ -43,6 +43,7 @@ class ClusterConfig:
     kv_max_ctas: int | None = None     # nccl: --kv-max-ctas (default theirs)
     cores_per_member: int = 0          # >0: member i (coordinator 0, then the nodes) runs on physical cores [i*n, (i+1)*n)
     switch_interval_us: float | None = None  # every member's --switch-interval-us (default theirs)
+    prefill_graphs: bool = True        # False: the nodes run steps with prompt tokens eagerly (--no-prefill-graphs)
 
 
 class Cluster:
@@ -84,6 +85,8 @@ class Cluster:
                     cmd += ["--load-format", cfg.load_format]
                 if cfg.switch_interval_us is not None:
                     cmd += ["--switch-interval-us", str(cfg.switch_interval_us)]
+                if not cfg.prefill_graphs:
+                    cmd += ["--no-prefill-graphs"]
                 if cfg.kv_transport != "zmq" and role != "both":
                     cmd += ["--kv-transport", cfg.kv_transport]
                     for flag, value in (("--kv-timeout", cfg.kv_timeout_s),
