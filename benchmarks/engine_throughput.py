@@ -40,7 +40,8 @@ def workload(n: int, vocab: int, lo: int, hi: int, seed: int = 0):
 def run_ours(folder: Path, args, tp: int, prompts, outputs) -> dict:
     cfg = EngineConfig(model=str(folder), tp=tp, device=args.device, dtype="bfloat16", load_format="dummy",
                        max_num_seqs=args.num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-                       max_model_len=args.max_model_len, gpu_memory_utilization=0.85)
+                       max_model_len=args.max_model_len, gpu_memory_utilization=0.85,
+                       prefill_graphs=not args.no_prefill_graphs)
     t0 = time.perf_counter()
     with LLMEngine(cfg) as engine:
         start_s = time.perf_counter() - t0
@@ -89,6 +90,7 @@ def main() -> None:
     ap.add_argument("--max-model-len", type=int, default=4096)
     ap.add_argument("--hf-max-new-tokens", type=int, default=256)
     ap.add_argument("--skip-hf", action="store_true", help="ours only (no ratio is written)")
+    ap.add_argument("--no-prefill-graphs", action="store_true", help="steps with prompt tokens run eagerly")
     ap.add_argument("--commit", default=None, help="commit measured, where the tree has no .git")
     ap.add_argument("--name", default=None, help="result file name (default engine_throughput[_SHAPE_tpN])")
     args = ap.parse_args()

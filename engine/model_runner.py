@@ -316,50 +316,48 @@ class ModelRunner:
     def _replay_prefill(self, plan: StepPlan, sends: list[dict]) -> torch.Tensor | None:
         """Replay the prefill graph; KV sends are queued after it, each group's gather behind
         the event the graph records after the group's last layer."""
-        if sends:
-            self._layer_events = self.prefill_graphs.layer_events(plan)
-            self._issue_sends(sends)
-        try:
-            out = self.prefill_graphs.replay(plan, self.inputs)
-            self.forward_queued = (time.perf_counter(), time.thread_time())  # diagnostics (StepTrace)
-            if sends:
-                self.kv_xfer.end_streams()
-        except BaseException:
-            if sends:
-                self.kv_xfer.abort_streams("the forward that computes the KV failed")
-            raise
-        finally:
-            self._layer_events = None
+        pg = self.prefill_graphs
+        out = self._with_sends(sends, pg.layer_events(plan) if sends else None, lambda: pg.replay(plan, self.inputs))
         if plan.sample_tokens.numel() == 0:
             return None
         return out if self.cfg.tp == 1 else self.model.compute_logits(out)
 
     def _eager(self, plan: StepPlan, sends: list[dict]) -> torch.Tensor | None:
-        streamed = bool(sends) and self.device.type == "cuda"
-        if streamed:  # each layer group leaves from the hook of its last layer, while later layers are queued
-            self._layer_events = [torch.cuda.Event() for _ in range(self.spec.num_layers)]
+        if self.inputs is not None:  # one copy of every input (engine/step_inputs.py)
+            ids, positions, meta, sample = self.inputs.eager(plan)
+        else:
+            ids, positions, meta = plan.input_ids.to(self.device), plan.positions.to(self.device), self.metadata(plan)
+            sample = plan.sample_tokens
+        # on GPU each layer group leaves from the hook of its last layer, while later layers are queued
+        events = [torch.cuda.Event() for _ in range(self.spec.num_layers)] if sends and self.device.type == "cuda" \
+            else None
+        hidden = self._with_sends(sends, events, lambda: self.model(ids, positions, meta))
+        if plan.sample_tokens.numel() == 0:
+            return None
+        return self.model.compute_logits(hidden[sample.to(self.device)])
+
+    def _with_sends(self, sends: list[dict], events: list | None, forward):
+        """Run forward() (queue the step's layers) with its KV sends: streamed behind the
+        layer events where given (issued before, queued group by group as the layers are,
+        the rest after), else (CPU) the whole KV once computed. A failed forward fails the
+        streamed sends it left half queued."""
+        if events is not None:
+            self._layer_events = events
             self._issue_sends(sends)
         try:
-            if self.inputs is not None:  # one copy of every input (engine/step_inputs.py)
-                ids, positions, meta, sample = self.inputs.eager(plan)
-            else:
-                ids, positions, meta = plan.input_ids.to(self.device), plan.positions.to(self.device), self.metadata(plan)
-                sample = plan.sample_tokens
-            hidden = self.model(ids, positions, meta)
+            out = forward()
             self.forward_queued = (time.perf_counter(), time.thread_time())  # diagnostics (StepTrace)
-            if streamed:
+            if events is not None:
                 self.kv_xfer.end_streams()
-            elif sends:  # CPU: the whole KV, once computed
+            elif sends:
                 self._issue_sends(sends)
         except BaseException:
-            if streamed:
+            if events is not None:
                 self.kv_xfer.abort_streams("the forward that computes the KV failed")
             raise
         finally:
             self._layer_events = None
-        if plan.sample_tokens.numel() == 0:
-            return None
-        return self.model.compute_logits(hidden[sample.to(self.device)])
+        return out
 
 
 def _long(values) -> torch.Tensor:
