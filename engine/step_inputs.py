@@ -22,7 +22,7 @@ import torch
 
 BLOCK_M = 64         # query rows per prefill attention tile
 SMALL_BLOCK_M = 16   # for steps whose longest query is <= 32 rows (eager only)
-MAX_TILES_PER_SEQ = 1 << 16
+MAX_TILES_PER_SEQ = 1 << 16   # a tile entry is seq << 16 | tile, in int32
 MAX_SEQS = 1 << 15
 
 
@@ -35,6 +35,9 @@ def tile_work(query_lens: np.ndarray, block_m: int) -> np.ndarray:
     seq << 16 | tile."""
     q = np.asarray(query_lens, dtype=np.int64)
     tiles = (q + block_m - 1) // block_m
+    if q.size > MAX_SEQS or (q.size and int(tiles.max()) > MAX_TILES_PER_SEQ):
+        raise ValueError(f"a step of {q.size} sequences, the longest {int(q.max())} new tokens, does not fit the "
+                         f"tile list ({MAX_SEQS} sequences, {MAX_TILES_PER_SEQ} tiles of {block_m} rows each)")
     total = int(tiles.sum())
     seq = np.repeat(np.arange(q.size, dtype=np.int64), tiles)
     first = np.repeat(np.cumsum(tiles) - tiles, tiles)

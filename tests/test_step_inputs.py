@@ -84,3 +84,11 @@ def test_prefill_kernel_runs_the_tile_list_in_triton_interpreter():
                           "paged_prefill_tiles or tile_work", "tests/gpu/test_gpu_kernels.py"],
                          cwd=root, env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0 and "3 passed" in run.stdout, run.stdout[-3000:]
+
+
+def test_tile_list_refuses_what_its_entries_cannot_name():
+    with pytest.raises(ValueError, match="tile list"):
+        tile_work(np.array([64 * (1 << 16) + 1]), 64)
+    with pytest.raises(ValueError, match="tile list"):
+        tile_work(np.ones((1 << 15) + 1, dtype=np.int64), 64)
+    assert len(tile_work(np.array([64 << 16]), 64)) == 1 << 16
