@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from engine.attention import AttentionMetadata
+from engine.step_inputs import Staging
 from engine.triton_ops import unpack_decode_inputs
 
 
@@ -35,11 +36,7 @@ class DecodeGraphs:
         self.tables = torch.zeros(self.max_batch, max_blocks, dtype=torch.int32, device=dev)
         self.context = torch.zeros(self.max_batch, dtype=torch.int32, device=dev)
         self.packed = torch.zeros(2 + 5 * self.max_batch + self.max_batch * max_blocks, dtype=torch.long, device=dev)
-        # two pinned staging buffers, used in turn; each one's event marks its last copy done
-        self.staging = [torch.zeros(0, dtype=torch.long) for _ in range(2)]
-        self.staging_np = [s.numpy() for s in self.staging]
-        self.copied: list[torch.cuda.Event | None] = [None, None]
-        self.turn = 0
+        self.staging = Staging(torch.long)
         self.arange = np.arange(self.max_batch)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.logits: dict[int, torch.Tensor] = {}     # logits (TP 1) or hidden states (TP > 1)
@@ -86,17 +83,7 @@ class DecodeGraphs:
         sample = plan.sample_tokens.numpy()
         every_row = sample.size == n and np.array_equal(sample, self.arange[:n])  # the usual decode step
         size = 2 + 4 * n + n * m + (0 if every_row else sample.size)
-        # pack the step into pinned memory (numpy: far cheaper per piece than torch ops)
-        i, self.turn = self.turn, self.turn ^ 1
-        if self.copied[i] is not None:
-            self.copied[i].synchronize()  # the copy from two steps ago has long read this buffer
-        else:
-            self.copied[i] = torch.cuda.Event()
-        if self.staging[i].numel() < size:
-            self.staging[i] = torch.empty(min(max(size, 4096, 2 * self.staging[i].numel()), self.packed.numel()),
-                                          dtype=torch.long, pin_memory=True)
-            self.staging_np[i] = self.staging[i].numpy()
-        host = self.staging_np[i]
+        i, staged, host = self.staging.take(size)  # pinned memory, filled through numpy
         host[0], host[1] = n, m
         o = 2
         for part in (plan.input_ids, plan.positions, plan.slot_mapping, plan.context_lens):
@@ -106,8 +93,8 @@ class DecodeGraphs:
         o += n * m
         if not every_row:
             host[o:size] = sample
-        self.packed[:size].copy_(self.staging[i][:size], non_blocking=True)
-        self.copied[i].record()
+        self.packed[:size].copy_(staged[:size], non_blocking=True)
+        self.staging.copied(i, self.packed.device)
         self.graphs[b].replay()
         out = self.logits[b][:n] if every_row else self.logits[b][self.packed[o:size]]
         return out if self.runner.cfg.tp == 1 else self.runner.model.compute_logits(out)

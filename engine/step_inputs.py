@@ -16,9 +16,12 @@ the sequence, or -1 for a padded entry (the program returns at once)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 import torch
+
+from engine.attention import AttentionMetadata
 
 BLOCK_M = 64         # query rows per prefill attention tile
 SMALL_BLOCK_M = 16   # for steps whose longest query is <= 32 rows (eager only)
@@ -61,6 +64,7 @@ class Layout:
     def wide(self) -> int:  # int64 words: ids, positions, slots, sample rows
         return 3 * self.tokens + self.seqs
 
+    @cached_property
     def offsets(self) -> dict[str, tuple[int, int]]:
         """name -> (start, length) in int32 words (int64 arrays: start and length in int64 words)."""
         t, n = self.tokens, self.seqs
@@ -74,7 +78,7 @@ class Layout:
 
     @property
     def words(self) -> int:
-        start, length = self.offsets()["table"]
+        start, length = self.offsets["table"]
         return start + length
 
 
@@ -85,7 +89,7 @@ def views(buf, layout: Layout) -> dict:
     """The arrays of a buffer (a torch int32 tensor or a numpy int32 array) by name."""
     wide = buf[:2 * layout.wide].view(torch.int64 if isinstance(buf, torch.Tensor) else np.int64)
     out = {}
-    for name, (start, length) in layout.offsets().items():
+    for name, (start, length) in layout.offsets.items():
         out[name] = (wide if name in _WIDE else buf)[start:start + length]
     return out
 
@@ -118,28 +122,32 @@ def fill(host: dict, layout: Layout, plan, block_m: int, tokens: int | None = No
     if tiles is not None and tiles > work.size:
         host["work"][work.size:tiles] = -1
     host["table"][:n * m] = plan.block_tables.numpy().reshape(-1)
-    return layout.offsets()["table"][0] + n * m
+    return layout.offsets["table"][0] + n * m
 
 
 class Staging:
     """Two page-locked host buffers used in turn, each reused once its last copy to the
-    device is done, so that filling one never overwrites bytes a queued copy still reads.
+    device is done, so that filling one never overwrites what a queued copy still reads.
     Without CUDA (tests): plain memory, and copies are done when they return."""
 
-    def __init__(self, words: int = 0):
-        self.pin = torch.cuda.is_available()
-        self.bufs = [torch.zeros(words, dtype=torch.int32, pin_memory=self.pin) for _ in range(2)]
+    def __init__(self, dtype: torch.dtype = torch.int32):
+        self.dtype, self.pin = dtype, torch.cuda.is_available()
+        self.bufs = [torch.zeros(0, dtype=dtype) for _ in range(2)]
+        self.arrays = [b.numpy() for b in self.bufs]  # numpy views: far cheaper to fill piece by piece
         self.done: list[torch.cuda.Event | None] = [None, None]
         self.turn = 0
 
-    def take(self, words: int) -> tuple[int, torch.Tensor]:
-        """A buffer of at least `words` int32 words that no queued copy still reads, and its index."""
+    def take(self, size: int) -> tuple[int, torch.Tensor, np.ndarray]:
+        """A buffer of at least `size` elements that no queued copy still reads: its index, the
+        tensor and its numpy view."""
         i, self.turn = self.turn, self.turn ^ 1
         if self.done[i] is not None:
             self.done[i].synchronize()  # the copy of two steps ago has long read it
-        if self.bufs[i].numel() < words:
-            self.bufs[i] = torch.zeros(max(words, 2 * self.bufs[i].numel()), dtype=torch.int32, pin_memory=self.pin)
-        return i, self.bufs[i]
+        if self.bufs[i].numel() < size:
+            self.bufs[i] = torch.zeros(max(size, 4096, 2 * self.bufs[i].numel()), dtype=self.dtype,
+                                       pin_memory=self.pin)
+            self.arrays[i] = self.bufs[i].numpy()
+        return i, self.bufs[i], self.arrays[i]
 
     def copied(self, i: int, device: torch.device) -> None:
         """The copy out of buffer i is queued on the current stream."""
@@ -161,8 +169,8 @@ class DeviceInputs:
              tiles: int | None = None) -> torch.Tensor:
         """Fill the plan into a staging buffer and queue its copy into dst (by default a new
         device buffer of the layout's size), on the current stream; returns dst."""
-        i, host = self.staging.take(layout.words)
-        used = fill(views(host.numpy(), layout), layout, plan, block_m, tokens, tiles)
+        i, host, array = self.staging.take(layout.words)
+        used = fill(views(array, layout), layout, plan, block_m, tokens, tiles)
         if dst is None:
             dst = torch.empty(layout.words, dtype=torch.int32, device=self.device)
         dst[:used].copy_(host[:used], non_blocking=True)
@@ -172,12 +180,11 @@ class DeviceInputs:
     def eager(self, plan):
         """An eager step's inputs on the device: (ids, positions, attention metadata, sample rows),
         views of one buffer laid out for exactly this plan."""
-        from engine.attention import AttentionMetadata
         n, m = plan.block_tables.shape
         t = plan.input_ids.numel()
         qlens, clens = plan.query_lens.tolist(), plan.context_lens.tolist()
         bm = block_m_for(max(qlens))
-        layout = Layout(tokens=t, seqs=max(n, plan.sample_tokens.numel()), tiles=max_tiles(t, n, bm), table=n * m)
+        layout = Layout(tokens=t, seqs=n, tiles=max_tiles(t, n, bm), table=n * m)
         d = views(self.load(plan, layout, bm, tiles=layout.tiles), layout)
         meta = AttentionMetadata(
             slot_mapping=d["slots"], block_tables=d["table"].view(n, m), context_lens=d["context_lens"][:n],

@@ -67,8 +67,8 @@ def test_padded_layout_pads_tokens_tiles_and_sample_rows():
 def test_staging_alternates_buffers():
     from engine.step_inputs import Staging
     s = Staging()
-    a, buf_a = s.take(10)
-    b, buf_b = s.take(20)
+    a, buf_a, _ = s.take(10)
+    b, buf_b, _ = s.take(20)
     assert a != b and buf_a.numel() >= 10 and buf_b.numel() >= 20
     assert s.take(5)[0] == a
 
