@@ -8,7 +8,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "num_layers", "num_kv_heads", "head_dim", "block_size", "dtype", "vocab_size", "max_model_len", "compat_hash")
+    __slots__ = ("name", "num_layers", "num_kv_heads", "head_dim", "block_size", "dtype", "vocab_size", "max_model_len", "compat_hash", "checkpoint_hash")
     NAME_FIELD_NUMBER: _ClassVar[int]
     NUM_LAYERS_FIELD_NUMBER: _ClassVar[int]
     NUM_KV_HEADS_FIELD_NUMBER: _ClassVar[int]
@@ -18,6 +18,7 @@ class ModelInfo(_message.Message):
     VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
     MAX_MODEL_LEN_FIELD_NUMBER: _ClassVar[int]
     COMPAT_HASH_FIELD_NUMBER: _ClassVar[int]
+    CHECKPOINT_HASH_FIELD_NUMBER: _ClassVar[int]
     name: str
     num_layers: int
     num_kv_heads: int
@@ -27,7 +28,8 @@ class ModelInfo(_message.Message):
     vocab_size: int
     max_model_len: int
     compat_hash: str
-    def __init__(self, name: _Optional[str] = ..., num_layers: _Optional[int] = ..., num_kv_heads: _Optional[int] = ..., head_dim: _Optional[int] = ..., block_size: _Optional[int] = ..., dtype: _Optional[str] = ..., vocab_size: _Optional[int] = ..., max_model_len: _Optional[int] = ..., compat_hash: _Optional[str] = ...) -> None: ...
+    checkpoint_hash: str
+    def __init__(self, name: _Optional[str] = ..., num_layers: _Optional[int] = ..., num_kv_heads: _Optional[int] = ..., head_dim: _Optional[int] = ..., block_size: _Optional[int] = ..., dtype: _Optional[str] = ..., vocab_size: _Optional[int] = ..., max_model_len: _Optional[int] = ..., compat_hash: _Optional[str] = ..., checkpoint_hash: _Optional[str] = ...) -> None: ...
 
 class RegisterRequest(_message.Message):
     __slots__ = ("protocol_version", "role", "address", "kv_endpoint", "tp", "model", "kv_blocks_total")
@@ -146,16 +148,36 @@ class Ticket(_message.Message):
     def __init__(self, transfer_id: _Optional[str] = ..., decode_node_id: _Optional[str] = ..., epoch: _Optional[int] = ..., block_ids: _Optional[_Iterable[int]] = ..., kv_endpoint: _Optional[str] = ..., lease_expiry: _Optional[float] = ..., decode_tp: _Optional[int] = ...) -> None: ...
 
 class ReserveRequest(_message.Message):
-    __slots__ = ("request_id", "prompt_token_ids", "sampling", "lease_s")
+    __slots__ = ("request_id", "prompt_token_ids", "sampling", "lease_s", "epoch")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
     LEASE_S_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     prompt_token_ids: _containers.RepeatedScalarFieldContainer[int]
     sampling: _api_pb2.SamplingParams
     lease_s: float
-    def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[_api_pb2.SamplingParams, _Mapping]] = ..., lease_s: _Optional[float] = ...) -> None: ...
+    epoch: int
+    def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[_api_pb2.SamplingParams, _Mapping]] = ..., lease_s: _Optional[float] = ..., epoch: _Optional[int] = ...) -> None: ...
+
+class RenewRequest(_message.Message):
+    __slots__ = ("epoch", "request_ids", "lease_s")
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_IDS_FIELD_NUMBER: _ClassVar[int]
+    LEASE_S_FIELD_NUMBER: _ClassVar[int]
+    epoch: int
+    request_ids: _containers.RepeatedScalarFieldContainer[str]
+    lease_s: float
+    def __init__(self, epoch: _Optional[int] = ..., request_ids: _Optional[_Iterable[str]] = ..., lease_s: _Optional[float] = ...) -> None: ...
+
+class RenewResponse(_message.Message):
+    __slots__ = ("missing", "lease_expiry")
+    MISSING_FIELD_NUMBER: _ClassVar[int]
+    LEASE_EXPIRY_FIELD_NUMBER: _ClassVar[int]
+    missing: _containers.RepeatedScalarFieldContainer[str]
+    lease_expiry: float
+    def __init__(self, missing: _Optional[_Iterable[str]] = ..., lease_expiry: _Optional[float] = ...) -> None: ...
 
 class PrefillRequest(_message.Message):
     __slots__ = ("request_id", "prompt_token_ids", "sampling", "ticket", "keep_kv")
@@ -200,10 +222,12 @@ class AbortResponse(_message.Message):
     def __init__(self, found: _Optional[bool] = ...) -> None: ...
 
 class SubscribeRequest(_message.Message):
-    __slots__ = ("coordinator_id",)
+    __slots__ = ("coordinator_id", "epoch")
     COORDINATOR_ID_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
     coordinator_id: str
-    def __init__(self, coordinator_id: _Optional[str] = ...) -> None: ...
+    epoch: int
+    def __init__(self, coordinator_id: _Optional[str] = ..., epoch: _Optional[int] = ...) -> None: ...
 
 class TokenUpdate(_message.Message):
     __slots__ = ("request_id", "index", "token_id", "text", "finish_reason", "decode_start", "error", "error_code", "kv_ready")

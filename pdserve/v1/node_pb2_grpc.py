@@ -269,6 +269,11 @@ class DecodeNodeStub:
                 request_serializer=pdserve_dot_v1_dot_node__pb2.ReserveRequest.SerializeToString,
                 response_deserializer=pdserve_dot_v1_dot_node__pb2.Ticket.FromString,
                 _registered_method=True)
+        self.Renew = channel.unary_unary(
+                '/pdserve.v1.DecodeNode/Renew',
+                request_serializer=pdserve_dot_v1_dot_node__pb2.RenewRequest.SerializeToString,
+                response_deserializer=pdserve_dot_v1_dot_node__pb2.RenewResponse.FromString,
+                _registered_method=True)
         self.Subscribe = channel.unary_stream(
                 '/pdserve.v1.DecodeNode/Subscribe',
                 request_serializer=pdserve_dot_v1_dot_node__pb2.SubscribeRequest.SerializeToString,
@@ -290,6 +295,12 @@ class DecodeNodeServicer:
     """Missing associated documentation comment in .proto file."""
 
     def Reserve(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Renew(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -320,6 +331,11 @@ def add_DecodeNodeServicer_to_server(servicer, server):
                     servicer.Reserve,
                     request_deserializer=pdserve_dot_v1_dot_node__pb2.ReserveRequest.FromString,
                     response_serializer=pdserve_dot_v1_dot_node__pb2.Ticket.SerializeToString,
+            ),
+            'Renew': grpc.unary_unary_rpc_method_handler(
+                    servicer.Renew,
+                    request_deserializer=pdserve_dot_v1_dot_node__pb2.RenewRequest.FromString,
+                    response_serializer=pdserve_dot_v1_dot_node__pb2.RenewResponse.SerializeToString,
             ),
             'Subscribe': grpc.unary_stream_rpc_method_handler(
                     servicer.Subscribe,
@@ -364,6 +380,33 @@ class DecodeNode:
             '/pdserve.v1.DecodeNode/Reserve',
             pdserve_dot_v1_dot_node__pb2.ReserveRequest.SerializeToString,
             pdserve_dot_v1_dot_node__pb2.Ticket.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Renew(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pdserve.v1.DecodeNode/Renew',
+            pdserve_dot_v1_dot_node__pb2.RenewRequest.SerializeToString,
+            pdserve_dot_v1_dot_node__pb2.RenewResponse.FromString,
             options,
             channel_credentials,
             insecure,
