@@ -1,4 +1,10 @@
-"""The nodes the coordinator knows, their load, and which are healthy."""
+"""The nodes the coordinator knows, their load, and which are healthy.
+
+A node is live while it heartbeats and nothing marked it down. A node marked down
+(an RPC could not reach it, its token stream broke, it missed its beats) is fenced
+off: its next heartbeat is answered `known=False`, so it registers again under a
+new epoch and drops whatever it still held of the old one. Nodes that stay silent
+are forgotten after `expiry_s`."""
 from __future__ import annotations
 
 import asyncio
@@ -9,11 +15,11 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from pdserve.rpc import channel
+from pdserve.rpc import RpcError, channel
 from pdserve.v1 import api_pb2, node_pb2, node_pb2_grpc
 
 
-@dataclass
+@dataclass(eq=False)  # compared and hashed by identity: one entry per registration
 class NodeEntry:
     id: str
     role: int
@@ -28,7 +34,7 @@ class NodeEntry:
     queued: int = 0
     queued_tokens: int = 0
     last_seen: float = field(default_factory=time.monotonic)
-    down: bool = False               # an RPC to it failed, or its token stream broke
+    down: bool = False               # fenced off: an RPC failed, its stream broke or it missed its beats
     inflight: int = 0                # requests routed here by this coordinator and not finished
     streaming: bool = False          # decode: its token stream to this coordinator is open
     channel: grpc.aio.Channel | None = None
@@ -42,15 +48,25 @@ class NodeEntry:
 
 
 class Registry:
-    def __init__(self, heartbeat_interval_s: float, missed_beats: int = 3):
+    def __init__(self, heartbeat_interval_s: float, missed_beats: int = 3, expiry_s: float = 30.0):
         self.interval = heartbeat_interval_s
         self.timeout = heartbeat_interval_s * missed_beats
+        self.expiry_s = max(expiry_s, self.timeout)
         self.nodes: dict[str, NodeEntry] = {}
         self._epochs = itertools.count(int(time.time() * 1000))
 
+    def live(self, node: NodeEntry) -> bool:
+        """Not fenced off, and heard from within the heartbeat timeout."""
+        return not node.down and time.monotonic() - node.last_seen < self.timeout
+
     def register(self, req: node_pb2.RegisterRequest) -> NodeEntry:
-        # a node restarting on the same address replaces its stale entry
-        for old in [n for n in self.nodes.values() if n.address == req.address]:
+        """A new entry; an entry at the same address is replaced only if it is no longer
+        live (a node restarting on its address), never a live one (ALREADY_EXISTS)."""
+        same = [n for n in self.nodes.values() if n.address == req.address]
+        if any(self.live(n) for n in same):
+            raise RpcError(grpc.StatusCode.ALREADY_EXISTS,
+                           f"a live node is registered at {req.address}; retry once it stops heartbeating")
+        for old in same:
             self.remove(old.id)
         node = NodeEntry(id=uuid.uuid4().hex[:12], role=req.role, address=req.address, kv_endpoint=req.kv_endpoint,
                          tp=req.tp, model=req.model, epoch=next(self._epochs), kv_blocks_total=req.kv_blocks_total,
@@ -71,17 +87,36 @@ class Registry:
         return node
 
     def heartbeat(self, req: node_pb2.HeartbeatRequest) -> bool:
+        """False: unknown, stale epoch or fenced off; the node must register again."""
         node = self.nodes.get(req.node_id)
-        if node is None or node.epoch != req.epoch:
+        if node is None or node.epoch != req.epoch or node.down:
             return False
         node.kv_blocks_free, node.running, node.queued = req.kv_blocks_free, req.running, req.queued
         node.queued_tokens, node.last_seen = req.queued_tokens, time.monotonic()
         return True
 
+    def credit(self, lag_s: float) -> None:
+        """The coordinator's own loop stalled for lag_s: the beats it could not read then
+        do not count as missed."""
+        for node in self.nodes.values():
+            node.last_seen += lag_s
+
+    def silent(self) -> list[NodeEntry]:
+        """Nodes not yet fenced off that missed their heartbeats."""
+        now = time.monotonic()
+        return [n for n in self.nodes.values() if not n.down and now - n.last_seen >= self.timeout]
+
+    def expire(self) -> list[NodeEntry]:
+        """Forget nodes silent for longer than expiry_s (status stops listing them)."""
+        now = time.monotonic()
+        gone = [n for n in self.nodes.values() if now - n.last_seen >= self.expiry_s]
+        for n in gone:
+            self.remove(n.id)
+        return gone
+
     def healthy(self, node: NodeEntry) -> bool:
-        """Heartbeating, reachable, and for a decode node, its token stream is open."""
-        return (not node.down and time.monotonic() - node.last_seen < self.timeout
-                and (node.streaming or node.role == api_pb2.ROLE_PREFILL))
+        """Live, and for a decode node, its token stream is open."""
+        return self.live(node) and (node.streaming or node.role == api_pb2.ROLE_PREFILL)
 
     def peers(self, node: NodeEntry) -> dict[str, list[node_pb2.Peer]]:
         """The live nodes on the other side of a node's KV plane: decode nodes for a
@@ -92,14 +127,14 @@ class Registry:
             return {}
         live = [node_pb2.Peer(node_id=n.id, epoch=n.epoch, address=n.address, kv_endpoint=n.kv_endpoint, tp=n.tp,
                               compat_hash=n.model.compat_hash)
-                for n in self.nodes.values() if n.role == other and not n.down
-                and time.monotonic() - n.last_seen < self.timeout]
+                for n in self.nodes.values() if n.role == other and self.live(n)]
         return {"decode_peers" if other == api_pb2.ROLE_DECODE else "prefill_peers": live}
 
-    def candidates(self, role: int) -> list[NodeEntry]:
+    def candidates(self, role: int, exclude: set[str] = frozenset()) -> list[NodeEntry]:
         """Healthy nodes that can take a role (a colocated node takes both), best first:
         decode by load then free blocks, prefill by load then queued prompt tokens."""
-        nodes = [n for n in self.nodes.values() if n.role in (role, api_pb2.ROLE_BOTH) and self.healthy(n)]
+        nodes = [n for n in self.nodes.values()
+                 if n.role in (role, api_pb2.ROLE_BOTH) and self.healthy(n) and n.id not in exclude]
         if role == api_pb2.ROLE_DECODE:
             return sorted(nodes, key=lambda n: (n.inflight + n.running, -n.kv_blocks_free))
         return sorted(nodes, key=lambda n: (n.inflight, n.queued_tokens))

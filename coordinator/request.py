@@ -54,8 +54,10 @@ def prepare(req: api_pb2.GenerateRequest, tokenizer, model: node_pb2.ModelInfo,
 class RequestRecord:
     """State, timestamps and routing of one request (owned by the coordinator)."""
 
-    def __init__(self, request_id: str, prompt: list[int], sampling: api_pb2.SamplingParams, client_tag: str):
+    def __init__(self, request_id: str, prompt: list[int], sampling: api_pb2.SamplingParams, client_tag: str,
+                 deadline: float | None = None):
         self.id, self.prompt, self.sampling, self.client_tag = request_id, prompt, sampling, client_tag
+        self.deadline = deadline             # time.monotonic() when the client's deadline passes; None: none
         self.state = "QUEUED"
         self.times = api_pb2.PhaseTimes(received=time.time())
         self.updates: asyncio.Queue = asyncio.Queue()
@@ -67,7 +69,23 @@ class RequestRecord:
         # the tokens generated so far, whose first new token is output index `offset`
         self.run_prompt, self.run_sampling, self.offset = prompt, sampling, 0
         self.migrations = 0
+        self.retries = 0                     # prefill-phase attempts that failed (node lost, transfer failed)
         self.lost = False  # DECODE_LOST queued for the current decode node
+        self.alarm = asyncio.Event()         # set when a node this request depends on is lost
+        self.reserving = set()               # decode nodes a Reserve was sent to and not yet answered
+        self.writing_since: float | None = None  # monotonic time a write to the client began, while blocked
+        self.task: asyncio.Task | None = None
+
+    def remaining(self) -> float | None:
+        """Seconds left before the client's deadline (None: no deadline)."""
+        return None if self.deadline is None else self.deadline - time.monotonic()
+
+    def decode_lost(self) -> None:
+        """The decode node is gone: wake the request wherever it waits."""
+        if not self.lost:
+            self.lost = True
+            self.updates.put_nowait(DECODE_LOST)
+        self.alarm.set()
 
     @property
     def terminal(self) -> bool:
@@ -112,7 +130,13 @@ class RequestRecord:
         self.run_sampling = api_pb2.SamplingParams()
         self.run_sampling.CopyFrom(self.sampling)
         self.run_sampling.max_tokens = self.sampling.max_tokens - len(self.generated)
+        self.unreserve()
+
+    def unreserve(self) -> None:
+        """Forget the decode reservation (gone, or to be made again elsewhere)."""
         self.decode, self.ticket, self.state, self.lost = None, None, "QUEUED", False
+        self.updates = asyncio.Queue()
+        self.alarm.clear()
 
     def continued_response(self, resp: node_pb2.PrefillResponse) -> api_pb2.GenerateResponse:
         """The first token after a migration (output index `offset`)."""

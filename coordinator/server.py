@@ -9,8 +9,10 @@ from dataclasses import dataclass
 
 import grpc
 
+from coordinator.lifecycle import Lifecycle
+from coordinator.model import ServedModel
 from coordinator.registry import NodeEntry, Registry
-from coordinator.request import DECODE_LOST, RequestRecord, prepare
+from coordinator.request import RequestRecord, prepare
 from pdserve.protocol import PROTOCOL_VERSION
 from pdserve.rpc import RpcError, ServerHandle, status_for
 from pdserve.v1 import api_pb2, api_pb2_grpc, node_pb2, node_pb2_grpc
@@ -21,31 +23,39 @@ log = logging.getLogger("pdserve.coordinator")
 @dataclass
 class CoordinatorConfig:
     listen: str = "127.0.0.1:50051"
-    model: str | None = None             # tokenizer source; default: what the first node serves
-    heartbeat_interval_s: float = 0.5    # a node missing 3 beats is taken out of rotation
-    max_inflight: int = 256              # requests admitted at once; more get RESOURCE_EXHAUSTED
-    lease_s: float = 30.0                # how long decode blocks wait for their KV
+    model: str | None = None             # the served model; default: agreed with the live nodes
+    heartbeat_interval_s: float = 0.5    # a node missing 3 beats is fenced off
+    max_inflight: int = 256              # requests served at once
+    max_queued: int = 1024               # more wait for a slot; beyond that RESOURCE_EXHAUSTED
+    lease_s: float = 30.0                # reservations are renewed while their request waits
     max_tokens_limit: int = 32768
     max_migrations: int = 2              # times a request may move to another decode node when its node dies
+    max_retries: int = 3                 # failed prefill attempts (node lost, transfer failed) before UNAVAILABLE
+    max_request_bytes: int = 4 << 20     # larger client messages are refused before any work
+    client_stall_s: float = 30.0         # a client that reads nothing for this long is cut off
+    node_expiry_s: float = 30.0          # silent nodes are forgotten (and leave `status`) after this
 
 
 class Coordinator(api_pb2_grpc.GenerationServicer, node_pb2_grpc.CoordinatorServicer):
     def __init__(self, cfg: CoordinatorConfig):
         self.cfg = cfg
-        self.registry = Registry(cfg.heartbeat_interval_s)
-        self.requests: dict[str, RequestRecord] = {}
-        self.tokenizer = None
-        self.model: node_pb2.ModelInfo | None = None
+        self.registry = Registry(cfg.heartbeat_interval_s, expiry_s=cfg.node_expiry_s)
+        self.model = ServedModel(cfg.model)
         self.subscriptions: dict[str, asyncio.Task] = {}
         self.background: set[asyncio.Task] = set()
+        self.lifecycle = Lifecycle(cfg, self.registry, self._spawn)
+        self.requests = self.lifecycle.requests
+        self.slots = asyncio.Semaphore(cfg.max_inflight)
 
     async def start(self) -> str:
-        self.server = ServerHandle(self.cfg.listen, ["pdserve.v1.Generation", "pdserve.v1.Coordinator"])
+        await self.model.start()
+        self.server = ServerHandle(self.cfg.listen, ["pdserve.v1.Generation", "pdserve.v1.Coordinator"],
+                                   max_receive_bytes=self.cfg.max_request_bytes)
         api_pb2_grpc.add_GenerationServicer_to_server(self, self.server.server)
         node_pb2_grpc.add_CoordinatorServicer_to_server(self, self.server.server)
         self.address = await self.server.start()
         await self.server.ready()
-        self._spawn(self._watch_decode_nodes())
+        self._spawn(self._watch())
         return self.address
 
     async def close(self, grace_s: float = 5.0) -> None:
@@ -54,21 +64,23 @@ class Coordinator(api_pb2_grpc.GenerationServicer, node_pb2_grpc.CoordinatorServ
             task.cancel()
         for node_id in list(self.registry.nodes):
             self.registry.remove(node_id)
+        self.model.close()
 
     # node API
 
     async def Register(self, req: node_pb2.RegisterRequest, context) -> node_pb2.RegisterResponse:
-        if req.protocol_version != PROTOCOL_VERSION:
-            await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
-                                f"protocol version {req.protocol_version}, coordinator speaks {PROTOCOL_VERSION}")
-        if self.model is not None and req.model.compat_hash != self.model.compat_hash:
-            await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
-                                f"node serves a different model/layout ({req.model.name or 'default'}) "
-                                f"than the cluster ({self.model.name or 'default'})")
-        if self.model is None:
-            self.model = req.model
-            self.tokenizer = await asyncio.to_thread(_load_tokenizer, self.cfg.model or req.model.name)
-        node = self.registry.register(req)
+        try:
+            if req.protocol_version != PROTOCOL_VERSION:
+                raise RpcError(grpc.StatusCode.FAILED_PRECONDITION,
+                               f"protocol version {req.protocol_version}, coordinator speaks {PROTOCOL_VERSION}")
+            others = [n for n in self.registry.nodes.values() if self.registry.live(n)]
+            if any(n.address == req.address for n in others):
+                raise RpcError(grpc.StatusCode.ALREADY_EXISTS,
+                               f"a live node is registered at {req.address}; retry once it stops heartbeating")
+            await self.model.admit(req.model, {n.model.compat_hash for n in others})
+            node = self.registry.register(req)
+        except RpcError as e:
+            await context.abort(e.code, e.message)
         for stale in [k for k in self.subscriptions if k not in self.registry.nodes]:
             self.subscriptions.pop(stale).cancel()
         if node.role != api_pb2.ROLE_PREFILL:
@@ -81,12 +93,13 @@ class Coordinator(api_pb2_grpc.GenerationServicer, node_pb2_grpc.CoordinatorServ
     async def Heartbeat(self, req: node_pb2.HeartbeatRequest, context) -> node_pb2.HeartbeatResponse:
         if not self.registry.heartbeat(req):
             return node_pb2.HeartbeatResponse(known=False)
+        self.lifecycle.freed()  # its free blocks may have grown
         return node_pb2.HeartbeatResponse(known=True, **self.registry.peers(self.registry.nodes[req.node_id]))
 
     async def _subscribe(self, node: NodeEntry) -> None:
         """Relay a decode node's per-step token batches to the requests they belong to."""
         try:
-            async for batch in node.stub.Subscribe(node_pb2.SubscribeRequest()):
+            async for batch in node.stub.Subscribe(node_pb2.SubscribeRequest(epoch=node.epoch)):
                 node.streaming = True  # routable from now on: no token of its can be missed
                 for update in batch.updates:
                     record = self.requests.get(update.request_id)
@@ -96,52 +109,66 @@ class Coordinator(api_pb2_grpc.GenerationServicer, node_pb2_grpc.CoordinatorServ
             raise
         except grpc.aio.AioRpcError as e:
             log.warning("token stream from %s broke: %s", node.id, e.code().name)
-        node.down, node.streaming = True, False
-        for record in list(self.requests.values()):
-            if record.decode is node and not record.lost:
-                record.lost = True
-                record.updates.put_nowait(DECODE_LOST)
+        self.lifecycle.node_lost(node, "lost its token stream")
 
     def _spawn(self, coro) -> None:
         task = asyncio.create_task(coro)
         self.background.add(task)
         task.add_done_callback(self.background.discard)
 
-    async def _watch_decode_nodes(self) -> None:
-        """A decode node that stopped heartbeating (frozen, cut off) while its TCP stream
-        stays open: its requests move to another decode node, as if it had died."""
+    async def _watch(self) -> None:
+        """Every heartbeat interval: fence off silent nodes (a frozen or cut-off node whose
+        TCP stream stays open), forget long-silent ones, renew leases, cut off clients
+        that stopped reading. A stall of this loop itself is not counted against nodes."""
+        loop = asyncio.get_running_loop()
+        interval = self.cfg.heartbeat_interval_s
+        last = loop.time()
         while True:
-            await asyncio.sleep(self.cfg.heartbeat_interval_s)
-            for record in list(self.requests.values()):
-                node = record.decode
-                if (node is not None and record.state == "DECODING" and not record.lost
-                        and time.monotonic() - node.last_seen > self.registry.timeout):
-                    log.warning("decode node %s missed its heartbeats", node.id)
-                    record.lost = True
-                    record.updates.put_nowait(DECODE_LOST)
+            await asyncio.sleep(interval)
+            now = loop.time()
+            lag, last = now - last - interval, now
+            if lag > interval:
+                log.warning("the coordinator's event loop stalled for %.2f s", lag)
+                self.registry.credit(lag)
+            for node in self.registry.silent():
+                self.lifecycle.node_lost(node, "missed its heartbeats")
+            for node in self.registry.expire():
+                log.info("forgot node %s (silent for %.0f s)", node.id, self.registry.expiry_s)
+            self.lifecycle.renew_due()
+            self.lifecycle.cut_stalled()
 
     # client API
 
     async def Status(self, req: api_pb2.StatusRequest, context) -> api_pb2.StatusResponse:
         nodes = [n.status(self.registry.healthy(n)) for n in self.registry.nodes.values()]
-        if self.model is None:
+        info = self.model.info
+        if info is None:
             return api_pb2.StatusResponse(nodes=nodes)
-        return api_pb2.StatusResponse(nodes=nodes, model=self.model.name, vocab_size=self.model.vocab_size,
-                                      max_model_len=self.model.max_model_len)
+        return api_pb2.StatusResponse(nodes=nodes, model=info.name, vocab_size=info.vocab_size,
+                                      max_model_len=info.max_model_len)
 
     async def Generate(self, req: api_pb2.GenerateRequest, context):
         record = None
         try:
-            if self.model is None:
-                raise RpcError(grpc.StatusCode.UNAVAILABLE, "no node has registered yet")
-            prompt, params = prepare(req, self.tokenizer, self.model, self.cfg.max_tokens_limit)
-            if len(self.requests) >= self.cfg.max_inflight:
+            if len(self.requests) >= self.cfg.max_inflight + self.cfg.max_queued:
                 raise RpcError(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                               f"{len(self.requests)} requests in flight (limit {self.cfg.max_inflight})")
-            record = RequestRecord(uuid.uuid4().hex, prompt, req.sampling, req.client_tag)
+                               f"{len(self.requests)} requests in flight or queued (limit "
+                               f"{self.cfg.max_inflight} + {self.cfg.max_queued})")
+            info, tokenizer = self.model.info, self.model.tokenizer
+            if info is None:
+                raise RpcError(grpc.StatusCode.UNAVAILABLE, "no node has registered yet")
+            left = context.time_remaining()
+            record = RequestRecord(uuid.uuid4().hex, [], req.sampling, req.client_tag,
+                                   None if left is None else time.monotonic() + left)
+            record.task = asyncio.current_task()
             self.requests[record.id] = record
-            async for resp in self._run(record):
-                yield resp
+            record.prompt, _ = await self.model.run(prepare, req, tokenizer, info, self.cfg.max_tokens_limit)
+            record.run_prompt = record.prompt
+            async with self.slots:
+                async for resp in self.lifecycle.run(record):
+                    record.writing_since = time.monotonic()
+                    yield resp
+                    record.writing_since = None
         except (RpcError, ValueError) as e:
             if record is not None:
                 record.fail()
@@ -152,116 +179,4 @@ class Coordinator(api_pb2_grpc.GenerationServicer, node_pb2_grpc.CoordinatorServ
                 self.requests.pop(record.id, None)
                 if not record.terminal:
                     record.cancel()
-                await self._release(record)
-
-    async def _run(self, record: RequestRecord):
-        await self._reserve(record)
-        first = await self._prefill(record)
-        yield record.first_response(first)
-        if first.finish_reason:  # the first token ended it: the decode reservation is not needed
-            record.finish()
-            await self._abort(record.decode, record)
-            yield record.last_response(first.finish_reason)
-            return
-        next_index = 1
-        while True:
-            update = await record.updates.get()
-            batch = [update]
-            while not record.updates.empty():
-                batch.append(record.updates.get_nowait())
-            resp, finish, lost = record.relay(batch, next_index)
-            if resp is not None:
-                next_index = resp.index + len(resp.token_ids)
-                yield resp
-            if not finish and lost:
-                first = await self._migrate(record)
-                yield record.continued_response(first)
-                next_index = record.offset + 1
-                finish = first.finish_reason
-                if finish:
-                    await self._abort(record.decode, record)
-            if finish:
-                record.finish()
-                yield record.last_response(finish)
-                return
-
-    async def _migrate(self, record: RequestRecord) -> node_pb2.PrefillResponse:
-        """The decode node died mid-stream: prefill the prompt and the tokens sent so far
-        again, for another decode node, which continues from the next output index (greedy
-        requests continue exactly; seeded sampling does not replay its draws)."""
-        gone = record.decode
-        if record.migrations >= self.cfg.max_migrations:
-            raise RpcError(grpc.StatusCode.UNAVAILABLE, f"decode node {gone.id} is gone")
-        gone.inflight -= 1
-        record.migrate()
-        log.info("request %s moves off decode node %s after %d tokens", record.id, gone.id, record.offset)
-        self._spawn(self._abort(gone, record))  # a frozen node frees it when it wakes
-        await self._reserve(record)
-        return await self._prefill(record)
-
-    async def _reserve(self, record: RequestRecord) -> None:
-        sampling = record.run_sampling
-        for node in self.registry.candidates(api_pb2.ROLE_DECODE):
-            try:
-                ticket = await node.stub.Reserve(node_pb2.ReserveRequest(
-                    request_id=record.id, prompt_token_ids=record.run_prompt, sampling=sampling,
-                    lease_s=self.cfg.lease_s), timeout=10.0)
-            except grpc.aio.AioRpcError as e:
-                if e.code() == grpc.StatusCode.INVALID_ARGUMENT:
-                    raise RpcError(e.code(), e.details())
-                if e.code() == grpc.StatusCode.UNAVAILABLE:
-                    node.down = True
-                continue
-            record.reserved(node, ticket)
-            node.inflight += 1
-            return
-        raise RpcError(grpc.StatusCode.UNAVAILABLE if not self.registry.candidates(api_pb2.ROLE_DECODE)
-                       else grpc.StatusCode.RESOURCE_EXHAUSTED, "no decode node could take the request")
-
-    async def _prefill(self, record: RequestRecord) -> node_pb2.PrefillResponse:
-        """Run the prompt on a prefill node; a node that is down is skipped while the lease lasts."""
-        tried = set()
-        colocated = record.decode.role == api_pb2.ROLE_BOTH
-        while True:
-            nodes = [record.decode] if colocated else \
-                [n for n in self.registry.candidates(api_pb2.ROLE_PREFILL) if n.id not in tried]
-            if not nodes:
-                raise RpcError(grpc.StatusCode.UNAVAILABLE, "no prefill node is available")
-            node = nodes[0]
-            tried.add(node.id)
-            record.prefilling(node)
-            node.inflight += 1
-            try:
-                resp = await node.prefill_stub.Prefill(node_pb2.PrefillRequest(
-                    request_id=record.id, prompt_token_ids=record.run_prompt, sampling=record.run_sampling,
-                    ticket=record.ticket, keep_kv=colocated),
-                    timeout=None if colocated else max(0.1, record.ticket.lease_expiry - time.time()))
-                record.prefilled(resp)
-                return resp
-            except grpc.aio.AioRpcError as e:
-                if colocated or e.code() != grpc.StatusCode.UNAVAILABLE or "KV transfer" in (e.details() or ""):
-                    raise RpcError(e.code(), f"prefill failed: {e.details()}")
-                node.down = True  # the node itself is unreachable: try another
-            finally:
-                node.inflight -= 1
-                record.prefill = None
-
-    async def _release(self, record: RequestRecord) -> None:
-        """After the request ended: stop any work still running for it on the nodes."""
-        if record.decode is not None:
-            record.decode.inflight -= 1
-        if record.state != "FINISHED":
-            await asyncio.gather(self._abort(record.decode, record), self._abort(record.prefill, record))
-
-    async def _abort(self, node: NodeEntry | None, record: RequestRecord) -> None:
-        if node is None or self.registry.nodes.get(node.id) is not node:
-            return
-        try:
-            await node.stub.Abort(node_pb2.AbortRequest(request_id=record.id), timeout=2.0)
-        except grpc.aio.AioRpcError as e:
-            log.debug("abort of %s on %s failed: %s", record.id, node.id, e.code().name)
-
-
-def _load_tokenizer(model: str):
-    from engine.loader import load_tokenizer, resolve_model
-    return load_tokenizer(resolve_model(model or None))
+                await self.lifecycle.release(record)

@@ -139,12 +139,29 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("coordinator", help="run the coordinator")
     c.add_argument("--listen", default="127.0.0.1:50051", help="HOST:PORT (binds 127.0.0.1 unless told otherwise)")
-    c.add_argument("--model", default=None, help="tokenizer source (default: what the first node serves)")
-    c.add_argument("--heartbeat-interval", type=float, default=0.5)
-    c.add_argument("--max-inflight", type=int, default=256, help="requests admitted at once")
-    c.add_argument("--lease", type=float, default=30.0, help="seconds decode blocks wait for their KV")
-    c.add_argument("--max-migrations", type=int, default=2,
-                   help="times a request may move to another decode node when its decode node dies")
+    c.add_argument("--model", default=None,
+                   help="the served model: only nodes of its checkpoint may register (default: agreed with the "
+                        "live nodes; while none is live, the next to register sets it)")
+    # None: CoordinatorConfig's default (one place for each default)
+    c.add_argument("--heartbeat-interval", dest="heartbeat_interval_s", type=float, default=None,
+                   help="seconds between node heartbeats; a node missing 3 is fenced off (default 0.5)")
+    c.add_argument("--max-inflight", type=int, default=None, help="requests served at once (default 256)")
+    c.add_argument("--max-queued", type=int, default=None,
+                   help="requests waiting for a slot or for decode blocks beyond those; more get "
+                        "RESOURCE_EXHAUSTED (default 1024)")
+    c.add_argument("--lease", dest="lease_s", type=float, default=None,
+                   help="seconds a decode reservation lives unless renewed; the coordinator renews it while "
+                        "its request waits (default 30)")
+    c.add_argument("--max-migrations", type=int, default=None,
+                   help="times a request may move to another decode node when its decode node dies (default 2)")
+    c.add_argument("--max-retries", type=int, default=None,
+                   help="failed prefill attempts (a node lost, a transfer failed) before UNAVAILABLE (default 3)")
+    c.add_argument("--max-request-bytes", type=int, default=None,
+                   help="larger client messages get RESOURCE_EXHAUSTED before any work (default 4 MiB)")
+    c.add_argument("--client-stall-timeout", dest="client_stall_s", type=float, default=None,
+                   help="seconds a client may leave its stream unread before it is ended (default 30)")
+    c.add_argument("--node-expiry", dest="node_expiry_s", type=float, default=None,
+                   help="seconds after which a silent node leaves the registry and `status` (default 30)")
     add_switch_interval_flag(c)
     c.set_defaults(func=cmd_coordinator)
 
@@ -225,8 +242,10 @@ def cmd_coordinator(a: argparse.Namespace) -> int:
     set_switch_interval(a)
     from coordinator.server import Coordinator, CoordinatorConfig
     from pdserve.process import run_until_signal
-    cfg = CoordinatorConfig(listen=a.listen, model=a.model, heartbeat_interval_s=a.heartbeat_interval,
-                            max_inflight=a.max_inflight, lease_s=a.lease, max_migrations=a.max_migrations)
+    given = {k: getattr(a, k) for k in ("heartbeat_interval_s", "max_inflight", "max_queued", "lease_s",
+                                        "max_migrations", "max_retries", "max_request_bytes", "client_stall_s",
+                                        "node_expiry_s") if getattr(a, k) is not None}
+    cfg = CoordinatorConfig(listen=a.listen, model=a.model, **given)
     return asyncio.run(run_until_signal(Coordinator(cfg)))
 
 

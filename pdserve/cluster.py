@@ -35,6 +35,7 @@ class ClusterConfig:
     max_num_batched_tokens: int = 2048
     heartbeat_interval_s: float = 0.5
     max_inflight: int = 256
+    coordinator_flags: tuple[str, ...] = ()  # more `pdserve coordinator` flags (--lease, --max-queued, ...)
     ready_timeout_s: float = 300.0
     log_dir: str | None = None        # members' logs go here (one file each) instead of this terminal
     kv_transport: str = "zmq"         # zmq or nccl, for the prefill and decode pools
@@ -101,7 +102,7 @@ class Cluster:
         nodes = self.node_commands()
         coordinator = [sys.executable, "-m", "pdserve", "coordinator", "--listen", self.cfg.listen,
                        "--heartbeat-interval", str(self.cfg.heartbeat_interval_s),
-                       "--max-inflight", str(self.cfg.max_inflight)]
+                       "--max-inflight", str(self.cfg.max_inflight), *self.cfg.coordinator_flags]
         if self.cfg.model:
             coordinator += ["--model", self.cfg.model]
         if self.cfg.switch_interval_us is not None:

@@ -33,10 +33,11 @@ class ServerHandle:
     """A grpc.aio server with the standard health service (NOT_SERVING until ready()).
     Constructing it starts nothing; start() binds and serves."""
 
-    def __init__(self, listen: str, service_names: list[str]):
+    def __init__(self, listen: str, service_names: list[str], max_receive_bytes: int = MAX_MESSAGE_BYTES):
+        """max_receive_bytes: larger messages are refused (RESOURCE_EXHAUSTED) before any handler runs."""
         self.listen = listen
         self.service_names = service_names
-        self.server = grpc.aio.server(options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+        self.server = grpc.aio.server(options=[("grpc.max_receive_message_length", max_receive_bytes),
                                                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)])
         self.health = health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)

@@ -192,7 +192,8 @@ def test_no_nodes_means_unavailable_and_a_full_queue_means_resource_exhausted(ti
         client.close()
         lonely.stop()
 
-    cluster = start_cluster(model=tiny_models["qwen2"], kv_blocks=64, max_inflight=1)
+    cluster = start_cluster(model=tiny_models["qwen2"], kv_blocks=64, max_inflight=1,
+                            coordinator_flags=("--max-queued", "0"))
     client = Client(cluster.cfg.listen)
     try:
         long = client.stub.Generate(request(list(range(1, 20)), greedy(480, ignore_eos=True)), timeout=60)
