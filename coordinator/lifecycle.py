@@ -65,7 +65,7 @@ class Lifecycle:
         yield record.first_response(first)
         if first.finish_reason:  # the first token ended it: the decode reservation is not needed
             record.finish()
-            await self.abort(record.decode, record)
+            await self.abort(record.decode, record.key)
             yield record.last_response(first.finish_reason)
             return
         next_index = 1
@@ -83,7 +83,7 @@ class Lifecycle:
                 next_index = record.offset + 1
                 finish = first.finish_reason
                 if finish:
-                    await self.abort(record.decode, record)
+                    await self.abort(record.decode, record.key)
             if finish:
                 record.finish()
                 yield record.last_response(finish)
@@ -112,16 +112,16 @@ class Lifecycle:
         if record.migrations >= self.cfg.max_migrations:
             raise RpcError(grpc.StatusCode.UNAVAILABLE, f"decode node {gone.id} is gone")
         gone.inflight -= 1
+        self.spawn(self.abort(gone, record.key))  # a frozen node frees it when it wakes
         record.migrate()
         log.info("request %s moves off decode node %s after %d tokens", record.id, gone.id, record.offset)
-        self.spawn(self.abort(gone, record))  # a frozen node frees it when it wakes
         return await self.start(record)
 
     def unreserve(self, record: RequestRecord) -> None:
         node = record.decode
         if node is not None:
             node.inflight -= 1
-            self.spawn(self.abort(node, record))
+            self.spawn(self.abort(node, record.key))
         record.unreserve()
         self.freed()
 
@@ -133,7 +133,7 @@ class Lifecycle:
                 record.reserving.add(node)  # a cancel from here on aborts there too
                 try:
                     ticket = await node.stub.Reserve(node_pb2.ReserveRequest(
-                        request_id=record.id, prompt_token_ids=record.run_prompt, sampling=record.run_sampling,
+                        request_id=record.key, prompt_token_ids=record.run_prompt, sampling=record.run_sampling,
                         lease_s=self.cfg.lease_s, epoch=node.epoch), timeout=_bounded(record, 10.0))
                 except grpc.aio.AioRpcError as e:
                     record.reserving.discard(node)
@@ -167,7 +167,7 @@ class Lifecycle:
         node.inflight += 1
         try:
             call = node.prefill_stub.Prefill(node_pb2.PrefillRequest(
-                request_id=record.id, prompt_token_ids=record.run_prompt, sampling=record.run_sampling,
+                request_id=record.key, prompt_token_ids=record.run_prompt, sampling=record.run_sampling,
                 ticket=record.ticket, keep_kv=colocated), timeout=record.remaining())
             resp = await self._unless_alarmed(record, call)
             record.prefilled(resp)
@@ -207,16 +207,17 @@ class Lifecycle:
         nodes = set(record.reserving)
         if record.state != "FINISHED":
             nodes |= {record.decode, record.prefill}
-        await asyncio.gather(*(self.abort(n, record) for n in nodes if n is not None))
+        await asyncio.gather(*(self.abort(n, record.key) for n in nodes if n is not None))
         self.freed()
 
-    async def abort(self, node: NodeEntry | None, record: RequestRecord) -> None:
+    async def abort(self, node: NodeEntry | None, key: str) -> None:
+        """Stop an attempt (RequestRecord.key) on a node, whatever it holds there."""
         if node is None or self.registry.nodes.get(node.id) is not node:
             return
         try:
-            await node.stub.Abort(node_pb2.AbortRequest(request_id=record.id), timeout=2.0)
+            await node.stub.Abort(node_pb2.AbortRequest(request_id=key), timeout=2.0)
         except grpc.aio.AioRpcError as e:
-            log.debug("abort of %s on %s failed: %s", record.id, node.id, e.code().name)
+            log.debug("abort of %s on %s failed: %s", key, node.id, e.code().name)
 
     def renew_due(self) -> None:
         """Renew the leases of reservations still waiting for their KV, per decode node."""
@@ -233,14 +234,14 @@ class Lifecycle:
     async def _renew(self, node: NodeEntry, records: list[RequestRecord]) -> None:
         try:
             resp = await node.stub.Renew(node_pb2.RenewRequest(
-                epoch=node.epoch, request_ids=[r.id for r in records], lease_s=self.cfg.lease_s),
+                epoch=node.epoch, request_ids=[r.key for r in records], lease_s=self.cfg.lease_s),
                 timeout=max(1.0, self.registry.timeout))
         except grpc.aio.AioRpcError as e:
             log.warning("lease renewal on %s failed: %s", node.id, e.code().name)
             return
         missing = set(resp.missing)
         for r in records:
-            if r.decode is node and r.ticket is not None and r.id not in missing:
+            if r.decode is node and r.ticket is not None and r.key not in missing:
                 r.ticket.lease_expiry = resp.lease_expiry
 
     def cut_stalled(self) -> None:

@@ -102,8 +102,10 @@ class Coordinator(api_pb2_grpc.GenerationServicer, node_pb2_grpc.CoordinatorServ
             async for batch in node.stub.Subscribe(node_pb2.SubscribeRequest(epoch=node.epoch)):
                 node.streaming = True  # routable from now on: no token of its can be missed
                 for update in batch.updates:
-                    record = self.requests.get(update.request_id)
-                    if record is not None and record.decode is node and not record.lost:  # moved on: fenced off
+                    record = self.requests.get(update.request_id.rpartition("/")[0])
+                    # an earlier attempt's tokens, or a node the request moved off: fenced off
+                    if record is not None and record.key == update.request_id and record.decode is node \
+                            and not record.lost:
                         record.updates.put_nowait(update)
         except asyncio.CancelledError:
             raise

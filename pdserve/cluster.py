@@ -35,6 +35,7 @@ class ClusterConfig:
     max_num_batched_tokens: int = 2048
     heartbeat_interval_s: float = 0.5
     max_inflight: int = 256
+    coordinator: bool = True           # False: the pools join the coordinator already at `listen`
     coordinator_flags: tuple[str, ...] = ()  # more `pdserve coordinator` flags (--lease, --max-queued, ...)
     ready_timeout_s: float = 300.0
     log_dir: str | None = None        # members' logs go here (one file each) instead of this terminal
@@ -107,7 +108,8 @@ class Cluster:
             coordinator += ["--model", self.cfg.model]
         if self.cfg.switch_interval_us is not None:
             coordinator += ["--switch-interval-us", str(self.cfg.switch_interval_us)]
-        self._spawn(coordinator)
+        if self.cfg.coordinator:
+            self._spawn(coordinator)
         for cmd in nodes:
             self._spawn(cmd)
         self._wait_ready(len(nodes))

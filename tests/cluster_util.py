@@ -12,7 +12,8 @@ from pdserve.v1 import api_pb2, api_pb2_grpc
 
 def start_cluster(**kwargs) -> Cluster:
     kwargs.setdefault("device", "cpu")
-    cfg = ClusterConfig(listen=f"127.0.0.1:{free_port()}", **kwargs)
+    kwargs.setdefault("listen", f"127.0.0.1:{free_port()}")
+    cfg = ClusterConfig(**kwargs)
     cluster = Cluster(cfg)
     try:
         cluster.start()
