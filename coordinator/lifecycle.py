@@ -32,8 +32,18 @@ RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, grpc.Status
              grpc.StatusCode.DEADLINE_EXCEEDED}
 
 
+# a Reserve that ended so may or may not hold blocks on the node
+UNKNOWN_OUTCOME = {grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED, grpc.StatusCode.UNAVAILABLE,
+                   grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL}
+
+
 class Retry(Exception):
-    """The prefill phase failed in a way another attempt may not."""
+    """The prefill phase failed in a way another attempt may not. avoid_decode: the
+    failure was the decode node's KV path; the next attempts go to other decode nodes."""
+
+    def __init__(self, message: str, avoid_decode: bool = False):
+        super().__init__(message)
+        self.avoid_decode = avoid_decode
 
 
 class Lifecycle:
@@ -92,13 +102,23 @@ class Lifecycle:
     async def start(self, record: RequestRecord) -> node_pb2.PrefillResponse:
         """Reserve and prefill, again from the reservation while attempts fail."""
         failed: set[str] = set()  # prefill nodes that failed this request: others first
+        avoid: set[str] = set()   # decode nodes whose KV path failed this request: others only
+        last = None
         while True:
-            await self.reserve(record)
+            try:
+                await self.reserve(record, avoid)
+            except RpcError as e:
+                if last is not None:  # say why the request needed another reservation
+                    e.message = f"{e.message}; an earlier attempt failed: {last}"
+                raise
             try:
                 return await self.prefill(record, failed)
             except Retry as e:
                 record.retries += 1
+                if e.avoid_decode:
+                    avoid.add(record.decode.id)
                 self.unreserve(record)
+                last = e
                 if record.retries > self.cfg.max_retries:
                     raise RpcError(grpc.StatusCode.UNAVAILABLE,
                                    f"gave up after {record.retries} attempts; the last: {e}") from None
@@ -125,11 +145,11 @@ class Lifecycle:
         record.unreserve()
         self.freed()
 
-    async def reserve(self, record: RequestRecord) -> None:
+    async def reserve(self, record: RequestRecord, avoid: set[str] = frozenset()) -> None:
         """Blocks on the least loaded decode node; while all are full, wait for capacity."""
         while True:
             full = False
-            for node in self.registry.candidates(api_pb2.ROLE_DECODE):
+            for node in self.registry.candidates(api_pb2.ROLE_DECODE, exclude=avoid):
                 record.reserving.add(node)  # a cancel from here on aborts there too
                 try:
                     ticket = await node.stub.Reserve(node_pb2.ReserveRequest(
@@ -139,6 +159,9 @@ class Lifecycle:
                     record.reserving.discard(node)
                     if e.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND):
                         raise RpcError(e.code(), e.details()) from None
+                    if e.code() in UNKNOWN_OUTCOME:  # it may have reserved just before the end
+                        self.spawn(self.abort(node, record.key))
+                        record.attempt += 1  # and the next Reserve must not meet that abort
                     full = full or e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
                     continue
                 record.reserving.discard(node)
@@ -177,10 +200,11 @@ class Lifecycle:
             out_of_time = record.remaining() is not None and record.remaining() <= 0
             if code not in RETRYABLE or out_of_time:
                 raise RpcError(code, f"prefill failed: {details}") from None
-            if code == grpc.StatusCode.UNAVAILABLE and "KV transfer" not in details:
+            transfer = "KV transfer" in details
+            if code == grpc.StatusCode.UNAVAILABLE and not transfer:
                 self.node_lost(node, f"is unreachable: {details}")
             failed.add(node.id)
-            raise Retry(f"prefill on {node.id}: {code.name}: {details}") from None
+            raise Retry(f"prefill on {node.id}: {code.name}: {details}", avoid_decode=transfer) from None
         finally:
             node.inflight -= 1
             record.prefill = None

@@ -3,4 +3,6 @@ node into exactly those blocks, then decodes it in the continuous batch and
 streams one TokenBatch per engine step to the coordinator.
 
     Reserve -> (KV layers arrive, verified) -> admitted -> decoding -> finished
-            \\-> lease expired / bad KV / aborted: blocks freed, error update sent"""
+            \\-> lease expired / bad KV / aborted: blocks freed, error update sent
+    Reservations and running requests of an epoch are aborted when the node registers
+    anew or the last Subscribe stream of that epoch ends (nobody to stream to)."""

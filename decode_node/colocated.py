@@ -17,6 +17,7 @@ from decode_node.server import DecodeNode
 from engine.llm_engine import StepOutput
 from pdserve.node_base import abort_with
 from pdserve.protocol import FINISH, to_engine_params
+from pdserve.rpc import RpcError
 from pdserve.v1 import api_pb2, node_pb2, node_pb2_grpc
 
 
@@ -35,40 +36,79 @@ class ColocatedNode(DecodeNode, node_pb2_grpc.PrefillNodeServicer):
     async def Reserve(self, req: node_pb2.ReserveRequest, context) -> node_pb2.Ticket:
         prompt, params = list(req.prompt_token_ids), to_engine_params(req.sampling)
         try:
+            epoch = self._epoch(req.epoch)
+            if self.aborted.discard(req.request_id):
+                raise RpcError(grpc.StatusCode.ABORTED, f"request {req.request_id} was aborted")
             await self.call(lambda engine: engine.validate(prompt, params))
-        except ValueError as e:
+        except (RpcError, ValueError) as e:
             await abort_with(context, e)
         lease = req.lease_s if req.lease_s > 0 else self.cfg.lease_s
-        return node_pb2.Ticket(decode_node_id=self.agent.node_id, epoch=self.agent.epoch,
+        return node_pb2.Ticket(decode_node_id=self.agent.node_id, epoch=epoch,
                                lease_expiry=time.time() + lease, decode_tp=self.cfg.engine.tp)
 
+    async def Renew(self, req: node_pb2.RenewRequest, context) -> node_pb2.RenewResponse:
+        # Reserve holds nothing here: there is no lease to extend
+        try:
+            self._epoch(req.epoch)
+        except RpcError as e:
+            await abort_with(context, e)
+        lease = req.lease_s if req.lease_s > 0 else self.cfg.lease_s
+        return node_pb2.RenewResponse(lease_expiry=time.time() + lease)
+
     async def Prefill(self, req: node_pb2.PrefillRequest, context) -> node_pb2.PrefillResponse:
-        prompt, params = list(req.prompt_token_ids), to_engine_params(req.sampling)
+        prompt, params, rid = list(req.prompt_token_ids), to_engine_params(req.sampling), req.request_id
         start = time.time()
         fut = self.aio.create_future()
 
         def add(engine):
-            seq = engine.add_request(prompt, params, req.request_id)
-            seq.kv_ready, seq.decode_start = 0.0, 0.0
+            seq = engine.add_request(prompt, params, rid)
+            seq.kv_ready, seq.decode_start, seq.epoch = 0.0, 0.0, epoch
             self.first[seq.seq_id] = fut
-            self.running[req.request_id] = seq  # registered before any step can emit its tokens
+            self.running[rid] = seq  # registered before any step can emit its tokens
             return seq
         try:
-            seq = await self.call(add)
-        except (ValueError, MemoryError) as e:
+            epoch = self._epoch(req.ticket.epoch)
+            self._arrive(rid)
+            try:
+                added = asyncio.ensure_future(self.call(add))
+                try:
+                    seq = await asyncio.shield(added)
+                except asyncio.CancelledError:
+                    added.add_done_callback(lambda f: f.cancelled() or f.exception() or self._abandon(f.result()))
+                    raise
+                try:
+                    self._still_wanted(rid, epoch)
+                except RpcError:
+                    self._abandon(seq)
+                    raise
+            finally:
+                self.arriving.discard(rid)
+            try:
+                out = await fut
+            except asyncio.CancelledError:
+                self._abandon(seq)
+                raise
+        except (RpcError, ValueError, MemoryError) as e:
             await abort_with(context, e)
-        try:
-            out = await fut
-        except asyncio.CancelledError:
-            self.first.pop(seq.seq_id, None)
-            self.running.pop(req.request_id, None)
-            await self.call(lambda engine: engine.abort(seq))
-            raise
         resp = node_pb2.PrefillResponse(first_token=out.token_id, prefill_start=start, prefill_end=time.time(),
                                         text=out.text_delta)
         if out.finished:
             resp.finish_reason = FINISH[out.seq.finish_reason]
         return resp
+
+    def _abandon(self, seq) -> None:
+        """A Prefill that will not answer: its sequence leaves the engine."""
+        self.first.pop(seq.seq_id, None)
+        if self.running.get(seq.request_id) is seq:
+            del self.running[seq.request_id]
+        self._spawn(self.call(lambda engine: engine.abort(seq)))
+
+    async def _abort_running(self, seqs: list, why: str) -> None:
+        for seq in seqs:  # a Prefill still waiting for the first token answers at once
+            fut = self.first.pop(seq.seq_id, None)
+            if fut is not None and not fut.done():
+                fut.set_exception(RpcError(grpc.StatusCode.ABORTED, f"request {seq.request_id} {why}"))
+        await super()._abort_running(seqs, why)
 
     def on_step(self, outs: list[StepOutput]) -> None:
         later = []

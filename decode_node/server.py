@@ -1,4 +1,9 @@
-"""The decode node's gRPC servicer and request bookkeeping."""
+"""The decode node's gRPC servicer and request bookkeeping.
+
+Every reservation and running request belongs to the registration epoch it was handed
+out under. Requests of an epoch are aborted and freed when nobody can receive their
+tokens any more: the node registered anew (that coordinator forgot it), or the last
+Subscribe stream of that epoch ended."""
 from __future__ import annotations
 
 import asyncio
@@ -9,11 +14,14 @@ from dataclasses import dataclass
 
 import grpc
 
+from decode_node.subscribers import MAX_PENDING_BATCHES, Subscriber
 from engine.llm_engine import StepOutput
 from engine.sampling_params import SamplingParams
 from kv_transfer.base import KVReceiver, Role, TransferState
 from pdserve.node_base import NodeBase, abort_with
 from pdserve.protocol import FINISH, to_engine_params
+from pdserve.recent_ids import RecentIds
+from pdserve.rpc import RpcError
 from pdserve.v1 import api_pb2, node_pb2, node_pb2_grpc
 
 log = logging.getLogger("pdserve.decode")
@@ -27,6 +35,8 @@ class Reservation:
     params: SamplingParams
     blocks: list[int]
     receiver: KVReceiver
+    epoch: int
+    dropped: bool = False   # aborted while being admitted: abort the sequence it became
 
 
 class DecodeNode(NodeBase, node_pb2_grpc.DecodeNodeServicer):
@@ -37,37 +47,117 @@ class DecodeNode(NodeBase, node_pb2_grpc.DecodeNodeServicer):
     def __init__(self, cfg):
         super().__init__(cfg)
         self.reservations: dict[str, Reservation] = {}
-        self.running: dict[str, object] = {}       # request_id -> Sequence
-        self.subscribers: set[asyncio.Queue] = set()
-        self.waiters: set[asyncio.Task] = set()    # one per reservation, until its KV arrived or failed
+        self.admitting: dict[str, Reservation] = {}  # KV arrived, joining the batch
+        self.running: dict[str, object] = {}       # request_id -> Sequence (seq.epoch set at admission)
+        self.subscribers: set[Subscriber] = set()
+        self.arriving: set[str] = set()            # Reserve (colocated: Prefill) calls in flight
+        self.aborted = RecentIds()                 # aborted before they arrived: refused when they do
+        self.seen = RecentIds()                    # arrived lately: a late Abort leaves no tombstone
+        self.waiters: set[asyncio.Task] = set()    # reservations' KV waits and releases
+        self.closing = False
 
     def add_servicer(self, server: grpc.aio.Server) -> None:
         node_pb2_grpc.add_DecodeNodeServicer_to_server(self, server)
 
+    # epochs and tombstones
+
+    def _epoch(self, epoch: int) -> int:
+        """The epoch a call belongs to (0: the current one); FAILED_PRECONDITION if stale."""
+        current = self.agent.epoch
+        if epoch in (0, current):
+            return current
+        if epoch > current and any(s.epoch == epoch for s in self.subscribers):
+            return epoch  # registered anew: the coordinator subscribed before its answer got here
+        raise RpcError(grpc.StatusCode.FAILED_PRECONDITION,
+                       f"stale epoch {epoch}: this node is registered under epoch {current}")
+
+    def _arrive(self, request_id: str) -> None:
+        """A Reserve or Prefill for request_id starts; ABORTED if it was aborted already."""
+        if self.aborted.discard(request_id):
+            raise RpcError(grpc.StatusCode.ABORTED, f"request {request_id} was aborted")
+        if any(request_id in d for d in (self.arriving, self.reservations, self.admitting, self.running)):
+            raise RpcError(grpc.StatusCode.ALREADY_EXISTS, f"request {request_id} is already here")
+        self.arriving.add(request_id)
+        self.seen.add(request_id)
+
+    def _still_wanted(self, request_id: str, epoch: int) -> None:
+        """After an await: raise if the request was aborted or its epoch fenced meanwhile."""
+        if self.aborted.discard(request_id):
+            raise RpcError(grpc.StatusCode.ABORTED, f"request {request_id} was aborted")
+        self._epoch(epoch)
+
+    # reserve, renew
+
     async def Reserve(self, req: node_pb2.ReserveRequest, context) -> node_pb2.Ticket:
-        prompt, params = list(req.prompt_token_ids), to_engine_params(req.sampling)
-        if req.request_id in self.reservations or req.request_id in self.running:
-            await context.abort(grpc.StatusCode.ALREADY_EXISTS, f"request {req.request_id} is already here")
+        prompt, params, rid = list(req.prompt_token_ids), to_engine_params(req.sampling), req.request_id
+        try:
+            epoch = self._epoch(req.epoch)
+            self._arrive(rid)
+            try:
+                blocks = await self._take_blocks(prompt, params)
+                try:
+                    self._still_wanted(rid, epoch)
+                    left = context.time_remaining()
+                    if left is not None and left <= 0:  # the answer would go nowhere
+                        raise RpcError(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline passed while reserving")
+                except RpcError:
+                    self._release(blocks)
+                    raise
+            finally:
+                self.arriving.discard(rid)
+        except (RpcError, ValueError, MemoryError) as e:
+            await abort_with(context, e)
+        transfer_id = uuid.uuid4().hex
+        expiry = time.time() + (req.lease_s if req.lease_s > 0 else self.cfg.lease_s)
+        rx = self.kv.expect(transfer_id, epoch, blocks, expiry, self._writer(blocks))
+        res = Reservation(rid, prompt, params, blocks, rx, epoch)
+        self.reservations[rid] = res
+        self._spawn(self._await_kv(res))
+        return node_pb2.Ticket(transfer_id=transfer_id, decode_node_id=self.agent.node_id, epoch=epoch,
+                               block_ids=blocks, kv_endpoint=self.kv.endpoint, lease_expiry=expiry,
+                               decode_tp=self.cfg.engine.tp)
+
+    async def _take_blocks(self, prompt: list[int], params: SamplingParams) -> list[int]:
+        """The prompt's blocks, if the rest still lets every running sequence and
+        reservation grow by a block (MemoryError otherwise). Blocks taken by a call
+        cancelled meanwhile are released."""
+        held = len(self.reservations) + len(self.admitting) + len(self.arriving) - 1  # others, in flight too
 
         def reserve(engine):
             engine.validate(prompt, params)
+            need = engine.blocks.blocks_for(len(prompt))
+            own = min(1, engine.blocks.blocks_for(len(prompt) + params.max_tokens) - need)
+            keep = held + len(engine.scheduler.running) + len(engine.scheduler.waiting) + own
+            free = engine.blocks.num_free
+            if free - need < keep:
+                raise MemoryError(f"decode node full: {free} KV blocks free, the prompt needs {need} and "
+                                  f"{keep} must stay free for running sequences and reservations to grow")
             return engine.reserve(len(prompt))
+        fut = asyncio.wrap_future(self.loop.call(reserve))
         try:
-            blocks = await self.call(reserve)
-        except (ValueError, MemoryError) as e:
+            return await asyncio.shield(fut)
+        except asyncio.CancelledError:
+            fut.add_done_callback(lambda f: f.cancelled() or f.exception() or self._release(f.result()))
+            raise
+
+    def _release(self, blocks: list[int]) -> None:
+        self.loop.call(lambda engine: engine.release(blocks))
+
+    async def Renew(self, req: node_pb2.RenewRequest, context) -> node_pb2.RenewResponse:
+        try:
+            epoch = self._epoch(req.epoch)
+        except RpcError as e:
             await abort_with(context, e)
-        transfer_id = uuid.uuid4().hex
-        lease = req.lease_s if req.lease_s > 0 else self.cfg.lease_s
-        expiry = time.time() + lease
-        rx = self.kv.expect(transfer_id, self.agent.epoch, blocks, expiry, self._writer(blocks))
-        res = Reservation(req.request_id, prompt, params, blocks, rx)
-        self.reservations[req.request_id] = res
-        task = asyncio.create_task(self._await_kv(res))
-        self.waiters.add(task)
-        task.add_done_callback(self.waiters.discard)
-        return node_pb2.Ticket(transfer_id=transfer_id, decode_node_id=self.agent.node_id, epoch=self.agent.epoch,
-                               block_ids=blocks, kv_endpoint=self.kv.endpoint, lease_expiry=expiry,
-                               decode_tp=self.cfg.engine.tp)
+        expiry = time.time() + (req.lease_s if req.lease_s > 0 else self.cfg.lease_s)
+        missing = []
+        for rid in req.request_ids:
+            res = self.reservations.get(rid)
+            if res is not None and res.epoch == epoch:
+                res.receiver.lease_expiry = expiry  # the KV manager's sweep (NCCL: its cancel too) reads it
+                if not res.receiver.status.ended:  # neither expired nor arrived already
+                    continue
+            missing.append(rid)
+        return node_pb2.RenewResponse(missing=missing, lease_expiry=expiry)
 
     def _writer(self, blocks: list[int]):
         # called on the KV receive thread: the import runs on the engine thread, in arrival order
@@ -76,30 +166,44 @@ class DecodeNode(NodeBase, node_pb2_grpc.DecodeNodeServicer):
         return write
 
     async def _await_kv(self, res: Reservation) -> None:
-        rx = res.receiver
+        rx, rid = res.receiver, res.request_id
         await rx.status.ended_async()  # the KV manager ends it by the lease at the latest
         kv_ready = time.time()
-        if self.reservations.pop(res.request_id, None) is None:
+        if self.reservations.get(rid) is not res:
             return  # aborted meanwhile; Abort freed the blocks
+        del self.reservations[rid]
         if rx.state == TransferState.FAILED:
             await self.call(lambda engine: engine.release(res.blocks))
-            self._publish([_error(res.request_id, grpc.StatusCode.UNAVAILABLE, f"KV transfer failed: {rx.error}")])
+            self._publish([_error(rid, grpc.StatusCode.UNAVAILABLE, f"KV transfer failed: {rx.error}")])
             return
+
         def admit(engine):
-            out = engine.add_prefilled(res.prompt, rx.first_token, res.params, res.blocks, res.request_id)
-            out.seq.kv_ready, out.seq.decode_start = kv_ready, time.time()
+            if res.dropped:  # aborted while its admission was queued
+                engine.release(res.blocks)
+                return None
+            out = engine.add_prefilled(res.prompt, rx.first_token, res.params, res.blocks, rid)
+            out.seq.kv_ready, out.seq.decode_start, out.seq.epoch = kv_ready, time.time(), res.epoch
             if not out.finished:
                 # registered on the engine thread, before any step can produce its tokens
-                self.running[res.request_id] = out.seq
+                self.running[rid] = out.seq
             return out
+        self.admitting[rid] = res
         try:
             out = await self.call(admit)
         except Exception as e:
             await self.call(lambda engine: engine.release(res.blocks))
-            self._publish([_error(res.request_id, grpc.StatusCode.INTERNAL, f"admission failed: {e}")])
+            self._publish([_error(rid, grpc.StatusCode.INTERNAL, f"admission failed: {e}")])
             return
-        if out.finished:
+        finally:
+            self.admitting.pop(rid, None)
+        if out is None:
+            return
+        if res.dropped and self.running.pop(rid, None) is not None:  # aborted as it was admitted
+            await self._abort_running([out.seq], "aborted")
+        elif out.finished:
             self._publish([_update(out, out.seq)])
+
+    # token streams
 
     def on_step(self, outs: list[StepOutput]) -> None:
         updates = []
@@ -115,38 +219,83 @@ class DecodeNode(NodeBase, node_pb2_grpc.DecodeNodeServicer):
 
     def _publish(self, updates: list[node_pb2.TokenUpdate]) -> None:
         batch = node_pb2.TokenBatch(updates=updates)
-        for q in self.subscribers:
-            q.put_nowait(batch)
+        for sub in list(self.subscribers):
+            if not sub.put(batch):
+                self.subscribers.discard(sub)
 
-    async def Subscribe(self, req: node_pb2.SubscribeRequest, context):
-        q: asyncio.Queue = asyncio.Queue()
-        self.subscribers.add(q)
+    async def Subscribe(self, req: node_pb2.SubscribeRequest, context) -> None:
+        sub = Subscriber(req.epoch or self.agent.epoch)
+        self.subscribers.add(sub)
+        why = "its stream ended"
         try:
-            yield node_pb2.TokenBatch()  # tells the subscriber the stream is live
-            while True:
-                yield await q.get()
+            await sub.stream(context)
+            why = f"its subscriber fell {MAX_PENDING_BATCHES} token batches behind"
+            log.warning("token stream of epoch %d ended: %s", sub.epoch, why)
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                f"{MAX_PENDING_BATCHES} token batches unread: the subscription is ended")
         finally:
-            self.subscribers.discard(q)
+            self.subscribers.discard(sub)
+            if not self.closing and not any(s.epoch == sub.epoch for s in self.subscribers):
+                self._drop(lambda e: e == sub.epoch, f"the last subscription of epoch {sub.epoch} ended: {why}")
+
+    # aborts
 
     async def Abort(self, req: node_pb2.AbortRequest, context) -> node_pb2.AbortResponse:
-        res = self.reservations.pop(req.request_id, None)
+        rid = req.request_id
+        res = self.reservations.pop(rid, None)
         if res is not None:
-            self.kv.cancel(res.receiver.transfer_id)
-            # the blocks go once the transfer ended: at once for ZeroMQ; for NCCL once
-            # receives already posted for them have ended
-            task = asyncio.create_task(self._release_when_ended(res))
-            self.waiters.add(task)
-            task.add_done_callback(self.waiters.discard)
+            self._cancel_reservation(res)
             return node_pb2.AbortResponse(found=True)
-        seq = self.running.pop(req.request_id, None)
+        if rid in self.admitting:
+            self.admitting[rid].dropped = True
+            return node_pb2.AbortResponse(found=True)
+        seq = self.running.pop(rid, None)
         if seq is not None:
-            await self.call(lambda engine: engine.abort(seq))
+            await self._abort_running([seq], "aborted")
             return node_pb2.AbortResponse(found=True)
+        if rid in self.arriving or rid not in self.seen:  # it may be on its way: refuse it when it comes
+            self.aborted.add(rid)
         return node_pb2.AbortResponse(found=False)
+
+    def _cancel_reservation(self, res: Reservation) -> None:
+        self.kv.cancel(res.receiver.transfer_id)
+        # the blocks go once the transfer ended: at once for ZeroMQ; for NCCL once
+        # receives already posted for them have ended
+        self._spawn(self._release_when_ended(res))
 
     async def _release_when_ended(self, res: Reservation) -> None:
         await res.receiver.status.ended_async()
         await self.call(lambda engine: engine.release(res.blocks))
+
+    async def _abort_running(self, seqs: list, why: str) -> None:
+        """Abort sequences already taken out of self.running."""
+        await self.call(lambda engine: [engine.abort(seq) for seq in seqs])
+
+    def _drop(self, matches, why: str) -> None:
+        """Abort and free every reservation and running request whose epoch matches."""
+        res = [r for r in self.reservations.values() if matches(r.epoch)]
+        for r in res:
+            del self.reservations[r.request_id]
+            self._cancel_reservation(r)
+        for r in self.admitting.values():
+            r.dropped = r.dropped or matches(r.epoch)
+        seqs = [s for s in self.running.values() if matches(getattr(s, "epoch", 0))]
+        for s in seqs:
+            del self.running[s.request_id]
+        if seqs:
+            self._spawn(self._abort_running(seqs, why))
+        if res or seqs:
+            log.warning("aborted %d reservations and %d running requests: %s", len(res), len(seqs), why)
+
+    def _on_registered(self, epoch: int) -> None:
+        self._drop(lambda e: e != epoch, f"registered anew under epoch {epoch}; the old registration is gone")
+
+    # plumbing
+
+    def _spawn(self, coro) -> None:
+        task = asyncio.create_task(coro)
+        self.waiters.add(task)
+        task.add_done_callback(self.waiters.discard)
 
     async def OpenKVPairs(self, req: node_pb2.KVPairsRequest, context) -> node_pb2.KVPairsResponse:
         if not self.nccl:
@@ -159,6 +308,7 @@ class DecodeNode(NodeBase, node_pb2_grpc.DecodeNodeServicer):
         return node_pb2.KVPairsResponse(store_host=host, store_port=port, decode_tp=self.cfg.engine.tp)
 
     async def close(self, grace_s: float = 5.0) -> None:
+        self.closing = True
         for task in list(self.waiters):
             task.cancel()
         await super().close(grace_s)

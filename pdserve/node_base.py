@@ -56,7 +56,7 @@ class NodeBase:
         self.add_servicer(self.server.server)
         self.address = await self.server.start()
         self.agent = NodeAgent(self.cfg.coordinator, self._register_request, self._load,
-                               self._on_peers if self.nccl else None)
+                               self._on_peers if self.nccl else None, self._on_registered)
         await self.agent.start()
         await self.server.ready()
         log.info("%s node serving on %s", self.kv_role.value, self.address)
@@ -87,6 +87,9 @@ class NodeBase:
             self.kv.on_peers(peers, _open_pairs)
         else:
             self.kv.on_prefill_peers({p.node_id for p in peers})
+
+    def _on_registered(self, epoch: int) -> None:
+        """After every (re-)registration, with the new epoch."""
 
     def on_step(self, outs: list[StepOutput]) -> None:
         """Called on the event loop with each engine step's outputs."""

@@ -1,0 +1,138 @@
+"""Faults aimed at the members under load: a decode node dying while requests wait
+for their KV, a prefill node frozen or killed, prefill queued past the lease, the
+coordinator killed and restarted, client deadlines inside Reserve. Real processes
+on loopback, faults by signal. Every request ends in tokens or a precise status,
+and KV returns to baseline on every surviving node."""
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import grpc
+
+from tests.cluster_util import Client, greedy, request, start_cluster
+from tests.conftest import assert_matches_reference
+from tests.fault_util import Frozen, pids_by_role, run_all, start_coordinator, submit, wait_until
+
+
+def jobs_of(seed: int, n: int, prompt_len: int = 20, max_tokens: int = 16):
+    return [([(seed * 31 + i * 7 + j) % 384 for j in range(prompt_len)], max_tokens) for i in range(n)]
+
+
+def check(outs, jobs, ref, what: str) -> None:
+    failed = [o for o in outs if not isinstance(o, dict)]
+    assert not failed, f"{what}: {len(failed)} failed, e.g. {failed[0].code()}: {failed[0].details()}"
+    for (prompt, n), out in zip(jobs, outs):
+        assert_matches_reference(out["token_ids"], ref.generate(prompt, n), what)
+
+
+def test_requests_waiting_for_kv_on_a_decode_node_that_dies_move_to_another_at_once(tiny_models, reference):
+    """Prefill is held back (SIGSTOP) so that every request holds a reservation and no KV;
+    one decode node is killed. Its requests must be re-reserved on the other one, not
+    wait out the lease (60 s here, beyond the clients' 20 s deadline)."""
+    cluster = start_cluster(model=tiny_models["qwen2"], decode=2, kv_blocks=128, heartbeat_interval_s=1.0,
+                            coordinator_flags=("--lease", "60"))
+    client = Client(cluster.cfg.listen)
+    roles = pids_by_role(cluster)
+    try:
+        jobs = jobs_of(1, 6)
+        with Frozen(roles["prefill"][0]):
+            pending = submit(client, jobs, timeout=20)
+            time.sleep(0.8)  # reserved on both decode nodes, waiting for prefill
+            os.kill(roles["decode"][1], signal.SIGKILL)
+            time.sleep(0.3)
+        check(pending.result(), jobs, reference(tiny_models["qwen2"]), "after the decode node died")
+        client.wait_blocks_at_baseline()
+    finally:
+        client.close()
+        cluster.stop()
+
+
+def test_a_frozen_then_killed_prefill_node_is_retried_on_the_other_and_then_forgotten(tiny_models, reference):
+    cluster = start_cluster(model=tiny_models["qwen2"], prefill=2, kv_blocks=128,
+                            coordinator_flags=("--node-expiry", "3"))
+    client = Client(cluster.cfg.listen)
+    victim = pids_by_role(cluster)["prefill"][0]
+    ref = reference(tiny_models["qwen2"])
+    try:
+        jobs = jobs_of(2, 8)
+        with Frozen(victim):  # some requests go to it, and hang there until it is fenced off
+            check(run_all(client, jobs, timeout=20), jobs, ref, "around a frozen prefill node")
+            os.kill(victim, signal.SIGKILL)
+        jobs = jobs_of(3, 4)
+        check(run_all(client, jobs, timeout=20), jobs, ref, "after the prefill node was killed")
+        wait_until(lambda: len(client.status()["nodes"]) == 2, 20, "the dead node to leave `status`")
+        client.wait_blocks_at_baseline()
+    finally:
+        client.close()
+        cluster.stop()
+
+
+def test_a_prefill_queued_past_the_lease_is_not_failed_for_time(tiny_models, reference):
+    """The reservation's lease (1 s) passes while prefill is held back for 2 s; the
+    coordinator renews it, and only the client's deadline (30 s) could end the request."""
+    cluster = start_cluster(model=tiny_models["qwen2"], kv_blocks=128, heartbeat_interval_s=1.0,
+                            coordinator_flags=("--lease", "1"))
+    client = Client(cluster.cfg.listen)
+    try:
+        jobs = jobs_of(4, 3)
+        with Frozen(pids_by_role(cluster)["prefill"][0]):
+            pending = submit(client, jobs, timeout=30)
+            time.sleep(2.0)
+        check(pending.result(), jobs, reference(tiny_models["qwen2"]), "past the lease")
+        client.wait_blocks_at_baseline()
+    finally:
+        client.close()
+        cluster.stop()
+
+
+def test_a_coordinator_crash_leaves_no_orphaned_work_on_the_nodes(tiny_models):
+    """Reservations and running sequences of a coordinator that died are freed by the
+    nodes (its token stream ended; they register with its successor under a new epoch),
+    long before their 60 s lease."""
+    cluster = start_cluster(model=tiny_models["qwen2"], kv_blocks=64, coordinator_flags=("--lease", "60"))
+    client = Client(cluster.cfg.listen)
+    roles = pids_by_role(cluster)
+    successor = None
+    try:
+        running = submit(client, [(list(range(1, 20)), 480)] * 2, timeout=30)
+        time.sleep(0.3)
+        with Frozen(roles["prefill"][0]):
+            waiting = submit(client, jobs_of(5, 4, prompt_len=100), timeout=30)
+            time.sleep(0.5)
+            os.kill(roles["coordinator"][0], signal.SIGKILL)
+        assert all(isinstance(o, grpc.RpcError) for o in waiting.result())
+        running.result()
+        successor = start_coordinator(cluster.cfg.listen)
+        wait_until(lambda: sum(n["healthy"] for n in client.status()["nodes"]) == 2, 30, "the nodes to rejoin")
+        client.wait_blocks_at_baseline(timeout=20)
+    finally:
+        client.close()
+        if successor is not None:
+            successor.kill()
+            successor.wait()
+        cluster.stop()
+
+
+def test_deadlines_that_expire_inside_reserve_strand_no_blocks(tiny_models):
+    cluster = start_cluster(model=tiny_models["qwen2"], kv_blocks=64, coordinator_flags=("--lease", "60"))
+    client = Client(cluster.cfg.listen)
+    try:
+        busy = submit(client, jobs_of(6, 8, max_tokens=400), timeout=60)  # Reserve waits for engine steps
+        time.sleep(0.3)
+        prompt = [(i * 13) % 384 for i in range(450)]
+        codes = set()
+        for i in range(40):
+            try:
+                client.generate(request(prompt, greedy(8)), timeout=0.002 + 0.001 * (i % 28))
+            except grpc.RpcError as e:
+                codes.add(e.code())
+        assert codes <= {grpc.StatusCode.DEADLINE_EXCEEDED}, codes
+        assert all(isinstance(o, dict) for o in busy.result())
+        client.wait_blocks_at_baseline(timeout=15)
+        out = client.generate(request(prompt, greedy(8)))  # the node is not starved
+        assert len(out["token_ids"]) == 8
+    finally:
+        client.close()
+        cluster.stop()
