@@ -215,6 +215,7 @@ def test_smollm2_chat_through_the_cluster_matches_transformers(smol_dir, tokeniz
     try:
         outs = [client.generate(request(c, greedy(24), chat=True)) for c in chats]
         client.wait_blocks_at_baseline()
+        assert client.status()["model"] == "SmolLM2-135M-Instruct"  # the default model has a name
     finally:
         client.close()
         cluster.stop()
