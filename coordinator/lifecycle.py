@@ -246,7 +246,7 @@ class Lifecycle:
     def renew_due(self) -> None:
         """Renew the leases of reservations still waiting for their KV, per decode node."""
         due: dict[str, tuple[NodeEntry, list[RequestRecord]]] = {}
-        horizon = time.time() + self.cfg.lease_s / 2
+        horizon = time.time() + self.cfg.lease_s * 2 / 3  # called every lease / 3
         for r in self.requests.values():
             node = r.decode
             if (r.ticket is not None and r.state in ("RESERVED", "PREFILLING") and node.role != api_pb2.ROLE_BOTH

@@ -76,7 +76,5 @@ class ServedModel:
 
 def _load(name: str):
     """(checkpoint hash, tokenizer or None) of a model folder, .gguf file or the default."""
-    from engine.loader import load_tokenizer, resolve_model
-    from pdserve.protocol import checkpoint_hash
-    path = resolve_model(name or None)
-    return checkpoint_hash(path), load_tokenizer(path)
+    from engine.model_files import checkpoint_hash, load_tokenizer  # no torch: the coordinator never loads it
+    return checkpoint_hash(name or None), load_tokenizer(name or None)

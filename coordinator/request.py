@@ -7,7 +7,7 @@ import time
 
 import grpc
 
-from engine.llm_engine import validate_request
+from engine.sampling_params import validate_request
 from pdserve.protocol import to_engine_params
 from pdserve.rpc import RpcError
 from pdserve.v1 import api_pb2, node_pb2

@@ -56,6 +56,7 @@ class Coordinator(api_pb2_grpc.GenerationServicer, node_pb2_grpc.CoordinatorServ
         self.address = await self.server.start()
         await self.server.ready()
         self._spawn(self._watch())
+        self._spawn(self._renew())
         return self.address
 
     async def close(self, grace_s: float = 5.0) -> None:
@@ -120,8 +121,7 @@ class Coordinator(api_pb2_grpc.GenerationServicer, node_pb2_grpc.CoordinatorServ
 
     async def _watch(self) -> None:
         """Every heartbeat interval: fence off silent nodes (a frozen or cut-off node whose
-        TCP stream stays open), forget long-silent ones, renew leases, cut off clients
-        that stopped reading. A stall of this loop itself is not counted against nodes."""
+        TCP stream stays open), forget long-silent ones, cut off clients that stopped reading. A stall of this loop itself is not counted against nodes."""
         loop = asyncio.get_running_loop()
         interval = self.cfg.heartbeat_interval_s
         last = loop.time()
@@ -136,8 +136,13 @@ class Coordinator(api_pb2_grpc.GenerationServicer, node_pb2_grpc.CoordinatorServ
                 self.lifecycle.node_lost(node, "missed its heartbeats")
             for node in self.registry.expire():
                 log.info("forgot node %s (silent for %.0f s)", node.id, self.registry.expiry_s)
-            self.lifecycle.renew_due()
             self.lifecycle.cut_stalled()
+
+    async def _renew(self) -> None:
+        """Renew leases three times per lease: a reservation never lapses while its request waits."""
+        while True:
+            await asyncio.sleep(self.cfg.lease_s / 3)
+            self.lifecycle.renew_due()
 
     # client API
 

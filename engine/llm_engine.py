@@ -18,7 +18,7 @@ from engine.executor import Executor
 from engine.loader import load_config, load_tokenizer, resolve_model
 from engine.model import ModelSpec
 from engine.sampler import Sampler, make_generator
-from engine.sampling_params import SamplingParams
+from engine.sampling_params import SamplingParams, validate_request
 from engine.scheduler import Scheduler
 from engine.model_runner import KV_CLOSE, KV_OPEN, KV_POLL, KV_RECV, KV_SEND, StepPlan
 from engine.sequence import Sequence
@@ -288,23 +288,6 @@ class LLMEngine:
         return Completion(seq.request_id, seq.prompt_token_ids, list(seq.output_token_ids),
                           seq.detokenizer.text if seq.detokenizer is not None else None,
                           seq.finish_reason or "", timings(seq))
-
-
-def validate_request(prompt_token_ids: list[int], params: SamplingParams, vocab_size: int, max_model_len: int,
-                     max_tokens_limit: int | None) -> None:
-    """Raise ValueError with a readable message for a request no engine could run."""
-    params.validate(vocab_size, max_tokens_limit)
-    n = len(prompt_token_ids)
-    if n == 0:
-        raise ValueError("prompt is empty")
-    bad = [t for t in prompt_token_ids if not 0 <= t < vocab_size]
-    if bad:
-        raise ValueError(f"prompt token ids out of range [0, {vocab_size}): {bad[:5]}")
-    if n >= max_model_len:
-        raise ValueError(f"prompt has {n} tokens; the context is {max_model_len}")
-    if n + params.max_tokens > max_model_len:
-        raise ValueError(f"prompt ({n} tokens) + max_tokens ({params.max_tokens}) exceeds "
-                         f"the context of {max_model_len} tokens")
 
 
 def timings(seq: Sequence) -> dict:

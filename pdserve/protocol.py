@@ -6,7 +6,7 @@ import hashlib
 import json
 from pathlib import Path
 
-from engine.loader import DEFAULT_MODEL
+from engine.model_files import DEFAULT_MODEL, checkpoint_hash, folder_hash
 from engine.sampling_params import SamplingParams
 from pdserve.v1 import api_pb2, node_pb2
 
@@ -15,20 +15,10 @@ PROTOCOL_VERSION = 1
 FINISH = {"stop": api_pb2.FINISH_REASON_STOP, "length": api_pb2.FINISH_REASON_LENGTH}
 
 
-def checkpoint_hash(model_path: Path) -> str:
-    """The weights' identity (config and file sizes), whatever the node's layout: what a
-    coordinator started with --model checks a registering node against."""
-    h = hashlib.sha256()
-    h.update((model_path / "config.json").read_bytes())
-    for f in sorted(model_path.glob("*.safetensors")):
-        h.update(f"{f.name}:{f.stat().st_size}".encode())
-    return h.hexdigest()[:16]
-
-
 def compat_hash(model_path: Path, num_layers: int, num_kv_heads: int, head_dim: int, block_size: int,
                 dtype: str) -> str:
     """Peers exchange KV only when this matches: same checkpoint, layout and dtype."""
-    h = hashlib.sha256(checkpoint_hash(model_path).encode())
+    h = hashlib.sha256(folder_hash(model_path).encode())
     h.update(json.dumps([PROTOCOL_VERSION, num_layers, num_kv_heads, head_dim, block_size, dtype]).encode())
     return h.hexdigest()[:16]
 
@@ -42,7 +32,7 @@ def model_info(engine) -> node_pb2.ModelInfo:
         max_model_len=engine.max_model_len,
         compat_hash=compat_hash(engine.model_path, spec.num_layers, spec.num_kv_heads, spec.head_dim,
                                 engine.cfg.block_size, dtype),
-        checkpoint_hash=checkpoint_hash(engine.model_path))
+        checkpoint_hash=checkpoint_hash(engine.cfg.model))
 
 
 def to_engine_params(p: api_pb2.SamplingParams) -> SamplingParams:

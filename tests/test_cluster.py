@@ -209,13 +209,15 @@ def test_no_nodes_means_unavailable_and_a_full_queue_means_resource_exhausted(ti
 
 
 def test_smollm2_chat_through_the_cluster_matches_transformers(smol_dir, tokenizer, reference):
-    cluster = start_cluster(model=smol_dir, kv_blocks=128)
+    cluster = start_cluster(model=None, kv_blocks=128)  # the default model, converted once (smol_dir)
     client = Client(cluster.cfg.listen)
     chats = ["What is the capital of France?", "Name three colours of the rainbow."]
     try:
         outs = [client.generate(request(c, greedy(24), chat=True)) for c in chats]
         client.wait_blocks_at_baseline()
         assert client.status()["model"] == "SmolLM2-135M-Instruct"  # the default model has a name
+        coordinator_maps = open(f"/proc/{cluster.procs[0].pid}/maps").read()
+        assert "libtorch" not in coordinator_maps, "the coordinator process loaded torch"
     finally:
         client.close()
         cluster.stop()
