@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import grpc
 
-from decode_node.subscribers import MAX_PENDING_BATCHES, Subscriber
+from decode_node.subscribers import Subscriber
 from engine.llm_engine import StepOutput
 from engine.sampling_params import SamplingParams
 from kv_transfer.base import KVReceiver, Role, TransferState
@@ -224,15 +224,15 @@ class DecodeNode(NodeBase, node_pb2_grpc.DecodeNodeServicer):
                 self.subscribers.discard(sub)
 
     async def Subscribe(self, req: node_pb2.SubscribeRequest, context) -> None:
-        sub = Subscriber(req.epoch or self.agent.epoch)
+        sub = Subscriber(req.epoch or self.agent.epoch, self.cfg.max_unread_batches)
         self.subscribers.add(sub)
         why = "its stream ended"
         try:
             await sub.stream(context)
-            why = f"its subscriber fell {MAX_PENDING_BATCHES} token batches behind"
+            why = f"its subscriber fell {sub.limit} token batches behind"
             log.warning("token stream of epoch %d ended: %s", sub.epoch, why)
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                                f"{MAX_PENDING_BATCHES} token batches unread: the subscription is ended")
+                                f"{sub.limit} token batches unread: the subscription is ended")
         finally:
             self.subscribers.discard(sub)
             if not self.closing and not any(s.epoch == sub.epoch for s in self.subscribers):

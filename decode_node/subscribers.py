@@ -1,6 +1,7 @@
 """A decode node's token streams: one Subscriber per Subscribe call, fed one TokenBatch
 per engine step. A subscriber that stops reading (a frozen coordinator) is cut off once
-MAX_PENDING_BATCHES batches wait for it, rather than growing its queue without end."""
+`limit` batches wait for it (NodeConfig.max_unread_batches), rather than growing its
+queue without end."""
 from __future__ import annotations
 
 import asyncio
@@ -8,18 +9,16 @@ from dataclasses import dataclass, field
 
 from pdserve.v1 import node_pb2
 
-MAX_PENDING_BATCHES = 4096
-
-
 @dataclass(eq=False)
 class Subscriber:
     epoch: int                                    # the registration whose requests it streams
+    limit: int                                    # unread batches before it is cut off
     queue: asyncio.Queue = field(default_factory=asyncio.Queue)
     cut: asyncio.Event = field(default_factory=asyncio.Event)   # set: too far behind
 
     def put(self, batch: node_pb2.TokenBatch) -> bool:
-        """Queue a batch; False (and cut off) if MAX_PENDING_BATCHES already wait."""
-        if self.queue.qsize() >= MAX_PENDING_BATCHES:
+        """Queue a batch; False (and cut off) if `limit` already wait."""
+        if self.queue.qsize() >= self.limit:
             self.cut.set()
             return False
         self.queue.put_nowait(batch)

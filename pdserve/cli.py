@@ -184,6 +184,8 @@ def build_parser() -> argparse.ArgumentParser:
         n.add_argument("--kv-host", default="127.0.0.1", help="decode: address the KV receiver binds")
         n.add_argument("--kv-ipc", default=None, help="decode: bind the KV receiver to this ipc path instead")
         n.add_argument("--kv-layers-per-message", type=int, default=1)
+        n.add_argument("--max-unread-batches", type=int, default=None,
+                       help="decode: a token stream (Subscribe) this many step batches behind is ended (default 4096)")
         add_switch_interval_flag(n)
         add_engine_flags(n)
         if role != "node":
@@ -270,7 +272,8 @@ def cmd_node(a: argparse.Namespace) -> int:
     from pdserve.process import run_until_signal
     cfg = NodeConfig(coordinator=a.coordinator, listen=a.listen, kv_host=a.kv_host, kv_ipc=a.kv_ipc,
                      kv_transport=a.kv_transport, kv_layers_per_message=a.kv_layers_per_message,
-                     engine=engine_config(a))
+                     engine=engine_config(a),
+                     **({"max_unread_batches": a.max_unread_batches} if a.max_unread_batches else {}))
     if a.role == "prefill":
         from prefill_node.server import PrefillNode as Node
     elif a.role == "both":

@@ -37,6 +37,7 @@ class ClusterConfig:
     max_inflight: int = 256
     coordinator: bool = True           # False: the pools join the coordinator already at `listen`
     coordinator_flags: tuple[str, ...] = ()  # more `pdserve coordinator` flags (--lease, --max-queued, ...)
+    node_flags: tuple[str, ...] = ()   # more flags for every node
     ready_timeout_s: float = 300.0
     log_dir: str | None = None        # members' logs go here (one file each) instead of this terminal
     kv_transport: str = "zmq"         # zmq or nccl, for the prefill and decode pools
@@ -89,6 +90,7 @@ class Cluster:
                     cmd += ["--switch-interval-us", str(cfg.switch_interval_us)]
                 if not cfg.prefill_graphs:
                     cmd += ["--no-prefill-graphs"]
+                cmd += cfg.node_flags
                 if cfg.kv_transport != "zmq" and role != "both":
                     cmd += ["--kv-transport", cfg.kv_transport]
                     for flag, value in (("--kv-timeout", cfg.kv_timeout_s),

@@ -15,6 +15,7 @@ class NodeConfig:
     kv_transport: str = "zmq"                # zmq, or nccl (GPU to GPU; gloo on CPU)
     kv_layers_per_message: int = 1           # prefill: layers coalesced into one KV message
     lease_s: float = 30.0                    # decode: how long reserved blocks wait for their KV
+    max_unread_batches: int = 4096           # decode: a token stream this far behind is ended
     engine: EngineConfig = field(default_factory=EngineConfig)
 
     def __post_init__(self) -> None:

@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 
 from pdserve.protocol import PROTOCOL_VERSION
-from pdserve.v1 import api_pb2, node_pb2, node_pb2_grpc
+from pdserve.v1 import api_pb2, node_pb2, node_pb2_grpc  # noqa: F401
 from tests.cluster_util import Client, greedy, request
 
 
@@ -107,10 +107,11 @@ def start_coordinator(listen: str, *flags: str) -> subprocess.Popen:
 
 
 class StalledClient:
-    """A Generate call over raw HTTP/2 from a client that never reads: its stream's flow
-    control window stays at `window` bytes, so the server's writes block."""
+    """A server-streaming call (Generate by default) over raw HTTP/2 from a client that
+    never reads: its stream's flow control window stays at `window` bytes, so the
+    server's writes block."""
 
-    def __init__(self, address: str, req: api_pb2.GenerateRequest, window: int = 256):
+    def __init__(self, address: str, req, window: int = 256, path: str = "/pdserve.v1.Generation/Generate"):
         import h2.config
         import h2.connection
         import h2.settings
@@ -121,7 +122,7 @@ class StalledClient:
         self.conn.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: window})
         sid = self.conn.get_next_available_stream_id()
         self.conn.send_headers(sid, [(":method", "POST"), (":scheme", "http"),
-                                     (":path", "/pdserve.v1.Generation/Generate"), (":authority", address),
+                                     (":path", path), (":authority", address),
                                      ("content-type", "application/grpc"), ("te", "trailers")])
         body = req.SerializeToString()
         self.conn.send_data(sid, b"\0" + struct.pack(">I", len(body)) + body, end_stream=True)

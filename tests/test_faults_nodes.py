@@ -13,7 +13,8 @@ import grpc
 
 from tests.cluster_util import Client, greedy, request, start_cluster
 from tests.conftest import assert_matches_reference
-from tests.fault_util import Frozen, pids_by_role, run_all, start_coordinator, submit, wait_until
+from pdserve.v1 import node_pb2
+from tests.fault_util import Frozen, StalledClient, pids_by_role, run_all, start_coordinator, submit, wait_until
 
 
 def jobs_of(seed: int, n: int, prompt_len: int = 20, max_tokens: int = 16):
@@ -134,5 +135,26 @@ def test_deadlines_that_expire_inside_reserve_strand_no_blocks(tiny_models):
         out = client.generate(request(prompt, greedy(8)))  # the node is not starved
         assert len(out["token_ids"]) == 8
     finally:
+        client.close()
+        cluster.stop()
+
+
+def test_a_token_stream_nobody_reads_is_ended_and_the_requests_beside_it_go_on(tiny_models, reference, tmp_path):
+    """A second subscriber of the decode node that never reads (raw HTTP/2) is cut off
+    after --max-unread-batches, instead of queueing every step's tokens without end."""
+    cluster = start_cluster(model=tiny_models["qwen2"], kv_blocks=64, log_dir=str(tmp_path),
+                            node_flags=("--max-unread-batches", "16"))
+    client = Client(cluster.cfg.listen)
+    decode = next(n for n in client.status()["nodes"] if n["role"] == "decode")
+    stalled = StalledClient(decode["address"], node_pb2.SubscribeRequest(), path="/pdserve.v1.DecodeNode/Subscribe")
+    try:
+        wait_until(lambda: stalled.received > 0, 30, "the stalled stream to open")
+        jobs = jobs_of(7, 2, max_tokens=100)
+        check(run_all(client, jobs), jobs, reference(tiny_models["qwen2"]), "beside a stalled subscriber")
+        wait_until(lambda: "fell 16 token batches behind" in (tmp_path / "2-decode.log").read_text(), 20,
+                   "the stalled subscriber to be cut off")
+        client.wait_blocks_at_baseline()
+    finally:
+        stalled.close()
         client.close()
         cluster.stop()
