@@ -136,6 +136,9 @@ class Coordinator(api_pb2_grpc.GenerationServicer, node_pb2_grpc.CoordinatorServ
                 self.lifecycle.node_lost(node, "missed its heartbeats")
             for node in self.registry.expire():
                 log.info("forgot node %s (silent for %.0f s)", node.id, self.registry.expiry_s)
+                task = self.subscriptions.pop(node.id, None)
+                if task is not None:  # a frozen node's stream may still be open
+                    task.cancel()
             self.lifecycle.cut_stalled()
 
     async def _renew(self) -> None:
