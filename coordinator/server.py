@@ -14,7 +14,7 @@ from coordinator.model import ServedModel
 from coordinator.registry import NodeEntry, Registry
 from coordinator.request import RequestRecord, prepare
 from pdserve.protocol import PROTOCOL_VERSION
-from pdserve.rpc import RpcError, ServerHandle, status_for
+from pdserve.rpc import EXPECTED, RpcError, ServerHandle
 from pdserve.v1 import api_pb2, api_pb2_grpc, node_pb2, node_pb2_grpc
 
 log = logging.getLogger("pdserve.coordinator")
@@ -70,18 +70,15 @@ class Coordinator(api_pb2_grpc.GenerationServicer, node_pb2_grpc.CoordinatorServ
     # node API
 
     async def Register(self, req: node_pb2.RegisterRequest, context) -> node_pb2.RegisterResponse:
-        try:
-            if req.protocol_version != PROTOCOL_VERSION:
-                raise RpcError(grpc.StatusCode.FAILED_PRECONDITION,
-                               f"protocol version {req.protocol_version}, coordinator speaks {PROTOCOL_VERSION}")
-            others = [n for n in self.registry.nodes.values() if self.registry.live(n)]
-            if any(n.address == req.address for n in others):
-                raise RpcError(grpc.StatusCode.ALREADY_EXISTS,
-                               f"a live node is registered at {req.address}; retry once it stops heartbeating")
-            await self.model.admit(req.model, {n.model.compat_hash for n in others})
-            node = self.registry.register(req)
-        except RpcError as e:
-            await context.abort(e.code, e.message)
+        if req.protocol_version != PROTOCOL_VERSION:
+            raise RpcError(grpc.StatusCode.FAILED_PRECONDITION,
+                           f"protocol version {req.protocol_version}, coordinator speaks {PROTOCOL_VERSION}")
+        others = [n for n in self.registry.nodes.values() if self.registry.live(n)]
+        if any(n.address == req.address for n in others):
+            raise RpcError(grpc.StatusCode.ALREADY_EXISTS,
+                           f"a live node is registered at {req.address}; retry once it stops heartbeating")
+        await self.model.admit(req.model, {n.model.compat_hash for n in others})
+        node = self.registry.register(req)
         for stale in [k for k in self.subscriptions if k not in self.registry.nodes]:
             self.subscriptions.pop(stale).cancel()
         if node.role != api_pb2.ROLE_PREFILL:
@@ -179,11 +176,10 @@ class Coordinator(api_pb2_grpc.GenerationServicer, node_pb2_grpc.CoordinatorServ
                     record.writing_since = time.monotonic()
                     yield resp
                     record.writing_since = None
-        except (RpcError, ValueError) as e:
+        except EXPECTED:  # the StatusInterceptor turns it into the call's status
             if record is not None:
                 record.fail()
-            code, message = status_for(e)
-            await context.abort(code, message)
+            raise
         finally:
             if record is not None:
                 self.requests.pop(record.id, None)

@@ -15,7 +15,6 @@ import grpc
 
 from decode_node.server import DecodeNode
 from engine.llm_engine import StepOutput
-from pdserve.node_base import abort_with
 from pdserve.protocol import FINISH, to_engine_params
 from pdserve.rpc import RpcError
 from pdserve.v1 import api_pb2, node_pb2, node_pb2_grpc
@@ -35,23 +34,16 @@ class ColocatedNode(DecodeNode, node_pb2_grpc.PrefillNodeServicer):
 
     async def Reserve(self, req: node_pb2.ReserveRequest, context) -> node_pb2.Ticket:
         prompt, params = list(req.prompt_token_ids), to_engine_params(req.sampling)
-        try:
-            epoch = self._epoch(req.epoch)
-            if self.aborted.discard(req.request_id):
-                raise RpcError(grpc.StatusCode.ABORTED, f"request {req.request_id} was aborted")
-            await self.call(lambda engine: engine.validate(prompt, params))
-        except (RpcError, ValueError) as e:
-            await abort_with(context, e)
+        epoch = self._epoch(req.epoch)
+        if self.aborted.discard(req.request_id):
+            raise RpcError(grpc.StatusCode.ABORTED, f"request {req.request_id} was aborted")
+        await self.call(lambda engine: engine.validate(prompt, params))
         lease = req.lease_s if req.lease_s > 0 else self.cfg.lease_s
         return node_pb2.Ticket(decode_node_id=self.agent.node_id, epoch=epoch,
                                lease_expiry=time.time() + lease, decode_tp=self.cfg.engine.tp)
 
     async def Renew(self, req: node_pb2.RenewRequest, context) -> node_pb2.RenewResponse:
-        # Reserve holds nothing here: there is no lease to extend
-        try:
-            self._epoch(req.epoch)
-        except RpcError as e:
-            await abort_with(context, e)
+        self._epoch(req.epoch)  # Reserve holds nothing here: there is no lease to extend
         lease = req.lease_s if req.lease_s > 0 else self.cfg.lease_s
         return node_pb2.RenewResponse(lease_expiry=time.time() + lease)
 
@@ -66,30 +58,27 @@ class ColocatedNode(DecodeNode, node_pb2_grpc.PrefillNodeServicer):
             self.first[seq.seq_id] = fut
             self.running[rid] = seq  # registered before any step can emit its tokens
             return seq
+        epoch = self._epoch(req.ticket.epoch)
+        self._arrive(rid)
         try:
-            epoch = self._epoch(req.ticket.epoch)
-            self._arrive(rid)
+            added = asyncio.ensure_future(self.call(add))
             try:
-                added = asyncio.ensure_future(self.call(add))
-                try:
-                    seq = await asyncio.shield(added)
-                except asyncio.CancelledError:
-                    added.add_done_callback(lambda f: f.cancelled() or f.exception() or self._abandon(f.result()))
-                    raise
-                try:
-                    self._still_wanted(rid, epoch)
-                except RpcError:
-                    self._abandon(seq)
-                    raise
-            finally:
-                self.arriving.discard(rid)
-            try:
-                out = await fut
+                seq = await asyncio.shield(added)
             except asyncio.CancelledError:
+                added.add_done_callback(lambda f: f.cancelled() or f.exception() or self._abandon(f.result()))
+                raise
+            try:
+                self._still_wanted(rid, epoch)
+            except RpcError:
                 self._abandon(seq)
                 raise
-        except (RpcError, ValueError, MemoryError) as e:
-            await abort_with(context, e)
+        finally:
+            self.arriving.discard(rid)
+        try:
+            out = await fut
+        except asyncio.CancelledError:
+            self._abandon(seq)
+            raise
         resp = node_pb2.PrefillResponse(first_token=out.token_id, prefill_start=start, prefill_end=time.time(),
                                         text=out.text_delta)
         if out.finished:

@@ -18,7 +18,7 @@ from decode_node.subscribers import Subscriber
 from engine.llm_engine import StepOutput
 from engine.sampling_params import SamplingParams
 from kv_transfer.base import KVReceiver, Role, TransferState
-from pdserve.node_base import NodeBase, abort_with
+from pdserve.node_base import NodeBase
 from pdserve.protocol import FINISH, to_engine_params
 from pdserve.recent_ids import RecentIds
 from pdserve.rpc import RpcError
@@ -90,23 +90,20 @@ class DecodeNode(NodeBase, node_pb2_grpc.DecodeNodeServicer):
 
     async def Reserve(self, req: node_pb2.ReserveRequest, context) -> node_pb2.Ticket:
         prompt, params, rid = list(req.prompt_token_ids), to_engine_params(req.sampling), req.request_id
+        epoch = self._epoch(req.epoch)
+        self._arrive(rid)
         try:
-            epoch = self._epoch(req.epoch)
-            self._arrive(rid)
+            blocks = await self._take_blocks(prompt, params)
             try:
-                blocks = await self._take_blocks(prompt, params)
-                try:
-                    self._still_wanted(rid, epoch)
-                    left = context.time_remaining()
-                    if left is not None and left <= 0:  # the answer would go nowhere
-                        raise RpcError(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline passed while reserving")
-                except RpcError:
-                    self._release(blocks)
-                    raise
-            finally:
-                self.arriving.discard(rid)
-        except (RpcError, ValueError, MemoryError) as e:
-            await abort_with(context, e)
+                self._still_wanted(rid, epoch)
+                left = context.time_remaining()
+                if left is not None and left <= 0:  # the answer would go nowhere
+                    raise RpcError(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline passed while reserving")
+            except RpcError:
+                self._release(blocks)
+                raise
+        finally:
+            self.arriving.discard(rid)
         transfer_id = uuid.uuid4().hex
         expiry = time.time() + (req.lease_s if req.lease_s > 0 else self.cfg.lease_s)
         rx = self.kv.expect(transfer_id, epoch, blocks, expiry, self._writer(blocks))
@@ -144,10 +141,7 @@ class DecodeNode(NodeBase, node_pb2_grpc.DecodeNodeServicer):
         self.loop.call(lambda engine: engine.release(blocks))
 
     async def Renew(self, req: node_pb2.RenewRequest, context) -> node_pb2.RenewResponse:
-        try:
-            epoch = self._epoch(req.epoch)
-        except RpcError as e:
-            await abort_with(context, e)
+        epoch = self._epoch(req.epoch)
         expiry = time.time() + (req.lease_s if req.lease_s > 0 else self.cfg.lease_s)
         missing = []
         for rid in req.request_ids:

@@ -16,7 +16,7 @@ from kv_transfer.zmq_transport import ZmqKVManager
 from pdserve.node_agent import NodeAgent
 from pdserve.node_config import NodeConfig
 from pdserve.protocol import model_info
-from pdserve.rpc import RpcError, ServerHandle, status_for
+from pdserve.rpc import RpcError, ServerHandle
 from pdserve.v1 import api_pb2, node_pb2
 
 log = logging.getLogger("pdserve.node")
@@ -131,9 +131,4 @@ async def _open_pairs(peer: node_pb2.Peer, req: node_pb2.KVPairsRequest) -> node
         await ch.close()
 
 
-async def abort_with(context: grpc.aio.ServicerContext, exc: BaseException) -> None:
-    code, message = status_for(exc)
-    await context.abort(code, message)
-
-
-__all__ = ["NodeBase", "RpcError", "abort_with"]
+__all__ = ["NodeBase", "RpcError"]

@@ -2,6 +2,9 @@
 parsing, and the mapping of exceptions to status codes."""
 from __future__ import annotations
 
+import contextlib
+import inspect
+
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
@@ -29,15 +32,58 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     return grpc.StatusCode.INTERNAL, f"{type(exc).__name__}: {exc}"
 
 
+# what handlers raise for a bad request or a known condition; anything else is a bug (INTERNAL)
+EXPECTED = (RpcError, ValueError, MemoryError)
+
+
+class StatusInterceptor(grpc.aio.ServerInterceptor):
+    """Ends a call whose handler raised one of EXPECTED with the status status_for gives:
+    handlers raise, they do not catch and abort."""
+
+    async def intercept_service(self, continuation, details):
+        handler = await continuation(details)
+        if handler is None:
+            return None
+        if handler.unary_unary is not None:
+            return handler._replace(unary_unary=_unary(handler.unary_unary))
+        if handler.unary_stream is not None:
+            return handler._replace(unary_stream=_stream(handler.unary_stream))
+        return handler
+
+
+def _unary(fn):
+    async def call(request, context):
+        try:
+            return await fn(request, context)
+        except EXPECTED as e:
+            await context.abort(*status_for(e))
+    return call
+
+
+def _stream(fn):
+    if not inspect.isasyncgenfunction(fn):
+        return _unary(fn)  # a coroutine that writes with context.write
+
+    async def stream(request, context):
+        try:
+            async with contextlib.aclosing(fn(request, context)) as responses:  # closed on any exit
+                async for response in responses:
+                    yield response
+        except EXPECTED as e:
+            await context.abort(*status_for(e))
+    return stream
+
+
 class ServerHandle:
-    """A grpc.aio server with the standard health service (NOT_SERVING until ready()).
+    """A grpc.aio server with the standard health service (NOT_SERVING until ready()) and
+    the StatusInterceptor.
     Constructing it starts nothing; start() binds and serves."""
 
     def __init__(self, listen: str, service_names: list[str], max_receive_bytes: int = MAX_MESSAGE_BYTES):
         """max_receive_bytes: larger messages are refused (RESOURCE_EXHAUSTED) before any handler runs."""
         self.listen = listen
         self.service_names = service_names
-        self.server = grpc.aio.server(options=[("grpc.max_receive_message_length", max_receive_bytes),
+        self.server = grpc.aio.server(interceptors=[StatusInterceptor()], options=[("grpc.max_receive_message_length", max_receive_bytes),
                                                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)])
         self.health = health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)

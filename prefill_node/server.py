@@ -9,7 +9,7 @@ import grpc
 
 from engine.llm_engine import StepOutput
 from kv_transfer.base import Role, TransferState
-from pdserve.node_base import NodeBase, abort_with
+from pdserve.node_base import NodeBase
 from pdserve.protocol import FINISH, to_engine_params
 from pdserve.rpc import RpcError
 from pdserve.v1 import api_pb2, node_pb2, node_pb2_grpc
@@ -33,12 +33,6 @@ class PrefillNode(NodeBase, node_pb2_grpc.PrefillNodeServicer):
         node_pb2_grpc.add_PrefillNodeServicer_to_server(self, server)
 
     async def Prefill(self, req: node_pb2.PrefillRequest, context) -> node_pb2.PrefillResponse:
-        try:
-            return await self._prefill(req, context)
-        except (RpcError, ValueError, MemoryError) as e:
-            await abort_with(context, e)
-
-    async def _prefill(self, req: node_pb2.PrefillRequest, context) -> node_pb2.PrefillResponse:
         """Prefill, then send the KV and wait for the decode node's acknowledgement, for as
         long as the call's deadline allows. A call cancelled at any point leaves nothing
         behind: the sequence leaves the engine, the sender is failed or withdrawn."""
