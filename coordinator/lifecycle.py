@@ -161,7 +161,7 @@ class Lifecycle:
                         raise RpcError(e.code(), e.details()) from None
                     if e.code() in UNKNOWN_OUTCOME:  # it may have reserved just before the end
                         self.spawn(self.abort(node, record.key))
-                        record.attempt += 1  # and the next Reserve must not meet that abort
+                        record.next_attempt()  # and the next Reserve must not meet that abort
                     full = full or e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
                     continue
                 record.reserving.discard(node)

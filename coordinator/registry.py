@@ -62,11 +62,8 @@ class Registry:
     def register(self, req: node_pb2.RegisterRequest) -> NodeEntry:
         """A new entry; an entry at the same address is replaced only if it is no longer
         live (a node restarting on its address), never a live one (ALREADY_EXISTS)."""
-        same = [n for n in self.nodes.values() if n.address == req.address]
-        if any(self.live(n) for n in same):
-            raise RpcError(grpc.StatusCode.ALREADY_EXISTS,
-                           f"a live node is registered at {req.address}; retry once it stops heartbeating")
-        for old in same:
+        self.refuse_taken(req.address)
+        for old in [n for n in self.nodes.values() if n.address == req.address]:
             self.remove(old.id)
         node = NodeEntry(id=uuid.uuid4().hex[:12], role=req.role, address=req.address, kv_endpoint=req.kv_endpoint,
                          tp=req.tp, model=req.model, epoch=next(self._epochs), kv_blocks_total=req.kv_blocks_total,
@@ -79,6 +76,12 @@ class Registry:
             node.stub = node.stub or node.prefill_stub
         self.nodes[node.id] = node
         return node
+
+    def refuse_taken(self, address: str) -> None:
+        """ALREADY_EXISTS if a live node is registered at address."""
+        if any(n.address == address and self.live(n) for n in self.nodes.values()):
+            raise RpcError(grpc.StatusCode.ALREADY_EXISTS,
+                           f"a live node is registered at {address}; retry once it stops heartbeating")
 
     def remove(self, node_id: str) -> NodeEntry | None:
         node = self.nodes.pop(node_id, None)

@@ -69,6 +69,7 @@ class RequestRecord:
         # the tokens generated so far, whose first new token is output index `offset`
         self.run_prompt, self.run_sampling, self.offset = prompt, sampling, 0
         self.attempt = 0                     # grows each time the request leaves a reservation
+        self.key = f"{request_id}/0"         # the id the nodes know this attempt by (next_attempt)
         self.migrations = 0
         self.retries = 0                     # prefill-phase attempts that failed (node lost, transfer failed)
         self.lost = False  # DECODE_LOST queued for the current decode node
@@ -77,11 +78,11 @@ class RequestRecord:
         self.writing_since: float | None = None  # monotonic time a write to the client began, while blocked
         self.task: asyncio.Task | None = None
 
-    @property
-    def key(self) -> str:
-        """The id the nodes know this attempt by: an abort of an earlier attempt, however
-        late it arrives, never touches a later one."""
-        return f"{self.id}/{self.attempt}"
+    def next_attempt(self) -> None:
+        """A new key for the nodes: an abort of an earlier attempt, however late it
+        arrives, never touches a later one."""
+        self.attempt += 1
+        self.key = f"{self.id}/{self.attempt}"
 
     def remaining(self) -> float | None:
         """Seconds left before the client's deadline (None: no deadline)."""
@@ -142,7 +143,7 @@ class RequestRecord:
     def unreserve(self) -> None:
         """Forget the decode reservation (gone, or to be made again elsewhere)."""
         self.decode, self.ticket, self.state, self.lost = None, None, "QUEUED", False
-        self.attempt += 1
+        self.next_attempt()
         self.updates = asyncio.Queue()
         self.alarm.clear()
 

@@ -73,12 +73,10 @@ class Coordinator(api_pb2_grpc.GenerationServicer, node_pb2_grpc.CoordinatorServ
         if req.protocol_version != PROTOCOL_VERSION:
             raise RpcError(grpc.StatusCode.FAILED_PRECONDITION,
                            f"protocol version {req.protocol_version}, coordinator speaks {PROTOCOL_VERSION}")
-        others = [n for n in self.registry.nodes.values() if self.registry.live(n)]
-        if any(n.address == req.address for n in others):
-            raise RpcError(grpc.StatusCode.ALREADY_EXISTS,
-                           f"a live node is registered at {req.address}; retry once it stops heartbeating")
-        await self.model.admit(req.model, {n.model.compat_hash for n in others})
-        node = self.registry.register(req)
+        self.registry.refuse_taken(req.address)  # before the model check, which may wait for a load
+        live = {n.model.compat_hash for n in self.registry.nodes.values() if self.registry.live(n)}
+        await self.model.admit(req.model, live)
+        node = self.registry.register(req)  # checks the address again: the load may have taken a while
         for stale in [k for k in self.subscriptions if k not in self.registry.nodes]:
             self.subscriptions.pop(stale).cancel()
         if node.role != api_pb2.ROLE_PREFILL:
@@ -118,7 +116,8 @@ class Coordinator(api_pb2_grpc.GenerationServicer, node_pb2_grpc.CoordinatorServ
 
     async def _watch(self) -> None:
         """Every heartbeat interval: fence off silent nodes (a frozen or cut-off node whose
-        TCP stream stays open), forget long-silent ones, cut off clients that stopped reading. A stall of this loop itself is not counted against nodes."""
+        TCP stream stays open), forget long-silent ones, cut off clients that stopped
+        reading. A stall of this loop itself is not counted against nodes."""
         loop = asyncio.get_running_loop()
         interval = self.cfg.heartbeat_interval_s
         last = loop.time()

@@ -38,14 +38,12 @@ class ColocatedNode(DecodeNode, node_pb2_grpc.PrefillNodeServicer):
         if self.aborted.discard(req.request_id):
             raise RpcError(grpc.StatusCode.ABORTED, f"request {req.request_id} was aborted")
         await self.call(lambda engine: engine.validate(prompt, params))
-        lease = req.lease_s if req.lease_s > 0 else self.cfg.lease_s
         return node_pb2.Ticket(decode_node_id=self.agent.node_id, epoch=epoch,
-                               lease_expiry=time.time() + lease, decode_tp=self.cfg.engine.tp)
+                               lease_expiry=self._lease_expiry(req.lease_s), decode_tp=self.cfg.engine.tp)
 
     async def Renew(self, req: node_pb2.RenewRequest, context) -> node_pb2.RenewResponse:
         self._epoch(req.epoch)  # Reserve holds nothing here: there is no lease to extend
-        lease = req.lease_s if req.lease_s > 0 else self.cfg.lease_s
-        return node_pb2.RenewResponse(lease_expiry=time.time() + lease)
+        return node_pb2.RenewResponse(lease_expiry=self._lease_expiry(req.lease_s))
 
     async def Prefill(self, req: node_pb2.PrefillRequest, context) -> node_pb2.PrefillResponse:
         prompt, params, rid = list(req.prompt_token_ids), to_engine_params(req.sampling), req.request_id

@@ -53,7 +53,6 @@ class DecodeNode(NodeBase, node_pb2_grpc.DecodeNodeServicer):
         self.arriving: set[str] = set()            # Reserve (colocated: Prefill) calls in flight
         self.aborted = RecentIds()                 # aborted before they arrived: refused when they do
         self.seen = RecentIds()                    # arrived lately: a late Abort leaves no tombstone
-        self.waiters: set[asyncio.Task] = set()    # reservations' KV waits and releases
         self.closing = False
 
     def add_servicer(self, server: grpc.aio.Server) -> None:
@@ -105,7 +104,7 @@ class DecodeNode(NodeBase, node_pb2_grpc.DecodeNodeServicer):
         finally:
             self.arriving.discard(rid)
         transfer_id = uuid.uuid4().hex
-        expiry = time.time() + (req.lease_s if req.lease_s > 0 else self.cfg.lease_s)
+        expiry = self._lease_expiry(req.lease_s)
         rx = self.kv.expect(transfer_id, epoch, blocks, expiry, self._writer(blocks))
         res = Reservation(rid, prompt, params, blocks, rx, epoch)
         self.reservations[rid] = res
@@ -137,12 +136,16 @@ class DecodeNode(NodeBase, node_pb2_grpc.DecodeNodeServicer):
             fut.add_done_callback(lambda f: f.cancelled() or f.exception() or self._release(f.result()))
             raise
 
+    def _lease_expiry(self, lease_s: float) -> float:
+        """When a lease asked for now ends (0: the node's default lease)."""
+        return time.time() + (lease_s if lease_s > 0 else self.cfg.lease_s)
+
     def _release(self, blocks: list[int]) -> None:
         self.loop.call(lambda engine: engine.release(blocks))
 
     async def Renew(self, req: node_pb2.RenewRequest, context) -> node_pb2.RenewResponse:
         epoch = self._epoch(req.epoch)
-        expiry = time.time() + (req.lease_s if req.lease_s > 0 else self.cfg.lease_s)
+        expiry = self._lease_expiry(req.lease_s)
         missing = []
         for rid in req.request_ids:
             res = self.reservations.get(rid)
@@ -284,13 +287,6 @@ class DecodeNode(NodeBase, node_pb2_grpc.DecodeNodeServicer):
     def _on_registered(self, epoch: int) -> None:
         self._drop(lambda e: e != epoch, f"registered anew under epoch {epoch}; the old registration is gone")
 
-    # plumbing
-
-    def _spawn(self, coro) -> None:
-        task = asyncio.create_task(coro)
-        self.waiters.add(task)
-        task.add_done_callback(self.waiters.discard)
-
     async def OpenKVPairs(self, req: node_pb2.KVPairsRequest, context) -> node_pb2.KVPairsResponse:
         if not self.nccl:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
@@ -303,7 +299,7 @@ class DecodeNode(NodeBase, node_pb2_grpc.DecodeNodeServicer):
 
     async def close(self, grace_s: float = 5.0) -> None:
         self.closing = True
-        for task in list(self.waiters):
+        for task in list(self.tasks):
             task.cancel()
         await super().close(grace_s)
 

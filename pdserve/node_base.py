@@ -32,6 +32,7 @@ class NodeBase:
         self.engine: LLMEngine | None = None
         self.stopped = asyncio.Event()   # set when the engine failed: the process must exit non-zero
         self.fatal = False
+        self.tasks: set[asyncio.Task] = set()  # background work of calls (KV waits, releases, cleanups)
 
     async def start(self) -> str:
         self.aio = asyncio.get_running_loop()
@@ -93,6 +94,12 @@ class NodeBase:
 
     def on_step(self, outs: list[StepOutput]) -> None:
         """Called on the event loop with each engine step's outputs."""
+
+    def _spawn(self, coro) -> None:
+        """Run coro in the background, kept referenced until it ends."""
+        task = asyncio.ensure_future(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
 
     async def call(self, fn):
         """Run fn(engine) on the engine thread and await its result."""

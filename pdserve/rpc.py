@@ -83,7 +83,8 @@ class ServerHandle:
         """max_receive_bytes: larger messages are refused (RESOURCE_EXHAUSTED) before any handler runs."""
         self.listen = listen
         self.service_names = service_names
-        self.server = grpc.aio.server(interceptors=[StatusInterceptor()], options=[("grpc.max_receive_message_length", max_receive_bytes),
+        self.server = grpc.aio.server(interceptors=[StatusInterceptor()],
+                                      options=[("grpc.max_receive_message_length", max_receive_bytes),
                                                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)])
         self.health = health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)

@@ -27,7 +27,6 @@ class PrefillNode(NodeBase, node_pb2_grpc.PrefillNodeServicer):
         self.pending: dict[int, tuple] = {}   # seq_id -> (future of (first StepOutput, exported KV), NCCL sender)
         self.requests: dict[str, object] = {}          # request_id -> Sequence, while prefilling
         self.senders: dict[str, object] = {}           # request_id -> NcclKVSender, while prefilling
-        self.tasks: set[asyncio.Task] = set()          # cleanups of cancelled calls
 
     def add_servicer(self, server: grpc.aio.Server) -> None:
         node_pb2_grpc.add_PrefillNodeServicer_to_server(self, server)
@@ -100,11 +99,6 @@ class PrefillNode(NodeBase, node_pb2_grpc.PrefillNodeServicer):
             sender.withdraw()
         else:
             sender.fail(why)
-
-    def _spawn(self, coro) -> None:
-        task = asyncio.ensure_future(coro)
-        self.tasks.add(task)
-        task.add_done_callback(self.tasks.discard)
 
     def _add(self, engine, prompt, params, request_id, fut, sender=None):
         kv_send = sender.order if sender is not None else None

@@ -1,5 +1,5 @@
-"""Faults aimed at the members under load: a decode node dying while requests wait
-for their KV, a prefill node frozen or killed, prefill queued past the lease, the
+"""Faults aimed at the members under load: a decode node dying or frozen mid-stream or
+while requests wait for their KV, a prefill node frozen or killed, prefill queued past the lease, the
 coordinator killed and restarted, client deadlines inside Reserve. Real processes
 on loopback, faults by signal. Every request ends in tokens or a precise status,
 and KV returns to baseline on every surviving node."""
@@ -156,5 +156,90 @@ def test_a_token_stream_nobody_reads_is_ended_and_the_requests_beside_it_go_on(t
         client.wait_blocks_at_baseline()
     finally:
         stalled.close()
+        client.close()
+        cluster.stop()
+
+
+def pid_listening(port: int, pids: list[int]) -> int | None:
+    """Which of pids has a socket listening on 127.0.0.1:port (from /proc, no tools needed)."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            rows = open(table).read().splitlines()[1:]
+        except OSError:
+            continue
+        for row in rows:
+            f = row.split()
+            if int(f[1].rsplit(":", 1)[1], 16) == port and f[3] == "0A":  # LISTEN
+                inodes.add(f[9])
+    for pid in pids:
+        try:
+            links = {os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")}
+        except OSError:
+            continue
+        if any(f"socket:[{i}]" in links for i in inodes):
+            return pid
+    return None
+
+
+def stream_with_fault(client: Client, cluster, prompt: list[int], n: int, fault) -> tuple[list[int], int | None]:
+    """Stream a greedy request, checking its indexes; once 3 tokens came, fault(pid) hits the
+    process of the decode node running it. Returns the tokens and that pid (None if never hit)."""
+    tokens, hit = [], None
+    for resp in client.stub.Generate(request(prompt, greedy(n, ignore_eos=True)), timeout=120):
+        if resp.token_ids:
+            assert resp.index == len(tokens), f"index {resp.index} after {len(tokens)} tokens"
+        tokens.extend(resp.token_ids)
+        if hit is None and len(tokens) >= 3:
+            deadline = time.monotonic() + 2
+            busy = []
+            while not busy and time.monotonic() < deadline:
+                busy = [d for d in client.status()["nodes"] if d["role"] == "decode" and d["running"]]
+                time.sleep(0.02)
+            assert busy, "no decode node reported the request running"
+            hit = pid_listening(int(busy[0]["address"].rsplit(":", 1)[1]), [p.pid for p in cluster.procs])
+            fault(hit)
+            assert len(tokens) < n, "the request had to be running when its node was hit"
+    return tokens, hit
+
+
+def test_a_request_whose_decode_node_dies_midstream_continues_on_another_without_losing_a_token(tiny_models,
+                                                                                               reference, tmp_path):
+    cluster = start_cluster(model=tiny_models["qwen2"], decode=2, kv_blocks=128, log_dir=str(tmp_path))
+    client = Client(cluster.cfg.listen)
+    try:
+        prompt, n = list(range(3, 23)), 480
+        tokens, killed = stream_with_fault(client, cluster, prompt, n, lambda pid: os.kill(pid, signal.SIGKILL))
+        assert killed is not None, "the request had to be running when its node died"
+        ref = reference(tiny_models["qwen2"])
+        assert_matches_reference(tokens, ref.generate(prompt, n), "across a decode node's death")
+        assert "moves off decode node" in (tmp_path / "0-coordinator.log").read_text()
+        client.wait_blocks_at_baseline()
+    finally:
+        client.close()
+        cluster.stop()
+
+
+def test_a_request_on_a_frozen_decode_node_moves_on_and_the_node_is_fenced_off_when_it_wakes(tiny_models,
+                                                                                           reference, tmp_path):
+    cluster = start_cluster(model=tiny_models["qwen2"], decode=2, kv_blocks=128, log_dir=str(tmp_path))
+    client = Client(cluster.cfg.listen)
+    frozen = []
+    try:
+        prompt, n = list(range(5, 25)), 480
+        tokens, _ = stream_with_fault(client, cluster, prompt, n,
+                                      lambda pid: (frozen.append(pid), os.kill(pid, signal.SIGSTOP)))
+        assert "missed its heartbeats" in (tmp_path / "0-coordinator.log").read_text()
+        ref = reference(tiny_models["qwen2"])
+        assert_matches_reference(tokens, ref.generate(prompt, n), "across a frozen decode node")
+        os.kill(frozen.pop(), signal.SIGCONT)
+        deadline = time.monotonic() + 20  # awake again: it heartbeats, and the abort frees its blocks
+        while sum(d["healthy"] for d in client.status()["nodes"] if d["role"] == "decode") < 2:
+            assert time.monotonic() < deadline, "the woken node never came back"
+            time.sleep(0.2)
+        client.wait_blocks_at_baseline(timeout=30)
+    finally:
+        for pid in frozen:
+            os.kill(pid, signal.SIGCONT)
         client.close()
         cluster.stop()
