@@ -42,11 +42,11 @@ sys.path[0] = str(ROOT)  # this file is named like the package it measures
 import torch  # noqa: E402
 import zmq  # noqa: E402
 
-import kv_transfer.protocol  # noqa: E402
+import pdserve.kv_transfer.header  # noqa: E402
 
 from benchmarks.common import write_result  # noqa: E402
-from kv_transfer import KVLayout, Role, TransferState, ZmqKVManager  # noqa: E402
-from kv_transfer.layout import unique_ranks  # noqa: E402
+from pdserve.kv_transfer import KVLayout, Role, TransferState, ZmqKVManager  # noqa: E402
+from pdserve.kv_transfer.layout import unique_ranks  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -178,18 +178,18 @@ class NoChecksum:
     """Diagnostic only: ours with the checksum replaced by a constant on both ends."""
 
     def __enter__(self):
-        self.saved = kv_transfer.protocol.checksum
-        kv_transfer.protocol.checksum = lambda frame: 0
+        self.saved = pdserve.kv_transfer.header.checksum
+        pdserve.kv_transfer.header.checksum = lambda frame: 0
 
     def __exit__(self, *exc) -> None:
-        kv_transfer.protocol.checksum = self.saved
+        pdserve.kv_transfer.header.checksum = self.saved
 
 
 def checksum_gbps(nbytes: int = 64 << 20) -> float:
     buf = torch.randn(nbytes // 4).view(torch.uint8).numpy()
     t0 = time.perf_counter()
     for _ in range(3):
-        kv_transfer.protocol.checksum(buf)
+        pdserve.kv_transfer.header.checksum(buf)
     return 3 * nbytes / (time.perf_counter() - t0) / 1e9
 
 
@@ -351,7 +351,7 @@ def nccl_main(args) -> None:
     sender spins until an agreed start instant (_start_together) and starts. Runs
     alternate; medians are reported. Times are CLOCK_MONOTONIC (time.perf_counter), one
     clock for every process of the host."""
-    from kv_transfer.nccl_store import serve_store
+    from pdserve.kv_transfer.nccl_store import serve_store
     if not args.cpu and torch.cuda.device_count() < 2:
         sys.exit("--transport nccl needs 2 GPUs (or --cpu for a gloo smoke run)")
     cases = nccl_cases(args)
@@ -426,7 +426,7 @@ def nccl_main(args) -> None:
     print(f"ratio (headline {headline['case']}): {headline['ratio']:.3f}  target 0.85")
     if args.cpu and not args.save:
         return
-    from kv_transfer.nccl_rank import MAX_MESSAGES
+    from pdserve.kv_transfer.nccl_rank import MAX_MESSAGES
     max_messages = args.max_messages or MAX_MESSAGES
     config = dict(transport="nccl", backend="gloo" if args.cpu else "nccl", dtype="float32" if args.cpu else "bfloat16",
                   block_size=args.block_size, block_ids="shuffled", prefill_tp=1, decode_tp=1, runs=args.runs,
@@ -455,9 +455,9 @@ def nccl_worker(args) -> None:
     beforehand, through bare sends on our pair's communicator (the cost of cutting the KV
     into messages apart from gathering, checking and scattering). On CPU, raw and split
     go through our pair's gloo group."""
-    from engine.kv_cache import KVCache
-    from kv_transfer.nccl_rank import RankKV, layer_groups
-    from kv_transfer.nccl_store import connect_store
+    from pdserve.engine.kv_cache import KVCache
+    from pdserve.kv_transfer.nccl_rank import RankKV, layer_groups
+    from pdserve.kv_transfer.nccl_store import connect_store
     index, cuda = args.worker, not args.cpu
     if args.pin_cpus:
         os.sched_setaffinity(0, {int(args.pin_cpus.split(",")[index])})
@@ -532,7 +532,7 @@ class _Link:
     (its works) or on a nccl_lib.Comm (on a stream of our own, an event after the last)."""
 
     def __init__(self, link, index: int, device: torch.device):
-        from kv_transfer.nccl_lib import Comm
+        from pdserve.kv_transfer.nccl_lib import Comm
         self.link, self.index, self.cuda = link, index, device.type == "cuda"
         self.comm = isinstance(link, Comm)
         self.stream = torch.cuda.Stream(device) if self.comm else None
@@ -614,7 +614,7 @@ def _kernel_times(rank, blocks, groups, heads) -> dict:
     """GPU time of the data-mover's kernels alone (no transfer running), median of 5, ms, for
     every message: the fused gather (or scatter) + checksum kernels RankKV runs, and the
     torch ops it runs where they do not apply (gather, checksum, scatter)."""
-    from kv_transfer.nccl_rank import checksum
+    from pdserve.kv_transfer.nccl_rank import checksum
     idx = torch.tensor(blocks, dtype=torch.long, device=rank.device)
     bufs = [rank._gather(idx, l0, l1, 0, heads) for l0, l1 in groups]
     steps = {"torch_gather": lambda: [rank._gather(idx, l0, l1, 0, heads) for l0, l1 in groups],
@@ -684,7 +684,7 @@ def _traced(index, rank, store, ci, blocks, pair, heads, layers, wires, runs: in
     runs: per kind (ours and the plain ones), per run, this rank's marks (label, host
     seconds). For the plain kinds the sender marks its entry and each send issued, the
     receiver the receives completed: the host cost of cold send calls beside ours."""
-    from kv_transfer.nccl_rank import Trace
+    from pdserve.kv_transfer.nccl_rank import Trace
     rank.trace, out = Trace(rank.device), {kind: [] for kind in ("ours", *wires)}
     trace = rank.trace
     for run in range(runs):

@@ -45,9 +45,9 @@ from benchmarks.common import write_config_folder, write_result  # noqa: E402
 def child(a: argparse.Namespace) -> None:
     import torch
 
-    from engine.config import EngineConfig
-    from engine.llm_engine import LLMEngine
-    from engine.model_runner import StepPlan
+    from pdserve.engine.config import EngineConfig
+    from pdserve.engine.llm_engine import LLMEngine
+    from pdserve.engine.model_runner import StepPlan
 
     folder = write_config_folder(a.shape, Path(tempfile.mkdtemp()) / "model")
     n, bs = a.tokens, 16

@@ -19,9 +19,9 @@ import time
 
 import grpc
 
-from coordinator.registry import NodeEntry, Registry
-from coordinator.request import RequestRecord
-from pdserve.rpc import RpcError
+from pdserve.coordinator.registry import NodeEntry, Registry
+from pdserve.coordinator.request import RequestRecord
+from pdserve.wire.rpc import RpcError
 from pdserve.v1 import api_pb2, node_pb2
 
 log = logging.getLogger("pdserve.coordinator")

@@ -14,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 
-from pdserve.rpc import RpcError
+from pdserve.wire.rpc import RpcError
 from pdserve.v1 import node_pb2
 
 log = logging.getLogger("pdserve.coordinator")
@@ -76,5 +76,5 @@ class ServedModel:
 
 def _load(name: str):
     """(checkpoint hash, tokenizer or None) of a model folder, .gguf file or the default."""
-    from engine.model_files import checkpoint_hash, load_tokenizer  # no torch: the coordinator never loads it
+    from pdserve.common.model_files import checkpoint_hash, load_tokenizer  # no torch: the coordinator never loads it
     return checkpoint_hash(name or None), load_tokenizer(name or None)

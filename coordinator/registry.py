@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from pdserve.rpc import RpcError, channel
+from pdserve.wire.rpc import RpcError, channel
 from pdserve.v1 import api_pb2, node_pb2, node_pb2_grpc
 
 

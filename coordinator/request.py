@@ -7,9 +7,9 @@ import time
 
 import grpc
 
-from engine.sampling_params import validate_request
-from pdserve.protocol import to_engine_params
-from pdserve.rpc import RpcError
+from pdserve.common.sampling import validate_request
+from pdserve.wire.protocol import to_engine_params
+from pdserve.wire.rpc import RpcError
 from pdserve.v1 import api_pb2, node_pb2
 
 TERMINAL = ("FINISHED", "CANCELLED", "FAILED")

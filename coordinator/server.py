@@ -9,12 +9,12 @@ from dataclasses import dataclass
 
 import grpc
 
-from coordinator.lifecycle import Lifecycle
-from coordinator.model import ServedModel
-from coordinator.registry import NodeEntry, Registry
-from coordinator.request import RequestRecord, prepare
-from pdserve.protocol import PROTOCOL_VERSION
-from pdserve.rpc import EXPECTED, RpcError, ServerHandle
+from pdserve.coordinator.lifecycle import Lifecycle
+from pdserve.coordinator.model import ServedModel
+from pdserve.coordinator.registry import NodeEntry, Registry
+from pdserve.coordinator.request import RequestRecord, prepare
+from pdserve.wire.protocol import PROTOCOL_VERSION
+from pdserve.wire.rpc import EXPECTED, RpcError, ServerHandle
 from pdserve.v1 import api_pb2, api_pb2_grpc, node_pb2, node_pb2_grpc
 
 log = logging.getLogger("pdserve.coordinator")

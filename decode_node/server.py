@@ -14,14 +14,14 @@ from dataclasses import dataclass
 
 import grpc
 
-from decode_node.subscribers import Subscriber
-from engine.llm_engine import StepOutput
-from engine.sampling_params import SamplingParams
-from kv_transfer.base import KVReceiver, Role, TransferState
-from pdserve.node_base import NodeBase
-from pdserve.protocol import FINISH, to_engine_params
-from pdserve.recent_ids import RecentIds
-from pdserve.rpc import RpcError
+from pdserve.decode_node.subscribers import Subscriber
+from pdserve.engine.llm_engine import StepOutput
+from pdserve.common.sampling import SamplingParams
+from pdserve.kv_transfer.base import KVReceiver, Role, TransferState
+from pdserve.node.base import NodeBase
+from pdserve.wire.protocol import FINISH, to_engine_params
+from pdserve.common.recent_ids import RecentIds
+from pdserve.wire.rpc import RpcError
 from pdserve.v1 import api_pb2, node_pb2, node_pb2_grpc
 
 log = logging.getLogger("pdserve.decode")

@@ -46,7 +46,7 @@ class PagedAttention(nn.Module):
                 meta: AttentionMetadata) -> torch.Tensor:
         # q [T, H, D], k/v [T, Hkv, D]; triton path: k/v None when already in the cache (fused RoPE + store)
         if meta.triton:
-            from engine import triton_attention as ta
+            from pdserve.engine import triton_attention as ta
             if k is not None:
                 ta.store_kv(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
             if meta.max_query_len == 1:

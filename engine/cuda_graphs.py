@@ -16,9 +16,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from engine.attention import AttentionMetadata
-from engine.step_inputs import Staging
-from engine.triton_ops import unpack_decode_inputs
+from pdserve.engine.attention import AttentionMetadata
+from pdserve.engine.step_inputs import Staging
+from pdserve.engine.triton_ops import unpack_decode_inputs
 
 
 class DecodeGraphs:

@@ -15,7 +15,7 @@ from typing import Callable
 
 import torch
 
-from engine.llm_engine import LLMEngine, StepOutput
+from pdserve.engine.llm_engine import LLMEngine, StepOutput
 
 
 class EngineLoop:

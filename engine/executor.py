@@ -16,9 +16,9 @@ from pathlib import Path
 
 import torch
 
-from engine import parallel
-from engine.config import EngineConfig
-from engine.model_runner import ModelRunner, StepPlan
+from pdserve.engine import parallel
+from pdserve.engine.config import EngineConfig
+from pdserve.engine.model_runner import ModelRunner, StepPlan
 
 CMD_STOP, CMD_RUN, CMD_EXPORT, CMD_IMPORT, CMD_KV = 0, 1, 2, 3, 4
 
@@ -36,7 +36,7 @@ class Executor:
         root = str(Path(__file__).resolve().parent.parent)
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
         for rank in range(1, tp):
-            cmd = [sys.executable, "-m", "engine.worker", "--rank", str(rank), "--store", store,
+            cmd = [sys.executable, "-m", "pdserve.engine.worker", "--rank", str(rank), "--store", store,
                    "--model-path", str(self.model_path), "--config", self.cfg.to_json()]
             self.procs.append(subprocess.Popen(cmd, env=env))
         try:

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine import parallel
+from pdserve.engine import parallel
 
 
 def _load_full(param: nn.Parameter, loaded) -> None:
@@ -27,7 +27,7 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
         """norm(x); with residual: (norm(x + residual), x + residual), the sum kept as the new residual."""
         if x.is_cuda:
-            from engine.triton_ops import rms_norm
+            from pdserve.engine.triton_ops import rms_norm
             y = rms_norm(x, self.weight, self.eps, residual)
             return y if residual is None else (y, residual)
         if residual is not None:
@@ -158,7 +158,7 @@ class RotaryEmbedding(nn.Module):
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
         if q.is_cuda:  # one fused kernel each, in place
-            from engine.triton_ops import rope_
+            from pdserve.engine.triton_ops import rope_
             return rope_(q, positions, self.cos, self.sin), rope_(k, positions, self.cos, self.sin)
         cos = self.cos[positions].to(q.dtype).unsqueeze(1)
         sin = self.sin[positions].to(q.dtype).unsqueeze(1)
@@ -168,7 +168,7 @@ class RotaryEmbedding(nn.Module):
                       k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor) -> torch.Tensor:
         """CUDA: one kernel rotates q in place within the fused projection qkv [T, (heads + 2
         kv_heads) * D] and writes rotated k and v into the KV cache; returns q [T, heads, D]."""
-        from engine.triton_ops import rope_store_kv
+        from pdserve.engine.triton_ops import rope_store_kv
         return rope_store_kv(qkv, heads, kv_heads, positions, self.cos, self.sin, k_cache, v_cache, slot_mapping)
 
 

@@ -11,17 +11,17 @@ from dataclasses import dataclass, field
 
 import torch
 
-from engine.block_manager import BlockManager
-from engine.config import EngineConfig
-from engine.detokenizer import IncrementalDetokenizer
-from engine.executor import Executor
-from engine.loader import load_config, load_tokenizer, resolve_model
-from engine.model import ModelSpec
-from engine.sampler import Sampler, make_generator
-from engine.sampling_params import SamplingParams, validate_request
-from engine.scheduler import Scheduler
-from engine.model_runner import KV_CLOSE, KV_OPEN, KV_POLL, KV_RECV, KV_SEND, StepPlan
-from engine.sequence import Sequence
+from pdserve.engine.block_manager import BlockManager
+from pdserve.engine.config import EngineConfig
+from pdserve.engine.detokenizer import IncrementalDetokenizer
+from pdserve.engine.executor import Executor
+from pdserve.engine.loader import load_config, load_tokenizer, resolve_model
+from pdserve.engine.model import ModelSpec
+from pdserve.engine.sampler import Sampler, make_generator
+from pdserve.common.sampling import SamplingParams, validate_request
+from pdserve.engine.scheduler import Scheduler
+from pdserve.engine.model_runner import KV_CLOSE, KV_OPEN, KV_POLL, KV_RECV, KV_SEND, StepPlan
+from pdserve.engine.sequence import Sequence
 
 
 @dataclass

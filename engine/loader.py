@@ -13,8 +13,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from engine import model_files
-from engine.model_files import DEFAULT_MODEL, converted_dir, model_source  # noqa: F401 (DEFAULT_MODEL re-exported)
+from pdserve.common import model_files
+from pdserve.common.model_files import DEFAULT_MODEL, converted_dir, model_source  # noqa: F401 (DEFAULT_MODEL re-exported)
 
 
 

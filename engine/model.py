@@ -9,11 +9,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from engine import parallel
-from engine.attention import AttentionMetadata, PagedAttention
-from engine.layers import (ColumnParallelLinear, ParallelLMHead, RMSNorm, RotaryEmbedding,
+from pdserve.engine import parallel
+from pdserve.engine.attention import AttentionMetadata, PagedAttention
+from pdserve.engine.layers import (ColumnParallelLinear, ParallelLMHead, RMSNorm, RotaryEmbedding,
                            RowParallelLinear, VocabParallelEmbedding)
-from engine.rope import rope_parameters
+from pdserve.engine.rope import rope_parameters
 
 SUPPORTED = {"llama", "mistral", "qwen2", "qwen3"}
 
@@ -122,7 +122,7 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate_up = self.gate_up_proj(x)
         if gate_up.is_cuda:
-            from engine.triton_ops import silu_and_mul
+            from pdserve.engine.triton_ops import silu_and_mul
             return self.down_proj(silu_and_mul(gate_up))
         gate, up = gate_up.split(self.inter, dim=-1)
         return self.down_proj(nn.functional.silu(gate) * up)

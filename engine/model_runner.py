@@ -19,12 +19,12 @@ from pathlib import Path
 
 import torch
 
-from engine import parallel
-from engine.attention import AttentionMetadata
-from engine.config import EngineConfig
-from engine.kv_cache import KVCache
-from engine.loader import init_dummy_weights, load_config, load_weights
-from engine.model import CausalLM, ModelSpec
+from pdserve.engine import parallel
+from pdserve.engine.attention import AttentionMetadata
+from pdserve.engine.config import EngineConfig
+from pdserve.engine.kv_cache import KVCache
+from pdserve.engine.loader import init_dummy_weights, load_config, load_weights
+from pdserve.engine.model import CausalLM, ModelSpec
 
 
 KV_OPEN, KV_CLOSE, KV_SEND, KV_RECV, KV_POLL = range(5)
@@ -111,7 +111,7 @@ class ModelRunner:
         self.prefill_graphs = None
         self.inputs = None               # the Triton path's one-copy step inputs
         if self.use_triton:
-            from engine.step_inputs import DeviceInputs
+            from pdserve.engine.step_inputs import DeviceInputs
             self.inputs = DeviceInputs(self.device)
         self.kv_xfer = None              # RankKV, made by the first KV-transport operation
         self._sends: list[dict] = []     # KV sends attached to the next step
@@ -124,10 +124,10 @@ class ModelRunner:
                           self.spec.head_dim, self.dtype, self.device)
         self.kv.bind([layer.self_attn.attn for layer in self.model.layers])
         if self.use_triton and not cfg.enforce_eager:
-            from engine.cuda_graphs import DecodeGraphs
+            from pdserve.engine.cuda_graphs import DecodeGraphs
             pool = None
             if cfg.prefill_graphs:
-                from engine.prefill_graphs import PrefillGraphs
+                from pdserve.engine.prefill_graphs import PrefillGraphs
                 self.prefill_graphs = PrefillGraphs(self, cfg.max_num_batched_tokens, cfg.max_num_seqs)
                 pool = self.prefill_graphs.capture()
             self.graphs = DecodeGraphs(self, min(cfg.max_num_seqs, 512))
@@ -214,7 +214,7 @@ class ModelRunner:
 
     def kv_op(self, op: int, spec: dict):
         if self.kv_xfer is None:
-            from kv_transfer.nccl_rank import RankKV
+            from pdserve.kv_transfer.nccl_rank import RankKV
             cfg = self.cfg
             self.kv_xfer = RankKV(self.kv, self.device, timeout_s=cfg.kv_timeout_s,
                                   min_message_bytes=int(cfg.kv_min_message_mib * 2**20), max_ctas=cfg.kv_max_ctas)
@@ -382,5 +382,5 @@ def _extend_slots(slots: list[int], table: list[int], start: int, end: int, bloc
 
 
 def _triton_ok(head_dim: int, block_size: int) -> bool:
-    from engine.triton_attention import supported
+    from pdserve.engine.triton_attention import supported
     return supported(head_dim, block_size)

@@ -25,8 +25,8 @@ from __future__ import annotations
 
 import torch
 
-from engine.attention import AttentionMetadata
-from engine.step_inputs import BLOCK_M, DeviceInputs, Layout, max_tiles, views
+from pdserve.engine.attention import AttentionMetadata
+from pdserve.engine.step_inputs import BLOCK_M, DeviceInputs, Layout, max_tiles, views
 
 
 def token_buckets(max_tokens: int) -> list[int]:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from engine.sampling_params import SamplingParams
+from pdserve.common.sampling import SamplingParams
 
 
 def make_generator(seed: int | None, device) -> torch.Generator | None:
@@ -19,7 +19,7 @@ def _argmax(logits: torch.Tensor) -> torch.Tensor:
     """First index of each row's maximum; on CUDA a two-stage Triton kernel (torch's
     one-block reduction over a large vocab is latency bound)."""
     if logits.is_cuda and logits.dim() == 2 and logits.numel() > 0:
-        from engine.triton_ops import argmax
+        from pdserve.engine.triton_ops import argmax
         return argmax(logits)
     return logits.argmax(-1)
 

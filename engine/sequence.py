@@ -7,7 +7,7 @@ from enum import Enum, auto
 
 import torch
 
-from engine.sampling_params import SamplingParams
+from pdserve.common.sampling import SamplingParams
 
 
 class SeqStatus(Enum):

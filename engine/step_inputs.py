@@ -21,7 +21,7 @@ from functools import cached_property
 import numpy as np
 import torch
 
-from engine.attention import AttentionMetadata
+from pdserve.engine.attention import AttentionMetadata
 
 BLOCK_M = 64         # query rows per prefill attention tile
 SMALL_BLOCK_M = 16   # for steps whose longest query is <= 32 rows (eager only)

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import torch
 
-from engine import parallel
-from engine.config import EngineConfig
-from engine.executor import CMD_EXPORT, CMD_IMPORT, CMD_KV, CMD_RUN, CMD_STOP, _release_cuda
-from engine.model_runner import ModelRunner, StepPlan
+from pdserve.engine import parallel
+from pdserve.engine.config import EngineConfig
+from pdserve.engine.executor import CMD_EXPORT, CMD_IMPORT, CMD_KV, CMD_RUN, CMD_STOP, _release_cuda
+from pdserve.engine.model_runner import ModelRunner, StepPlan
 
 
 def _die_with_parent() -> None:

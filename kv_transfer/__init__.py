@@ -3,7 +3,7 @@
     base.py           roles: TransferState, KVSender (prefill, per request), KVReceiver
                       (decode, per request), KVManager (per node)
     layout.py         KVLayout, kv_head_range (which heads a TP rank holds), head re-slicing
-    protocol.py       the [KVHeader, *frames] message: build and check (version, hash, sizes, XXH3 checksums)
+    header.py         the [KVHeader, *frames] message: build and check (version, hash, sizes, XXH3 checksums)
     zmq_transport.py  ZmqKVManager: the ZeroMQ transport's manager, either role
     zmq_inbox.py      decode side: the ROUTER socket and its receive thread
     zmq_outbox.py     prefill side: DEALER sockets per endpoint and their I/O thread

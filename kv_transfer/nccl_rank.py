@@ -80,7 +80,7 @@ except ImportError:
     kernels = None
 
 if TYPE_CHECKING:
-    from engine.kv_cache import KVCache
+    from pdserve.engine.kv_cache import KVCache
 
 log = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ from pdserve.v1 import kv_pb2
 
 from .base import KVReceiver
 from .nccl_pairs import transfer_key
-from .protocol import check_layout
+from .header import check_layout
 
 if TYPE_CHECKING:
     from .nccl_transport import NcclKVManager

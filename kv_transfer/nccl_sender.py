@@ -14,7 +14,7 @@ from pdserve.v1 import kv_pb2
 from .base import KVSender
 from .layout import kv_head_range, unique_ranks
 from .nccl_pairs import PairSet, transfer_key
-from .protocol import PROTOCOL_VERSION
+from .header import PROTOCOL_VERSION
 from .zmq_sender import Outgoing
 
 if TYPE_CHECKING:

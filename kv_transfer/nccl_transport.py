@@ -50,7 +50,7 @@ from .nccl_pairs import PairSet
 from .nccl_receiver import NcclKVReceiver
 from .nccl_sender import NcclKVSender
 from .nccl_store import serve_store
-from .protocol import PROTOCOL_VERSION
+from .header import PROTOCOL_VERSION
 from .zmq_inbox import KVInbox
 from .zmq_outbox import KVOutbox
 from .zmq_sender import Outgoing

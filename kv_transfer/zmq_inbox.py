@@ -21,7 +21,7 @@ from pdserve.v1 import kv_pb2
 
 from .base import TransferState
 from .layout import KVLayout
-from .protocol import Buffer, check_compat
+from .header import Buffer, check_compat
 from .zmq_receiver import ZmqKVReceiver
 
 log = logging.getLogger(__name__)

@@ -13,7 +13,7 @@ from pdserve.v1 import kv_pb2
 
 from .base import KVReceiver, TransferState, WriteFn
 from .layout import KVLayout, assemble_heads
-from .protocol import Buffer, check_frames, check_layout
+from .header import Buffer, check_frames, check_layout
 
 
 class ZmqKVReceiver(KVReceiver):

@@ -14,7 +14,7 @@ from pdserve.v1 import kv_pb2
 
 from .base import KVSender, TransferState
 from .layout import KVLayout, unique_ranks
-from .protocol import Buffer, build_header
+from .header import Buffer, build_header
 
 
 @dataclass

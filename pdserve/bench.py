@@ -20,7 +20,7 @@ import grpc
 import numpy as np
 
 from pdserve.client import status
-from pdserve.rpc import channel
+from pdserve.wire.rpc import channel
 from pdserve.v1 import api_pb2, api_pb2_grpc
 
 SYNTHETIC = {  # name -> (mean input tokens, mean output tokens), lognormal lengths around them

@@ -6,7 +6,7 @@ import json
 import sys
 import time
 
-from engine.model_files import DEFAULT_MODEL
+from pdserve.common.model_files import DEFAULT_MODEL
 
 
 def add_engine_flags(p: argparse.ArgumentParser) -> None:
@@ -30,7 +30,7 @@ def add_engine_flags(p: argparse.ArgumentParser) -> None:
 
 
 def engine_config(a: argparse.Namespace):
-    from engine.config import EngineConfig  # torch: only the roles that run the engine import it
+    from pdserve.engine.config import EngineConfig  # torch: only the roles that run the engine import it
     return EngineConfig(model=a.model, tp=a.tp, device=a.device, dtype=a.dtype, block_size=a.block_size,
                         kv_blocks=a.kv_blocks, gpu_memory_utilization=a.gpu_memory_utilization,
                         max_num_seqs=a.max_num_seqs, max_num_batched_tokens=a.max_num_batched_tokens,
@@ -59,7 +59,7 @@ def add_sampling_flags(p: argparse.ArgumentParser) -> None:
 
 def _raw_params(a: argparse.Namespace):
     """Sampling params as given, unvalidated: the server's checks are what every client meets."""
-    from engine.sampling_params import SamplingParams
+    from pdserve.common.sampling import SamplingParams
     return SamplingParams(max_tokens=a.max_tokens, temperature=a.temperature, top_p=a.top_p, top_k=a.top_k,
                           min_p=a.min_p, seed=a.seed, repetition_penalty=a.repetition_penalty,
                           presence_penalty=a.presence_penalty, frequency_penalty=a.frequency_penalty,
@@ -94,7 +94,7 @@ def cmd_generate(a: argparse.Namespace) -> int:
         req = build_request(a.prompt, _ids(a.prompt_ids) if a.prompt_ids else None, a.chat, _raw_params(a),
                             model=a.served_model or "")
         return generate(a.coordinator, req, a.json, a.timeout)
-    from engine.llm_engine import LLMEngine
+    from pdserve.engine.llm_engine import LLMEngine
     t_start = time.monotonic()
     with LLMEngine(engine_config(a)) as engine:
         t_ready = time.monotonic()
@@ -245,7 +245,7 @@ def cmd_coordinator(a: argparse.Namespace) -> int:
     # the coordinator runs without torch: transformers then loads tokenizers only
     if "torch" not in sys.modules:
         sys.modules["torch"] = None
-    from coordinator.server import Coordinator, CoordinatorConfig
+    from pdserve.coordinator.server import Coordinator, CoordinatorConfig
     from pdserve.process import run_until_signal
     given = {k: getattr(a, k) for k in ("heartbeat_interval_s", "max_inflight", "max_queued", "lease_s",
                                         "max_migrations", "max_retries", "max_request_bytes", "client_stall_s",
@@ -268,18 +268,18 @@ def cmd_node(a: argparse.Namespace) -> int:
         if a.kv_host in ("127.0.0.1", "localhost"):  # NCCL's and gloo's own sockets stay on loopback too
             os.environ.setdefault("NCCL_SOCKET_IFNAME", "lo")
             os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    from pdserve.node_config import NodeConfig
+    from pdserve.node.config import NodeConfig
     from pdserve.process import run_until_signal
     cfg = NodeConfig(coordinator=a.coordinator, listen=a.listen, kv_host=a.kv_host, kv_ipc=a.kv_ipc,
                      kv_transport=a.kv_transport, kv_layers_per_message=a.kv_layers_per_message,
                      engine=engine_config(a),
                      **({"max_unread_batches": a.max_unread_batches} if a.max_unread_batches else {}))
     if a.role == "prefill":
-        from prefill_node.server import PrefillNode as Node
+        from pdserve.prefill_node.server import PrefillNode as Node
     elif a.role == "both":
-        from decode_node.colocated import ColocatedNode as Node
+        from pdserve.colocated_node.server import ColocatedNode as Node
     else:
-        from decode_node.server import DecodeNode as Node
+        from pdserve.decode_node.server import DecodeNode as Node
     return asyncio.run(run_until_signal(Node(cfg)))
 
 

@@ -7,7 +7,7 @@ import time
 
 import grpc
 
-from pdserve.protocol import to_wire_params
+from pdserve.wire.protocol import to_wire_params
 from pdserve.v1 import api_pb2, api_pb2_grpc
 
 FINISH_NAMES = {api_pb2.FINISH_REASON_STOP: "stop", api_pb2.FINISH_REASON_LENGTH: "length"}

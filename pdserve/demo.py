@@ -6,7 +6,7 @@ import sys
 import tempfile
 import time
 
-from engine.sampling_params import SamplingParams
+from pdserve.common.sampling import SamplingParams
 from pdserve.client import build_request, generate
 from pdserve.cluster import Cluster, ClusterConfig, free_port
 

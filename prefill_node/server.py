@@ -7,11 +7,11 @@ import time
 
 import grpc
 
-from engine.llm_engine import StepOutput
-from kv_transfer.base import Role, TransferState
-from pdserve.node_base import NodeBase
-from pdserve.protocol import FINISH, to_engine_params
-from pdserve.rpc import RpcError
+from pdserve.engine.llm_engine import StepOutput
+from pdserve.kv_transfer.base import Role, TransferState
+from pdserve.node.base import NodeBase
+from pdserve.wire.protocol import FINISH, to_engine_params
+from pdserve.wire.rpc import RpcError
 from pdserve.v1 import api_pb2, node_pb2, node_pb2_grpc
 
 log = logging.getLogger("pdserve.prefill")

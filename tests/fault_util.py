@@ -14,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 
-from pdserve.protocol import PROTOCOL_VERSION
+from pdserve.wire.protocol import PROTOCOL_VERSION
 from pdserve.v1 import api_pb2, node_pb2, node_pb2_grpc  # noqa: F401
 from tests.cluster_util import Client, greedy, request
 

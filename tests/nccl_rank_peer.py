@@ -16,9 +16,9 @@ import time
 
 import torch
 
-import kv_transfer.nccl_rank as nccl_rank
-from engine.kv_cache import KVCache
-from kv_transfer.nccl_rank import RankKV
+import pdserve.kv_transfer.nccl_rank as nccl_rank
+from pdserve.engine.kv_cache import KVCache
+from pdserve.kv_transfer.nccl_rank import RankKV
 
 
 def cache_contents(seed: int, layers: int, blocks: int, block_size: int, heads: int, head_dim: int,

@@ -1,6 +1,6 @@
 import pytest
 
-from engine.block_manager import BlockManager
+from pdserve.engine.block_manager import BlockManager
 
 
 def test_allocate_gives_distinct_blocks_with_ref_count_one():

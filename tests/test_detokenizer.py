@@ -2,7 +2,7 @@ import random
 
 import pytest
 
-from engine.detokenizer import IncrementalDetokenizer
+from pdserve.engine.detokenizer import IncrementalDetokenizer
 
 TEXTS = [
     "Hello, world! This is a plain ASCII sentence.",

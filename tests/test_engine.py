@@ -5,9 +5,9 @@ import json
 import pytest
 import torch
 
-from engine.config import EngineConfig
-from engine.llm_engine import LLMEngine
-from engine.sampling_params import SamplingParams
+from pdserve.engine.config import EngineConfig
+from pdserve.engine.llm_engine import LLMEngine
+from pdserve.common.sampling import SamplingParams
 from tests.conftest import assert_matches_reference
 
 GREEDY = dict(temperature=0, ignore_eos=True)
@@ -167,7 +167,7 @@ def test_step_plan_matches_the_per_token_formulas_for_mixed_batches():
     the plain per-token definitions, for prompts, chunks and decodes of any offset."""
     import random
 
-    from engine.model_runner import StepPlan
+    from pdserve.engine.model_runner import StepPlan
 
     class Seq:
         def __init__(self, tokens, computed, table):

@@ -12,7 +12,8 @@ import grpc
 import pytest
 
 from pdserve.cluster import free_port
-from pdserve.protocol import compat_hash
+from pdserve.common.model_files import compat_hash
+from pdserve.wire.protocol import PROTOCOL_VERSION
 from tests.cluster_util import Client, greedy, request, start_cluster
 from tests.conftest import assert_matches_reference
 from tests.fault_util import (StalledClient, model_info, register, run_all, start_coordinator, wait_until,
@@ -60,7 +61,7 @@ def test_a_wrong_first_registrant_does_not_fix_the_model_and_a_live_node_is_neve
         assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION
         node = client.status()["nodes"][0]
         real = model_info(name=tiny_models["qwen2"], compat_hash=compat_hash(Path(tiny_models["qwen2"]), 2, 2, 16, 16,
-                                                                             "float32"))
+                                                                             "float32", PROTOCOL_VERSION))
         with pytest.raises(grpc.RpcError) as e:  # an impostor at a live node's address
             register(cluster.cfg.listen, node["address"], real)
         assert e.value.code() == grpc.StatusCode.ALREADY_EXISTS

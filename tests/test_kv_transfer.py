@@ -11,9 +11,9 @@ import pytest
 import torch
 import zmq
 
-from kv_transfer import KVLayout, Role, TransferState, ZmqKVManager, kv_head_range
-from kv_transfer.layout import unique_ranks
-from kv_transfer.protocol import PROTOCOL_VERSION, build_header
+from pdserve.kv_transfer import KVLayout, Role, TransferState, ZmqKVManager, kv_head_range
+from pdserve.kv_transfer.layout import unique_ranks
+from pdserve.kv_transfer.header import PROTOCOL_VERSION, build_header
 from pdserve.v1 import kv_pb2
 
 LAYERS, BLOCK, HEAD_DIM = 4, 4, 8

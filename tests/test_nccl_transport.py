@@ -8,12 +8,12 @@ import time
 import pytest
 import torch
 
-from kv_transfer.base import TransferState
-from kv_transfer.layout import KVLayout, kv_head_range
-from kv_transfer.nccl_pairs import PairSet
-from kv_transfer.nccl_receiver import NcclKVReceiver
-from kv_transfer.nccl_sender import NcclKVSender
-from kv_transfer.protocol import PROTOCOL_VERSION
+from pdserve.kv_transfer.base import TransferState
+from pdserve.kv_transfer.layout import KVLayout, kv_head_range
+from pdserve.kv_transfer.nccl_pairs import PairSet
+from pdserve.kv_transfer.nccl_receiver import NcclKVReceiver
+from pdserve.kv_transfer.nccl_sender import NcclKVSender
+from pdserve.kv_transfer.header import PROTOCOL_VERSION
 from pdserve.v1 import kv_pb2
 
 LAYOUT = KVLayout.create("m", 2, 2, 8, 4, torch.float32)

@@ -5,9 +5,9 @@ import random
 
 import pytest
 
-from engine.config import EngineConfig
-from engine.llm_engine import LLMEngine
-from engine.sampling_params import SamplingParams
+from pdserve.engine.config import EngineConfig
+from pdserve.engine.llm_engine import LLMEngine
+from pdserve.common.sampling import SamplingParams
 from tests.conftest import assert_matches_reference
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import grpc
 import pytest
 
-from coordinator.request import DECODE_LOST, RequestRecord
-from pdserve.rpc import RpcError
+from pdserve.coordinator.request import DECODE_LOST, RequestRecord
+from pdserve.wire.rpc import RpcError
 from pdserve.v1 import api_pb2, node_pb2
 
 

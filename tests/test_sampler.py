@@ -4,8 +4,8 @@ from collections import Counter
 import pytest
 import torch
 
-from engine.sampler import Sampler, make_generator
-from engine.sampling_params import SamplingParams
+from pdserve.engine.sampler import Sampler, make_generator
+from pdserve.common.sampling import SamplingParams
 
 VOCAB = 32
 

@@ -2,10 +2,10 @@ import random
 
 import pytest
 
-from engine.block_manager import BlockManager
-from engine.sampling_params import SamplingParams
-from engine.scheduler import Scheduler
-from engine.sequence import Sequence, SeqStatus
+from pdserve.engine.block_manager import BlockManager
+from pdserve.common.sampling import SamplingParams
+from pdserve.engine.scheduler import Scheduler
+from pdserve.engine.sequence import Sequence, SeqStatus
 
 FAKE_TOKEN = 7
 

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from engine.model_runner import StepPlan
-from engine.step_inputs import BLOCK_M, DeviceInputs, Layout, max_tiles, tile_work, views
+from pdserve.engine.model_runner import StepPlan
+from pdserve.engine.step_inputs import BLOCK_M, DeviceInputs, Layout, max_tiles, tile_work, views
 
 
 def mixed_plan() -> StepPlan:
@@ -65,7 +65,7 @@ def test_padded_layout_pads_tokens_tiles_and_sample_rows():
 
 
 def test_staging_alternates_buffers():
-    from engine.step_inputs import Staging
+    from pdserve.engine.step_inputs import Staging
     s = Staging()
     a, buf_a, _ = s.take(10)
     b, buf_b, _ = s.take(20)

@@ -38,7 +38,7 @@ def ref_decode(q, k_cache, v_cache, tables, ctx, scale):
 @pytest.mark.parametrize("group, d", [(1, 64), (4, 128), (7, 64)])
 @pytest.mark.parametrize("splits", [1, 3, 8, None])
 def test_paged_decode_matches_torch(group, d, splits):
-    from engine.triton_attention import paged_decode
+    from pdserve.engine.triton_attention import paged_decode
     torch.manual_seed(group * 1000 + d + (splits or 0))
     dtype = torch.float16 if INTERPRET else torch.bfloat16
     kvh, bs, nb = 2, 16, 64
@@ -79,8 +79,8 @@ def test_paged_prefill_tiles_match_torch(block_m):
     """Several sequences with cached prefixes (chunked prefill), one-row decodes among them,
     a tile list padded with -1 entries as a captured graph's is, and the block table read
     at the width the buffer gives: each row of each sequence as the reference."""
-    from engine.step_inputs import tile_work
-    from engine.triton_attention import paged_prefill
+    from pdserve.engine.step_inputs import tile_work
+    from pdserve.engine.triton_attention import paged_prefill
     torch.manual_seed(block_m)
     dtype = torch.float16 if INTERPRET else torch.bfloat16
     kvh, group, d, bs, nb = 2, 3, 64, 16, 96
@@ -105,7 +105,7 @@ def test_paged_prefill_tiles_match_torch(block_m):
 
 
 def test_tile_work_lists_every_tile_once():
-    from engine.step_inputs import max_tiles, tile_work
+    from pdserve.engine.step_inputs import max_tiles, tile_work
     qlens = np.array([1, 64, 65, 0, 200])
     work = tile_work(qlens, 64)
     pairs = [(int(w) >> 16, int(w) & 0xFFFF) for w in work]
@@ -117,8 +117,8 @@ def test_tile_work_lists_every_tile_once():
 def test_float32_attention_is_not_rounded_to_tf32():
     """A float32 model is the parity oracle: its attention must not round q, k, p or v to
     tf32 inside tl.dot (about 1e-3 relative, enough to flip a greedy near-tie)."""
-    from engine.step_inputs import tile_work
-    from engine.triton_attention import paged_decode, paged_prefill
+    from pdserve.engine.step_inputs import tile_work
+    from pdserve.engine.triton_attention import paged_decode, paged_prefill
     torch.manual_seed(7)
     kvh, group, d, bs, nb = 2, 4, 64, 16, 32
     h = kvh * group
@@ -144,7 +144,7 @@ def test_float32_attention_is_not_rounded_to_tf32():
 
 
 def test_num_splits_fills_the_gpu_at_small_batches():
-    from engine.triton_attention import num_splits
+    from pdserve.engine.triton_attention import num_splits
     cpu = torch.device("cpu")  # counts as 132 SMs
     assert num_splits(1, 8, cpu) == 32
     assert num_splits(16, 8, cpu) == 2
@@ -154,8 +154,8 @@ def test_num_splits_fills_the_gpu_at_small_batches():
 
 @pytest.mark.parametrize("heads, kv_heads, d", [(4, 1, 64), (8, 2, 128), (7, 7, 64)])
 def test_rope_store_kv_matches_torch(heads, kv_heads, d):
-    from engine.layers import RotaryEmbedding
-    from engine.triton_ops import rope_store_kv
+    from pdserve.engine.layers import RotaryEmbedding
+    from pdserve.engine.triton_ops import rope_store_kv
     torch.manual_seed(heads + d)
     dtype = torch.float16 if INTERPRET else torch.bfloat16
     t, nb, bs = 5, 4, 4
@@ -187,7 +187,7 @@ def test_rope_store_kv_matches_torch(heads, kv_heads, d):
 
 @pytest.mark.parametrize("n, block", [(1000, 128), (5000, 2048), (128256, 2048)])
 def test_argmax_first_index_like_torch(n, block):
-    from engine.triton_ops import argmax
+    from pdserve.engine.triton_ops import argmax
     torch.manual_seed(n)
     x = torch.randn(6, n + 3)[:, :n]  # strided rows
     x[1] = float("-inf")                         # all -inf: index 0
@@ -204,7 +204,7 @@ def test_argmax_first_index_like_torch(n, block):
 
 
 def test_unpack_decode_inputs_pads_rows_past_n():
-    from engine.triton_ops import unpack_decode_inputs
+    from pdserve.engine.triton_ops import unpack_decode_inputs
     maxb, width, n, m = 8, 6, 3, 4
     ids, pos, slots = torch.arange(n) + 10, torch.arange(n) + 20, torch.tensor([5, -1, 7])
     ctx, tables = torch.tensor([9, 0, 13]), torch.arange(n * m).view(n, m) + 100

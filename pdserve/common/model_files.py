@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
 import os
 from pathlib import Path
 
@@ -89,8 +90,16 @@ def _convert_in_child(model: str | None) -> None:
     torch-free process (the coordinator) must not load."""
     import subprocess
     import sys
-    code = "import sys; from engine.loader import resolve_model; resolve_model(sys.argv[1] or None)"
+    code = "import sys; from pdserve.engine.loader import resolve_model; resolve_model(sys.argv[1] or None)"
     r = subprocess.run([sys.executable, "-c", code, model or ""], capture_output=True, text=True,
-                       cwd=Path(__file__).resolve().parent.parent)
+                       cwd=Path(__file__).resolve().parents[2])
     if r.returncode != 0:
         raise RuntimeError(f"converting {model or DEFAULT_MODEL} failed: {r.stderr.strip()[-500:]}")
+
+
+def compat_hash(model_path: Path, num_layers: int, num_kv_heads: int, head_dim: int, block_size: int,
+                dtype: str, protocol_version: int) -> str:
+    """Peers exchange KV only when this matches: same checkpoint, layout and dtype."""
+    h = hashlib.sha256(folder_hash(model_path).encode())
+    h.update(json.dumps([protocol_version, num_layers, num_kv_heads, head_dim, block_size, dtype]).encode())
+    return h.hexdigest()[:16]

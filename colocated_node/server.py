@@ -13,10 +13,10 @@ import time
 
 import grpc
 
-from decode_node.server import DecodeNode
-from engine.llm_engine import StepOutput
-from pdserve.protocol import FINISH, to_engine_params
-from pdserve.rpc import RpcError
+from pdserve.decode_node.server import DecodeNode
+from pdserve.engine.llm_engine import StepOutput
+from pdserve.wire.protocol import FINISH, to_engine_params
+from pdserve.wire.rpc import RpcError
 from pdserve.v1 import api_pb2, node_pb2, node_pb2_grpc
 
 

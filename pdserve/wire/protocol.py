@@ -1,38 +1,13 @@
-"""What every role agrees on: protocol version, model compatibility, and the
-conversion between the wire's SamplingParams and the engine's."""
+"""What every role agrees on: the protocol version, finish reasons, and the
+conversion between the wire's SamplingParams and ours."""
 from __future__ import annotations
 
-import hashlib
-import json
-from pathlib import Path
-
-from engine.model_files import DEFAULT_MODEL, checkpoint_hash, folder_hash
-from engine.sampling_params import SamplingParams
-from pdserve.v1 import api_pb2, node_pb2
+from pdserve.common.sampling import SamplingParams
+from pdserve.v1 import api_pb2
 
 PROTOCOL_VERSION = 1
 
 FINISH = {"stop": api_pb2.FINISH_REASON_STOP, "length": api_pb2.FINISH_REASON_LENGTH}
-
-
-def compat_hash(model_path: Path, num_layers: int, num_kv_heads: int, head_dim: int, block_size: int,
-                dtype: str) -> str:
-    """Peers exchange KV only when this matches: same checkpoint, layout and dtype."""
-    h = hashlib.sha256(folder_hash(model_path).encode())
-    h.update(json.dumps([PROTOCOL_VERSION, num_layers, num_kv_heads, head_dim, block_size, dtype]).encode())
-    return h.hexdigest()[:16]
-
-
-def model_info(engine) -> node_pb2.ModelInfo:
-    spec = engine.spec
-    dtype = str(engine.executor.runner.dtype).removeprefix("torch.")
-    return node_pb2.ModelInfo(
-        name=engine.cfg.model or DEFAULT_MODEL, num_layers=spec.num_layers, num_kv_heads=spec.num_kv_heads,
-        head_dim=spec.head_dim, block_size=engine.cfg.block_size, dtype=dtype, vocab_size=spec.vocab_size,
-        max_model_len=engine.max_model_len,
-        compat_hash=compat_hash(engine.model_path, spec.num_layers, spec.num_kv_heads, spec.head_dim,
-                                engine.cfg.block_size, dtype),
-        checkpoint_hash=checkpoint_hash(engine.cfg.model))
 
 
 def to_engine_params(p: api_pb2.SamplingParams) -> SamplingParams:

@@ -8,8 +8,8 @@ from typing import Callable
 
 import grpc
 
-from pdserve.protocol import PROTOCOL_VERSION
-from pdserve.rpc import channel
+from pdserve.wire.protocol import PROTOCOL_VERSION
+from pdserve.wire.rpc import channel
 from pdserve.v1 import node_pb2, node_pb2_grpc
 
 log = logging.getLogger("pdserve.node")

@@ -8,15 +8,16 @@ import logging
 
 import grpc
 
-from engine.engine_loop import EngineLoop
-from engine.llm_engine import LLMEngine, StepOutput
-from kv_transfer.base import Role
-from kv_transfer.layout import KVLayout
-from kv_transfer.zmq_transport import ZmqKVManager
-from pdserve.node_agent import NodeAgent
-from pdserve.node_config import NodeConfig
-from pdserve.protocol import model_info
-from pdserve.rpc import RpcError, ServerHandle
+from pdserve.engine.engine_loop import EngineLoop
+from pdserve.engine.llm_engine import LLMEngine, StepOutput
+from pdserve.kv_transfer.base import Role
+from pdserve.kv_transfer.layout import KVLayout
+from pdserve.kv_transfer.zmq_transport import ZmqKVManager
+from pdserve.node.agent import NodeAgent
+from pdserve.node.config import NodeConfig
+from pdserve.wire.protocol import PROTOCOL_VERSION
+from pdserve.wire.rpc import RpcError, ServerHandle
+from pdserve.common.model_files import DEFAULT_MODEL, checkpoint_hash, compat_hash
 from pdserve.v1 import api_pb2, node_pb2
 
 log = logging.getLogger("pdserve.node")
@@ -42,7 +43,7 @@ class NodeBase:
                           self.engine.executor.runner.dtype, info.compat_hash)
         poll = None
         if self.nccl:
-            from kv_transfer.nccl_transport import NcclKVManager
+            from pdserve.kv_transfer.nccl_transport import NcclKVManager
             self.kv = NcclKVManager(self.kv_role, layout, lambda fn: self.loop.call(fn), bind_host=self.cfg.kv_host,
                                     tp=self.cfg.engine.tp)
             self.engine.on_kv_send = self.kv.on_kv_send
@@ -129,7 +130,7 @@ class NodeBase:
 
 
 async def _open_pairs(peer: node_pb2.Peer, req: node_pb2.KVPairsRequest) -> node_pb2.KVPairsResponse:
-    from pdserve.rpc import channel
+    from pdserve.wire.rpc import channel
     from pdserve.v1 import node_pb2_grpc
     ch = channel(peer.address)
     try:
@@ -138,4 +139,16 @@ async def _open_pairs(peer: node_pb2.Peer, req: node_pb2.KVPairsRequest) -> node
         await ch.close()
 
 
-__all__ = ["NodeBase", "RpcError"]
+def model_info(engine) -> node_pb2.ModelInfo:
+    spec = engine.spec
+    dtype = str(engine.executor.runner.dtype).removeprefix("torch.")
+    return node_pb2.ModelInfo(
+        name=engine.cfg.model or DEFAULT_MODEL, num_layers=spec.num_layers, num_kv_heads=spec.num_kv_heads,
+        head_dim=spec.head_dim, block_size=engine.cfg.block_size, dtype=dtype, vocab_size=spec.vocab_size,
+        max_model_len=engine.max_model_len,
+        compat_hash=compat_hash(engine.model_path, spec.num_layers, spec.num_kv_heads, spec.head_dim,
+                                engine.cfg.block_size, dtype, PROTOCOL_VERSION),
+        checkpoint_hash=checkpoint_hash(engine.cfg.model))
+
+
+__all__ = ["NodeBase", "RpcError", "model_info"]

@@ -10,10 +10,10 @@ from collections.abc import Sequence
 import xxhash
 
 from pdserve.v1 import kv_pb2
+from pdserve.wire.protocol import PROTOCOL_VERSION
 
 from .layout import KVLayout
 
-PROTOCOL_VERSION = 1
 
 Buffer = memoryview  # a frame's bytes as the receiver sees them
 
