@@ -4,6 +4,7 @@ that installs nothing but the pdserve namespace."""
 from __future__ import annotations
 
 import ast
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -140,8 +141,13 @@ def test_the_coordinator_reaches_neither_the_engine_nor_torch(graph):
 
 
 def test_the_wheel_installs_only_the_pdserve_namespace(tmp_path):
+    src = tmp_path / "src"  # a copy: building in place would leave build/ in the checkout
+    for name in FOLDERS:
+        shutil.copytree(ROOT / name, src / name, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, src / name)
     subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
-                    "-w", str(tmp_path), str(ROOT)], check=True, cwd=tmp_path)
+                    "-w", str(tmp_path), str(src)], check=True, cwd=tmp_path)
     wheel = next(tmp_path.glob("pdserve-*.whl"))
     names = zipfile.ZipFile(wheel).namelist()
     tops = {n.split("/")[0] for n in names}
