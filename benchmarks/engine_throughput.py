@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from benchmarks.common import hf_config, write_config_folder, write_result  # noqa: E402
-from pdserve.engine.config import EngineConfig  # noqa: E402
+from pdserve.common.config import EngineConfig  # noqa: E402
 from pdserve.engine.llm_engine import LLMEngine  # noqa: E402
 from pdserve.common.sampling import SamplingParams  # noqa: E402
 

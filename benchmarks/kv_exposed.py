@@ -229,7 +229,7 @@ def main() -> None:
     for v in variants:
         print(f"  variant {v['name']}: ratio {v['ttft_ms'] / alone['ttft_ms']:.3f}")
     print(f"ratio TTFT(1P1D nccl) / TTFT(prefill alone): {ratio:.3f}  target <= 1.05")
-    from pdserve.engine.config import EngineConfig
+    from pdserve.common.config import EngineConfig
     node = EngineConfig()
     config = dict(shape=a.shape, prompt_len=a.prompt_len, requests=a.requests, warmup=a.warmup, concurrency=1,
                   rounds=a.rounds, warmup_round=a.warmup_round, cores_per_member=a.cores_per_member,

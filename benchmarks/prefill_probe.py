@@ -45,7 +45,7 @@ from benchmarks.common import write_config_folder, write_result  # noqa: E402
 def child(a: argparse.Namespace) -> None:
     import torch
 
-    from pdserve.engine.config import EngineConfig
+    from pdserve.common.config import EngineConfig
     from pdserve.engine.llm_engine import LLMEngine
     from pdserve.engine.model_runner import StepPlan
 

@@ -7,6 +7,7 @@ import time
 
 import grpc
 
+from pdserve.common.model_files import chat_prompt
 from pdserve.common.sampling import validate_request
 from pdserve.wire.protocol import to_engine_params
 from pdserve.wire.rpc import RpcError
@@ -44,8 +45,7 @@ def prepare(req: api_pb2.GenerateRequest, tokenizer, model: node_pb2.ModelInfo,
             messages = [{"role": m.role, "content": m.content} for m in req.chat.messages]
             if not messages:
                 raise ValueError("chat prompt has no messages")
-            prompt = list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
-                                                        return_dict=True)["input_ids"])
+            prompt = chat_prompt(tokenizer, messages)
     params = to_engine_params(req.sampling)
     validate_request(prompt, params, model.vocab_size, model.max_model_len, max_tokens_limit)
     return prompt, params

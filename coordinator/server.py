@@ -5,10 +5,10 @@ import asyncio
 import logging
 import time
 import uuid
-from dataclasses import dataclass
 
 import grpc
 
+from pdserve.common.config import CoordinatorConfig
 from pdserve.coordinator.lifecycle import Lifecycle
 from pdserve.coordinator.model import ServedModel
 from pdserve.coordinator.registry import NodeEntry, Registry
@@ -18,22 +18,6 @@ from pdserve.wire.rpc import EXPECTED, RpcError, ServerHandle
 from pdserve.v1 import api_pb2, api_pb2_grpc, node_pb2, node_pb2_grpc
 
 log = logging.getLogger("pdserve.coordinator")
-
-
-@dataclass
-class CoordinatorConfig:
-    listen: str = "127.0.0.1:50051"
-    model: str | None = None             # the served model; default: agreed with the live nodes
-    heartbeat_interval_s: float = 0.5    # a node missing 3 beats is fenced off
-    max_inflight: int = 256              # requests served at once
-    max_queued: int = 1024               # more wait for a slot; beyond that RESOURCE_EXHAUSTED
-    lease_s: float = 30.0                # reservations are renewed while their request waits
-    max_tokens_limit: int = 32768
-    max_migrations: int = 2              # times a request may move to another decode node when its node dies
-    max_retries: int = 3                 # failed prefill attempts (node lost, transfer failed) before UNAVAILABLE
-    max_request_bytes: int = 4 << 20     # larger client messages are refused before any work
-    client_stall_s: float = 30.0         # a client that reads nothing for this long is cut off
-    node_expiry_s: float = 30.0          # silent nodes are forgotten (and leave `status`) after this
 
 
 class Coordinator(api_pb2_grpc.GenerationServicer, node_pb2_grpc.CoordinatorServicer):

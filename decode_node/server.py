@@ -16,6 +16,7 @@ import grpc
 
 from pdserve.decode_node.subscribers import Subscriber
 from pdserve.engine.llm_engine import StepOutput
+from pdserve.common.config import LEASE_S
 from pdserve.common.sampling import SamplingParams
 from pdserve.kv_transfer.base import KVReceiver, Role, TransferState
 from pdserve.node.base import NodeBase
@@ -138,7 +139,7 @@ class DecodeNode(NodeBase, node_pb2_grpc.DecodeNodeServicer):
 
     def _lease_expiry(self, lease_s: float) -> float:
         """When a lease asked for now ends (0: the node's default lease)."""
-        return time.time() + (lease_s if lease_s > 0 else self.cfg.lease_s)
+        return time.time() + (lease_s if lease_s > 0 else LEASE_S)
 
     def _release(self, blocks: list[int]) -> None:
         self.loop.call(lambda engine: engine.release(blocks))
@@ -228,8 +229,8 @@ class DecodeNode(NodeBase, node_pb2_grpc.DecodeNodeServicer):
             await sub.stream(context)
             why = f"its subscriber fell {sub.limit} token batches behind"
             log.warning("token stream of epoch %d ended: %s", sub.epoch, why)
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                                f"{sub.limit} token batches unread: the subscription is ended")
+            raise RpcError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                           f"{sub.limit} token batches unread: the subscription is ended")
         finally:
             self.subscribers.discard(sub)
             if not self.closing and not any(s.epoch == sub.epoch for s in self.subscribers):
@@ -289,12 +290,12 @@ class DecodeNode(NodeBase, node_pb2_grpc.DecodeNodeServicer):
 
     async def OpenKVPairs(self, req: node_pb2.KVPairsRequest, context) -> node_pb2.KVPairsResponse:
         if not self.nccl:
-            await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
-                                f"this decode node's KV transport is {self.cfg.kv_transport}, not nccl")
+            raise RpcError(grpc.StatusCode.FAILED_PRECONDITION,
+                           f"this decode node's KV transport is {self.cfg.kv_transport}, not nccl")
         try:
             host, port = self.kv.accept_pairs(req)
         except ValueError as e:
-            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
+            raise RpcError(grpc.StatusCode.FAILED_PRECONDITION, str(e)) from None
         return node_pb2.KVPairsResponse(store_host=host, store_port=port, decode_tp=self.cfg.engine.tp)
 
     async def close(self, grace_s: float = 5.0) -> None:

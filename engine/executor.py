@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from pdserve.engine import parallel
-from pdserve.engine.config import EngineConfig
+from pdserve.common.config import EngineConfig
 from pdserve.engine.model_runner import ModelRunner, StepPlan
 
 CMD_STOP, CMD_RUN, CMD_EXPORT, CMD_IMPORT, CMD_KV = 0, 1, 2, 3, 4

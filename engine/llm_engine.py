@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import torch
 
 from pdserve.engine.block_manager import BlockManager
-from pdserve.engine.config import EngineConfig
+from pdserve.common.config import EngineConfig
 from pdserve.engine.detokenizer import IncrementalDetokenizer
 from pdserve.engine.executor import Executor
 from pdserve.engine.loader import load_config, load_tokenizer, resolve_model

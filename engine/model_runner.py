@@ -21,7 +21,7 @@ import torch
 
 from pdserve.engine import parallel
 from pdserve.engine.attention import AttentionMetadata
-from pdserve.engine.config import EngineConfig
+from pdserve.common.config import EngineConfig
 from pdserve.engine.kv_cache import KVCache
 from pdserve.engine.loader import init_dummy_weights, load_config, load_weights
 from pdserve.engine.model import CausalLM, ModelSpec

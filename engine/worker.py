@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from pdserve.engine import parallel
-from pdserve.engine.config import EngineConfig
+from pdserve.common.config import EngineConfig
 from pdserve.engine.executor import CMD_EXPORT, CMD_IMPORT, CMD_KV, CMD_RUN, CMD_STOP, _release_cuda
 from pdserve.engine.model_runner import ModelRunner, StepPlan
 

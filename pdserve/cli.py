@@ -6,39 +6,17 @@ import json
 import sys
 import time
 
-from pdserve.common.model_files import DEFAULT_MODEL
+from pdserve.common.config import CoordinatorConfig, EngineConfig, NodeConfig
+from pdserve.common.flags import add_flags, from_args
+from pdserve.common.model_files import chat_prompt
+from pdserve.cluster import ClusterConfig
 
 
-def add_engine_flags(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("engine")
-    g.add_argument("--model", default=None, help=f"checkpoint folder or .gguf file (default: {DEFAULT_MODEL})")
-    g.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks")
-    g.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
-    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
-    g.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
-    g.add_argument("--kv-blocks", type=int, default=None, help="KV pool size in blocks")
-    g.add_argument("--gpu-memory-utilization", type=float, default=0.9)
-    g.add_argument("--max-num-seqs", type=int, default=64)
-    g.add_argument("--max-num-batched-tokens", type=int, default=2048)
-    g.add_argument("--max-model-len", type=int, default=None)
-    g.add_argument("--no-chunked-prefill", action="store_true")
-    g.add_argument("--enforce-eager", action="store_true", help="GPU: no CUDA graphs")
-    g.add_argument("--no-prefill-graphs", action="store_true",
-                   help="GPU: steps with prompt tokens run eagerly (decode-only steps still replay graphs)")
-    g.add_argument("--load-format", default="auto", choices=["auto", "dummy"],
-                   help="dummy: random weights from config.json alone (benchmarks)")
+NCCL_FIELDS = ("kv_timeout_s", "kv_min_message_mib", "kv_max_ctas")
 
 
-def engine_config(a: argparse.Namespace):
-    from pdserve.engine.config import EngineConfig  # torch: only the roles that run the engine import it
-    return EngineConfig(model=a.model, tp=a.tp, device=a.device, dtype=a.dtype, block_size=a.block_size,
-                        kv_blocks=a.kv_blocks, gpu_memory_utilization=a.gpu_memory_utilization,
-                        max_num_seqs=a.max_num_seqs, max_num_batched_tokens=a.max_num_batched_tokens,
-                        max_model_len=a.max_model_len, chunked_prefill=not a.no_chunked_prefill,
-                        enforce_eager=a.enforce_eager, prefill_graphs=not a.no_prefill_graphs,
-                        load_format=a.load_format,
-                        **{f"kv_{k}": getattr(a, f"kv_{k}") for k in ("timeout_s", "min_message_mib", "max_ctas")
-                           if hasattr(a, f"kv_{k}")})
+def add_engine_flags(p: argparse.ArgumentParser, nodes: bool = False) -> None:
+    add_flags(p.add_argument_group("engine"), EngineConfig, skip=() if nodes else NCCL_FIELDS)
 
 
 def add_sampling_flags(p: argparse.ArgumentParser) -> None:
@@ -79,9 +57,7 @@ def encode_prompt(tokenizer, prompt: str | None, prompt_ids: str | None, chat: b
     if tokenizer is None:
         raise ValueError("this model has no tokenizer: pass --prompt-ids")
     if chat:
-        return list(tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
-                                                  add_generation_prompt=True, tokenize=True,
-                                                  return_dict=True)["input_ids"])
+        return chat_prompt(tokenizer, [{"role": "user", "content": prompt}])
     return tokenizer.encode(prompt)
 
 
@@ -96,7 +72,7 @@ def cmd_generate(a: argparse.Namespace) -> int:
         return generate(a.coordinator, req, a.json, a.timeout)
     from pdserve.engine.llm_engine import LLMEngine
     t_start = time.monotonic()
-    with LLMEngine(engine_config(a)) as engine:
+    with LLMEngine(from_args(EngineConfig, a)) as engine:
         t_ready = time.monotonic()
         try:
             ids = encode_prompt(engine.tokenizer, a.prompt, a.prompt_ids, a.chat)
@@ -138,30 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.set_defaults(func=cmd_generate)
 
     c = sub.add_parser("coordinator", help="run the coordinator")
-    c.add_argument("--listen", default="127.0.0.1:50051", help="HOST:PORT (binds 127.0.0.1 unless told otherwise)")
-    c.add_argument("--model", default=None,
-                   help="the served model: only nodes of its checkpoint may register (default: agreed with the "
-                        "live nodes; while none is live, the next to register sets it)")
-    # None: CoordinatorConfig's default (one place for each default)
-    c.add_argument("--heartbeat-interval", dest="heartbeat_interval_s", type=float, default=None,
-                   help="seconds between node heartbeats; a node missing 3 is fenced off (default 0.5)")
-    c.add_argument("--max-inflight", type=int, default=None, help="requests served at once (default 256)")
-    c.add_argument("--max-queued", type=int, default=None,
-                   help="requests waiting for a slot or for decode blocks beyond those; more get "
-                        "RESOURCE_EXHAUSTED (default 1024)")
-    c.add_argument("--lease", dest="lease_s", type=float, default=None,
-                   help="seconds a decode reservation lives unless renewed; the coordinator renews it while "
-                        "its request waits (default 30)")
-    c.add_argument("--max-migrations", type=int, default=None,
-                   help="times a request may move to another decode node when its decode node dies (default 2)")
-    c.add_argument("--max-retries", type=int, default=None,
-                   help="failed prefill attempts (a node lost, a transfer failed) before UNAVAILABLE (default 3)")
-    c.add_argument("--max-request-bytes", type=int, default=None,
-                   help="larger client messages get RESOURCE_EXHAUSTED before any work (default 4 MiB)")
-    c.add_argument("--client-stall-timeout", dest="client_stall_s", type=float, default=None,
-                   help="seconds a client may leave its stream unread before it is ended (default 30)")
-    c.add_argument("--node-expiry", dest="node_expiry_s", type=float, default=None,
-                   help="seconds after which a silent node leaves the registry and `status` (default 30)")
+    add_flags(c, CoordinatorConfig)
     add_switch_interval_flag(c)
     c.set_defaults(func=cmd_coordinator)
 
@@ -170,47 +123,20 @@ def build_parser() -> argparse.ArgumentParser:
         if role == "node":
             n.add_argument("--role", required=True, choices=["prefill", "decode", "both"],
                            help="both: a colocated node (prefill and decode in one continuous batch)")
-        n.add_argument("--coordinator", required=True)
-        n.add_argument("--listen", default="127.0.0.1:0", help="HOST:PORT of this node's gRPC server")
-        n.add_argument("--kv-transport", default="zmq", choices=["zmq", "nccl"],
-                       help="KV data plane: zmq (any hosts, the default) or nccl (GPU to GPU; gloo on CPU)")
-        n.add_argument("--kv-timeout", dest="kv_timeout_s", type=float, default=30.0,
-                       help="nccl: seconds a transfer may take before its pair is aborted and rebuilt")
-        n.add_argument("--kv-min-message-mib", type=float, default=16.0,
-                       help="nccl: layers go in messages of at least this many MiB (fewer, larger messages "
-                            "against a shorter tail after the last layer)")
-        n.add_argument("--kv-max-ctas", type=int, default=0,
-                       help="nccl: most SMs each KV pair's NCCL kernels may take (0: NCCL's choice)")
-        n.add_argument("--kv-host", default="127.0.0.1", help="decode: address the KV receiver binds")
-        n.add_argument("--kv-ipc", default=None, help="decode: bind the KV receiver to this ipc path instead")
-        n.add_argument("--kv-layers-per-message", type=int, default=1)
-        n.add_argument("--max-unread-batches", type=int, default=None,
-                       help="decode: a token stream (Subscribe) this many step batches behind is ended (default 4096)")
+        add_flags(n.add_argument_group("node"), NodeConfig)
         add_switch_interval_flag(n)
-        add_engine_flags(n)
+        add_engine_flags(n, nodes=True)
         if role != "node":
             n.set_defaults(role=role)
         n.set_defaults(func=cmd_node)
 
     u = sub.add_parser("up", help="start a local cluster: coordinator + prefill and decode pools")
-    u.add_argument("--prefill", type=int, default=1)
-    u.add_argument("--decode", type=int, default=1)
-    u.add_argument("--prefill-tp", type=int, default=1)
-    u.add_argument("--decode-tp", type=int, default=1)
-    u.add_argument("--colocated", type=int, default=0,
-                   help="N colocated nodes (--role both, TP --decode-tp) instead of the two pools")
-    u.add_argument("--model", default=None)
-    u.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    u.add_argument("--listen", default="127.0.0.1:50051")
-    u.add_argument("--kv-blocks", type=int, default=None)
-    u.add_argument("--max-num-seqs", type=int, default=64)
-    u.add_argument("--max-num-batched-tokens", type=int, default=2048)
-    u.add_argument("--kv-transport", default="zmq", choices=["zmq", "nccl"])
+    add_flags(u, ClusterConfig)
     u.set_defaults(func=cmd_up)
 
     b = sub.add_parser("bench", help="serving benchmark with goodput against a running coordinator")
-    from pdserve.bench import add_flags
-    add_flags(b)
+    from pdserve.bench import add_flags as add_bench_flags
+    add_bench_flags(b)
     b.set_defaults(func=cmd_bench)
 
     st = sub.add_parser("status", help="nodes, roles, load and KV blocks of a cluster")
@@ -245,13 +171,9 @@ def cmd_coordinator(a: argparse.Namespace) -> int:
     # the coordinator runs without torch: transformers then loads tokenizers only
     if "torch" not in sys.modules:
         sys.modules["torch"] = None
-    from pdserve.coordinator.server import Coordinator, CoordinatorConfig
+    from pdserve.coordinator.server import Coordinator
     from pdserve.process import run_until_signal
-    given = {k: getattr(a, k) for k in ("heartbeat_interval_s", "max_inflight", "max_queued", "lease_s",
-                                        "max_migrations", "max_retries", "max_request_bytes", "client_stall_s",
-                                        "node_expiry_s") if getattr(a, k) is not None}
-    cfg = CoordinatorConfig(listen=a.listen, model=a.model, **given)
-    return asyncio.run(run_until_signal(Coordinator(cfg)))
+    return asyncio.run(run_until_signal(Coordinator(from_args(CoordinatorConfig, a))))
 
 
 def cmd_node(a: argparse.Namespace) -> int:
@@ -268,12 +190,8 @@ def cmd_node(a: argparse.Namespace) -> int:
         if a.kv_host in ("127.0.0.1", "localhost"):  # NCCL's and gloo's own sockets stay on loopback too
             os.environ.setdefault("NCCL_SOCKET_IFNAME", "lo")
             os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    from pdserve.node.config import NodeConfig
     from pdserve.process import run_until_signal
-    cfg = NodeConfig(coordinator=a.coordinator, listen=a.listen, kv_host=a.kv_host, kv_ipc=a.kv_ipc,
-                     kv_transport=a.kv_transport, kv_layers_per_message=a.kv_layers_per_message,
-                     engine=engine_config(a),
-                     **({"max_unread_batches": a.max_unread_batches} if a.max_unread_batches else {}))
+    cfg = from_args(NodeConfig, a, engine=from_args(EngineConfig, a))
     if a.role == "prefill":
         from pdserve.prefill_node.server import PrefillNode as Node
     elif a.role == "both":
@@ -284,12 +202,10 @@ def cmd_node(a: argparse.Namespace) -> int:
 
 
 def cmd_up(a: argparse.Namespace) -> int:
-    from pdserve.cluster import Cluster, ClusterConfig
-    cfg = ClusterConfig(prefill=0 if a.colocated else a.prefill, decode=0 if a.colocated else a.decode,
-                        colocated=a.colocated, prefill_tp=a.prefill_tp, decode_tp=a.decode_tp,
-                        model=a.model, device=a.device, listen=a.listen, kv_blocks=a.kv_blocks,
-                        max_num_seqs=a.max_num_seqs, max_num_batched_tokens=a.max_num_batched_tokens,
-                        kv_transport=a.kv_transport)
+    from pdserve.cluster import Cluster
+    cfg = from_args(ClusterConfig, a)
+    if cfg.colocated:
+        cfg.prefill = cfg.decode = 0
     return Cluster(cfg).run()
 
 

@@ -10,6 +10,9 @@ import sys
 import time
 from dataclasses import dataclass
 
+from pdserve.common.config import CoordinatorConfig, EngineConfig, NodeConfig
+from pdserve.common.flags import opt, to_argv
+
 
 def free_port() -> int:
     """A port free on 127.0.0.1 right now (for a coordinator address chosen before it starts)."""
@@ -20,33 +23,34 @@ def free_port() -> int:
 
 @dataclass
 class ClusterConfig:
-    prefill: int = 1
-    decode: int = 1
-    colocated: int = 0                # nodes doing both (--role both), with TP decode_tp
-    prefill_tp: int = 1
-    decode_tp: int = 1
-    model: str | None = None
-    device: str = "auto"              # auto: one GPU per TP rank if CUDA is there, else CPU
-    listen: str = "127.0.0.1:50051"
-    kv_blocks: int | None = None
-    dtype: str = "auto"
-    load_format: str = "auto"         # dummy: random weights from config.json (benchmarks)
-    max_num_seqs: int = 64
-    max_num_batched_tokens: int = 2048
-    heartbeat_interval_s: float = 0.5
-    max_inflight: int = 256
+    prefill: int = opt(1, "prefill nodes")
+    decode: int = opt(1, "decode nodes")
+    colocated: int = opt(0, "N colocated nodes (--role both, TP --decode-tp) instead of the two pools")
+    prefill_tp: int = opt(1, "tensor-parallel ranks of each prefill node")
+    decode_tp: int = opt(1, "tensor-parallel ranks of each decode (or colocated) node")
+    model: str | None = opt(None, "checkpoint folder or .gguf file (default: the default model)")
+    device: str = opt("auto", "auto (one GPU per TP rank if CUDA is there, else CPU), cpu or cuda")
+    listen: str = opt(CoordinatorConfig.listen, "the coordinator's HOST:PORT")
+    kv_blocks: int | None = opt(None, "each node's KV pool size in blocks")
+    dtype: str = EngineConfig.dtype
+    load_format: str = EngineConfig.load_format  # dummy: random weights from config.json (benchmarks)
+    max_num_seqs: int = opt(EngineConfig.max_num_seqs, "each node's batch size limit")
+    max_num_batched_tokens: int = opt(EngineConfig.max_num_batched_tokens, "each node's step token limit")
+    heartbeat_interval_s: float = CoordinatorConfig.heartbeat_interval_s
+    max_inflight: int = CoordinatorConfig.max_inflight
     coordinator: bool = True           # False: the pools join the coordinator already at `listen`
     coordinator_flags: tuple[str, ...] = ()  # more `pdserve coordinator` flags (--lease, --max-queued, ...)
     node_flags: tuple[str, ...] = ()   # more flags for every node
     ready_timeout_s: float = 300.0
     log_dir: str | None = None        # members' logs go here (one file each) instead of this terminal
-    kv_transport: str = "zmq"         # zmq or nccl, for the prefill and decode pools
-    kv_timeout_s: float | None = None  # nccl: --kv-timeout of the nodes (default theirs)
-    kv_min_message_mib: float | None = None  # nccl: --kv-min-message-mib (default theirs)
-    kv_max_ctas: int | None = None     # nccl: --kv-max-ctas (default theirs)
+    kv_transport: str = opt(NodeConfig.kv_transport, "KV data plane of the prefill and decode pools",
+                            choices=("zmq", "nccl"))
+    kv_timeout_s: float | None = None  # nccl: --kv-timeout of the nodes (None: theirs)
+    kv_min_message_mib: float | None = None  # nccl: --kv-min-message-mib (None: theirs)
+    kv_max_ctas: int | None = None     # nccl: --kv-max-ctas (None: theirs)
     cores_per_member: int = 0          # >0: member i (coordinator 0, then the nodes) runs on physical cores [i*n, (i+1)*n)
-    switch_interval_us: float | None = None  # every member's --switch-interval-us (default theirs)
-    prefill_graphs: bool = True        # False: the nodes run steps with prompt tokens eagerly (--no-prefill-graphs)
+    switch_interval_us: float | None = None  # every member's --switch-interval-us (None: theirs)
+    prefill_graphs: bool = EngineConfig.prefill_graphs  # False: the nodes run steps with prompt tokens eagerly
 
 
 class Cluster:
@@ -55,6 +59,7 @@ class Cluster:
         self.procs: list[subprocess.Popen] = []
 
     def node_commands(self) -> list[list[str]]:
+        """Each node's command line, rendered from the node and engine configs it should run with."""
         cfg = self.cfg
         device = cfg.device
         if device == "auto":
@@ -64,52 +69,43 @@ class Cluster:
         if device == "cuda":
             import torch
             gpus = torch.cuda.device_count()
+        nccl = {k: v for k, v in (("kv_timeout_s", cfg.kv_timeout_s), ("kv_min_message_mib", cfg.kv_min_message_mib),
+                                  ("kv_max_ctas", cfg.kv_max_ctas)) if v is not None}
         next_gpu, cmds = 0, []
         pools = (("prefill", cfg.prefill, cfg.prefill_tp), ("decode", cfg.decode, cfg.decode_tp),
                  ("both", cfg.colocated, cfg.decode_tp))
         for role, count, tp in pools:
             for _ in range(count):
-                cmd = [sys.executable, "-m", "pdserve", "node", "--role", role, "--coordinator", cfg.listen,
-                       "--tp", str(tp),
-                       "--max-num-seqs", str(cfg.max_num_seqs),
-                       "--max-num-batched-tokens", str(cfg.max_num_batched_tokens)]
+                node_device = "cpu"
                 if device == "cuda":
                     if next_gpu + tp > gpus:
                         raise ValueError(f"not enough GPUs: the pools need more than the {gpus} found")
-                    cmd += ["--device", f"cuda:{next_gpu}"]
+                    node_device = f"cuda:{next_gpu}"
                     next_gpu += tp
-                if cfg.model:
-                    cmd += ["--model", cfg.model]
-                if cfg.kv_blocks:
-                    cmd += ["--kv-blocks", str(cfg.kv_blocks)]
-                if cfg.dtype != "auto":
-                    cmd += ["--dtype", cfg.dtype]
-                if cfg.load_format != "auto":
-                    cmd += ["--load-format", cfg.load_format]
+                transport = cfg.kv_transport if role != "both" else NodeConfig.kv_transport
+                engine = EngineConfig(model=cfg.model, tp=tp, device=node_device, dtype=cfg.dtype,
+                                      kv_blocks=cfg.kv_blocks, max_num_seqs=cfg.max_num_seqs,
+                                      max_num_batched_tokens=cfg.max_num_batched_tokens, load_format=cfg.load_format,
+                                      prefill_graphs=cfg.prefill_graphs, **(nccl if transport == "nccl" else {}))
+                node = NodeConfig(coordinator=cfg.listen, kv_transport=transport, engine=engine)
+                cmd = [sys.executable, "-m", "pdserve", "node", "--role", role, *to_argv(node), *to_argv(engine)]
                 if cfg.switch_interval_us is not None:
                     cmd += ["--switch-interval-us", str(cfg.switch_interval_us)]
-                if not cfg.prefill_graphs:
-                    cmd += ["--no-prefill-graphs"]
-                cmd += cfg.node_flags
-                if cfg.kv_transport != "zmq" and role != "both":
-                    cmd += ["--kv-transport", cfg.kv_transport]
-                    for flag, value in (("--kv-timeout", cfg.kv_timeout_s),
-                                        ("--kv-min-message-mib", cfg.kv_min_message_mib),
-                                        ("--kv-max-ctas", cfg.kv_max_ctas)):
-                        if value is not None:
-                            cmd += [flag, str(value)]
-                cmds.append(cmd)
+                cmds.append(cmd + list(cfg.node_flags))
         return cmds
+
+    def coordinator_command(self) -> list[str]:
+        cfg = self.cfg
+        coordinator = CoordinatorConfig(listen=cfg.listen, model=cfg.model, max_inflight=cfg.max_inflight,
+                                        heartbeat_interval_s=cfg.heartbeat_interval_s)
+        cmd = [sys.executable, "-m", "pdserve", "coordinator", *to_argv(coordinator)]
+        if cfg.switch_interval_us is not None:
+            cmd += ["--switch-interval-us", str(cfg.switch_interval_us)]
+        return cmd + list(cfg.coordinator_flags)
 
     def start(self) -> None:
         nodes = self.node_commands()
-        coordinator = [sys.executable, "-m", "pdserve", "coordinator", "--listen", self.cfg.listen,
-                       "--heartbeat-interval", str(self.cfg.heartbeat_interval_s),
-                       "--max-inflight", str(self.cfg.max_inflight), *self.cfg.coordinator_flags]
-        if self.cfg.model:
-            coordinator += ["--model", self.cfg.model]
-        if self.cfg.switch_interval_us is not None:
-            coordinator += ["--switch-interval-us", str(self.cfg.switch_interval_us)]
+        coordinator = self.coordinator_command()
         if self.cfg.coordinator:
             self._spawn(coordinator)
         for cmd in nodes:

@@ -55,3 +55,25 @@ def test_bad_input_exits_nonzero_with_a_reason(tiny_models):
     assert r.returncode == 2 and "temperature" in r.stderr
     r = pdserve("generate", "--model", tiny_models["qwen2"], "--tp", "3", "--prompt-ids", "1")
     assert r.returncode == 2 and "does not divide" in r.stderr
+
+
+def test_configs_round_trip_through_their_flags():
+    """A config rendered to flags (as the launcher does) and parsed back (as the role does) is the same config."""
+    from pdserve.cli import build_parser
+    from pdserve.cluster import Cluster, ClusterConfig
+    from pdserve.common.config import CoordinatorConfig, EngineConfig, NodeConfig
+    from pdserve.common.flags import from_args, to_argv
+    engine = EngineConfig(tp=2, kv_blocks=77, chunked_prefill=False, prefill_graphs=False, dtype="float16",
+                          kv_timeout_s=5.0)
+    node = NodeConfig(coordinator="127.0.0.1:9", kv_transport="nccl", max_unread_batches=7, engine=engine)
+    a = build_parser().parse_args(["node", "--role", "decode", *to_argv(node), *to_argv(engine)])
+    assert from_args(NodeConfig, a, engine=from_args(EngineConfig, a)) == node
+    coordinator = CoordinatorConfig(listen="127.0.0.1:7", lease_s=3.0, client_stall_s=2.0, max_queued=5)
+    a = build_parser().parse_args(["coordinator", *to_argv(coordinator)])
+    assert from_args(CoordinatorConfig, a) == coordinator
+    assert to_argv(EngineConfig()) == [] and to_argv(CoordinatorConfig()) == []
+    cmds = Cluster(ClusterConfig(prefill=1, decode=1, device="cpu", max_num_seqs=9, kv_transport="nccl",
+                                 kv_max_ctas=4)).node_commands()
+    for cmd in cmds:
+        a = build_parser().parse_args(cmd[3:])
+        assert (a.max_num_seqs, a.kv_transport, a.kv_max_ctas) == (9, "nccl", 4)

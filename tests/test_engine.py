@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from pdserve.engine.config import EngineConfig
+from pdserve.common.config import EngineConfig
 from pdserve.engine.llm_engine import LLMEngine
 from pdserve.common.sampling import SamplingParams
 from tests.conftest import assert_matches_reference

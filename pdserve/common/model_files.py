@@ -85,6 +85,12 @@ def load_tokenizer(model: str | None):
     return AutoTokenizer.from_pretrained(converted, local_files_only=True)
 
 
+def chat_prompt(tokenizer, messages: list[dict[str, str]]) -> list[int]:
+    """Token ids of a chat (role/content dicts) in the model's template, ready for the assistant's turn."""
+    return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                              return_dict=True)["input_ids"])
+
+
 def _convert_in_child(model: str | None) -> None:
     """Convert a GGUF model in a child process: reading GGUF takes torch, which a
     torch-free process (the coordinator) must not load."""

@@ -14,7 +14,7 @@ from pdserve.kv_transfer.base import Role
 from pdserve.kv_transfer.layout import KVLayout
 from pdserve.kv_transfer.zmq_transport import ZmqKVManager
 from pdserve.node.agent import NodeAgent
-from pdserve.node.config import NodeConfig
+from pdserve.common.config import NodeConfig
 from pdserve.wire.protocol import PROTOCOL_VERSION
 from pdserve.wire.rpc import RpcError, ServerHandle
 from pdserve.common.model_files import DEFAULT_MODEL, checkpoint_hash, compat_hash

@@ -24,7 +24,7 @@ import pytest
 import torch
 
 from benchmarks.common import hf_config
-from pdserve.engine.config import EngineConfig
+from pdserve.common.config import EngineConfig
 from pdserve.engine.llm_engine import LLMEngine
 from pdserve.common.sampling import SamplingParams
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pdserve.engine.config import EngineConfig
+from pdserve.common.config import EngineConfig
 from pdserve.engine.model_runner import ModelRunner, StepPlan
 from pdserve.engine.loader import resolve_model
 from pdserve.engine.prefill_graphs import token_buckets

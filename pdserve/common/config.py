@@ -1,0 +1,127 @@
+"""Every role's configuration, in one torch-free module: each field's default, help
+and flag are defined here once (pdserve.common.flags turns them into CLI flags)."""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+
+from pdserve.common.flags import opt
+from pdserve.common.model_files import DEFAULT_MODEL
+
+MAX_TOKENS_LIMIT = 32768  # the largest max_tokens a request may ask for
+LEASE_S = 30.0  # a decode reservation's lease unless the coordinator asks for another
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+@dataclass
+class EngineConfig:
+    model: str | None = opt(None, f"checkpoint folder or .gguf file (default: {DEFAULT_MODEL})")
+    tp: int = opt(1, "tensor-parallel ranks (processes)")
+    device: str = opt("cpu", "cpu, cuda or cuda:N (rank r uses cuda:N+r)")
+    dtype: str = opt("auto", "auto: float32 on CPU, bfloat16 on GPU", choices=DTYPES)
+    block_size: int = opt(16, "tokens per KV block")
+    kv_blocks: int | None = opt(None, "KV pool size in blocks (default: derived from free memory)")
+    gpu_memory_utilization: float = opt(0.9, "GPU: fraction of free memory for the KV pool")
+    max_num_seqs: int = opt(64, "sequences in one batch at most")
+    max_num_batched_tokens: int = opt(2048, "tokens in one step at most")
+    max_model_len: int | None = opt(None, "longest prompt + output (default: the model's)")
+    chunked_prefill: bool = opt(True, "prefill long prompts whole instead of in chunks", off="--no-chunked-prefill")
+    max_tokens_limit: int = MAX_TOKENS_LIMIT
+    enforce_eager: bool = opt(False, "GPU: no CUDA graphs")
+    prefill_graphs: bool = opt(True, "GPU: steps with prompt tokens run eagerly (decode-only steps still "
+                                     "replay graphs)", off="--no-prefill-graphs")
+    load_format: str = opt("auto", "dummy: random weights from config.json alone (benchmarks)",
+                           choices=("auto", "dummy"))
+    # NCCL KV transport, per rank (kv_transfer/nccl_rank.py)
+    kv_timeout_s: float = opt(30.0, "nccl: seconds a transfer may take before its pair is aborted and rebuilt",
+                              flag="--kv-timeout")
+    kv_min_message_mib: float = opt(16.0, "nccl: layers go in messages of at least this many MiB (fewer, larger "
+                                          "messages against a shorter tail after the last layer)")
+    kv_max_ctas: int = opt(0, "nccl: most SMs each KV pair's NCCL kernels may take (0: NCCL's choice)")
+
+    def __post_init__(self) -> None:
+        if self.tp < 1:
+            raise ValueError(f"--tp must be >= 1, got {self.tp}")
+        if self.block_size < 1:
+            raise ValueError(f"block size must be >= 1, got {self.block_size}")
+        if self.max_num_batched_tokens < 1 or self.max_num_seqs < 1:
+            raise ValueError("max_num_batched_tokens and max_num_seqs must be >= 1")
+        if self.kv_blocks is not None and self.kv_blocks < 1:
+            raise ValueError(f"--kv-blocks must be >= 1, got {self.kv_blocks}")
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise ValueError("gpu_memory_utilization must be in (0, 1]")
+        if self.load_format not in ("auto", "dummy"):
+            raise ValueError(f"load_format must be auto or dummy, got {self.load_format}")
+        if self.kv_timeout_s <= 0 or self.kv_min_message_mib < 0 or self.kv_max_ctas < 0:
+            raise ValueError("--kv-timeout must be > 0, --kv-min-message-mib and --kv-max-ctas >= 0")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, got {self.dtype}")
+
+    @property
+    def is_cuda(self) -> bool:
+        return self.device.startswith("cuda")
+
+    def torch_dtype(self):
+        import torch  # only engine processes call this
+        if self.dtype == "auto":
+            return torch.bfloat16 if self.is_cuda else torch.float32
+        return getattr(torch, self.dtype)
+
+    def rank_device(self, rank: int):
+        import torch
+        if not self.is_cuda:
+            return torch.device("cpu")
+        base = int(self.device.split(":")[1]) if ":" in self.device else 0
+        return torch.device("cuda", base + rank)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> "EngineConfig":
+        return cls(**json.loads(text))
+
+
+@dataclass
+class NodeConfig:
+    coordinator: str = opt(help="the coordinator's gRPC address")
+    listen: str = opt("127.0.0.1:0", "HOST:PORT of this node's gRPC server (port 0: any free port)")
+    kv_transport: str = opt("zmq", "KV data plane: zmq (any hosts) or nccl (GPU to GPU; gloo on CPU)",
+                            choices=("zmq", "nccl"))
+    kv_host: str = opt("127.0.0.1", "decode: the address the KV receiver binds")
+    kv_ipc: str | None = opt(None, "decode: bind the KV receiver to this ipc path instead (zmq)")
+    kv_layers_per_message: int = opt(1, "prefill: layers coalesced into one KV message (zmq)")
+    max_unread_batches: int = opt(4096, "decode: a token stream (Subscribe) this many step batches behind is ended")
+    engine: EngineConfig = field(default_factory=EngineConfig)
+
+    def __post_init__(self) -> None:
+        if self.kv_transport not in ("zmq", "nccl"):
+            raise ValueError(f"--kv-transport {self.kv_transport!r} is not available (zmq, nccl)")
+        if self.kv_transport == "nccl" and self.kv_ipc:
+            raise ValueError("--kv-ipc is a ZeroMQ option; the nccl transport's control socket is tcp")
+        if self.kv_layers_per_message < 1:
+            raise ValueError("--kv-layers-per-message must be >= 1")
+        if self.max_unread_batches < 1:
+            raise ValueError("--max-unread-batches must be >= 1")
+
+
+@dataclass
+class CoordinatorConfig:
+    listen: str = opt("127.0.0.1:50051", "HOST:PORT (binds 127.0.0.1 unless told otherwise)")
+    model: str | None = opt(None, "the served model: only nodes of its checkpoint may register (default: agreed "
+                                  "with the live nodes; while none is live, the next to register sets it)")
+    heartbeat_interval_s: float = opt(0.5, "seconds between node heartbeats; a node missing 3 is fenced off",
+                                      flag="--heartbeat-interval")
+    max_inflight: int = opt(256, "requests served at once")
+    max_queued: int = opt(1024, "requests waiting for a slot or for decode blocks beyond those; more get "
+                                "RESOURCE_EXHAUSTED")
+    lease_s: float = opt(LEASE_S, "seconds a decode reservation lives unless renewed; the coordinator renews it "
+                                  "while its request waits", flag="--lease")
+    max_tokens_limit: int = MAX_TOKENS_LIMIT
+    max_migrations: int = opt(2, "times a request may move to another decode node when its decode node dies")
+    max_retries: int = opt(3, "failed prefill attempts (a node lost, a transfer failed) before UNAVAILABLE")
+    max_request_bytes: int = opt(4 << 20, "larger client messages get RESOURCE_EXHAUSTED before any work")
+    client_stall_s: float = opt(30.0, "seconds a client may leave its stream unread before it is ended",
+                                flag="--client-stall-timeout")
+    node_expiry_s: float = opt(30.0, "seconds after which a silent node leaves the registry and `status`",
+                               flag="--node-expiry")

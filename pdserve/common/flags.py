@@ -1,0 +1,91 @@
+"""Config dataclasses define their own CLI flags: a field made with opt() carries its
+default, its help and (optionally) its flag name, so each is written once. The CLI
+adds the flags (add_flags), builds the config (from_args), and the launcher turns a
+config back into the flags that rebuild it (to_argv)."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import typing
+from typing import Any
+
+
+def opt(default: Any = dataclasses.MISSING, help: str = "", *, flag: str | None = None, off: str | None = None,
+        choices: tuple | None = None, factory: Any = dataclasses.MISSING) -> Any:
+    """A config field with a CLI flag. flag: the name when it is not --field-name; off: the
+    flag that turns a default-True bool off (default --no-field-name)."""
+    meta = {"help": help, "flag": flag, "off": off, "choices": choices}
+    return dataclasses.field(default=default, default_factory=factory, metadata=meta)
+
+
+def _flags(cls) -> list[tuple[dataclasses.Field, type]]:
+    hints = typing.get_type_hints(cls)
+    out = []
+    for f in dataclasses.fields(cls):
+        if "help" in f.metadata:
+            args = [a for a in typing.get_args(hints[f.name]) if a is not type(None)]
+            out.append((f, args[0] if args else hints[f.name]))
+    return out
+
+
+def flag_name(f: dataclasses.Field) -> str:
+    if f.metadata["flag"]:
+        return f.metadata["flag"]
+    return "--" + f.name.replace("_", "-")
+
+
+def _off_name(f: dataclasses.Field) -> str:
+    return f.metadata["off"] or "--no-" + f.name.replace("_", "-")
+
+
+def _default(f: dataclasses.Field) -> Any:
+    return f.default_factory() if f.default is dataclasses.MISSING else f.default
+
+
+def add_flags(p: argparse.ArgumentParser | argparse._ArgumentGroup, cls, skip: tuple[str, ...] = ()) -> None:
+    """One flag per opt() field of cls, dest = the field's name."""
+    for f, kind in _flags(cls):
+        if f.name in skip:
+            continue
+        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        default = None if required else _default(f)
+        text = f.metadata["help"]
+        if kind is bool:
+            if default:
+                p.add_argument(_off_name(f), dest=f.name, action="store_false", help=text)
+            else:
+                p.add_argument(flag_name(f), dest=f.name, action="store_true", help=text)
+            continue
+        if default not in (None, "", ()):
+            text += f" (default: {default})".replace("%", "%%")
+        if kind in (list, tuple) or typing.get_origin(kind) in (list, tuple):
+            p.add_argument(flag_name(f), dest=f.name, action="append", default=None, help=text + " (repeatable)")
+            continue
+        p.add_argument(flag_name(f), dest=f.name, type=kind, default=default, required=required,
+                       choices=f.metadata["choices"], metavar=None if f.metadata["choices"] else kind.__name__.upper(),
+                       help=text)
+
+
+def from_args(cls, a: argparse.Namespace, **given: Any):
+    """cls built from the parsed flags of its opt() fields (plus `given`)."""
+    values = {f.name: getattr(a, f.name) for f, _ in _flags(cls) if hasattr(a, f.name)}
+    values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items() if v is not None}
+    return cls(**{**values, **given})
+
+
+def to_argv(cfg: Any) -> list[str]:
+    """The flags that rebuild cfg's opt() fields, for those that differ from their defaults."""
+    argv: list[str] = []
+    for f, kind in _flags(type(cfg)):
+        value = getattr(cfg, f.name)
+        if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING:
+            if value == _default(f):
+                continue
+        if kind is bool:
+            argv.append(flag_name(f) if value else _off_name(f))
+        elif isinstance(value, (list, tuple)):
+            for item in value:
+                argv += [flag_name(f), str(item)]
+        elif value is not None:
+            argv += [flag_name(f), str(value)]
+    return argv
