@@ -24,10 +24,6 @@ class EngineConfig:
     enforce_eager: bool = False         # GPU: no CUDA graphs at all
     prefill_graphs: bool = True         # GPU: CUDA graphs for steps with prompt tokens too (engine/prefill_graphs.py)
     load_format: str = "auto"           # "dummy": random weights from config.json alone (benchmarks)
-    # NCCL KV transport, per rank (kv_transfer/nccl_rank.py)
-    kv_timeout_s: float = 30.0          # a transfer older than this aborts its pair
-    kv_min_message_mib: float = 16.0    # layers are grouped into messages of at least this size
-    kv_max_ctas: int = 0                # SMs a pair's NCCL kernels may take; 0 = NCCL's choice
 
     def __post_init__(self) -> None:
         if self.tp < 1:
@@ -42,8 +38,6 @@ class EngineConfig:
             raise ValueError("gpu_memory_utilization must be in (0, 1]")
         if self.load_format not in ("auto", "dummy"):
             raise ValueError(f"load_format must be auto or dummy, got {self.load_format}")
-        if self.kv_timeout_s <= 0 or self.kv_min_message_mib < 0 or self.kv_max_ctas < 0:
-            raise ValueError("--kv-timeout must be > 0, --kv-min-message-mib and --kv-max-ctas >= 0")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, got {self.dtype}")
 

@@ -36,9 +36,7 @@ def engine_config(a: argparse.Namespace):
                         max_num_seqs=a.max_num_seqs, max_num_batched_tokens=a.max_num_batched_tokens,
                         max_model_len=a.max_model_len, chunked_prefill=not a.no_chunked_prefill,
                         enforce_eager=a.enforce_eager, prefill_graphs=not a.no_prefill_graphs,
-                        load_format=a.load_format,
-                        **{f"kv_{k}": getattr(a, f"kv_{k}") for k in ("timeout_s", "min_message_mib", "max_ctas")
-                           if hasattr(a, f"kv_{k}")})
+                        load_format=a.load_format)
 
 
 def add_sampling_flags(p: argparse.ArgumentParser) -> None:
@@ -174,16 +172,17 @@ def build_parser() -> argparse.ArgumentParser:
         n.add_argument("--listen", default="127.0.0.1:0", help="HOST:PORT of this node's gRPC server")
         n.add_argument("--kv-transport", default="zmq", choices=["zmq", "nccl"],
                        help="KV data plane: zmq (any hosts, the default) or nccl (GPU to GPU; gloo on CPU)")
-        n.add_argument("--kv-timeout", dest="kv_timeout_s", type=float, default=30.0,
-                       help="nccl: seconds a transfer may take before its pair is aborted and rebuilt")
-        n.add_argument("--kv-min-message-mib", type=float, default=16.0,
+        # the KV backend's options (kv_transfer/<name>/config.py holds their defaults)
+        n.add_argument("--kv-timeout", dest="kv_timeout_s", type=float, default=None,
+                       help="nccl: seconds a transfer may take before its pair is aborted and rebuilt (default 30)")
+        n.add_argument("--kv-min-message-mib", type=float, default=None,
                        help="nccl: layers go in messages of at least this many MiB (fewer, larger messages "
-                            "against a shorter tail after the last layer)")
-        n.add_argument("--kv-max-ctas", type=int, default=0,
-                       help="nccl: most SMs each KV pair's NCCL kernels may take (0: NCCL's choice)")
-        n.add_argument("--kv-host", default="127.0.0.1", help="decode: address the KV receiver binds")
-        n.add_argument("--kv-ipc", default=None, help="decode: bind the KV receiver to this ipc path instead")
-        n.add_argument("--kv-layers-per-message", type=int, default=1)
+                            "against a shorter tail after the last layer; default 16)")
+        n.add_argument("--kv-max-ctas", type=int, default=None,
+                       help="nccl: most SMs each KV pair's NCCL kernels may take (default 0: NCCL's choice)")
+        n.add_argument("--kv-host", default=None, help="decode: address the KV receiver binds (default 127.0.0.1)")
+        n.add_argument("--kv-ipc", default=None, help="zmq, decode: bind the KV receiver to this ipc path instead")
+        n.add_argument("--kv-layers-per-message", type=int, default=None, help="zmq, prefill (default 1)")
         n.add_argument("--max-unread-batches", type=int, default=None,
                        help="decode: a token stream (Subscribe) this many step batches behind is ended (default 4096)")
         add_switch_interval_flag(n)
@@ -265,13 +264,15 @@ def cmd_node(a: argparse.Namespace) -> int:
         # when CUDA starts instead (about 2 s and 640 MiB per process on an H200); the TP
         # rank processes inherit it.
         os.environ.setdefault("CUDA_MODULE_LOADING", "EAGER")
-        if a.kv_host in ("127.0.0.1", "localhost"):  # NCCL's and gloo's own sockets stay on loopback too
+        if a.kv_host in (None, "127.0.0.1", "localhost"):  # NCCL's and gloo's own sockets stay on loopback too
             os.environ.setdefault("NCCL_SOCKET_IFNAME", "lo")
             os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    from pdserve.kv_transfer.registry import make_config
     from pdserve.node.config import NodeConfig
     from pdserve.process import run_until_signal
-    cfg = NodeConfig(coordinator=a.coordinator, listen=a.listen, kv_host=a.kv_host, kv_ipc=a.kv_ipc,
-                     kv_transport=a.kv_transport, kv_layers_per_message=a.kv_layers_per_message,
+    kv = make_config(a.kv_transport, host=a.kv_host, ipc=a.kv_ipc, layers_per_message=a.kv_layers_per_message,
+                     timeout_s=a.kv_timeout_s, min_message_mib=a.kv_min_message_mib, max_ctas=a.kv_max_ctas)
+    cfg = NodeConfig(coordinator=a.coordinator, listen=a.listen, kv_transport=a.kv_transport, kv=kv,
                      engine=engine_config(a),
                      **({"max_unread_batches": a.max_unread_batches} if a.max_unread_batches else {}))
     if a.role == "prefill":

@@ -2,26 +2,26 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from pdserve.engine.config import EngineConfig
+from pdserve.kv_transfer.registry import config_class, make_config
 
 
 @dataclass
 class NodeConfig:
     coordinator: str                         # coordinator gRPC address
     listen: str = "127.0.0.1:0"              # this node's gRPC address (port 0 = any free port)
-    kv_host: str = "127.0.0.1"               # decode: where the KV receiver binds (tcp)
-    kv_ipc: str | None = None                # decode: bind an ipc:// path instead of tcp
-    kv_transport: str = "zmq"                # zmq, or nccl (GPU to GPU; gloo on CPU)
-    kv_layers_per_message: int = 1           # prefill: layers coalesced into one KV message
+    kv_transport: str = "zmq"                # KV backend by name: zmq, or nccl (GPU to GPU; gloo on CPU)
+    kv: Any = None                           # that backend's config (kv_transfer/<name>/config.py); None = defaults
     lease_s: float = 30.0                    # decode: how long reserved blocks wait for their KV
     max_unread_batches: int = 4096           # decode: a token stream this far behind is ended
     engine: EngineConfig = field(default_factory=EngineConfig)
 
     def __post_init__(self) -> None:
-        if self.kv_transport not in ("zmq", "nccl"):
-            raise ValueError(f"--kv-transport {self.kv_transport!r} is not available (zmq, nccl)")
-        if self.kv_transport == "nccl" and self.kv_ipc:
-            raise ValueError("--kv-ipc is a ZeroMQ option; the nccl transport's control socket is tcp")
-        if self.kv_layers_per_message < 1:
-            raise ValueError("--kv-layers-per-message must be >= 1")
+        cls = config_class(self.kv_transport)  # raises for an unknown transport
+        if self.kv is None:
+            self.kv = make_config(self.kv_transport)
+        elif not isinstance(self.kv, cls):
+            raise ValueError(f"the {self.kv_transport} KV transport takes a {cls.__name__}, "
+                             f"not a {type(self.kv).__name__}")
