@@ -229,15 +229,15 @@ def main() -> None:
     for v in variants:
         print(f"  variant {v['name']}: ratio {v['ttft_ms'] / alone['ttft_ms']:.3f}")
     print(f"ratio TTFT(1P1D nccl) / TTFT(prefill alone): {ratio:.3f}  target <= 1.05")
-    from pdserve.common.config import EngineConfig
-    node = EngineConfig()
+    from pdserve.kv_transfer.nccl.config import NcclConfig
+    node = NcclConfig()
     config = dict(shape=a.shape, prompt_len=a.prompt_len, requests=a.requests, warmup=a.warmup, concurrency=1,
                   rounds=a.rounds, warmup_round=a.warmup_round, cores_per_member=a.cores_per_member,
                   switch_interval_us=a.switch_interval_us or SWITCH_INTERVAL_US,
                   method="alternating rounds: in each, a fresh 1P1D cluster and a fresh colocated node, one at a "
                   "time, the order alternating, after a warm-up round not kept; ratio of the medians over all rounds",
-                  dtype="bfloat16", device=a.device, kv_min_message_mib=node.kv_min_message_mib,
-                  kv_max_ctas=node.kv_max_ctas)
+                  dtype="bfloat16", device=a.device, kv_min_message_mib=node.min_message_mib,
+                  kv_max_ctas=node.max_ctas)
     path = write_result(a.result_name, "kv_transfer_exposed", ratio, 1.05, config, commit_id=a.commit,
                         nccl=nccl, zmq=zmq, prefill_alone=alone, per_round_ratio=per_round, paired=paired_row,
                         variants=variants, exposed_ms=nccl["ttft_ms"] - alone["ttft_ms"])

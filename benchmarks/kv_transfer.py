@@ -42,11 +42,13 @@ sys.path[0] = str(ROOT)  # this file is named like the package it measures
 import torch  # noqa: E402
 import zmq  # noqa: E402
 
-import pdserve.kv_transfer.header  # noqa: E402
+import pdserve.kv_transfer.base.header  # noqa: E402
 
 from benchmarks.common import write_result  # noqa: E402
-from pdserve.kv_transfer import KVLayout, Role, TransferState, ZmqKVManager  # noqa: E402
-from pdserve.kv_transfer.layout import unique_ranks  # noqa: E402
+from pdserve.kv_transfer.base.conn import Role  # noqa: E402
+from pdserve.kv_transfer.base.layout import KVLayout, unique_ranks  # noqa: E402
+from pdserve.kv_transfer.base.status import TransferState  # noqa: E402
+from pdserve.kv_transfer.zmq.manager import ZmqKVManager  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -178,18 +180,18 @@ class NoChecksum:
     """Diagnostic only: ours with the checksum replaced by a constant on both ends."""
 
     def __enter__(self):
-        self.saved = pdserve.kv_transfer.header.checksum
-        pdserve.kv_transfer.header.checksum = lambda frame: 0
+        self.saved = pdserve.kv_transfer.base.header.checksum
+        pdserve.kv_transfer.base.header.checksum = lambda frame: 0
 
     def __exit__(self, *exc) -> None:
-        pdserve.kv_transfer.header.checksum = self.saved
+        pdserve.kv_transfer.base.header.checksum = self.saved
 
 
 def checksum_gbps(nbytes: int = 64 << 20) -> float:
     buf = torch.randn(nbytes // 4).view(torch.uint8).numpy()
     t0 = time.perf_counter()
     for _ in range(3):
-        pdserve.kv_transfer.header.checksum(buf)
+        pdserve.kv_transfer.base.header.checksum(buf)
     return 3 * nbytes / (time.perf_counter() - t0) / 1e9
 
 
@@ -351,7 +353,7 @@ def nccl_main(args) -> None:
     sender spins until an agreed start instant (_start_together) and starts. Runs
     alternate; medians are reported. Times are CLOCK_MONOTONIC (time.perf_counter), one
     clock for every process of the host."""
-    from pdserve.kv_transfer.nccl_store import serve_store
+    from pdserve.kv_transfer.nccl.store import serve_store
     if not args.cpu and torch.cuda.device_count() < 2:
         sys.exit("--transport nccl needs 2 GPUs (or --cpu for a gloo smoke run)")
     cases = nccl_cases(args)
@@ -368,7 +370,7 @@ def nccl_main(args) -> None:
     flags += ["--gc-freeze"] if args.gc_freeze else []
     flags += ["--pin-cpus", args.pin_cpus] if args.pin_cpus else []
     flags += ["--profile", args.profile] if args.profile else []
-    env = {"CUDA_MODULE_LOADING": "EAGER", **os.environ}  # see kv_transfer/nccl_rank.py: no lazy kernel loading
+    env = {"CUDA_MODULE_LOADING": "EAGER", **os.environ}  # see kv_transfer/nccl/rank.py: no lazy kernel loading
     procs = [subprocess.Popen([sys.executable, __file__, *flags, "--worker", str(i)], stdout=subprocess.PIPE,
                               text=True, env=env) for i in (0, 1)]
     outs = []
@@ -426,7 +428,7 @@ def nccl_main(args) -> None:
     print(f"ratio (headline {headline['case']}): {headline['ratio']:.3f}  target 0.85")
     if args.cpu and not args.save:
         return
-    from pdserve.kv_transfer.nccl_rank import MAX_MESSAGES
+    from pdserve.kv_transfer.nccl.verify import MAX_MESSAGES
     max_messages = args.max_messages or MAX_MESSAGES
     config = dict(transport="nccl", backend="gloo" if args.cpu else "nccl", dtype="float32" if args.cpu else "bfloat16",
                   block_size=args.block_size, block_ids="shuffled", prefill_tp=1, decode_tp=1, runs=args.runs,
@@ -456,8 +458,9 @@ def nccl_worker(args) -> None:
     into messages apart from gathering, checking and scattering). On CPU, raw and split
     go through our pair's gloo group."""
     from pdserve.engine.kv_cache import KVCache
-    from pdserve.kv_transfer.nccl_rank import RankKV, layer_groups
-    from pdserve.kv_transfer.nccl_store import connect_store
+    from pdserve.kv_transfer.nccl.rank import RankKV
+    from pdserve.kv_transfer.nccl.verify import layer_groups
+    from pdserve.kv_transfer.nccl.store import connect_store
     index, cuda = args.worker, not args.cpu
     if args.pin_cpus:
         os.sched_setaffinity(0, {int(args.pin_cpus.split(",")[index])})
@@ -532,7 +535,7 @@ class _Link:
     (its works) or on a nccl_lib.Comm (on a stream of our own, an event after the last)."""
 
     def __init__(self, link, index: int, device: torch.device):
-        from pdserve.kv_transfer.nccl_lib import Comm
+        from pdserve.kv_transfer.nccl.lib import Comm
         self.link, self.index, self.cuda = link, index, device.type == "cuda"
         self.comm = isinstance(link, Comm)
         self.stream = torch.cuda.Stream(device) if self.comm else None
@@ -604,7 +607,7 @@ def _one_transfer(kind, index, rank, store, tag, key, blocks, pair, heads, layer
 def _split_buffers(rank, blocks, groups, heads, index) -> list[torch.Tensor]:
     """--diag's split kind: ours's messages, gathered once beforehand, and a tail of the same size."""
     idx = torch.tensor(blocks, dtype=torch.long, device=rank.device)
-    bufs = [rank._gather(idx, l0, l1, 0, heads) for l0, l1 in groups]
+    bufs = [rank.bufs.gather(idx, l0, l1, 0, heads) for l0, l1 in groups]
     if index == 1:
         bufs = [torch.empty_like(b) for b in bufs]
     return [*bufs, torch.zeros(3 + rank.kv.num_layers, dtype=torch.int64, device=rank.device)]
@@ -614,17 +617,17 @@ def _kernel_times(rank, blocks, groups, heads) -> dict:
     """GPU time of the data-mover's kernels alone (no transfer running), median of 5, ms, for
     every message: the fused gather (or scatter) + checksum kernels RankKV runs, and the
     torch ops it runs where they do not apply (gather, checksum, scatter)."""
-    from pdserve.kv_transfer.nccl_rank import checksum
+    from pdserve.kv_transfer.nccl.verify import checksum
     idx = torch.tensor(blocks, dtype=torch.long, device=rank.device)
-    bufs = [rank._gather(idx, l0, l1, 0, heads) for l0, l1 in groups]
-    steps = {"torch_gather": lambda: [rank._gather(idx, l0, l1, 0, heads) for l0, l1 in groups],
+    bufs = [rank.bufs.gather(idx, l0, l1, 0, heads) for l0, l1 in groups]
+    steps = {"torch_gather": lambda: [rank.bufs.gather(idx, l0, l1, 0, heads) for l0, l1 in groups],
              "torch_checksum": lambda: [checksum(b) for b in bufs],
-             "torch_scatter": lambda: [rank._scatter(idx, l0, l1, 0, heads, b) for (l0, l1), b in zip(groups, bufs)]}
-    if rank._mover is not None:  # what RankKV runs: gather/scatter and checksum in one kernel per message
+             "torch_scatter": lambda: [rank.bufs.scatter(idx, l0, l1, 0, heads, b) for (l0, l1), b in zip(groups, bufs)]}
+    if rank.gpu is not None and rank.gpu.mover is not None:  # what RankKV runs: gather/scatter and checksum in one kernel per message
         flat = [b.view(-1).view(torch.int32) for b in bufs]
         rows = torch.empty((rank.kv.num_layers, 2 * len(blocks)), dtype=torch.int64, device=rank.device)
         for name, scatter in (("fused_gather", False), ("fused_scatter", True)):
-            steps[name] = lambda scatter=scatter: [rank._mover.move(idx, l0, l1, 0, heads, b, rows, scatter)
+            steps[name] = lambda scatter=scatter: [rank.gpu.mover.move(idx, l0, l1, 0, heads, b, rows, scatter)
                                                    for (l0, l1), b in zip(groups, flat)]
     out = {}
     for name, fn in steps.items():
@@ -644,26 +647,26 @@ def _host_costs(rank, blocks, groups, heads) -> dict:
     """Host time of the steps a send issues, microseconds per call (median of 5 rounds of 20)."""
     idx = torch.tensor(blocks, dtype=torch.long, device=rank.device)
     (l0, l1), nb = groups[0], len(blocks)
-    buf = rank._gather(idx, l0, l1, 0, heads)
+    buf = rank.bufs.gather(idx, l0, l1, 0, heads)
     rows = torch.empty((rank.kv.num_layers, 2 * nb), dtype=torch.int64, device=rank.device)
     event = torch.cuda.Event()
     ids = torch.tensor(blocks, dtype=torch.long)
     import array
 
     def pinned_ids():
-        t = rank._host_ids.take(array.array("q", blocks))
-        rank._host_ids.release(t, torch.cuda.current_stream())
+        t = rank.gpu.host_ids.take(array.array("q", blocks))
+        rank.gpu.host_ids.release(t, torch.cuda.current_stream())
 
     steps = {"block ids to pinned buffer (pool)": pinned_ids,
              "torch.tensor(block ids)": lambda: torch.tensor(blocks, dtype=torch.long),
              "pin_memory()": lambda: ids.pin_memory(),
              "empty pinned": lambda: torch.empty(len(blocks), dtype=torch.long, pin_memory=True),
-             "message buffer (torch.empty)": lambda: rank._empty_buf(l1 - l0, nb, heads),
+             "message buffer (torch.empty)": lambda: rank.bufs.empty(l1 - l0, nb, heads),
              "event record": lambda: event.record(),
              "event query": lambda: event.query()}
-    if rank._mover is not None:
+    if rank.gpu is not None and rank.gpu.mover is not None:
         flat = buf.view(-1).view(torch.int32)
-        steps["fused gather launch"] = lambda: rank._mover.move(idx, l0, l1, 0, heads, flat, rows, False)
+        steps["fused gather launch"] = lambda: rank.gpu.mover.move(idx, l0, l1, 0, heads, flat, rows, False)
         steps["int32 view"] = lambda: buf.view(-1).view(torch.int32)
     out = {}
     for name, fn in steps.items():
@@ -684,8 +687,8 @@ def _traced(index, rank, store, ci, blocks, pair, heads, layers, wires, runs: in
     runs: per kind (ours and the plain ones), per run, this rank's marks (label, host
     seconds). For the plain kinds the sender marks its entry and each send issued, the
     receiver the receives completed: the host cost of cold send calls beside ours."""
-    from pdserve.kv_transfer.nccl_rank import Trace
-    rank.trace, out = Trace(rank.device), {kind: [] for kind in ("ours", *wires)}
+    from pdserve.kv_transfer.nccl.trace import Trace
+    rank.gpu.trace, out = Trace(rank.device), {kind: [] for kind in ("ours", *wires)}
     trace = rank.trace
     for run in range(runs):
         for kind in out:
@@ -709,7 +712,7 @@ def _traced(index, rank, store, ci, blocks, pair, heads, layers, wires, runs: in
             else:
                 link.wait(trace)
             out[kind].append(trace.report())
-    rank.trace = None
+    rank.gpu.trace = None
     return out
 
 

@@ -18,7 +18,8 @@ from pdserve.decode_node.subscribers import Subscriber
 from pdserve.engine.llm_engine import StepOutput
 from pdserve.common.config import LEASE_S
 from pdserve.common.sampling import SamplingParams
-from pdserve.kv_transfer.base import KVReceiver, Role, TransferState
+from pdserve.kv_transfer.base.conn import KVReceiver, Role
+from pdserve.kv_transfer.base.status import TransferState
 from pdserve.node.base import NodeBase
 from pdserve.wire.protocol import FINISH, to_engine_params
 from pdserve.common.recent_ids import RecentIds
@@ -257,8 +258,8 @@ class DecodeNode(NodeBase, node_pb2_grpc.DecodeNodeServicer):
 
     def _cancel_reservation(self, res: Reservation) -> None:
         self.kv.cancel(res.receiver.transfer_id)
-        # the blocks go once the transfer ended: at once for ZeroMQ; for NCCL once
-        # receives already posted for them have ended
+        # the blocks go once the transfer ended: at once where nothing else writes them,
+        # else once what the transport posted for them (NCCL's receives) has ended
         self._spawn(self._release_when_ended(res))
 
     async def _release_when_ended(self, res: Reservation) -> None:
@@ -289,9 +290,6 @@ class DecodeNode(NodeBase, node_pb2_grpc.DecodeNodeServicer):
         self._drop(lambda e: e != epoch, f"registered anew under epoch {epoch}; the old registration is gone")
 
     async def OpenKVPairs(self, req: node_pb2.KVPairsRequest, context) -> node_pb2.KVPairsResponse:
-        if not self.nccl:
-            raise RpcError(grpc.StatusCode.FAILED_PRECONDITION,
-                           f"this decode node's KV transport is {self.cfg.kv_transport}, not nccl")
         try:
             host, port = self.kv.accept_pairs(req)
         except ValueError as e:

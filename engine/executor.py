@@ -3,11 +3,11 @@ child processes (engine.worker) that receive each step's plan by broadcast.
 
 Commands are int64 tensors, never pickled objects: a 5-number header
 [command, *args] followed by an int64 body (the packed plan for RUN, block ids for
-EXPORT/IMPORT of KV, whose tensors then move by gather/scatter). KV commands of the
-NCCL transport (pairs, sends, receives, polls) carry a small JSON body as bytes."""
+EXPORT/IMPORT of KV, whose tensors then move by gather/scatter, the keys of KV_POLL).
+KV connector metadata (KV_APPLY now, KV_STEP with the next RUN) goes as the bytes of
+its typed codec (engine/kv_connector.py)."""
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -18,14 +18,15 @@ import torch
 
 from pdserve.engine import parallel
 from pdserve.common.config import EngineConfig
+from pdserve.engine.kv_connector import KVConnectorMetadata, KVConnectorSpec, KVPoll
 from pdserve.engine.model_runner import ModelRunner, StepPlan
 
-CMD_STOP, CMD_RUN, CMD_EXPORT, CMD_IMPORT, CMD_KV = 0, 1, 2, 3, 4
+CMD_STOP, CMD_RUN, CMD_EXPORT, CMD_IMPORT, CMD_KV_APPLY, CMD_KV_STEP, CMD_KV_POLL = range(7)
 
 
 class Executor:
-    def __init__(self, cfg: EngineConfig, model_path: Path):
-        self.cfg, self.model_path = cfg, model_path
+    def __init__(self, cfg: EngineConfig, model_path: Path, kv_connector: KVConnectorSpec | None = None):
+        self.cfg, self.model_path, self.kv_connector = cfg, model_path, kv_connector
         self.procs: list[subprocess.Popen] = []
         self.runner: ModelRunner | None = None
 
@@ -38,10 +39,12 @@ class Executor:
         for rank in range(1, tp):
             cmd = [sys.executable, "-m", "pdserve.engine.worker", "--rank", str(rank), "--store", store,
                    "--model-path", str(self.model_path), "--config", self.cfg.to_json()]
+            if self.kv_connector is not None:
+                cmd += ["--kv-connector", self.kv_connector.to_json()]
             self.procs.append(subprocess.Popen(cmd, env=env))
         try:
             parallel.init(0, tp, store, self.backend, self.cfg.rank_device(0), check_alive=self._check_ranks)
-            self.runner = ModelRunner(self.cfg, self.model_path, 0)
+            self.runner = ModelRunner(self.cfg, self.model_path, 0, self.kv_connector)
         except BaseException:
             self.close()
             raise
@@ -55,12 +58,15 @@ class Executor:
     def backend(self) -> str:
         return "nccl" if self.cfg.is_cuda else "gloo"
 
-    def execute(self, plan: StepPlan) -> torch.Tensor | None:
+    def execute(self, plan: StepPlan, meta: KVConnectorMetadata | None = None) -> torch.Tensor | None:
+        """Run a step on every rank; meta (its KV saves) goes to the ranks first."""
         if self.procs:
+            if meta:
+                self._send_bytes(CMD_KV_STEP, meta.encode())
             header, body = plan.pack()
             self._broadcast(torch.cat([torch.tensor([CMD_RUN]), header]))
             self._broadcast(body)
-        return self.runner.execute(plan)
+        return self.runner.execute(plan, meta)
 
     def export_kv(self, layer_start: int, num_layers: int, block_ids: list[int]) -> list[list[torch.Tensor]]:
         """[layer][tp rank] KV shards of block_ids for layers [layer_start, +num_layers)."""
@@ -73,13 +79,22 @@ class Executor:
         self._send_kv_command(CMD_IMPORT, layer_start, num_layers, block_ids)
         self.runner.import_kv(layer_start, num_layers, block_ids, layers)
 
-    def kv(self, op: int, spec: dict):
-        """A KV-transport operation (engine.model_runner KV_*) on every rank; rank 0's result."""
+    def kv_apply(self, meta: KVConnectorMetadata) -> None:
+        """The KV connector's between-steps work (channels, loads) on every rank."""
         if self.procs:
-            data = json.dumps(spec).encode()
-            self._broadcast(torch.tensor([CMD_KV, op, len(data), 0, 0]))
-            self._broadcast(torch.frombuffer(bytearray(data), dtype=torch.uint8))
-        return self.runner.kv_op(op, spec)
+            self._send_bytes(CMD_KV_APPLY, meta.encode())
+        self.runner.kv_apply(meta)
+
+    def kv_poll(self, keys: list[int]) -> dict[int, tuple[KVPoll, str]]:
+        """Transfers among keys that ended on every rank (a collective): key -> (state, error)."""
+        if self.procs:
+            self._broadcast(torch.tensor([CMD_KV_POLL, len(keys), 0, 0, 0]))
+            self._broadcast(torch.tensor(keys, dtype=torch.long))
+        return self.runner.kv_poll(keys)
+
+    def _send_bytes(self, cmd: int, data: bytes) -> None:
+        self._broadcast(torch.tensor([cmd, len(data), 0, 0, 0]))
+        self._broadcast(torch.frombuffer(bytearray(data), dtype=torch.uint8))
 
     def _send_kv_command(self, cmd: int, layer_start: int, num_layers: int, block_ids: list[int]) -> None:
         if self.procs:

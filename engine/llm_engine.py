@@ -7,7 +7,8 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -15,12 +16,13 @@ from pdserve.engine.block_manager import BlockManager
 from pdserve.common.config import EngineConfig
 from pdserve.engine.detokenizer import IncrementalDetokenizer
 from pdserve.engine.executor import Executor
+from pdserve.engine.kv_connector import KVConnectorMetadata, KVConnectorSpec, KVPoll, KVSave
 from pdserve.engine.loader import load_config, load_tokenizer, resolve_model
 from pdserve.engine.model import ModelSpec
 from pdserve.engine.sampler import Sampler, make_generator
 from pdserve.common.sampling import SamplingParams, validate_request
 from pdserve.engine.scheduler import Scheduler
-from pdserve.engine.model_runner import KV_CLOSE, KV_OPEN, KV_POLL, KV_RECV, KV_SEND, StepPlan
+from pdserve.engine.model_runner import StepPlan
 from pdserve.engine.sequence import Sequence
 
 
@@ -82,18 +84,19 @@ class StepTrace:
 
 
 class LLMEngine:
-    def __init__(self, cfg: EngineConfig):
-        self.cfg = cfg
+    def __init__(self, cfg: EngineConfig, kv_connector: KVConnectorSpec | None = None):
+        """kv_connector: the KV connector worker every TP rank builds (engine/kv_connector.py)."""
+        self.cfg, self.kv_connector = cfg, kv_connector
         self.executor: Executor | None = None
-        # NCCL KV transport: called on this thread with each sequence whose KV sends are
-        # issued in the coming step, in issue order (the receiver must post in that order)
-        self.on_kv_send = None
+        # called on this thread with each save the coming step starts, in that order
+        # (a transport whose receiver must post in send order announces it here)
+        self.on_kv_save: Callable[[KVSave], None] | None = None
 
     def start(self) -> "LLMEngine":
         self.model_path = resolve_model(self.cfg.model)
         ModelSpec.from_hf(load_config(self.model_path)).check_tp(self.cfg.tp)  # before spawning ranks
         self.tokenizer = load_tokenizer(self.model_path)
-        self.executor = Executor(self.cfg, self.model_path)
+        self.executor = Executor(self.cfg, self.model_path, self.kv_connector)
         self.executor.start()
         runner = self.executor.runner
         self.spec, self.max_model_len, self.device = runner.spec, runner.max_model_len, runner.device
@@ -124,15 +127,14 @@ class LLMEngine:
 
     def add_request(self, prompt_token_ids: list[int], params: SamplingParams,
                     request_id: str | None = None, prefill_only: bool = False,
-                    kv_send: dict | None = None) -> Sequence:
+                    kv_save: KVSave | None = None) -> Sequence:
         """Validate and queue a request; raises ValueError with a readable message.
         A prefill_only request finishes after its first token ("prefilled") and keeps
-        its KV blocks for export until release(). kv_send ({"key", "dests"}: per TP rank,
-        the (pair, head start, heads) slices to send) streams its prompt KV over the
-        NCCL pairs during the step that completes its prefill."""
+        its KV blocks for export until release(). kv_save has the KV connector save its
+        prompt KV during the step that completes its prefill (the engine adds the blocks)."""
         self.validate(prompt_token_ids, params)
         seq = self._new_sequence(prompt_token_ids, params, request_id, prefill_only)
-        seq.kv_send = kv_send
+        seq.kv_save = kv_save
         self.scheduler.add(seq)
         return seq
 
@@ -173,24 +175,17 @@ class LLMEngine:
         """Write [layer][tp rank] KV shards into reserved blocks on every rank."""
         self.executor.import_kv(layer_start, len(layers), block_ids, layers)
 
-    # NCCL KV transport (see kv_transfer.nccl_transport)
+    # KV connector (engine/kv_connector.py)
 
-    def kv_open_pairs(self, pairs: list[dict]) -> None:
-        """Join pair communicators ({name, rank, index, host, port}); blocks until every peer joined."""
-        self.executor.kv(KV_OPEN, {"pairs": pairs})
+    def kv_apply(self, meta: KVConnectorMetadata) -> None:
+        """Run meta's channel changes and loads on every rank now; blocks until channels are joined."""
+        self.executor.kv_apply(meta)
 
-    def kv_close_pairs(self, names: list[str]) -> None:
-        self.executor.kv(KV_CLOSE, {"pairs": names})
-
-    def kv_recv(self, key: int, block_ids: list[int], srcs: dict[str, list], num_layers: int) -> None:
-        """Post the receives of one transfer into reserved blocks on every rank (non-blocking)."""
-        self.executor.kv(KV_RECV, {"key": key, "blocks": block_ids, "srcs": srcs, "layers": num_layers})
-
-    def kv_poll(self, keys: list[int]) -> dict[int, tuple[bool, str]]:
+    def kv_finished(self, keys: list[int]) -> dict[int, tuple[bool, str]]:
         """Transfers among keys that ended on every rank: key -> (ok, error)."""
         if not keys:
             return {}
-        return {k: (code == 2, err) for k, (code, err) in self.executor.kv(KV_POLL, {"keys": keys}).items()}
+        return {k: (state == KVPoll.DONE, err) for k, (state, err) in self.executor.kv_poll(keys).items()}
 
     def _new_sequence(self, prompt_token_ids, params, request_id, prefill_only) -> Sequence:
         seq = Sequence(prompt_token_ids, params, request_id, prefill_only)
@@ -224,11 +219,10 @@ class LLMEngine:
         rows = [i for i in range(len(batch)) if batch.samples(i)]
         plan = StepPlan.build(batch.seqs, batch.num_new_tokens, rows, self.cfg.block_size)
         sends = [seq for seq, n in zip(batch.seqs, batch.num_new_tokens)
-                 if seq.kv_send and seq.num_computed_tokens + n >= seq.num_prompt_tokens]
-        if sends:
-            self._attach_sends(sends)
+                 if seq.kv_save and seq.num_computed_tokens + n >= seq.num_prompt_tokens]
+        meta = self._saves(sends) if sends else None
         started = self.trace.start() if self.trace else None
-        logits = self.executor.execute(plan)
+        logits = self.executor.execute(plan, meta)
         queued = self.trace.queued() if self.trace else 0.0
         self.scheduler.advance(batch)
         if not rows:
@@ -241,15 +235,16 @@ class LLMEngine:
             self.trace.end(started, queued, sum(batch.num_new_tokens), bool(sends), runner.forward_queued)
         return [self._postprocess(seq, tok) for seq, tok in zip(seqs, tokens)]
 
-    def _attach_sends(self, seqs: list[Sequence]) -> None:
-        orders = []
+    def _saves(self, seqs: list[Sequence]) -> KVConnectorMetadata:
+        """The saves of the sequences whose prompts this step completes, with their blocks."""
+        saves = []
         for seq in seqs:
-            order, seq.kv_send = seq.kv_send, None
-            if self.on_kv_send is not None:
-                self.on_kv_send(seq, order)
             blocks = seq.block_table[:self.blocks.blocks_for(seq.num_prompt_tokens)]
-            orders.append({"key": order["key"], "blocks": blocks, "dests": order["dests"]})
-        self.executor.kv(KV_SEND, {"sends": orders})
+            save, seq.kv_save = replace(seq.kv_save, block_ids=tuple(blocks)), None
+            if self.on_kv_save is not None:
+                self.on_kv_save(save)
+            saves.append(save)
+        return KVConnectorMetadata(saves=tuple(saves))
 
     def _postprocess(self, seq: Sequence, token: int) -> StepOutput:
         seq.append(token)

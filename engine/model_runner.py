@@ -3,12 +3,10 @@
 Rank 0 turns a scheduled batch into a StepPlan, a handful of int64 tensors packed
 into one buffer so it can be broadcast to the other ranks (no pickling).
 
-The NCCL KV transport's per-rank work (kv_transfer.nccl_rank.RankKV) runs here too,
-through kv_op: pairs open and close, receives are posted, and sends are attached to
-the next step. Its forward records an event after each layer, and the hook that
-records it has RankKV queue the gather and send of each layer group whose last layer
-that was: a group's KV leaves while the host queues the next layers and the device
-computes them (the host queues a prefill's layers barely ahead of the device)."""
+A KV connector worker (engine/kv_connector.py), where the node runs one, moves KV
+to and from other nodes: a step with saves records an event after each layer (GPU)
+and calls the worker's save_layer from each layer's hook, so a transport can send a
+layer group while the host queues the next layers and the device computes them."""
 from __future__ import annotations
 
 import array
@@ -23,12 +21,10 @@ from pdserve.engine import parallel
 from pdserve.engine.attention import AttentionMetadata
 from pdserve.common.config import EngineConfig
 from pdserve.engine.kv_cache import KVCache
+from pdserve.engine.kv_connector import KVConnectorMetadata, KVConnectorSpec, KVPoll, KVSave
 from pdserve.engine.loader import init_dummy_weights, load_config, load_weights
 from pdserve.engine.model import CausalLM, ModelSpec
 
-
-KV_OPEN, KV_CLOSE, KV_SEND, KV_RECV, KV_POLL = range(5)
-KV_FAILED, KV_PENDING, KV_OK = 0, 1, 2   # poll codes: a MIN over the ranks lets one failure win
 
 
 @dataclass
@@ -81,7 +77,7 @@ class StepPlan:
 
 
 class ModelRunner:
-    def __init__(self, cfg: EngineConfig, model_path: Path, rank: int):
+    def __init__(self, cfg: EngineConfig, model_path: Path, rank: int, kv_connector: KVConnectorSpec | None = None):
         self.cfg, self.rank = cfg, rank
         self.device = cfg.rank_device(rank)
         self.dtype = cfg.torch_dtype()
@@ -113,11 +109,11 @@ class ModelRunner:
         if self.use_triton:
             from pdserve.engine.step_inputs import DeviceInputs
             self.inputs = DeviceInputs(self.device)
-        self.kv_xfer = None              # RankKV, made by the first KV-transport operation
-        self._sends: list[dict] = []     # KV sends attached to the next step
+        self.connector = None            # the KV connector worker, if the node runs one
+        self._saving = False             # a step with KV saves is queuing its layers
         self._layer_events: list | None = None
         self._kv_known: set[int] = set()  # keys of this rank's live transfers
-        self._kv_ended: dict[int, tuple[bool, str]] = {}
+        self._kv_ended: dict[int, str] = {}
         self.forward_queued: tuple[float, float] | None = None  # last eager step: (perf_counter, thread_time)
         self.num_blocks = self._pool_blocks()
         self.kv = KVCache(self.spec.num_layers, self.num_blocks, cfg.block_size, self.kv_heads,
@@ -132,6 +128,11 @@ class ModelRunner:
                 pool = self.prefill_graphs.capture()
             self.graphs = DecodeGraphs(self, min(cfg.max_num_seqs, 512))
             self.graphs.capture(pool)
+        if kv_connector is not None:
+            self.connector = kv_connector.build(rank, cfg.tp)
+            self.connector.register_kv_cache(self.kv, self.device)
+            for i, layer in enumerate(self.model.layers):
+                layer.register_forward_hook(partial(self._layer_done, i))
 
     def _pool_blocks(self) -> int:
         per_block = KVCache.bytes_per_block(self.spec.num_layers, self.cfg.block_size, self.kv_heads,
@@ -210,79 +211,47 @@ class ModelRunner:
         for i in range(num_layers):
             self.kv.import_layer(layer_start + i, block_ids, out[i])
 
-    # NCCL KV transport (every rank runs the same operations in the same order)
+    # KV connector (every rank runs the same calls in the same order)
 
-    def kv_op(self, op: int, spec: dict):
-        if self.kv_xfer is None:
-            from pdserve.kv_transfer.nccl_rank import RankKV
-            cfg = self.cfg
-            self.kv_xfer = RankKV(self.kv, self.device, timeout_s=cfg.kv_timeout_s,
-                                  min_message_bytes=int(cfg.kv_min_message_mib * 2**20), max_ctas=cfg.kv_max_ctas)
-            for i, layer in enumerate(self.model.layers):
-                layer.register_forward_hook(partial(self._layer_done, i))
-        me = str(self.rank)
-        if op == KV_OPEN:  # in (prefill rank, decode rank) order on both sides: no rank waits on a busy peer
-            for pair in spec["pairs"]:
-                if pair["rank"] == self.rank:
-                    self.kv_xfer.open_pair(pair["name"], pair["host"], pair["port"], pair["index"])
-        elif op == KV_CLOSE:
-            for name in spec["pairs"]:
-                if name in self.kv_xfer.pairs:
-                    self.kv_xfer.close_pair(name)
-        elif op == KV_SEND:
-            self._sends.extend(spec["sends"])
-        elif op == KV_RECV:
-            srcs = spec["srcs"].get(me, [])
-            if srcs:  # a rank with nothing to move reports the key done (see _kv_poll)
-                self._kv_known.add(spec["key"])
-                self.kv_xfer.recv(spec["key"], spec["blocks"], [tuple(s) for s in srcs], spec["layers"])
-        elif op == KV_POLL:
-            return self._kv_poll(spec["keys"])
-        else:
-            raise RuntimeError(f"unknown KV operation {op}")
+    def kv_apply(self, meta: KVConnectorMetadata) -> None:
+        """Between steps: this rank's part of meta (channels, loads)."""
+        mine = meta.for_rank(self.rank)
+        self._kv_known.update(mine.keys)
+        self.connector.apply(mine)
 
-    def _kv_poll(self, keys: list[int]) -> dict[int, tuple[int, str]]:
-        """key -> (code, error) for the given keys, codes MIN-reduced over the TP group
-        (rank 0's errors; a failure elsewhere says so). Reported ends are forgotten."""
-        self._kv_ended.update(self.kv_xfer.poll())
+    def kv_poll(self, keys: list[int]) -> dict[int, tuple[KVPoll, str]]:
+        """key -> (state, error) of the given keys that ended on every rank, states MIN-reduced
+        over the TP group (rank 0's errors; a failure elsewhere says so). Reported ends are forgotten."""
+        self._kv_ended.update(self.connector.get_finished())
         codes = []
         for key in keys:
             if key in self._kv_ended:
-                codes.append(KV_OK if self._kv_ended[key][0] else KV_FAILED)
+                codes.append(KVPoll.FAILED if self._kv_ended[key] else KVPoll.DONE)
             else:
-                codes.append(KV_PENDING if key in self._kv_known else KV_OK)  # nothing for this rank to move
+                codes.append(KVPoll.PENDING if key in self._kv_known else KVPoll.DONE)  # nothing for this rank
         if self.cfg.tp > 1:
             t = torch.tensor(codes, dtype=torch.long, device=self.device if self.device.type == "cuda" else "cpu")
             torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN)
             codes = t.tolist()
         out = {}
         for key, code in zip(keys, codes):
-            if code == KV_PENDING:
+            if code == KVPoll.PENDING:
                 continue
-            ok, err = self._kv_ended.pop(key, (True, ""))
+            err = self._kv_ended.pop(key, "")
             self._kv_known.discard(key)
-            out[key] = (code, err or ("" if code == KV_OK else "the transfer failed on another TP rank"))
+            out[key] = (KVPoll(code), err or ("" if code == KVPoll.DONE else "the transfer failed on another TP rank"))
         return out
 
     def _layer_done(self, layer: int, module, args, output) -> None:
-        if self._layer_events is not None:
-            self._layer_events[layer].record()
-            self.kv_xfer.layer_queued(layer)
-
-    def _issue_sends(self, sends: list[dict]) -> None:
-        """GPU: before the forward (each layer group then leaves from its last layer's hook);
-        CPU: after it."""
-        me = str(self.rank)
-        for s in sends:
-            dests = s["dests"].get(me, [])
-            if dests:  # none: a replicated shard another rank sends
-                self._kv_known.add(s["key"])
-                self.kv_xfer.send(s["key"], s["blocks"], [tuple(d) for d in dests], self._layer_events)
+        if self._saving:
+            if self._layer_events is not None:
+                self._layer_events[layer].record()
+            self.connector.save_layer(layer)
 
     def close_kv(self) -> None:
-        if self.kv_xfer is not None:
-            self.kv_xfer.close()
-            self.kv_xfer = None
+        if self.connector is not None:
+            self.connector.close()
+            self.connector = None
 
     def metadata(self, plan: StepPlan) -> AttentionMetadata:
         """The torch attention path's metadata (CPU, or a GPU without the Triton kernels)."""
@@ -298,11 +267,11 @@ class ModelRunner:
             prefill_rows=[i for i, q in enumerate(qlens) if q > 1], query_starts_host=starts.tolist())
 
     @torch.inference_mode()
-    def execute(self, plan: StepPlan) -> torch.Tensor | None:
+    def execute(self, plan: StepPlan, meta: KVConnectorMetadata | None = None) -> torch.Tensor | None:
         """Run one step; return the sampled rows' logits [S, V] in float32 on rank 0.
         A decode-only step that fits a captured CUDA graph replays it; so does any other
-        step that fits a prefill graph (with KV sends too, where the graphs record layer events)."""
-        sends, self._sends = self._sends, []
+        step that fits a prefill graph (with KV saves too, where the graphs record layer events)."""
+        sends = meta.for_rank(self.rank).saves if meta else ()
         self.forward_queued = None
         pg = self.prefill_graphs
         if self.graphs is not None and self.graphs.fits(plan) and not sends:
@@ -313,22 +282,22 @@ class ModelRunner:
             logits = self._eager(plan, sends)
         return None if logits is None else logits.float()
 
-    def _replay_prefill(self, plan: StepPlan, sends: list[dict]) -> torch.Tensor | None:
-        """Replay the prefill graph; KV sends are queued after it, each group's gather behind
-        the event the graph records after the group's last layer."""
+    def _replay_prefill(self, plan: StepPlan, sends: tuple[KVSave, ...]) -> torch.Tensor | None:
+        """Replay the prefill graph; the connector queues its saves after it, each layer
+        group behind the event the graph records after the group's last layer."""
         pg = self.prefill_graphs
         out = self._with_sends(sends, pg.layer_events(plan) if sends else None, lambda: pg.replay(plan, self.inputs))
         if plan.sample_tokens.numel() == 0:
             return None
         return out if self.cfg.tp == 1 else self.model.compute_logits(out)
 
-    def _eager(self, plan: StepPlan, sends: list[dict]) -> torch.Tensor | None:
+    def _eager(self, plan: StepPlan, sends: tuple[KVSave, ...]) -> torch.Tensor | None:
         if self.inputs is not None:  # one copy of every input (engine/step_inputs.py)
             ids, positions, meta, sample = self.inputs.eager(plan)
         else:
             ids, positions, meta = plan.input_ids.to(self.device), plan.positions.to(self.device), self.metadata(plan)
             sample = plan.sample_tokens
-        # on GPU each layer group leaves from the hook of its last layer, while later layers are queued
+        # on GPU the connector can move each layer from its hook, while later layers are queued
         events = [torch.cuda.Event() for _ in range(self.spec.num_layers)] if sends and self.device.type == "cuda" \
             else None
         hidden = self._with_sends(sends, events, lambda: self.model(ids, positions, meta))
@@ -336,27 +305,27 @@ class ModelRunner:
             return None
         return self.model.compute_logits(hidden[sample.to(self.device)])
 
-    def _with_sends(self, sends: list[dict], events: list | None, forward):
-        """Run forward() (queue the step's layers) with its KV sends: streamed behind the
-        layer events where given (issued before, queued group by group as the layers are,
-        the rest after), else (CPU) the whole KV once computed. A failed forward fails the
-        streamed sends it left half queued."""
-        if events is not None:
-            self._layer_events = events
-            self._issue_sends(sends)
+    def _with_sends(self, sends: tuple[KVSave, ...], events: list | None, forward):
+        """Run forward() (queue the step's layers) with its KV saves: the connector starts
+        them before, hears of each layer from its hook (events recorded on GPU) and
+        finishes them after. A failed forward aborts what it left half issued."""
+        if not sends:
+            out = forward()
+            self.forward_queued = (time.perf_counter(), time.thread_time())  # diagnostics (StepTrace)
+            return out
+        self._kv_known.update(s.key for s in sends)
+        self.connector.start_step(sends, events)
+        self._layer_events, self._saving = events, True
         try:
             out = forward()
             self.forward_queued = (time.perf_counter(), time.thread_time())  # diagnostics (StepTrace)
-            if events is not None:
-                self.kv_xfer.end_streams()
-            elif sends:
-                self._issue_sends(sends)
+            self._saving = False
+            self.connector.finish_step()
         except BaseException:
-            if events is not None:
-                self.kv_xfer.abort_streams("the forward that computes the KV failed")
+            self.connector.abort_step("the forward that computes the KV failed")
             raise
         finally:
-            self._layer_events = None
+            self._layer_events, self._saving = None, False
         return out
 
 

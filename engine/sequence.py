@@ -8,6 +8,7 @@ from enum import Enum, auto
 import torch
 
 from pdserve.common.sampling import SamplingParams
+from pdserve.engine.kv_connector import KVSave
 
 
 class SeqStatus(Enum):
@@ -41,7 +42,7 @@ class Sequence:
         # a prefill-only sequence stops after its first token and keeps its KV blocks
         # until release() (a prefill node exports them to a decode node first)
         self.prefill_only = prefill_only
-        self.kv_send: dict | None = None  # NCCL KV transport: sends issued when the prefill completes
+        self.kv_save: KVSave | None = None  # KV connector: saved by the step that completes the prompt
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import json
 import signal
 from pathlib import Path
 
@@ -11,7 +10,9 @@ import torch
 
 from pdserve.engine import parallel
 from pdserve.common.config import EngineConfig
-from pdserve.engine.executor import CMD_EXPORT, CMD_IMPORT, CMD_KV, CMD_RUN, CMD_STOP, _release_cuda
+from pdserve.engine.executor import (CMD_EXPORT, CMD_IMPORT, CMD_KV_APPLY, CMD_KV_POLL, CMD_KV_STEP, CMD_RUN,
+                                     CMD_STOP, _release_cuda)
+from pdserve.engine.kv_connector import KVConnectorMetadata, KVConnectorSpec
 from pdserve.engine.model_runner import ModelRunner, StepPlan
 
 
@@ -28,14 +29,21 @@ def main() -> None:
     ap.add_argument("--store", required=True)
     ap.add_argument("--model-path", required=True)
     ap.add_argument("--config", required=True)
+    ap.add_argument("--kv-connector", default=None, help="KVConnectorSpec as JSON: the worker this rank builds")
     args = ap.parse_args()
     _die_with_parent()
     cfg = EngineConfig.from_json(args.config)
     device = cfg.rank_device(args.rank)
     backend = "nccl" if cfg.is_cuda else "gloo"
     parallel.init(args.rank, cfg.tp, args.store, backend, device)
-    runner = ModelRunner(cfg, Path(args.model_path), args.rank)
+    spec = KVConnectorSpec.from_json(args.kv_connector) if args.kv_connector else None
+    runner = ModelRunner(cfg, Path(args.model_path), args.rank, spec)
     comm = device if backend == "nccl" else torch.device("cpu")
+    step_meta = None  # KV saves of the next RUN
+
+    def receive_bytes(n: int) -> bytes:
+        return bytes(parallel.broadcast(torch.empty(n, dtype=torch.uint8, device=comm)).cpu().numpy())
+
     while True:
         cmd = parallel.broadcast(torch.empty(5, dtype=torch.long, device=comm)).cpu()
         kind, args = cmd[0].item(), cmd[1:]
@@ -43,12 +51,19 @@ def main() -> None:
             break
         if kind == CMD_RUN:
             body = parallel.broadcast(torch.empty(StepPlan.body_numel(args), dtype=torch.long, device=comm))
-            runner.execute(StepPlan.unpack(args, body.cpu()))
+            runner.execute(StepPlan.unpack(args, body.cpu()), step_meta)
+            step_meta = None
             continue
-        if kind == CMD_KV:
-            op, nbytes = args[:2].tolist()
-            data = parallel.broadcast(torch.empty(nbytes, dtype=torch.uint8, device=comm)).cpu()
-            runner.kv_op(op, json.loads(bytes(data.tolist())))
+        if kind in (CMD_KV_APPLY, CMD_KV_STEP):
+            meta = KVConnectorMetadata.decode(receive_bytes(args[0].item()))
+            if kind == CMD_KV_APPLY:
+                runner.kv_apply(meta)
+            else:
+                step_meta = meta
+            continue
+        if kind == CMD_KV_POLL:
+            keys = parallel.broadcast(torch.empty(args[0].item(), dtype=torch.long, device=comm)).cpu().tolist()
+            runner.kv_poll(keys)
             continue
         layer_start, num_layers, num_blocks = args[:3].tolist()
         blocks = parallel.broadcast(torch.empty(num_blocks, dtype=torch.long, device=comm)).cpu().tolist()

@@ -1,23 +1,15 @@
-"""KV data plane: moves a prompt's KV from prefill ranks to decode ranks.
+"""KV data plane: moves a prompt's KV from prefill ranks to decode ranks. One node-side
+contract (base/), one folder per backend; nodes pick a backend by --kv-transport name
+through registry.py and never branch on it.
 
-    base.py           roles: TransferState, KVSender (prefill, per request), KVReceiver
-                      (decode, per request), KVManager (per node)
-    layout.py         KVLayout, kv_head_range (which heads a TP rank holds), head re-slicing
-    header.py         the [KVHeader, *frames] message: build and check (version, hash, sizes, XXH3 checksums)
-    zmq_transport.py  ZmqKVManager: the ZeroMQ transport's manager, either role
-    zmq_inbox.py      decode side: the ROUTER socket and its receive thread
-    zmq_outbox.py     prefill side: DEALER sockets per endpoint and their I/O thread
-    zmq_sender.py     ZmqKVSender           zmq_receiver.py  ZmqKVReceiver
-    nccl_transport.py NcclKVManager: the NCCL transport's manager (pair sets, control over ZeroMQ)
-    nccl_pairs.py     which heads move over which (prefill rank, decode rank) pair; PairSet
-    nccl_sender.py    NcclKVSender          nccl_receiver.py NcclKVReceiver
-    nccl_rank.py      RankKV: each rank's data mover (NCCL on GPU, gloo on CPU)
-    nccl_store.py     the pair rendezvous store, on a socket we bind
-The NCCL modules are imported only by nodes started with --kv-transport nccl.
-"""
-from .base import KVManager, KVReceiver, KVSender, Role, TransferState, WriteFn
-from .layout import KVLayout, kv_head_range
-from .zmq_transport import ZmqKVManager
+    base/       roles and the node-side contract (conn.py), transfer states (status.py), KV
+                layout and head re-slicing (layout.py), the KV message and its checks
+                (header.py), the control channel over ZeroMQ (inbox.py, outbox.py), the
+                backend descriptor (backend.py)
+    zmq/        ZeroMQ: data and control as ZeroMQ frames, any hosts
+    nccl/       NCCL between GPUs (gloo on CPU): the engine's ranks move the data through
+                its KV connector worker (nccl/connector.py), pairs opened at registration
+    fake/       completes at once inside one process (node tests that test no transport)
+    registry.py backend name -> its config, manager and connector
 
-__all__ = ["KVLayout", "KVManager", "KVReceiver", "KVSender", "Role", "TransferState", "WriteFn", "ZmqKVManager",
-           "kv_head_range"]
+Importing this package (and the registry, and any backend's config.py) loads no torch."""

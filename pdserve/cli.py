@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -10,13 +11,24 @@ from pdserve.common.config import CoordinatorConfig, EngineConfig, NodeConfig
 from pdserve.common.flags import add_flags, from_args
 from pdserve.common.model_files import chat_prompt
 from pdserve.cluster import ClusterConfig
+from pdserve.kv_transfer import registry
 
 
-NCCL_FIELDS = ("kv_timeout_s", "kv_min_message_mib", "kv_max_ctas")
+def add_kv_flags(p: argparse.ArgumentParser) -> None:
+    """--kv-<option> for every option of every KV backend; unset ones keep the backend's default."""
+    g = p.add_argument_group("KV transport", "options of the --kv-transport backend (each says which take it)")
+    users: dict[str, list[str]] = {}
+    for name in registry.names():
+        for f in dataclasses.fields(registry.config_class(name)):
+            users.setdefault(f.name, []).append(name)
+    for name in registry.names():
+        add_flags(g, registry.config_class(name), prefix="kv_", note=lambda f: ", ".join(users[f.name]) + ": ")
 
 
-def add_engine_flags(p: argparse.ArgumentParser, nodes: bool = False) -> None:
-    add_flags(p.add_argument_group("engine"), EngineConfig, skip=() if nodes else NCCL_FIELDS)
+def kv_config(a: argparse.Namespace):
+    """The chosen backend's config from the --kv-* flags given; one it does not take is an error."""
+    options = {f.name for name in registry.names() for f in dataclasses.fields(registry.config_class(name))}
+    return registry.make_config(a.kv_transport, **{k: getattr(a, "kv_" + k) for k in options})
 
 
 def add_sampling_flags(p: argparse.ArgumentParser) -> None:
@@ -106,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--prompt-ids", default=None, help="comma-separated token ids instead of text")
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     g.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
-    add_engine_flags(g)
+    add_flags(g.add_argument_group("engine"), EngineConfig)
     add_sampling_flags(g)
     g.add_argument("--coordinator", default=None, help="send to a running cluster instead of running offline")
     g.add_argument("--served-model", default=None, help="model name to ask the coordinator for")
@@ -124,8 +136,9 @@ def build_parser() -> argparse.ArgumentParser:
             n.add_argument("--role", required=True, choices=["prefill", "decode", "both"],
                            help="both: a colocated node (prefill and decode in one continuous batch)")
         add_flags(n.add_argument_group("node"), NodeConfig)
+        add_kv_flags(n)
         add_switch_interval_flag(n)
-        add_engine_flags(n, nodes=True)
+        add_flags(n.add_argument_group("engine"), EngineConfig)
         if role != "node":
             n.set_defaults(role=role)
         n.set_defaults(func=cmd_node)
@@ -184,14 +197,14 @@ def cmd_node(a: argparse.Namespace) -> int:
         # CUDA loads a kernel lazily by default, and loading one waits for the kernels
         # running on the device, a NCCL receive spinning on a dead peer included: the
         # engine thread would then hang before it could abort that pair. Load them all
-        # when CUDA starts instead (about 2 s and 640 MiB per process on an H200); the TP
+        # when CUDA starts instead (a few seconds and some GPU memory per process); the TP
         # rank processes inherit it.
         os.environ.setdefault("CUDA_MODULE_LOADING", "EAGER")
-        if a.kv_host in ("127.0.0.1", "localhost"):  # NCCL's and gloo's own sockets stay on loopback too
+        if a.kv_host in (None, "127.0.0.1", "localhost"):  # NCCL's and gloo's own sockets stay on loopback too
             os.environ.setdefault("NCCL_SOCKET_IFNAME", "lo")
             os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     from pdserve.process import run_until_signal
-    cfg = from_args(NodeConfig, a, engine=from_args(EngineConfig, a))
+    cfg = from_args(NodeConfig, a, kv=kv_config(a), engine=from_args(EngineConfig, a))
     if a.role == "prefill":
         from pdserve.prefill_node.server import PrefillNode as Node
     elif a.role == "both":

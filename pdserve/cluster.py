@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from pdserve.common.config import CoordinatorConfig, EngineConfig, NodeConfig
 from pdserve.common.flags import opt, to_argv
+from pdserve.kv_transfer.nccl.config import NcclConfig
 
 
 def free_port() -> int:
@@ -69,8 +70,8 @@ class Cluster:
         if device == "cuda":
             import torch
             gpus = torch.cuda.device_count()
-        nccl = {k: v for k, v in (("kv_timeout_s", cfg.kv_timeout_s), ("kv_min_message_mib", cfg.kv_min_message_mib),
-                                  ("kv_max_ctas", cfg.kv_max_ctas)) if v is not None}
+        nccl = NcclConfig(**{k: v for k, v in (("timeout_s", cfg.kv_timeout_s), ("max_ctas", cfg.kv_max_ctas),
+                                               ("min_message_mib", cfg.kv_min_message_mib)) if v is not None})
         next_gpu, cmds = 0, []
         pools = (("prefill", cfg.prefill, cfg.prefill_tp), ("decode", cfg.decode, cfg.decode_tp),
                  ("both", cfg.colocated, cfg.decode_tp))
@@ -86,9 +87,10 @@ class Cluster:
                 engine = EngineConfig(model=cfg.model, tp=tp, device=node_device, dtype=cfg.dtype,
                                       kv_blocks=cfg.kv_blocks, max_num_seqs=cfg.max_num_seqs,
                                       max_num_batched_tokens=cfg.max_num_batched_tokens, load_format=cfg.load_format,
-                                      prefill_graphs=cfg.prefill_graphs, **(nccl if transport == "nccl" else {}))
+                                      prefill_graphs=cfg.prefill_graphs)
                 node = NodeConfig(coordinator=cfg.listen, kv_transport=transport, engine=engine)
-                cmd = [sys.executable, "-m", "pdserve", "node", "--role", role, *to_argv(node), *to_argv(engine)]
+                cmd = [sys.executable, "-m", "pdserve", "node", "--role", role, *to_argv(node), *to_argv(engine),
+                       *(to_argv(nccl, prefix="kv_") if transport == "nccl" else ())]
                 if cfg.switch_interval_us is not None:
                     cmd += ["--switch-interval-us", str(cfg.switch_interval_us)]
                 cmds.append(cmd + list(cfg.node_flags))

@@ -8,7 +8,8 @@ import time
 import grpc
 
 from pdserve.engine.llm_engine import StepOutput
-from pdserve.kv_transfer.base import Role, TransferState
+from pdserve.kv_transfer.base.conn import KVUnavailable, Role
+from pdserve.kv_transfer.base.status import TransferState
 from pdserve.node.base import NodeBase
 from pdserve.wire.protocol import FINISH, to_engine_params
 from pdserve.wire.rpc import RpcError
@@ -24,9 +25,9 @@ class PrefillNode(NodeBase, node_pb2_grpc.PrefillNodeServicer):
 
     def __init__(self, cfg):
         super().__init__(cfg)
-        self.pending: dict[int, tuple] = {}   # seq_id -> (future of (first StepOutput, exported KV), NCCL sender)
+        self.pending: dict[int, tuple] = {}   # seq_id -> (future of its first StepOutput, its KV sender)
         self.requests: dict[str, object] = {}          # request_id -> Sequence, while prefilling
-        self.senders: dict[str, object] = {}           # request_id -> NcclKVSender, while prefilling
+        self.senders: dict[str, object] = {}           # request_id -> KVSender, while prefilling
 
     def add_servicer(self, server: grpc.aio.Server) -> None:
         node_pb2_grpc.add_PrefillNodeServicer_to_server(self, server)
@@ -38,14 +39,10 @@ class PrefillNode(NodeBase, node_pb2_grpc.PrefillNodeServicer):
         prompt, params, rid = list(req.prompt_token_ids), to_engine_params(req.sampling), req.request_id
         ticket = req.ticket  # its lease may have been renewed since: the decode node judges it
         start = time.time()
-        sender = None
-        if self.nccl:  # the engine sends the KV itself, during the step that completes the prompt
-            pairs = await self.kv.ready_pairs(ticket.decode_node_id, wait_s=10.0)
-            if pairs is None:
-                raise RpcError(grpc.StatusCode.UNAVAILABLE,
-                               f"KV transfer: no NCCL pairs open towards decode node {ticket.decode_node_id}")
-            nblocks = -(-len(prompt) // self.engine.cfg.block_size)
-            sender = self.kv.sender(ticket.kv_endpoint, ticket.transfer_id, ticket.epoch, nblocks, pairs)
+        try:
+            sender = await self.kv.sender_for(ticket, max(1, -(-len(prompt) // self.engine.cfg.block_size)))
+        except KVUnavailable as e:
+            raise RpcError(grpc.StatusCode.UNAVAILABLE, f"KV transfer: {e}") from None
         fut = self.aio.create_future()
         added = asyncio.ensure_future(self.call(lambda engine: self._add(engine, prompt, params, rid, fut, sender)))
         try:
@@ -59,7 +56,7 @@ class PrefillNode(NodeBase, node_pb2_grpc.PrefillNodeServicer):
             raise
         self.requests[rid], self.senders[rid] = seq, sender
         try:
-            out, layers = await fut
+            out = await fut
         except asyncio.CancelledError:
             await asyncio.shield(self._abort(seq, sender))
             raise
@@ -71,12 +68,6 @@ class PrefillNode(NodeBase, node_pb2_grpc.PrefillNodeServicer):
         if out.seq.finish_reason != "prefilled":
             resp.finish_reason = FINISH[out.seq.finish_reason]
             return resp
-        if sender is None:  # ZeroMQ (NCCL: the step sent the data, the engine thread queued the finish)
-            sender = self.kv.sender(ticket.kv_endpoint, ticket.transfer_id, ticket.epoch, layers[0][0].shape[1])
-            step = self.cfg.kv_layers_per_message
-            for start_layer in range(0, len(layers), step):
-                sender.send_layers(start_layer, layers[start_layer:start_layer + step])
-            sender.finish(out.token_id)
         try:  # the lease only guards against a vanished coordinator: the call's deadline bounds this wait
             acked = await sender.status.ended_async(context.time_remaining())
         except asyncio.CancelledError:
@@ -91,18 +82,12 @@ class PrefillNode(NodeBase, node_pb2_grpc.PrefillNodeServicer):
         return resp
 
     def _give_up(self, sender, why: str = "withdrawn") -> None:
-        """End a sender that will not complete: NCCL tells the receiver not to wait; a
-        ZeroMQ sender fails, so that the outbox forgets it and drops its shards."""
-        if sender is None or sender.status.ended:
-            return
-        if self.nccl:
-            sender.withdraw()
-        else:
-            sender.fail(why)
+        """End a sender that will not complete (the transport tells the receiver if it must)."""
+        if not sender.status.ended:
+            sender.withdraw(why)
 
-    def _add(self, engine, prompt, params, request_id, fut, sender=None):
-        kv_send = sender.order if sender is not None else None
-        seq = engine.add_request(prompt, params, request_id, prefill_only=True, kv_send=kv_send)
+    def _add(self, engine, prompt, params, request_id, fut, sender):
+        seq = engine.add_request(prompt, params, request_id, prefill_only=True, kv_save=sender.save)
         self.pending[seq.seq_id] = (fut, sender)
         return seq
 
@@ -110,32 +95,35 @@ class PrefillNode(NodeBase, node_pb2_grpc.PrefillNodeServicer):
         pass  # results are delivered from the engine thread (see _on_step_thread)
 
     def _on_step_thread(self, outs: list[StepOutput]) -> None:
-        # engine thread: export the finished prompts' KV and free their blocks right away
+        # engine thread: the senders complete (what the step did not send leaves now, with the
+        # first token, not after a hop to the event loop), then the prompts' blocks are freed
         engine = self.engine
         for out in outs:
             fut, sender = self.pending.pop(out.seq.seq_id, (None, None))
             if fut is None:
                 continue
-            if sender is not None and out.seq.finish_reason == "prefilled":
-                # NCCL: the finish (first token) leaves now, not after a hop to the event loop:
-                # the decode side needs it, and the sender is done only once it went out
-                sender.finish(out.token_id)
-            elif sender is not None:  # ended at its first token: no finish follows the data
-                sender.withdraw()
-            exported = out.seq.finish_reason == "prefilled" and not self.nccl  # NCCL: sent during the step
-            layers = engine.export_kv(out.seq) if exported else None
-            engine.release(out.seq)
-            self.aio.call_soon_threadsafe(_resolve, fut, (out, layers))
+            seq = out.seq
+            if seq.finish_reason == "prefilled":
+                try:
+                    sender.complete(out.token_id, lambda start, n: engine.export_kv(seq, start, n))
+                except Exception as e:  # this transfer fails, not the engine
+                    log.exception("KV send of %s failed", seq.request_id)
+                    sender.fail(f"send failed: {type(e).__name__}: {e}")
+            else:  # ended at its first token: no finish follows the data
+                sender.withdraw("the request ended at its first token")
+            engine.release(seq)
+            self.aio.call_soon_threadsafe(_resolve, fut, out)
 
     async def _abort(self, seq, sender) -> None:
         def abort(engine):
-            self.pending.pop(seq.seq_id, None)
-            unsent, seq.kv_send = seq.kv_send is not None, None  # NCCL: its sends were never issued
+            # not completed yet: a save attached to it was never issued, nothing was sent
+            unsent = self.pending.pop(seq.seq_id, None) is not None
+            seq.kv_save = None
             if not seq.is_finished:
                 engine.abort(seq)
             return unsent
-        if await self.call(abort) and sender is not None:
-            sender.withdraw()
+        if await self.call(abort):
+            sender.withdraw("aborted")
 
     async def Abort(self, req: node_pb2.AbortRequest, context) -> node_pb2.AbortResponse:
         seq = self.requests.get(req.request_id)

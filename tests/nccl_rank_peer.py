@@ -16,9 +16,9 @@ import time
 
 import torch
 
-import pdserve.kv_transfer.nccl_rank as nccl_rank
 from pdserve.engine.kv_cache import KVCache
-from pdserve.kv_transfer.nccl_rank import RankKV
+from pdserve.kv_transfer.nccl import verify
+from pdserve.kv_transfer.nccl.rank import RankKV
 
 
 def cache_contents(seed: int, layers: int, blocks: int, block_size: int, heads: int, head_dim: int,
@@ -78,10 +78,12 @@ def main(cfg: dict) -> None:
             sends = op["sends"] if kind == "step" else [op]
             forward = cfg.get("forward") and device.type == "cuda"  # the cache fills while the sends are queued
             events = [torch.cuda.Event() for _ in range(cfg["layers"])] if forward else None
-            saved, saved_mover = nccl_rank.checksum, rank._mover
+            gpu = rank.gpu
+            saved, saved_mover = verify.checksum, gpu.mover if gpu is not None else None
             if op.get("corrupt"):  # the receiver must see a mismatch: the sender's checksums are off by one
-                nccl_rank.checksum = lambda buf: saved(buf) + 1
-                rank._mover = OffByOne(saved_mover) if saved_mover is not None else None
+                verify.checksum = lambda buf: saved(buf) + 1
+                if gpu is not None:
+                    gpu.mover = OffByOne(saved_mover) if saved_mover is not None else None
             try:
                 for one in sends:
                     started[one["key"]] = time.monotonic()
@@ -89,7 +91,9 @@ def main(cfg: dict) -> None:
                 if forward:
                     fill_like_a_forward(kv, *contents, cfg.get("delay_cycles", 20_000_000), events, rank)
             finally:
-                nccl_rank.checksum, rank._mover = saved, saved_mover
+                verify.checksum = saved
+                if gpu is not None:
+                    gpu.mover = saved_mover
             for one in sends:
                 emit(event="sent", key=one["key"], host_s=round(time.monotonic() - started[one["key"]], 4))
         elif kind == "recv":

@@ -1,6 +1,7 @@
 """`pdserve generate` is a contract: flags in, one JSON object (or streamed text) out."""
 from __future__ import annotations
 
+import pytest
 import json
 import subprocess
 import sys
@@ -63,11 +64,17 @@ def test_configs_round_trip_through_their_flags():
     from pdserve.cluster import Cluster, ClusterConfig
     from pdserve.common.config import CoordinatorConfig, EngineConfig, NodeConfig
     from pdserve.common.flags import from_args, to_argv
-    engine = EngineConfig(tp=2, kv_blocks=77, chunked_prefill=False, prefill_graphs=False, dtype="float16",
-                          kv_timeout_s=5.0)
-    node = NodeConfig(coordinator="127.0.0.1:9", kv_transport="nccl", max_unread_batches=7, engine=engine)
-    a = build_parser().parse_args(["node", "--role", "decode", *to_argv(node), *to_argv(engine)])
-    assert from_args(NodeConfig, a, engine=from_args(EngineConfig, a)) == node
+    from pdserve.cli import kv_config
+    from pdserve.kv_transfer.nccl.config import NcclConfig
+    engine = EngineConfig(tp=2, kv_blocks=77, chunked_prefill=False, prefill_graphs=False, dtype="float16")
+    kv = NcclConfig(timeout_s=5.0, host="127.0.0.2")
+    node = NodeConfig(coordinator="127.0.0.1:9", kv_transport="nccl", kv=kv, max_unread_batches=7, engine=engine)
+    a = build_parser().parse_args(["node", "--role", "decode", *to_argv(node), *to_argv(engine),
+                                   *to_argv(kv, prefix="kv_")])
+    assert from_args(NodeConfig, a, kv=kv_config(a), engine=from_args(EngineConfig, a)) == node
+    with pytest.raises(ValueError, match="no option layers_per_message"):  # a zmq option given to nccl
+        kv_config(build_parser().parse_args(["node", "--role", "prefill", "--coordinator", "x",
+                                             "--kv-transport", "nccl", "--kv-layers-per-message", "2"]))
     coordinator = CoordinatorConfig(listen="127.0.0.1:7", lease_s=3.0, client_stall_s=2.0, max_queued=5)
     a = build_parser().parse_args(["coordinator", *to_argv(coordinator)])
     assert from_args(CoordinatorConfig, a) == coordinator

@@ -324,7 +324,7 @@ def _parent(pid: str) -> int:
 
 
 def test_a_zeromq_decode_node_refuses_nccl_pairs(qwen3_cluster):
-    from pdserve.kv_transfer.header import PROTOCOL_VERSION
+    from pdserve.kv_transfer.base.header import PROTOCOL_VERSION
     from pdserve.v1 import node_pb2, node_pb2_grpc
     decode = next(n for n in qwen3_cluster.status()["nodes"] if n["role"] == "decode")
     with grpc.insecure_channel(decode["address"]) as ch:

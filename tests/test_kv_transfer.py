@@ -1,4 +1,4 @@
-"""KV data plane over ZeroMQ (kv_transfer/): real sockets on loopback, one process.
+"""KV data plane over ZeroMQ (kv_transfer/zmq, kv_transfer/base): real sockets on loopback, one process.
 
 Every test ends with nothing registered on either side; closing leaves no thread."""
 from __future__ import annotations
@@ -11,9 +11,11 @@ import pytest
 import torch
 import zmq
 
-from pdserve.kv_transfer import KVLayout, Role, TransferState, ZmqKVManager, kv_head_range
-from pdserve.kv_transfer.layout import unique_ranks
-from pdserve.kv_transfer.header import PROTOCOL_VERSION, build_header
+from pdserve.kv_transfer.base.conn import Role
+from pdserve.kv_transfer.base.header import PROTOCOL_VERSION, build_header
+from pdserve.kv_transfer.base.layout import KVLayout, kv_head_range, unique_ranks
+from pdserve.kv_transfer.base.status import TransferState
+from pdserve.kv_transfer.zmq.manager import ZmqKVManager
 from pdserve.v1 import kv_pb2
 
 LAYERS, BLOCK, HEAD_DIM = 4, 4, 8

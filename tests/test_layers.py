@@ -28,10 +28,6 @@ LAYERS = [
     ["pdserve"],  # the CLI, launcher, client and benchmarks tooling directly under pdserve/
 ]
 SIDEWAYS = {("pdserve.colocated_node", "pdserve.decode_node")}  # a colocated node reuses the decode node's streams
-# TODO(KV connector): the engine's NCCL hooks and the NCCL sender/receiver/manager coupling
-KNOWN_UPWARD = {("pdserve.engine.model_runner", "pdserve.kv_transfer.nccl_rank")}
-KNOWN_CYCLES = [["pdserve.kv_transfer.nccl_receiver", "pdserve.kv_transfer.nccl_sender",
-                 "pdserve.kv_transfer.nccl_transport"]]
 COORDINATOR_MAY_IMPORT = {"pdserve.coordinator", "pdserve.wire", "pdserve.common", "pdserve.v1", "pdserve"}
 
 
@@ -94,7 +90,7 @@ def test_imports_point_down_the_layers(graph):
             dp = package_of(dst)
             if dp == sp or dst == "pdserve" or (sp, dp) in SIDEWAYS:
                 continue
-            if layer_of(dp) >= layer_of(sp) and (src, dst) not in KNOWN_UPWARD:
+            if layer_of(dp) >= layer_of(sp):
                 wrong.append(f"{src} -> {dst}")
     assert not wrong, "imports that do not point down:\n" + "\n".join(sorted(wrong))
 
@@ -116,7 +112,7 @@ def test_no_import_cycles(graph):
                 w = stack.pop(); on.discard(w); comp.append(w)
                 if w == v:
                     break
-            if len(comp) > 1 and sorted(comp) not in KNOWN_CYCLES:
+            if len(comp) > 1:
                 cycles.append(sorted(comp))
 
     for v in graph:
@@ -135,7 +131,9 @@ def test_the_coordinator_reaches_neither_the_engine_nor_torch(graph):
     assert {package_of(m) for m in reach} <= COORDINATOR_MAY_IMPORT, sorted(reach)
     code = ("import sys; sys.modules['torch'] = None\n"
             "import pdserve.coordinator.server, pdserve.cli\n"
-            "bad = [m for m in sys.modules if m.startswith(('pdserve.engine', 'pdserve.kv_transfer', 'pdserve.node'))]\n"
+            # the CLI reads the KV backends' config dataclasses (torch-free) for their flags, nothing else of theirs
+            "bad = [m for m in sys.modules if m.startswith(('pdserve.engine', 'pdserve.node')) or m.startswith("
+            "'pdserve.kv_transfer.') and not m.endswith(('.config', '.registry', '.nccl', '.zmq', '.fake'))]\n"
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
 

@@ -87,7 +87,7 @@ def test_a_cancelled_stream_frees_kv_and_restarted_nodes_get_new_pairs(tiny_mode
 def check_the_pair_handshake_refuses_mismatches(client: Client) -> None:
     """OpenKVPairs checks the protocol version and the compat hash before anything else."""
     from pdserve.v1 import node_pb2, node_pb2_grpc
-    from pdserve.kv_transfer.header import PROTOCOL_VERSION
+    from pdserve.kv_transfer.base.header import PROTOCOL_VERSION
     decode = next(n for n in client.status()["nodes"] if n["role"] == "decode")
     with grpc.insecure_channel(decode["address"]) as ch:
         stub = node_pb2_grpc.DecodeNodeStub(ch)

@@ -21,10 +21,10 @@ import numpy as np
 import pytest
 import torch
 
-from pdserve.kv_transfer.layout import kv_head_range
-from pdserve.kv_transfer.nccl_pairs import pair_slices
-from pdserve.kv_transfer.nccl_rank import checksum, layer_groups
-from pdserve.kv_transfer.nccl_store import serve_store
+from pdserve.kv_transfer.base.layout import kv_head_range
+from pdserve.kv_transfer.nccl.pairs import pair_slices
+from pdserve.kv_transfer.nccl.store import serve_store
+from pdserve.kv_transfer.nccl.verify import checksum, layer_groups
 from tests.nccl_rank_peer import cache_contents
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -8,12 +8,14 @@ import time
 import pytest
 import torch
 
-from pdserve.kv_transfer.base import TransferState
-from pdserve.kv_transfer.layout import KVLayout, kv_head_range
-from pdserve.kv_transfer.nccl_pairs import PairSet
-from pdserve.kv_transfer.nccl_receiver import NcclKVReceiver
-from pdserve.kv_transfer.nccl_sender import NcclKVSender
-from pdserve.kv_transfer.header import PROTOCOL_VERSION
+from pdserve.engine.kv_connector import KVRoute
+from pdserve.kv_transfer.base.conn import Role
+from pdserve.kv_transfer.base.header import PROTOCOL_VERSION
+from pdserve.kv_transfer.base.layout import KVLayout, kv_head_range
+from pdserve.kv_transfer.base.status import TransferState
+from pdserve.kv_transfer.nccl.pairs import PairSet
+from pdserve.kv_transfer.nccl.receiver import NcclKVReceiver
+from pdserve.kv_transfer.nccl.sender import NcclKVSender
 from pdserve.v1 import kv_pb2
 
 LAYOUT = KVLayout.create("m", 2, 2, 8, 4, torch.float32)
@@ -33,15 +35,15 @@ def test_every_decode_rank_gets_each_of_its_heads_from_exactly_one_prefill_rank(
         assert sorted(got[s]) == list(range(c, d))
     dests, srcs = ps.dests(), ps.srcs()
     for r, s, lo, n in ps.slices:  # local offsets: the same global heads on both ends
-        assert [ps.pair(r, s), lo - kv_head_range(r, p_tp, heads)[0], n] in dests[str(r)]
-        assert [ps.pair(r, s), lo - kv_head_range(s, d_tp, heads)[0], n] in srcs[str(s)]
-    spec = ps.open_spec("prefill", "127.0.0.1", 1)
-    assert [(e["name"], e["index"]) for e in spec] == [(ps.pair(r, s), 0) for r, s, _, _ in ps.slices]
-    assert spec == sorted(spec, key=lambda e: e["name"]), "pairs open in one order on both sides"
+        assert KVRoute(r, ps.pair(r, s), lo - kv_head_range(r, p_tp, heads)[0], n) in dests
+        assert KVRoute(s, ps.pair(r, s), lo - kv_head_range(s, d_tp, heads)[0], n) in srcs
+    spec = ps.channels(Role.PREFILL, "127.0.0.1", 1)
+    assert [(e.name, e.side) for e in spec] == [(ps.pair(r, s), 0) for r, s, _, _ in ps.slices]
+    assert list(spec) == sorted(spec, key=lambda e: e.name), "pairs open in one order on both sides"
 
 
 class Manager:
-    """What a receiver or sender uses of NcclKVManager."""
+    """The callables a receiver or sender gets from NcclKVManager."""
     layout = LAYOUT
 
     def __init__(self):
@@ -73,7 +75,11 @@ def announce(tid: str) -> kv_pb2.KVHeader:
 
 
 def receiver(m: Manager, tid: str = "t", lease_s: float = 30.0) -> NcclKVReceiver:
-    return NcclKVReceiver(m, tid, 1, [4, 5, 6], time.time() + lease_s, 1)
+    return NcclKVReceiver(LAYOUT, tid, 1, [4, 5, 6], time.time() + lease_s, 1, m.pair_sets.get, m.post_recv, m.retire)
+
+
+def sender(m: Manager) -> NcclKVSender:
+    return NcclKVSender(LAYOUT, m.pair_sets["p.1"], "t", 1, 3, m.submit)
 
 
 @pytest.mark.parametrize("data_first", [True, False])
@@ -145,7 +151,7 @@ def test_bad_announces_are_refused():
 
 def test_a_sender_ends_only_when_its_sends_completed_and_its_finish_was_taken():
     m = Manager()
-    tx = NcclKVSender(m, m.pair_sets["p.1"], "t", 1, 3)
+    tx = sender(m)
     tx.announce()
     tx.finish(7)
     tx.on_data(True, "")
@@ -160,7 +166,7 @@ def test_a_sender_ends_only_when_its_sends_completed_and_its_finish_was_taken():
 
 def test_a_withdrawn_sender_tells_the_receiver_and_fails():
     m = Manager()
-    tx = NcclKVSender(m, m.pair_sets["p.1"], "t", 1, 3)
+    tx = sender(m)
     tx.withdraw()
     msg = kv_pb2.KVHeader.FromString(tx.build_message(m.submitted[-1])[0])
     assert msg.withdrawn and msg.last

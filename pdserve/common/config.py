@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 from pdserve.common.flags import opt
 from pdserve.common.model_files import DEFAULT_MODEL
@@ -32,12 +33,6 @@ class EngineConfig:
                                      "replay graphs)", off="--no-prefill-graphs")
     load_format: str = opt("auto", "dummy: random weights from config.json alone (benchmarks)",
                            choices=("auto", "dummy"))
-    # NCCL KV transport, per rank (kv_transfer/nccl_rank.py)
-    kv_timeout_s: float = opt(30.0, "nccl: seconds a transfer may take before its pair is aborted and rebuilt",
-                              flag="--kv-timeout")
-    kv_min_message_mib: float = opt(16.0, "nccl: layers go in messages of at least this many MiB (fewer, larger "
-                                          "messages against a shorter tail after the last layer)")
-    kv_max_ctas: int = opt(0, "nccl: most SMs each KV pair's NCCL kernels may take (0: NCCL's choice)")
 
     def __post_init__(self) -> None:
         if self.tp < 1:
@@ -52,8 +47,6 @@ class EngineConfig:
             raise ValueError("gpu_memory_utilization must be in (0, 1]")
         if self.load_format not in ("auto", "dummy"):
             raise ValueError(f"load_format must be auto or dummy, got {self.load_format}")
-        if self.kv_timeout_s <= 0 or self.kv_min_message_mib < 0 or self.kv_max_ctas < 0:
-            raise ValueError("--kv-timeout must be > 0, --kv-min-message-mib and --kv-max-ctas >= 0")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, got {self.dtype}")
 
@@ -86,21 +79,13 @@ class EngineConfig:
 class NodeConfig:
     coordinator: str = opt(help="the coordinator's gRPC address")
     listen: str = opt("127.0.0.1:0", "HOST:PORT of this node's gRPC server (port 0: any free port)")
-    kv_transport: str = opt("zmq", "KV data plane: zmq (any hosts) or nccl (GPU to GPU; gloo on CPU)",
-                            choices=("zmq", "nccl"))
-    kv_host: str = opt("127.0.0.1", "decode: the address the KV receiver binds")
-    kv_ipc: str | None = opt(None, "decode: bind the KV receiver to this ipc path instead (zmq)")
-    kv_layers_per_message: int = opt(1, "prefill: layers coalesced into one KV message (zmq)")
+    kv_transport: str = opt("zmq", "KV backend (kv_transfer/<name>/): zmq (any hosts), nccl (GPU to GPU; gloo "
+                                   "on CPU) or fake (in-process, tests)")
+    kv: Any = None                           # the backend's config (kv_transfer/<name>/config.py); None: its defaults
     max_unread_batches: int = opt(4096, "decode: a token stream (Subscribe) this many step batches behind is ended")
     engine: EngineConfig = field(default_factory=EngineConfig)
 
     def __post_init__(self) -> None:
-        if self.kv_transport not in ("zmq", "nccl"):
-            raise ValueError(f"--kv-transport {self.kv_transport!r} is not available (zmq, nccl)")
-        if self.kv_transport == "nccl" and self.kv_ipc:
-            raise ValueError("--kv-ipc is a ZeroMQ option; the nccl transport's control socket is tcp")
-        if self.kv_layers_per_message < 1:
-            raise ValueError("--kv-layers-per-message must be >= 1")
         if self.max_unread_batches < 1:
             raise ValueError("--max-unread-batches must be >= 1")
 

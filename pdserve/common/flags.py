@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import typing
+from collections.abc import Callable
 from typing import Any
 
 
@@ -28,52 +29,58 @@ def _flags(cls) -> list[tuple[dataclasses.Field, type]]:
     return out
 
 
-def flag_name(f: dataclasses.Field) -> str:
+def flag_name(f: dataclasses.Field, prefix: str = "") -> str:
     if f.metadata["flag"]:
         return f.metadata["flag"]
-    return "--" + f.name.replace("_", "-")
+    return "--" + (prefix + f.name).replace("_", "-")
 
 
-def _off_name(f: dataclasses.Field) -> str:
-    return f.metadata["off"] or "--no-" + f.name.replace("_", "-")
+def _off_name(f: dataclasses.Field, prefix: str = "") -> str:
+    return f.metadata["off"] or "--no-" + (prefix + f.name).replace("_", "-")
 
 
 def _default(f: dataclasses.Field) -> Any:
     return f.default_factory() if f.default is dataclasses.MISSING else f.default
 
 
-def add_flags(p: argparse.ArgumentParser | argparse._ArgumentGroup, cls, skip: tuple[str, ...] = ()) -> None:
-    """One flag per opt() field of cls, dest = the field's name."""
+def add_flags(p: argparse.ArgumentParser | argparse._ArgumentGroup, cls, skip: tuple[str, ...] = (),
+              prefix: str = "", note: Callable[[dataclasses.Field], str] | None = None) -> None:
+    """One flag per opt() field of cls, dest = prefix + the field's name. With a prefix
+    (options of one of several backends) an unset flag parses as None, and a flag another
+    class added already is left as it is."""
     for f, kind in _flags(cls):
-        if f.name in skip:
+        if f.name in skip or (prefix and flag_name(f, prefix) in getattr(p, "_option_string_actions", {})):
             continue
         required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
         default = None if required else _default(f)
-        text = f.metadata["help"]
+        text, dest = (note(f) if note else "") + f.metadata["help"], prefix + f.name
         if kind is bool:
             if default:
-                p.add_argument(_off_name(f), dest=f.name, action="store_false", help=text)
+                p.add_argument(_off_name(f, prefix), dest=dest, action="store_false", help=text)
             else:
-                p.add_argument(flag_name(f), dest=f.name, action="store_true", help=text)
+                p.add_argument(flag_name(f, prefix), dest=dest, action="store_true", help=text)
             continue
         if default not in (None, "", ()):
             text += f" (default: {default})".replace("%", "%%")
+        if prefix:
+            default = None
         if kind in (list, tuple) or typing.get_origin(kind) in (list, tuple):
-            p.add_argument(flag_name(f), dest=f.name, action="append", default=None, help=text + " (repeatable)")
+            p.add_argument(flag_name(f, prefix), dest=dest, action="append", default=None,
+                           help=text + " (repeatable)")
             continue
-        p.add_argument(flag_name(f), dest=f.name, type=kind, default=default, required=required,
+        p.add_argument(flag_name(f, prefix), dest=dest, type=kind, default=default, required=required,
                        choices=f.metadata["choices"], metavar=None if f.metadata["choices"] else kind.__name__.upper(),
                        help=text)
 
 
-def from_args(cls, a: argparse.Namespace, **given: Any):
+def from_args(cls, a: argparse.Namespace, prefix: str = "", **given: Any):
     """cls built from the parsed flags of its opt() fields (plus `given`)."""
-    values = {f.name: getattr(a, f.name) for f, _ in _flags(cls) if hasattr(a, f.name)}
+    values = {f.name: getattr(a, prefix + f.name) for f, _ in _flags(cls) if hasattr(a, prefix + f.name)}
     values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items() if v is not None}
     return cls(**{**values, **given})
 
 
-def to_argv(cfg: Any) -> list[str]:
+def to_argv(cfg: Any, prefix: str = "") -> list[str]:
     """The flags that rebuild cfg's opt() fields, for those that differ from their defaults."""
     argv: list[str] = []
     for f, kind in _flags(type(cfg)):
@@ -82,10 +89,10 @@ def to_argv(cfg: Any) -> list[str]:
             if value == _default(f):
                 continue
         if kind is bool:
-            argv.append(flag_name(f) if value else _off_name(f))
+            argv.append(flag_name(f, prefix) if value else _off_name(f, prefix))
         elif isinstance(value, (list, tuple)):
             for item in value:
-                argv += [flag_name(f), str(item)]
+                argv += [flag_name(f, prefix), str(item)]
         elif value is not None:
-            argv += [flag_name(f), str(value)]
+            argv += [flag_name(f, prefix), str(value)]
     return argv

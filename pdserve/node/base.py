@@ -10,9 +10,9 @@ import grpc
 
 from pdserve.engine.engine_loop import EngineLoop
 from pdserve.engine.llm_engine import LLMEngine, StepOutput
-from pdserve.kv_transfer.base import Role
-from pdserve.kv_transfer.layout import KVLayout
-from pdserve.kv_transfer.zmq_transport import ZmqKVManager
+from pdserve.kv_transfer.base.conn import NodeLink, Role
+from pdserve.kv_transfer.base.layout import KVLayout
+from pdserve.kv_transfer.registry import backend
 from pdserve.node.agent import NodeAgent
 from pdserve.common.config import NodeConfig
 from pdserve.wire.protocol import PROTOCOL_VERSION
@@ -37,28 +37,27 @@ class NodeBase:
 
     async def start(self) -> str:
         self.aio = asyncio.get_running_loop()
-        self.engine = await asyncio.to_thread(LLMEngine(self.cfg.engine).start)
+        kv = backend(self.cfg.kv_transport)
+        if self.cfg.kv is None:
+            self.cfg.kv = kv.config_class()
+        elif not isinstance(self.cfg.kv, kv.config_class):
+            raise ValueError(f"the {kv.name} KV transport takes a {kv.config_class.__name__}, "
+                             f"not a {type(self.cfg.kv).__name__}")
+        self.engine = await asyncio.to_thread(LLMEngine(self.cfg.engine, kv.connector(self.cfg.kv)).start)
         info = self.model = model_info(self.engine)
         layout = KVLayout(info.num_layers, info.num_kv_heads, info.head_dim, info.block_size,
                           self.engine.executor.runner.dtype, info.compat_hash)
-        poll = None
-        if self.nccl:
-            from pdserve.kv_transfer.nccl_transport import NcclKVManager
-            self.kv = NcclKVManager(self.kv_role, layout, lambda fn: self.loop.call(fn), bind_host=self.cfg.kv_host,
-                                    tp=self.cfg.engine.tp)
-            self.engine.on_kv_send = self.kv.on_kv_send
-            poll = self.kv.poll
-        else:
-            self.kv = ZmqKVManager(self.kv_role, layout, bind_host=self.cfg.kv_host, ipc_path=self.cfg.kv_ipc,
-                                   tp=self.cfg.engine.tp)
+        self.kv = kv.manager(self.kv_role, layout, self.cfg.engine.tp, self.cfg.kv,
+                             NodeLink(lambda fn: self.loop.call(fn), _open_pairs))
+        self.engine.on_kv_save = self.kv.on_save_start
         self.kv.start()
-        self.loop = EngineLoop(self.engine, self._on_step_thread, self._on_fatal_thread, poll)
+        self.loop = EngineLoop(self.engine, self._on_step_thread, self._on_fatal_thread, self.kv.poll)
         self.loop.start()
         self.server = ServerHandle(self.cfg.listen, [self.service_name])
         self.add_servicer(self.server.server)
         self.address = await self.server.start()
         self.agent = NodeAgent(self.cfg.coordinator, self._register_request, self._load,
-                               self._on_peers if self.nccl else None, self._on_registered)
+                               lambda peers: self.kv.on_peers(self.agent.node_id, peers), self._on_registered)
         await self.agent.start()
         await self.server.ready()
         log.info("%s node serving on %s", self.kv_role.value, self.address)
@@ -74,21 +73,8 @@ class NodeBase:
         await asyncio.to_thread(self.engine.close)
         self.engine = None
 
-    @property
-    def nccl(self) -> bool:
-        return self.cfg.kv_transport == "nccl"
-
     def add_servicer(self, server: grpc.aio.Server) -> None:
         raise NotImplementedError
-
-    def _on_peers(self, peers: list[node_pb2.Peer]) -> None:
-        """NCCL transport: a prefill node keeps a pair set open towards every decode node;
-        a decode node drops the sets of prefill nodes that left."""
-        self.kv.node_id = self.agent.node_id
-        if self.kv_role == Role.PREFILL:
-            self.kv.on_peers(peers, _open_pairs)
-        else:
-            self.kv.on_prefill_peers({p.node_id for p in peers})
 
     def _on_registered(self, epoch: int) -> None:
         """After every (re-)registration, with the new epoch."""

@@ -1,4 +1,4 @@
-"""The NCCL data mover's fused gather/scatter + checksum kernels (kv_transfer/nccl_kernels.py)
+"""The NCCL data mover's fused gather/scatter + checksum kernels (kv_transfer/nccl/kernels.py)
 against the torch path they replace, bit for bit: the gathered message, the blocks written
 back, the blocks left alone and the per-layer checksums, for bfloat16 and float32 caches,
 every head slice shape RankKV uses and shuffled block ids. Skipped without CUDA unless
@@ -34,8 +34,8 @@ def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
 @pytest.mark.parametrize("layers,num_blocks,block_size,kv_heads,head_dim",
                          [(4, 40, 16, 8, 64), (3, 7, 4, 3, 32), (2, 5, 16, 2, 128)])
 def test_move_matches_torch(dtype, layers, num_blocks, block_size, kv_heads, head_dim, programs):
-    from pdserve.kv_transfer import nccl_kernels
-    from pdserve.kv_transfer.nccl_rank import checksum
+    from pdserve.kv_transfer.nccl import kernels as nccl_kernels
+    from pdserve.kv_transfer.nccl.verify import checksum
     rng = random.Random(layers * num_blocks)
     shape = (layers, num_blocks, block_size, kv_heads, head_dim)
     k, v = (torch.randn(shape, device=DEV).to(dtype) for _ in range(2))
@@ -65,7 +65,7 @@ def test_move_matches_torch(dtype, layers, num_blocks, block_size, kv_heads, hea
 
 
 def test_preload_writes_nothing():
-    from pdserve.kv_transfer import nccl_kernels
+    from pdserve.kv_transfer.nccl import kernels as nccl_kernels
     k = torch.randn((2, 9, 16, 4, 64), device=DEV).to(torch.bfloat16)
     before = k.clone()
     nccl_kernels.preload(k, [1, 2, 3, 4])
@@ -77,8 +77,8 @@ def test_mover_direct_launch_and_host_ids():
     """One Mover over many calls, as RankKV uses it: after the first call per (heads, gather
     or scatter) it launches the compiled kernel directly, on the stream it is given, and
     reads block ids from page-locked host memory in place. Every call matches torch."""
-    from pdserve.kv_transfer import nccl_kernels
-    from pdserve.kv_transfer.nccl_rank import checksum
+    from pdserve.kv_transfer.nccl import kernels as nccl_kernels
+    from pdserve.kv_transfer.nccl.verify import checksum
     layers, num_blocks, kv_heads = 4, 64, 8
     k, v = (torch.randn((layers, num_blocks, 16, kv_heads, 64), device=DEV).to(torch.bfloat16) for _ in range(2))
     mover = nccl_kernels.Mover(k, v)

@@ -78,7 +78,7 @@ def test_layer_events_order_a_side_stream_gather(tiny_models):
     """After a replay, a side stream that waits on layer l's event and gathers layer l's KV
     (nccl_kernels.Mover, as a send does) sees that layer's final KV, though the whole
     forward is still running: the events are the graph's own, recorded in this replay."""
-    from pdserve.kv_transfer import nccl_kernels
+    from pdserve.kv_transfer.nccl import kernels as nccl_kernels
     r = runner_for(tiny_models["llama"], dtype="bfloat16")
     pg = r.prefill_graphs
     gen = torch.Generator().manual_seed(1)

@@ -1,45 +1,43 @@
 """Prefill side of the NCCL transport, one per request. The engine moves the data
-(LLMEngine.add_request(kv_send=sender.order): the step that completes the prompt
-sends it); the sender sends the two control messages over the manager's ZeroMQ
-outbox. Lifecycle: created (WAITING) -> announce, queued by the engine thread right
+(LLMEngine.add_request(kv_save=sender.save): the step that completes the prompt
+sends it); the sender sends the two control messages through `submit` (the
+control channel's outbox). Lifecycle: created (WAITING) -> announce, queued by the engine thread right
 before the sending step (TRANSFERRING) -> every rank's sends completed and the
 finish (first token) taken by the I/O thread (DONE) | a send failed, the receiver
 refused, or the request was withdrawn before its sends were issued (FAILED)."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Callable
 
+from pdserve.engine.kv_connector import KVSave
+from pdserve.kv_transfer.base.conn import ExportFn, KVSender, Outgoing
+from pdserve.kv_transfer.base.header import PROTOCOL_VERSION
+from pdserve.kv_transfer.base.layout import KVLayout, kv_head_range, unique_ranks
 from pdserve.v1 import kv_pb2
 
-from .base import KVSender
-from .layout import kv_head_range, unique_ranks
-from .nccl_pairs import PairSet, transfer_key
-from .header import PROTOCOL_VERSION
-from .zmq_sender import Outgoing
-
-if TYPE_CHECKING:
-    from .nccl_transport import NcclKVManager
+from .pairs import PairSet, transfer_key
 
 
 class NcclKVSender(KVSender):
     """Prefill side, one per request: the engine sends the data; this sends the two
     control messages and ends DONE once the ranks' sends completed and the finish was queued."""
 
-    def __init__(self, manager: NcclKVManager, pairs: PairSet, transfer_id: str, epoch: int, num_blocks: int):
-        super().__init__(transfer_id, epoch, num_blocks)
-        self.manager, self.pairs, self.endpoint = manager, pairs, pairs.endpoint
+    def __init__(self, layout: KVLayout, pairs: PairSet, transfer_id: str, epoch: int, num_blocks: int,
+                 submit: Callable[[KVSender, Outgoing], None]):
+        super().__init__(transfer_id, epoch, num_blocks, pairs.endpoint)
+        self.layout, self.pairs, self._submit = layout, pairs, submit
         self.key = transfer_key(transfer_id)
-        self.order = {"key": self.key, "dests": pairs.dests()}   # LLMEngine.add_request(kv_send=...)
+        self.save = KVSave(self.key, pairs.dests())   # LLMEngine.add_request(kv_save=...)
         self._data_ok = self._finish_queued = self._finished = self._withdrawing = False
-        self.answered = False
-
-    def send_layers(self, layer_start, layers) -> None:
-        raise RuntimeError("the NCCL transport sends from the engine step (add_request(kv_send=sender.order))")
 
     def announce(self) -> None:
         """Engine thread, in send order: tell the decode node to post its receives."""
         self.status.start()
-        self.manager.submit(self, Outgoing(0, self.manager.layout.num_layers, []))
+        self._submit(self, Outgoing(0, self.layout.num_layers))
+
+    def complete(self, first_token: int, export: ExportFn) -> None:
+        """The step sent the data: queue the finish (the first token) now, from the engine thread."""
+        self.finish(first_token)
 
     def finish(self, first_token: int) -> None:
         """Queue the finish (the first token); thread-safe: the prefill node calls it from
@@ -48,14 +46,13 @@ class NcclKVSender(KVSender):
             raise RuntimeError(f"transfer {self.transfer_id}: finish called twice")
         self._finish_queued = True
         if not self.status.ended:  # DONE only once the I/O thread took the message (build_message)
-            self.manager.submit(self, Outgoing(self.manager.layout.num_layers, 0, [], last=True,
-                                               first_token=first_token))
+            self._submit(self, Outgoing(self.layout.num_layers, 0, last=True, first_token=first_token))
 
-    def withdraw(self) -> None:
-        """The request ended before its sends were issued: tell the receiver not to wait."""
+    def withdraw(self, why: str = "withdrawn") -> None:
+        """The request ended before its sends were issued (or is given up): tell the receiver not to wait."""
         if not self.status.ended and not self._withdrawing:
             self._withdrawing = True
-            self.manager.submit(self, Outgoing(0, 0, [], last=True, first_token=-1))
+            self._submit(self, Outgoing(0, 0, last=True, first_token=-1))
 
     def on_data(self, ok: bool, error: str) -> None:
         if not ok:
@@ -76,7 +73,7 @@ class NcclKVSender(KVSender):
         elif out.last:
             self._finished = True
             self._maybe_done()
-        layout = self.manager.layout
+        layout = self.layout
         shards = [kv_pb2.KVShard(tp_rank=r, head_start=kv_head_range(r, self.pairs.prefill_tp, layout.num_kv_heads)[0],
                                  num_heads=n) for r, n in self._shard_heads()] if out.num_layers else []
         return [kv_pb2.KVHeader(
@@ -87,7 +84,7 @@ class NcclKVSender(KVSender):
             pair_set=self.pairs.name, withdrawn=withdrawn).SerializeToString()]
 
     def _shard_heads(self) -> list[tuple[int, int]]:
-        h, tp = self.manager.layout.num_kv_heads, self.pairs.prefill_tp
+        h, tp = self.layout.num_kv_heads, self.pairs.prefill_tp
         return [(r, kv_head_range(r, tp, h)[1] - kv_head_range(r, tp, h)[0]) for r in unique_ranks(tp, h)]
 
     def on_ack(self, ack: kv_pb2.KVAck) -> None:
@@ -95,8 +92,4 @@ class NcclKVSender(KVSender):
         if not ack.ok:
             self.fail(f"refused by the receiver: {ack.error}")
 
-    def fail(self, error: str) -> None:
-        self.status.fail(error)
-
-    def release(self) -> None:
-        pass  # nothing held here: the ranks hold the buffers until their sends end
+    # release(): nothing held here, the ranks hold the buffers until their sends end

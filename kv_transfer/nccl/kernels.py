@@ -5,7 +5,7 @@ blocks as [layers, 2 (k, v), n_blocks, block_size, heads, head_dim]. One launch 
 message moves it between the paged cache and the contiguous buffer and, in the same
 pass over the bytes, checksums it: per block row (a layer's k or v of one block), the
 row's int32 words summed mod 2**32, times (its index in the layer + 1), written to
-rows[layer, index]; rows.sum(1) is then the per-layer checksum of nccl_rank.checksum,
+rows[layer, index]; rows.sum(1) is then the per-layer checksum of verify.checksum,
 bit for bit. Against torch's index_select/index_copy_ plus a separate checksum (about
 ten launches and two reads of the buffer per message), this is one launch and one read,
 which is what lets the messages be small enough to stream the KV layer by layer.
@@ -163,7 +163,7 @@ def move(k: torch.Tensor, v: torch.Tensor, idx: torch.Tensor, l0: int, l1: int, 
 
 def preload(k: torch.Tensor, heads_counts: list[int]) -> None:
     """Compile and load the kernels a cache shaped like k will use, for each count of heads
-    moved, gathering and scattering (see nccl_rank: a kernel first loaded while a NCCL
+    moved, gathering and scattering (see rank.py: a kernel first loaded while a NCCL
     receive spins can hold the host until that receive's data comes). Runs on scratch
     tensors whose strides specialize the kernel as k's do; writes nothing of k."""
     nb_like = k.shape[1] % 16 or 16  # same residue mod 16 as k's block count: the same layer stride class

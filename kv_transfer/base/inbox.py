@@ -1,7 +1,8 @@
-"""Decode side of the ZeroMQ transport: one ROUTER socket and the thread that owns it.
+"""The decode side of the control channel (the ZeroMQ transport's data too): one ROUTER
+socket and the thread that owns it.
 
 Each message is parsed, its protocol version and compat hash checked first, then
-dispatched by transfer_id to the expected ZmqKVReceiver (the epoch must match, the
+dispatched by transfer_id to the expected KVReceiver (the epoch must match, the
 lease must be live). The sender gets one KVAck per transfer: on the last message
 (ok) or on the first error. An ended transfer leaves a short-lived tombstone so that
 later messages for it are answered once, then dropped. Expired leases are swept on
@@ -19,10 +20,10 @@ from google.protobuf.message import DecodeError
 
 from pdserve.v1 import kv_pb2
 
-from .base import TransferState
-from .layout import KVLayout
+from .conn import KVReceiver
 from .header import Buffer, check_compat
-from .zmq_receiver import ZmqKVReceiver
+from .layout import KVLayout
+from .status import TransferState
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +44,7 @@ class KVInbox:
         self.layout, self.poll_ms = layout, poll_ms
         self._router = router  # bound; owned by the thread from start() on
         self._lock = threading.Lock()
-        self._expected: dict[str, ZmqKVReceiver] = {}
+        self._expected: dict[str, KVReceiver] = {}
         self._ended: OrderedDict[str, Ended] = OrderedDict()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._serve, name="pdserve-kv-recv", daemon=True)
@@ -66,20 +67,20 @@ class KVInbox:
         with self._lock:
             return len(self._expected)
 
-    def expect(self, rx: ZmqKVReceiver) -> None:
+    def expect(self, rx: KVReceiver) -> None:
         with self._lock:
             if rx.transfer_id in self._expected:
                 raise ValueError(f"transfer {rx.transfer_id} is already expected")
             self._ended.pop(rx.transfer_id, None)
             self._expected[rx.transfer_id] = rx
 
-    def expected(self, transfer_id: str):
+    def expected(self, transfer_id: str) -> KVReceiver | None:
         """The live receiver of a transfer, or None."""
         with self._lock:
             return self._expected.get(transfer_id)
 
-    def retire(self, rx) -> None:
-        """Forget a receiver that ended outside a message (the NCCL transport's data ends on the engine thread)."""
+    def retire(self, rx: KVReceiver) -> None:
+        """Forget a receiver that ended outside a message (a transport whose data ends elsewhere)."""
         self._retire(rx, acked=rx.state == TransferState.DONE)
 
     def cancel(self, transfer_id: str) -> bool:
@@ -158,7 +159,7 @@ class KVInbox:
         ended.acked = True
         return kv_pb2.KVAck(transfer_id=tid, ok=False, error=ended.reason)
 
-    def _retire(self, rx: ZmqKVReceiver, acked: bool) -> None:
+    def _retire(self, rx: KVReceiver, acked: bool) -> None:
         with self._lock:
             if self._expected.get(rx.transfer_id) is rx:
                 del self._expected[rx.transfer_id]

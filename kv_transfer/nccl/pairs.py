@@ -9,8 +9,9 @@ from dataclasses import dataclass, field
 
 import xxhash
 
-from .base import Role
-from .layout import kv_head_range, unique_ranks
+from pdserve.engine.kv_connector import KVChannel, KVRoute
+from pdserve.kv_transfer.base.conn import Role
+from pdserve.kv_transfer.base.layout import kv_head_range, unique_ranks
 
 
 def transfer_key(transfer_id: str) -> int:
@@ -56,24 +57,23 @@ class PairSet:
     def pairs(self) -> list[str]:
         return [self.pair(r, s) for r, s, _, _ in self.slices]
 
-    def dests(self) -> dict[str, list]:
-        """Per prefill rank: (pair, first local head, heads) to send."""
-        return self._by_rank(Role.PREFILL)
+    def dests(self) -> tuple[KVRoute, ...]:
+        """What each prefill rank sends: (rank, pair, first local head, heads)."""
+        return self._routes(Role.PREFILL)
 
-    def srcs(self) -> dict[str, list]:
-        """Per decode rank: (pair, first local head, heads) to receive."""
-        return self._by_rank(Role.DECODE)
+    def srcs(self) -> tuple[KVRoute, ...]:
+        """What each decode rank receives: (rank, pair, first local head, heads)."""
+        return self._routes(Role.DECODE)
 
-    def _by_rank(self, role: Role) -> dict[str, list]:
-        out: dict[str, list] = {}
+    def _routes(self, role: Role) -> tuple[KVRoute, ...]:
+        out = []
         for r, s, lo, n in self.slices:
             rank, tp = (r, self.prefill_tp) if role == Role.PREFILL else (s, self.decode_tp)
-            first = kv_head_range(rank, tp, self.num_kv_heads)[0]
-            out.setdefault(str(rank), []).append([self.pair(r, s), lo - first, n])
-        return out
+            out.append(KVRoute(rank, self.pair(r, s), lo - kv_head_range(rank, tp, self.num_kv_heads)[0], n))
+        return tuple(out)
 
-    def open_spec(self, role: Role, host: str, port: int) -> list[dict]:
-        """The KV_OPEN entries of one side, in (prefill rank, decode rank) order."""
+    def channels(self, role: Role, host: str, port: int) -> tuple[KVChannel, ...]:
+        """The pairs one side's ranks join, in (prefill rank, decode rank) order on both sides."""
         prefill = role == Role.PREFILL
-        return [{"name": self.pair(r, s), "rank": r if prefill else s, "index": 0 if prefill else 1,
-                 "host": host, "port": port} for r, s, _, _ in self.slices]
+        return tuple(KVChannel(self.pair(r, s), r if prefill else s, 0 if prefill else 1, host, port)
+                     for r, s, _, _ in self.slices)

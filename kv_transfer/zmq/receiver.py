@@ -11,9 +11,10 @@ import torch
 
 from pdserve.v1 import kv_pb2
 
-from .base import KVReceiver, TransferState, WriteFn
-from .layout import KVLayout, assemble_heads
-from .header import Buffer, check_frames, check_layout
+from pdserve.kv_transfer.base.conn import KVReceiver, WriteFn
+from pdserve.kv_transfer.base.header import Buffer, check_frames, check_layout
+from pdserve.kv_transfer.base.layout import KVLayout, assemble_heads
+from pdserve.kv_transfer.base.status import TransferState
 
 
 class ZmqKVReceiver(KVReceiver):

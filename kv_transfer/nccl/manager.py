@@ -2,8 +2,8 @@
 node and role.
 
 Data: one 2-rank communicator per (prefill rank, decode rank) pair that shares KV
-heads; kv_transfer.nccl_rank.RankKV moves the heads in each rank process, driven
-through the engine (LLMEngine.kv_*). A prefill rank gathers a layer group's blocks
+heads; RankKV (rank.py) moves the heads in each rank process, driven through the
+engine's KV connector (connector.py: LLMEngine.kv_apply, kv_save, kv_finished). A prefill rank gathers a layer group's blocks
 into one buffer once that group's layers are computed and sends it while the
 forward goes on; a decode rank receives into buffers, scatters into the reserved
 blocks and checks per-layer checksums.
@@ -35,36 +35,34 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
-import threading
 import time
-from collections.abc import Callable
-from concurrent.futures import Future
 
 import zmq
 
+from pdserve.engine.kv_connector import KVConnectorMetadata, KVLoad, KVSave
+from pdserve.kv_transfer.base.conn import KVManager, KVUnavailable, NodeLink, Role, WriteFn
+from pdserve.kv_transfer.base.header import PROTOCOL_VERSION
+from pdserve.kv_transfer.base.inbox import KVInbox
+from pdserve.kv_transfer.base.layout import KVLayout
+from pdserve.kv_transfer.base.outbox import KVOutbox
 from pdserve.v1 import node_pb2
 
-from .base import KVManager, Role, WriteFn
-from .layout import KVLayout
-from .nccl_pairs import PairSet
-from .nccl_receiver import NcclKVReceiver
-from .nccl_sender import NcclKVSender
-from .nccl_store import serve_store
-from .header import PROTOCOL_VERSION
-from .zmq_inbox import KVInbox
-from .zmq_outbox import KVOutbox
-from .zmq_sender import Outgoing
+from .pairs import PairSet
+from .receiver import NcclKVReceiver
+from .sender import NcclKVSender
+from .store import serve_store
 
 log = logging.getLogger(__name__)
 
-EngineCall = Callable[[Callable], Future]   # runs fn(engine) on the engine thread
-
 
 class NcclKVManager(KVManager):
-    def __init__(self, role: Role, layout: KVLayout, engine_call: EngineCall, bind_host: str = "127.0.0.1",
+    name = "nccl"
+
+    def __init__(self, role: Role, layout: KVLayout, link: NodeLink, bind_host: str = "127.0.0.1",
                  tp: int = 1, poll_interval_s: float = 0.05):
+        """link: the node's engine thread and pairing RPC."""
         self.role, self.layout, self.tp, self.bind_host = Role(role), layout, tp, bind_host
-        self.engine_call = engine_call
+        self.engine_call, self.open_rpc = link.engine_call, link.open_pairs
         self.poll_ms = max(1, int(poll_interval_s * 1000))
         self.pair_sets: dict[str, PairSet] = {}      # by name
         self._by_peer: dict[str, PairSet] = {}       # prefill side: by decode node id
@@ -74,7 +72,6 @@ class NcclKVManager(KVManager):
         self._generation = 0
         self._pending: dict[int, NcclKVSender | NcclKVReceiver] = {}   # engine thread only
         self._senders: dict[int, NcclKVSender] = {}
-        self._lock = threading.Lock()
         self._ctx: zmq.Context | None = None
         self._inbox: KVInbox | None = None
         self._outbox: KVOutbox | None = None
@@ -124,7 +121,7 @@ class NcclKVManager(KVManager):
         """EngineLoop's poll hook: collect ended transfers; True while any is in flight."""
         if not self._pending:
             return False
-        for key, (ok, error) in engine.kv_poll(list(self._pending)).items():
+        for key, (ok, error) in engine.kv_finished(list(self._pending)).items():
             owner = self._pending.pop(key, None)
             if owner is not None:
                 owner.on_data(ok, error)
@@ -132,9 +129,9 @@ class NcclKVManager(KVManager):
                     owner.pairs.broken = True  # reopened at the next peer update: the pair may be out of step
         return bool(self._pending)
 
-    def on_kv_send(self, seq, order: dict) -> None:
-        """LLMEngine.on_kv_send: the step about to run issues this transfer's sends."""
-        tx = self._senders.get(order["key"])
+    def on_save_start(self, save: KVSave) -> None:
+        """LLMEngine.on_kv_save: the step about to run issues this transfer's sends."""
+        tx = self._senders.get(save.key)
         if tx is None or tx.status.ended:
             log.warning("KV sends issued for an unknown or ended transfer")
             return
@@ -159,14 +156,22 @@ class NcclKVManager(KVManager):
         host = self.advertised_host
 
         def join(engine):
-            if old:
-                engine.kv_close_pairs([p for s in old for p in s.pairs])
-            engine.kv_open_pairs(ps.open_spec(Role.DECODE, host, self.store_port))
+            engine.kv_apply(KVConnectorMetadata(connect=ps.channels(Role.DECODE, host, self.store_port),
+                                                disconnect=tuple(p for s in old for p in s.pairs)))
             ps.ready = True
 
         fut = self.engine_call(join)
         fut.add_done_callback(lambda f: f.exception() and self._join_failed(ps, f.exception()))
         return host, self.store_port
+
+    def on_peers(self, node_id: str, peers: list[node_pb2.Peer]) -> None:
+        """(event loop) Prefill role: open a pair set towards each decode peer; decode role:
+        close the sets of prefill nodes that left."""
+        self.node_id = node_id
+        if self.role == Role.PREFILL:
+            self.open_towards(peers)
+        else:
+            self.on_prefill_peers({p.node_id for p in peers})
 
     def on_prefill_peers(self, live: set[str], grace_s: float = 10.0) -> None:
         """(event loop) Close the pair sets of prefill nodes the coordinator has not
@@ -197,7 +202,8 @@ class NcclKVManager(KVManager):
             raise RuntimeError("a prefill KV manager has no decode-side calls")
         if not block_ids:
             raise ValueError(f"transfer {transfer_id}: no blocks reserved")
-        rx = NcclKVReceiver(self, transfer_id, epoch, block_ids, lease_expiry, self.tp)
+        rx = NcclKVReceiver(self.layout, transfer_id, epoch, block_ids, lease_expiry, self.tp, self.pair_sets.get,
+                            self.post_recv, self.retire)
         self._inbox.expect(rx)
         return rx
 
@@ -210,7 +216,7 @@ class NcclKVManager(KVManager):
         srcs, layers = ps.srcs(), self.layout.num_layers
 
         def post(engine):
-            engine.kv_recv(rx.key, rx.block_ids, srcs, layers)
+            engine.kv_apply(KVConnectorMetadata(loads=(KVLoad(rx.key, tuple(rx.block_ids), srcs, layers),)))
             self._pending[rx.key] = rx
 
         fut = self.engine_call(post)
@@ -222,13 +228,10 @@ class NcclKVManager(KVManager):
 
     # prefill role
 
-    def set_node(self, node_id: str) -> None:
-        self.node_id = node_id
-
-    def on_peers(self, peers, open_rpc) -> None:
+    def open_towards(self, peers: list[node_pb2.Peer]) -> None:
         """(event loop) The coordinator's live decode nodes: open a pair set towards each
-        new or restarted one, or one whose set broke; close the sets of departed ones.
-        open_rpc(peer, request) is an async OpenKVPairs call on the peer."""
+        new or restarted one, or one whose set broke; close the sets of departed ones
+        (the pairing RPC is the link's open_pairs)."""
         live = {}
         for p in peers:
             if p.compat_hash != self.layout.compat_hash:
@@ -237,28 +240,27 @@ class NcclKVManager(KVManager):
             ps = self._by_peer.get(p.node_id)
             stale = ps is None or ps.broken or ps.peer_epoch != p.epoch
             if stale and p.node_id not in self._connecting and time.monotonic() >= self._retry.get(p.node_id, (0, 0))[0]:
-                task = asyncio.ensure_future(self._connect(p, open_rpc))
+                task = asyncio.ensure_future(self._connect(p))
                 self._connecting[p.node_id] = task
                 task.add_done_callback(lambda _, n=p.node_id: self._connecting.pop(n, None))
         for node_id in [n for n in self._by_peer if n not in live]:
             self._drop(self._by_peer.pop(node_id))
 
-    async def _connect(self, peer, open_rpc) -> None:
+    async def _connect(self, peer) -> None:
         self._generation += 1
         name = f"{self.node_id}.{self._generation}"
         req = node_pb2.KVPairsRequest(protocol_version=PROTOCOL_VERSION, compat_hash=self.layout.compat_hash,
                                       prefill_node_id=self.node_id, prefill_tp=self.tp, pair_set=name)
         try:
-            resp = await open_rpc(peer, req)
+            resp = await self.open_rpc(peer, req)
             ps = PairSet(name, self.layout.num_kv_heads, self.tp, resp.decode_tp, peer_id=peer.node_id,
                          peer_epoch=peer.epoch, endpoint=peer.kv_endpoint)
             old = self._by_peer.get(peer.node_id)
-            spec = ps.open_spec(Role.PREFILL, resp.store_host, resp.store_port)
+            meta = KVConnectorMetadata(connect=ps.channels(Role.PREFILL, resp.store_host, resp.store_port),
+                                       disconnect=tuple(old.pairs) if old is not None else ())
 
             def join(engine):
-                if old is not None:
-                    engine.kv_close_pairs(old.pairs)
-                engine.kv_open_pairs(spec)
+                engine.kv_apply(meta)
 
             await asyncio.wrap_future(self.engine_call(join))
         except Exception as e:  # retried at a later peer update, backing off
@@ -276,7 +278,7 @@ class NcclKVManager(KVManager):
 
     def _drop(self, ps: PairSet) -> None:
         self.pair_sets.pop(ps.name, None)
-        self.engine_call(lambda engine: engine.kv_close_pairs(ps.pairs))
+        self.engine_call(lambda engine: engine.kv_apply(KVConnectorMetadata(disconnect=tuple(ps.pairs))))
 
     async def ready_pairs(self, decode_node_id: str, wait_s: float) -> PairSet | None:
         """The open set towards a decode node, waiting up to wait_s for one being opened."""
@@ -289,15 +291,18 @@ class NcclKVManager(KVManager):
                 return None
             await asyncio.sleep(0.01)
 
-    def sender(self, endpoint: str, transfer_id: str, epoch: int, num_blocks: int, pairs: PairSet | None = None
-               ) -> NcclKVSender:
-        if self._outbox is None or pairs is None:
-            raise RuntimeError("NCCL senders need a prefill manager and an open pair set")
-        tx = NcclKVSender(self, pairs, transfer_id, epoch, num_blocks)
+    async def sender_for(self, ticket: node_pb2.Ticket, num_blocks: int) -> NcclKVSender:
+        """A sender over the pair set towards the ticket's decode node, waiting up to 10 s for one being opened."""
+        pairs = await self.ready_pairs(ticket.decode_node_id, wait_s=10.0)
+        if pairs is None:
+            raise KVUnavailable(f"no NCCL pairs open towards decode node {ticket.decode_node_id}")
+        return self.sender(ticket.transfer_id, ticket.epoch, num_blocks, pairs)
+
+    def sender(self, transfer_id: str, epoch: int, num_blocks: int, pairs: PairSet) -> NcclKVSender:
+        if self._outbox is None:
+            raise RuntimeError("NCCL senders need a prefill manager")
+        tx = NcclKVSender(self.layout, pairs, transfer_id, epoch, num_blocks, self._outbox.submit)
         self._senders = {k: s for k, s in self._senders.items() if not s.status.ended}
         self._senders[tx.key] = tx
         self._outbox.add(tx)
         return tx
-
-    def submit(self, tx: NcclKVSender, out: Outgoing) -> None:
-        self._outbox.submit(tx, out)

@@ -3,7 +3,8 @@
 Decode role: a ROUTER bound to 127.0.0.1 (tcp; port 0 picks a free one) or to an ipc
 path, served by KVInbox's receive thread; expect() registers a transfer into
 reserved blocks, cancel() drops it. Prefill role: KVOutbox's I/O thread with one
-DEALER per decode endpoint; sender() hands out a per-request ZmqKVSender.
+DEALER per decode endpoint; sender() (sender_for() a ticket) hands out a per-request
+ZmqKVSender.
 Explicit start()/close(); close() joins the thread and closes every socket."""
 from __future__ import annotations
 
@@ -13,22 +14,28 @@ from typing import TypeVar
 
 import zmq
 
-from .base import KVManager, Role, WriteFn
-from .layout import KVLayout
-from .zmq_inbox import KVInbox
-from .zmq_outbox import KVOutbox
-from .zmq_receiver import ZmqKVReceiver
-from .zmq_sender import ZmqKVSender
+from pdserve.kv_transfer.base.conn import KVManager, Role, WriteFn
+from pdserve.kv_transfer.base.inbox import KVInbox
+from pdserve.kv_transfer.base.layout import KVLayout
+from pdserve.kv_transfer.base.outbox import KVOutbox
+from pdserve.v1 import node_pb2
+
+from .receiver import ZmqKVReceiver
+from .sender import ZmqKVSender
 
 Part = TypeVar("Part", KVInbox, KVOutbox)
 
 
 class ZmqKVManager(KVManager):
+    name = "zmq"
+
     def __init__(self, role: Role, layout: KVLayout, bind_host: str = "127.0.0.1", port: int = 0,
-                 ipc_path: str | None = None, tp: int = 1, poll_interval_s: float = 0.05):
+                 ipc_path: str | None = None, tp: int = 1, poll_interval_s: float = 0.05,
+                 layers_per_message: int = 1):
         """tp: this node's TP size (the number of shards a sender takes per layer, or of
         decode ranks a receiver re-slices for). ipc_path, if given, replaces tcp."""
         self.role, self.layout, self.tp, self.ipc_path = Role(role), layout, tp, ipc_path
+        self.layers_per_message = layers_per_message
         for rank in range(tp):
             layout.heads(rank, tp)  # raises if tp and the KV heads do not fit
         self.bind_addr = f"ipc://{ipc_path}" if ipc_path else f"tcp://{bind_host}:{port}"
@@ -104,9 +111,13 @@ class ZmqKVManager(KVManager):
 
     def sender(self, endpoint: str, transfer_id: str, epoch: int, num_blocks: int) -> ZmqKVSender:
         outbox = self._require(Role.PREFILL, self._outbox)
-        tx = ZmqKVSender(self.layout, self.tp, endpoint, transfer_id, epoch, num_blocks, outbox.submit)
+        tx = ZmqKVSender(self.layout, self.tp, endpoint, transfer_id, epoch, num_blocks, outbox.submit,
+                         self.layers_per_message)
         outbox.add(tx)
         return tx
+
+    async def sender_for(self, ticket: node_pb2.Ticket, num_blocks: int) -> ZmqKVSender:
+        return self.sender(ticket.kv_endpoint, ticket.transfer_id, ticket.epoch, num_blocks)
 
     def _require(self, role: Role, part: Part | None) -> Part:
         if self.role != role:

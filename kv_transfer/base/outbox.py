@@ -1,5 +1,5 @@
-"""Prefill side of the ZeroMQ transport: one I/O thread owning one DEALER socket per
-decode endpoint (made on first use) and an inproc wake-up socket. Senders queue
+"""The prefill side of the control channel (the ZeroMQ transport's data too): one I/O
+thread owning one DEALER socket per decode endpoint (made on first use) and an inproc wake-up socket. Senders queue
 messages; the thread checksums and sends them (copy=False, never blocking) and
 routes each KVAck back to its sender by transfer_id. Once an endpoint where a
 transfer failed unanswered (timeout, send error) has no live sender, its socket is
@@ -16,8 +16,7 @@ from google.protobuf.message import DecodeError
 
 from pdserve.v1 import kv_pb2
 
-from .base import TransferState
-from .zmq_sender import Outgoing, ZmqKVSender
+from .conn import KVSender, Outgoing
 
 log = logging.getLogger(__name__)
 
@@ -28,8 +27,8 @@ class KVOutbox:
     def __init__(self, ctx: zmq.Context, poll_ms: int):
         self._ctx, self.poll_ms = ctx, poll_ms
         self._lock = threading.Lock()
-        self._senders: dict[tuple[str, str], ZmqKVSender] = {}  # (endpoint, transfer_id) -> sender
-        self._queue: queue.SimpleQueue[tuple[ZmqKVSender, Outgoing]] = queue.SimpleQueue()
+        self._senders: dict[tuple[str, str], KVSender] = {}  # (endpoint, transfer_id) -> sender
+        self._queue: queue.SimpleQueue[tuple[KVSender, Outgoing]] = queue.SimpleQueue()
         self._pull = ctx.socket(zmq.PULL)  # the thread's end of the wake-up pair
         self._pull.bind(WAKE_ADDR)
         self._push: zmq.Socket | None = ctx.socket(zmq.PUSH)  # callers' end, used under _lock
@@ -68,14 +67,14 @@ class KVOutbox:
         with self._lock:
             return sorted(self._open)
 
-    def add(self, tx: ZmqKVSender) -> None:
+    def add(self, tx: KVSender) -> None:
         key = (tx.endpoint, tx.transfer_id)
         with self._lock:
             if key in self._senders and not self._senders[key].status.ended:  # acks carry only the id
                 raise ValueError(f"transfer {tx.transfer_id} to {tx.endpoint} is already being sent")
             self._senders[key] = tx
 
-    def submit(self, tx: ZmqKVSender, out: Outgoing) -> None:
+    def submit(self, tx: KVSender, out: Outgoing) -> None:
         self._queue.put((tx, out))
         self._wake()
 
@@ -156,7 +155,7 @@ class KVOutbox:
                 if tx.status.ended:
                     del self._senders[key]
                     tx.release()
-                    if tx.state == TransferState.FAILED and not tx.answered:  # the peer may be gone
+                    if tx.peer_suspect:
                         self._failed.add(tx.endpoint)
             busy = {ep for ep, _ in self._senders}
         for ep in [ep for ep in self._failed if ep not in busy]:

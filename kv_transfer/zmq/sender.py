@@ -1,47 +1,35 @@
 """Prefill side, one per request: send_layers / finish check the shards and queue
 them for the manager's I/O thread, which checksums and sends each message (so the
-caller never waits on the network). The shards stay referenced until the transfer
-ends. Lifecycle: created (WAITING) -> first send (TRANSFERRING) -> receiver's ack
-(DONE | FAILED) | no ack within wait()'s timeout (FAILED)."""
+caller never waits on the network); complete() exports the prompt's KV after its
+step and sends it so, layers_per_message layers a message. The shards stay
+referenced until the transfer ends. Lifecycle: created (WAITING) -> first send
+(TRANSFERRING) -> receiver's ack (DONE | FAILED) | no ack within wait()'s timeout or
+withdrawn (FAILED)."""
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 
-from pdserve.v1 import kv_pb2
-
-from .base import KVSender, TransferState
-from .layout import KVLayout, unique_ranks
-from .header import Buffer, build_header
-
-
-@dataclass
-class Outgoing:
-    """One queued message: layers [layer_start, layer_start + num_layers), the sent
-    shards layer-major (replicated ranks left out)."""
-    layer_start: int
-    num_layers: int
-    shards: list[torch.Tensor]
-    last: bool = False
-    first_token: int = 0
+from pdserve.kv_transfer.base.conn import ExportFn, KVSender, Outgoing
+from pdserve.kv_transfer.base.header import Buffer, build_header
+from pdserve.kv_transfer.base.layout import KVLayout, unique_ranks
 
 
 class ZmqKVSender(KVSender):
     def __init__(self, layout: KVLayout, tp: int, endpoint: str, transfer_id: str, epoch: int, num_blocks: int,
-                 submit: Callable[[ZmqKVSender, Outgoing], None]):
-        super().__init__(transfer_id, epoch, num_blocks)
+                 submit: Callable[[ZmqKVSender, Outgoing], None], layers_per_message: int = 1):
+        super().__init__(transfer_id, epoch, num_blocks, endpoint)
         if num_blocks < 1:
             raise ValueError(f"a transfer needs at least one block, got {num_blocks}")
-        self.layout, self.tp, self.endpoint = layout, tp, endpoint
+        self.layout, self.tp, self.layers_per_message = layout, tp, layers_per_message
         self._submit = submit
+        self._sent = False  # something was queued: a failure without an answer then suspects the peer
         self._ranks = unique_ranks(tp, layout.num_kv_heads)
         self._shards = [(r, *self._head_span(r)) for r in self._ranks]  # (tp_rank, head_start, num_heads)
         self._next_layer = 0
         self._finished = False
         self._held: list[torch.Tensor] = []  # alive until the transfer ends
-        self.answered = False  # the receiver acked (ok or not): its endpoint is alive
 
     def send_layers(self, layer_start: int, layers: list[list[torch.Tensor]]) -> None:
         if self._finished:
@@ -56,6 +44,7 @@ class ZmqKVSender(KVSender):
             return
         self._held.extend(shards)
         self.status.start()
+        self._sent = True
         self._submit(self, Outgoing(layer_start, len(layers), shards))
 
     def finish(self, first_token: int) -> None:
@@ -67,7 +56,19 @@ class ZmqKVSender(KVSender):
         self._finished = True
         if not self.status.ended:
             self.status.start()
+            self._sent = True
             self._submit(self, Outgoing(self._next_layer, 0, [], last=True, first_token=first_token))
+
+    def complete(self, first_token: int, export: ExportFn) -> None:
+        """Export the prompt's KV (engine thread, before its blocks are freed) and queue it."""
+        layers, step = export(0, self.layout.num_layers), self.layers_per_message
+        for start in range(0, len(layers), step):
+            self.send_layers(start, layers[start:start + step])
+        self.finish(first_token)
+
+    @property
+    def peer_suspect(self) -> bool:
+        return self._sent and super().peer_suspect
 
     def build_message(self, out: Outgoing) -> list[bytes | Buffer]:
         """[header, *frames] of a queued message (I/O thread: checksums happen here)."""
@@ -77,27 +78,10 @@ class ZmqKVSender(KVSender):
                               out.first_token)
         return [header, *frames]
 
-    def on_ack(self, ack: kv_pb2.KVAck) -> None:
-        self.answered = True
-        if ack.ok:
-            self.status.finish()
-        else:
-            self.status.fail(f"refused by the receiver: {ack.error}")
-        self.release()
-
-    def fail(self, error: str) -> None:
-        self.status.fail(error)
-        self.release()
-
     def release(self) -> None:
         """Drop the shards once the transfer has ended."""
         if self.status.ended:
             self._held = []
-
-    def wait(self, timeout: float | None) -> TransferState:
-        state = super().wait(timeout)
-        self.release()
-        return state
 
     def _head_span(self, rank: int) -> tuple[int, int]:
         start, end = self.layout.heads(rank, self.tp)

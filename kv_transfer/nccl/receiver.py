@@ -10,25 +10,26 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import TYPE_CHECKING
+from collections.abc import Callable
 
+from pdserve.kv_transfer.base.conn import KVReceiver
+from pdserve.kv_transfer.base.header import check_layout
+from pdserve.kv_transfer.base.layout import KVLayout
 from pdserve.v1 import kv_pb2
 
-from .base import KVReceiver
-from .nccl_pairs import transfer_key
-from .header import check_layout
-
-if TYPE_CHECKING:
-    from .nccl_transport import NcclKVManager
+from .pairs import PairSet, transfer_key
 
 
 class NcclKVReceiver(KVReceiver):
-    """Decode side, one per request (see the module docstring for when it may end)."""
+    """Decode side, one per request (see the module docstring for when it may end).
+    pair_set(name): an open pair set, or None; post(rx, pairs): post its receives on the
+    ranks, in announce order; on_end(rx): it ended."""
 
-    def __init__(self, manager: NcclKVManager, transfer_id: str, epoch: int, block_ids: list[int],
-                 lease_expiry: float, tp: int):
+    def __init__(self, layout: KVLayout, transfer_id: str, epoch: int, block_ids: list[int], lease_expiry: float,
+                 tp: int, pair_set: Callable[[str], PairSet | None], post: Callable[[NcclKVReceiver, PairSet], None],
+                 on_end: Callable[[NcclKVReceiver], None]):
         super().__init__(transfer_id, epoch, block_ids, lease_expiry, tp)
-        self.manager = manager
+        self.layout, self._pair_set, self._post, self._on_end = layout, pair_set, post, on_end
         self.key = transfer_key(transfer_id)
         self.posted = False       # receives posted on the ranks (or about to be)
         self._data: bool | None = None   # None: in flight; True: verified; False: failed
@@ -45,19 +46,19 @@ class NcclKVReceiver(KVReceiver):
                     self._end_failed(self._failure or "withdrawn by the prefill node")
                 return ""
             if not header.last:
+                ps = self._pair_set(header.pair_set)
                 error = ("announced twice" if self.posted else
                          "unexpected data frames" if frames else
-                         check_layout(header, self.manager.layout, len(self.block_ids), 0)
-                         or ("" if header.num_layers == self.manager.layout.num_layers
+                         check_layout(header, self.layout, len(self.block_ids), 0)
+                         or ("" if header.num_layers == self.layout.num_layers
                              else f"announce of {header.num_layers} layers")
-                         or ("" if header.pair_set in self.manager.pair_sets else
-                             f"unknown pair set {header.pair_set!r}"))
+                         or ("" if ps is not None else f"unknown pair set {header.pair_set!r}"))
                 if error:
                     self._end_failed(error)
                     return error
                 self.posted = True
                 self.status.start()
-                self.manager.post_recv(self, self.manager.pair_sets[header.pair_set])
+                self._post(self, ps)
                 return ""
             if not self.posted:
                 error = "finish before announce"
@@ -104,9 +105,9 @@ class NcclKVReceiver(KVReceiver):
             self._end_failed(self._failure)
         elif self._got_first:
             self.status.finish()
-            self.manager.retire(self)
+            self._on_end(self)
 
     def _end_failed(self, error: str) -> bool:
         ended = self.status.fail(error)
-        self.manager.retire(self)
+        self._on_end(self)
         return ended

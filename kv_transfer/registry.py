@@ -1,0 +1,37 @@
+"""The KV backends by --kv-transport name. A backend's config (its config.py) imports
+nothing heavy; its manager and connector (its backend.py) load only when a node uses it."""
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from typing import Any
+
+PACKAGES = {"zmq": "pdserve.kv_transfer.zmq", "nccl": "pdserve.kv_transfer.nccl", "fake": "pdserve.kv_transfer.fake"}
+CONFIGS = {"zmq": "ZmqConfig", "nccl": "NcclConfig", "fake": "FakeConfig"}
+
+
+def names() -> list[str]:
+    return list(PACKAGES)
+
+
+def config_class(name: str) -> type:
+    if name not in PACKAGES:
+        raise ValueError(f"--kv-transport {name!r} is not available ({', '.join(PACKAGES)})")
+    return getattr(importlib.import_module(f"{PACKAGES[name]}.config"), CONFIGS[name])
+
+
+def make_config(name: str, **given: Any) -> Any:
+    """The backend's config from the options given (None: not given, the default holds);
+    an option the backend does not have is an error."""
+    cls = config_class(name)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    given = {k: v for k, v in given.items() if v is not None}
+    if extra := sorted(set(given) - fields):
+        raise ValueError(f"the {name} KV transport has no option {', '.join(extra)}")
+    return cls(**given)
+
+
+def backend(name: str):
+    """The backend's base.backend.KVBackend."""
+    config_class(name)
+    return importlib.import_module(f"{PACKAGES[name]}.backend").BACKEND

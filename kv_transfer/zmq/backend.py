@@ -1,0 +1,15 @@
+"""The ZeroMQ backend: data and control over ZeroMQ frames, sent after the prompt's step."""
+from __future__ import annotations
+
+from pdserve.kv_transfer.base.backend import KVBackend
+
+from .config import ZmqConfig
+from .manager import ZmqKVManager
+
+
+def _manager(role, layout, tp, config: ZmqConfig, link) -> ZmqKVManager:
+    return ZmqKVManager(role, layout, bind_host=config.host, ipc_path=config.ipc, tp=tp,
+                        layers_per_message=config.layers_per_message)
+
+
+BACKEND = KVBackend("zmq", ZmqConfig, _manager)

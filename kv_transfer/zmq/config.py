@@ -1,0 +1,17 @@
+"""Settings of the ZeroMQ KV transport; as node flags they are --kv-<field>."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pdserve.common.flags import opt
+
+
+@dataclass
+class ZmqConfig:
+    host: str = opt("127.0.0.1", "decode: the address the KV receiver binds (tcp)")
+    ipc: str | None = opt(None, "decode: bind the KV receiver to this ipc:// path instead of tcp")
+    layers_per_message: int = opt(1, "prefill: layers coalesced into one KV message")
+
+    def __post_init__(self) -> None:
+        if self.layers_per_message < 1:
+            raise ValueError("--kv-layers-per-message must be >= 1")
