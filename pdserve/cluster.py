@@ -30,7 +30,8 @@ class ClusterConfig:
     prefill_tp: int = opt(1, "tensor-parallel ranks of each prefill node")
     decode_tp: int = opt(1, "tensor-parallel ranks of each decode (or colocated) node")
     model: str | None = opt(None, "checkpoint folder or .gguf file (default: the default model)")
-    device: str = opt("auto", "auto (one GPU per TP rank if CUDA is there, else CPU), cpu or cuda")
+    device: str = opt("auto", "auto (one GPU per TP rank if CUDA is there, else CPU), cpu, cuda, or cuda:N "
+                              "(every node shares GPU N: tests and one-GPU benchmarks)")
     listen: str = opt(CoordinatorConfig.listen, "the coordinator's HOST:PORT")
     kv_blocks: int | None = opt(None, "each node's KV pool size in blocks")
     dtype: str = EngineConfig.dtype
@@ -77,7 +78,7 @@ class Cluster:
                  ("both", cfg.colocated, cfg.decode_tp))
         for role, count, tp in pools:
             for _ in range(count):
-                node_device = "cpu"
+                node_device = device if device.startswith("cuda:") else "cpu"
                 if device == "cuda":
                     if next_gpu + tp > gpus:
                         raise ValueError(f"not enough GPUs: the pools need more than the {gpus} found")
