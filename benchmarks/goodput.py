@@ -21,10 +21,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from benchmarks.common import RESULTS, stamp_parts, write_config_folder, write_result  # noqa: E402
-from pdserve.cluster import Cluster, ClusterConfig, free_port  # noqa: E402
+from common import RESULTS, stamp_parts, write_config_folder, write_result
+from pdserve.cluster import Cluster, ClusterConfig, free_port
 
 WORKLOADS = {  # name -> (input len, output len, TTFT SLO, TPOT SLO as multiples of the unloaded latency)
     "prefill-heavy": (2048, 64, 3.0, 1.5),    # long prompts, short outputs, tight TPOT

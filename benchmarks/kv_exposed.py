@@ -31,19 +31,16 @@ from __future__ import annotations
 import argparse
 import random
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import grpc
 
-import grpc  # noqa: E402
-
-from benchmarks.common import hf_config, write_config_folder, write_result  # noqa: E402
-from pdserve.cli import SWITCH_INTERVAL_US  # noqa: E402
-from pdserve.cluster import Cluster, ClusterConfig, free_port  # noqa: E402
-from pdserve.v1 import api_pb2, api_pb2_grpc  # noqa: E402
+from common import hf_config, write_config_folder, write_result
+from pdserve.cli import SWITCH_INTERVAL_US
+from pdserve.cluster import Cluster, ClusterConfig, free_port
+from pdserve.v1 import api_pb2, api_pb2_grpc
 
 
 SPLIT = ("client_to_coordinator", "reserve", "to_prefill_node", "node_prefill", "node_to_coordinator",
