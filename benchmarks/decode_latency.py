@@ -7,7 +7,7 @@ per engine step (schedule + forward + sample, CUDA graphs on) is the median over
 --steps steps. The floor is the bytes one step must read, weights (every matrix,
 the LM head included; the embedding lookup reads a few rows) plus the K/V of the
 context, over the device-to-device copy bandwidth measured here (bytes read +
-written per second, like PERF.md). With TP N each GPU reads 1/N of the weights and
+written per second). With TP N each GPU reads 1/N of the weights and
 KV, so the floor divides by N. ratio = floor / measured step at batch 1; target 0.5."""
 from __future__ import annotations
 
