@@ -6,8 +6,8 @@ Starts 2 colocated nodes, measures the unloaded latency (concurrency 1) and sets
 the SLOs from it unless --ttft/--tpot are given (TTFT and TPOT multiples per
 workload: DistServe scales SLOs to the model and device the same way), runs a rate
 sweep with bisection for the maximum goodput (`pdserve bench --sweep`), stops it,
-then does the same sweep on a 1 prefill + 1 decode cluster on the same devices. Goodput per GPU = max goodput rate / GPUs
-used; ratio = disaggregated / colocated goodput per GPU (DistServe's target: 2x on
+then does the same sweep on a 1 prefill + 1 decode cluster on the same devices.
+Goodput per GPU = max goodput rate / GPUs used; ratio = disaggregated / colocated goodput per GPU (DistServe's target: 2x on
 the workload its argument applies to). Each side's curves, summary and plot land
 in benchmarks/results/goodput_<workload>/; the headline JSON in
 benchmarks/results/goodput_<workload>.json."""
