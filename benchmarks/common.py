@@ -67,6 +67,16 @@ def commit(given: str | None = None) -> str:
         return "unknown"
 
 
+def uncommitted_changes() -> bool | None:
+    """Whether the transports or the benchmarks differ from the commit measured (None: no git)."""
+    try:
+        out = subprocess.run(["git", "status", "--porcelain", "--", "kv_transfer", "benchmarks"],
+                             capture_output=True, text=True, cwd=RESULTS.parent.parent, check=True)
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return bool(out.stdout.strip())
+
+
 def write_result(name: str, benchmark: str, ratio: float | None, target: float, config: dict, commit_id: str | None = None,
                  **details) -> Path:
     import torch

@@ -7,26 +7,23 @@ per engine step (schedule + forward + sample, CUDA graphs on) is the median over
 --steps steps. The floor is the bytes one step must read, weights (every matrix,
 the LM head included; the embedding lookup reads a few rows) plus the K/V of the
 context, over the device-to-device copy bandwidth measured here (bytes read +
-written per second, like PERF.md). With TP N each GPU reads 1/N of the weights and
+written per second). With TP N each GPU reads 1/N of the weights and
 KV, so the floor divides by N. ratio = floor / measured step at batch 1; target 0.5."""
 from __future__ import annotations
 
 import argparse
 import random
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import torch
 
-import torch  # noqa: E402
-
-from benchmarks.common import hf_config, write_config_folder, write_result  # noqa: E402
-from pdserve.common.config import EngineConfig  # noqa: E402
-from pdserve.engine.llm_engine import LLMEngine  # noqa: E402
-from pdserve.common.sampling import SamplingParams  # noqa: E402
+from common import hf_config, write_config_folder, write_result
+from pdserve.common.config import EngineConfig
+from pdserve.engine.llm_engine import LLMEngine
+from pdserve.common.sampling import SamplingParams
 
 
 def copy_bandwidth(nbytes: int = 1 << 30) -> float:

@@ -15,19 +15,16 @@ from __future__ import annotations
 import argparse
 import gc
 import random
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import torch
 
-import torch  # noqa: E402
-
-from benchmarks.common import hf_config, write_config_folder, write_result  # noqa: E402
-from pdserve.common.config import EngineConfig  # noqa: E402
-from pdserve.engine.llm_engine import LLMEngine  # noqa: E402
-from pdserve.common.sampling import SamplingParams  # noqa: E402
+from common import hf_config, write_config_folder, write_result
+from pdserve.common.config import EngineConfig
+from pdserve.engine.llm_engine import LLMEngine
+from pdserve.common.sampling import SamplingParams
 
 
 def workload(n: int, vocab: int, lo: int, hi: int, seed: int = 0):

@@ -6,8 +6,8 @@ Starts 2 colocated nodes, measures the unloaded latency (concurrency 1) and sets
 the SLOs from it unless --ttft/--tpot are given (TTFT and TPOT multiples per
 workload: DistServe scales SLOs to the model and device the same way), runs a rate
 sweep with bisection for the maximum goodput (`pdserve bench --sweep`), stops it,
-then does the same sweep on a 1 prefill + 1 decode cluster on the same devices. Goodput per GPU = max goodput rate / GPUs
-used; ratio = disaggregated / colocated goodput per GPU (DistServe's target: 2x on
+then does the same sweep on a 1 prefill + 1 decode cluster on the same devices.
+Goodput per GPU = max goodput rate / GPUs used; ratio = disaggregated / colocated goodput per GPU (DistServe's target: 2x on
 the workload its argument applies to). Each side's curves, summary and plot land
 in benchmarks/results/goodput_<workload>/; the headline JSON in
 benchmarks/results/goodput_<workload>.json."""
@@ -21,10 +21,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from benchmarks.common import RESULTS, stamp_parts, write_config_folder, write_result  # noqa: E402
-from pdserve.cluster import Cluster, ClusterConfig, free_port  # noqa: E402
+from common import RESULTS, stamp_parts, write_config_folder, write_result
+from pdserve.cluster import Cluster, ClusterConfig, free_port
 
 WORKLOADS = {  # name -> (input len, output len, TTFT SLO, TPOT SLO as multiples of the unloaded latency)
     "prefill-heavy": (2048, 64, 3.0, 1.5),    # long prompts, short outputs, tight TPOT

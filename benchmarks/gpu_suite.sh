@@ -14,6 +14,7 @@
 # 1:2 and 2:1 cluster tests need three GPUs).
 # Result JSONs land in benchmarks/results/ and, where $OUT is set, are copied there.
 set -u
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # the checkout's pdserve, installed or not
 commit=()
 if [ "${1:-}" = "--commit" ]; then commit=(--commit "$2"); shift 2; fi
 export PYTHONUNBUFFERED=1
@@ -56,7 +57,7 @@ for group in "$@"; do
             run prefill-probe 300 python3 benchmarks/prefill_probe.py --procs 4 --steps 20 "${commit[@]}" ;;
         nccl) "$0" ${commit[@]+"${commit[@]}"} nccl-bench nccl-tests || status=1 ;;
         nccl-bench)  # about 4 min
-            run kv-nccl 150 python3 benchmarks/kv_transfer.py --transport nccl --diag "${commit[@]}"
+            run kv-nccl 150 python3 benchmarks/kv_nccl.py --diag "${commit[@]}"
             run kv-exposed 300 python3 benchmarks/kv_exposed.py --requests 60 "${commit[@]}" ;;
         nccl-tests)  # about 4 min; the 1:2 and 2:1 cluster tests need three GPUs
             run tests-kv-kernels 120 python3 -m pytest -q tests/gpu/test_gpu_kv_kernels.py

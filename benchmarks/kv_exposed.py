@@ -8,12 +8,11 @@ colocated node on GPU 0 (prefill alone: the same coordinator, reservation and pr
 RPCs, and no transfer at all).
 
 Method (the headline): alternating rounds, after a warm-up round of both that is not
-kept (in 2 of 3 runs on fresh machines, the first cluster's prefill steps ran ~30%
-slower than every later cluster's). In each round a fresh 1P1D cluster and a fresh colocated node take their share of
-the prompts one after the other, never up together, 1P1D first in even rounds: each is
-measured as it is deployed, with its GPUs
-to itself, while a drift of the host between runs (worth several percent of TTFT) and
-the spread between fresh processes land on both sides. ratio = median TTFT(1P1D, NCCL)
+kept (a fresh machine's first cluster can run slower than every later one). In each
+round a fresh 1P1D cluster and a fresh colocated node take their share of the prompts
+one after the other, never up together, 1P1D first in even rounds: each is measured
+as it is deployed, with its GPUs to itself, while a drift of the host between runs
+and the spread between fresh processes land on both sides. ratio = median TTFT(1P1D, NCCL)
 over every round / median TTFT(prefill alone) over every round; target <= 1.05 (the
 transfer adds at most 5%). Each round's own ratio is reported beside it.
 
@@ -31,19 +30,16 @@ from __future__ import annotations
 import argparse
 import random
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import grpc
 
-import grpc  # noqa: E402
-
-from benchmarks.common import hf_config, write_config_folder, write_result  # noqa: E402
-from pdserve.cli import SWITCH_INTERVAL_US  # noqa: E402
-from pdserve.cluster import Cluster, ClusterConfig, free_port  # noqa: E402
-from pdserve.v1 import api_pb2, api_pb2_grpc  # noqa: E402
+from common import hf_config, write_config_folder, write_result
+from pdserve.cli import SWITCH_INTERVAL_US
+from pdserve.cluster import Cluster, ClusterConfig, free_port
+from pdserve.v1 import api_pb2, api_pb2_grpc
 
 
 SPLIT = ("client_to_coordinator", "reserve", "to_prefill_node", "node_prefill", "node_to_coordinator",
@@ -147,7 +143,7 @@ def alternating_rounds(a: argparse.Namespace, model: str, prompts: list[list[int
     kept = {n: ([], []) for n in names}
     per_round = []
     share = -(-a.requests // a.rounds)
-    if a.warmup_round:  # a fresh machine's first cluster ran ~30% slower in 2 of 3 runs: not kept
+    if a.warmup_round:  # a fresh machine's first cluster may run slower: not kept
         for name in names:
             run_alone(name, kinds[name], a, model, prompts[:a.warmup + share], keep=False)
         print("warm-up round done (not kept)", flush=True)

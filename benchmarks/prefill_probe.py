@@ -37,9 +37,7 @@ import time
 import warnings
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from benchmarks.common import write_config_folder, write_result  # noqa: E402
+from common import write_config_folder, write_result
 
 
 def child(a: argparse.Namespace) -> None:

