@@ -95,8 +95,8 @@ class Mover:
         self.strides = tuple(n * es // 4 for n in k.stride()[:3])
         self._shapes: dict[int, tuple[int, int, int, int]] = {}
         # (heads, scatter) -> the compiled kernel, launched directly: Triton's dispatch (binding
-        # and specializing the arguments, looking the kernel up) costs the host ~20 us warm
-        # and ~70 us cold per launch, on the transfer's critical path
+        # and specializing the arguments, looking the kernel up) costs the host tens of
+        # microseconds per launch, on the transfer's critical path
         self._compiled: dict[tuple[int, bool], Any] = {}
         self.direct = k.is_cuda  # False: always through Triton's dispatch (the interpreter, tests)
 

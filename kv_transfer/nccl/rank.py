@@ -52,8 +52,8 @@ the device, a NCCL receive spinning until its peer sends included: the first lau
 any new kernel in the process (ours or the engine's) can then block the host until a
 pending transfer's data comes, for ever if its peer died. RankKV launches its own
 kernels once when it is made; rank processes should also run with
-CUDA_MODULE_LOADING=EAGER (set before CUDA starts; about 2 s and 0.6 GiB more per process
-on an H200 with torch 2.11).
+CUDA_MODULE_LOADING=EAGER (set before CUDA starts; it costs start-up time and some
+memory per process).
 
 Files: rank_pairs.py (pair lifecycle), rank_cuda.py (GPU path), rank_cpu.py (gloo
 path), streams.py (streamed sends), verify.py (message groups, checksums, the tail

@@ -7,7 +7,7 @@ import torch
 
 
 class Trace:
-    """Diagnostics (benchmarks/kv_transfer.py --diag): the steps of GPU transfers, each as a
+    """Diagnostics (benchmarks/kv_nccl.py --diag): the steps of GPU transfers, each as a
     host time (time.perf_counter: CLOCK_MONOTONIC, one clock for every process of the
     host) or a CUDA event, converted to that clock by report(). Set RankKV.trace to one;
     it adds an event per step, so it is never on in serving."""
