@@ -61,7 +61,20 @@ class Outgoing:
     first_token: int = 0
 
 
-class KVSender(ABC):
+class _Transfer:
+    """A sender's or receiver's view of its TransferStatus."""
+    status: TransferStatus
+
+    @property
+    def state(self) -> TransferState:
+        return self.status.state
+
+    @property
+    def error(self) -> str:
+        return self.status.error
+
+
+class KVSender(_Transfer, ABC):
     """Prefill side, one per request."""
     save: KVSave | None = None   # what the engine step saves for this request, if the transport saves there
 
@@ -104,14 +117,6 @@ class KVSender(ABC):
         """Failed without an answer after sending something: the peer may be gone."""
         return self.state == TransferState.FAILED and not self.answered
 
-    @property
-    def state(self) -> TransferState:
-        return self.status.state
-
-    @property
-    def error(self) -> str:
-        return self.status.error
-
     def wait(self, timeout: float | None) -> TransferState:
         """Block until the receiver acked (DONE), refused (FAILED), or timeout (FAILED)."""
         if self.status.wait(timeout) != TransferState.DONE:
@@ -120,7 +125,7 @@ class KVSender(ABC):
         return self.status.state
 
 
-class KVReceiver(ABC):
+class KVReceiver(_Transfer, ABC):
     """Decode side, one per request: created by KVManager.expect."""
 
     def __init__(self, transfer_id: str, epoch: int, block_ids: list[int], lease_expiry: float, tp: int):
@@ -140,14 +145,6 @@ class KVReceiver(ABC):
     def cancel(self) -> bool:
         """The request is gone: end as soon as nothing can write the blocks any more."""
         return self.fail("cancelled")
-
-    @property
-    def state(self) -> TransferState:
-        return self.status.state
-
-    @property
-    def error(self) -> str:
-        return self.status.error
 
     def wait(self, timeout: float | None) -> TransferState:
         """Block until DONE or FAILED; the state as it is when the timeout passes otherwise."""
