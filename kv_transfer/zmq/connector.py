@@ -29,7 +29,8 @@ class _Save:
     """A save of the running step: its sender, block ids, next layer to copy, the group being filled."""
     key: int
     sink: streams.LayerSink
-    idx: torch.Tensor
+    block_ids: tuple[int, ...]
+    idx: torch.Tensor | None = None   # block_ids on the device, made at the first copy (not before the forward)
     next: int = 0
     group: list[torch.Tensor] = field(default_factory=list)
     error: str = ""
@@ -66,8 +67,7 @@ class ZmqConnector(KVConnectorWorker):
             if sink is None:
                 self._ended[s.key] = "the sender ended before its step"
                 continue
-            idx = torch.tensor(s.block_ids, dtype=torch.long, device=self.device)
-            self._saves.append(_Save(s.key, sink, idx))
+            self._saves.append(_Save(s.key, sink, s.block_ids))
 
     def save_layer(self, layer: int) -> None:
         self._copy_until(layer + 1)
@@ -111,8 +111,11 @@ class ZmqConnector(KVConnectorWorker):
         """Layer `layer` of the save's blocks, [2, n_blocks, block_size, kv_heads, head_dim] on the host."""
         k, v = self.kv.k[layer], self.kv.v[layer]
         if self._side is None:
+            s.idx = torch.tensor(s.block_ids, dtype=torch.long) if s.idx is None else s.idx
             return torch.stack((k.index_select(0, s.idx), v.index_select(0, s.idx)))
         with torch.cuda.stream(self._side):
+            if s.idx is None:  # on the side stream, which alone reads it
+                s.idx = torch.tensor(s.block_ids, dtype=torch.long, device=self.device)
             self._side.wait_event(self._events[layer])
             dev = torch.stack((k.index_select(0, s.idx), v.index_select(0, s.idx)))
             host = torch.empty(dev.shape, dtype=dev.dtype, pin_memory=True)
