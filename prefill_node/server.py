@@ -25,7 +25,7 @@ class PrefillNode(NodeBase, node_pb2_grpc.PrefillNodeServicer):
 
     def __init__(self, cfg):
         super().__init__(cfg)
-        self.pending: dict[int, tuple] = {}   # seq_id -> (future of its first StepOutput, its KV sender)
+        self.pending: dict[int, tuple] = {}   # seq_id -> (future of (first StepOutput, step end), KV sender)
         self.requests: dict[str, object] = {}          # request_id -> Sequence, while prefilling
         self.senders: dict[str, object] = {}           # request_id -> KVSender, while prefilling
 
@@ -56,14 +56,14 @@ class PrefillNode(NodeBase, node_pb2_grpc.PrefillNodeServicer):
             raise
         self.requests[rid], self.senders[rid] = seq, sender
         try:
-            out = await fut
+            out, end = await fut
         except asyncio.CancelledError:
             await asyncio.shield(self._abort(seq, sender))
             raise
         finally:
             self.requests.pop(rid, None)
             self.senders.pop(rid, None)
-        resp = node_pb2.PrefillResponse(first_token=out.token_id, prefill_start=start, prefill_end=time.time(),
+        resp = node_pb2.PrefillResponse(first_token=out.token_id, prefill_start=start, prefill_end=end,
                                         text=out.text_delta)
         if out.seq.finish_reason != "prefilled":
             resp.finish_reason = FINISH[out.seq.finish_reason]
@@ -102,7 +102,7 @@ class PrefillNode(NodeBase, node_pb2_grpc.PrefillNodeServicer):
             fut, sender = self.pending.pop(out.seq.seq_id, (None, None))
             if fut is None:
                 continue
-            seq = out.seq
+            seq, end = out.seq, time.time()  # before the finish leaves: the decode node may hear it first
             if seq.finish_reason == "prefilled":
                 try:
                     sender.complete(out.token_id, lambda start, n: engine.export_kv(seq, start, n))
@@ -112,7 +112,7 @@ class PrefillNode(NodeBase, node_pb2_grpc.PrefillNodeServicer):
             else:  # ended at its first token: no finish follows the data
                 sender.withdraw("the request ended at its first token")
             engine.release(seq)
-            self.aio.call_soon_threadsafe(_resolve, fut, out)
+            self.aio.call_soon_threadsafe(_resolve, fut, (out, end))
 
     async def _abort(self, seq, sender) -> None:
         def abort(engine):

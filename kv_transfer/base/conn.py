@@ -5,7 +5,8 @@ request on decode. The nodes use only what is written here, whatever the transpo
 Prefill side: manager.sender_for(ticket, num_blocks) -> sender. The request goes to the
 engine with sender.save (None where the transport does not save from the engine step);
 when its prompt step ends, the engine thread calls sender.complete(first_token, export)
-(export reads the prompt KV back, for transports that send after the step), or
+(export reads back the prompt KV the step did not send, for transports or TP sizes
+that send after the step), or
 sender.withdraw(why) if the request ended otherwise. The sender ends DONE once the
 decode side took it all, FAILED (with error) otherwise.
 

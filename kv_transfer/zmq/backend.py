@@ -1,4 +1,5 @@
-"""The ZeroMQ backend: data and control over ZeroMQ frames, sent after the prompt's step."""
+"""The ZeroMQ backend: data and control over ZeroMQ frames; TP 1 streams them layer by layer
+from the prompt's step (connector.py), TP > 1 sends them after it."""
 from __future__ import annotations
 
 from pdserve.kv_transfer.base.backend import KVBackend
@@ -12,4 +13,4 @@ def _manager(role, layout, tp, config: ZmqConfig, link) -> ZmqKVManager:
                         layers_per_message=config.layers_per_message)
 
 
-BACKEND = KVBackend("zmq", ZmqConfig, _manager)
+BACKEND = KVBackend("zmq", ZmqConfig, _manager, worker=("pdserve.kv_transfer.zmq.connector", "ZmqConnector"))

@@ -4,7 +4,9 @@ Decode role: a ROUTER bound to 127.0.0.1 (tcp; port 0 picks a free one) or to an
 path, served by KVInbox's receive thread; expect() registers a transfer into
 reserved blocks, cancel() drops it. Prefill role: KVOutbox's I/O thread with one
 DEALER per decode endpoint; sender() (sender_for() a ticket) hands out a per-request
-ZmqKVSender.
+ZmqKVSender. A TP-1 node's senders from sender_for() stream: the engine's connector
+worker (connector.py) sends their layers from the prompt's step; poll() collects the
+ends it reports. With TP > 1 a sender exports all layers after the step.
 Explicit start()/close(); close() joins the thread and closes every socket."""
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ from typing import TypeVar
 
 import zmq
 
+from pdserve.engine.kv_connector import KVSave
 from pdserve.kv_transfer.base.conn import KVManager, Role, WriteFn
 from pdserve.kv_transfer.base.inbox import KVInbox
 from pdserve.kv_transfer.base.layout import KVLayout
@@ -44,6 +47,7 @@ class ZmqKVManager(KVManager):
         self._inbox: KVInbox | None = None
         self._outbox: KVOutbox | None = None
         self._endpoint = ""
+        self._saving: set[int] = set()  # keys of saves the engine started and the worker has not reported
 
     def start(self) -> None:
         if self._ctx is not None:
@@ -109,15 +113,32 @@ class ZmqKVManager(KVManager):
     def cancel(self, transfer_id: str) -> bool:
         return self._require(Role.DECODE, self._inbox).cancel(transfer_id)
 
-    def sender(self, endpoint: str, transfer_id: str, epoch: int, num_blocks: int) -> ZmqKVSender:
+    def sender(self, endpoint: str, transfer_id: str, epoch: int, num_blocks: int,
+               stream: bool = False) -> ZmqKVSender:
+        """stream: the engine's step sends the layers (TP 1); otherwise the caller does."""
         outbox = self._require(Role.PREFILL, self._outbox)
         tx = ZmqKVSender(self.layout, self.tp, endpoint, transfer_id, epoch, num_blocks, outbox.submit,
-                         self.layers_per_message)
-        outbox.add(tx)
+                         self.layers_per_message, stream=stream)
+        try:
+            outbox.add(tx)
+        except BaseException:
+            tx.fail("not added")
+            raise
         return tx
 
     async def sender_for(self, ticket: node_pb2.Ticket, num_blocks: int) -> ZmqKVSender:
-        return self.sender(ticket.kv_endpoint, ticket.transfer_id, ticket.epoch, num_blocks)
+        return self.sender(ticket.kv_endpoint, ticket.transfer_id, ticket.epoch, num_blocks, stream=self.tp == 1)
+
+    # engine thread
+
+    def on_save_start(self, save: KVSave) -> None:
+        self._saving.add(save.key)
+
+    def poll(self, engine) -> bool:
+        """Forget the saves the worker reports ended (it failed their senders itself)."""
+        if self._saving:
+            self._saving.difference_update(engine.kv_finished(list(self._saving)))
+        return bool(self._saving)
 
     def _require(self, role: Role, part: Part | None) -> Part:
         if self.role != role:

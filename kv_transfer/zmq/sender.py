@@ -1,8 +1,10 @@
 """Prefill side, one per request: send_layers / finish check the shards and queue
 them for the manager's I/O thread, which checksums and sends each message (so the
-caller never waits on the network); complete() exports the prompt's KV after its
-step and sends it so, layers_per_message layers a message. The shards stay
-referenced until the transfer ends. Lifecycle: created (WAITING) -> first send
+caller never waits on the network), layers_per_message layers a message. A streamed
+sender (TP 1) offers itself under its save's key (streams.py): the engine's connector
+worker hands it each layer group as the prompt's step computes it; complete() exports
+what the step did not send (everything, unstreamed) and sends the first token. The
+shards stay referenced until the transfer ends. Lifecycle: created (WAITING) -> first send
 (TRANSFERRING) -> receiver's ack (DONE | FAILED) | no ack within wait()'s timeout or
 withdrawn (FAILED)."""
 from __future__ import annotations
@@ -11,14 +13,19 @@ from collections.abc import Callable
 
 import torch
 
+from pdserve.engine.kv_connector import KVRoute, KVSave
 from pdserve.kv_transfer.base.conn import ExportFn, KVSender, Outgoing
 from pdserve.kv_transfer.base.header import Buffer, build_header
 from pdserve.kv_transfer.base.layout import KVLayout, unique_ranks
 
+from . import streams
+
 
 class ZmqKVSender(KVSender):
     def __init__(self, layout: KVLayout, tp: int, endpoint: str, transfer_id: str, epoch: int, num_blocks: int,
-                 submit: Callable[[ZmqKVSender, Outgoing], None], layers_per_message: int = 1):
+                 submit: Callable[[ZmqKVSender, Outgoing], None], layers_per_message: int = 1,
+                 stream: bool = False):
+        """stream: the engine step sends the layers (TP 1 only: rank 0 holds every head)."""
         super().__init__(transfer_id, epoch, num_blocks, endpoint)
         if num_blocks < 1:
             raise ValueError(f"a transfer needs at least one block, got {num_blocks}")
@@ -30,6 +37,11 @@ class ZmqKVSender(KVSender):
         self._next_layer = 0
         self._finished = False
         self._held: list[torch.Tensor] = []  # alive until the transfer ends
+        if stream:
+            if tp != 1:
+                raise ValueError(f"transfer {transfer_id}: only a TP-1 sender streams, this one has TP {tp}")
+            self.save = KVSave(streams.new_key(), (KVRoute(0, endpoint, 0, layout.num_kv_heads),))
+            streams.offer(self.save.key, self)
 
     def send_layers(self, layer_start: int, layers: list[list[torch.Tensor]]) -> None:
         if self._finished:
@@ -60,10 +72,12 @@ class ZmqKVSender(KVSender):
             self._submit(self, Outgoing(self._next_layer, 0, [], last=True, first_token=first_token))
 
     def complete(self, first_token: int, export: ExportFn) -> None:
-        """Export the prompt's KV (engine thread, before its blocks are freed) and queue it."""
-        layers, step = export(0, self.layout.num_layers), self.layers_per_message
-        for start in range(0, len(layers), step):
-            self.send_layers(start, layers[start:start + step])
+        """Engine thread, before the prompt's blocks are freed: export and queue the layers
+        its step did not stream, then the first token."""
+        first, step = self._next_layer, self.layers_per_message
+        layers = export(first, self.layout.num_layers - first) if first < self.layout.num_layers else []
+        for i in range(0, len(layers), step):
+            self.send_layers(first + i, layers[i:i + step])
         self.finish(first_token)
 
     @property
@@ -79,9 +93,11 @@ class ZmqKVSender(KVSender):
         return [header, *frames]
 
     def release(self) -> None:
-        """Drop the shards once the transfer has ended."""
+        """Drop the shards (and an unclaimed offer) once the transfer has ended."""
         if self.status.ended:
             self._held = []
+            if self.save is not None:
+                streams.drop(self.save.key)
 
     def _head_span(self, rank: int) -> tuple[int, int]:
         start, end = self.layout.heads(rank, self.tp)

@@ -1,5 +1,5 @@
-"""Clusters on several GPUs (skipped without them): 1 prefill + 1 decode with the KV
-over ZeroMQ (greedy outputs equal transformers' in float32, and bfloat16 runs), and
+"""Clusters on GPUs: 1 prefill + 1 decode with the KV over ZeroMQ, on one shared GPU and
+on two (greedy outputs equal transformers' in float32, and bfloat16 runs), and
 with the KV over NCCL at P:D TP 1:1 (two GPUs), 1:2 and 2:1 (three GPUs)."""
 from __future__ import annotations
 
@@ -12,13 +12,21 @@ from tests.cluster_util import Client, start_cluster
 from tests.conftest import assert_matches_reference
 from tests.test_cluster import workload
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2,
-                                reason="needs two GPUs")
+GPUS = torch.cuda.device_count() if torch.cuda.is_available() else 0
+two_gpus = pytest.mark.skipif(GPUS < 2, reason="needs two GPUs")
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_two_gpu_cluster_over_zmq(tiny_models, reference, dtype):
-    cluster = start_cluster(model=tiny_models["qwen2"], device="cuda", dtype=dtype, kv_blocks=256)
+one_gpu = pytest.mark.skipif(GPUS < 1, reason="needs CUDA")
+
+
+@pytest.mark.parametrize("device, dtype, layers_per_message, graphs", [
+    pytest.param("cuda:0", "float32", 1, True, marks=one_gpu), pytest.param("cuda:0", "float32", 3, False, marks=one_gpu),
+    pytest.param("cuda", "float32", 1, True, marks=two_gpus), pytest.param("cuda", "bfloat16", 1, True, marks=two_gpus)])
+def test_1p1d_over_zmq(tiny_models, reference, device, dtype, layers_per_message, graphs):
+    """cuda:0: both nodes share one GPU; cuda: one GPU each. The KV streams from the prefill
+    step, whether it replays a prefill graph or runs eagerly (graphs False)."""
+    cluster = start_cluster(model=tiny_models["qwen2"], device=device, dtype=dtype, kv_blocks=256,
+                            prefill_graphs=graphs, node_flags=("--kv-layers-per-message", str(layers_per_message)))
     client = Client(cluster.cfg.listen)
     try:
         jobs = workload(11, 8)
@@ -34,6 +42,7 @@ def test_two_gpu_cluster_over_zmq(tiny_models, reference, dtype):
             assert_matches_reference(out["token_ids"], ref.generate(prompt, n), "gpu cluster")
 
 
+@two_gpus
 @pytest.mark.parametrize("family, p_tp, d_tp", [("qwen2", 1, 1), ("llama", 1, 2), ("qwen3", 2, 1)])
 def test_nccl_cluster_matches_transformers(tiny_models, reference, family, p_tp, d_tp, tmp_path):
     """The KV moves GPU to GPU over NCCL, re-sliced across TP sizes (1:2 and 2:1 need three GPUs)."""

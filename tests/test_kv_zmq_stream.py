@@ -1,0 +1,66 @@
+"""The ZeroMQ backend streams a TP-1 prompt's KV from its step (kv_transfer/zmq/connector.py):
+a real engine with the backend's connector worker, real sockets on loopback, one process."""
+from __future__ import annotations
+
+import threading
+import time
+
+import torch
+
+from pdserve.common.config import EngineConfig
+from pdserve.common.sampling import SamplingParams
+from pdserve.engine.llm_engine import LLMEngine
+from pdserve.kv_transfer.base.conn import Role
+from pdserve.kv_transfer.base.layout import KVLayout
+from pdserve.kv_transfer.base.status import TransferState
+from pdserve.kv_transfer.zmq import streams
+from pdserve.kv_transfer.zmq.backend import BACKEND
+from pdserve.kv_transfer.zmq.config import ZmqConfig
+from pdserve.kv_transfer.zmq.manager import ZmqKVManager
+
+
+def test_layer_0_reaches_the_receiver_before_the_last_layer_is_computed(tiny_models):
+    cfg = EngineConfig(model=tiny_models["qwen2"], kv_blocks=64, block_size=4)
+    with LLMEngine(cfg, BACKEND.connector(ZmqConfig())) as engine:
+        runner = engine.executor.runner
+        lay = KVLayout.create("qwen2", engine.spec.num_layers, engine.spec.num_kv_heads, engine.spec.head_dim,
+                              cfg.block_size, runner.dtype)
+        dec = ZmqKVManager(Role.DECODE, lay, poll_interval_s=0.01)
+        pre = ZmqKVManager(Role.PREFILL, lay, poll_interval_s=0.01)
+        dec.start()
+        pre.start()
+        engine.on_kv_save = pre.on_save_start
+        received: list[tuple[int, torch.Tensor]] = []
+        layer_0_in = threading.Event()
+
+        def write(layer: int, per_rank: list[torch.Tensor]) -> None:
+            received.append((layer, per_rank[0].clone()))
+            layer_0_in.set()
+
+        # the last layer's forward waits (on the engine thread) until the receiver wrote layer 0
+        seen_before_last: list[bool] = []
+        hook = runner.model.layers[-1].register_forward_pre_hook(
+            lambda *_: seen_before_last.append(layer_0_in.wait(30)))
+        try:
+            prompt = [3, 1, 4, 1, 5, 9, 2, 6, 5]
+            n_blocks = -(-len(prompt) // cfg.block_size)
+            rx = dec.expect("t", 1, list(range(n_blocks)), time.time() + 60, write)
+            tx = pre.sender(dec.endpoint, "t", 1, n_blocks, stream=True)
+            seq = engine.add_request(prompt, SamplingParams(max_tokens=4, temperature=0.0), prefill_only=True,
+                                     kv_save=tx.save)
+            (out,) = engine.step()
+            tx.complete(out.token_id, lambda start, n: engine.export_kv(seq, start, n))
+            assert tx.wait(10) == TransferState.DONE and rx.wait(10) == TransferState.DONE, (tx.error, rx.error)
+            expected = engine.export_kv(seq)
+            engine.release(seq)
+            assert not pre.poll(engine)   # the worker reported the save's end
+        finally:
+            hook.remove()
+            pre.close()
+            dec.close()
+    assert seen_before_last == [True]
+    assert rx.first_token == out.token_id
+    assert [layer for layer, _ in received] == list(range(lay.num_layers))
+    for layer, kv in received:
+        assert torch.equal(kv, expected[layer][0])
+    assert streams.offered() == 0
