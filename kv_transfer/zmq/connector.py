@@ -51,11 +51,13 @@ class ZmqConnector(KVConnectorWorker):
 
     def register_kv_cache(self, kv, device) -> None:
         self.kv, self.device = kv, device
-        if device.type == "cuda":
-            self._side = torch.cuda.Stream(device)
-            self._copies = queue.Queue()
-            self._copier = threading.Thread(target=self._copy_loop, name="pdserve-kv-d2h", daemon=True)
-            self._copier.start()
+
+    def _start_copier(self) -> None:
+        """CUDA, at the first save: the side stream and the copy thread (nodes that never save have neither)."""
+        self._side = torch.cuda.Stream(self.device)
+        self._copies = queue.Queue()
+        self._copier = threading.Thread(target=self._copy_loop, name="pdserve-kv-d2h", daemon=True)
+        self._copier.start()
 
     def apply(self, meta: KVConnectorMetadata) -> None:
         """Nothing: ZeroMQ has no channels to join, and the decode side receives on the node."""
@@ -68,6 +70,8 @@ class ZmqConnector(KVConnectorWorker):
                 self._ended[s.key] = "the sender ended before its step"
                 continue
             self._saves.append(_Save(s.key, sink, s.block_ids))
+        if self._saves and self.device.type == "cuda" and self._side is None:
+            self._start_copier()
 
     def save_layer(self, layer: int) -> None:
         self._copy_until(layer + 1)
