@@ -15,7 +15,6 @@ import asyncio
 import json
 import logging
 import shutil
-import signal
 import sys
 import tempfile
 import time
@@ -30,6 +29,7 @@ from pdserve.common.model_files import folder_hash
 from pdserve.common.recent_ids import RecentIds
 from pdserve.decode_node.subscribers import Subscriber
 from pdserve.node.agent import NodeAgent
+from pdserve.process import run_until_signal
 from pdserve.wire.rpc import RpcError, ServerHandle
 from pdserve.v1 import api_pb2, node_pb2, node_pb2_grpc
 
@@ -307,9 +307,14 @@ class SyntheticNode(node_pb2_grpc.DecodeNodeServicer, node_pb2_grpc.PrefillNodeS
                 self.subscribers.pop(sub, None)
 
     def _drop(self, matches) -> None:
+        """Forget every request `matches` picks (nobody is left to stream it to)."""
+        gone = 0
         for table in (self.reserved, self.running):
             for rid in [r for r, s in table.items() if matches(s)]:
                 del table[rid]
+                gone += 1
+        if gone:
+            log.warning("dropped %d requests: their subscription or registration ended", gone)
 
 
 def model_dir(cfg: SyntheticConfig) -> tuple[Path, bool]:
@@ -323,28 +328,29 @@ def model_dir(cfg: SyntheticConfig) -> tuple[Path, bool]:
     return path, True
 
 
-async def serve(cfg: SyntheticConfig) -> None:
-    """Start the node(s), print one line once registered, serve until SIGTERM or SIGINT."""
-    folder, written = model_dir(cfg)
-    roles = [api_pb2.ROLE_BOTH] if cfg.role == "both" else [api_pb2.ROLE_DECODE, api_pb2.ROLE_PREFILL]
-    nodes = [SyntheticNode(cfg, role, folder) for role in roles]
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    started = []
-    try:
-        for node in nodes:
+class SyntheticProcess:
+    """The node(s) of one synthetic node process: one colocated node, or a decode node and
+    the prefill node that "ships" its KV in memory."""
+
+    def __init__(self, cfg: SyntheticConfig):
+        self.cfg = cfg
+        self.roles = [api_pb2.ROLE_BOTH] if cfg.role == "both" else [api_pb2.ROLE_DECODE, api_pb2.ROLE_PREFILL]
+        self.nodes: list[SyntheticNode] = []
+        self.folder, self.written = None, False
+
+    async def start(self) -> str:
+        self.folder, self.written = model_dir(self.cfg)
+        for role in self.roles:
+            node = SyntheticNode(self.cfg, role, self.folder)
             await node.start()
-            started.append(node)
-        print("synthetic node ready: " + " ".join(f"{api_pb2.Role.Name(n.role)}={n.address}" for n in nodes),
-              flush=True)
-        await stop.wait()
-    finally:
-        for node in started:
+            self.nodes.append(node)
+        return " ".join(n.address for n in self.nodes)
+
+    async def close(self) -> None:
+        for node in self.nodes:
             await node.close()
-        if written:
-            shutil.rmtree(folder, ignore_errors=True)
+        if self.written:
+            shutil.rmtree(self.folder, ignore_errors=True)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -352,9 +358,7 @@ def main(argv: list[str] | None = None) -> None:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add_flags(p, SyntheticConfig)
     cfg = from_args(SyntheticConfig, p.parse_args(argv))
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s synthetic %(levelname)s %(message)s")
-    asyncio.run(serve(cfg))
-    sys.exit(0)
+    sys.exit(asyncio.run(run_until_signal(SyntheticProcess(cfg))))
 
 
 if __name__ == "__main__":
