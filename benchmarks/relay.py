@@ -111,6 +111,8 @@ def main() -> None:
     ap.add_argument("--commit", default=None, help="commit measured, where the tree has no .git")
     ap.add_argument("--name", default="relay", help="result file name")
     a = ap.parse_args()
+    if a.role == "pair" and a.nodes > 1:  # a synthetic prefill node hands KV only to its own process's decode node
+        ap.error("--role pair takes --nodes 1")
     workers = sorted(set(a.workers))
     if not coordinator_workers() and workers != [1]:
         print("this coordinator has no --workers: measuring 1 worker only", flush=True)

@@ -158,6 +158,8 @@ def add_flags(p: argparse.ArgumentParser) -> None:
 def main(a: argparse.Namespace) -> int:
     info = status(a.coordinator)
     a.model_id = info["model"] or "default"
+    if a.num_clients < 1:
+        raise SystemExit("--num-clients must be >= 1")
     if a.dataset_name == "sharegpt" and not a.dataset_path:
         raise SystemExit("--dataset-name sharegpt needs --dataset-path")
     slos = parse_goodput(a.goodput)

@@ -41,7 +41,8 @@ LOCAL: dict[str, "SyntheticNode"] = {}  # kv_endpoint -> decode node of this pro
 class SyntheticConfig:
     coordinator: str = opt(help="the coordinator's gRPC address")
     listen: str = opt("127.0.0.1:0", "HOST:PORT of the node's gRPC server (pair: both take port 0)")
-    role: str = opt("both", "both: one colocated node; pair: a decode node and a prefill node",
+    role: str = opt("both", "both: one colocated node; pair: a decode node and a prefill node (the prefill node hands "
+                            "KV only to its own process's decode node: one pair process per coordinator)",
                     choices=("both", "pair"))
     step_period_s: float = opt(0.005, "seconds between steps (0: as fast as the event loop goes)",
                                flag="--step-period")
