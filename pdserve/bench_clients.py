@@ -31,15 +31,15 @@ def split(total: int, k: int) -> list[int]:
 
 def run_clients(a: argparse.Namespace, reqs: list[Request]) -> tuple[list[Result], float]:
     """(results in request order, seconds from the shared start to the last completion)."""
-    k = max(1, min(a.num_clients, len(reqs)))
+    k = max(1, min(a.num_clients, len(reqs), a.max_concurrency or len(reqs)))  # every client >= 1 stream
     offsets = list(itertools.accumulate(arrival_gaps(len(reqs), a.request_rate, a.burstiness, a.seed)))
-    limits = split(a.max_concurrency or len(reqs), k)
+    limits = split(a.max_concurrency or len(reqs), k)  # sums to --max-concurrency
     ctx = mp.get_context("spawn")
     procs, conns = [], []
     for j in range(k):
         mine = range(j, len(reqs), k)
         job = dict(coordinator=a.coordinator, request_timeout=a.request_timeout, ignore_eos=a.ignore_eos,
-                   limit=max(1, limits[j]),
+                   limit=limits[j],
                    requests=[[i, reqs[i].prompt, reqs[i].output_len, offsets[i]] for i in mine])
         ours, theirs = ctx.Pipe()
         p = ctx.Process(target=client_main, args=(json.dumps(job), theirs), name=f"bench-client-{j}", daemon=True)

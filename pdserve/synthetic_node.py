@@ -40,7 +40,8 @@ LOCAL: dict[str, "SyntheticNode"] = {}  # kv_endpoint -> decode node of this pro
 @dataclass
 class SyntheticConfig:
     coordinator: str = opt(help="the coordinator's gRPC address")
-    listen: str = opt("127.0.0.1:0", "HOST:PORT of the node's gRPC server (pair: both take port 0)")
+    listen: str = opt("127.0.0.1:0", "HOST:PORT of the node's gRPC server (pair: the decode node's; the prefill "
+                                     "node takes any free port on that host)")
     role: str = opt("both", "both: one colocated node; pair: a decode node and a prefill node (the prefill node hands "
                             "KV only to its own process's decode node: one pair process per coordinator)",
                     choices=("both", "pair"))
