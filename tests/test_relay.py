@@ -80,3 +80,28 @@ def test_bench_over_two_client_processes_gets_every_token_well_above_a_node_rate
         assert ids == [synthetic_token(q.prompt, k, VOCAB) for k in range(out_len)] and finish == "length"
     assert len(s["ttfts"]) == n and sum(s["output_lens"]) == n * out_len
     assert s["output_throughput"] > 2000  # tokens/s: a generous floor, far above a tiny-model CPU node
+
+
+def test_a_cancelled_stream_is_aborted_on_the_synthetic_node(cluster):
+    import time
+    from pdserve.client import status
+
+    def held() -> int:  # requests running or reserved on the nodes, as their last heartbeats say
+        return sum(n["running"] + n["queued"] for n in status(cluster.address)["nodes"])
+
+    def wait(until, seconds: float) -> None:
+        deadline = time.monotonic() + seconds
+        while not until():
+            assert time.monotonic() < deadline, status(cluster.address)["nodes"]
+            time.sleep(0.1)
+    with grpc.insecure_channel(cluster.address) as ch:
+        req = api_pb2.GenerateRequest(sampling=api_pb2.SamplingParams(max_tokens=4000, temperature=0.0,
+                                                                      ignore_eos=True))
+        req.token_ids.ids.extend([5, 6, 7])
+        call = api_pb2_grpc.GenerationStub(ch).Generate(req, timeout=60)
+        next(call)
+        wait(lambda: held() == 1, 5)
+        call.cancel()
+    # well before its 4000 tokens (>= 8 s at 2 ms steps) could end by themselves
+    wait(lambda: held() == 0, 4)
+    assert all(n["kv_blocks_free"] == n["kv_blocks_total"] for n in status(cluster.address)["nodes"])
