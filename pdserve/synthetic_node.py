@@ -209,7 +209,7 @@ class SyntheticNode(node_pb2_grpc.DecodeNodeServicer, node_pb2_grpc.PrefillNodeS
             await sub.stream(context)
             raise RpcError(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{sub.limit} token batches unread")
         finally:
-            del self.subscribers[sub]
+            self.subscribers.pop(sub, None)  # a subscriber cut off by _publish is gone already
             if sid and sid not in self.subscribers.values():  # its requests have nobody to go to
                 self._drop(lambda s: s.subscriber == sid)
             elif not sid and not any(s.epoch == sub.epoch for s, i in self.subscribers.items() if not i):
