@@ -78,8 +78,11 @@ class Entry:
 
 
 def token_batch(entries: list[Entry]) -> node_pb2.TokenBatch:
-    """The step's TokenBatch in today's wire format: one TokenUpdate per token. The one
-    place that knows the format (a columnar TokenBatch changes only this)."""
+    """The step's TokenBatch: the one place that knows its format. A columnar TokenBatch
+    (a row of tokens per request, events apart) where the proto has one, else one
+    TokenUpdate per token."""
+    if "request_ids" in node_pb2.TokenBatch.DESCRIPTOR.fields_by_name:
+        return _columnar(entries)
     updates = []
     for e in entries:
         last = len(e.tokens) - 1
@@ -89,6 +92,16 @@ def token_batch(entries: list[Entry]) -> node_pb2.TokenBatch:
                 finish_reason=e.finish if j == last else 0,
                 decode_start=e.decode_start if j == 0 else 0.0, kv_ready=e.decode_start if j == 0 else 0.0))
     return node_pb2.TokenBatch(updates=updates)
+
+
+def _columnar(entries: list[Entry]) -> node_pb2.TokenBatch:
+    batch = node_pb2.TokenBatch(
+        request_ids=[e.request_id for e in entries], first_index=[e.index for e in entries],
+        counts=[len(e.tokens) for e in entries], token_ids=[t for e in entries for t in e.tokens],
+        texts=["".join(f"{t} " for t in e.tokens) for e in entries], finish_reasons=[e.finish for e in entries])
+    batch.events.extend(node_pb2.TokenEvent(request_id=e.request_id, decode_start=e.decode_start,
+                                            kv_ready=e.decode_start) for e in entries if e.decode_start)
+    return batch
 
 
 @dataclass
