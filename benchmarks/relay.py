@@ -10,7 +10,9 @@ ratio = tok/s at the largest worker count W / (W x tok/s at 1 worker): 1.0 is li
 scaling (W = 8 by default). A coordinator without --workers runs with 1 worker only
 (no ratio). The nodes' ceiling (streams x tokens per step / step period) and the CPU
 seconds of the coordinator (with its worker processes), the nodes and the clients are
-kept per run, so a run capped by the nodes or the clients, not the relay, shows."""
+kept per run, with `busy` = CPU seconds / (run seconds x processes) per group (the
+clients' include their start-up): a group near 1.0 was the cap, so a run capped by the
+nodes or the clients, not the relay, shows."""
 from __future__ import annotations
 
 import argparse
@@ -90,9 +92,13 @@ def run(a, workers: int, work: Path) -> dict:
              duration_s=s["duration"], mean_tpot_ms=s["mean_tpot_ms"], mean_ttft_ms=s["mean_ttft_ms"],
              cpu_s=dict(coordinator=after[0] - before[0], nodes=after[1] - before[1], clients=client_cpu),
              first_error=s["errors"][0] if s["errors"] else "")
+    # CPU seconds per second of the run per process of the group: near 1.0, that group was the cap
+    procs = dict(coordinator=workers + (workers > 1), nodes=a.nodes, clients=a.num_clients)
+    r["busy"] = {k: r["cpu_s"][k] / (r["duration_s"] * procs[k]) for k in procs}
     print(f"workers {workers}: {r['output_tok_s']:10,.0f} output tok/s  ({r['completed']} done, {r['failed']} failed, "
           f"{r['duration_s']:.1f} s; CPU s coordinator {r['cpu_s']['coordinator']:.1f}, nodes "
-          f"{r['cpu_s']['nodes']:.1f}, clients {r['cpu_s']['clients']:.1f})", flush=True)
+          f"{r['cpu_s']['nodes']:.1f}, clients {r['cpu_s']['clients']:.1f}; busy per process "
+          + ", ".join(f"{k} {v:.2f}" for k, v in r["busy"].items()) + ")", flush=True)
     return r
 
 
