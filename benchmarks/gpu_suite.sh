@@ -11,7 +11,8 @@
 # Llama-3.1-8B shape at TP 1 and TP 2), goodput (goodput-prefill and goodput-decode:
 # each workload, 1P1D against 2 colocated), nccl (nccl-bench: the NCCL KV transfer
 # benchmarks; nccl-tests: tests/gpu fused KV kernels, transport and cluster tests; the
-# 1:2 and 2:1 cluster tests need three GPUs).
+# 1:2 and 2:1 cluster tests need three GPUs), serving-overhead (served against offline, one
+# GPU), relay (the coordinator relay over worker counts, synthetic nodes, CPU only).
 # Result JSONs land in benchmarks/results/ and, where $OUT is set, are copied there.
 set -u
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # the checkout's pdserve, installed or not
@@ -62,6 +63,10 @@ for group in "$@"; do
         nccl-tests)  # about 4 min; the 1:2 and 2:1 cluster tests need three GPUs
             run tests-kv-kernels 120 python3 -m pytest -q tests/gpu/test_gpu_kv_kernels.py
             run tests-nccl 420 python3 -m pytest -q -s tests/gpu/test_gpu_nccl_rank.py tests/gpu/test_gpu_cluster.py ;;
+        serving-overhead)  # one GPU: offline and served at 256 and 1024 streams
+            run serving-overhead 580 python3 benchmarks/serving_overhead.py "${commit[@]}" ;;
+        relay)  # no GPU needed: the coordinator's relay over 1 2 4 8 workers with synthetic nodes
+            run relay 580 python3 benchmarks/relay.py "${commit[@]}" ;;
         *) echo "unknown group $group"; status=1 ;;
     esac
 done

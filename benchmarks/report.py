@@ -24,6 +24,8 @@ RATIO_OF = {
     "engine_throughput": "tok/s: ours / transformers",
     "decode_latency": "step time: bandwidth floor / ours",
     "served_ab": "served tok/s: this tree / an earlier one",
+    "serving_overhead": "tok/s: served / offline",
+    "relay": "relay tok/s: W workers / (W x 1 worker)",
     "kv_transfer_zmq": "bandwidth: ours / bare pyzmq",
     "kv_transfer_nccl": "bandwidth: ours / bare NCCL send",
     "kv_transfer_exposed": "TTFT: 1P1D over NCCL / prefill alone",
@@ -56,6 +58,13 @@ def setup(r: dict) -> str:
     if b == "served_ab":
         return (f"{shape(c['shape'])}, 1 colocated node, {c['input_len']} in / {c['output_len']} out, "
                 f"{c['concurrency']} streams, vs {c['other_commit'][:7]}")
+    if b == "serving_overhead":
+        return (f"{shape(c['shape'])}, 1 colocated node, {c['input_len']} in / {c['output_len']} out, "
+                f"{c['concurrency'][0]} streams (TPOT / offline step {r['tpot_over_step']:.2f})")
+    if b == "relay":
+        ws = c["workers"]
+        return (f"synthetic nodes, {c['streams']} streams, {ws[-1]} workers: "
+                f"{r['tok_s_at_max_workers'] / 1e3:,.0f}k tok/s ({c['host_cpu']}, {c['cpus']} CPUs)")
     if b == "kv_transfer_zmq":
         case, endpoint = c["headline"].split(" over ")
         ipc = next((x["ratio"] for x in r["cases"] if x["case"] == case and x["endpoint"] == "ipc"), None)

@@ -13,37 +13,16 @@ import json
 import math
 import random
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
-import grpc
 import numpy as np
 
-from pdserve.client import status
-from pdserve.wire.rpc import channel
-from pdserve.v1 import api_pb2, api_pb2_grpc
+from pdserve.bench_clients import run_clients
+from pdserve.bench_stream import Request, Result, arrival_gaps, benchmark
+from pdserve.client import FINISH_NAMES, status
 
 SYNTHETIC = {  # name -> (mean input tokens, mean output tokens), lognormal lengths around them
     "chat": (256, 256), "code": (768, 192), "summarization": (1536, 128)}
-
-
-@dataclass
-class Request:
-    prompt: list[int] | str
-    input_len: int
-    output_len: int
-
-
-@dataclass
-class Result:
-    success: bool = False
-    error: str = ""
-    ttft: float = 0.0
-    itl: list[float] = field(default_factory=list)
-    latency: float = 0.0
-    output_tokens: int = 0
-    text: str = ""
-    phases: dict = field(default_factory=dict)
 
 
 def sample_requests(a: argparse.Namespace, vocab: int, max_len: int) -> list[Request]:
@@ -89,92 +68,6 @@ def prompts_at(rate: float, num_prompts: int, duration_s: float, cap: int) -> in
     return max(num_prompts, min(cap, math.ceil(rate * duration_s)))
 
 
-def arrival_gaps(n: int, rate: float, burstiness: float, seed: int) -> list[float]:
-    """Gamma inter-arrival times (Poisson when burstiness = 1); rate inf sends all at once."""
-    if rate == float("inf"):
-        return [0.0] * n
-    rng = np.random.default_rng(seed)
-    return list(rng.gamma(shape=burstiness, scale=1.0 / (rate * burstiness), size=n))
-
-
-async def run_one(stub, req: Request, a: argparse.Namespace) -> Result:
-    sampling = api_pb2.SamplingParams(max_tokens=req.output_len, temperature=0.0, ignore_eos=a.ignore_eos)
-    msg = api_pb2.GenerateRequest(sampling=sampling)
-    if isinstance(req.prompt, str):
-        msg.text = req.prompt.encode()
-    else:
-        msg.token_ids.ids.extend(req.prompt)
-    res = Result()
-    start = last = time.perf_counter()
-    text = []
-    try:
-        async for resp in stub.Generate(msg, timeout=a.request_timeout):
-            now = time.perf_counter()
-            if resp.token_ids:
-                if res.output_tokens == 0:
-                    res.ttft = now - start
-                else:
-                    res.itl.append(now - last)
-                    res.itl.extend([0.0] * (len(resp.token_ids) - 1))
-                res.output_tokens += len(resp.token_ids)
-                last = now
-            text.append(resp.text)
-            if resp.finish_reason:
-                t = resp.times
-                res.phases = {"queue": t.reserved - t.received, "prefill": t.prefill_end - t.prefill_start,
-                              "transfer": max(0.0, t.transfer_end - t.prefill_end) if t.transfer_end else 0.0,
-                              "decode_admission": max(0.0, t.decode_start - (t.transfer_end or t.prefill_end))
-                              if t.decode_start else 0.0}
-        res.latency, res.success, res.text = last - start, True, "".join(text)
-    except grpc.aio.AioRpcError as e:
-        res.error = f"{e.code().name}: {e.details()}"
-    return res
-
-
-async def benchmark(a: argparse.Namespace, reqs: list[Request]) -> tuple[list[Result], float]:
-    ch = channel(a.coordinator)
-    stub = api_pb2_grpc.GenerationStub(ch)
-    limit = asyncio.Semaphore(a.max_concurrency or len(reqs) or 1)
-    gaps = arrival_gaps(len(reqs), a.request_rate, a.burstiness, a.seed)
-    progress = Progress(len(reqs), a.disable_tqdm)
-
-    async def limited(req: Request) -> Result:
-        async with limit:
-            r = await run_one(stub, req, a)
-        progress.update()
-        return r
-    start = time.perf_counter()
-    tasks = []
-    for req, gap in zip(reqs, gaps):
-        if gap:
-            await asyncio.sleep(gap)
-        tasks.append(asyncio.create_task(limited(req)))
-    results = await asyncio.gather(*tasks)
-    duration = time.perf_counter() - start
-    progress.close()
-    await ch.close()
-    return results, duration
-
-
-class Progress:
-    def __init__(self, total: int, disable: bool):
-        self.bar = None
-        if not disable:
-            try:
-                from tqdm import tqdm
-                self.bar = tqdm(total=total, desc="requests")
-            except ImportError:
-                pass
-
-    def update(self) -> None:
-        if self.bar is not None:
-            self.bar.update(1)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-
-
 def parse_goodput(items: list[str]) -> dict[str, float]:
     slos = {}
     for item in items or []:
@@ -205,7 +98,7 @@ def summarize(a: argparse.Namespace, reqs: list[Request], results: list[Result],
          "request_throughput": len(ok) / duration, "output_throughput": out_tokens / duration,
          "total_token_throughput": (in_tokens + out_tokens) / duration,
          "request_goodput": good / duration if slos else None, "slo_attainment": good / len(reqs) if slos else None,
-         "goodput_slos_ms": slos}
+         "goodput_slos_ms": slos, "num_clients": getattr(a, "num_clients", 1)}
     for name in a.percentile_metrics.split(","):
         values = np.array(metrics[name]) * 1e3 if metrics[name] else np.zeros(1)
         s[f"mean_{name}_ms"] = float(values.mean())
@@ -218,6 +111,9 @@ def summarize(a: argparse.Namespace, reqs: list[Request], results: list[Result],
     s.update(input_lens=[q.input_len for q, _ in ok], output_lens=[r.output_tokens for _, r in ok],
              ttfts=[r.ttft for _, r in ok], itls=[r.itl for _, r in ok], e2els=[r.latency for _, r in ok],
              errors=[r.error for r in results if not r.success])
+    if getattr(a, "save_detailed", False):  # per request, in request order, failed ones too
+        s.update(generated_texts=[r.text for r in results], output_token_ids=[r.token_ids for r in results],
+                 finish_reasons=[FINISH_NAMES.get(r.finish_reason, "") for r in results])
     return s
 
 
@@ -237,7 +133,11 @@ def add_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--goodput", nargs="*", default=[], help="SLOs, e.g. ttft:500 tpot:50 [e2el:MS]")
     p.add_argument("--percentile-metrics", default="ttft,tpot,itl,e2el")
     p.add_argument("--metric-percentiles", default="50,90,99")
+    p.add_argument("--num-clients", type=int, default=1,
+                   help="client processes the streams and the arrival schedule are spread over")
     p.add_argument("--save-result", action="store_true")
+    p.add_argument("--save-detailed", action="store_true",
+                   help="also save each request's text, token ids and finish reason (in request order)")
     p.add_argument("--result-dir", default=".")
     p.add_argument("--result-filename", default=None)
     p.add_argument("--request-timeout", type=float, default=600.0)
@@ -258,6 +158,8 @@ def add_flags(p: argparse.ArgumentParser) -> None:
 def main(a: argparse.Namespace) -> int:
     info = status(a.coordinator)
     a.model_id = info["model"] or "default"
+    if a.num_clients < 1:
+        raise SystemExit("--num-clients must be >= 1")
     if a.dataset_name == "sharegpt" and not a.dataset_path:
         raise SystemExit("--dataset-name sharegpt needs --dataset-path")
     slos = parse_goodput(a.goodput)
@@ -270,7 +172,10 @@ def main(a: argparse.Namespace) -> int:
         if n > len(pool):  # same seed: the requests sampled so far stay the first ones
             pool = sample_requests(argparse.Namespace(**{**vars(a), "num_prompts": n}), vocab, max_len)
         reqs = pool[:n]
-        results, duration = asyncio.run(benchmark(args, reqs))
+        if args.num_clients > 1:
+            results, duration = run_clients(args, reqs)
+        else:
+            results, duration = asyncio.run(benchmark(args, reqs))
         return summarize(args, reqs, results, duration, slos)
     if a.sweep or a.slo_scale:
         from pdserve.goodput import run_search
