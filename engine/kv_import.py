@@ -1,0 +1,65 @@
+"""KV written into reserved blocks from another thread (a decode node's KV receive
+thread) without a round trip through the engine thread per layer, so that many
+transfers land at once, none waiting for a step.
+
+TP 1: write() copies into the cache at once: on CPU directly (the blocks are
+reserved, no step reads or writes them), on CUDA on a side stream that the compute
+stream waits for at the next flush. TP > 1: the other ranks are processes that hear
+only from the engine thread, so write() queues, and flush() applies everything queued
+in one operation on every rank. The engine thread flushes before each step, each
+admission of prefilled KV and each release of reserved blocks, so a sequence never
+runs before its KV is in place on every rank, and a freed block is never written late."""
+from __future__ import annotations
+
+import threading
+
+import torch
+
+# one write: (block ids, first layer, [layer][tp rank] KV shards)
+Write = tuple[list[int], int, list[list[torch.Tensor]]]
+
+
+class KVImports:
+    def __init__(self, executor):
+        self.executor = executor
+        self.runner = executor.runner
+        self.direct = executor.cfg.tp == 1
+        self._lock = threading.Lock()
+        self._queued: list[Write] = []
+        self._stream: torch.cuda.Stream | None = None
+        self._dirty = False   # the side stream holds writes the compute stream has not waited for
+
+    def write(self, block_ids: list[int], layer_start: int, layers: list[list[torch.Tensor]]) -> None:
+        """Any thread: write [layer][rank] shards into reserved blocks (ValueError on a bad shape)."""
+        self.runner.check_kv_shards(len(block_ids), layers)
+        if not self.direct:
+            with self._lock:
+                self._queued.append((list(block_ids), layer_start, layers))
+            return
+        kv = self.runner.kv
+        if self.runner.device.type != "cuda":
+            for i, shards in enumerate(layers):
+                kv.import_layer(layer_start + i, block_ids, shards[0])
+            return
+        with self._lock:  # one writer at a time on the side stream
+            if self._stream is None:
+                self._stream = torch.cuda.Stream(self.runner.device)
+            with torch.cuda.stream(self._stream):
+                for i, shards in enumerate(layers):
+                    kv.import_layer(layer_start + i, block_ids, shards[0])
+            self._dirty = True
+
+    def flush(self) -> None:
+        """Engine thread: everything written so far is in place for the next step, on every rank."""
+        with self._lock:
+            queued, self._queued = self._queued, []
+            dirty, self._dirty = self._dirty, False
+        if dirty:
+            torch.cuda.current_stream(self.runner.device).wait_stream(self._stream)
+        if queued:
+            self.executor.import_kv(queued)
+
+    @property
+    def queued(self) -> int:
+        with self._lock:
+            return len(self._queued)
