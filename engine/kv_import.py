@@ -12,18 +12,23 @@ runs before its KV is in place on every rank, and a freed block is never written
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 
 import torch
+
+from pdserve.engine.kv_cache import KVCache
 
 # one write: (block ids, first layer, [layer][tp rank] KV shards)
 Write = tuple[list[int], int, list[list[torch.Tensor]]]
 
 
 class KVImports:
-    def __init__(self, executor):
-        self.executor = executor
-        self.runner = executor.runner
-        self.direct = executor.cfg.tp == 1
+    def __init__(self, kv: KVCache, device: torch.device, tp: int, check: Callable[[int, list], None],
+                 apply: Callable[[list[Write]], None] | None = None):
+        """kv, device: rank 0's cache; check(num_blocks, layers) raises ValueError on a bad
+        shape; apply(writes) writes a batch on every rank (engine thread; needed at TP > 1)."""
+        self.kv, self.device, self.check, self.apply = kv, device, check, apply
+        self.direct = tp == 1
         self._lock = threading.Lock()
         self._queued: list[Write] = []
         self._stream: torch.cuda.Stream | None = None
@@ -31,19 +36,19 @@ class KVImports:
 
     def write(self, block_ids: list[int], layer_start: int, layers: list[list[torch.Tensor]]) -> None:
         """Any thread: write [layer][rank] shards into reserved blocks (ValueError on a bad shape)."""
-        self.runner.check_kv_shards(len(block_ids), layers)
+        self.check(len(block_ids), layers)
         if not self.direct:
             with self._lock:
                 self._queued.append((list(block_ids), layer_start, layers))
             return
-        kv = self.runner.kv
-        if self.runner.device.type != "cuda":
+        kv = self.kv
+        if self.device.type != "cuda":
             for i, shards in enumerate(layers):
                 kv.import_layer(layer_start + i, block_ids, shards[0])
             return
         with self._lock:  # one writer at a time on the side stream
             if self._stream is None:
-                self._stream = torch.cuda.Stream(self.runner.device)
+                self._stream = torch.cuda.Stream(self.device)
             with torch.cuda.stream(self._stream):
                 for i, shards in enumerate(layers):
                     kv.import_layer(layer_start + i, block_ids, shards[0])
@@ -55,9 +60,9 @@ class KVImports:
             queued, self._queued = self._queued, []
             dirty, self._dirty = self._dirty, False
         if dirty:
-            torch.cuda.current_stream(self.runner.device).wait_stream(self._stream)
+            torch.cuda.current_stream(self.device).wait_stream(self._stream)
         if queued:
-            self.executor.import_kv(queued)
+            self.apply(queued)
 
     @property
     def queued(self) -> int:

@@ -102,7 +102,8 @@ class LLMEngine:
         runner = self.executor.runner
         self.spec, self.max_model_len, self.device = runner.spec, runner.max_model_len, runner.device
         self.eos_token_ids = _eos_ids(runner.hf_config, self.model_path)
-        self.imports = KVImports(self.executor)
+        self.imports = KVImports(runner.kv, runner.device, self.cfg.tp, runner.check_kv_shards,
+                                 self.executor.import_kv)
         self.blocks = BlockManager(runner.num_blocks, self.cfg.block_size)
         self.scheduler = Scheduler(self.blocks, self.cfg.max_num_seqs,
                                    max(self.cfg.max_num_batched_tokens, self.cfg.max_num_seqs),
