@@ -30,10 +30,32 @@ class KVCache:
         return torch.stack((self.k[layer].index_select(0, idx), self.v[layer].index_select(0, idx)))
 
     def import_layer(self, layer: int, block_ids: list[int], data: torch.Tensor) -> None:
+        """Write [2, n_blocks, block_size, kv_heads, head_dim] (any device, any dtype) into the blocks."""
         expected = (2, len(block_ids), self.block_size, self.kv_heads, self.head_dim)
         if tuple(data.shape) != expected:
             raise ValueError(f"KV layer {layer}: got shape {tuple(data.shape)}, expected {expected}")
+        runs = _runs(block_ids)
+        if len(runs) <= MAX_RUNS:  # a few slice copies: no index tensor to build, no gather kernel
+            for first, at, n in runs:
+                self.k[layer, first:first + n].copy_(data[0, at:at + n])
+                self.v[layer, first:first + n].copy_(data[1, at:at + n])
+            return
         idx = torch.tensor(block_ids, dtype=torch.long, device=self.k.device)
         data = data.to(device=self.k.device, dtype=self.k.dtype)
         self.k[layer].index_copy_(0, idx, data[0])
         self.v[layer].index_copy_(0, idx, data[1])
+
+
+MAX_RUNS = 4  # runs of consecutive block ids copied slice by slice; more go through one index_copy_
+
+
+def _runs(block_ids: list[int]) -> list[tuple[int, int, int]]:
+    """(first block id, its index in block_ids, length) of each run of consecutive ids."""
+    runs, i = [], 0
+    while i < len(block_ids):
+        j = i + 1
+        while j < len(block_ids) and block_ids[j] == block_ids[j - 1] + 1:
+            j += 1
+        runs.append((block_ids[i], i, j - i))
+        i = j
+    return runs
