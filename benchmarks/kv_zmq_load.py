@@ -11,7 +11,8 @@ tensors (what the prefill connector hands over) to ZmqKVSender, the receiver che
 each message (XXH3) and writes it into a real KV cache tensor on --device through the
 engine's KVImports (what LLMEngine.write_kv uses at TP 1). Raw: a bare pyzmq
 DEALER/ROUTER pair moving the same frames (same sizes and message count, copy=False),
-acknowledging each transfer on its last message, nothing checked or written. Rounds
+acknowledging each transfer on its last message, nothing checked or written. Both
+processes switch threads every 200 us, as the nodes do (--switch-interval-us). Rounds
 alternate raw and ours at each concurrency; the best round of each is kept.
 ratio = our aggregate GB/s / raw at the highest concurrency (target >= 0.8); at
 concurrency 1, latency_ratio = our mean transfer time / raw (target <= 1.5)."""
@@ -30,6 +31,7 @@ import torch
 import zmq
 
 from common import SHAPES, write_result
+from pdserve.cli import SWITCH_INTERVAL_US
 from pdserve.kv_transfer.base.conn import Role
 from pdserve.kv_transfer.base.layout import KVLayout
 from pdserve.kv_transfer.base.status import TransferState
@@ -153,13 +155,9 @@ def run_ours(pre: ZmqKVManager, endpoint: str, layers: list[torch.Tensor], round
     return times
 
 
-def run_raw(ctx: zmq.Context, endpoint: str, layers: list[torch.Tensor], header_bytes: int, round_id: str,
-            n: int, c: int) -> list[float]:
+def run_raw(sock: zmq.Socket, layers: list[torch.Tensor], header_bytes: int, round_id: str, n: int,
+            c: int) -> list[float]:
     """The same frames through a bare DEALER: one message per layer [header, frame], then the finish."""
-    sock = ctx.socket(zmq.DEALER)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.setsockopt(zmq.SNDHWM, 0)
-    sock.connect(endpoint)
     frames = [memoryview(t.view(torch.uint8).reshape(-1).numpy()) for t in layers]
     pad = b" " * header_bytes
     started: dict[bytes, float] = {}
@@ -182,7 +180,6 @@ def run_raw(ctx: zmq.Context, endpoint: str, layers: list[torch.Tensor], header_
         if sent < n:
             start(sent)
             sent += 1
-    sock.close(linger=0)
     return times
 
 
@@ -200,6 +197,7 @@ def main() -> None:
     ap.add_argument("--commit", default=None)
     ap.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    sys.setswitchinterval(SWITCH_INTERVAL_US * 1e-6)  # what the nodes run with, both ends
     if args.serve:
         serve(args)
         return
@@ -220,6 +218,10 @@ def main() -> None:
         pre = ZmqKVManager(Role.PREFILL, lay)
         pre.start()
         ctx = zmq.Context()
+        raw_sock = ctx.socket(zmq.DEALER)  # one connection for every round, as ours keeps its socket
+        raw_sock.setsockopt(zmq.LINGER, 0)
+        raw_sock.setsockopt(zmq.SNDHWM, 0)
+        raw_sock.connect(ends["raw"])
         header_bytes = 120  # about what our KVHeader of one layer takes
         levels = []
         for c in args.concurrency:
@@ -228,7 +230,7 @@ def main() -> None:
             for r in range(args.rounds):
                 round_id = f"c{c}r{r}"
                 t0 = time.perf_counter()
-                raw = run_raw(ctx, ends["raw"], layers, header_bytes, round_id, n, c)
+                raw = run_raw(raw_sock, layers, header_bytes, round_id, n, c)
                 raw_s = time.perf_counter() - t0
                 assert ask(cmd="expect", round=round_id, n=n, c=c)["ok"]
                 t0 = time.perf_counter()
@@ -251,6 +253,7 @@ def main() -> None:
                   f"({best['raw']['mean_ms']:.2f} ms): ratio {level['ratio']:.2f}, "
                   f"latency ours/raw {level['latency_ratio']:.2f}", flush=True)
         pre.close()
+        raw_sock.close(linger=0)
         ctx.term()
         child.stdin.write(json.dumps({"cmd": "stop"}) + "\n")
         child.stdin.close()
