@@ -72,3 +72,41 @@ def test_layer_0_reaches_the_receiver_before_the_last_layer_is_computed(tiny_mod
         want = expected[layer][0] if lay.num_kv_heads == 1 else torch.cat(expected[layer], dim=3)
         assert torch.equal(kv, want)
     assert streams.offered() == 0
+
+
+@pytest.mark.parametrize("p_tp", [1, 2])
+def test_a_sender_withdrawn_before_its_step_leaves_the_ranks_in_step(tiny_models, p_tp):
+    """Rank 0 has nothing to send to, yet at TP 2 every rank still runs the layer gathers:
+    the step ends, the next prompt streams as usual, and the ranks report the first save ended."""
+    cfg = EngineConfig(model=tiny_models["qwen2"], kv_blocks=64, block_size=4, tp=p_tp)
+    with LLMEngine(cfg, BACKEND.connector(ZmqConfig())) as engine:
+        lay = KVLayout.create("qwen2", engine.spec.num_layers, engine.spec.num_kv_heads, engine.spec.head_dim,
+                              cfg.block_size, engine.executor.runner.dtype)
+        dec = ZmqKVManager(Role.DECODE, lay, poll_interval_s=0.01)
+        pre = ZmqKVManager(Role.PREFILL, lay, tp=p_tp, poll_interval_s=0.01)
+        dec.start()
+        pre.start()
+        engine.on_kv_save = pre.on_save_start
+        try:
+            prompt, params = [3, 1, 4, 1, 5], SamplingParams(max_tokens=4, temperature=0.0)
+            gone = pre.sender(dec.endpoint, "gone", 1, 2, stream=True)
+            seq = engine.add_request(prompt, params, prefill_only=True, kv_save=gone.save)
+            gone.withdraw("aborted")
+            engine.step()
+            engine.release(seq)
+            assert not pre.poll(engine) and gone.state == TransferState.FAILED
+
+            written = []
+            rx = dec.expect("next", 1, [0, 1], time.time() + 60, lambda layer, _: written.append(layer))
+            tx = pre.sender(dec.endpoint, "next", 1, 2, stream=True)
+            seq = engine.add_request(prompt, params, prefill_only=True, kv_save=tx.save)
+            (out,) = engine.step()
+            tx.complete(out.token_id, lambda start, n: engine.export_kv(seq, start, n))
+            assert tx.wait(10) == TransferState.DONE and rx.wait(10) == TransferState.DONE
+            engine.release(seq)
+            assert written == list(range(lay.num_layers))
+            assert not pre.poll(engine)
+        finally:
+            pre.close()
+            dec.close()
+    assert streams.offered() == 0
