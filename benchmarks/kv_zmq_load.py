@@ -130,7 +130,8 @@ class RawReceiver:
 
 # sender (this process)
 
-def run_ours(pre: ZmqKVManager, endpoint: str, layers: list[torch.Tensor], round_id: str, n: int, c: int) -> list[float]:
+def run_ours(pre: ZmqKVManager, endpoint: str, layers: list[torch.Tensor], round_id: str, n: int,
+             c: int) -> list[float]:
     """Send n transfers, c in flight; each transfer's seconds from its first send to its ack."""
     done: queue.SimpleQueue = queue.SimpleQueue()
     started: dict[int, float] = {}

@@ -197,7 +197,8 @@ class ModelRunner:
                 if tuple(t.shape) != expected:
                     raise ValueError(f"KV shard of shape {tuple(t.shape)}, expected {expected}")
 
-    def import_kv(self, entries: list[tuple[int, int, list[int]]], data: list[list[list[torch.Tensor]]] | None) -> None:
+    def import_kv(self, entries: list[tuple[int, int, list[int]]],
+                  data: list[list[list[torch.Tensor]]] | None) -> None:
         """Write a batch of KV into blocks on every rank (collective): entries are
         (layer_start, num_layers, block_ids); data (rank 0 only) is each entry's [layer][rank] shards."""
         bs, h, d = self.cfg.block_size, self.kv_heads, self.spec.head_dim
@@ -205,8 +206,8 @@ class ModelRunner:
         out = torch.empty(sum(sizes), dtype=self.dtype, device=self.device)
         parts = None
         if data is not None:
-            parts = [torch.cat([shards[r].reshape(-1) for layers in data for shards in layers]).to(self.device, self.dtype)
-                     for r in range(self.cfg.tp)]
+            parts = [torch.cat([shards[r].reshape(-1) for layers in data for shards in layers])
+                     .to(self.device, self.dtype) for r in range(self.cfg.tp)]
         parallel.scatter(parts, out, self.cfg.tp)
         offset = 0
         for (start, n, blocks), size in zip(entries, sizes):

@@ -56,7 +56,8 @@ class ZmqConnector(KVConnectorWorker):
         self.kv, self.device = kv, device
 
     def _start_copier(self) -> None:
-        """CUDA, at the first save: the side stream, and on rank 0 the copy thread (nodes that never save have neither)."""
+        """CUDA, at the first save: the side stream, and on rank 0 the copy thread
+        (nodes that never save have neither)."""
         self._side = torch.cuda.Stream(self.device)
         if self.rank == 0:
             self._copies = queue.Queue()
