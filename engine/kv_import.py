@@ -3,8 +3,10 @@ thread) without a round trip through the engine thread per layer, so that many
 transfers land at once, none waiting for a step.
 
 TP 1: write() copies into the cache at once: on CPU directly (the blocks are
-reserved, no step reads or writes them), on CUDA on a side stream that the compute
-stream waits for at the next flush. TP > 1: the other ranks are processes that hear
+reserved, no step reads or writes them), on CUDA through pinned memory onto a side
+stream that the compute stream waits for at the next flush (the receive thread queues
+the copies and goes on; the caching host allocator keeps each pinned buffer until its
+copy is done). TP > 1: the other ranks are processes that hear
 only from the engine thread, so write() queues, and flush() applies everything queued
 in one operation on every rank. The engine thread flushes before each step, each
 admission of prefilled KV and each release of reserved blocks, so a sequence never
@@ -16,7 +18,7 @@ from collections.abc import Callable
 
 import torch
 
-from pdserve.engine.kv_cache import KVCache
+from pdserve.engine.kv_cache import KVCache, copy_into
 
 # one write: (block ids, first layer, [layer][tp rank] KV shards)
 Write = tuple[list[int], int, list[list[torch.Tensor]]]
@@ -51,7 +53,7 @@ class KVImports:
                 self._stream = torch.cuda.Stream(self.device)
             with torch.cuda.stream(self._stream):
                 for i, shards in enumerate(layers):
-                    kv.import_layer(layer_start + i, block_ids, shards[0])
+                    kv.import_layer(layer_start + i, block_ids, _pinned(shards[0]), non_blocking=True)
             self._dirty = True
 
     def flush(self) -> None:
@@ -68,3 +70,12 @@ class KVImports:
     def queued(self) -> int:
         with self._lock:
             return len(self._queued)
+
+
+def _pinned(t: torch.Tensor) -> torch.Tensor:
+    """A host tensor staged in pinned memory (a device tensor as it is)."""
+    if t.device.type != "cpu":
+        return t
+    staged = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    copy_into(staged, t)
+    return staged
