@@ -9,7 +9,8 @@ layers compute.
 CPU: save_layer(layer) copies the layer and hands over full groups at once.
 CUDA: each layer's copy waits for the layer's event on a side stream (the gather runs
 there too), then goes to pinned host memory (non_blocking); a copy thread waits for
-each group's copies and hands it over. finish_step queues what is left (a replayed graph calls no save_layer),
+each group's copies and hands it over. At TP > 1 the layers a replayed prefill graph
+left start after the whole graph (its captured all-reduces share the gathers' communicator). finish_step queues what is left (a replayed graph calls no save_layer),
 makes the compute stream wait for the gathers (the blocks are freed after the step) and
 waits for the copy thread, so the finish (first token) is queued after every layer."""
 from __future__ import annotations
@@ -86,6 +87,10 @@ class ZmqConnector(KVConnectorWorker):
         self._copy_until(layer + 1)
 
     def finish_step(self) -> None:
+        if self.tp > 1 and self._side is not None and any(s.next < self.kv.num_layers for s in self._saves):
+            # layers a replayed graph left (it calls no save_layer): its captured all-reduces must be
+            # done before the gathers start on the same communicator, or the ranks may deadlock
+            self._side.wait_stream(torch.cuda.current_stream(self.device))
         self._copy_until(self.kv.num_layers)
         self._end_step()
 
