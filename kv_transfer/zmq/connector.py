@@ -10,7 +10,8 @@ CPU: save_layer(layer) copies the layer and hands over full groups at once.
 CUDA: each layer's copy waits for the layer's event on a side stream (the gather runs
 there too), then goes to pinned host memory (non_blocking); a copy thread waits for
 each group's copies and hands it over. At TP > 1 the layers a replayed prefill graph
-left start after the whole graph (its captured all-reduces share the gathers' communicator). finish_step queues what is left (a replayed graph calls no save_layer),
+left start after the whole graph (its captured all-reduces share the gathers'
+communicator). finish_step queues what is left (a replayed graph calls no save_layer),
 makes the compute stream wait for the gathers (the blocks are freed after the step) and
 waits for the copy thread, so the finish (first token) is queued after every layer."""
 from __future__ import annotations
