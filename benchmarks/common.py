@@ -78,13 +78,15 @@ def uncommitted_changes() -> bool | None:
 
 
 def write_result(name: str, benchmark: str, ratio: float | None, target: float, config: dict, commit_id: str | None = None,
-                 **details) -> Path:
+                 folder: Path | None = None, **details) -> Path:
+    """folder: where the JSON goes (results/ unless given, e.g. for a smoke run)."""
     import torch
     result = dict(benchmark=benchmark, device=device_name(), date=datetime.datetime.now(datetime.timezone.utc)
                   .isoformat(timespec="seconds"), commit=commit(commit_id), ratio=None if ratio is None else round(ratio, 4), target=target,
                   config=config, torch=torch.__version__, **details)
-    RESULTS.mkdir(exist_ok=True)
-    path = RESULTS / f"{name}.json"
+    folder = RESULTS if folder is None else folder
+    folder.mkdir(exist_ok=True)
+    path = folder / f"{name}.json"
     path.write_text(json.dumps(result, indent=2) + "\n")
     return path
 

@@ -27,6 +27,7 @@ RATIO_OF = {
     "serving_overhead": "tok/s: served / offline",
     "relay": "relay tok/s: W workers / (W x 1 worker)",
     "kv_transfer_zmq": "bandwidth: ours / bare pyzmq",
+    "kv_transfer_zmq_load": "aggregate GB/s: ours / bare pyzmq",
     "kv_transfer_nccl": "bandwidth: ours / bare NCCL send",
     "kv_transfer_exposed": "TTFT: 1P1D over NCCL / prefill alone",
     "prefill_probe": "prefill step: CUDA graph / eager",
@@ -70,6 +71,11 @@ def setup(r: dict) -> str:
         ipc = next((x["ratio"] for x in r["cases"] if x["case"] == case and x["endpoint"] == "ipc"), None)
         name = case.split(" ")[0]
         return f"{shape(name)} {tokens(c['tokens'])}-token KV, {endpoint}" + (f" (ipc {ipc:.2f})" if ipc else "")
+    if b == "kv_transfer_zmq_load":
+        lat = r.get("latency_ratio_c1")
+        return (f"{shape(c['shape'])} {c['tokens']}-token KV ({c['transfer_mib']:g} MiB), "
+                f"{c['headline_concurrency']} in flight, into {c['kv_device']}"
+                + (f" (C=1 latency {lat:.2f}x raw)" if lat is not None else ""))
     if b == "kv_transfer_nccl":
         name, length = c["headline"].split(" ")
         return f"{shape(name)} {length}-token KV, GPU 0 -> GPU 1"

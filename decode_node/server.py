@@ -159,10 +159,10 @@ class DecodeNode(NodeBase, node_pb2_grpc.DecodeNodeServicer):
         return node_pb2.RenewResponse(missing=missing, lease_expiry=expiry)
 
     def _writer(self, blocks: list[int]):
-        # called on the KV receive thread: the import runs on the engine thread, in arrival order
-        def write(layer: int, per_rank) -> None:
-            self.loop.call(lambda engine: engine.import_kv(blocks, layer, [per_rank])).result()
-        return write
+        # called on the KV receive thread: writes without waiting for the engine thread
+        # (LLMEngine.write_kv); admission puts the KV in place on every rank first
+        engine = self.engine
+        return lambda layer, per_rank: engine.write_kv(blocks, layer, [per_rank])
 
     async def _await_kv(self, res: Reservation) -> None:
         rx, rid = res.receiver, res.request_id

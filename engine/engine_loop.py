@@ -1,7 +1,7 @@
 """An LLMEngine on its own thread, for servers.
 
-Other threads never touch the engine: they submit functions with call(), which run
-on the loop thread between steps (in submission order), and receive each step's
+Other threads never touch the engine (LLMEngine.write_kv aside): they submit functions
+with call(), which run on the loop thread between steps (in submission order), and receive each step's
 outputs through the on_step callback. If a step raises, the engine is unusable:
 on_fatal is called once and the loop stops. An optional poll(engine) runs before
 every step and while idle; while it returns True (work in flight outside the steps,

@@ -3,7 +3,8 @@ child processes (engine.worker) that receive each step's plan by broadcast.
 
 Commands are int64 tensors, never pickled objects: a 5-number header
 [command, *args] followed by an int64 body (the packed plan for RUN, block ids for
-EXPORT/IMPORT of KV, whose tensors then move by gather/scatter, the keys of KV_POLL).
+EXPORT of KV, the writes of an IMPORT batch, whose tensors then move by gather/scatter,
+the keys of KV_POLL).
 KV connector metadata (KV_APPLY now, KV_STEP with the next RUN) goes as the bytes of
 its typed codec (engine/kv_connector.py)."""
 from __future__ import annotations
@@ -19,6 +20,7 @@ import torch
 from pdserve.engine import parallel
 from pdserve.common.config import EngineConfig
 from pdserve.engine.kv_connector import KVConnectorMetadata, KVConnectorSpec, KVPoll
+from pdserve.engine.kv_import import Write
 from pdserve.engine.model_runner import ModelRunner, StepPlan
 
 CMD_STOP, CMD_RUN, CMD_EXPORT, CMD_IMPORT, CMD_KV_APPLY, CMD_KV_STEP, CMD_KV_POLL = range(7)
@@ -73,11 +75,16 @@ class Executor:
         self._send_kv_command(CMD_EXPORT, layer_start, num_layers, block_ids)
         return self.runner.export_kv(layer_start, num_layers, block_ids)
 
-    def import_kv(self, layer_start: int, num_layers: int, block_ids: list[int],
-                  layers: list[list[torch.Tensor]]) -> None:
-        self.runner.check_kv_shards(len(block_ids), layers)  # before any rank is told to wait for data
-        self._send_kv_command(CMD_IMPORT, layer_start, num_layers, block_ids)
-        self.runner.import_kv(layer_start, num_layers, block_ids, layers)
+    def import_kv(self, writes: list[Write]) -> None:
+        """Apply a batch of KV writes on every rank in one operation (one scatter)."""
+        for block_ids, _, layers in writes:
+            self.runner.check_kv_shards(len(block_ids), layers)  # before any rank is told to wait for data
+        entries = [(start, len(layers), block_ids) for block_ids, start, layers in writes]
+        if self.procs:
+            body = pack_imports(entries)
+            self._broadcast(torch.tensor([CMD_IMPORT, body.numel(), 0, 0, 0]))
+            self._broadcast(body)
+        self.runner.import_kv(entries, [layers for _, _, layers in writes])
 
     def kv_apply(self, meta: KVConnectorMetadata) -> None:
         """The KV connector's between-steps work (channels, loads) on every rank."""
@@ -127,6 +134,23 @@ class Executor:
         if getattr(self, "store_dir", None) is not None:
             self.store_dir.cleanup()
             self.store_dir = None
+
+
+def pack_imports(entries: list[tuple[int, int, list[int]]]) -> torch.Tensor:
+    """(layer_start, num_layers, block_ids) entries as one int64 body."""
+    flat: list[int] = []
+    for start, n, blocks in entries:
+        flat += [start, n, len(blocks), *blocks]
+    return torch.tensor(flat, dtype=torch.long)
+
+
+def unpack_imports(body: list[int]) -> list[tuple[int, int, list[int]]]:
+    entries, i = [], 0
+    while i < len(body):
+        start, n, nb = body[i:i + 3]
+        entries.append((start, n, body[i + 3:i + 3 + nb]))
+        i += 3 + nb
+    return entries
 
 
 def _release_cuda() -> None:

@@ -16,6 +16,7 @@ from pdserve.engine.block_manager import BlockManager
 from pdserve.common.config import EngineConfig
 from pdserve.engine.detokenizer import IncrementalDetokenizer
 from pdserve.engine.executor import Executor
+from pdserve.engine.kv_import import KVImports
 from pdserve.engine.kv_connector import KVConnectorMetadata, KVConnectorSpec, KVPoll, KVSave
 from pdserve.engine.loader import load_config, load_tokenizer, resolve_model
 from pdserve.engine.model import ModelSpec
@@ -101,6 +102,8 @@ class LLMEngine:
         runner = self.executor.runner
         self.spec, self.max_model_len, self.device = runner.spec, runner.max_model_len, runner.device
         self.eos_token_ids = _eos_ids(runner.hf_config, self.model_path)
+        self.imports = KVImports(runner.kv, runner.device, self.cfg.tp, runner.check_kv_shards,
+                                 self.executor.import_kv)
         self.blocks = BlockManager(runner.num_blocks, self.cfg.block_size)
         self.scheduler = Scheduler(self.blocks, self.cfg.max_num_seqs,
                                    max(self.cfg.max_num_batched_tokens, self.cfg.max_num_seqs),
@@ -141,10 +144,11 @@ class LLMEngine:
     def add_prefilled(self, prompt_token_ids: list[int], first_token: int, params: SamplingParams,
                       block_ids: list[int], request_id: str | None = None) -> StepOutput:
         """Admit a request whose prompt KV already sits in block_ids (reserved with
-        reserve() and filled through kv_cache.import_layer) and whose first token was
+        reserve() and filled through import_kv or write_kv) and whose first token was
         sampled elsewhere; it joins the running batch at the next step. The returned
         output is the first token's, finished if that token already ends the request."""
         self.validate(prompt_token_ids, params)
+        self.imports.flush()  # its KV in place on every rank before it can run
         if len(block_ids) < self.blocks.blocks_for(len(prompt_token_ids)):
             raise ValueError(f"{len(block_ids)} blocks cannot hold {len(prompt_token_ids)} prompt tokens")
         seq = self._new_sequence(prompt_token_ids, params, request_id, False)
@@ -159,6 +163,7 @@ class LLMEngine:
 
     def release(self, seq_or_blocks) -> None:
         """Free a finished prefill-only sequence's blocks, or a list of reserved blocks."""
+        self.imports.flush()  # nothing written into them lands after they are reused
         if isinstance(seq_or_blocks, Sequence):
             self.scheduler.release(seq_or_blocks)
         else:
@@ -172,8 +177,15 @@ class LLMEngine:
         return self.executor.export_kv(layer_start, num_layers, seq.block_table[:n])
 
     def import_kv(self, block_ids: list[int], layer_start: int, layers: list[list[torch.Tensor]]) -> None:
-        """Write [layer][tp rank] KV shards into reserved blocks on every rank."""
-        self.executor.import_kv(layer_start, len(layers), block_ids, layers)
+        """Write [layer][tp rank] KV shards into reserved blocks on every rank, now."""
+        self.imports.flush()
+        self.executor.import_kv([(list(block_ids), layer_start, layers)])
+
+    def write_kv(self, block_ids: list[int], layer_start: int, layers: list[list[torch.Tensor]]) -> None:
+        """The one call other threads may make: write [layer][tp rank] KV shards into
+        reserved blocks without waiting for the engine thread (engine/kv_import.py); they
+        are in place on every rank by the next step, admission or release."""
+        self.imports.write(block_ids, layer_start, layers)
 
     # KV connector (engine/kv_connector.py)
 
@@ -213,6 +225,7 @@ class LLMEngine:
     # stepping
 
     def step(self) -> list[StepOutput]:
+        self.imports.flush()
         batch = self.scheduler.schedule()
         if not batch.seqs:
             return []

@@ -197,19 +197,24 @@ class ModelRunner:
                 if tuple(t.shape) != expected:
                     raise ValueError(f"KV shard of shape {tuple(t.shape)}, expected {expected}")
 
-    def import_kv(self, layer_start: int, num_layers: int, block_ids: list[int],
-                  layers: list[list[torch.Tensor]] | None) -> None:
-        """Write [layer][rank] KV shards (given on rank 0) into the blocks on every rank."""
-        shape = (num_layers, 2, len(block_ids), self.cfg.block_size, self.kv_heads, self.spec.head_dim)
-        out = torch.empty(shape, dtype=self.dtype, device=self.device)
+    def import_kv(self, entries: list[tuple[int, int, list[int]]],
+                  data: list[list[list[torch.Tensor]]] | None) -> None:
+        """Write a batch of KV into blocks on every rank (collective): entries are
+        (layer_start, num_layers, block_ids); data (rank 0 only) is each entry's [layer][rank] shards."""
+        bs, h, d = self.cfg.block_size, self.kv_heads, self.spec.head_dim
+        sizes = [n * 2 * len(blocks) * bs * h * d for _, n, blocks in entries]
+        out = torch.empty(sum(sizes), dtype=self.dtype, device=self.device)
         parts = None
-        if layers is not None:
-            self.check_kv_shards(len(block_ids), layers)
-            parts = [torch.stack([layers[i][r] for i in range(num_layers)]).to(self.device, self.dtype)
-                     for r in range(self.cfg.tp)]
+        if data is not None:
+            parts = [torch.cat([shards[r].reshape(-1) for layers in data for shards in layers])
+                     .to(self.device, self.dtype) for r in range(self.cfg.tp)]
         parallel.scatter(parts, out, self.cfg.tp)
-        for i in range(num_layers):
-            self.kv.import_layer(layer_start + i, block_ids, out[i])
+        offset = 0
+        for (start, n, blocks), size in zip(entries, sizes):
+            chunk = out[offset:offset + size].view(n, 2, len(blocks), bs, h, d)
+            for i in range(n):
+                self.kv.import_layer(start + i, blocks, chunk[i])
+            offset += size
 
     # KV connector (every rank runs the same calls in the same order)
 

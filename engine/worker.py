@@ -11,7 +11,7 @@ import torch
 from pdserve.engine import parallel
 from pdserve.common.config import EngineConfig
 from pdserve.engine.executor import (CMD_EXPORT, CMD_IMPORT, CMD_KV_APPLY, CMD_KV_POLL, CMD_KV_STEP, CMD_RUN,
-                                     CMD_STOP, _release_cuda)
+                                     CMD_STOP, _release_cuda, unpack_imports)
 from pdserve.engine.kv_connector import KVConnectorMetadata, KVConnectorSpec
 from pdserve.engine.model_runner import ModelRunner, StepPlan
 
@@ -65,14 +65,15 @@ def main() -> None:
             keys = parallel.broadcast(torch.empty(args[0].item(), dtype=torch.long, device=comm)).cpu().tolist()
             runner.kv_poll(keys)
             continue
+        if kind == CMD_IMPORT:
+            body = parallel.broadcast(torch.empty(args[0].item(), dtype=torch.long, device=comm)).cpu().tolist()
+            runner.import_kv(unpack_imports(body), None)
+            continue
+        if kind != CMD_EXPORT:
+            raise RuntimeError(f"unknown command {kind}")
         layer_start, num_layers, num_blocks = args[:3].tolist()
         blocks = parallel.broadcast(torch.empty(num_blocks, dtype=torch.long, device=comm)).cpu().tolist()
-        if kind == CMD_EXPORT:
-            runner.export_kv(layer_start, num_layers, blocks)
-        elif kind == CMD_IMPORT:
-            runner.import_kv(layer_start, num_layers, blocks, None)
-        else:
-            raise RuntimeError(f"unknown command {kind}")
+        runner.export_kv(layer_start, num_layers, blocks)
     runner.close_kv()
     del runner  # CUDA graphs before the communicator
     _release_cuda()

@@ -48,7 +48,7 @@ def check_parity(model: str, ref, jobs, what: str, ready=None, **cluster_kw) -> 
         assert_matches_reference(out["token_ids"], ref.generate(prompt, n), what)
 
 
-@pytest.mark.parametrize("family, p_tp, d_tp", [("qwen3", 1, 1), ("llama", 1, 2), ("qwen2", 2, 1)])
+@pytest.mark.parametrize("family, p_tp, d_tp", [("qwen3", 1, 1), ("llama", 1, 2), ("qwen2", 2, 1), ("llama", 2, 2)])
 def test_greedy_through_the_cluster_matches_transformers(tiny_models, reference, family, p_tp, d_tp):
     check_parity(tiny_models[family], reference(tiny_models[family]), workload(p_tp * 10 + d_tp, 6),
                  f"{family} {p_tp}:{d_tp}", prefill_tp=p_tp, decode_tp=d_tp)

@@ -51,6 +51,19 @@ def test_kv_exported_by_layer_and_imported_elsewhere_decodes_like_the_original(t
     assert_matches_reference(out.seq.output_token_ids, reference(path).generate(prompt, 10), "transferred")
 
 
+@pytest.mark.parametrize("blocks", [[4, 5, 6, 10, 11], [5, 2, 9, 3, 7, 11]], ids=["two-runs", "scattered"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_layer_imported_into_blocks_reads_back_the_same(blocks, dtype):
+    """Runs of consecutive blocks are copied as slices, scattered ones with one index_copy_."""
+    from pdserve.engine.kv_cache import KVCache
+    kv = KVCache(2, 16, 4, 2, 8, dtype, torch.device("cpu"))
+    data = torch.randn(2, len(blocks), 4, 2, 8).to(dtype)
+    kv.import_layer(1, blocks, data)
+    assert torch.equal(kv.export_layer(1, blocks), data)
+    others = [b for b in range(16) if b not in blocks]
+    assert not kv.export_layer(1, others).any() and not kv.k[0].any()  # nothing else written
+
+
 def test_import_rejects_a_layer_of_the_wrong_shape(llama):
     blocks = llama.reserve(8)
     with pytest.raises(ValueError, match="expected"):

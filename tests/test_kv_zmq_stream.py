@@ -1,10 +1,12 @@
-"""The ZeroMQ backend streams a TP-1 prompt's KV from its step (kv_transfer/zmq/connector.py):
-a real engine with the backend's connector worker, real sockets on loopback, one process."""
+"""The ZeroMQ backend streams a prompt's KV from its step at any prefill TP size
+(kv_transfer/zmq/connector.py): a real engine with the backend's connector worker on every
+rank (TP 2: a second rank process, gathers over gloo), real sockets on loopback."""
 from __future__ import annotations
 
 import threading
 import time
 
+import pytest
 import torch
 
 from pdserve.common.config import EngineConfig
@@ -19,14 +21,16 @@ from pdserve.kv_transfer.zmq.config import ZmqConfig
 from pdserve.kv_transfer.zmq.manager import ZmqKVManager
 
 
-def test_layer_0_reaches_the_receiver_before_the_last_layer_is_computed(tiny_models):
-    cfg = EngineConfig(model=tiny_models["qwen2"], kv_blocks=64, block_size=4)
+@pytest.mark.parametrize("family, p_tp, d_tp", [("qwen2", 1, 1), ("qwen2", 2, 1), ("llama", 2, 2), ("qwen2", 1, 2)])
+def test_layer_0_reaches_the_receiver_before_the_last_layer_is_computed(tiny_models, family, p_tp, d_tp):
+    """llama has one KV head: at TP 2 both ranks hold it, and only rank 0's copy is sent."""
+    cfg = EngineConfig(model=tiny_models[family], kv_blocks=64, block_size=4, tp=p_tp)
     with LLMEngine(cfg, BACKEND.connector(ZmqConfig())) as engine:
         runner = engine.executor.runner
-        lay = KVLayout.create("qwen2", engine.spec.num_layers, engine.spec.num_kv_heads, engine.spec.head_dim,
+        lay = KVLayout.create(family, engine.spec.num_layers, engine.spec.num_kv_heads, engine.spec.head_dim,
                               cfg.block_size, runner.dtype)
-        dec = ZmqKVManager(Role.DECODE, lay, poll_interval_s=0.01)
-        pre = ZmqKVManager(Role.PREFILL, lay, poll_interval_s=0.01)
+        dec = ZmqKVManager(Role.DECODE, lay, tp=d_tp, poll_interval_s=0.01)
+        pre = ZmqKVManager(Role.PREFILL, lay, tp=p_tp, poll_interval_s=0.01)
         dec.start()
         pre.start()
         engine.on_kv_save = pre.on_save_start
@@ -34,7 +38,10 @@ def test_layer_0_reaches_the_receiver_before_the_last_layer_is_computed(tiny_mod
         layer_0_in = threading.Event()
 
         def write(layer: int, per_rank: list[torch.Tensor]) -> None:
-            received.append((layer, per_rank[0].clone()))
+            received.append((layer, torch.cat(per_rank, dim=3) if d_tp == 1 or lay.num_kv_heads > 1
+                             else per_rank[0].clone()))
+            if d_tp > 1 and lay.num_kv_heads == 1:
+                assert torch.equal(per_rank[0], per_rank[1])  # replicated: each decode rank gets the head
             layer_0_in.set()
 
         # the last layer's forward waits (on the engine thread) until the receiver wrote layer 0
@@ -61,6 +68,45 @@ def test_layer_0_reaches_the_receiver_before_the_last_layer_is_computed(tiny_mod
     assert seen_before_last == [True]
     assert rx.first_token == out.token_id
     assert [layer for layer, _ in received] == list(range(lay.num_layers))
-    for layer, kv in received:
-        assert torch.equal(kv, expected[layer][0])
+    for layer, kv in received:  # every KV head once, whatever the TP sizes
+        want = expected[layer][0] if lay.num_kv_heads == 1 else torch.cat(expected[layer], dim=3)
+        assert torch.equal(kv, want)
+    assert streams.offered() == 0
+
+
+@pytest.mark.parametrize("p_tp", [1, 2])
+def test_a_sender_withdrawn_before_its_step_leaves_the_ranks_in_step(tiny_models, p_tp):
+    """Rank 0 has nothing to send to, yet at TP 2 every rank still runs the layer gathers:
+    the step ends, the next prompt streams as usual, and the ranks report the first save ended."""
+    cfg = EngineConfig(model=tiny_models["qwen2"], kv_blocks=64, block_size=4, tp=p_tp)
+    with LLMEngine(cfg, BACKEND.connector(ZmqConfig())) as engine:
+        lay = KVLayout.create("qwen2", engine.spec.num_layers, engine.spec.num_kv_heads, engine.spec.head_dim,
+                              cfg.block_size, engine.executor.runner.dtype)
+        dec = ZmqKVManager(Role.DECODE, lay, poll_interval_s=0.01)
+        pre = ZmqKVManager(Role.PREFILL, lay, tp=p_tp, poll_interval_s=0.01)
+        dec.start()
+        pre.start()
+        engine.on_kv_save = pre.on_save_start
+        try:
+            prompt, params = [3, 1, 4, 1, 5], SamplingParams(max_tokens=4, temperature=0.0)
+            gone = pre.sender(dec.endpoint, "gone", 1, 2, stream=True)
+            seq = engine.add_request(prompt, params, prefill_only=True, kv_save=gone.save)
+            gone.withdraw("aborted")
+            engine.step()
+            engine.release(seq)
+            assert not pre.poll(engine) and gone.state == TransferState.FAILED
+
+            written = []
+            rx = dec.expect("next", 1, [0, 1], time.time() + 60, lambda layer, _: written.append(layer))
+            tx = pre.sender(dec.endpoint, "next", 1, 2, stream=True)
+            seq = engine.add_request(prompt, params, prefill_only=True, kv_save=tx.save)
+            (out,) = engine.step()
+            tx.complete(out.token_id, lambda start, n: engine.export_kv(seq, start, n))
+            assert tx.wait(10) == TransferState.DONE and rx.wait(10) == TransferState.DONE
+            engine.release(seq)
+            assert written == list(range(lay.num_layers))
+            assert not pre.poll(engine)
+        finally:
+            pre.close()
+            dec.close()
     assert streams.offered() == 0

@@ -1,5 +1,5 @@
-"""The ZeroMQ backend: data and control over ZeroMQ frames; TP 1 streams them layer by layer
-from the prompt's step (connector.py), TP > 1 sends them after it."""
+"""The ZeroMQ backend: data and control over ZeroMQ frames, streamed layer by layer from
+the prompt's step at any TP size (connector.py)."""
 from __future__ import annotations
 
 from pdserve.kv_transfer.base.backend import KVBackend

@@ -4,14 +4,15 @@ Decode role: a ROUTER bound to 127.0.0.1 (tcp; port 0 picks a free one) or to an
 path, served by KVInbox's receive thread; expect() registers a transfer into
 reserved blocks, cancel() drops it. Prefill role: KVOutbox's I/O thread with one
 DEALER per decode endpoint; sender() (sender_for() a ticket) hands out a per-request
-ZmqKVSender. A TP-1 node's senders from sender_for() stream: the engine's connector
-worker (connector.py) sends their layers from the prompt's step; poll() collects the
-ends it reports. With TP > 1 a sender exports all layers after the step.
+ZmqKVSender. Senders from sender_for() stream: the engine's connector worker
+(connector.py; rank 0 gathers the other ranks' shards) sends their layers from the
+prompt's step; poll() collects the ends the ranks report.
 Explicit start()/close(); close() joins the thread and closes every socket."""
 from __future__ import annotations
 
 import contextlib
 import os
+import weakref
 from typing import TypeVar
 
 import zmq
@@ -48,6 +49,7 @@ class ZmqKVManager(KVManager):
         self._outbox: KVOutbox | None = None
         self._endpoint = ""
         self._saving: set[int] = set()  # keys of saves the engine started and the worker has not reported
+        self._streamed: weakref.WeakValueDictionary[int, ZmqKVSender] = weakref.WeakValueDictionary()  # save key ->
 
     def start(self) -> None:
         if self._ctx is not None:
@@ -115,7 +117,7 @@ class ZmqKVManager(KVManager):
 
     def sender(self, endpoint: str, transfer_id: str, epoch: int, num_blocks: int,
                stream: bool = False) -> ZmqKVSender:
-        """stream: the engine's step sends the layers (TP 1); otherwise the caller does."""
+        """stream: the engine's step sends the layers; otherwise the caller does."""
         outbox = self._require(Role.PREFILL, self._outbox)
         tx = ZmqKVSender(self.layout, self.tp, endpoint, transfer_id, epoch, num_blocks, outbox.submit,
                          self.layers_per_message, stream=stream)
@@ -124,10 +126,12 @@ class ZmqKVManager(KVManager):
         except BaseException:
             tx.fail("not added")
             raise
+        if tx.save is not None:
+            self._streamed[tx.save.key] = tx
         return tx
 
     async def sender_for(self, ticket: node_pb2.Ticket, num_blocks: int) -> ZmqKVSender:
-        return self.sender(ticket.kv_endpoint, ticket.transfer_id, ticket.epoch, num_blocks, stream=self.tp == 1)
+        return self.sender(ticket.kv_endpoint, ticket.transfer_id, ticket.epoch, num_blocks, stream=True)
 
     # engine thread
 
@@ -135,9 +139,15 @@ class ZmqKVManager(KVManager):
         self._saving.add(save.key)
 
     def poll(self, engine) -> bool:
-        """Forget the saves the worker reports ended (it failed their senders itself)."""
+        """Forget the saves the ranks report ended (rank 0's worker failed their senders itself;
+        a failure on another rank fails the sender here)."""
         if self._saving:
-            self._saving.difference_update(engine.kv_finished(list(self._saving)))
+            ended = engine.kv_finished(list(self._saving))
+            for key, (ok, error) in ended.items():
+                tx = self._streamed.get(key)
+                if not ok and tx is not None:
+                    tx.fail(error)
+            self._saving.difference_update(ended)
         return bool(self._saving)
 
     def _require(self, role: Role, part: Part | None) -> Part:

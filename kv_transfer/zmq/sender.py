@@ -1,9 +1,10 @@
 """Prefill side, one per request: send_layers / finish check the shards and queue
 them for the manager's I/O thread, which checksums and sends each message (so the
 caller never waits on the network), layers_per_message layers a message. A streamed
-sender (TP 1) offers itself under its save's key (streams.py): the engine's connector
-worker hands it each layer group as the prompt's step computes it; complete() exports
-what the step did not send (everything, unstreamed) and sends the first token. The
+sender offers itself under its save's key (streams.py): the engine's connector worker
+(rank 0, which gathers the other ranks' shards) hands it each layer group as the
+prompt's step computes it; complete() exports what the step did not send (everything,
+unstreamed) and sends the first token. The
 shards stay referenced until the transfer ends. Lifecycle: created (WAITING) -> first send
 (TRANSFERRING) -> receiver's ack (DONE | FAILED) | no ack within wait()'s timeout or
 withdrawn (FAILED)."""
@@ -25,7 +26,7 @@ class ZmqKVSender(KVSender):
     def __init__(self, layout: KVLayout, tp: int, endpoint: str, transfer_id: str, epoch: int, num_blocks: int,
                  submit: Callable[[ZmqKVSender, Outgoing], None], layers_per_message: int = 1,
                  stream: bool = False):
-        """stream: the engine step sends the layers (TP 1 only: rank 0 holds every head)."""
+        """stream: the engine step sends the layers (its save routes every TP rank's heads)."""
         super().__init__(transfer_id, epoch, num_blocks, endpoint)
         if num_blocks < 1:
             raise ValueError(f"a transfer needs at least one block, got {num_blocks}")
@@ -37,10 +38,8 @@ class ZmqKVSender(KVSender):
         self._next_layer = 0
         self._finished = False
         self._held: list[torch.Tensor] = []  # alive until the transfer ends
-        if stream:
-            if tp != 1:
-                raise ValueError(f"transfer {transfer_id}: only a TP-1 sender streams, this one has TP {tp}")
-            self.save = KVSave(streams.new_key(), (KVRoute(0, endpoint, 0, layout.num_kv_heads),))
+        if stream:  # every rank takes part in the save's gathers, replicated heads too
+            self.save = KVSave(streams.new_key(), tuple(KVRoute(r, endpoint, *self._head_span(r)) for r in range(tp)))
             streams.offer(self.save.key, self)
 
     def send_layers(self, layer_start: int, layers: list[list[torch.Tensor]]) -> None:
@@ -75,6 +74,9 @@ class ZmqKVSender(KVSender):
         """Engine thread, before the prompt's blocks are freed: export and queue the layers
         its step did not stream, then the first token."""
         first, step = self._next_layer, self.layers_per_message
+        if self.status.ended:  # failed already: nothing more to export
+            self._next_layer, self._finished = self.layout.num_layers, True
+            return
         layers = export(first, self.layout.num_layers - first) if first < self.layout.num_layers else []
         for i in range(0, len(layers), step):
             self.send_layers(first + i, layers[i:i + step])

@@ -1,5 +1,5 @@
 """The hand-over between the ZeroMQ backend's two halves in one process: the prefill
-node's manager makes each TP-1 sender offer itself under its KVSave key, and rank 0's
+node's manager makes each streamed sender offer itself under its KVSave key, and rank 0's
 connector worker (same process, engine thread) claims it when the step that saves it
 starts. Keys come from one counter per process, so nodes sharing a process never collide;
 an offer nobody claimed goes when its sender ends."""

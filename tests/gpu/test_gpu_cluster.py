@@ -1,6 +1,7 @@
 """Clusters on GPUs: 1 prefill + 1 decode with the KV over ZeroMQ, on one shared GPU and
-on two (greedy outputs equal transformers' in float32, and bfloat16 runs), and
-with the KV over NCCL at P:D TP 1:1 (two GPUs), 1:2 and 2:1 (three GPUs)."""
+on two (greedy outputs equal transformers' in float32, and bfloat16 runs), over ZeroMQ
+at P:D TP 2:1 and 1:2 (three GPUs), and with the KV over NCCL at P:D TP 1:1 (two GPUs),
+1:2 and 2:1 (three GPUs)."""
 from __future__ import annotations
 
 import time
@@ -40,6 +41,28 @@ def test_1p1d_over_zmq(tiny_models, reference, device, dtype, layers_per_message
         ref = reference(tiny_models["qwen2"])
         for (prompt, n), out in zip(jobs, outs):
             assert_matches_reference(out["token_ids"], ref.generate(prompt, n), "gpu cluster")
+
+
+@two_gpus
+@pytest.mark.parametrize("family, p_tp, d_tp", [("qwen3", 2, 1), ("llama", 1, 2), ("llama", 2, 2)])
+def test_zmq_cluster_across_tp_sizes(tiny_models, reference, family, p_tp, d_tp):
+    """Prefill TP 2 streams each layer from its step (the ranks gather it over NCCL on a side
+    stream); decode TP 2 applies the received layers on every rank in one batch per step."""
+    if torch.cuda.device_count() < p_tp + d_tp:
+        pytest.skip(f"needs {p_tp + d_tp} GPUs")
+    cluster = start_cluster(model=tiny_models[family], device="cuda", dtype="float32", kv_blocks=256,
+                            prefill_tp=p_tp, decode_tp=d_tp)
+    client = Client(cluster.cfg.listen)
+    try:
+        jobs = workload(17 + p_tp * 3 + d_tp, 10)
+        outs = client.generate_all(jobs)
+        client.wait_blocks_at_baseline()
+    finally:
+        client.close()
+        cluster.stop()
+    ref = reference(tiny_models[family])
+    for (prompt, n), out in zip(jobs, outs):
+        assert_matches_reference(out["token_ids"], ref.generate(prompt, n), f"zmq {p_tp}:{d_tp}")
 
 
 @two_gpus
