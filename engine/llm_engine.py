@@ -174,6 +174,8 @@ class LLMEngine:
         seq.num_computed_tokens = len(prompt_token_ids)
         self.scheduler.add_running(seq)
         delta, reason = self._postprocess(seq, first_token)
+        if seq.detokenizer is not None:  # the prefill node sent the first token's text whole, held part too
+            seq.detokenizer.emitted = len(seq.detokenizer.text)
         return StepOutput(seq, first_token, 0, delta, reason is not None)
 
     def reserve(self, num_tokens: int) -> list[int]:
