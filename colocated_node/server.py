@@ -14,7 +14,7 @@ import time
 import grpc
 
 from pdserve.decode_node.server import DecodeNode
-from pdserve.engine.llm_engine import StepOutput
+from pdserve.engine.llm_engine import StepBatch
 from pdserve.wire.protocol import FINISH, to_engine_params
 from pdserve.wire.rpc import RpcError
 from pdserve.v1 import api_pb2, node_pb2, node_pb2_grpc
@@ -26,7 +26,7 @@ class ColocatedNode(DecodeNode, node_pb2_grpc.PrefillNodeServicer):
 
     def __init__(self, cfg):
         super().__init__(cfg)
-        self.first: dict[int, asyncio.Future] = {}   # seq_id -> future of its first StepOutput
+        self.first: dict[int, asyncio.Future] = {}   # seq_id -> future of its first (token, text, finish reason)
 
     def add_servicer(self, server: grpc.aio.Server) -> None:
         node_pb2_grpc.add_DecodeNodeServicer_to_server(self, server)
@@ -73,19 +73,19 @@ class ColocatedNode(DecodeNode, node_pb2_grpc.PrefillNodeServicer):
         finally:
             self.arriving.discard(rid)
         try:
-            out = await fut
+            token, text, finish = await fut
         except asyncio.CancelledError:
             self._abandon(seq)
             raise
-        resp = node_pb2.PrefillResponse(first_token=out.token_id, prefill_start=start, prefill_end=time.time(),
-                                        text=out.text_delta)
-        if out.finished:
-            resp.finish_reason = FINISH[out.seq.finish_reason]
+        resp = node_pb2.PrefillResponse(first_token=token, prefill_start=start, prefill_end=time.time(), text=text)
+        if finish is not None:
+            resp.finish_reason = FINISH[finish]
         return resp
 
     def _abandon(self, seq) -> None:
         """A Prefill that will not answer: its sequence leaves the engine."""
         self.first.pop(seq.seq_id, None)
+        self.outputs.forget(seq)
         if self.running.get(seq.request_id) is seq:
             del self.running[seq.request_id]
         self._spawn(self.call(lambda engine: engine.abort(seq)))
@@ -97,16 +97,20 @@ class ColocatedNode(DecodeNode, node_pb2_grpc.PrefillNodeServicer):
                 fut.set_exception(RpcError(grpc.StatusCode.ABORTED, f"request {seq.request_id} {why}"))
         await super()._abort_running(seqs, why)
 
-    def on_step(self, outs: list[StepOutput]) -> None:
-        later = []
-        for out in outs:
-            fut = self.first.pop(out.seq.seq_id, None) if out.index == 0 else None
-            if fut is None:
-                later.append(out)
-                continue
-            out.seq.decode_start = time.time()
-            if out.finished:
-                self.running.pop(out.seq.request_id, None)
+    def on_step(self, batch: StepBatch) -> None:
+        firsts, later, running = [], [], self.running
+        for i, seq in enumerate(batch.seqs):
+            fut = self.first.pop(seq.seq_id, None) if batch.indices[i] == 0 else None
+            if fut is not None:
+                firsts.append((i, fut))
+            elif seq.request_id in running:
+                later.append(i)
+        texts = self.outputs.texts(batch, [i for i, _ in firsts])
+        for (i, fut), text in zip(firsts, texts):
+            seq = batch.seqs[i]
+            seq.decode_start = time.time()
+            if batch.finish[i] is not None:
+                running.pop(seq.request_id, None)
             if not fut.done():
-                fut.set_result(out)
-        super().on_step(later)
+                fut.set_result((batch.token_ids[i], text, batch.finish[i]))
+        self._emit(batch, later)

@@ -21,6 +21,7 @@ import grpc
 
 from pdserve.coordinator.registry import NodeEntry, Registry
 from pdserve.coordinator.request import RequestRecord
+from pdserve.coordinator.tokens import deliver
 from pdserve.wire.rpc import RpcError
 from pdserve.v1 import api_pb2, node_pb2
 
@@ -78,19 +79,13 @@ class Lifecycle:
             await self.abort(record.decode, record.key)
             yield record.last_response(first.finish_reason)
             return
-        next_index = 1
         while True:
-            batch = [await record.updates.get()]
-            while not record.updates.empty():
-                batch.append(record.updates.get_nowait())
-            resp, finish, lost = record.relay(batch, next_index)
+            resp, finish, lost = await record.relay()  # what arrived while the last write was blocked, at once
             if resp is not None:
-                next_index = resp.index + len(resp.token_ids)
                 yield resp
             if not finish and lost:
                 first = await self.migrate(record)
                 yield record.continued_response(first)
-                next_index = record.offset + 1
                 finish = first.finish_reason
                 if finish:
                     await self.abort(record.decode, record.key)
@@ -268,15 +263,39 @@ class Lifecycle:
             if r.decode is node and r.ticket is not None and r.key not in missing:
                 r.ticket.lease_expiry = resp.lease_expiry
 
+    def deliver(self, batch, node: NodeEntry) -> None:
+        """A decode node's step batch to its requests; a request whose client lags by more
+        than max_pending_tokens is ended."""
+        for record in deliver(batch, node, self.requests, self.cfg.max_pending_tokens):
+            self.cut(record, f"its client fell more than {self.cfg.max_pending_tokens} tokens behind "
+                             f"(--max-pending-tokens)")
+
     def cut_stalled(self) -> None:
         """A client that stopped reading: its stream is ended and its work freed, rather
         than generating to max_tokens into a buffer nobody drains."""
         now = time.monotonic()
         for r in list(self.requests.values()):
-            if r.writing_since is not None and now - r.writing_since > self.cfg.client_stall_s and r.task:
-                log.warning("request %s: its client read nothing for %.0f s; ending it", r.id, now - r.writing_since)
-                r.writing_since = None
-                r.task.cancel()
+            if r.writing_since is not None and now - r.writing_since > self.cfg.client_stall_s:
+                self.cut(r, f"its client read nothing for {now - r.writing_since:.0f} s (--client-stall-timeout)")
+
+    def cut(self, record: RequestRecord, why: str) -> None:
+        """End the request of a client that does not keep up: RESOURCE_EXHAUSTED (the client
+        sees it once it reads again), and its task cancelled, so what it holds is freed now."""
+        if record.cut or record.task is None:
+            return
+        log.warning("request %s: %s; ending it", record.id, why)
+        record.cut, record.writing_since = True, None
+        record.fail()
+        if record.context is not None:  # queued behind the blocked write: not awaited
+            self.spawn(_abort_call(record.context, grpc.StatusCode.RESOURCE_EXHAUSTED, f"request ended: {why}"))
+        record.task.cancel()
+
+
+async def _abort_call(context, code: grpc.StatusCode, message: str) -> None:
+    try:
+        await context.abort(code, message)
+    except Exception:  # AbortError once sent; or the call already ended
+        pass
 
 
 def _bounded(record: RequestRecord, limit: float) -> float:

@@ -14,7 +14,6 @@ from pdserve.wire.rpc import RpcError
 from pdserve.v1 import api_pb2, node_pb2
 
 TERMINAL = ("FINISHED", "CANCELLED", "FAILED")
-DECODE_LOST = object()  # queued by the coordinator when the request's decode node is gone
 
 
 def prepare(req: api_pb2.GenerateRequest, tokenizer, model: node_pb2.ModelInfo,
@@ -60,7 +59,14 @@ class RequestRecord:
         self.deadline = deadline             # time.monotonic() when the client's deadline passes; None: none
         self.state = "QUEUED"
         self.times = api_pb2.PhaseTimes(received=time.time())
-        self.updates: asyncio.Queue = asyncio.Queue()
+        # decode tokens not yet written to the client (coordinator/tokens.py pushes them):
+        # they leave coalesced into one response, and at most `bound` wait
+        self.pending: list[int] = []
+        self.pending_text: list[str] = []
+        self.node_finish = 0                 # the finish reason the node sent
+        self.error: RpcError | None = None   # the node failed the request
+        self.received = 1                    # output index of the next token expected from the node
+        self.wake = asyncio.Event()          # set when any of the above changed, or the node is lost
         self.decode = self.prefill = None
         self.ticket: node_pb2.Ticket | None = None
         self.tokens = 0
@@ -72,11 +78,13 @@ class RequestRecord:
         self.key = f"{request_id}/0"         # the id the nodes know this attempt by (next_attempt)
         self.migrations = 0
         self.retries = 0                     # prefill-phase attempts that failed (node lost, transfer failed)
-        self.lost = False  # DECODE_LOST queued for the current decode node
+        self.lost = False                    # the current decode node is gone (relay() says so)
         self.alarm = asyncio.Event()         # set when a node this request depends on is lost
         self.reserving = set()               # decode nodes a Reserve was sent to and not yet answered
         self.writing_since: float | None = None  # monotonic time a write to the client began, while blocked
         self.task: asyncio.Task | None = None
+        self.context = None                  # the client's call (grpc.aio context), to end it with a status
+        self.cut = False                     # ended for a client that does not keep up
 
     def next_attempt(self) -> None:
         """A new key for the nodes: an abort of an earlier attempt, however late it
@@ -90,9 +98,8 @@ class RequestRecord:
 
     def decode_lost(self) -> None:
         """The decode node is gone: wake the request wherever it waits."""
-        if not self.lost:
-            self.lost = True
-            self.updates.put_nowait(DECODE_LOST)
+        self.lost = True
+        self.wake.set()
         self.alarm.set()
 
     @property
@@ -144,7 +151,8 @@ class RequestRecord:
         """Forget the decode reservation (gone, or to be made again elsewhere)."""
         self.decode, self.ticket, self.state, self.lost = None, None, "QUEUED", False
         self.next_attempt()
-        self.updates = asyncio.Queue()
+        self.pending, self.pending_text, self.node_finish, self.error = [], [], 0, None
+        self.received = self.offset + 1  # the node's first token is the prefill node's, sent by us
         self.alarm.clear()
 
     def continued_response(self, resp: node_pb2.PrefillResponse) -> api_pb2.GenerateResponse:
@@ -154,35 +162,55 @@ class RequestRecord:
         return api_pb2.GenerateResponse(request_id=self.id, index=self.offset, token_ids=[resp.first_token],
                                         text=resp.text)
 
-    def relay(self, updates: list, next_index: int):
-        """Merge a decode step's updates into one response; raise on an error update.
-        Returns (response or None, finish reason or 0, decode node lost). Duplicate
-        indexes are dropped; a node's indexes count from the last migration."""
-        tokens, text, finish, lost = [], [], 0, False
-        for u in updates:
-            if u is DECODE_LOST:
-                lost = True
-                break
-            if u.error:
-                raise RpcError(_status(u.error_code), u.error)
-            if u.decode_start and not self.times.decode_start:
-                self.times.decode_start = u.decode_start
-                self.times.transfer_end = u.kv_ready or self.times.transfer_end  # the decode node's view
-            expected = next_index + len(tokens)
-            index = u.index + self.offset
-            if index < expected:
-                continue  # a duplicate
-            if index > expected:
-                raise RpcError(grpc.StatusCode.INTERNAL, f"token stream gap: got index {index}, expected {expected}")
-            tokens.append(u.token_id)
-            text.append(u.text)
-            finish = finish or u.finish_reason
+    def push(self, index: int, tokens, text: str, finish: int, bound: int) -> bool:
+        """A decode node's row for this request: `tokens` from its output index `index` (a
+        node counts from the last migration). Duplicates are dropped; a gap fails the
+        request. False when more than `bound` tokens would wait: nothing is taken."""
+        index += self.offset
+        if index < self.received:
+            if index + len(tokens) > self.received:
+                self.failed_on_node(grpc.StatusCode.INTERNAL.value[0], f"token stream overlap at index {index}")
+            return True  # a duplicate (a node's first token, already sent)
+        if index > self.received:
+            self.failed_on_node(grpc.StatusCode.INTERNAL.value[0],
+                                f"token stream gap: got index {index}, expected {self.received}")
+            return True
+        if len(self.pending) + len(tokens) > bound:
+            return False
+        self.pending.extend(tokens)
+        self.pending_text.append(text)
+        self.received += len(tokens)
+        self.node_finish = self.node_finish or finish
+        self.wake.set()
+        return True
+
+    def failed_on_node(self, code: int, message: str) -> None:
+        if self.error is None:
+            self.error = RpcError(_status(code), message)
+        self.wake.set()
+
+    def decode_started(self, decode_start: float, kv_ready: float) -> None:
+        if not self.times.decode_start:
+            self.times.decode_start = decode_start
+            self.times.transfer_end = kv_ready or self.times.transfer_end  # the decode node's view
+
+    async def relay(self):
+        """Once something arrived: every pending token in one response (None if none),
+        the finish reason, and whether the decode node was lost; raises a node's error."""
+        while not (self.pending or self.node_finish or self.lost or self.error):
+            self.wake.clear()
+            await self.wake.wait()
+        if self.error is not None:
+            raise self.error
+        tokens, text = self.pending, "".join(self.pending_text)
+        self.pending, self.pending_text = [], []
         if not tokens:
-            return None, finish, lost
+            return None, self.node_finish, self.lost
+        index = self.tokens
         self.tokens += len(tokens)
         self.generated.extend(tokens)
-        return api_pb2.GenerateResponse(request_id=self.id, index=next_index, token_ids=tokens,
-                                        text="".join(text)), finish, lost
+        return api_pb2.GenerateResponse(request_id=self.id, index=index, token_ids=tokens, text=text), \
+            self.node_finish, self.lost
 
     def last_response(self, finish: int) -> api_pb2.GenerateResponse:
         return api_pb2.GenerateResponse(request_id=self.id, index=self.tokens, finish_reason=finish, times=self.times)

@@ -81,12 +81,7 @@ class Coordinator(api_pb2_grpc.GenerationServicer, node_pb2_grpc.CoordinatorServ
         try:
             async for batch in node.stub.Subscribe(node_pb2.SubscribeRequest(epoch=node.epoch)):
                 node.streaming = True  # routable from now on: no token of its can be missed
-                for update in batch.updates:
-                    record = self.requests.get(update.request_id.rpartition("/")[0])
-                    # an earlier attempt's tokens, or a node the request moved off: fenced off
-                    if record is not None and record.key == update.request_id and record.decode is node \
-                            and not record.lost:
-                        record.updates.put_nowait(update)
+                self.lifecycle.deliver(batch, node)
         except asyncio.CancelledError:
             raise
         except grpc.aio.AioRpcError as e:
@@ -150,7 +145,7 @@ class Coordinator(api_pb2_grpc.GenerationServicer, node_pb2_grpc.CoordinatorServ
             left = context.time_remaining()
             record = RequestRecord(uuid.uuid4().hex, [], req.sampling, req.client_tag,
                                    None if left is None else time.monotonic() + left)
-            record.task = asyncio.current_task()
+            record.task, record.context = asyncio.current_task(), context
             self.requests[record.id] = record
             record.prompt, _ = await self.model.run(prepare, req, tokenizer, info, self.cfg.max_tokens_limit)
             record.run_prompt = record.prompt

@@ -11,17 +11,19 @@ import logging
 import time
 import uuid
 from dataclasses import dataclass
+from functools import cached_property
 
 import grpc
 
+from pdserve.decode_node.outputs import StepOutputs, error_batch, first_batch
 from pdserve.decode_node.subscribers import Subscriber
-from pdserve.engine.llm_engine import StepOutput
+from pdserve.engine.llm_engine import StepBatch
 from pdserve.common.config import LEASE_S
 from pdserve.common.sampling import SamplingParams
 from pdserve.kv_transfer.base.conn import KVReceiver, Role
 from pdserve.kv_transfer.base.status import TransferState
 from pdserve.node.base import NodeBase
-from pdserve.wire.protocol import FINISH, to_engine_params
+from pdserve.wire.protocol import to_engine_params
 from pdserve.common.recent_ids import RecentIds
 from pdserve.wire.rpc import RpcError
 from pdserve.v1 import api_pb2, node_pb2, node_pb2_grpc
@@ -45,6 +47,7 @@ class DecodeNode(NodeBase, node_pb2_grpc.DecodeNodeServicer):
     role = api_pb2.ROLE_DECODE
     kv_role = Role.DECODE
     service_name = "pdserve.v1.DecodeNode"
+    engine_detokenizes = False  # StepOutputs does, on the event loop
 
     def __init__(self, cfg):
         super().__init__(cfg)
@@ -59,6 +62,10 @@ class DecodeNode(NodeBase, node_pb2_grpc.DecodeNodeServicer):
 
     def add_servicer(self, server: grpc.aio.Server) -> None:
         node_pb2_grpc.add_DecodeNodeServicer_to_server(self, server)
+
+    @cached_property
+    def outputs(self) -> StepOutputs:
+        return StepOutputs(self.engine.tokenizer)  # first used once the engine runs
 
     # epochs and tombstones
 
@@ -173,7 +180,7 @@ class DecodeNode(NodeBase, node_pb2_grpc.DecodeNodeServicer):
         del self.reservations[rid]
         if rx.state == TransferState.FAILED:
             await self.call(lambda engine: engine.release(res.blocks))
-            self._publish([_error(rid, grpc.StatusCode.UNAVAILABLE, f"KV transfer failed: {rx.error}")])
+            self._publish(error_batch(rid, grpc.StatusCode.UNAVAILABLE, f"KV transfer failed: {rx.error}"))
             return
 
         def admit(engine):
@@ -191,7 +198,7 @@ class DecodeNode(NodeBase, node_pb2_grpc.DecodeNodeServicer):
             out = await self.call(admit)
         except Exception as e:
             await self.call(lambda engine: engine.release(res.blocks))
-            self._publish([_error(rid, grpc.StatusCode.INTERNAL, f"admission failed: {e}")])
+            self._publish(error_batch(rid, grpc.StatusCode.INTERNAL, f"admission failed: {e}"))
             return
         finally:
             self.admitting.pop(rid, None)
@@ -200,24 +207,25 @@ class DecodeNode(NodeBase, node_pb2_grpc.DecodeNodeServicer):
         if res.dropped and self.running.pop(rid, None) is not None:  # aborted as it was admitted
             await self._abort_running([out.seq], "aborted")
         elif out.finished:
-            self._publish([_update(out, out.seq)])
+            self._publish(first_batch(out))
 
     # token streams
 
-    def on_step(self, outs: list[StepOutput]) -> None:
-        updates = []
-        for out in outs:
-            rid = out.seq.request_id
-            if rid not in self.running:
-                continue
-            updates.append(_update(out, out.seq if out.index == 1 else None))
-            if out.finished:
-                del self.running[rid]
-        if updates:
-            self._publish(updates)
+    def on_step(self, batch: StepBatch) -> None:
+        running = self.running
+        self._emit(batch, [i for i, seq in enumerate(batch.seqs) if seq.request_id in running])
 
-    def _publish(self, updates: list[node_pb2.TokenUpdate]) -> None:
-        batch = node_pb2.TokenBatch(updates=updates)
+    def _emit(self, batch: StepBatch, rows: list[int]) -> None:
+        """Publish these rows of a step as one TokenBatch; finished requests leave self.running."""
+        if not rows:
+            return
+        out = self.outputs.token_batch(batch, rows)
+        for i in rows:
+            if batch.finish[i] is not None:
+                del self.running[batch.seqs[i].request_id]
+        self._publish(out)
+
+    def _publish(self, batch: node_pb2.TokenBatch) -> None:
         for sub in list(self.subscribers):
             if not sub.put(batch):
                 self.subscribers.discard(sub)
@@ -268,6 +276,8 @@ class DecodeNode(NodeBase, node_pb2_grpc.DecodeNodeServicer):
 
     async def _abort_running(self, seqs: list, why: str) -> None:
         """Abort sequences already taken out of self.running."""
+        for seq in seqs:
+            self.outputs.forget(seq)
         await self.call(lambda engine: [engine.abort(seq) for seq in seqs])
 
     def _drop(self, matches, why: str) -> None:
@@ -307,15 +317,3 @@ class DecodeNode(NodeBase, node_pb2_grpc.DecodeNodeServicer):
         load.queued += len(self.reservations)
         return load
 
-
-def _update(out: StepOutput, first=None) -> node_pb2.TokenUpdate:
-    """One token's update; `first` (the sequence) adds its admission times to the first one."""
-    return node_pb2.TokenUpdate(request_id=out.seq.request_id, index=out.index,
-                                token_id=out.token_id, text=out.text_delta,
-                                finish_reason=FINISH.get(out.seq.finish_reason or "", 0) if out.finished else 0,
-                                decode_start=first.decode_start if first is not None else 0.0,
-                                kv_ready=first.kv_ready if first is not None else 0.0)
-
-
-def _error(request_id: str, code: grpc.StatusCode, message: str) -> node_pb2.TokenUpdate:
-    return node_pb2.TokenUpdate(request_id=request_id, error=message, error_code=code.value[0])

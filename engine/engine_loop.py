@@ -15,11 +15,11 @@ from typing import Callable
 
 import torch
 
-from pdserve.engine.llm_engine import LLMEngine, StepOutput
+from pdserve.engine.llm_engine import LLMEngine, StepBatch
 
 
 class EngineLoop:
-    def __init__(self, engine: LLMEngine, on_step: Callable[[list[StepOutput]], None],
+    def __init__(self, engine: LLMEngine, on_step: Callable[[StepBatch], None],
                  on_fatal: Callable[[BaseException], None], poll: Callable[[LLMEngine], bool] | None = None):
         self.engine = engine
         self.on_step, self.on_fatal, self.poll = on_step, on_fatal, poll
@@ -59,9 +59,9 @@ class EngineLoop:
                 # from the node's other threads and made TTFT worse
                 self._drain(block=not self.engine.has_work(), timeout=0.0002 if busy else 0.5)
                 if self.engine.has_work() and not self.stopping:
-                    outs = self.engine.step()
-                    if outs:
-                        self.on_step(outs)
+                    batch = self.engine.step()
+                    if batch:
+                        self.on_step(batch)
         except BaseException as e:  # the engine itself broke: nothing it holds can be trusted
             self.failed = e
             self._fail_pending(e)

@@ -38,6 +38,26 @@ class StepOutput:
 
 
 @dataclass
+class StepBatch:
+    """What one step produced, in columns: row i is seqs[i]'s token token_ids[i] at output
+    position indices[i], finish[i] its finish reason (None: still running), texts[i] its
+    text delta where the engine detokenizes that sequence (else ""). Iterating it gives
+    StepOutputs, for callers off the serving path."""
+    seqs: list[Sequence] = field(default_factory=list)
+    token_ids: list[int] = field(default_factory=list)
+    indices: list[int] = field(default_factory=list)
+    finish: list[str | None] = field(default_factory=list)
+    texts: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.seqs)
+
+    def __iter__(self):
+        for row in zip(self.seqs, self.token_ids, self.indices, self.texts, self.finish):
+            yield StepOutput(*row[:4], row[4] is not None)
+
+
+@dataclass
 class Completion:
     request_id: str
     prompt_token_ids: list[int]
@@ -85,9 +105,11 @@ class StepTrace:
 
 
 class LLMEngine:
-    def __init__(self, cfg: EngineConfig, kv_connector: KVConnectorSpec | None = None):
-        """kv_connector: the KV connector worker every TP rank builds (engine/kv_connector.py)."""
-        self.cfg, self.kv_connector = cfg, kv_connector
+    def __init__(self, cfg: EngineConfig, kv_connector: KVConnectorSpec | None = None, detokenize: bool = True):
+        """kv_connector: the KV connector worker every TP rank builds (engine/kv_connector.py).
+        detokenize=False: only sequences with stop strings are detokenized here (their end
+        depends on the text); the caller detokenizes the others off the engine's thread."""
+        self.cfg, self.kv_connector, self.detokenize = cfg, kv_connector, detokenize
         self.executor: Executor | None = None
         # called on this thread with each save the coming step starts, in that order
         # (a transport whose receiver must post in send order announces it here)
@@ -155,7 +177,10 @@ class LLMEngine:
         seq.block_table = list(block_ids)
         seq.num_computed_tokens = len(prompt_token_ids)
         self.scheduler.add_running(seq)
-        return self._postprocess(seq, first_token)
+        delta, reason = self._postprocess(seq, first_token)
+        if seq.detokenizer is not None:  # the prefill node sent the first token's text whole, held part too
+            seq.detokenizer.emitted = len(seq.detokenizer.text)
+        return StepOutput(seq, first_token, 0, delta, reason is not None)
 
     def reserve(self, num_tokens: int) -> list[int]:
         """Blocks for num_tokens of KV (a decode node's reservation); MemoryError if short."""
@@ -202,7 +227,7 @@ class LLMEngine:
     def _new_sequence(self, prompt_token_ids, params, request_id, prefill_only) -> Sequence:
         seq = Sequence(prompt_token_ids, params, request_id, prefill_only)
         seq.generator = make_generator(params.seed, self.device)
-        if self.tokenizer is not None:
+        if self.tokenizer is not None and (self.detokenize or params.stop):
             seq.detokenizer = IncrementalDetokenizer(self.tokenizer, seq.prompt_token_ids, params.stop)
         return seq
 
@@ -224,11 +249,12 @@ class LLMEngine:
 
     # stepping
 
-    def step(self) -> list[StepOutput]:
+    def step(self) -> StepBatch:
         self.imports.flush()
         batch = self.scheduler.schedule()
+        out = StepBatch()
         if not batch.seqs:
-            return []
+            return out
         rows = [i for i in range(len(batch)) if batch.samples(i)]
         plan = StepPlan.build(batch.seqs, batch.num_new_tokens, rows, self.cfg.block_size)
         sends = [seq for seq, n in zip(batch.seqs, batch.num_new_tokens)
@@ -239,14 +265,20 @@ class LLMEngine:
         queued = self.trace.queued() if self.trace else 0.0
         self.scheduler.advance(batch)
         if not rows:
-            return []
+            return out
         seqs = [batch.seqs[i] for i in rows]
         tokens = self.sampler(logits, [s.params for s in seqs], [s.prompt_token_ids for s in seqs],
                               [s.output_token_ids for s in seqs], [s.generator for s in seqs]).tolist()
         if started:
             runner = self.executor.runner
             self.trace.end(started, queued, sum(batch.num_new_tokens), bool(sends), runner.forward_queued)
-        return [self._postprocess(seq, tok) for seq, tok in zip(seqs, tokens)]
+        out.seqs, out.token_ids = seqs, tokens
+        for seq, tok in zip(seqs, tokens):
+            delta, reason = self._postprocess(seq, tok)
+            out.indices.append(len(seq.output_token_ids) - 1)
+            out.texts.append(delta)
+            out.finish.append(reason)
+        return out
 
     def _saves(self, seqs: list[Sequence]) -> KVConnectorMetadata:
         """The saves of the sequences whose prompts this step completes, with their blocks."""
@@ -259,7 +291,8 @@ class LLMEngine:
             saves.append(save)
         return KVConnectorMetadata(saves=tuple(saves))
 
-    def _postprocess(self, seq: Sequence, token: int) -> StepOutput:
+    def _postprocess(self, seq: Sequence, token: int) -> tuple[str, str | None]:
+        """Append a sampled token; its text delta (where detokenized here) and finish reason."""
         seq.append(token)
         p = seq.params
         reason = None
@@ -280,7 +313,7 @@ class LLMEngine:
                 delta += seq.detokenizer.flush()
             seq.finish_time = time.monotonic()
             self.scheduler.finish(seq, reason, keep_blocks=seq.prefill_only)
-        return StepOutput(seq, token, len(seq.output_token_ids) - 1, delta, reason is not None)
+        return delta, reason
 
     # offline use
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from pdserve.engine import parallel
@@ -39,6 +40,8 @@ class StepPlan:
 
     @classmethod
     def build(cls, seqs, num_new_tokens: list[int], sample_rows: list[int], block_size: int) -> "StepPlan":
+        if sum(num_new_tokens) == len(num_new_tokens):  # one token each (a decode step): in arrays
+            return cls._one_each(seqs, sample_rows, block_size)
         ids, pos, slots, qlens, clens, starts = [], [], [], [], [], []
         for seq, n in zip(seqs, num_new_tokens):
             start = seq.num_computed_tokens
@@ -48,14 +51,22 @@ class StepPlan:
             _extend_slots(slots, seq.block_table, start, start + n, block_size)
             qlens.append(n)
             clens.append(start + n)
-        width = max(len(s.block_table) for s in seqs)
-        tables = array.array("q")
-        for s in seqs:
-            tables.extend(s.block_table)
-            tables.extend([0] * (width - len(s.block_table)))
         sample = [starts[i] + num_new_tokens[i] - 1 for i in sample_rows]
         t = _long
-        return cls(t(ids), t(pos), t(slots), t(qlens), t(clens), t(tables).view(len(seqs), width), t(sample))
+        return cls(t(ids), t(pos), t(slots), t(qlens), t(clens), torch.from_numpy(_tables(seqs)), t(sample))
+
+    @classmethod
+    def _one_each(cls, seqs, sample_rows: list[int], block_size: int) -> "StepPlan":
+        """build() for a step of one new token per sequence: the positions, slots and
+        context lengths computed on arrays rather than sequence by sequence."""
+        n = len(seqs)
+        pos = np.fromiter((s.num_computed_tokens for s in seqs), np.int64, n)
+        ids = [s.token_at(p) for s, p in zip(seqs, pos.tolist())]
+        tables = _tables(seqs)
+        slots = tables[np.arange(n), pos // block_size] * block_size + pos % block_size
+        t = torch.from_numpy
+        return cls(_long(ids), t(pos), t(slots), torch.ones(n, dtype=torch.long), t(pos + 1), t(tables),
+                   _long(sample_rows))
 
     def pack(self) -> tuple[torch.Tensor, torch.Tensor]:
         n, m = self.block_tables.shape
@@ -341,6 +352,16 @@ def _long(values) -> torch.Tensor:
     if not buf:
         return torch.empty(0, dtype=torch.long)
     return torch.frombuffer(buf, dtype=torch.long).clone()
+
+
+def _tables(seqs) -> np.ndarray:
+    """The block tables as one int64 [sequences, longest table] array, zero-padded."""
+    width = max(len(s.block_table) for s in seqs)
+    tables = array.array("q")
+    for s in seqs:
+        tables.extend(s.block_table)
+        tables.extend([0] * (width - len(s.block_table)))
+    return np.frombuffer(tables, dtype=np.int64).reshape(len(seqs), width)
 
 
 def _extend_slots(slots: list[int], table: list[int], start: int, end: int, block_size: int) -> None:

@@ -64,6 +64,10 @@ class Sequence:
             return self.output_token_ids[start - n:end - n]
         return self.prompt_token_ids[start:end] + self.output_token_ids[:max(0, end - n)]
 
+    def token_at(self, position: int) -> int:
+        n = len(self.prompt_token_ids)
+        return self.prompt_token_ids[position] if position < n else self.output_token_ids[position - n]
+
     def append(self, token_id: int) -> None:
         if self.first_token_time is None:
             self.first_token_time = time.monotonic()

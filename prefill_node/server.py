@@ -7,7 +7,7 @@ import time
 
 import grpc
 
-from pdserve.engine.llm_engine import StepOutput
+from pdserve.engine.llm_engine import StepBatch
 from pdserve.kv_transfer.base.conn import KVUnavailable, Role
 from pdserve.kv_transfer.base.status import TransferState
 from pdserve.node.base import NodeBase
@@ -91,10 +91,10 @@ class PrefillNode(NodeBase, node_pb2_grpc.PrefillNodeServicer):
         self.pending[seq.seq_id] = (fut, sender)
         return seq
 
-    def on_step(self, outs: list[StepOutput]) -> None:
+    def on_step(self, batch: StepBatch) -> None:
         pass  # results are delivered from the engine thread (see _on_step_thread)
 
-    def _on_step_thread(self, outs: list[StepOutput]) -> None:
+    def _on_step_thread(self, outs: StepBatch) -> None:
         # engine thread: the senders complete (what the step did not send leaves now, with the
         # first token, not after a hop to the event loop), then the prompts' blocks are freed
         engine = self.engine

@@ -120,7 +120,7 @@ class StalledClient:
         self.conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
         self.conn.initiate_connection()
         self.conn.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: window})
-        sid = self.conn.get_next_available_stream_id()
+        sid = self.sid = self.conn.get_next_available_stream_id()
         self.conn.send_headers(sid, [(":method", "POST"), (":scheme", "http"),
                                      (":path", path), (":authority", address),
                                      ("content-type", "application/grpc"), ("te", "trailers")])
@@ -128,8 +128,10 @@ class StalledClient:
         self.conn.send_data(sid, b"\0" + struct.pack(">I", len(body)) + body, end_stream=True)
         self.sock.sendall(self.conn.data_to_send())
         self.received = 0
+        self.data = bytearray()
         self.ended = threading.Event()  # trailers or a reset came: the server ended the stream
         self.events: list = []
+        self.lock = threading.Lock()  # the connection's state, shared with resume()
         self._thread = threading.Thread(target=self._read, daemon=True)
         self._thread.start()
 
@@ -139,7 +141,8 @@ class StalledClient:
         while True:
             try:
                 data = self.sock.recv(65536)
-                events = self.conn.receive_data(data) if data else []
+                with self.lock:
+                    events = self.conn.receive_data(data) if data else []
             except (OSError, h2.exceptions.ProtocolError):  # reset, or frames after the server closed
                 break
             if not data:
@@ -148,12 +151,41 @@ class StalledClient:
                 self.events.append(ev)
                 if isinstance(ev, h2.events.DataReceived):
                     self.received += len(ev.data)
+                    self.data += ev.data
                 if isinstance(ev, (h2.events.StreamEnded, h2.events.StreamReset, h2.events.TrailersReceived)):
                     self.ended.set()
-            out = self.conn.data_to_send()
+            with self.lock:
+                out = self.conn.data_to_send()
             if out:
                 self.sock.sendall(out)
         self.ended.set()
+
+    def resume(self, window: int = 1 << 24) -> None:
+        """Start reading: the windows open wide, so what the server holds back arrives."""
+        with self.lock:
+            self.conn.increment_flow_control_window(window)
+            self.conn.increment_flow_control_window(window, stream_id=self.sid)
+            out = self.conn.data_to_send()
+        self.sock.sendall(out)
+
+    def status(self) -> tuple[int | None, str]:
+        """The call's grpc-status and message from its trailers (None: none came)."""
+        import h2.events
+        for ev in self.events:
+            if isinstance(ev, h2.events.TrailersReceived):
+                headers = {k.decode() if isinstance(k, bytes) else k: v.decode() if isinstance(v, bytes) else v
+                           for k, v in ev.headers}
+                return int(headers["grpc-status"]), headers.get("grpc-message", "")
+        return None, ""
+
+    def messages(self, cls) -> list:
+        """The length-prefixed messages received so far, parsed as cls."""
+        out, at, data = [], 0, bytes(self.data)
+        while at + 5 <= len(data):
+            n = struct.unpack(">I", data[at + 1:at + 5])[0]
+            out.append(cls.FromString(data[at + 5:at + 5 + n]))
+            at += 5 + n
+        return out
 
     def close(self) -> None:
         self.sock.close()

@@ -208,12 +208,19 @@ def test_no_nodes_means_unavailable_and_a_full_queue_means_resource_exhausted(ti
         cluster.stop()
 
 
-def test_smollm2_chat_through_the_cluster_matches_transformers(smol_dir, tokenizer, reference):
-    cluster = start_cluster(model=None, kv_blocks=128)  # the default model, converted once (smol_dir)
+@pytest.mark.parametrize("colocated", [False, True], ids=["1p1d", "colocated"])
+def test_smollm2_chat_through_the_cluster_matches_transformers(smol_dir, tokenizer, reference, colocated):
+    """Tokens and text: the node detokenizes off the engine's thread, except requests with
+    stop strings, which the engine detokenizes (their end depends on the text)."""
+    topology = dict(prefill=0, decode=0, colocated=1) if colocated else {}
+    cluster = start_cluster(model=None, kv_blocks=128, **topology)  # the default model, converted once (smol_dir)
     client = Client(cluster.cfg.listen)
     chats = ["What is the capital of France?", "Name three colours of the rainbow."]
     try:
         outs = [client.generate(request(c, greedy(24), chat=True)) for c in chats]
+        word = outs[1]["text"].split()[2]
+        cut = client.generate(request(chats[1], greedy(24, stop=[word]), chat=True))
+        assert cut["text"] == outs[1]["text"][:outs[1]["text"].index(word)] and cut["finish_reason"] == 1
         client.wait_blocks_at_baseline()
         assert client.status()["model"] == "SmolLM2-135M-Instruct"  # the default model has a name
         coordinator_maps = open(f"/proc/{cluster.procs[0].pid}/maps").read()

@@ -2,7 +2,7 @@ import random
 
 import pytest
 
-from pdserve.engine.detokenizer import IncrementalDetokenizer
+from pdserve.engine.detokenizer import IncrementalDetokenizer, step_all
 
 TEXTS = [
     "Hello, world! This is a plain ASCII sentence.",
@@ -127,3 +127,18 @@ def test_flush_after_stop_returns_nothing(tokenizer):
     for i in ids_of(tokenizer, ["Hello", " world"]):
         detok.step(i)
     assert detok.stopped and detok.text == "Hel" and detok.flush() == ""
+
+
+def test_stepping_many_at_once_gives_what_stepping_each_gives(tokenizer):
+    """The node detokenizes a whole step's tokens in one batched decode: the deltas equal
+    the one-by-one detokenizer's, request by request."""
+    prompts = [tokenizer.encode(t) for t in TEXTS]
+    outputs = [tokenizer.encode(mixed_text(seed, 30)) for seed in range(len(TEXTS))]
+    one = [IncrementalDetokenizer(tokenizer, p) for p in prompts]
+    many = [IncrementalDetokenizer(tokenizer, p) for p in prompts]
+    for step in range(max(map(len, outputs))):
+        rows = [i for i, out in enumerate(outputs) if step < len(out)]
+        deltas = step_all([many[i] for i in rows], [outputs[i][step] for i in rows])
+        assert deltas == [one[i].step(outputs[i][step]) for i in rows]
+    assert [d.flush() for d in many] == [d.flush() for d in one]
+    assert [d.text for d in many] == [d.text for d in one]

@@ -189,14 +189,18 @@ def test_step_plan_matches_the_per_token_formulas_for_mixed_batches():
         def token_ids(self, a, b):
             return self.tokens[a:b]
 
+        def token_at(self, p):
+            return self.tokens[p]
+
     rng = random.Random(0)
-    for _ in range(200):
+    for trial in range(300):
+        one_each = trial >= 200  # decode steps: one new token per sequence (StepPlan's array path)
         bs = rng.choice([1, 4, 16])
         seqs, news = [], []
         for _ in range(rng.randint(1, 6)):
             total = rng.randint(1, 120)
             computed = rng.randint(0, total - 1)
-            n = rng.randint(1, total - computed)
+            n = 1 if one_each else rng.randint(1, total - computed)
             seqs.append(Seq([rng.randrange(1000) for _ in range(total)], computed,
                             rng.sample(range(500), -(-total // bs))))
             news.append(n)

@@ -14,6 +14,7 @@ import pytest
 from pdserve.cluster import free_port
 from pdserve.common.model_files import compat_hash
 from pdserve.wire.protocol import PROTOCOL_VERSION
+from pdserve.v1 import api_pb2
 from tests.cluster_util import Client, greedy, request, start_cluster
 from tests.conftest import assert_matches_reference
 from tests.fault_util import (StalledClient, model_info, register, run_all, start_coordinator, wait_until,
@@ -161,6 +162,37 @@ def test_a_client_that_stops_reading_is_cut_off_and_frees_its_slot(tiny_models, 
         out = client.generate(request([4, 5, 6], greedy(5, ignore_eos=True)))  # its slot is free again
         assert len(out["token_ids"]) == 5
         client.wait_blocks_at_baseline()
+    finally:
+        stalled.close()
+        client.close()
+        cluster.stop()
+
+
+def test_a_client_that_lags_past_the_bound_ends_with_resource_exhausted_and_the_others_finish(tiny_models, reference,
+                                                                                              tmp_path):
+    """A stream that stops reading while its request generates: its tokens wait in the
+    coordinator up to --max-pending-tokens, then the request is ended (RESOURCE_EXHAUSTED,
+    seen once the client reads again) and its KV freed; streams beside it are untouched."""
+    cluster = start_cluster(model=tiny_models["qwen2"], kv_blocks=64, log_dir=str(tmp_path),
+                            coordinator_flags=("--max-pending-tokens", "24"))
+    client = Client(cluster.cfg.listen)
+    stalled = StalledClient(cluster.cfg.listen, request(list(range(1, 20)), greedy(400, ignore_eos=True)))
+    try:
+        wait_until(lambda: stalled.received > 0, 30, "the first bytes of the stalled stream")
+        jobs = [([(5 * i + j) % 384 for j in range(12)], 40) for i in range(6)]
+        outs = run_all(client, jobs)
+        ref = reference(tiny_models["qwen2"])
+        for (prompt, n), out in zip(jobs, outs):
+            assert isinstance(out, dict), f"{out.code()}: {out.details()}"
+            assert_matches_reference(out["token_ids"], ref.generate(prompt, n), "beside a lagging client")
+        wait_until(lambda: "24 tokens behind" in (tmp_path / "0-coordinator.log").read_text(), 30, "the cut")
+        client.wait_blocks_at_baseline()  # its KV is freed while its client still reads nothing
+        stalled.resume()
+        wait_until(stalled.ended.is_set, 30, "the lagging stream to end")
+        code, message = stalled.status()
+        assert code == grpc.StatusCode.RESOURCE_EXHAUSTED.value[0] and "max-pending-tokens" in message
+        tokens = [t for m in stalled.messages(api_pb2.GenerateResponse) for t in m.token_ids]
+        assert 1 <= len(tokens) < 400  # ended, not generated to the end into the coordinator's memory
     finally:
         stalled.close()
         client.close()

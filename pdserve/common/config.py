@@ -106,6 +106,8 @@ class CoordinatorConfig:
     max_migrations: int = opt(2, "times a request may move to another decode node when its decode node dies")
     max_retries: int = opt(3, "failed prefill attempts (a node lost, a transfer failed) before UNAVAILABLE")
     max_request_bytes: int = opt(4 << 20, "larger client messages get RESOURCE_EXHAUSTED before any work")
+    max_pending_tokens: int = opt(4096, "tokens a client's stream may lag behind its request before the request "
+                                        "is ended with RESOURCE_EXHAUSTED (what waits is sent as one message)")
     client_stall_s: float = opt(30.0, "seconds a client may leave its stream unread before it is ended",
                                 flag="--client-stall-timeout")
     node_expiry_s: float = opt(30.0, "seconds after which a silent node leaves the registry and `status`",

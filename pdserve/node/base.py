@@ -9,7 +9,7 @@ import logging
 import grpc
 
 from pdserve.engine.engine_loop import EngineLoop
-from pdserve.engine.llm_engine import LLMEngine, StepOutput
+from pdserve.engine.llm_engine import LLMEngine, StepBatch
 from pdserve.kv_transfer.base.conn import NodeLink, Role
 from pdserve.kv_transfer.base.layout import KVLayout
 from pdserve.kv_transfer.registry import backend
@@ -27,6 +27,7 @@ class NodeBase:
     role: int = api_pb2.ROLE_UNSPECIFIED
     kv_role: Role = Role.PREFILL
     service_name = ""
+    engine_detokenizes = True  # False: only stop-string sequences; the node detokenizes the rest
 
     def __init__(self, cfg: NodeConfig):
         self.cfg = cfg
@@ -43,7 +44,8 @@ class NodeBase:
         elif not isinstance(self.cfg.kv, kv.config_class):
             raise ValueError(f"the {kv.name} KV transport takes a {kv.config_class.__name__}, "
                              f"not a {type(self.cfg.kv).__name__}")
-        self.engine = await asyncio.to_thread(LLMEngine(self.cfg.engine, kv.connector(self.cfg.kv)).start)
+        self.engine = await asyncio.to_thread(LLMEngine(self.cfg.engine, kv.connector(self.cfg.kv),
+                                                          detokenize=self.engine_detokenizes).start)
         info = self.model = model_info(self.engine)
         layout = KVLayout(info.num_layers, info.num_kv_heads, info.head_dim, info.block_size,
                           self.engine.executor.runner.dtype, info.compat_hash)
@@ -79,7 +81,7 @@ class NodeBase:
     def _on_registered(self, epoch: int) -> None:
         """After every (re-)registration, with the new epoch."""
 
-    def on_step(self, outs: list[StepOutput]) -> None:
+    def on_step(self, batch: StepBatch) -> None:
         """Called on the event loop with each engine step's outputs."""
 
     def _spawn(self, coro) -> None:
@@ -92,8 +94,8 @@ class NodeBase:
         """Run fn(engine) on the engine thread and await its result."""
         return await asyncio.wrap_future(self.loop.call(fn))
 
-    def _on_step_thread(self, outs: list[StepOutput]) -> None:
-        self.aio.call_soon_threadsafe(self.on_step, outs)
+    def _on_step_thread(self, batch: StepBatch) -> None:
+        self.aio.call_soon_threadsafe(self.on_step, batch)  # the engine thread only hands the columns over
 
     def _on_fatal_thread(self, exc: BaseException) -> None:
         log.error("engine failed: %r; exiting", exc)

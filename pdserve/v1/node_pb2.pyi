@@ -229,30 +229,34 @@ class SubscribeRequest(_message.Message):
     epoch: int
     def __init__(self, coordinator_id: _Optional[str] = ..., epoch: _Optional[int] = ...) -> None: ...
 
-class TokenUpdate(_message.Message):
-    __slots__ = ("request_id", "index", "token_id", "text", "finish_reason", "decode_start", "error", "error_code", "kv_ready")
+class TokenEvent(_message.Message):
+    __slots__ = ("request_id", "error", "error_code", "decode_start", "kv_ready")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
-    INDEX_FIELD_NUMBER: _ClassVar[int]
-    TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
-    TEXT_FIELD_NUMBER: _ClassVar[int]
-    FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
-    DECODE_START_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
     ERROR_CODE_FIELD_NUMBER: _ClassVar[int]
+    DECODE_START_FIELD_NUMBER: _ClassVar[int]
     KV_READY_FIELD_NUMBER: _ClassVar[int]
     request_id: str
-    index: int
-    token_id: int
-    text: str
-    finish_reason: _api_pb2.FinishReason
-    decode_start: float
     error: str
     error_code: int
+    decode_start: float
     kv_ready: float
-    def __init__(self, request_id: _Optional[str] = ..., index: _Optional[int] = ..., token_id: _Optional[int] = ..., text: _Optional[str] = ..., finish_reason: _Optional[_Union[_api_pb2.FinishReason, str]] = ..., decode_start: _Optional[float] = ..., error: _Optional[str] = ..., error_code: _Optional[int] = ..., kv_ready: _Optional[float] = ...) -> None: ...
+    def __init__(self, request_id: _Optional[str] = ..., error: _Optional[str] = ..., error_code: _Optional[int] = ..., decode_start: _Optional[float] = ..., kv_ready: _Optional[float] = ...) -> None: ...
 
 class TokenBatch(_message.Message):
-    __slots__ = ("updates",)
-    UPDATES_FIELD_NUMBER: _ClassVar[int]
-    updates: _containers.RepeatedCompositeFieldContainer[TokenUpdate]
-    def __init__(self, updates: _Optional[_Iterable[_Union[TokenUpdate, _Mapping]]] = ...) -> None: ...
+    __slots__ = ("request_ids", "first_index", "counts", "token_ids", "texts", "finish_reasons", "events")
+    REQUEST_IDS_FIELD_NUMBER: _ClassVar[int]
+    FIRST_INDEX_FIELD_NUMBER: _ClassVar[int]
+    COUNTS_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    TEXTS_FIELD_NUMBER: _ClassVar[int]
+    FINISH_REASONS_FIELD_NUMBER: _ClassVar[int]
+    EVENTS_FIELD_NUMBER: _ClassVar[int]
+    request_ids: _containers.RepeatedScalarFieldContainer[str]
+    first_index: _containers.RepeatedScalarFieldContainer[int]
+    counts: _containers.RepeatedScalarFieldContainer[int]
+    token_ids: _containers.RepeatedScalarFieldContainer[int]
+    texts: _containers.RepeatedScalarFieldContainer[str]
+    finish_reasons: _containers.RepeatedScalarFieldContainer[_api_pb2.FinishReason]
+    events: _containers.RepeatedCompositeFieldContainer[TokenEvent]
+    def __init__(self, request_ids: _Optional[_Iterable[str]] = ..., first_index: _Optional[_Iterable[int]] = ..., counts: _Optional[_Iterable[int]] = ..., token_ids: _Optional[_Iterable[int]] = ..., texts: _Optional[_Iterable[str]] = ..., finish_reasons: _Optional[_Iterable[_Union[_api_pb2.FinishReason, str]]] = ..., events: _Optional[_Iterable[_Union[TokenEvent, _Mapping]]] = ...) -> None: ...
