@@ -6,15 +6,29 @@ import dataclasses
 import importlib
 from typing import Any
 
-PACKAGES = {"zmq": "pdserve.kv_transfer.zmq", "nccl": "pdserve.kv_transfer.nccl", "fake": "pdserve.kv_transfer.fake"}
-CONFIGS = {"zmq": "ZmqConfig", "nccl": "NcclConfig", "fake": "FakeConfig"}
+PACKAGES = {"zmq": "pdserve.kv_transfer.zmq", "nccl": "pdserve.kv_transfer.nccl",
+            "cuda-ipc": "pdserve.kv_transfer.cuda_ipc", "fake": "pdserve.kv_transfer.fake"}
+CONFIGS = {"zmq": "ZmqConfig", "nccl": "NcclConfig", "cuda-ipc": "IpcConfig", "fake": "FakeConfig"}
+
+
+AUTO = "auto"
 
 
 def names() -> list[str]:
     return list(PACKAGES)
 
 
+def resolve(name: str, device: str, role: str = "") -> str:
+    """--kv-transport as a node runs it: auto is cuda-ipc for a prefill or decode node on
+    CUDA (nodes of one host; a pairing across hosts is refused, saying so), zmq otherwise."""
+    if name != AUTO:
+        return name
+    return "cuda-ipc" if device.startswith("cuda") and role in ("prefill", "decode") else "zmq"
+
+
 def config_class(name: str) -> type:
+    if name == AUTO:  # the options of what auto picks are those of every backend
+        raise ValueError("resolve --kv-transport auto (registry.resolve) before asking for its config")
     if name not in PACKAGES:
         raise ValueError(f"--kv-transport {name!r} is not available ({', '.join(PACKAGES)})")
     return getattr(importlib.import_module(f"{PACKAGES[name]}.config"), CONFIGS[name])

@@ -193,6 +193,7 @@ def cmd_node(a: argparse.Namespace) -> int:
     import asyncio
     import os
     set_switch_interval(a)
+    a.kv_transport = registry.resolve(a.kv_transport, a.device, a.role)
     if a.kv_transport == "nccl":
         # CUDA loads a kernel lazily by default, and loading one waits for the kernels
         # running on the device, a NCCL receive spinning on a dead peer included: the
@@ -241,7 +242,8 @@ def cmd_status(a: argparse.Namespace) -> int:
     print(f"model: {s['model'] or 'default'}")
     for n in s["nodes"]:
         print(f"{n['role']:8} {n['id']}  {n['address']:22} {'healthy' if n['healthy'] else 'DOWN':8} tp={n['tp']} "
-              f"kv={n['kv_blocks_free']}/{n['kv_blocks_total']} running={n['running']} queued={n['queued']}")
+              f"kv={n['kv_blocks_free']}/{n['kv_blocks_total']} running={n['running']} queued={n['queued']}"
+              + (f" transport={n['kv_transport']}" if n["kv_transport"] else ""))
     return 0
 
 

@@ -12,7 +12,7 @@ from pdserve.engine.engine_loop import EngineLoop
 from pdserve.engine.llm_engine import LLMEngine, StepOutput
 from pdserve.kv_transfer.base.conn import NodeLink, Role
 from pdserve.kv_transfer.base.layout import KVLayout
-from pdserve.kv_transfer.registry import backend
+from pdserve.kv_transfer.registry import backend, resolve
 from pdserve.node.agent import NodeAgent
 from pdserve.common.config import NodeConfig
 from pdserve.wire.protocol import PROTOCOL_VERSION
@@ -37,6 +37,11 @@ class NodeBase:
 
     async def start(self) -> str:
         self.aio = asyncio.get_running_loop()
+        asked = self.cfg.kv_transport
+        role = "both" if self.role == api_pb2.ROLE_BOTH else self.kv_role.value
+        self.cfg.kv_transport = resolve(asked, self.cfg.engine.device, role)
+        if asked != self.cfg.kv_transport:
+            log.info("--kv-transport %s: %s on %s", asked, self.cfg.kv_transport, self.cfg.engine.device)
         kv = backend(self.cfg.kv_transport)
         if self.cfg.kv is None:
             self.cfg.kv = kv.config_class()
@@ -106,7 +111,7 @@ class NodeBase:
     def _register_request(self) -> node_pb2.RegisterRequest:
         return node_pb2.RegisterRequest(role=self.role, address=self.address, kv_endpoint=self.kv.endpoint,
                                         tp=self.cfg.engine.tp, model=self.model,
-                                        kv_blocks_total=self.engine.blocks.num_blocks)
+                                        kv_blocks_total=self.engine.blocks.num_blocks, kv_transport=self.kv.name)
 
     def _load(self) -> node_pb2.HeartbeatRequest:
         s = self.engine.scheduler

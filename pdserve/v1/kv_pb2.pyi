@@ -93,7 +93,7 @@ class KVIpcBuffer(_message.Message):
     def __init__(self, handle: _Optional[bytes] = ..., storage_size_bytes: _Optional[int] = ..., storage_offset_bytes: _Optional[int] = ..., tensor_offset: _Optional[int] = ..., ref_counter_handle: _Optional[bytes] = ..., ref_counter_offset: _Optional[int] = ..., event_handle: _Optional[bytes] = ..., event_sync_required: _Optional[bool] = ..., pid: _Optional[int] = ..., fd: _Optional[int] = ...) -> None: ...
 
 class KVIpcExport(_message.Message):
-    __slots__ = ("protocol_version", "host_id", "tp_rank", "device", "device_index", "shape", "dtype", "k", "v", "dst_head")
+    __slots__ = ("protocol_version", "host_id", "tp_rank", "device", "device_index", "shape", "dtype", "k", "v")
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
     HOST_ID_FIELD_NUMBER: _ClassVar[int]
     TP_RANK_FIELD_NUMBER: _ClassVar[int]
@@ -103,7 +103,6 @@ class KVIpcExport(_message.Message):
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     K_FIELD_NUMBER: _ClassVar[int]
     V_FIELD_NUMBER: _ClassVar[int]
-    DST_HEAD_FIELD_NUMBER: _ClassVar[int]
     protocol_version: int
     host_id: str
     tp_rank: int
@@ -113,5 +112,4 @@ class KVIpcExport(_message.Message):
     dtype: str
     k: KVIpcBuffer
     v: KVIpcBuffer
-    dst_head: int
-    def __init__(self, protocol_version: _Optional[int] = ..., host_id: _Optional[str] = ..., tp_rank: _Optional[int] = ..., device: _Optional[str] = ..., device_index: _Optional[int] = ..., shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[str] = ..., k: _Optional[_Union[KVIpcBuffer, _Mapping]] = ..., v: _Optional[_Union[KVIpcBuffer, _Mapping]] = ..., dst_head: _Optional[int] = ...) -> None: ...
+    def __init__(self, protocol_version: _Optional[int] = ..., host_id: _Optional[str] = ..., tp_rank: _Optional[int] = ..., device: _Optional[str] = ..., device_index: _Optional[int] = ..., shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[str] = ..., k: _Optional[_Union[KVIpcBuffer, _Mapping]] = ..., v: _Optional[_Union[KVIpcBuffer, _Mapping]] = ...) -> None: ...

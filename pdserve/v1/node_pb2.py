@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from pdserve.v1 import api_pb2 as pdserve_dot_v1_dot_api__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15pdserve/v1/node.proto\x12\npdserve.v1\x1a\x14pdserve/v1/api.proto\"\xd1\x01\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\nnum_layers\x18\x02 \x01(\r\x12\x14\n\x0cnum_kv_heads\x18\x03 \x01(\r\x12\x10\n\x08head_dim\x18\x04 \x01(\r\x12\x12\n\nblock_size\x18\x05 \x01(\r\x12\r\n\x05\x64type\x18\x06 \x01(\t\x12\x12\n\nvocab_size\x18\x07 \x01(\r\x12\x15\n\rmax_model_len\x18\x08 \x01(\r\x12\x13\n\x0b\x63ompat_hash\x18\t \x01(\t\x12\x17\n\x0f\x63heckpoint_hash\x18\n \x01(\t\"\xd2\x01\n\x0fRegisterRequest\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x1e\n\x04role\x18\x02 \x01(\x0e\x32\x10.pdserve.v1.Role\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\x12\x13\n\x0bkv_endpoint\x18\x04 \x01(\t\x12\n\n\x02tp\x18\x05 \x01(\r\x12$\n\x05model\x18\x06 \x01(\x0b\x32\x15.pdserve.v1.ModelInfo\x12\x17\n\x0fkv_blocks_total\x18\x07 \x01(\r\x12\x14\n\x0ckv_transport\x18\x08 \x01(\t\"m\n\x04Peer\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\x12\x13\n\x0bkv_endpoint\x18\x04 \x01(\t\x12\n\n\x02tp\x18\x05 \x01(\r\x12\x13\n\x0b\x63ompat_hash\x18\x06 \x01(\t\"\xa1\x01\n\x10RegisterResponse\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\x12\x1c\n\x14heartbeat_interval_s\x18\x03 \x01(\x01\x12&\n\x0c\x64\x65\x63ode_peers\x18\x04 \x03(\x0b\x32\x10.pdserve.v1.Peer\x12\'\n\rprefill_peers\x18\x05 \x03(\x0b\x32\x10.pdserve.v1.Peer\"\x82\x01\n\x10HeartbeatRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\x12\x16\n\x0ekv_blocks_free\x18\x03 \x01(\r\x12\x0f\n\x07running\x18\x04 \x01(\r\x12\x0e\n\x06queued\x18\x05 \x01(\r\x12\x15\n\rqueued_tokens\x18\x06 \x01(\r\"s\n\x11HeartbeatResponse\x12\r\n\x05known\x18\x01 \x01(\x08\x12&\n\x0c\x64\x65\x63ode_peers\x18\x02 \x03(\x0b\x32\x10.pdserve.v1.Peer\x12\'\n\rprefill_peers\x18\x03 \x03(\x0b\x32\x10.pdserve.v1.Peer\"\xa5\x01\n\x0eKVPairsRequest\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x13\n\x0b\x63ompat_hash\x18\x02 \x01(\t\x12\x17\n\x0fprefill_node_id\x18\x03 \x01(\t\x12\x12\n\nprefill_tp\x18\x04 \x01(\r\x12\x10\n\x08pair_set\x18\x05 \x01(\t\x12\x0f\n\x07host_id\x18\x06 \x01(\t\x12\x14\n\x0ckv_transport\x18\x07 \x01(\t\"]\n\x0fKVPairsResponse\x12\x12\n\nstore_host\x18\x01 \x01(\t\x12\x12\n\nstore_port\x18\x02 \x01(\r\x12\x11\n\tdecode_tp\x18\x03 \x01(\r\x12\x0f\n\x07host_id\x18\x04 \x01(\t\"\x95\x01\n\x06Ticket\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\x12\x16\n\x0e\x64\x65\x63ode_node_id\x18\x02 \x01(\t\x12\r\n\x05\x65poch\x18\x03 \x01(\x04\x12\x11\n\tblock_ids\x18\x04 \x03(\r\x12\x13\n\x0bkv_endpoint\x18\x05 \x01(\t\x12\x14\n\x0clease_expiry\x18\x06 \x01(\x01\x12\x11\n\tdecode_tp\x18\x07 \x01(\r\"\x8c\x01\n\x0eReserveRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x03\x12,\n\x08sampling\x18\x03 \x01(\x0b\x32\x1a.pdserve.v1.SamplingParams\x12\x0f\n\x07lease_s\x18\x04 \x01(\x01\x12\r\n\x05\x65poch\x18\x05 \x01(\x04\"C\n\x0cRenewRequest\x12\r\n\x05\x65poch\x18\x01 \x01(\x04\x12\x13\n\x0brequest_ids\x18\x02 \x03(\t\x12\x0f\n\x07lease_s\x18\x03 \x01(\x01\"6\n\rRenewResponse\x12\x0f\n\x07missing\x18\x01 \x03(\t\x12\x14\n\x0clease_expiry\x18\x02 \x01(\x01\"\xa1\x01\n\x0ePrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x03\x12,\n\x08sampling\x18\x03 \x01(\x0b\x32\x1a.pdserve.v1.SamplingParams\x12\"\n\x06ticket\x18\x04 \x01(\x0b\x32\x12.pdserve.v1.Ticket\x12\x0f\n\x07keep_kv\x18\x05 \x01(\x08\"\xa7\x01\n\x0fPrefillResponse\x12\x13\n\x0b\x66irst_token\x18\x01 \x01(\x03\x12\x15\n\rprefill_start\x18\x02 \x01(\x01\x12\x13\n\x0bprefill_end\x18\x03 \x01(\x01\x12\x14\n\x0ctransfer_end\x18\x04 \x01(\x01\x12\x0c\n\x04text\x18\x05 \x01(\t\x12/\n\rfinish_reason\x18\x06 \x01(\x0e\x32\x18.pdserve.v1.FinishReason\"\"\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x1e\n\rAbortResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\"9\n\x10SubscribeRequest\x12\x16\n\x0e\x63oordinator_id\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\"\xcc\x01\n\x0bTokenUpdate\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\r\x12\x10\n\x08token_id\x18\x03 \x01(\x03\x12\x0c\n\x04text\x18\x04 \x01(\t\x12/\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x18.pdserve.v1.FinishReason\x12\x14\n\x0c\x64\x65\x63ode_start\x18\x06 \x01(\x01\x12\r\n\x05\x65rror\x18\x07 \x01(\t\x12\x12\n\nerror_code\x18\x08 \x01(\x05\x12\x10\n\x08kv_ready\x18\t \x01(\x01\"6\n\nTokenBatch\x12(\n\x07updates\x18\x01 \x03(\x0b\x32\x17.pdserve.v1.TokenUpdate2\x9e\x01\n\x0b\x43oordinator\x12\x45\n\x08Register\x12\x1b.pdserve.v1.RegisterRequest\x1a\x1c.pdserve.v1.RegisterResponse\x12H\n\tHeartbeat\x12\x1c.pdserve.v1.HeartbeatRequest\x1a\x1d.pdserve.v1.HeartbeatResponse2\x8f\x01\n\x0bPrefillNode\x12\x42\n\x07Prefill\x12\x1a.pdserve.v1.PrefillRequest\x1a\x1b.pdserve.v1.PrefillResponse\x12<\n\x05\x41\x62ort\x12\x18.pdserve.v1.AbortRequest\x1a\x19.pdserve.v1.AbortResponse2\xd0\x02\n\nDecodeNode\x12\x39\n\x07Reserve\x12\x1a.pdserve.v1.ReserveRequest\x1a\x12.pdserve.v1.Ticket\x12<\n\x05Renew\x12\x18.pdserve.v1.RenewRequest\x1a\x19.pdserve.v1.RenewResponse\x12\x43\n\tSubscribe\x12\x1c.pdserve.v1.SubscribeRequest\x1a\x16.pdserve.v1.TokenBatch0\x01\x12<\n\x05\x41\x62ort\x12\x18.pdserve.v1.AbortRequest\x1a\x19.pdserve.v1.AbortResponse\x12\x46\n\x0bOpenKVPairs\x12\x1a.pdserve.v1.KVPairsRequest\x1a\x1b.pdserve.v1.KVPairsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15pdserve/v1/node.proto\x12\npdserve.v1\x1a\x14pdserve/v1/api.proto\"\xd1\x01\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\nnum_layers\x18\x02 \x01(\r\x12\x14\n\x0cnum_kv_heads\x18\x03 \x01(\r\x12\x10\n\x08head_dim\x18\x04 \x01(\r\x12\x12\n\nblock_size\x18\x05 \x01(\r\x12\r\n\x05\x64type\x18\x06 \x01(\t\x12\x12\n\nvocab_size\x18\x07 \x01(\r\x12\x15\n\rmax_model_len\x18\x08 \x01(\r\x12\x13\n\x0b\x63ompat_hash\x18\t \x01(\t\x12\x17\n\x0f\x63heckpoint_hash\x18\n \x01(\t\"\xd2\x01\n\x0fRegisterRequest\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x1e\n\x04role\x18\x02 \x01(\x0e\x32\x10.pdserve.v1.Role\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\x12\x13\n\x0bkv_endpoint\x18\x04 \x01(\t\x12\n\n\x02tp\x18\x05 \x01(\r\x12$\n\x05model\x18\x06 \x01(\x0b\x32\x15.pdserve.v1.ModelInfo\x12\x17\n\x0fkv_blocks_total\x18\x07 \x01(\r\x12\x14\n\x0ckv_transport\x18\x08 \x01(\t\"m\n\x04Peer\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\x12\x13\n\x0bkv_endpoint\x18\x04 \x01(\t\x12\n\n\x02tp\x18\x05 \x01(\r\x12\x13\n\x0b\x63ompat_hash\x18\x06 \x01(\t\"\xa1\x01\n\x10RegisterResponse\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\x12\x1c\n\x14heartbeat_interval_s\x18\x03 \x01(\x01\x12&\n\x0c\x64\x65\x63ode_peers\x18\x04 \x03(\x0b\x32\x10.pdserve.v1.Peer\x12\'\n\rprefill_peers\x18\x05 \x03(\x0b\x32\x10.pdserve.v1.Peer\"\x82\x01\n\x10HeartbeatRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\x12\x16\n\x0ekv_blocks_free\x18\x03 \x01(\r\x12\x0f\n\x07running\x18\x04 \x01(\r\x12\x0e\n\x06queued\x18\x05 \x01(\r\x12\x15\n\rqueued_tokens\x18\x06 \x01(\r\"s\n\x11HeartbeatResponse\x12\r\n\x05known\x18\x01 \x01(\x08\x12&\n\x0c\x64\x65\x63ode_peers\x18\x02 \x03(\x0b\x32\x10.pdserve.v1.Peer\x12\'\n\rprefill_peers\x18\x03 \x03(\x0b\x32\x10.pdserve.v1.Peer\"\xa5\x01\n\x0eKVPairsRequest\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x13\n\x0b\x63ompat_hash\x18\x02 \x01(\t\x12\x17\n\x0fprefill_node_id\x18\x03 \x01(\t\x12\x12\n\nprefill_tp\x18\x04 \x01(\r\x12\x10\n\x08pair_set\x18\x05 \x01(\t\x12\x0f\n\x07host_id\x18\x06 \x01(\t\x12\x14\n\x0ckv_transport\x18\x07 \x01(\t\"L\n\x0fKVPairsResponse\x12\x12\n\nstore_host\x18\x01 \x01(\t\x12\x12\n\nstore_port\x18\x02 \x01(\r\x12\x11\n\tdecode_tp\x18\x03 \x01(\r\"\x95\x01\n\x06Ticket\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\x12\x16\n\x0e\x64\x65\x63ode_node_id\x18\x02 \x01(\t\x12\r\n\x05\x65poch\x18\x03 \x01(\x04\x12\x11\n\tblock_ids\x18\x04 \x03(\r\x12\x13\n\x0bkv_endpoint\x18\x05 \x01(\t\x12\x14\n\x0clease_expiry\x18\x06 \x01(\x01\x12\x11\n\tdecode_tp\x18\x07 \x01(\r\"\x8c\x01\n\x0eReserveRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x03\x12,\n\x08sampling\x18\x03 \x01(\x0b\x32\x1a.pdserve.v1.SamplingParams\x12\x0f\n\x07lease_s\x18\x04 \x01(\x01\x12\r\n\x05\x65poch\x18\x05 \x01(\x04\"C\n\x0cRenewRequest\x12\r\n\x05\x65poch\x18\x01 \x01(\x04\x12\x13\n\x0brequest_ids\x18\x02 \x03(\t\x12\x0f\n\x07lease_s\x18\x03 \x01(\x01\"6\n\rRenewResponse\x12\x0f\n\x07missing\x18\x01 \x03(\t\x12\x14\n\x0clease_expiry\x18\x02 \x01(\x01\"\xa1\x01\n\x0ePrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x03\x12,\n\x08sampling\x18\x03 \x01(\x0b\x32\x1a.pdserve.v1.SamplingParams\x12\"\n\x06ticket\x18\x04 \x01(\x0b\x32\x12.pdserve.v1.Ticket\x12\x0f\n\x07keep_kv\x18\x05 \x01(\x08\"\xa7\x01\n\x0fPrefillResponse\x12\x13\n\x0b\x66irst_token\x18\x01 \x01(\x03\x12\x15\n\rprefill_start\x18\x02 \x01(\x01\x12\x13\n\x0bprefill_end\x18\x03 \x01(\x01\x12\x14\n\x0ctransfer_end\x18\x04 \x01(\x01\x12\x0c\n\x04text\x18\x05 \x01(\t\x12/\n\rfinish_reason\x18\x06 \x01(\x0e\x32\x18.pdserve.v1.FinishReason\"\"\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x1e\n\rAbortResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\"9\n\x10SubscribeRequest\x12\x16\n\x0e\x63oordinator_id\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\"\xcc\x01\n\x0bTokenUpdate\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\r\x12\x10\n\x08token_id\x18\x03 \x01(\x03\x12\x0c\n\x04text\x18\x04 \x01(\t\x12/\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x18.pdserve.v1.FinishReason\x12\x14\n\x0c\x64\x65\x63ode_start\x18\x06 \x01(\x01\x12\r\n\x05\x65rror\x18\x07 \x01(\t\x12\x12\n\nerror_code\x18\x08 \x01(\x05\x12\x10\n\x08kv_ready\x18\t \x01(\x01\"6\n\nTokenBatch\x12(\n\x07updates\x18\x01 \x03(\x0b\x32\x17.pdserve.v1.TokenUpdate2\x9e\x01\n\x0b\x43oordinator\x12\x45\n\x08Register\x12\x1b.pdserve.v1.RegisterRequest\x1a\x1c.pdserve.v1.RegisterResponse\x12H\n\tHeartbeat\x12\x1c.pdserve.v1.HeartbeatRequest\x1a\x1d.pdserve.v1.HeartbeatResponse2\x8f\x01\n\x0bPrefillNode\x12\x42\n\x07Prefill\x12\x1a.pdserve.v1.PrefillRequest\x1a\x1b.pdserve.v1.PrefillResponse\x12<\n\x05\x41\x62ort\x12\x18.pdserve.v1.AbortRequest\x1a\x19.pdserve.v1.AbortResponse2\xd0\x02\n\nDecodeNode\x12\x39\n\x07Reserve\x12\x1a.pdserve.v1.ReserveRequest\x1a\x12.pdserve.v1.Ticket\x12<\n\x05Renew\x12\x18.pdserve.v1.RenewRequest\x1a\x19.pdserve.v1.RenewResponse\x12\x43\n\tSubscribe\x12\x1c.pdserve.v1.SubscribeRequest\x1a\x16.pdserve.v1.TokenBatch0\x01\x12<\n\x05\x41\x62ort\x12\x18.pdserve.v1.AbortRequest\x1a\x19.pdserve.v1.AbortResponse\x12\x46\n\x0bOpenKVPairs\x12\x1a.pdserve.v1.KVPairsRequest\x1a\x1b.pdserve.v1.KVPairsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -47,33 +47,33 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_KVPAIRSREQUEST']._serialized_start=1010
   _globals['_KVPAIRSREQUEST']._serialized_end=1175
   _globals['_KVPAIRSRESPONSE']._serialized_start=1177
-  _globals['_KVPAIRSRESPONSE']._serialized_end=1270
-  _globals['_TICKET']._serialized_start=1273
-  _globals['_TICKET']._serialized_end=1422
-  _globals['_RESERVEREQUEST']._serialized_start=1425
-  _globals['_RESERVEREQUEST']._serialized_end=1565
-  _globals['_RENEWREQUEST']._serialized_start=1567
-  _globals['_RENEWREQUEST']._serialized_end=1634
-  _globals['_RENEWRESPONSE']._serialized_start=1636
-  _globals['_RENEWRESPONSE']._serialized_end=1690
-  _globals['_PREFILLREQUEST']._serialized_start=1693
-  _globals['_PREFILLREQUEST']._serialized_end=1854
-  _globals['_PREFILLRESPONSE']._serialized_start=1857
-  _globals['_PREFILLRESPONSE']._serialized_end=2024
-  _globals['_ABORTREQUEST']._serialized_start=2026
-  _globals['_ABORTREQUEST']._serialized_end=2060
-  _globals['_ABORTRESPONSE']._serialized_start=2062
-  _globals['_ABORTRESPONSE']._serialized_end=2092
-  _globals['_SUBSCRIBEREQUEST']._serialized_start=2094
-  _globals['_SUBSCRIBEREQUEST']._serialized_end=2151
-  _globals['_TOKENUPDATE']._serialized_start=2154
-  _globals['_TOKENUPDATE']._serialized_end=2358
-  _globals['_TOKENBATCH']._serialized_start=2360
-  _globals['_TOKENBATCH']._serialized_end=2414
-  _globals['_COORDINATOR']._serialized_start=2417
-  _globals['_COORDINATOR']._serialized_end=2575
-  _globals['_PREFILLNODE']._serialized_start=2578
-  _globals['_PREFILLNODE']._serialized_end=2721
-  _globals['_DECODENODE']._serialized_start=2724
-  _globals['_DECODENODE']._serialized_end=3060
+  _globals['_KVPAIRSRESPONSE']._serialized_end=1253
+  _globals['_TICKET']._serialized_start=1256
+  _globals['_TICKET']._serialized_end=1405
+  _globals['_RESERVEREQUEST']._serialized_start=1408
+  _globals['_RESERVEREQUEST']._serialized_end=1548
+  _globals['_RENEWREQUEST']._serialized_start=1550
+  _globals['_RENEWREQUEST']._serialized_end=1617
+  _globals['_RENEWRESPONSE']._serialized_start=1619
+  _globals['_RENEWRESPONSE']._serialized_end=1673
+  _globals['_PREFILLREQUEST']._serialized_start=1676
+  _globals['_PREFILLREQUEST']._serialized_end=1837
+  _globals['_PREFILLRESPONSE']._serialized_start=1840
+  _globals['_PREFILLRESPONSE']._serialized_end=2007
+  _globals['_ABORTREQUEST']._serialized_start=2009
+  _globals['_ABORTREQUEST']._serialized_end=2043
+  _globals['_ABORTRESPONSE']._serialized_start=2045
+  _globals['_ABORTRESPONSE']._serialized_end=2075
+  _globals['_SUBSCRIBEREQUEST']._serialized_start=2077
+  _globals['_SUBSCRIBEREQUEST']._serialized_end=2134
+  _globals['_TOKENUPDATE']._serialized_start=2137
+  _globals['_TOKENUPDATE']._serialized_end=2341
+  _globals['_TOKENBATCH']._serialized_start=2343
+  _globals['_TOKENBATCH']._serialized_end=2397
+  _globals['_COORDINATOR']._serialized_start=2400
+  _globals['_COORDINATOR']._serialized_end=2558
+  _globals['_PREFILLNODE']._serialized_start=2561
+  _globals['_PREFILLNODE']._serialized_end=2704
+  _globals['_DECODENODE']._serialized_start=2707
+  _globals['_DECODENODE']._serialized_end=3043
 # @@protoc_insertion_point(module_scope)

@@ -126,16 +126,14 @@ class KVPairsRequest(_message.Message):
     def __init__(self, protocol_version: _Optional[int] = ..., compat_hash: _Optional[str] = ..., prefill_node_id: _Optional[str] = ..., prefill_tp: _Optional[int] = ..., pair_set: _Optional[str] = ..., host_id: _Optional[str] = ..., kv_transport: _Optional[str] = ...) -> None: ...
 
 class KVPairsResponse(_message.Message):
-    __slots__ = ("store_host", "store_port", "decode_tp", "host_id")
+    __slots__ = ("store_host", "store_port", "decode_tp")
     STORE_HOST_FIELD_NUMBER: _ClassVar[int]
     STORE_PORT_FIELD_NUMBER: _ClassVar[int]
     DECODE_TP_FIELD_NUMBER: _ClassVar[int]
-    HOST_ID_FIELD_NUMBER: _ClassVar[int]
     store_host: str
     store_port: int
     decode_tp: int
-    host_id: str
-    def __init__(self, store_host: _Optional[str] = ..., store_port: _Optional[int] = ..., decode_tp: _Optional[int] = ..., host_id: _Optional[str] = ...) -> None: ...
+    def __init__(self, store_host: _Optional[str] = ..., store_port: _Optional[int] = ..., decode_tp: _Optional[int] = ...) -> None: ...
 
 class Ticket(_message.Message):
     __slots__ = ("transfer_id", "decode_node_id", "epoch", "block_ids", "kv_endpoint", "lease_expiry", "decode_tp")
