@@ -52,13 +52,15 @@ class IpcKVManager(NcclKVManager):
         req.host_id = self.host_id
         return req
 
-    def accept_pairs(self, req: node_pb2.KVPairsRequest) -> tuple[str, int]:
+    def check_pairs_request(self, req: node_pb2.KVPairsRequest) -> None:
+        super().check_pairs_request(req)
         if req.host_id != self.host_id:
             raise ValueError(f"cuda-ipc needs both nodes on one host: the prefill node {req.prefill_node_id} is on "
                              f"host {req.host_id or '(not sent)'}, this decode node on {self.host_id}; use "
                              f"--kv-transport zmq or nccl between hosts")
-        for r in range(req.prefill_tp):
-            self.layout.heads(r, req.prefill_tp)  # raises if that TP and the KV heads do not fit
+
+    def accept_pairs(self, req: node_pb2.KVPairsRequest) -> tuple[str, int]:
+        self.check_pairs_request(req)
         ps = PairSet(req.pair_set, self.layout.num_kv_heads, req.prefill_tp, self.tp)
         for r, s, lo, _ in ps.slices:  # before the answer: the prefill ranks read it next
             offset = lo - kv_head_range(s, self.tp, self.layout.num_kv_heads)[0]

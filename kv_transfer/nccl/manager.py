@@ -141,8 +141,8 @@ class NcclKVManager(KVManager):
 
     # decode role
 
-    def accept_pairs(self, req) -> tuple[str, int]:
-        """OpenKVPairs: check, start joining the pairs on the engine thread, answer the store address."""
+    def check_pairs_request(self, req) -> None:
+        """OpenKVPairs' checks, in order: protocol version, transport, compat hash, TP size (ValueError: why)."""
         if req.protocol_version != PROTOCOL_VERSION:
             raise ValueError(f"KV protocol version {req.protocol_version}, this node speaks {PROTOCOL_VERSION}")
         if req.kv_transport and req.kv_transport != self.name:
@@ -152,6 +152,10 @@ class NcclKVManager(KVManager):
             raise ValueError(f"compat_hash mismatch: {req.compat_hash!r}, this node has {self.layout.compat_hash!r}")
         for r in range(req.prefill_tp):
             self.layout.heads(r, req.prefill_tp)  # raises if that TP and the KV heads do not fit
+
+    def accept_pairs(self, req) -> tuple[str, int]:
+        """OpenKVPairs: check, start joining the pairs on the engine thread, answer the store address."""
+        self.check_pairs_request(req)
         ps = PairSet(req.pair_set, self.layout.num_kv_heads, req.prefill_tp, self.tp, peer_id=req.prefill_node_id)
         old = [s for s in self.pair_sets.values() if s.peer_id == req.prefill_node_id]
         for s in old:

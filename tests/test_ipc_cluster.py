@@ -1,0 +1,100 @@
+"""End to end with --kv-transport cuda-ipc. Without GPUs the same transport runs over
+host shared memory (the copy layer's CPU double, kv_transfer/cuda_ipc/export.py): pair
+sets opened at registration, the decode ranks' pools exported once per pairing, a
+write granted before the prompt enters the engine, the prefill ranks copying each layer
+into the reserved blocks with per-layer checksums, head re-slicing across TP sizes;
+tests/gpu/test_gpu_ipc.py runs it over CUDA IPC on one GPU."""
+from __future__ import annotations
+
+import os
+import signal
+
+import grpc
+import pytest
+
+from tests.cluster_util import Client, greedy, request, start_cluster
+from tests.test_cluster import check_parity, workload
+from tests.test_nccl_cluster import opened, serves_like_reference, wait_for
+
+
+@pytest.mark.parametrize("family, p_tp, d_tp", [("qwen2", 1, 1), ("llama", 1, 2), ("qwen3", 2, 1)])
+def test_greedy_through_a_cuda_ipc_cluster_matches_transformers(tiny_models, reference, family, p_tp, d_tp, tmp_path):
+    check_parity(tiny_models[family], reference(tiny_models[family]), workload(p_tp * 10 + d_tp + 3, 8),
+                 f"cuda-ipc {family} {p_tp}:{d_tp}",
+                 ready=lambda: wait_for(lambda: opened(tmp_path) == 1, "the pair set to open at registration"),
+                 prefill_tp=p_tp, decode_tp=d_tp, kv_transport="cuda-ipc", log_dir=str(tmp_path))
+
+
+def test_a_checksum_mismatch_fails_the_request_with_unavailable_and_frees_the_blocks(tiny_models, tmp_path):
+    cluster = start_cluster(model=tiny_models["qwen2"], kv_blocks=64, kv_transport="cuda-ipc", log_dir=str(tmp_path),
+                            node_flags=("--kv-fault", "checksum"), coordinator_flags=("--max-retries", "1"))
+    client = Client(cluster.cfg.listen)
+    try:
+        wait_for(lambda: opened(tmp_path) == 1, "the pair set")
+        assert {n["kv_transport"] for n in client.status()["nodes"]} == {"cuda-ipc"}
+        with pytest.raises(grpc.RpcError) as e:
+            client.generate(request(list(range(1, 40)), greedy(8, ignore_eos=True)), timeout=60)
+        assert e.value.code() == grpc.StatusCode.UNAVAILABLE and "checksum mismatch in layer 0" in e.value.details()
+        client.wait_blocks_at_baseline()
+    finally:
+        client.close()
+        cluster.stop()
+
+
+def test_pairing_across_hosts_is_refused_and_a_restarted_decode_node_gets_new_handles(tiny_models, reference,
+                                                                                     tmp_path):
+    cluster = start_cluster(model=tiny_models["qwen2"], kv_blocks=64, kv_transport="cuda-ipc", log_dir=str(tmp_path))
+    client = Client(cluster.cfg.listen)
+    try:
+        wait_for(lambda: opened(tmp_path) == 1, "the first pair set")
+        check_another_host_is_refused(client)
+        ref = reference(tiny_models["qwen2"])
+        jobs = workload(17, 4)
+        serves_like_reference(client, ref, jobs, "first decode node")
+
+        decode_cmd = cluster.node_commands()[1]
+        victim = cluster.procs[2]  # coordinator, prefill, decode
+        os.kill(victim.pid, signal.SIGKILL)
+        victim.wait()
+        cluster._spawn(decode_cmd)
+        wait_for(lambda: opened(tmp_path) == 2, "a new pair set towards the restarted decode node", 60)
+        wait_for(lambda: sum(n["healthy"] for n in client.status()["nodes"] if n["role"] == "decode") == 1,
+                 "the restarted decode node")
+        serves_like_reference(client, ref, jobs, "after the decode node came back")
+        assert cluster.procs[1].poll() is None, "the prefill node survived its peer's death"
+    finally:
+        client.close()
+        cluster.stop()
+
+
+def check_another_host_is_refused(client: Client) -> None:
+    """OpenKVPairs from another host (or another transport) fails with a message that says why."""
+    from pdserve.kv_transfer.base.header import PROTOCOL_VERSION
+    from pdserve.v1 import node_pb2, node_pb2_grpc
+    decode = next(n for n in client.status()["nodes"] if n["role"] == "decode")
+    compat = _decode_compat_hash(decode["address"])
+    with grpc.insecure_channel(decode["address"]) as ch:
+        stub = node_pb2_grpc.DecodeNodeStub(ch)
+        for req, why in [(node_pb2.KVPairsRequest(protocol_version=PROTOCOL_VERSION, compat_hash=compat,
+                                                  prefill_node_id="p", prefill_tp=1, pair_set="p.9",
+                                                  kv_transport="cuda-ipc", host_id="elsewhere"), "one host"),
+                         (node_pb2.KVPairsRequest(protocol_version=PROTOCOL_VERSION, compat_hash=compat,
+                                                  prefill_node_id="p", prefill_tp=1, pair_set="p.9",
+                                                  kv_transport="nccl"), "same --kv-transport")]:
+            with pytest.raises(grpc.RpcError) as e:
+                stub.OpenKVPairs(req, timeout=10)
+            assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION and why in e.value.details(), \
+                e.value.details()
+
+
+
+def _decode_compat_hash(address: str) -> str:
+    """The decode node's compat hash, read from its refusal of a wrong one."""
+    from pdserve.kv_transfer.base.header import PROTOCOL_VERSION
+    from pdserve.v1 import node_pb2, node_pb2_grpc
+    with grpc.insecure_channel(address) as ch:
+        with pytest.raises(grpc.RpcError) as e:
+            node_pb2_grpc.DecodeNodeStub(ch).OpenKVPairs(node_pb2.KVPairsRequest(
+                protocol_version=PROTOCOL_VERSION, compat_hash="?", prefill_node_id="p", prefill_tp=1,
+                pair_set="p.8", kv_transport="cuda-ipc"), timeout=10)
+    return e.value.details().rsplit("this node has ", 1)[1].strip("'")
