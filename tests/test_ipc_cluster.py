@@ -48,6 +48,7 @@ def test_pairing_across_hosts_is_refused_and_a_restarted_decode_node_gets_new_ha
     try:
         wait_for(lambda: opened(tmp_path) == 1, "the first pair set")
         check_another_host_is_refused(client)
+        check_a_stale_ticket_never_reaches_the_engine(client)
         ref = reference(tiny_models["qwen2"])
         jobs = workload(17, 4)
         serves_like_reference(client, ref, jobs, "first decode node")
@@ -98,3 +99,22 @@ def _decode_compat_hash(address: str) -> str:
                 protocol_version=PROTOCOL_VERSION, compat_hash="?", prefill_node_id="p", prefill_tp=1,
                 pair_set="p.8", kv_transport="cuda-ipc"), timeout=10)
     return e.value.details().rsplit("this node has ", 1)[1].strip("'")
+
+
+def check_a_stale_ticket_never_reaches_the_engine(client: Client) -> None:
+    """A Prefill whose ticket carries an epoch older than the decode node's pairing (0: no
+    registration has it) ends UNAVAILABLE before the prompt enters the engine; no block moves."""
+    import time
+    from pdserve.v1 import api_pb2, node_pb2, node_pb2_grpc
+    nodes = client.status()["nodes"]
+    prefill = next(n for n in nodes if n["role"] == "prefill")
+    decode = next(n for n in nodes if n["role"] == "decode")
+    ticket = node_pb2.Ticket(transfer_id="f" * 32, decode_node_id=decode["id"], epoch=0, block_ids=[1, 2],
+                             lease_expiry=time.time() + 30, decode_tp=1)
+    req = node_pb2.PrefillRequest(request_id="stale", prompt_token_ids=list(range(1, 20)),
+                                  sampling=api_pb2.SamplingParams(max_tokens=4), ticket=ticket)
+    with grpc.insecure_channel(prefill["address"]) as ch:
+        with pytest.raises(grpc.RpcError) as e:
+            node_pb2_grpc.PrefillNodeStub(ch).Prefill(req, timeout=30)
+    assert e.value.code() == grpc.StatusCode.UNAVAILABLE and "stale epoch 0" in e.value.details(), e.value.details()
+    client.wait_blocks_at_baseline()
