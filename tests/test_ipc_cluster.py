@@ -118,3 +118,24 @@ def check_a_stale_ticket_never_reaches_the_engine(client: Client) -> None:
             node_pb2_grpc.PrefillNodeStub(ch).Prefill(req, timeout=30)
     assert e.value.code() == grpc.StatusCode.UNAVAILABLE and "stale epoch 0" in e.value.details(), e.value.details()
     client.wait_blocks_at_baseline()
+
+
+def test_pdserve_up_shares_one_gpu_between_prefill_and_decode_over_cuda_ipc(monkeypatch):
+    """One GPU and 1P1D: both nodes on it, KV over cuda-ipc (auto), the prefill node first
+    with its smaller memory share; what cannot share one GPU is refused, saying why."""
+    import torch
+    from pdserve.cli import build_parser
+    from pdserve.cluster import Cluster, ClusterConfig
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    cluster = Cluster(ClusterConfig(device="cuda"))
+    got = [build_parser().parse_args(cmd[3:]) for cmd in cluster.node_commands()]
+    assert cluster.shared_gpu
+    assert [(a.role, a.device, a.kv_transport, a.gpu_memory_utilization) for a in got] == [
+        ("prefill", "cuda:0", "cuda-ipc", 0.3), ("decode", "cuda:0", "cuda-ipc", 0.9)]
+    colocated = build_parser().parse_args(Cluster(ClusterConfig(device="cuda", prefill=0, decode=0, colocated=1))
+                                          .node_commands()[0][3:])
+    assert (colocated.device, colocated.kv_transport) == ("cuda:0", "zmq")
+    for too_many in (dict(decode=2), dict(prefill_tp=2)):
+        with pytest.raises(ValueError, match="not enough GPUs"):
+            Cluster(ClusterConfig(device="cuda", **too_many)).node_commands()
