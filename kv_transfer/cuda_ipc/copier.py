@@ -64,6 +64,7 @@ class Copier:
 
     def __init__(self, k: torch.Tensor, v: torch.Tensor, stream=None, verify: bool = True, max_runs: int = 32):
         self.k, self.v, self.stream, self.verify, self.max_runs = k, v, stream, verify, max_runs
+        self._peer_streams: dict = {}   # another GPU's pool: checksums there run on a stream of that GPU
 
     def job(self, key: int, routes: list[Route], src_ids: list[int], dst_ids: list[int], corrupt: bool = False) -> Job:
         runs = block_runs(src_ids, dst_ids)
@@ -85,10 +86,26 @@ class Copier:
                     s = self._sum(job, src, 0)
                 self._copy(job, src, dst)
                 if job.corrupt and layer == 0:
-                    dst[job.dst_ids[0]].add_(1)
+                    self._ordered(dst.device, lambda: dst[job.dst_ids[0]].add_(1))
                 if self.verify:
-                    job.sums.append(torch.stack((s, self._sum(job, dst, 1).to(s.device))))
+                    job.sums.append(torch.stack((s, self._ordered(dst.device, lambda: self._sum(job, dst, 1))
+                                                 .to(s.device))))
         job.layers += 1
+
+    def _ordered(self, device: torch.device, fn):
+        """fn() on `device` behind what this copier queued so far: on this copier's stream
+        when the device is its own; on another GPU, on a stream there that waits for it
+        (and that this copier's stream then waits for)."""
+        if self.stream is None or device == self.stream.device:
+            return fn()
+        if device not in self._peer_streams:
+            self._peer_streams[device] = torch.cuda.Stream(device)
+        peer = self._peer_streams[device]
+        peer.wait_stream(self.stream)
+        with torch.cuda.device(device), torch.cuda.stream(peer):
+            out = fn()
+        self.stream.wait_stream(peer)
+        return out
 
     def _copy(self, job: Job, src: torch.Tensor, dst: torch.Tensor) -> None:
         if job.runs is not None:
