@@ -18,12 +18,22 @@ def names() -> list[str]:
     return list(PACKAGES)
 
 
-def resolve(name: str, device: str, role: str = "") -> str:
+def resolve(name: str, device: str, role: str = "", coordinator: str = "") -> str:
     """--kv-transport as a node runs it: auto is cuda-ipc for a prefill or decode node on
-    CUDA (nodes of one host; a pairing across hosts is refused, saying so), zmq otherwise."""
-    if name != AUTO:
-        return name
-    return "cuda-ipc" if device.startswith("cuda") and role in ("prefill", "decode") else "zmq"
+    CUDA whose coordinator is on loopback (then every node is on this host), zmq otherwise."""
+    return name if name != AUTO else auto_choice(device, role, coordinator)[0]
+
+
+def auto_choice(device: str, role: str, coordinator: str = "") -> tuple[str, str]:
+    """(transport, why) of --kv-transport auto; why is set where a CUDA node of a pair gets
+    zmq, which it should say aloud (cuda-ipc may have been what the user hoped for)."""
+    if not device.startswith("cuda") or role not in ("prefill", "decode"):
+        return "zmq", ""
+    host = coordinator.rpartition(":")[0].strip("[]") if ":" in coordinator else coordinator
+    if host and host != "localhost" and not host.startswith("127.") and host != "::1":
+        return "zmq", (f"the coordinator {coordinator} is not on loopback, so peers may be on other hosts; pass "
+                       f"--kv-transport cuda-ipc (nodes of one host) or nccl to move the KV GPU to GPU")
+    return "cuda-ipc", ""
 
 
 def config_class(name: str) -> type:

@@ -109,7 +109,8 @@ class Cluster:
                         raise ValueError(f"not enough GPUs: the pools need more than the {gpus} found")
                     node_device = f"cuda:{next_gpu}"
                     next_gpu += tp
-                transport = resolve(cfg.kv_transport if role != "both" else NodeConfig.kv_transport, node_device, role)
+                transport = resolve(cfg.kv_transport if role != "both" else NodeConfig.kv_transport, node_device, role,
+                                    cfg.listen)
                 engine = EngineConfig(model=cfg.model, tp=tp, device=node_device, dtype=cfg.dtype,
                                       kv_blocks=cfg.kv_blocks, max_num_seqs=cfg.max_num_seqs,
                                       max_num_batched_tokens=cfg.max_num_batched_tokens, load_format=cfg.load_format,

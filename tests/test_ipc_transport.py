@@ -17,6 +17,7 @@ from pdserve.kv_transfer.cuda_ipc.copier import Copier, Peer, Route, block_runs
 from pdserve.kv_transfer.cuda_ipc.receiver import IpcInbox, IpcKVReceiver
 from pdserve.kv_transfer.cuda_ipc.sender import IpcKVSender
 from pdserve.kv_transfer.nccl.pairs import PairSet
+from pdserve.kv_transfer.registry import auto_choice, resolve
 from pdserve.v1 import kv_pb2
 
 LAYOUT = KVLayout.create("m", 2, 2, 8, 4, torch.float32)
@@ -147,6 +148,7 @@ def test_a_granted_receiver_outlives_its_lease_and_a_cancel_until_the_prefill_no
     inbox, rx, ends = inbox_with(lease_s=0.05)
     inbox._dispatch(announce("t"), [])
     time.sleep(0.1)
+    rx.lease_expiry = time.time() - 1   # a renewal as the decode node writes it: the grant still holds
     inbox._sweep()
     assert rx.cancel() and rx.state == TransferState.TRANSFERRING, "copies may still land: the blocks stay"
     inbox._dispatch(header("t", last=True, first_token=3).SerializeToString(), [])
@@ -207,3 +209,13 @@ def test_a_sender_refused_at_its_announce_fails_and_sends_nothing_more():
     assert tx.grant.state == TransferState.FAILED and tx.state == TransferState.FAILED
     tx.withdraw("given up")
     assert len(out) == 1
+
+
+def test_auto_is_cuda_ipc_only_for_gpu_pairs_of_one_host_and_says_why_otherwise():
+    assert auto_choice("cuda:0", "prefill", "127.0.0.1:50051") == ("cuda-ipc", "")
+    assert auto_choice("cuda", "decode", "localhost:1") == ("cuda-ipc", "")
+    assert auto_choice("cpu", "decode", "127.0.0.1:1") == ("zmq", "")
+    assert auto_choice("cuda:1", "both", "127.0.0.1:1") == ("zmq", ""), "a colocated node moves no KV"
+    transport, why = auto_choice("cuda:0", "prefill", "10.0.0.7:50051")
+    assert transport == "zmq" and "not on loopback" in why and "--kv-transport cuda-ipc" in why
+    assert resolve("nccl", "cpu") == "nccl" and resolve("auto", "cuda:0", "decode", "[::1]:5") == "cuda-ipc"

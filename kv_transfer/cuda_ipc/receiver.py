@@ -21,11 +21,21 @@ from pdserve.v1 import kv_pb2
 
 
 class IpcKVReceiver(KVReceiver):
+    granted = False
+
+    @property
+    def lease_expiry(self) -> float:
+        """The lease holds the blocks until the grant; then the grant does (renewals change nothing)."""
+        return math.inf if self.granted else self._lease
+
+    @lease_expiry.setter
+    def lease_expiry(self, value: float) -> None:
+        self._lease = value
+
     def __init__(self, layout: KVLayout, transfer_id: str, epoch: int, block_ids: list[int], lease_expiry: float,
                  tp: int, known_pair_set: Callable[[str], bool], on_end: Callable[[IpcKVReceiver], None]):
         super().__init__(transfer_id, epoch, block_ids, lease_expiry, tp)
         self.layout, self._known, self._on_end = layout, known_pair_set, on_end
-        self.granted = False
         self.pair_set = ""
         self._grant_unsent = False
         self._failure = ""
@@ -40,7 +50,8 @@ class IpcKVReceiver(KVReceiver):
                 return ""
             if not header.last:
                 error = ("announced twice" if self.granted else
-                         "unexpected data frames" if frames else
+                         "KV data frames came, but this decode node's transport is cuda-ipc: give both "
+                         "nodes the same --kv-transport" if frames else
                          check_layout(header, self.layout, len(self.block_ids), 0)
                          or ("" if header.num_layers == self.layout.num_layers
                              else f"announce of {header.num_layers} layers")
@@ -51,7 +62,6 @@ class IpcKVReceiver(KVReceiver):
                     self._end_failed(error)
                     return error
                 self.granted, self.pair_set, self._grant_unsent = True, header.pair_set, True
-                self.lease_expiry = math.inf  # the grant holds the blocks until the finish or withdrawal
                 self.status.start()
                 return ""
             if not self.granted:
