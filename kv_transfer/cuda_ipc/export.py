@@ -67,7 +67,7 @@ def _export_cuda(t: torch.Tensor) -> kv_pb2.KVIpcBuffer:
 
 def _open_cuda(b: kv_pb2.KVIpcBuffer, shape, dtype, device: int) -> torch.Tensor:
     stride = torch.empty(shape, device="meta").stride()
-    return rebuild_cuda_tensor(torch.Tensor, torch.Size(shape), stride, b.tensor_offset, torch.storage.TypedStorage,
+    return rebuild_cuda_tensor(torch.Tensor, torch.Size(shape), stride, b.tensor_offset, torch.UntypedStorage,
                                dtype, device, b.handle, b.storage_size_bytes, b.storage_offset_bytes, False,
                                b.ref_counter_handle, b.ref_counter_offset, b.event_handle or None,
                                b.event_sync_required)

@@ -45,6 +45,12 @@ class IpcKVManager(NcclKVManager):
         self.config = config
         self.host_id = host_id()
 
+    def close(self) -> None:
+        if self._inbox is not None:  # the pool goes with this process: nothing waits on a grant any more
+            for rx in self._inbox.receivers():
+                rx.peer_gone("KV manager closed")
+        super().close()
+
     # pairing
 
     def pairs_request(self, name: str) -> node_pb2.KVPairsRequest:
@@ -111,7 +117,12 @@ class IpcKVManager(NcclKVManager):
         self._outbox.add(tx)
         tx.claim()
         left = max(0.1, min(self.config.timeout_s, ticket.lease_expiry - time.time()))
-        if not await tx.grant.ended_async(left) or tx.grant.error:
+        try:
+            granted = await tx.grant.ended_async(left) and not tx.grant.error
+        except BaseException:  # the call was cancelled: a grant on its way must not pin the blocks
+            tx.withdraw("cancelled before the write was granted")
+            raise
+        if not granted:
             reason = tx.grant.error or f"no grant within {left:.1f} s"
             tx.withdraw(reason)
             raise KVUnavailable(f"the decode node did not grant the KV write: {reason}")
