@@ -122,9 +122,12 @@ class Copier:
         return job.idx[device]
 
     def _sum(self, job: Job, t: torch.Tensor, side: int) -> torch.Tensor:
-        """The int64 sum of the job's blocks of t (side 0: source ids, 1: destination ids) as int32 words."""
-        rows = t.index_select(0, self._index(job, t.device)[side])
-        return rows.contiguous().view(torch.int32).sum(dtype=torch.int64)
+        """The int64 sum of the job's blocks of t (side 0: source ids, 1: destination ids) as
+        int32 words: over each run in place, or over the gathered blocks."""
+        if job.runs is not None:
+            sums = [_words(t[r[side]:r[side] + r[2]]).sum(dtype=torch.int64) for r in job.runs]
+            return sums[0] if len(sums) == 1 else torch.stack(sums).sum()
+        return _words(t.index_select(0, self._index(job, t.device)[side])).sum(dtype=torch.int64)
 
     def check(self, job: Job) -> str:
         """After the job's copies ran: "" or which layer's checksums differ."""
@@ -138,3 +141,7 @@ class Copier:
                 return f"checksum mismatch in layer {i // per_layer} ({'kv'[i % 2]}, pair {r.peer.name})"
         return ""
 
+
+def _words(t: torch.Tensor) -> torch.Tensor:
+    """t's bytes as int32 words (a head is whole words: head_dim x itemsize is a multiple of 4)."""
+    return (t if t.stride(-1) == 1 else t.contiguous()).view(torch.int32)
