@@ -77,6 +77,8 @@ class Cluster:
         if cfg.prefill_tp != 1 or cfg.decode_tp != 1 or cfg.decode + cfg.colocated != 1:
             raise ValueError(f"not enough GPUs: the pools need {need}, {gpus} found (one GPU is shared only by "
                              f"TP 1 nodes with one decode node)")
+        if cfg.kv_transport == "nccl":
+            raise ValueError("NCCL cannot pair two nodes on one GPU: use --kv-transport cuda-ipc (or auto) to share it")
         return True
 
     def node_commands(self) -> list[list[str]]:

@@ -139,3 +139,5 @@ def test_pdserve_up_shares_one_gpu_between_prefill_and_decode_over_cuda_ipc(monk
     for too_many in (dict(decode=2), dict(prefill_tp=2)):
         with pytest.raises(ValueError, match="not enough GPUs"):
             Cluster(ClusterConfig(device="cuda", **too_many)).node_commands()
+    with pytest.raises(ValueError, match="NCCL cannot pair two nodes on one GPU"):
+        Cluster(ClusterConfig(device="cuda", kv_transport="nccl")).node_commands()
