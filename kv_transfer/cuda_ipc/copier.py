@@ -133,7 +133,11 @@ class Copier:
         """After the job's copies ran: "" or which layer's checksums differ."""
         if job.error or not job.sums:
             return job.error
-        sums = torch.stack(job.sums).cpu().tolist()
+        if self.stream is not None:  # read back on the (finished) side stream, not behind the next forward
+            with torch.cuda.stream(self.stream):
+                sums = torch.stack(job.sums).cpu().tolist()
+        else:
+            sums = torch.stack(job.sums).tolist()
         per_layer = 2 * len(job.routes)
         for i, (a, b) in enumerate(sums):
             if a != b:
