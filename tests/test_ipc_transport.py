@@ -219,3 +219,13 @@ def test_auto_is_cuda_ipc_only_for_gpu_pairs_of_one_host_and_says_why_otherwise(
     transport, why = auto_choice("cuda:0", "prefill", "10.0.0.7:50051")
     assert transport == "zmq" and "not on loopback" in why and "--kv-transport cuda-ipc" in why
     assert resolve("nccl", "cpu") == "nccl" and resolve("auto", "cuda:0", "decode", "[::1]:5") == "cuda-ipc"
+
+
+def test_a_sender_failed_from_outside_after_its_announce_withdraws_so_the_blocks_are_freed():
+    tx, out = sender()
+    tx.claim()
+    tx.on_ack(kv_pb2.KVAck(transfer_id="t", ok=True, granted=True))
+    tx.fail("send failed: a bug")
+    assert out[-1].last and out[-1].first_token < 0, "a withdrawal is queued"
+    h = kv_pb2.KVHeader.FromString(tx.build_message(out[-1])[0])
+    assert h.withdrawn and tx.state == TransferState.FAILED and tx.error == "send failed: a bug"

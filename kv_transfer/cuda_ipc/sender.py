@@ -34,6 +34,7 @@ class IpcKVSender(KVSender):
         self._first_token: int | None = None
         self._failure = ""                # why the withdrawal goes out
         self._closing = False             # the finish or the withdrawal is queued
+        self._refused = False             # the decode node refused the announce: it holds nothing for us
 
     def claim(self) -> None:
         self.status.start()
@@ -98,10 +99,19 @@ class IpcKVSender(KVSender):
             head_dim=layout.head_dim, dtype=layout.dtype_name, shards=shards, last=out.last,
             first_token=max(out.first_token, 0), pair_set=self.pairs.name, withdrawn=withdrawn).SerializeToString()]
 
+    def fail(self, error: str) -> None:
+        """Ended from outside (a send error, a bug, shutdown): once announced and not refused,
+        through a withdrawal, so the decode node frees the blocks it holds for us."""
+        if self._refused or self.status.state == TransferState.WAITING or self._closing:
+            super().fail(error)
+        else:
+            self.withdraw(error)
+
     def on_ack(self, ack: kv_pb2.KVAck) -> None:
         self.answered = True
         if ack.granted:
             self.grant.finish()
         elif not ack.ok:
+            self._refused = True
             self.grant.fail(ack.error)
             self.fail(f"refused by the receiver: {ack.error}")
