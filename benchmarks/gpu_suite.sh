@@ -11,7 +11,8 @@
 # Llama-3.1-8B shape at TP 1 and TP 2), goodput (goodput-prefill and goodput-decode:
 # each workload, 1P1D against 2 colocated), nccl (nccl-bench: the NCCL KV transfer
 # benchmarks; nccl-tests: tests/gpu fused KV kernels, transport and cluster tests; the
-# 1:2 and 2:1 cluster tests need three GPUs).
+# 1:2 and 2:1 cluster tests need three GPUs), ipc (ipc-tests: tests/gpu/test_gpu_ipc.py;
+# ipc-bench: kv_ipc.py, kv_exposed.py --transport cuda-ipc and serving_1p1d.py, on GPU 0).
 # Result JSONs land in benchmarks/results/ and, where $OUT is set, are copied there.
 set -u
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # the checkout's pdserve, installed or not
@@ -62,6 +63,14 @@ for group in "$@"; do
         nccl-tests)  # about 4 min; the 1:2 and 2:1 cluster tests need three GPUs
             run tests-kv-kernels 120 python3 -m pytest -q tests/gpu/test_gpu_kv_kernels.py
             run tests-nccl 420 python3 -m pytest -q -s tests/gpu/test_gpu_nccl_rank.py tests/gpu/test_gpu_cluster.py ;;
+        ipc) "$0" ${commit[@]+"${commit[@]}"} ipc-tests ipc-bench || status=1 ;;
+        ipc-tests)  # one GPU
+            run tests-ipc 420 python3 -m pytest -q -s tests/gpu/test_gpu_ipc.py ;;
+        ipc-bench)  # one GPU: both nodes of 1P1D on GPU 0
+            run kv-ipc 150 python3 benchmarks/kv_ipc.py "${commit[@]}"
+            run kv-exposed-ipc 400 env CUDA_VISIBLE_DEVICES=0 python3 benchmarks/kv_exposed.py --transport cuda-ipc \
+                --skip-zmq "${commit[@]}"
+            run serving-1p1d 580 python3 benchmarks/serving_1p1d.py --gpu 0 "${commit[@]}" ;;
         *) echo "unknown group $group"; status=1 ;;
     esac
 done
