@@ -14,6 +14,7 @@ import pytest
 
 from tests.cluster_util import Client, greedy, request, start_cluster
 from tests.test_cluster import check_parity, workload
+from tests.conftest import assert_matches_reference
 from tests.test_nccl_cluster import opened, serves_like_reference, wait_for
 
 
@@ -141,3 +142,50 @@ def test_pdserve_up_shares_one_gpu_between_prefill_and_decode_over_cuda_ipc(monk
             Cluster(ClusterConfig(device="cuda", **too_many)).node_commands()
     with pytest.raises(ValueError, match="NCCL cannot pair two nodes on one GPU"):
         Cluster(ClusterConfig(device="cuda", kv_transport="nccl")).node_commands()
+
+
+def test_a_decode_node_killed_while_prompts_are_copied_leaves_the_prefill_node_serving(tiny_models, reference,
+                                                                                      tmp_path):
+    cluster = start_cluster(model=tiny_models["qwen2"], kv_blocks=256, kv_transport="cuda-ipc", log_dir=str(tmp_path),
+                            coordinator_flags=("--max-retries", "1"))
+    client = Client(cluster.cfg.listen)
+    try:
+        wait_for(lambda: opened(tmp_path) == 1, "the pair set")
+        check_a_decode_killed_mid_transfer(cluster, client, tmp_path, reference(tiny_models["qwen2"]))
+    finally:
+        client.close()
+        cluster.stop()
+
+
+def check_a_decode_killed_mid_transfer(cluster, client: Client, log_dir, ref) -> None:
+    """SIGKILL the decode node while prompts are prefilled and copied into it: every
+    request ends with a status (served elsewhere it cannot be: UNAVAILABLE, or OK if it
+    finished first), the prefill node stays up, drops the dead node's handles, pairs with
+    the restarted node and serves it; every block comes back."""
+    import threading
+    import time
+    codes: list = []
+
+    def one(i: int) -> None:
+        try:
+            client.generate(request(list(range(1 + i, 200 + i)), greedy(32, ignore_eos=True)), timeout=90)
+            codes.append(grpc.StatusCode.OK)
+        except grpc.RpcError as e:
+            codes.append(e.code())
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(12)]
+    for t in threads:
+        t.start()
+    time.sleep(0.3)
+    decode_cmd = cluster.node_commands()[1]
+    os.kill(cluster.procs[2].pid, signal.SIGKILL)   # coordinator, prefill, decode
+    cluster.procs[2].wait()
+    for t in threads:
+        t.join(120)
+    assert len(codes) == 12 and set(codes) <= {grpc.StatusCode.OK, grpc.StatusCode.UNAVAILABLE}, codes
+    assert cluster.procs[1].poll() is None, "the prefill node survived"
+    cluster._spawn(decode_cmd)
+    wait_for(lambda: opened(log_dir) == 2, "a pair set towards the restarted decode node", 120)
+    jobs = workload(29, 4)
+    for (prompt, n), out in zip(jobs, client.generate_all(jobs)):
+        assert_matches_reference(out["token_ids"], ref.generate(prompt, n), "after the decode node came back")
+    client.wait_blocks_at_baseline()

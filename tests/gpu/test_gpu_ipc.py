@@ -5,9 +5,6 @@ and a decode node killed while transfers run all end with a status, free every b
 and leave the prefill node serving."""
 from __future__ import annotations
 
-import os
-import signal
-import threading
 import time
 
 import grpc
@@ -17,7 +14,7 @@ import torch
 from tests.cluster_util import Client, greedy, request, start_cluster
 from tests.conftest import assert_matches_reference
 from tests.test_cluster import workload
-from tests.test_ipc_cluster import check_a_stale_ticket_never_reaches_the_engine
+from tests.test_ipc_cluster import check_a_decode_killed_mid_transfer, check_a_stale_ticket_never_reaches_the_engine
 
 GPUS = torch.cuda.device_count() if torch.cuda.is_available() else 0
 pytestmark = pytest.mark.skipif(GPUS < 1, reason="needs CUDA")
@@ -95,32 +92,8 @@ def test_a_decode_node_killed_mid_transfer_leaves_the_prefill_node_healthy(tiny_
     drops the dead node's handles, pairs with the restarted node and serves it."""
     cluster = ipc_cluster(tiny_models, tmp_path, coordinator_flags=("--max-retries", "1"))
     client = Client(cluster.cfg.listen)
-    codes: list = []
     try:
-        def one(i: int) -> None:
-            try:
-                client.generate(request(list(range(1 + i, 400 + i)), greedy(64, ignore_eos=True)), timeout=90)
-                codes.append(grpc.StatusCode.OK)
-            except grpc.RpcError as e:
-                codes.append(e.code())
-        threads = [threading.Thread(target=one, args=(i,)) for i in range(16)]
-        for t in threads:
-            t.start()
-        time.sleep(0.3)
-        decode_cmd = cluster.node_commands()[1]
-        os.kill(cluster.procs[2].pid, signal.SIGKILL)   # coordinator, prefill, decode
-        cluster.procs[2].wait()
-        for t in threads:
-            t.join(120)
-        assert len(codes) == 16 and set(codes) <= {grpc.StatusCode.OK, grpc.StatusCode.UNAVAILABLE}, codes
-        assert cluster.procs[1].poll() is None, "the prefill node survived"
-        cluster._spawn(decode_cmd)
-        pairs_open(tmp_path, 2)
-        ref = reference(tiny_models["qwen2"])
-        jobs = workload(29, 4)
-        for (prompt, n), out in zip(jobs, client.generate_all(jobs)):
-            assert_matches_reference(out["token_ids"], ref.generate(prompt, n), "after the decode node came back")
-        client.wait_blocks_at_baseline()
+        check_a_decode_killed_mid_transfer(cluster, client, tmp_path, reference(tiny_models["qwen2"]))
     finally:
         client.close()
         cluster.stop()
