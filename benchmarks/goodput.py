@@ -99,7 +99,7 @@ def main() -> None:
                     help="seconds of arrivals per rate (more requests at higher rates: steady state, not a burst)")
     ap.add_argument("--ttft", type=float, default=None, help="TTFT SLO ms (default: a multiple of the unloaded TTFT)")
     ap.add_argument("--tpot", type=float, default=None, help="TPOT SLO ms (default: a multiple of the unloaded TPOT)")
-    ap.add_argument("--kv-transport", default="nccl", choices=["zmq", "nccl"],
+    ap.add_argument("--kv-transport", default="nccl", choices=["zmq", "nccl", "cuda-ipc"],
                     help="the disaggregated cluster's KV transport (nccl needs GPUs; gloo stands in on CPU)")
     ap.add_argument("--kv-max-ctas", type=int, default=None, help="nccl: the nodes' --kv-max-ctas (default theirs)")
     ap.add_argument("--kv-min-message-mib", type=float, default=None,

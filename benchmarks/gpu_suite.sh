@@ -12,7 +12,9 @@
 # each workload, 1P1D against 2 colocated), nccl (nccl-bench: the NCCL KV transfer
 # benchmarks; nccl-tests: tests/gpu fused KV kernels, transport and cluster tests; the
 # 1:2 and 2:1 cluster tests need three GPUs), serving-overhead (served against offline, one
-# GPU), relay (the coordinator relay over worker counts, synthetic nodes, CPU only).
+# GPU), relay (the coordinator relay over worker counts, synthetic nodes, CPU only), ipc
+# (ipc-tests: tests/gpu/test_gpu_ipc.py; ipc-bench: kv_ipc.py, kv_exposed.py --transport
+# cuda-ipc and serving_1p1d.py, on GPU 0).
 # Result JSONs land in benchmarks/results/ and, where $OUT is set, are copied there.
 set -u
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # the checkout's pdserve, installed or not
@@ -67,6 +69,14 @@ for group in "$@"; do
             run serving-overhead 580 python3 benchmarks/serving_overhead.py "${commit[@]}" ;;
         relay)  # no GPU needed: the coordinator's relay over 1 2 4 8 workers with synthetic nodes
             run relay 580 python3 benchmarks/relay.py "${commit[@]}" ;;
+        ipc) "$0" ${commit[@]+"${commit[@]}"} ipc-tests ipc-bench || status=1 ;;
+        ipc-tests)  # one GPU
+            run tests-ipc 420 python3 -m pytest -q -s tests/gpu/test_gpu_ipc.py ;;
+        ipc-bench)  # one GPU: both nodes of 1P1D on GPU 0
+            run kv-ipc 150 python3 benchmarks/kv_ipc.py "${commit[@]}"
+            run kv-exposed-ipc 400 env CUDA_VISIBLE_DEVICES=0 python3 benchmarks/kv_exposed.py --transport cuda-ipc \
+                --skip-zmq "${commit[@]}"
+            run serving-1p1d 580 python3 benchmarks/serving_1p1d.py --gpu 0 "${commit[@]}" ;;
         *) echo "unknown group $group"; status=1 ;;
     esac
 done

@@ -1,6 +1,11 @@
 """Exposed KV transfer time: TTFT of a 1 prefill + 1 decode cluster against prefill alone.
 
     python benchmarks/kv_exposed.py [--shape llama-3.2-1b] [--prompt-len 2048] [--requests 20] [--rounds 4] [--paired]
+    CUDA_VISIBLE_DEVICES=0 python benchmarks/kv_exposed.py --transport cuda-ipc   # kv_transfer_exposed_ipc
+
+--transport cuda-ipc: the 1P1D cluster is both nodes on the one GPU (pdserve up shares it:
+the prefill node starts first with --gpu-memory-utilization 0.3), the KV copied into the
+decode node's blocks over CUDA IPC; target <= 1.02, result kv_transfer_exposed_ipc.
 
 At concurrency 1, the same 2K-token prompts (random ids, random bf16 weights of the
 shape) go through 1P1D over NCCL (prefill on GPU 0, decode on GPU 1) and through one
@@ -129,6 +134,7 @@ def paired(targets: list[Target], a: argparse.Namespace, prompts: list[list[int]
 
 
 NCCL_POOLS = dict(prefill=1, decode=1, kv_transport="nccl")
+IPC_POOLS = dict(prefill=1, decode=1, kv_transport="cuda-ipc")
 ALONE_POOLS = dict(prefill=0, decode=0, colocated=1)
 
 
@@ -180,7 +186,8 @@ def main() -> None:
     ap.add_argument("--skip-zmq", action="store_true")
     ap.add_argument("--commit", default=None)
     ap.add_argument("--log-dir", default=None, help="keep the cluster members' logs here")
-    ap.add_argument("--result-name", default="kv_transfer_exposed", help="result file name (variants of a run)")
+    ap.add_argument("--result-name", default=None, help="result file name (variants of a run; default: the benchmark)")
+    ap.add_argument("--transport", default="nccl", choices=["nccl", "cuda-ipc"], help="the 1P1D cluster's KV transport")
     ap.add_argument("--graphs-ab", action="store_true",
                     help="one GPU: instead, the colocated node with prefill CUDA graphs against the same node with "
                          "eager prefill steps (result prefill_graphs_ttft)")
@@ -197,9 +204,11 @@ def main() -> None:
         return
     with tempfile.TemporaryDirectory() as tmp:
         model = str(write_config_folder(a.shape, Path(tmp) / a.shape))
-        nccl, alone, per_round = alternating_rounds(a, model, prompts)
+        pools = NCCL_POOLS if a.transport == "nccl" else IPC_POOLS
+        nccl, alone, per_round = alternating_rounds(a, model, prompts,
+                                                    {f"1P1D {a.transport}": pools, "prefill alone": ALONE_POOLS})
         if a.paired:
-            pair = [Target("paired 1P1D nccl", NCCL_POOLS, a, model)]
+            pair = [Target(f"paired 1P1D {a.transport}", pools, a, model)]
             try:
                 pair.append(Target("paired prefill alone", ALONE_POOLS, a, model))
                 paired(pair, a, prompts)
@@ -210,7 +219,8 @@ def main() -> None:
             paired_row = dict(ratio=round(rows[0]["ttft_ms"] / rows[1]["ttft_ms"], 4), nccl=rows[0],
                               prefill_alone=rows[1], median_per_prompt_ratio=round(statistics.median(
                                   n[0] / p[0] for n, p in zip(pair[0].samples, pair[1].samples)), 4))
-        zmq = None if a.skip_zmq else measure("1P1D zmq", dict(prefill=1, decode=1), a, model, prompts)
+        zmq = None if a.skip_zmq else measure("1P1D zmq", dict(prefill=1, decode=1, kv_transport="zmq"), a, model,
+                                              prompts)
         variants = []
         for v in a.variants:
             mib, ctas = v.split(":")
@@ -224,7 +234,8 @@ def main() -> None:
               f"median per-prompt ratio {paired_row['median_per_prompt_ratio']:.3f}")
     for v in variants:
         print(f"  variant {v['name']}: ratio {v['ttft_ms'] / alone['ttft_ms']:.3f}")
-    print(f"ratio TTFT(1P1D nccl) / TTFT(prefill alone): {ratio:.3f}  target <= 1.05")
+    bench, target = ("kv_transfer_exposed", 1.05) if a.transport == "nccl" else ("kv_transfer_exposed_ipc", 1.02)
+    print(f"ratio TTFT(1P1D {a.transport}) / TTFT(prefill alone): {ratio:.3f}  target <= {target}")
     from pdserve.kv_transfer.nccl.config import NcclConfig
     node = NcclConfig()
     config = dict(shape=a.shape, prompt_len=a.prompt_len, requests=a.requests, warmup=a.warmup, concurrency=1,
@@ -233,9 +244,9 @@ def main() -> None:
                   method="alternating rounds: in each, a fresh 1P1D cluster and a fresh colocated node, one at a "
                   "time, the order alternating, after a warm-up round not kept; ratio of the medians over all rounds",
                   dtype="bfloat16", device=a.device, kv_min_message_mib=node.min_message_mib,
-                  kv_max_ctas=node.max_ctas)
-    path = write_result(a.result_name, "kv_transfer_exposed", ratio, 1.05, config, commit_id=a.commit,
-                        nccl=nccl, zmq=zmq, prefill_alone=alone, per_round_ratio=per_round, paired=paired_row,
+                  kv_max_ctas=node.max_ctas, kv_transport=a.transport)
+    path = write_result(a.result_name or bench, bench, ratio, target, config, commit_id=a.commit,
+                        **{a.transport.replace("-", "_"): nccl}, zmq=zmq, prefill_alone=alone, per_round_ratio=per_round, paired=paired_row,
                         variants=variants, exposed_ms=nccl["ttft_ms"] - alone["ttft_ms"])
     print(f"-> {path}")
 

@@ -30,12 +30,15 @@ RATIO_OF = {
     "kv_transfer_zmq_load": "aggregate GB/s: ours / bare pyzmq",
     "kv_transfer_nccl": "bandwidth: ours / bare NCCL send",
     "kv_transfer_exposed": "TTFT: 1P1D over NCCL / prefill alone",
+    "kv_transfer_ipc": "copy time: raw device copy / ours",
+    "kv_transfer_exposed_ipc": "TTFT: 1P1D over cuda-ipc on one GPU / prefill alone",
+    "serving_1p1d_one_gpu": "served tok/s: 1P1D over cuda-ipc / colocated, one GPU",
     "prefill_probe": "prefill step: CUDA graph / eager",
     "prefill_graphs_ttft": "TTFT: prefill graphs / eager",
     "goodput_prefill_heavy": "goodput per GPU: 1P1D / colocated",
     "goodput_decode_heavy": "goodput per GPU: 1P1D / colocated",
 }
-LOWER_IS_BETTER = {"kv_transfer_exposed", "prefill_probe", "prefill_graphs_ttft"}
+LOWER_IS_BETTER = {"kv_transfer_exposed", "kv_transfer_exposed_ipc", "prefill_probe", "prefill_graphs_ttft"}
 
 
 def shape(name: str) -> str:
@@ -79,7 +82,12 @@ def setup(r: dict) -> str:
     if b == "kv_transfer_nccl":
         name, length = c["headline"].split(" ")
         return f"{shape(name)} {length}-token KV, GPU 0 -> GPU 1"
-    if b in ("kv_transfer_exposed", "prefill_graphs_ttft"):
+    if b == "kv_transfer_ipc":
+        return f"{shape(c['shape'])} {tokens(c['tokens'])}-token KV into another process's blocks, one GPU"
+    if b == "serving_1p1d_one_gpu":
+        return (f"{shape(c['shape'])}, {c['input_len']} in / {c['output_len']} out, {c['concurrency']} streams, "
+                f"one GPU")
+    if b in ("kv_transfer_exposed", "kv_transfer_exposed_ipc", "prefill_graphs_ttft"):
         return f"{shape(c['shape'])}, {tokens(c['prompt_len'])}-token prompts, concurrency 1, {c['rounds']} rounds"
     if b == "prefill_probe":
         return f"{shape(c['shape'])}, {tokens(c['tokens'])}-token step, {c['procs']} processes"

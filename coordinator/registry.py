@@ -33,6 +33,7 @@ class NodeEntry:
     running: int = 0
     queued: int = 0
     queued_tokens: int = 0
+    kv_transport: str = ""
     last_seen: float = field(default_factory=time.monotonic)
     down: bool = False               # fenced off: an RPC failed, its stream broke or it missed its beats
     inflight: int = 0                # requests routed here by this coordinator and not finished
@@ -44,7 +45,7 @@ class NodeEntry:
     def status(self, healthy: bool) -> api_pb2.NodeStatus:
         return api_pb2.NodeStatus(id=self.id, role=self.role, address=self.address, healthy=healthy, tp=self.tp,
                                   kv_blocks_free=self.kv_blocks_free, kv_blocks_total=self.kv_blocks_total,
-                                  running=self.running, queued=self.queued)
+                                  running=self.running, queued=self.queued, kv_transport=self.kv_transport)
 
 
 class Registry:
@@ -67,7 +68,7 @@ class Registry:
             self.remove(old.id)
         node = NodeEntry(id=uuid.uuid4().hex[:12], role=req.role, address=req.address, kv_endpoint=req.kv_endpoint,
                          tp=req.tp, model=req.model, epoch=next(self._epochs), kv_blocks_total=req.kv_blocks_total,
-                         kv_blocks_free=req.kv_blocks_total)
+                         kv_blocks_free=req.kv_blocks_total, kv_transport=req.kv_transport)
         node.channel = channel(req.address)
         if req.role != api_pb2.ROLE_PREFILL:
             node.stub = node_pb2_grpc.DecodeNodeStub(node.channel)

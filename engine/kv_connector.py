@@ -54,10 +54,12 @@ class KVChannel:
 @dataclass(frozen=True)
 class KVSave:
     """Save blocks block_ids (all layers) under `key` along `routes`; the engine fills
-    block_ids with the sequence's prompt blocks in the step that completes its prompt."""
+    block_ids with the sequence's prompt blocks in the step that completes its prompt.
+    remote_block_ids: the peer's reserved blocks, for transports that write them directly."""
     key: int
     routes: tuple[KVRoute, ...]
     block_ids: tuple[int, ...] = ()
+    remote_block_ids: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -103,7 +105,8 @@ class KVConnectorMetadata:
         return cls(tuple(KVChannel(**c) for c in d["connect"]), tuple(d["disconnect"]),
                    tuple(KVLoad(t["key"], tuple(t["block_ids"]), routes(t["routes"]), t["num_layers"])
                          for t in d["loads"]),
-                   tuple(KVSave(t["key"], routes(t["routes"]), tuple(t["block_ids"])) for t in d["saves"]))
+                   tuple(KVSave(t["key"], routes(t["routes"]), tuple(t["block_ids"]), tuple(t["remote_block_ids"]))
+                         for t in d["saves"]))
 
 
 class KVConnectorWorker(ABC):

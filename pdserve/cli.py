@@ -25,10 +25,11 @@ def add_kv_flags(p: argparse.ArgumentParser) -> None:
         add_flags(g, registry.config_class(name), prefix="kv_", note=lambda f: ", ".join(users[f.name]) + ": ")
 
 
-def kv_config(a: argparse.Namespace):
-    """The chosen backend's config from the --kv-* flags given; one it does not take is an error."""
+def kv_config(a: argparse.Namespace, transport: str | None = None):
+    """The chosen backend's config (transport: --kv-transport resolved) from the --kv-* flags
+    given; one it does not take is an error."""
     options = {f.name for name in registry.names() for f in dataclasses.fields(registry.config_class(name))}
-    return registry.make_config(a.kv_transport, **{k: getattr(a, "kv_" + k) for k in options})
+    return registry.make_config(transport or a.kv_transport, **{k: getattr(a, "kv_" + k) for k in options})
 
 
 def add_sampling_flags(p: argparse.ArgumentParser) -> None:
@@ -193,7 +194,9 @@ def cmd_node(a: argparse.Namespace) -> int:
     import asyncio
     import os
     set_switch_interval(a)
-    if a.kv_transport == "nccl":
+    # auto stays in the node's config: the node resolves it the same way and says what it picked
+    transport = registry.resolve(a.kv_transport, a.device, a.role, a.coordinator)
+    if transport == "nccl":
         # CUDA loads a kernel lazily by default, and loading one waits for the kernels
         # running on the device, a NCCL receive spinning on a dead peer included: the
         # engine thread would then hang before it could abort that pair. Load them all
@@ -204,7 +207,7 @@ def cmd_node(a: argparse.Namespace) -> int:
             os.environ.setdefault("NCCL_SOCKET_IFNAME", "lo")
             os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     from pdserve.process import run_until_signal
-    cfg = from_args(NodeConfig, a, kv=kv_config(a), engine=from_args(EngineConfig, a))
+    cfg = from_args(NodeConfig, a, kv=kv_config(a, transport), engine=from_args(EngineConfig, a))
     if a.role == "prefill":
         from pdserve.prefill_node.server import PrefillNode as Node
     elif a.role == "both":
@@ -241,7 +244,8 @@ def cmd_status(a: argparse.Namespace) -> int:
     print(f"model: {s['model'] or 'default'}")
     for n in s["nodes"]:
         print(f"{n['role']:8} {n['id']}  {n['address']:22} {'healthy' if n['healthy'] else 'DOWN':8} tp={n['tp']} "
-              f"kv={n['kv_blocks_free']}/{n['kv_blocks_total']} running={n['running']} queued={n['queued']}")
+              f"kv={n['kv_blocks_free']}/{n['kv_blocks_total']} running={n['running']} queued={n['queued']}"
+              + (f" transport={n['kv_transport']}" if n["kv_transport"] else ""))
     return 0
 
 

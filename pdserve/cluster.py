@@ -12,7 +12,9 @@ from dataclasses import dataclass
 
 from pdserve.common.config import CoordinatorConfig, EngineConfig, NodeConfig
 from pdserve.common.flags import opt, to_argv
+from pdserve.kv_transfer.cuda_ipc.config import IpcConfig
 from pdserve.kv_transfer.nccl.config import NcclConfig
+from pdserve.kv_transfer.registry import resolve
 
 
 def free_port() -> int:
@@ -45,9 +47,13 @@ class ClusterConfig:
     node_flags: tuple[str, ...] = ()   # more flags for every node
     ready_timeout_s: float = 300.0
     log_dir: str | None = None        # members' logs go here (one file each) instead of this terminal
-    kv_transport: str = opt(NodeConfig.kv_transport, "KV data plane of the prefill and decode pools",
-                            choices=("zmq", "nccl"))
-    kv_timeout_s: float | None = None  # nccl: --kv-timeout of the nodes (None: theirs)
+    kv_transport: str = opt(NodeConfig.kv_transport, "KV data plane of the prefill and decode pools (auto: "
+                                                      "cuda-ipc on CUDA, zmq on CPU)",
+                            choices=("auto", "zmq", "nccl", "cuda-ipc"))
+    shared_gpu_prefill_memory: float = opt(0.3, "one GPU for more nodes than GPUs (TP 1, one decode node): each "
+                                                "prefill node's --gpu-memory-utilization; they start first, the "
+                                                "decode node then takes its share of what is left")
+    kv_timeout_s: float | None = None  # nccl, cuda-ipc: --kv-timeout of the nodes (None: theirs)
     kv_min_message_mib: float | None = None  # nccl: --kv-min-message-mib (None: theirs)
     kv_max_ctas: int | None = None     # nccl: --kv-max-ctas (None: theirs)
     cores_per_member: int = 0          # >0: member i (coordinator 0, then the nodes) runs on physical cores [i*n, (i+1)*n)
@@ -59,6 +65,21 @@ class Cluster:
     def __init__(self, cfg: ClusterConfig):
         self.cfg = cfg
         self.procs: list[subprocess.Popen] = []
+        self.shared_gpu = False   # every node on cuda:0, started one after the other
+
+    def _share_one_gpu(self, gpus: int) -> bool:
+        """More nodes than GPUs: all on one GPU where that can work (every TP 1, one decode
+        or colocated node, which starts last and takes what the others left)."""
+        cfg = self.cfg
+        need = cfg.prefill * cfg.prefill_tp + (cfg.decode + cfg.colocated) * cfg.decode_tp
+        if need <= gpus or gpus < 1:
+            return False
+        if cfg.prefill_tp != 1 or cfg.decode_tp != 1 or cfg.decode + cfg.colocated != 1:
+            raise ValueError(f"not enough GPUs: the pools need {need}, {gpus} found (one GPU is shared only by "
+                             f"TP 1 nodes with one decode node)")
+        if cfg.kv_transport == "nccl":
+            raise ValueError("NCCL cannot pair two nodes on one GPU: use --kv-transport cuda-ipc (or auto) to share it")
+        return True
 
     def node_commands(self) -> list[list[str]]:
         """Each node's command line, rendered from the node and engine configs it should run with."""
@@ -73,25 +94,33 @@ class Cluster:
             gpus = torch.cuda.device_count()
         nccl = NcclConfig(**{k: v for k, v in (("timeout_s", cfg.kv_timeout_s), ("max_ctas", cfg.kv_max_ctas),
                                                ("min_message_mib", cfg.kv_min_message_mib)) if v is not None})
+        self.shared_gpu = device == "cuda" and self._share_one_gpu(gpus)
+        ipc = IpcConfig(**({"timeout_s": cfg.kv_timeout_s} if cfg.kv_timeout_s is not None else {}))
         next_gpu, cmds = 0, []
         pools = (("prefill", cfg.prefill, cfg.prefill_tp), ("decode", cfg.decode, cfg.decode_tp),
                  ("both", cfg.colocated, cfg.decode_tp))
         for role, count, tp in pools:
             for _ in range(count):
                 node_device = device if device.startswith("cuda:") else "cpu"
-                if device == "cuda":
+                memory = EngineConfig.gpu_memory_utilization
+                if self.shared_gpu:
+                    node_device = "cuda:0"
+                    memory = cfg.shared_gpu_prefill_memory if role == "prefill" else memory
+                elif device == "cuda":
                     if next_gpu + tp > gpus:
                         raise ValueError(f"not enough GPUs: the pools need more than the {gpus} found")
                     node_device = f"cuda:{next_gpu}"
                     next_gpu += tp
-                transport = cfg.kv_transport if role != "both" else NodeConfig.kv_transport
+                transport = resolve(cfg.kv_transport if role != "both" else NodeConfig.kv_transport, node_device, role,
+                                    cfg.listen)
                 engine = EngineConfig(model=cfg.model, tp=tp, device=node_device, dtype=cfg.dtype,
                                       kv_blocks=cfg.kv_blocks, max_num_seqs=cfg.max_num_seqs,
                                       max_num_batched_tokens=cfg.max_num_batched_tokens, load_format=cfg.load_format,
-                                      prefill_graphs=cfg.prefill_graphs)
+                                      prefill_graphs=cfg.prefill_graphs, gpu_memory_utilization=memory)
                 node = NodeConfig(coordinator=cfg.listen, kv_transport=transport, engine=engine)
                 cmd = [sys.executable, "-m", "pdserve", "node", "--role", role, *to_argv(node), *to_argv(engine),
-                       *(to_argv(nccl, prefix="kv_") if transport == "nccl" else ())]
+                       *(to_argv(nccl, prefix="kv_") if transport == "nccl" else ()),
+                       *(to_argv(ipc, prefix="kv_") if transport == "cuda-ipc" else ())]
                 if cfg.switch_interval_us is not None:
                     cmd += ["--switch-interval-us", str(cfg.switch_interval_us)]
                 cmds.append(cmd + list(cfg.node_flags))
@@ -111,8 +140,10 @@ class Cluster:
         coordinator = self.coordinator_command()
         if self.cfg.coordinator:
             self._spawn(coordinator)
-        for cmd in nodes:
+        for i, cmd in enumerate(nodes):
             self._spawn(cmd)
+            if self.shared_gpu:  # the next node sizes its KV pool from what this one left free
+                self._wait_ready(i + 1)
         self._wait_ready(len(nodes))
 
     def _spawn(self, cmd: list[str]) -> subprocess.Popen:

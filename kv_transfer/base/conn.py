@@ -187,7 +187,8 @@ class KVManager(ABC):
 
     def accept_pairs(self, req: node_pb2.KVPairsRequest) -> tuple[str, int]:
         """Decode role, OpenKVPairs: (rendezvous host, port); ValueError where this transport has none."""
-        raise ValueError(f"this decode node's KV transport is {self.name}, not nccl: it opens no pairs")
+        raise ValueError(f"this decode node's KV transport is {self.name}, not {req.kv_transport or 'nccl'}: it "
+                         f"opens no pairs; give both nodes the same --kv-transport")
 
     def poll(self, engine) -> bool:
         """(engine thread, between steps) Collect ended transfers; True while any is in flight."""

@@ -57,6 +57,7 @@ log = logging.getLogger(__name__)
 
 class NcclKVManager(KVManager):
     name = "nccl"
+    inbox_class = KVInbox
 
     def __init__(self, role: Role, layout: KVLayout, link: NodeLink, bind_host: str = "127.0.0.1",
                  tp: int = 1, poll_interval_s: float = 0.05):
@@ -89,7 +90,7 @@ class NcclKVManager(KVManager):
             router.setsockopt(zmq.LINGER, 0)
             router.bind(f"tcp://{self.bind_host}:0")
             self._endpoint = router.getsockopt_string(zmq.LAST_ENDPOINT)
-            self._inbox = KVInbox(self.layout, router, self.poll_ms)
+            self._inbox = self.inbox_class(self.layout, router, self.poll_ms)
             self._inbox.start()
             self._store, self.store_port = serve_store(self.bind_host, 0)
         else:
@@ -140,14 +141,21 @@ class NcclKVManager(KVManager):
 
     # decode role
 
-    def accept_pairs(self, req) -> tuple[str, int]:
-        """OpenKVPairs: check, start joining the pairs on the engine thread, answer the store address."""
+    def check_pairs_request(self, req) -> None:
+        """OpenKVPairs' checks, in order: protocol version, transport, compat hash, TP size (ValueError: why)."""
         if req.protocol_version != PROTOCOL_VERSION:
             raise ValueError(f"KV protocol version {req.protocol_version}, this node speaks {PROTOCOL_VERSION}")
+        if req.kv_transport and req.kv_transport != self.name:
+            raise ValueError(f"the prefill node's KV transport is {req.kv_transport}, this decode node's {self.name}: "
+                             f"give both the same --kv-transport")
         if req.compat_hash != self.layout.compat_hash:
             raise ValueError(f"compat_hash mismatch: {req.compat_hash!r}, this node has {self.layout.compat_hash!r}")
         for r in range(req.prefill_tp):
             self.layout.heads(r, req.prefill_tp)  # raises if that TP and the KV heads do not fit
+
+    def accept_pairs(self, req) -> tuple[str, int]:
+        """OpenKVPairs: check, start joining the pairs on the engine thread, answer the store address."""
+        self.check_pairs_request(req)
         ps = PairSet(req.pair_set, self.layout.num_kv_heads, req.prefill_tp, self.tp, peer_id=req.prefill_node_id)
         old = [s for s in self.pair_sets.values() if s.peer_id == req.prefill_node_id]
         for s in old:
@@ -249,8 +257,7 @@ class NcclKVManager(KVManager):
     async def _connect(self, peer) -> None:
         self._generation += 1
         name = f"{self.node_id}.{self._generation}"
-        req = node_pb2.KVPairsRequest(protocol_version=PROTOCOL_VERSION, compat_hash=self.layout.compat_hash,
-                                      prefill_node_id=self.node_id, prefill_tp=self.tp, pair_set=name)
+        req = self.pairs_request(name)
         try:
             resp = await self.open_rpc(peer, req)
             ps = PairSet(name, self.layout.num_kv_heads, self.tp, resp.decode_tp, peer_id=peer.node_id,
@@ -275,6 +282,11 @@ class NcclKVManager(KVManager):
         self.pair_sets[name] = ps
         self._by_peer[peer.node_id] = ps
         log.info("KV pairs %s open towards %s (TP %d -> %d)", name, peer.node_id, self.tp, ps.decode_tp)
+
+    def pairs_request(self, name: str) -> node_pb2.KVPairsRequest:
+        return node_pb2.KVPairsRequest(protocol_version=PROTOCOL_VERSION, compat_hash=self.layout.compat_hash,
+                                       prefill_node_id=self.node_id, prefill_tp=self.tp, pair_set=name,
+                                       kv_transport=self.name)
 
     def _drop(self, ps: PairSet) -> None:
         self.pair_sets.pop(ps.name, None)

@@ -79,8 +79,9 @@ class EngineConfig:
 class NodeConfig:
     coordinator: str = opt(help="the coordinator's gRPC address")
     listen: str = opt("127.0.0.1:0", "HOST:PORT of this node's gRPC server (port 0: any free port)")
-    kv_transport: str = opt("zmq", "KV backend (kv_transfer/<name>/): zmq (any hosts), nccl (GPU to GPU; gloo "
-                                   "on CPU) or fake (in-process, tests)")
+    kv_transport: str = opt("auto", "KV backend (kv_transfer/<name>/): auto (cuda-ipc for prefill and decode nodes "
+                                    "on CUDA, else zmq), zmq (any hosts), nccl (GPU to GPU; gloo on CPU), cuda-ipc "
+                                    "(nodes of one host; host shared memory on CPU) or fake (in-process, tests)")
     kv: Any = None                           # the backend's config (kv_transfer/<name>/config.py); None: its defaults
     max_unread_batches: int = opt(4096, "decode: a token stream (Subscribe) this many step batches behind is ended")
     engine: EngineConfig = field(default_factory=EngineConfig)

@@ -55,10 +55,11 @@ def add_flags(p: argparse.ArgumentParser | argparse._ArgumentGroup, cls, skip: t
         default = None if required else _default(f)
         text, dest = (note(f) if note else "") + f.metadata["help"], prefix + f.name
         if kind is bool:
+            unset = None if prefix else default  # a backend's option not given is None, as for other kinds
             if default:
-                p.add_argument(_off_name(f, prefix), dest=dest, action="store_false", help=text)
+                p.add_argument(_off_name(f, prefix), dest=dest, action="store_false", default=unset, help=text)
             else:
-                p.add_argument(flag_name(f, prefix), dest=dest, action="store_true", help=text)
+                p.add_argument(flag_name(f, prefix), dest=dest, action="store_true", default=unset, help=text)
             continue
         if default not in (None, "", ()):
             text += f" (default: {default})".replace("%", "%%")

@@ -12,7 +12,7 @@ from pdserve.engine.engine_loop import EngineLoop
 from pdserve.engine.llm_engine import LLMEngine, StepBatch
 from pdserve.kv_transfer.base.conn import NodeLink, Role
 from pdserve.kv_transfer.base.layout import KVLayout
-from pdserve.kv_transfer.registry import backend
+from pdserve.kv_transfer.registry import AUTO, auto_choice, backend
 from pdserve.node.agent import NodeAgent
 from pdserve.common.config import NodeConfig
 from pdserve.wire.protocol import PROTOCOL_VERSION
@@ -38,6 +38,14 @@ class NodeBase:
 
     async def start(self) -> str:
         self.aio = asyncio.get_running_loop()
+        asked = self.cfg.kv_transport
+        if asked == AUTO:
+            role = "both" if self.role == api_pb2.ROLE_BOTH else self.kv_role.value
+            self.cfg.kv_transport, why = auto_choice(self.cfg.engine.device, role, self.cfg.coordinator)
+            if why:  # a slower transport than this GPU node could have had: said aloud, and shown in status
+                log.warning("--kv-transport auto: %s, not cuda-ipc: %s", self.cfg.kv_transport, why)
+            else:
+                log.info("--kv-transport auto: %s", self.cfg.kv_transport)
         kv = backend(self.cfg.kv_transport)
         if self.cfg.kv is None:
             self.cfg.kv = kv.config_class()
@@ -108,7 +116,7 @@ class NodeBase:
     def _register_request(self) -> node_pb2.RegisterRequest:
         return node_pb2.RegisterRequest(role=self.role, address=self.address, kv_endpoint=self.kv.endpoint,
                                         tp=self.cfg.engine.tp, model=self.model,
-                                        kv_blocks_total=self.engine.blocks.num_blocks)
+                                        kv_blocks_total=self.engine.blocks.num_blocks, kv_transport=self.kv.name)
 
     def _load(self) -> node_pb2.HeartbeatRequest:
         s = self.engine.scheduler

@@ -32,7 +32,7 @@ class ModelInfo(_message.Message):
     def __init__(self, name: _Optional[str] = ..., num_layers: _Optional[int] = ..., num_kv_heads: _Optional[int] = ..., head_dim: _Optional[int] = ..., block_size: _Optional[int] = ..., dtype: _Optional[str] = ..., vocab_size: _Optional[int] = ..., max_model_len: _Optional[int] = ..., compat_hash: _Optional[str] = ..., checkpoint_hash: _Optional[str] = ...) -> None: ...
 
 class RegisterRequest(_message.Message):
-    __slots__ = ("protocol_version", "role", "address", "kv_endpoint", "tp", "model", "kv_blocks_total")
+    __slots__ = ("protocol_version", "role", "address", "kv_endpoint", "tp", "model", "kv_blocks_total", "kv_transport")
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
@@ -40,6 +40,7 @@ class RegisterRequest(_message.Message):
     TP_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     KV_BLOCKS_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    KV_TRANSPORT_FIELD_NUMBER: _ClassVar[int]
     protocol_version: int
     role: _api_pb2.Role
     address: str
@@ -47,7 +48,8 @@ class RegisterRequest(_message.Message):
     tp: int
     model: ModelInfo
     kv_blocks_total: int
-    def __init__(self, protocol_version: _Optional[int] = ..., role: _Optional[_Union[_api_pb2.Role, str]] = ..., address: _Optional[str] = ..., kv_endpoint: _Optional[str] = ..., tp: _Optional[int] = ..., model: _Optional[_Union[ModelInfo, _Mapping]] = ..., kv_blocks_total: _Optional[int] = ...) -> None: ...
+    kv_transport: str
+    def __init__(self, protocol_version: _Optional[int] = ..., role: _Optional[_Union[_api_pb2.Role, str]] = ..., address: _Optional[str] = ..., kv_endpoint: _Optional[str] = ..., tp: _Optional[int] = ..., model: _Optional[_Union[ModelInfo, _Mapping]] = ..., kv_blocks_total: _Optional[int] = ..., kv_transport: _Optional[str] = ...) -> None: ...
 
 class Peer(_message.Message):
     __slots__ = ("node_id", "epoch", "address", "kv_endpoint", "tp", "compat_hash")
@@ -106,18 +108,22 @@ class HeartbeatResponse(_message.Message):
     def __init__(self, known: _Optional[bool] = ..., decode_peers: _Optional[_Iterable[_Union[Peer, _Mapping]]] = ..., prefill_peers: _Optional[_Iterable[_Union[Peer, _Mapping]]] = ...) -> None: ...
 
 class KVPairsRequest(_message.Message):
-    __slots__ = ("protocol_version", "compat_hash", "prefill_node_id", "prefill_tp", "pair_set")
+    __slots__ = ("protocol_version", "compat_hash", "prefill_node_id", "prefill_tp", "pair_set", "host_id", "kv_transport")
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
     COMPAT_HASH_FIELD_NUMBER: _ClassVar[int]
     PREFILL_NODE_ID_FIELD_NUMBER: _ClassVar[int]
     PREFILL_TP_FIELD_NUMBER: _ClassVar[int]
     PAIR_SET_FIELD_NUMBER: _ClassVar[int]
+    HOST_ID_FIELD_NUMBER: _ClassVar[int]
+    KV_TRANSPORT_FIELD_NUMBER: _ClassVar[int]
     protocol_version: int
     compat_hash: str
     prefill_node_id: str
     prefill_tp: int
     pair_set: str
-    def __init__(self, protocol_version: _Optional[int] = ..., compat_hash: _Optional[str] = ..., prefill_node_id: _Optional[str] = ..., prefill_tp: _Optional[int] = ..., pair_set: _Optional[str] = ...) -> None: ...
+    host_id: str
+    kv_transport: str
+    def __init__(self, protocol_version: _Optional[int] = ..., compat_hash: _Optional[str] = ..., prefill_node_id: _Optional[str] = ..., prefill_tp: _Optional[int] = ..., pair_set: _Optional[str] = ..., host_id: _Optional[str] = ..., kv_transport: _Optional[str] = ...) -> None: ...
 
 class KVPairsResponse(_message.Message):
     __slots__ = ("store_host", "store_port", "decode_tp")

@@ -27,7 +27,8 @@ def test_1p1d_over_zmq(tiny_models, reference, device, dtype, layers_per_message
     """cuda:0: both nodes share one GPU; cuda: one GPU each. The KV streams from the prefill
     step, whether it replays a prefill graph or runs eagerly (graphs False)."""
     cluster = start_cluster(model=tiny_models["qwen2"], device=device, dtype=dtype, kv_blocks=256,
-                            prefill_graphs=graphs, node_flags=("--kv-layers-per-message", str(layers_per_message)))
+                            prefill_graphs=graphs, kv_transport="zmq",
+                            node_flags=("--kv-layers-per-message", str(layers_per_message)))
     client = Client(cluster.cfg.listen)
     try:
         jobs = workload(11, 8)

@@ -1,0 +1,151 @@
+"""The copy layer of the cuda-ipc transport: one layer of a transfer's heads from this
+rank's pool into a peer's opened pool, and the per-layer checksums of both ends.
+
+Blocks are matched one to one (src_ids[i] -> dst_ids[i]). Where they form few
+contiguous runs (a fresh pool hands out consecutive blocks), each run of a layer's k or
+v is one Tensor.copy_ (a cudaMemcpyAsync on the copy engines when the heads are whole);
+otherwise one gather/scatter pair per layer. A checksum is the int64 sum of the layer's
+moved heads read as int32 words (order-free, so both ends compute it with one kernel);
+the source's is taken before the copy, the destination's after, on the same stream."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+def block_runs(src_ids: list[int], dst_ids: list[int]) -> list[tuple[int, int, int]]:
+    """(first source block, first destination block, count) of each run where both sides are consecutive."""
+    if len(src_ids) != len(dst_ids):
+        raise ValueError(f"{len(src_ids)} source blocks for {len(dst_ids)} destination blocks")
+    runs: list[list[int]] = []
+    for s, d in zip(src_ids, dst_ids):
+        if runs and runs[-1][0] + runs[-1][2] == s and runs[-1][1] + runs[-1][2] == d:
+            runs[-1][2] += 1
+        else:
+            runs.append([s, d, 1])
+    return [tuple(r) for r in runs]
+
+
+@dataclass
+class Peer:
+    """A peer rank's opened pool (k, v: [layers, blocks, block_size, heads, head_dim])."""
+    name: str
+    k: torch.Tensor
+    v: torch.Tensor
+    dst_head: int   # where the pair's heads start in the peer's pool
+
+
+@dataclass
+class Route:
+    peer: Peer
+    src_head: int
+    heads: int
+
+
+@dataclass
+class Job:
+    """One transfer on this rank: its routes, blocks, and the checksums queued so far."""
+    key: int
+    routes: list[Route]
+    src_ids: list[int]
+    dst_ids: list[int]
+    runs: list[tuple[int, int, int]] | None      # None: gather/scatter
+    idx: dict = field(default_factory=dict)      # device -> (src index, dst index) tensors
+    sums: list[torch.Tensor] = field(default_factory=list)   # [2] int64 per (layer, route, k|v)
+    layers: int = 0          # layers queued
+    error: str = ""
+    done: object = None      # CUDA event after the last copy (None on CPU)
+    corrupt: bool = False    # fault injection (tests)
+
+
+class Copier:
+    """Queues a job's copies on `stream` (None: synchronous, CPU)."""
+
+    def __init__(self, k: torch.Tensor, v: torch.Tensor, stream=None, verify: bool = True, max_runs: int = 32):
+        self.k, self.v, self.stream, self.verify, self.max_runs = k, v, stream, verify, max_runs
+        self._peer_streams: dict = {}   # another GPU's pool: checksums there run on a stream of that GPU
+
+    def job(self, key: int, routes: list[Route], src_ids: list[int], dst_ids: list[int], corrupt: bool = False) -> Job:
+        runs = block_runs(src_ids, dst_ids)
+        cross = any(r.peer.k.device != self.k.device for r in routes)
+        use_runs = cross or len(runs) <= self.max_runs  # kernels on another GPU would need its streams: copies only
+        for r in routes:
+            if max(dst_ids) >= r.peer.k.shape[1] or r.peer.dst_head + r.heads > r.peer.k.shape[3]:
+                raise ValueError(f"blocks or heads past the peer pool of {r.peer.name}")
+        return Job(key, routes, list(src_ids), list(dst_ids), runs if use_runs else None, corrupt=corrupt)
+
+    def copy_layer(self, job: Job, layer: int) -> None:
+        """Queue layer `layer` of every route (the caller orders it after the layer was computed)."""
+        for r in job.routes:
+            sh, dh, n = r.src_head, r.peer.dst_head, r.heads
+            for src_pool, dst_pool in ((self.k, r.peer.k), (self.v, r.peer.v)):
+                src = src_pool[layer][:, :, sh:sh + n]
+                dst = dst_pool[layer][:, :, dh:dh + n]
+                if self.verify:
+                    s = self._sum(job, src, 0)
+                self._copy(job, src, dst)
+                if job.corrupt and layer == 0:
+                    self._ordered(dst.device, lambda: dst[job.dst_ids[0]].add_(1))
+                if self.verify:
+                    job.sums.append(torch.stack((s, self._ordered(dst.device, lambda: self._sum(job, dst, 1))
+                                                 .to(s.device))))
+        job.layers += 1
+
+    def _ordered(self, device: torch.device, fn):
+        """fn() on `device` behind what this copier queued so far: on this copier's stream
+        when the device is its own; on another GPU, on a stream there that waits for it
+        (and that this copier's stream then waits for)."""
+        if self.stream is None or device == self.stream.device:
+            return fn()
+        if device not in self._peer_streams:
+            self._peer_streams[device] = torch.cuda.Stream(device)
+        peer = self._peer_streams[device]
+        peer.wait_stream(self.stream)
+        with torch.cuda.device(device), torch.cuda.stream(peer):
+            out = fn()
+        self.stream.wait_stream(peer)
+        return out
+
+    def _copy(self, job: Job, src: torch.Tensor, dst: torch.Tensor) -> None:
+        if job.runs is not None:
+            for s, d, c in job.runs:
+                dst[d:d + c].copy_(src[s:s + c], non_blocking=True)
+            return
+        si, di = self._index(job, src.device)
+        dst.index_copy_(0, di, src.index_select(0, si))
+
+    def _index(self, job: Job, device: torch.device):
+        if device not in job.idx:
+            job.idx[device] = (torch.tensor(job.src_ids, dtype=torch.long).to(device, non_blocking=True),
+                               torch.tensor(job.dst_ids, dtype=torch.long).to(device, non_blocking=True))
+        return job.idx[device]
+
+    def _sum(self, job: Job, t: torch.Tensor, side: int) -> torch.Tensor:
+        """The int64 sum of the job's blocks of t (side 0: source ids, 1: destination ids) as
+        int32 words: over each run in place, or over the gathered blocks."""
+        if job.runs is not None:
+            sums = [_words(t[r[side]:r[side] + r[2]]).sum(dtype=torch.int64) for r in job.runs]
+            return sums[0] if len(sums) == 1 else torch.stack(sums).sum()
+        return _words(t.index_select(0, self._index(job, t.device)[side])).sum(dtype=torch.int64)
+
+    def check(self, job: Job) -> str:
+        """After the job's copies ran: "" or which layer's checksums differ."""
+        if job.error or not job.sums:
+            return job.error
+        if self.stream is not None:  # read back on the (finished) side stream, not behind the next forward
+            with torch.cuda.stream(self.stream):
+                sums = torch.stack(job.sums).cpu().tolist()
+        else:
+            sums = torch.stack(job.sums).tolist()
+        per_layer = 2 * len(job.routes)
+        for i, (a, b) in enumerate(sums):
+            if a != b:
+                r = job.routes[(i % per_layer) // 2]
+                return f"checksum mismatch in layer {i // per_layer} ({'kv'[i % 2]}, pair {r.peer.name})"
+        return ""
+
+
+def _words(t: torch.Tensor) -> torch.Tensor:
+    """t's bytes as int32 words (a head is whole words: head_dim x itemsize is a multiple of 4)."""
+    return (t if t.stride(-1) == 1 else t.contiguous()).view(torch.int32)
