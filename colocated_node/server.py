@@ -58,6 +58,8 @@ class ColocatedNode(DecodeNode, node_pb2_grpc.PrefillNodeServicer):
             return seq
         epoch = self._epoch(req.ticket.epoch)
         self._arrive(rid)
+        if req.subscriber:
+            self.owners[rid] = req.subscriber
         try:
             added = asyncio.ensure_future(self.call(add))
             try:
@@ -86,6 +88,7 @@ class ColocatedNode(DecodeNode, node_pb2_grpc.PrefillNodeServicer):
     def _abandon(self, seq) -> None:
         """A Prefill that will not answer: its sequence leaves the engine."""
         self.first.pop(seq.seq_id, None)
+        self.owners.pop(seq.request_id, None)
         if self.running.get(seq.request_id) is seq:
             del self.running[seq.request_id]
         self._spawn(self.call(lambda engine: engine.abort(seq)))
@@ -107,6 +110,7 @@ class ColocatedNode(DecodeNode, node_pb2_grpc.PrefillNodeServicer):
             out.seq.decode_start = time.time()
             if out.finished:
                 self.running.pop(out.seq.request_id, None)
+                self.owners.pop(out.seq.request_id, None)
             if not fut.done():
                 fut.set_result(out)
         super().on_step(later)

@@ -3,7 +3,9 @@
 Every reservation and running request belongs to the registration epoch it was handed
 out under. Requests of an epoch are aborted and freed when nobody can receive their
 tokens any more: the node registered anew (that coordinator forgot it), or the last
-Subscribe stream of that epoch ended."""
+Subscribe stream of that epoch ended. A request reserved for a subscriber (a
+coordinator worker) streams to that subscriber's Subscribe calls only, and is aborted
+when the last of them ends."""
 from __future__ import annotations
 
 import asyncio
@@ -14,7 +16,7 @@ from dataclasses import dataclass
 
 import grpc
 
-from pdserve.decode_node.subscribers import Subscriber
+from pdserve.decode_node.subscribers import Subscriber, route
 from pdserve.engine.llm_engine import StepOutput
 from pdserve.common.config import LEASE_S
 from pdserve.common.sampling import SamplingParams
@@ -52,6 +54,7 @@ class DecodeNode(NodeBase, node_pb2_grpc.DecodeNodeServicer):
         self.admitting: dict[str, Reservation] = {}  # KV arrived, joining the batch
         self.running: dict[str, object] = {}       # request_id -> Sequence (seq.epoch set at admission)
         self.subscribers: set[Subscriber] = set()
+        self.owners: dict[str, str] = {}           # request_id -> the subscriber id it streams to (absent: all)
         self.arriving: set[str] = set()            # Reserve (colocated: Prefill) calls in flight
         self.aborted = RecentIds()                 # aborted before they arrived: refused when they do
         self.seen = RecentIds()                    # arrived lately: a late Abort leaves no tombstone
@@ -110,6 +113,8 @@ class DecodeNode(NodeBase, node_pb2_grpc.DecodeNodeServicer):
         rx = self.kv.expect(transfer_id, epoch, blocks, expiry, self._writer(blocks))
         res = Reservation(rid, prompt, params, blocks, rx, epoch)
         self.reservations[rid] = res
+        if req.subscriber:
+            self.owners[rid] = req.subscriber
         self._spawn(self._await_kv(res))
         return node_pb2.Ticket(transfer_id=transfer_id, decode_node_id=self.agent.node_id, epoch=epoch,
                                block_ids=blocks, kv_endpoint=self.kv.endpoint, lease_expiry=expiry,
@@ -217,13 +222,16 @@ class DecodeNode(NodeBase, node_pb2_grpc.DecodeNodeServicer):
             self._publish(updates)
 
     def _publish(self, updates: list[node_pb2.TokenUpdate]) -> None:
-        batch = node_pb2.TokenBatch(updates=updates)
-        for sub in list(self.subscribers):
-            if not sub.put(batch):
+        """One batch per subscriber, of the updates of the requests it streams."""
+        for sub, mine in route(updates, lambda u: self.owners.get(u.request_id, ""), self.subscribers).items():
+            if not sub.put(node_pb2.TokenBatch(updates=mine)):
                 self.subscribers.discard(sub)
+        for u in updates:
+            if u.finish_reason or u.error:  # its last update
+                self.owners.pop(u.request_id, None)
 
     async def Subscribe(self, req: node_pb2.SubscribeRequest, context) -> None:
-        sub = Subscriber(req.epoch or self.agent.epoch, self.cfg.max_unread_batches)
+        sub = Subscriber(req.epoch or self.agent.epoch, self.cfg.max_unread_batches, req.subscriber)
         self.subscribers.add(sub)
         why = "its stream ended"
         try:
@@ -234,13 +242,17 @@ class DecodeNode(NodeBase, node_pb2_grpc.DecodeNodeServicer):
                            f"{sub.limit} token batches unread: the subscription is ended")
         finally:
             self.subscribers.discard(sub)
+            if not self.closing and sub.id and not any(s.id == sub.id for s in self.subscribers):
+                self._drop(lambda e, rid: self.owners.get(rid) == sub.id,
+                           f"the last stream of subscriber {sub.id} ended: {why}")
             if not self.closing and not any(s.epoch == sub.epoch for s in self.subscribers):
-                self._drop(lambda e: e == sub.epoch, f"the last subscription of epoch {sub.epoch} ended: {why}")
+                self._drop(lambda e, rid: e == sub.epoch, f"the last subscription of epoch {sub.epoch} ended: {why}")
 
     # aborts
 
     async def Abort(self, req: node_pb2.AbortRequest, context) -> node_pb2.AbortResponse:
         rid = req.request_id
+        self.owners.pop(rid, None)
         res = self.reservations.pop(rid, None)
         if res is not None:
             self._cancel_reservation(res)
@@ -271,23 +283,25 @@ class DecodeNode(NodeBase, node_pb2_grpc.DecodeNodeServicer):
         await self.call(lambda engine: [engine.abort(seq) for seq in seqs])
 
     def _drop(self, matches, why: str) -> None:
-        """Abort and free every reservation and running request whose epoch matches."""
-        res = [r for r in self.reservations.values() if matches(r.epoch)]
+        """Abort and free every reservation and running request for which matches(epoch, request_id)."""
+        res = [r for r in self.reservations.values() if matches(r.epoch, r.request_id)]
         for r in res:
             del self.reservations[r.request_id]
+            self.owners.pop(r.request_id, None)
             self._cancel_reservation(r)
         for r in self.admitting.values():
-            r.dropped = r.dropped or matches(r.epoch)
-        seqs = [s for s in self.running.values() if matches(getattr(s, "epoch", 0))]
+            r.dropped = r.dropped or matches(r.epoch, r.request_id)
+        seqs = [s for s in self.running.values() if matches(getattr(s, "epoch", 0), s.request_id)]
         for s in seqs:
             del self.running[s.request_id]
+            self.owners.pop(s.request_id, None)
         if seqs:
             self._spawn(self._abort_running(seqs, why))
         if res or seqs:
             log.warning("aborted %d reservations and %d running requests: %s", len(res), len(seqs), why)
 
     def _on_registered(self, epoch: int) -> None:
-        self._drop(lambda e: e != epoch, f"registered anew under epoch {epoch}; the old registration is gone")
+        self._drop(lambda e, rid: e != epoch, f"registered anew under epoch {epoch}; the old registration is gone")
 
     async def OpenKVPairs(self, req: node_pb2.KVPairsRequest, context) -> node_pb2.KVPairsResponse:
         try:
