@@ -257,6 +257,9 @@ def cmd_status(a: argparse.Namespace) -> int:
     for n in s["nodes"]:
         print(f"{n['role']:8} {n['id']}  {n['address']:22} {'healthy' if n['healthy'] else 'DOWN':8} tp={n['tp']} "
               f"kv={n['kv_blocks_free']}/{n['kv_blocks_total']} running={n['running']} queued={n['queued']}")
+    for w in s["workers"]:
+        print(f"worker {w['index']}  pid {w['pid']:<8} {'ready' if w['ready'] else 'STARTING':8} "
+              f"served={w['served']} inflight={w['inflight']} restarts={w['restarts']}")
     return 0
 
 
