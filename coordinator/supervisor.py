@@ -134,6 +134,8 @@ class Supervisor(node_pb2_grpc.CoordinatorServicer, supervisor_pb2_grpc.Supervis
         """Start a slot's process again whenever it dies (not while closing)."""
         while True:
             code = await _in_thread(slot.proc.wait)
+            if code == 0 and not self.closing:  # drained by a signal (Ctrl-C reaches the whole group)
+                await asyncio.sleep(0.5)         # that may be on its way to this process too
             if self.closing:
                 return
             slot.ready, slot.streaming = False, set()

@@ -172,3 +172,18 @@ def test_a_killed_worker_is_started_again_and_only_its_clients_fail(tiny_models,
         supervisor = c.procs[0]
         c.stop()
     assert supervisor.returncode == 0, "SIGTERM must drain the workers and exit 0"
+
+
+def test_workers_default_from_the_cores_and_pass_through_pdserve_up():
+    from pdserve.cli import build_parser
+    from pdserve.cluster import Cluster, ClusterConfig
+    from pdserve.common.config import CoordinatorConfig
+    from pdserve.common.flags import from_args
+    cores = len(os.sched_getaffinity(0))
+    assert CoordinatorConfig().worker_count() == max(1, min(8, cores // 2))
+    assert from_args(CoordinatorConfig, build_parser().parse_args(["coordinator", "--workers", "3"])).worker_count() == 3
+    with pytest.raises(ValueError):
+        CoordinatorConfig(workers=0)
+    cmd = Cluster(ClusterConfig(workers=3)).coordinator_command()
+    assert cmd[cmd.index("--workers") + 1] == "3"
+    assert "--workers" not in Cluster(ClusterConfig()).coordinator_command()
