@@ -65,8 +65,10 @@ class Worker(Coordinator):
         return self.address
 
     async def close(self, grace_s: float = 5.0) -> None:
+        """Drain (SIGTERM from the supervisor); without a supervisor, stop at once, as a
+        coordinator that crashed: nothing would fence a node that dies meanwhile."""
         self.closing = True
-        await super().close(grace_s)
+        await super().close(0.0 if self.fatal else grace_s)
         await self.sup_channel.close()
 
     # the node table and this worker's token streams

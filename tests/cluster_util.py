@@ -12,6 +12,7 @@ from pdserve.v1 import api_pb2, api_pb2_grpc
 
 def start_cluster(**kwargs) -> Cluster:
     kwargs.setdefault("device", "cpu")
+    kwargs.setdefault("workers", 1)  # one coordinator process whatever the cores, unless a test asks for more
     kwargs.setdefault("listen", f"127.0.0.1:{free_port()}")
     cfg = ClusterConfig(**kwargs)
     cluster = Cluster(cfg)
