@@ -116,9 +116,11 @@ class Worker(Coordinator):
             except asyncio.TimeoutError:
                 pass
             self._report_now.clear()
-            report = supervisor_pb2.WorkerReport(
-                worker=self.index, pid=os.getpid(), ready=self.ready, served=self.served, inflight=len(self.requests),
-                streaming=[n.id for n in self.registry.nodes.values() if n.streaming and not n.down])
+            # a node counts as streamed once this worker can also tokenize for its model
+            streaming = [n.id for n in self.registry.nodes.values() if n.streaming and not n.down
+                         and self.model.info is not None and n.model.compat_hash == self.model.info.compat_hash]
+            report = supervisor_pb2.WorkerReport(worker=self.index, pid=os.getpid(), ready=self.ready,
+                                                 served=self.served, inflight=len(self.requests), streaming=streaming)
             try:
                 await self.sup.Report(report, timeout=max(1.0, self.cfg.heartbeat_interval_s))
             except grpc.aio.AioRpcError as e:
