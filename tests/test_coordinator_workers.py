@@ -80,9 +80,13 @@ def test_greedy_requests_through_both_workers_match_transformers(cluster, tiny_m
 
 def test_cancel_deadline_and_bad_inputs_through_every_worker(cluster):
     c, client = cluster
-    conns = clients(c.cfg.listen, 6)
+    served = lambda: [w["served"] for w in client.status()["workers"]]  # noqa: E731
+    before, conns = served(), []
     try:
-        for conn in conns:
+        # new connections until both workers have served some of them
+        while True:
+            conn = Client(c.cfg.listen, own_connection=True)
+            conns.append(conn)
             stream = conn.stub.Generate(request(list(range(1, 30)), greedy(480, ignore_eos=True)), timeout=60)
             got = 0
             with pytest.raises(grpc.RpcError) as e:
@@ -94,6 +98,11 @@ def test_cancel_deadline_and_bad_inputs_through_every_worker(cluster):
             with pytest.raises(grpc.RpcError) as e:
                 conn.generate(request(list(range(1, 30)), greedy(480, ignore_eos=True)), timeout=0.3)
             assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            if len(conns) >= 4:
+                time.sleep(0.6)  # a worker reports its counters twice per second
+                if all(now > then for now, then in zip(served(), before)):
+                    break
+            assert len(conns) < 16, "the kernel never gave a connection to one of the workers"
         for i, (req, message) in enumerate(bad_requests()):
             with pytest.raises(grpc.RpcError) as e:
                 conns[i % len(conns)].generate(req)
