@@ -55,11 +55,11 @@ class ColocatedNode(DecodeNode, node_pb2_grpc.PrefillNodeServicer):
             seq.kv_ready, seq.decode_start, seq.epoch = 0.0, 0.0, epoch
             self.first[seq.seq_id] = fut
             self.running[rid] = seq  # registered before any step can emit its tokens
+            if req.subscriber:
+                self.owners[rid] = req.subscriber
             return seq
         epoch = self._epoch(req.ticket.epoch)
         self._arrive(rid)
-        if req.subscriber:
-            self.owners[rid] = req.subscriber
         try:
             added = asyncio.ensure_future(self.call(add))
             try:
