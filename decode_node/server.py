@@ -200,6 +200,8 @@ class DecodeNode(NodeBase, node_pb2_grpc.DecodeNodeServicer):
             return
         finally:
             self.admitting.pop(rid, None)
+        if out is None or res.dropped:
+            self.owners.pop(rid, None)
         if out is None:
             return
         if res.dropped and self.running.pop(rid, None) is not None:  # aborted as it was admitted
