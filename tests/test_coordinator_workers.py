@@ -60,7 +60,7 @@ def all_healthy(client: Client, nodes: int) -> bool:
 @pytest.fixture(scope="module")
 def cluster(tiny_models, tmp_path_factory):
     logs = tmp_path_factory.mktemp("workers-logs")
-    c = start_cluster(model=tiny_models["qwen2"], decode=2, kv_blocks=128, workers=2, log_dir=str(logs))
+    c = start_cluster(model=tiny_models["qwen2"], decode=2, kv_blocks=256, workers=2, log_dir=str(logs))
     c.logs = logs
     client = Client(c.cfg.listen)
     yield c, client
@@ -116,7 +116,7 @@ def test_cancel_deadline_and_bad_inputs_through_every_worker(cluster):
 
 def test_streams_on_a_decode_node_that_dies_move_to_the_other_through_both_workers(cluster, tiny_models, reference):
     c, client = cluster
-    jobs = jobs_of(2, 8, max_tokens=300)
+    jobs = jobs_of(2, 6, max_tokens=400)
     result = {}
     runner = threading.Thread(target=lambda: result.setdefault("outs", spread(c.cfg.listen, jobs, timeout=120)))
     runner.start()
