@@ -28,13 +28,16 @@ class Mirror:
         self.registry, self.lifecycle, self.model = registry, lifecycle, model
         self.subscribe, self.unsubscribe = subscribe, unsubscribe
         self.first = asyncio.Event()  # set once a table was applied
+        self.failed = ""              # the model whose tokenizer failed to load last
 
     async def apply(self, table: supervisor_pb2.NodeTable) -> None:
         if table.HasField("model"):
             try:
                 await self.model.follow(table.model)
-            except RpcError as e:  # tried again with the next table
-                log.warning("cannot serve %s yet: %s", table.model.name, e.message)
+            except RpcError as e:  # tried again with the next table; said once
+                if self.failed != table.model.compat_hash:
+                    self.failed = table.model.compat_hash
+                    log.warning("cannot serve %s yet: %s", table.model.name, e.message)
         now = time.monotonic()
         listed = set()
         for rec in table.nodes:
