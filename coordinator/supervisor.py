@@ -109,7 +109,7 @@ class Supervisor(node_pb2_grpc.CoordinatorServicer, supervisor_pb2_grpc.Supervis
         share = replace(self.cfg, listen=self.address, workers=1, max_inflight=-(-self.cfg.max_inflight // n),
                         max_queued=-(-self.cfg.max_queued // n))
         return [sys.executable, "-m", "pdserve", "coordinator", *to_argv(share),
-                "--switch-interval-us", str(sys.getswitchinterval() * 1e6), "--worker-of", self.internal_address,
+                "--switch-interval-us", f"{sys.getswitchinterval() * 1e6:.0f}", "--worker-of", self.internal_address,
                 "--worker-index", str(slot.index), "--subscriber", slot.subscriber]
 
     async def _launch(self, slot: WorkerSlot) -> None:
