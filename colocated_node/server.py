@@ -55,6 +55,8 @@ class ColocatedNode(DecodeNode, node_pb2_grpc.PrefillNodeServicer):
             seq.kv_ready, seq.decode_start, seq.epoch = 0.0, 0.0, epoch
             self.first[seq.seq_id] = fut
             self.running[rid] = seq  # registered before any step can emit its tokens
+            if req.subscriber:
+                self.owners[rid] = req.subscriber
             return seq
         epoch = self._epoch(req.ticket.epoch)
         self._arrive(rid)
@@ -86,6 +88,7 @@ class ColocatedNode(DecodeNode, node_pb2_grpc.PrefillNodeServicer):
         """A Prefill that will not answer: its sequence leaves the engine."""
         self.first.pop(seq.seq_id, None)
         self.outputs.forget(seq)
+        self.owners.pop(seq.request_id, None)
         if self.running.get(seq.request_id) is seq:
             del self.running[seq.request_id]
         self._spawn(self.call(lambda engine: engine.abort(seq)))
@@ -111,6 +114,7 @@ class ColocatedNode(DecodeNode, node_pb2_grpc.PrefillNodeServicer):
             seq.decode_start = time.time()
             if batch.finish[i] is not None:
                 running.pop(seq.request_id, None)
+                self.owners.pop(seq.request_id, None)
             if not fut.done():
                 fut.set_result((batch.token_ids[i], text, batch.finish[i]))
         self._emit(batch, later)

@@ -52,18 +52,23 @@ class Lifecycle:
         self.cfg, self.registry, self.spawn = cfg, registry, spawn
         self.requests: dict[str, RequestRecord] = {}
         self._capacity = asyncio.Event()
+        self.subscriber = ""   # a worker's id: nodes stream its requests' tokens to its own Subscribe only
+        self.on_lost = None    # a worker's hook: tell the supervisor, which fences the node for every worker
 
     def freed(self) -> None:
         """Decode capacity may have come back: wake the requests queued for it."""
         self._capacity.set()
         self._capacity = asyncio.Event()
 
-    def node_lost(self, node: NodeEntry, why: str) -> None:
-        """Fence a node off; wake every request that depends on it."""
+    def node_lost(self, node: NodeEntry, why: str, tell: bool = True) -> None:
+        """Fence a node off; wake every request that depends on it. tell: pass it on to on_lost
+        (False where the news came from the supervisor)."""
         if node.down:
             return
         node.down, node.streaming = True, False
         log.warning("node %s (%s) %s", node.id, api_pb2.Role.Name(node.role), why)
+        if tell and self.on_lost is not None:
+            self.on_lost(node, why)
         for record in list(self.requests.values()):
             if record.decode is node:
                 record.decode_lost()
@@ -149,7 +154,8 @@ class Lifecycle:
                 try:
                     ticket = await node.stub.Reserve(node_pb2.ReserveRequest(
                         request_id=record.key, prompt_token_ids=record.run_prompt, sampling=record.run_sampling,
-                        lease_s=self.cfg.lease_s, epoch=node.epoch), timeout=_bounded(record, 10.0))
+                        lease_s=self.cfg.lease_s, epoch=node.epoch, subscriber=self.subscriber),
+                        timeout=_bounded(record, 10.0))
                 except grpc.aio.AioRpcError as e:
                     record.reserving.discard(node)
                     if e.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND):
@@ -186,7 +192,8 @@ class Lifecycle:
         try:
             call = node.prefill_stub.Prefill(node_pb2.PrefillRequest(
                 request_id=record.key, prompt_token_ids=record.run_prompt, sampling=record.run_sampling,
-                ticket=record.ticket, keep_kv=colocated), timeout=record.remaining())
+                ticket=record.ticket, keep_kv=colocated, subscriber=self.subscriber if colocated else ""),
+                timeout=record.remaining())
             resp = await self._unless_alarmed(record, call)
             record.prefilled(resp)
             return resp

@@ -56,6 +56,13 @@ class ServedModel:
                         self.info.name, model.name)
         self.info, self.tokenizer = model, tokenizer
 
+    async def follow(self, model: node_pb2.ModelInfo) -> None:
+        """A worker: serve the model its supervisor admitted (its tokenizer loads first)."""
+        if self.info is not None and model.compat_hash == self.info.compat_hash:
+            return
+        tokenizer = self.tokenizer if self.configured else await self._tokenizer(model.name)
+        self.info, self.tokenizer = model, tokenizer
+
     async def _tokenizer(self, name: str):
         task = self._loads.get(name)
         if task is None:

@@ -66,13 +66,17 @@ class Registry:
         self.refuse_taken(req.address)
         for old in [n for n in self.nodes.values() if n.address == req.address]:
             self.remove(old.id)
-        node = NodeEntry(id=uuid.uuid4().hex[:12], role=req.role, address=req.address, kv_endpoint=req.kv_endpoint,
-                         tp=req.tp, model=req.model, epoch=next(self._epochs), kv_blocks_total=req.kv_blocks_total,
-                         kv_blocks_free=req.kv_blocks_total, kv_transport=req.kv_transport)
-        node.channel = channel(req.address)
-        if req.role != api_pb2.ROLE_PREFILL:
+        return self.add(NodeEntry(id=uuid.uuid4().hex[:12], role=req.role, address=req.address,
+                                  kv_endpoint=req.kv_endpoint, tp=req.tp, model=req.model, epoch=next(self._epochs),
+                                  kv_blocks_total=req.kv_blocks_total, kv_blocks_free=req.kv_blocks_total,
+                                  kv_transport=req.kv_transport))
+
+    def add(self, node: NodeEntry) -> NodeEntry:
+        """Open a channel to a new entry and list it (a worker's mirror adds the supervisor's entries)."""
+        node.channel = channel(node.address)
+        if node.role != api_pb2.ROLE_PREFILL:
             node.stub = node_pb2_grpc.DecodeNodeStub(node.channel)
-        if req.role != api_pb2.ROLE_DECODE:
+        if node.role != api_pb2.ROLE_DECODE:
             node.prefill_stub = node_pb2_grpc.PrefillNodeStub(node.channel)
             node.stub = node.stub or node.prefill_stub
         self.nodes[node.id] = node

@@ -30,6 +30,7 @@ class Coordinator(api_pb2_grpc.GenerationServicer, node_pb2_grpc.CoordinatorServ
         self.lifecycle = Lifecycle(cfg, self.registry, self._spawn)
         self.requests = self.lifecycle.requests
         self.slots = asyncio.Semaphore(cfg.max_inflight)
+        self.served = 0  # Generate calls taken
 
     async def start(self) -> str:
         await self.model.start()
@@ -79,14 +80,20 @@ class Coordinator(api_pb2_grpc.GenerationServicer, node_pb2_grpc.CoordinatorServ
     async def _subscribe(self, node: NodeEntry) -> None:
         """Relay a decode node's per-step token batches to the requests they belong to."""
         try:
-            async for batch in node.stub.Subscribe(node_pb2.SubscribeRequest(epoch=node.epoch)):
-                node.streaming = True  # routable from now on: no token of its can be missed
+            async for batch in node.stub.Subscribe(node_pb2.SubscribeRequest(epoch=node.epoch,
+                                                                             subscriber=self.lifecycle.subscriber)):
+                if not node.streaming:
+                    node.streaming = True  # routable from now on: no token of its can be missed
+                    self.stream_opened(node)
                 self.lifecycle.deliver(batch, node)
         except asyncio.CancelledError:
             raise
         except grpc.aio.AioRpcError as e:
             log.warning("token stream from %s broke: %s", node.id, e.code().name)
         self.lifecycle.node_lost(node, "lost its token stream")
+
+    def stream_opened(self, node: NodeEntry) -> None:
+        """A node's token stream to this process is open (a worker tells its supervisor)."""
 
     def _spawn(self, coro) -> None:
         task = asyncio.create_task(coro)
@@ -134,6 +141,7 @@ class Coordinator(api_pb2_grpc.GenerationServicer, node_pb2_grpc.CoordinatorServ
 
     async def Generate(self, req: api_pb2.GenerateRequest, context):
         record = None
+        self.served += 1
         try:
             if len(self.requests) >= self.cfg.max_inflight + self.cfg.max_queued:
                 raise RpcError(grpc.StatusCode.RESOURCE_EXHAUSTED,

@@ -3,7 +3,9 @@
 Every reservation and running request belongs to the registration epoch it was handed
 out under. Requests of an epoch are aborted and freed when nobody can receive their
 tokens any more: the node registered anew (that coordinator forgot it), or the last
-Subscribe stream of that epoch ended."""
+Subscribe stream of that epoch ended. A request reserved for a subscriber (a
+coordinator worker) streams to that subscriber's Subscribe calls only, and is aborted
+when the last of them ends."""
 from __future__ import annotations
 
 import asyncio
@@ -55,6 +57,7 @@ class DecodeNode(NodeBase, node_pb2_grpc.DecodeNodeServicer):
         self.admitting: dict[str, Reservation] = {}  # KV arrived, joining the batch
         self.running: dict[str, object] = {}       # request_id -> Sequence (seq.epoch set at admission)
         self.subscribers: set[Subscriber] = set()
+        self.owners: dict[str, str] = {}           # request_id -> the subscriber id it streams to (absent: all)
         self.arriving: set[str] = set()            # Reserve (colocated: Prefill) calls in flight
         self.aborted = RecentIds()                 # aborted before they arrived: refused when they do
         self.seen = RecentIds()                    # arrived lately: a late Abort leaves no tombstone
@@ -117,6 +120,8 @@ class DecodeNode(NodeBase, node_pb2_grpc.DecodeNodeServicer):
         rx = self.kv.expect(transfer_id, epoch, blocks, expiry, self._writer(blocks))
         res = Reservation(rid, prompt, params, blocks, rx, epoch)
         self.reservations[rid] = res
+        if req.subscriber:
+            self.owners[rid] = req.subscriber
         self._spawn(self._await_kv(res))
         return node_pb2.Ticket(transfer_id=transfer_id, decode_node_id=self.agent.node_id, epoch=epoch,
                                block_ids=blocks, kv_endpoint=self.kv.endpoint, lease_expiry=expiry,
@@ -180,7 +185,8 @@ class DecodeNode(NodeBase, node_pb2_grpc.DecodeNodeServicer):
         del self.reservations[rid]
         if rx.state == TransferState.FAILED:
             await self.call(lambda engine: engine.release(res.blocks))
-            self._publish(error_batch(rid, grpc.StatusCode.UNAVAILABLE, f"KV transfer failed: {rx.error}"))
+            self._publish(error_batch(rid, grpc.StatusCode.UNAVAILABLE, f"KV transfer failed: {rx.error}"),
+                          self.owners.pop(rid, ""))
             return
 
         def admit(engine):
@@ -198,16 +204,19 @@ class DecodeNode(NodeBase, node_pb2_grpc.DecodeNodeServicer):
             out = await self.call(admit)
         except Exception as e:
             await self.call(lambda engine: engine.release(res.blocks))
-            self._publish(error_batch(rid, grpc.StatusCode.INTERNAL, f"admission failed: {e}"))
+            self._publish(error_batch(rid, grpc.StatusCode.INTERNAL, f"admission failed: {e}"),
+                          self.owners.pop(rid, ""))
             return
         finally:
             self.admitting.pop(rid, None)
+        if out is None or res.dropped:
+            self.owners.pop(rid, None)
         if out is None:
             return
         if res.dropped and self.running.pop(rid, None) is not None:  # aborted as it was admitted
             await self._abort_running([out.seq], "aborted")
         elif out.finished:
-            self._publish(first_batch(out))
+            self._publish(first_batch(out), self.owners.pop(rid, ""))
 
     # token streams
 
@@ -216,22 +225,29 @@ class DecodeNode(NodeBase, node_pb2_grpc.DecodeNodeServicer):
         self._emit(batch, [i for i, seq in enumerate(batch.seqs) if seq.request_id in running])
 
     def _emit(self, batch: StepBatch, rows: list[int]) -> None:
-        """Publish these rows of a step as one TokenBatch; finished requests leave self.running."""
+        """Publish these rows of a step, one TokenBatch per subscriber id that owns some of
+        them; finished requests leave self.running and self.owners."""
         if not rows:
             return
-        out = self.outputs.token_batch(batch, rows)
+        groups: dict[str, list[int]] = {}
+        for i in rows:
+            groups.setdefault(self.owners.get(batch.seqs[i].request_id, ""), []).append(i)
+        for owner, mine in groups.items():
+            self._publish(self.outputs.token_batch(batch, mine), owner)
         for i in rows:
             if batch.finish[i] is not None:
-                del self.running[batch.seqs[i].request_id]
-        self._publish(out)
+                rid = batch.seqs[i].request_id
+                del self.running[rid]
+                self.owners.pop(rid, None)
 
-    def _publish(self, batch: node_pb2.TokenBatch) -> None:
+    def _publish(self, batch: node_pb2.TokenBatch, owner: str = "") -> None:
+        """To the subscribers of this id ("" : to every subscriber)."""
         for sub in list(self.subscribers):
-            if not sub.put(batch):
+            if (not owner or sub.id == owner) and not sub.put(batch):
                 self.subscribers.discard(sub)
 
     async def Subscribe(self, req: node_pb2.SubscribeRequest, context) -> None:
-        sub = Subscriber(req.epoch or self.agent.epoch, self.cfg.max_unread_batches)
+        sub = Subscriber(req.epoch or self.agent.epoch, self.cfg.max_unread_batches, req.subscriber)
         self.subscribers.add(sub)
         why = "its stream ended"
         try:
@@ -242,13 +258,17 @@ class DecodeNode(NodeBase, node_pb2_grpc.DecodeNodeServicer):
                            f"{sub.limit} token batches unread: the subscription is ended")
         finally:
             self.subscribers.discard(sub)
+            if not self.closing and sub.id and not any(s.id == sub.id for s in self.subscribers):
+                self._drop(lambda e, rid: self.owners.get(rid) == sub.id,
+                           f"the last stream of subscriber {sub.id} ended: {why}")
             if not self.closing and not any(s.epoch == sub.epoch for s in self.subscribers):
-                self._drop(lambda e: e == sub.epoch, f"the last subscription of epoch {sub.epoch} ended: {why}")
+                self._drop(lambda e, rid: e == sub.epoch, f"the last subscription of epoch {sub.epoch} ended: {why}")
 
     # aborts
 
     async def Abort(self, req: node_pb2.AbortRequest, context) -> node_pb2.AbortResponse:
         rid = req.request_id
+        self.owners.pop(rid, None)
         res = self.reservations.pop(rid, None)
         if res is not None:
             self._cancel_reservation(res)
@@ -281,23 +301,25 @@ class DecodeNode(NodeBase, node_pb2_grpc.DecodeNodeServicer):
         await self.call(lambda engine: [engine.abort(seq) for seq in seqs])
 
     def _drop(self, matches, why: str) -> None:
-        """Abort and free every reservation and running request whose epoch matches."""
-        res = [r for r in self.reservations.values() if matches(r.epoch)]
+        """Abort and free every reservation and running request for which matches(epoch, request_id)."""
+        res = [r for r in self.reservations.values() if matches(r.epoch, r.request_id)]
         for r in res:
             del self.reservations[r.request_id]
+            self.owners.pop(r.request_id, None)
             self._cancel_reservation(r)
         for r in self.admitting.values():
-            r.dropped = r.dropped or matches(r.epoch)
-        seqs = [s for s in self.running.values() if matches(getattr(s, "epoch", 0))]
+            r.dropped = r.dropped or matches(r.epoch, r.request_id)
+        seqs = [s for s in self.running.values() if matches(getattr(s, "epoch", 0), s.request_id)]
         for s in seqs:
             del self.running[s.request_id]
+            self.owners.pop(s.request_id, None)
         if seqs:
             self._spawn(self._abort_running(seqs, why))
         if res or seqs:
             log.warning("aborted %d reservations and %d running requests: %s", len(res), len(seqs), why)
 
     def _on_registered(self, epoch: int) -> None:
-        self._drop(lambda e: e != epoch, f"registered anew under epoch {epoch}; the old registration is gone")
+        self._drop(lambda e, rid: e != epoch, f"registered anew under epoch {epoch}; the old registration is gone")
 
     async def OpenKVPairs(self, req: node_pb2.KVPairsRequest, context) -> node_pb2.KVPairsResponse:
         try:

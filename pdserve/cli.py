@@ -129,6 +129,10 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("coordinator", help="run the coordinator")
     add_flags(c, CoordinatorConfig)
     add_switch_interval_flag(c)
+    # set by a --workers N coordinator on the worker processes it starts (coordinator/supervisor.py)
+    c.add_argument("--worker-of", default=None, help=argparse.SUPPRESS)
+    c.add_argument("--worker-index", type=int, default=0, help=argparse.SUPPRESS)
+    c.add_argument("--subscriber", default="", help=argparse.SUPPRESS)
     c.set_defaults(func=cmd_coordinator)
 
     for role in ("prefill", "decode", "node"):
@@ -185,9 +189,20 @@ def cmd_coordinator(a: argparse.Namespace) -> int:
     # the coordinator runs without torch: transformers then loads tokenizers only
     if "torch" not in sys.modules:
         sys.modules["torch"] = None
-    from pdserve.coordinator.server import Coordinator
+    import logging
     from pdserve.process import run_until_signal
-    return asyncio.run(run_until_signal(Coordinator(from_args(CoordinatorConfig, a))))
+    cfg = from_args(CoordinatorConfig, a)
+    if a.worker_of:
+        from pdserve.coordinator.worker import Worker
+        logging.basicConfig(level=logging.INFO,
+                            format=f"%(asctime)s %(name)s[worker {a.worker_index}] %(levelname)s %(message)s")
+        return asyncio.run(run_until_signal(Worker(cfg, a.worker_of, a.worker_index, a.subscriber)))
+    workers = cfg.worker_count()
+    if workers > 1:
+        from pdserve.coordinator.supervisor import Supervisor
+        return asyncio.run(run_until_signal(Supervisor(cfg, workers)))
+    from pdserve.coordinator.server import Coordinator
+    return asyncio.run(run_until_signal(Coordinator(cfg)))
 
 
 def cmd_node(a: argparse.Namespace) -> int:
@@ -246,6 +261,9 @@ def cmd_status(a: argparse.Namespace) -> int:
         print(f"{n['role']:8} {n['id']}  {n['address']:22} {'healthy' if n['healthy'] else 'DOWN':8} tp={n['tp']} "
               f"kv={n['kv_blocks_free']}/{n['kv_blocks_total']} running={n['running']} queued={n['queued']}"
               + (f" transport={n['kv_transport']}" if n["kv_transport"] else ""))
+    for w in s["workers"]:
+        print(f"worker {w['index']}  pid {w['pid']:<8} {'ready' if w['ready'] else 'STARTING':8} "
+              f"served={w['served']} inflight={w['inflight']} restarts={w['restarts']}")
     return 0
 
 

@@ -42,6 +42,7 @@ class ClusterConfig:
     max_num_batched_tokens: int = opt(EngineConfig.max_num_batched_tokens, "each node's step token limit")
     heartbeat_interval_s: float = CoordinatorConfig.heartbeat_interval_s
     max_inflight: int = CoordinatorConfig.max_inflight
+    workers: int | None = opt(None, "the coordinator's frontend processes (its --workers; default: from the cores)")
     coordinator: bool = True           # False: the pools join the coordinator already at `listen`
     coordinator_flags: tuple[str, ...] = ()  # more `pdserve coordinator` flags (--lease, --max-queued, ...)
     node_flags: tuple[str, ...] = ()   # more flags for every node
@@ -129,7 +130,7 @@ class Cluster:
     def coordinator_command(self) -> list[str]:
         cfg = self.cfg
         coordinator = CoordinatorConfig(listen=cfg.listen, model=cfg.model, max_inflight=cfg.max_inflight,
-                                        heartbeat_interval_s=cfg.heartbeat_interval_s)
+                                        heartbeat_interval_s=cfg.heartbeat_interval_s, workers=cfg.workers)
         cmd = [sys.executable, "-m", "pdserve", "coordinator", *to_argv(coordinator)]
         if cfg.switch_interval_us is not None:
             cmd += ["--switch-interval-us", str(cfg.switch_interval_us)]

@@ -12,6 +12,7 @@ from pdserve.v1 import api_pb2, api_pb2_grpc
 
 def start_cluster(**kwargs) -> Cluster:
     kwargs.setdefault("device", "cpu")
+    kwargs.setdefault("workers", 1)  # one coordinator process whatever the cores, unless a test asks for more
     kwargs.setdefault("listen", f"127.0.0.1:{free_port()}")
     cfg = ClusterConfig(**kwargs)
     cluster = Cluster(cfg)
@@ -40,9 +41,12 @@ def request(prompt: list[int] | str, sampling: api_pb2.SamplingParams, chat: boo
 
 
 class Client:
-    def __init__(self, address: str):
+    def __init__(self, address: str, own_connection: bool = False):
+        """own_connection: a TCP connection of its own (channels in one process share one by
+        default), so that a coordinator with --workers may serve it on another worker."""
         self.address = address
-        self.channel = grpc.insecure_channel(address)
+        self.channel = grpc.insecure_channel(address, options=[("grpc.use_local_subchannel_pool", 1)]
+                                             if own_connection else None)
         self.stub = api_pb2_grpc.GenerationStub(self.channel)
 
     def close(self) -> None:

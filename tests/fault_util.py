@@ -99,7 +99,7 @@ class Frozen:
 
 def start_coordinator(listen: str, *flags: str) -> subprocess.Popen:
     """A coordinator process on its own (e.g. a restart on the address of a dead one)."""
-    p = subprocess.Popen([sys.executable, "-m", "pdserve", "coordinator", "--listen", listen, *flags],
+    p = subprocess.Popen([sys.executable, "-m", "pdserve", "coordinator", "--listen", listen, "--workers", "1", *flags],
                          stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, start_new_session=True)
     line = p.stdout.readline()
     assert line.startswith("ready"), line

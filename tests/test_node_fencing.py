@@ -106,11 +106,11 @@ class Nodes:
         return self.fake.node(api_pb2.ROLE_DECODE)[1]["epoch"]
 
     def reserve(self, request_id: str, n: int, max_tokens: int = 8, lease_s: float = 30.0, epoch: int = 0,
-                timeout: float = 10.0) -> node_pb2.Ticket:
+                timeout: float = 10.0, subscriber: str = "") -> node_pb2.Ticket:
         return self.decode.Reserve(node_pb2.ReserveRequest(
             request_id=request_id, prompt_token_ids=[(7 * i) % 300 + 1 for i in range(n)],
             sampling=api_pb2.SamplingParams(max_tokens=max_tokens, temperature=0.0), lease_s=lease_s,
-            epoch=epoch), timeout=timeout)
+            epoch=epoch, subscriber=subscriber), timeout=timeout)
 
     def free_blocks(self) -> int:
         """The decode node's free blocks as of a heartbeat sent after this call."""
@@ -220,6 +220,39 @@ def test_when_the_last_subscription_of_an_epoch_ends_its_requests_are_freed(node
     while len(nodes.decode.Renew(renew).missing) < 2:
         assert time.monotonic() < deadline, "the orphaned reservations were never aborted"
         time.sleep(0.05)
+    nodes.wait_free()
+
+
+def test_a_subscribers_requests_stream_to_it_alone_and_end_with_its_last_stream(nodes):
+    """Coordinator workers subscribe under their own ids: a request reserved for one
+    streams to that id's Subscribe calls only, and is freed when the last of them ends."""
+    def subscribe(who):
+        stream = nodes.decode.Subscribe(node_pb2.SubscribeRequest(subscriber=who), timeout=30)
+        assert next(stream) == node_pb2.TokenBatch()  # live
+        return stream
+    a1, a2, b = subscribe("A"), subscribe("A"), subscribe("B")
+    renew = node_pb2.RenewRequest(epoch=nodes.epoch, request_ids=["a-held", "b-held"])
+    try:
+        nodes.reserve("a-lapses", 40, lease_s=0.3, subscriber="A")
+        nodes.reserve("a-held", 40, subscriber="A")
+        nodes.reserve("b-held", 40, subscriber="B")
+        for stream in (a1, a2):  # the lapsed lease fails the request on A's streams
+            failed = next(stream).events
+            assert [e.request_id for e in failed] == ["a-lapses"] and failed[0].error
+        nodes.reserve("b-lapses", 40, lease_s=0.3, subscriber="B")
+        assert [e.request_id for e in next(b).events] == ["b-lapses"]  # and B never saw A's
+        a1.cancel()
+        time.sleep(0.3)
+        assert list(nodes.decode.Renew(renew).missing) == []  # A still has a stream
+        a2.cancel()
+        deadline = time.monotonic() + 3
+        while list(nodes.decode.Renew(renew).missing) != ["a-held"]:
+            assert time.monotonic() < deadline, "A's reservation outlived A's last stream"
+            time.sleep(0.05)
+        assert nodes.decode.Abort(node_pb2.AbortRequest(request_id="b-held")).found
+    finally:
+        for stream in (a1, a2, b):
+            stream.cancel()
     nodes.wait_free()
 
 

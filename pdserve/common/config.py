@@ -3,6 +3,7 @@ and flag are defined here once (pdserve.common.flags turns them into CLI flags).
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -113,3 +114,16 @@ class CoordinatorConfig:
                                 flag="--client-stall-timeout")
     node_expiry_s: float = opt(30.0, "seconds after which a silent node leaves the registry and `status`",
                                flag="--node-expiry")
+    workers: int | None = opt(None, "frontend processes serving clients on the one port, each relaying its own "
+                                    "requests; 1: one process does everything (default: min(8, cores / 2), at "
+                                    "least 1)")
+
+    def __post_init__(self) -> None:
+        if self.workers is not None and self.workers < 1:
+            raise ValueError(f"--workers must be >= 1, got {self.workers}")
+
+    def worker_count(self) -> int:
+        """--workers, or the default from the cores this process may run on."""
+        if self.workers is not None:
+            return self.workers
+        return max(1, min(8, len(os.sched_getaffinity(0)) // 2))

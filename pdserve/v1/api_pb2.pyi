@@ -161,14 +161,32 @@ class NodeStatus(_message.Message):
     kv_transport: str
     def __init__(self, id: _Optional[str] = ..., role: _Optional[_Union[Role, str]] = ..., address: _Optional[str] = ..., healthy: _Optional[bool] = ..., tp: _Optional[int] = ..., kv_blocks_free: _Optional[int] = ..., kv_blocks_total: _Optional[int] = ..., running: _Optional[int] = ..., queued: _Optional[int] = ..., kv_transport: _Optional[str] = ...) -> None: ...
 
+class WorkerStatus(_message.Message):
+    __slots__ = ("index", "pid", "ready", "served", "inflight", "restarts")
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    PID_FIELD_NUMBER: _ClassVar[int]
+    READY_FIELD_NUMBER: _ClassVar[int]
+    SERVED_FIELD_NUMBER: _ClassVar[int]
+    INFLIGHT_FIELD_NUMBER: _ClassVar[int]
+    RESTARTS_FIELD_NUMBER: _ClassVar[int]
+    index: int
+    pid: int
+    ready: bool
+    served: int
+    inflight: int
+    restarts: int
+    def __init__(self, index: _Optional[int] = ..., pid: _Optional[int] = ..., ready: _Optional[bool] = ..., served: _Optional[int] = ..., inflight: _Optional[int] = ..., restarts: _Optional[int] = ...) -> None: ...
+
 class StatusResponse(_message.Message):
-    __slots__ = ("nodes", "model", "vocab_size", "max_model_len")
+    __slots__ = ("nodes", "model", "vocab_size", "max_model_len", "workers")
     NODES_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
     MAX_MODEL_LEN_FIELD_NUMBER: _ClassVar[int]
+    WORKERS_FIELD_NUMBER: _ClassVar[int]
     nodes: _containers.RepeatedCompositeFieldContainer[NodeStatus]
     model: str
     vocab_size: int
     max_model_len: int
-    def __init__(self, nodes: _Optional[_Iterable[_Union[NodeStatus, _Mapping]]] = ..., model: _Optional[str] = ..., vocab_size: _Optional[int] = ..., max_model_len: _Optional[int] = ...) -> None: ...
+    workers: _containers.RepeatedCompositeFieldContainer[WorkerStatus]
+    def __init__(self, nodes: _Optional[_Iterable[_Union[NodeStatus, _Mapping]]] = ..., model: _Optional[str] = ..., vocab_size: _Optional[int] = ..., max_model_len: _Optional[int] = ..., workers: _Optional[_Iterable[_Union[WorkerStatus, _Mapping]]] = ...) -> None: ...

@@ -154,18 +154,20 @@ class Ticket(_message.Message):
     def __init__(self, transfer_id: _Optional[str] = ..., decode_node_id: _Optional[str] = ..., epoch: _Optional[int] = ..., block_ids: _Optional[_Iterable[int]] = ..., kv_endpoint: _Optional[str] = ..., lease_expiry: _Optional[float] = ..., decode_tp: _Optional[int] = ...) -> None: ...
 
 class ReserveRequest(_message.Message):
-    __slots__ = ("request_id", "prompt_token_ids", "sampling", "lease_s", "epoch")
+    __slots__ = ("request_id", "prompt_token_ids", "sampling", "lease_s", "epoch", "subscriber")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
     LEASE_S_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
+    SUBSCRIBER_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     prompt_token_ids: _containers.RepeatedScalarFieldContainer[int]
     sampling: _api_pb2.SamplingParams
     lease_s: float
     epoch: int
-    def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[_api_pb2.SamplingParams, _Mapping]] = ..., lease_s: _Optional[float] = ..., epoch: _Optional[int] = ...) -> None: ...
+    subscriber: str
+    def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[_api_pb2.SamplingParams, _Mapping]] = ..., lease_s: _Optional[float] = ..., epoch: _Optional[int] = ..., subscriber: _Optional[str] = ...) -> None: ...
 
 class RenewRequest(_message.Message):
     __slots__ = ("epoch", "request_ids", "lease_s")
@@ -186,18 +188,20 @@ class RenewResponse(_message.Message):
     def __init__(self, missing: _Optional[_Iterable[str]] = ..., lease_expiry: _Optional[float] = ...) -> None: ...
 
 class PrefillRequest(_message.Message):
-    __slots__ = ("request_id", "prompt_token_ids", "sampling", "ticket", "keep_kv")
+    __slots__ = ("request_id", "prompt_token_ids", "sampling", "ticket", "keep_kv", "subscriber")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
     TICKET_FIELD_NUMBER: _ClassVar[int]
     KEEP_KV_FIELD_NUMBER: _ClassVar[int]
+    SUBSCRIBER_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     prompt_token_ids: _containers.RepeatedScalarFieldContainer[int]
     sampling: _api_pb2.SamplingParams
     ticket: Ticket
     keep_kv: bool
-    def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[_api_pb2.SamplingParams, _Mapping]] = ..., ticket: _Optional[_Union[Ticket, _Mapping]] = ..., keep_kv: _Optional[bool] = ...) -> None: ...
+    subscriber: str
+    def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[_api_pb2.SamplingParams, _Mapping]] = ..., ticket: _Optional[_Union[Ticket, _Mapping]] = ..., keep_kv: _Optional[bool] = ..., subscriber: _Optional[str] = ...) -> None: ...
 
 class PrefillResponse(_message.Message):
     __slots__ = ("first_token", "prefill_start", "prefill_end", "transfer_end", "text", "finish_reason")
@@ -228,12 +232,14 @@ class AbortResponse(_message.Message):
     def __init__(self, found: _Optional[bool] = ...) -> None: ...
 
 class SubscribeRequest(_message.Message):
-    __slots__ = ("coordinator_id", "epoch")
+    __slots__ = ("coordinator_id", "epoch", "subscriber")
     COORDINATOR_ID_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
+    SUBSCRIBER_FIELD_NUMBER: _ClassVar[int]
     coordinator_id: str
     epoch: int
-    def __init__(self, coordinator_id: _Optional[str] = ..., epoch: _Optional[int] = ...) -> None: ...
+    subscriber: str
+    def __init__(self, coordinator_id: _Optional[str] = ..., epoch: _Optional[int] = ..., subscriber: _Optional[str] = ...) -> None: ...
 
 class TokenEvent(_message.Message):
     __slots__ = ("request_id", "error", "error_code", "decode_start", "kv_ready")

@@ -79,13 +79,15 @@ class ServerHandle:
     the StatusInterceptor.
     Constructing it starts nothing; start() binds and serves."""
 
-    def __init__(self, listen: str, service_names: list[str], max_receive_bytes: int = MAX_MESSAGE_BYTES):
-        """max_receive_bytes: larger messages are refused (RESOURCE_EXHAUSTED) before any handler runs."""
+    def __init__(self, listen: str, service_names: list[str], max_receive_bytes: int = MAX_MESSAGE_BYTES,
+                 options: tuple = ()):
+        """max_receive_bytes: larger messages are refused (RESOURCE_EXHAUSTED) before any handler runs;
+        options: more grpc server options (a coordinator worker's ("grpc.so_reuseport", 1))."""
         self.listen = listen
         self.service_names = service_names
         self.server = grpc.aio.server(interceptors=[StatusInterceptor()],
                                       options=[("grpc.max_receive_message_length", max_receive_bytes),
-                                               ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)])
+                                               ("grpc.max_send_message_length", MAX_MESSAGE_BYTES), *options])
         self.health = health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         self.port = 0

@@ -1,0 +1,291 @@
+"""`pdserve coordinator --workers N`: the parent process. It owns the node registry and
+model admission, and serves them to its workers on a loopback port (never to
+clients): the node API the workers forward (Register, Heartbeat), the node table
+they mirror (WatchNodes), fencing (Fence), their reports (Report) and `status`.
+
+It starts N worker processes (worker.py) that serve the client API on the
+coordinator's one port with SO_REUSEPORT; the port is held bound here for the whole
+run, so port 0 resolves once and a restarted worker gets the same one. A worker that
+dies is started again under a new subscriber id: its clients' calls end UNAVAILABLE
+(their connection drops), and the nodes free its requests when its token streams
+end. SIGTERM drains the workers, then stops the supervisor."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field, replace
+
+import grpc
+
+from pdserve.common.config import CoordinatorConfig
+from pdserve.common.flags import to_argv
+from pdserve.coordinator.model import ServedModel
+from pdserve.coordinator.registry import NodeEntry, Registry
+from pdserve.wire.protocol import PROTOCOL_VERSION
+from pdserve.wire.rpc import RpcError, ServerHandle
+from pdserve.v1 import api_pb2, node_pb2, node_pb2_grpc, supervisor_pb2, supervisor_pb2_grpc
+
+log = logging.getLogger("pdserve.coordinator.supervisor")
+
+START_TIMEOUT_S = 120.0  # a worker's start, its tokenizer load included
+
+
+@dataclass(eq=False)
+class WorkerSlot:
+    index: int
+    subscriber: str = ""
+    proc: subprocess.Popen | None = None
+    ready: bool = False
+    streaming: set[str] = field(default_factory=set)   # node ids whose token stream to it is open
+    served: int = 0
+    inflight: int = 0
+    restarts: int = 0
+
+    def status(self) -> api_pb2.WorkerStatus:
+        return api_pb2.WorkerStatus(index=self.index, pid=self.proc.pid if self.proc else 0, ready=self.ready,
+                                    served=self.served, inflight=self.inflight, restarts=self.restarts)
+
+
+class Supervisor(node_pb2_grpc.CoordinatorServicer, supervisor_pb2_grpc.SupervisorServicer):
+    def __init__(self, cfg: CoordinatorConfig, workers: int):
+        self.cfg = cfg
+        self.registry = Registry(cfg.heartbeat_interval_s, expiry_s=cfg.node_expiry_s)
+        self.model = ServedModel(cfg.model)
+        self.slots = [WorkerSlot(i) for i in range(workers)]
+        self.run_id = uuid.uuid4().hex[:8]
+        self.version = 0
+        self._change = asyncio.Event()
+        self.tasks: set[asyncio.Task] = set()
+        self.closing = False
+        self.fatal = False
+        self.stopped = asyncio.Event()
+
+    async def start(self) -> str:
+        await self.model.start()
+        self.internal = ServerHandle("127.0.0.1:0", ["pdserve.v1.Supervisor", "pdserve.v1.Coordinator"])
+        supervisor_pb2_grpc.add_SupervisorServicer_to_server(self, self.internal.server)
+        node_pb2_grpc.add_CoordinatorServicer_to_server(self, self.internal.server)
+        self.internal_address = await self.internal.start()
+        await self.internal.ready()
+        self.port, self.address = reserve_port(self.cfg.listen)
+        await asyncio.gather(*(self._launch(slot) for slot in self.slots))
+        for slot in self.slots:
+            self._spawn(self._keep(slot))
+        self._spawn(self._watch())
+        log.info("%d workers serve %s", len(self.slots), self.address)
+        return self.address
+
+    async def close(self, grace_s: float = 5.0) -> None:
+        """Drain every worker (SIGTERM: each finishes its streams within grace_s), then stop."""
+        self.closing = True
+        procs = [s.proc for s in self.slots if s.proc is not None and s.proc.poll() is None]
+        for p in procs:
+            p.send_signal(signal.SIGTERM)
+        for p in procs:
+            try:
+                await _in_thread(p.wait, grace_s + 5.0)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                await _in_thread(p.wait)
+        for task in list(self.tasks):
+            task.cancel()
+        await self.internal.drain(1.0)
+        for node_id in list(self.registry.nodes):
+            self.registry.remove(node_id)
+        self.port.close()
+        self.model.close()
+
+    # workers
+
+    def _command(self, slot: WorkerSlot) -> list[str]:
+        n = len(self.slots)
+        share = replace(self.cfg, listen=self.address, workers=1, max_inflight=-(-self.cfg.max_inflight // n),
+                        max_queued=-(-self.cfg.max_queued // n))
+        return [sys.executable, "-m", "pdserve", "coordinator", *to_argv(share),
+                "--switch-interval-us", f"{sys.getswitchinterval() * 1e6:.0f}", "--worker-of", self.internal_address,
+                "--worker-index", str(slot.index), "--subscriber", slot.subscriber]
+
+    async def _launch(self, slot: WorkerSlot) -> None:
+        """Start a slot's process and wait for its `ready` line."""
+        slot.subscriber = f"{self.run_id}-w{slot.index}-{slot.restarts}"
+        slot.ready, slot.streaming, slot.served, slot.inflight = False, set(), 0, 0
+        # plain Popen and threads: asyncio's child watcher can lose a restarted child's exit status
+        slot.proc = proc = subprocess.Popen(self._command(slot), stdout=subprocess.PIPE)
+        try:
+            line = await asyncio.wait_for(_in_thread(proc.stdout.readline), START_TIMEOUT_S)
+        except asyncio.TimeoutError:
+            line = b""
+        if not line.startswith(b"ready"):
+            if proc.poll() is None:
+                proc.kill()
+            await _in_thread(proc.wait)
+            raise RuntimeError(f"worker {slot.index} did not start (exit status {proc.returncode})")
+        slot.ready = True
+        self._changed()
+
+    async def _keep(self, slot: WorkerSlot) -> None:
+        """Start a slot's process again whenever it dies (not while closing)."""
+        while True:
+            code = await _in_thread(slot.proc.wait)
+            if code == 0 and not self.closing:  # drained by a signal (Ctrl-C reaches the whole group)
+                await asyncio.sleep(0.5)         # that may be on its way to this process too
+            if self.closing:
+                return
+            slot.ready, slot.streaming = False, set()
+            log.warning("worker %d (pid %d) exited with status %s; starting it again", slot.index, slot.proc.pid, code)
+            slot.restarts += 1
+            try:
+                await self._launch(slot)
+            except RuntimeError as e:
+                log.error("%s; trying again in 1 s", e)
+                await asyncio.sleep(1.0)
+
+    def _spawn(self, coro) -> None:
+        task = asyncio.create_task(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    # the node API, forwarded by the workers
+
+    async def Register(self, req: node_pb2.RegisterRequest, context) -> node_pb2.RegisterResponse:
+        if req.protocol_version != PROTOCOL_VERSION:
+            raise RpcError(grpc.StatusCode.FAILED_PRECONDITION,
+                           f"protocol version {req.protocol_version}, coordinator speaks {PROTOCOL_VERSION}")
+        self.registry.refuse_taken(req.address)  # before the model check, which may wait for a load
+        live = {n.model.compat_hash for n in self.registry.nodes.values() if self.registry.live(n)}
+        await self.model.admit(req.model, live)
+        node = self.registry.register(req)  # checks the address again: the load may have taken a while
+        self._changed()
+        log.info("registered %s node %s at %s", api_pb2.Role.Name(node.role), node.id, node.address)
+        return node_pb2.RegisterResponse(node_id=node.id, epoch=node.epoch,
+                                         heartbeat_interval_s=self.cfg.heartbeat_interval_s,
+                                         **self.registry.peers(node))
+
+    async def Heartbeat(self, req: node_pb2.HeartbeatRequest, context) -> node_pb2.HeartbeatResponse:
+        if not self.registry.heartbeat(req):
+            return node_pb2.HeartbeatResponse(known=False)
+        self._changed()
+        return node_pb2.HeartbeatResponse(known=True, **self.registry.peers(self.registry.nodes[req.node_id]))
+
+    # what the workers see and tell
+
+    async def WatchNodes(self, req: supervisor_pb2.WatchRequest, context):
+        while True:
+            version, change = self.version, self._change
+            await context.write(self._table())
+            if self.version == version:
+                try:
+                    await asyncio.wait_for(change.wait(), self.cfg.heartbeat_interval_s)
+                except asyncio.TimeoutError:
+                    pass
+
+    def _table(self) -> supervisor_pb2.NodeTable:
+        now = time.monotonic()
+        table = supervisor_pb2.NodeTable(nodes=[supervisor_pb2.NodeRecord(
+            id=n.id, role=n.role, address=n.address, kv_endpoint=n.kv_endpoint, tp=n.tp, model=n.model,
+            epoch=n.epoch, kv_blocks_total=n.kv_blocks_total, kv_blocks_free=n.kv_blocks_free, running=n.running,
+            queued=n.queued, queued_tokens=n.queued_tokens, silent_s=now - n.last_seen, down=n.down)
+            for n in self.registry.nodes.values()])
+        if self.model.info is not None:
+            table.model.CopyFrom(self.model.info)
+        return table
+
+    async def Fence(self, req: supervisor_pb2.FenceRequest, context) -> supervisor_pb2.FenceResponse:
+        node = self.registry.nodes.get(req.node_id)
+        if node is not None and node.epoch == req.epoch:
+            self._fence(node, f"{req.reason} (seen by worker {req.worker})")
+        return supervisor_pb2.FenceResponse()
+
+    async def Report(self, req: supervisor_pb2.WorkerReport, context) -> supervisor_pb2.ReportResponse:
+        slot = self.slots[req.worker] if req.worker < len(self.slots) else None
+        if slot is not None and slot.proc is not None and slot.proc.pid == req.pid:  # not a dead predecessor's
+            slot.streaming, slot.served, slot.inflight = set(req.streaming), req.served, req.inflight
+        return supervisor_pb2.ReportResponse()
+
+    async def Status(self, req: api_pb2.StatusRequest, context) -> api_pb2.StatusResponse:
+        resp = api_pb2.StatusResponse(nodes=[n.status(self._healthy(n)) for n in self.registry.nodes.values()],
+                                      workers=[s.status() for s in self.slots])
+        info = self.model.info
+        if info is not None:
+            resp.model, resp.vocab_size, resp.max_model_len = info.name, info.vocab_size, info.max_model_len
+        return resp
+
+    def _healthy(self, node: NodeEntry) -> bool:
+        """Live, and for a decode node, streaming to every ready worker."""
+        if not self.registry.live(node):
+            return False
+        ready = [s for s in self.slots if s.ready]
+        return node.role == api_pb2.ROLE_PREFILL or (bool(ready) and all(node.id in s.streaming for s in ready))
+
+    # node health
+
+    def _changed(self) -> None:
+        self.version += 1
+        self._change.set()
+        self._change = asyncio.Event()
+
+    def _fence(self, node: NodeEntry, why: str) -> None:
+        if not node.down:
+            node.down = True
+            log.warning("node %s (%s) %s", node.id, api_pb2.Role.Name(node.role), why)
+            self._changed()
+
+    async def _watch(self) -> None:
+        """Every heartbeat interval: fence off silent nodes, forget long-silent ones. A stall
+        of this loop itself is not counted against nodes."""
+        loop = asyncio.get_running_loop()
+        interval = self.cfg.heartbeat_interval_s
+        last = loop.time()
+        while True:
+            await asyncio.sleep(interval)
+            now = loop.time()
+            lag, last = now - last - interval, now
+            if lag > interval:
+                log.warning("the supervisor's event loop stalled for %.2f s", lag)
+                self.registry.credit(lag)
+            for node in self.registry.silent():
+                self._fence(node, "missed its heartbeats")
+            for node in self.registry.expire():
+                log.info("forgot node %s (silent for %.0f s)", node.id, self.registry.expiry_s)
+                self._changed()
+
+
+def _in_thread(fn, *args) -> asyncio.Future:
+    """fn(*args) on a thread of its own (a wait per worker must not fill the default executor)."""
+    loop = asyncio.get_running_loop()
+    fut = loop.create_future()
+
+    def settle(value, error) -> None:
+        if not fut.done():
+            fut.set_exception(error) if error is not None else fut.set_result(value)
+
+    def run() -> None:
+        try:
+            value, error = fn(*args), None
+        except BaseException as e:  # noqa: BLE001 (handed to the awaiting coroutine)
+            value, error = None, e
+        loop.call_soon_threadsafe(settle, value, error)
+    threading.Thread(target=run, daemon=True, name="pdserve-worker-wait").start()
+    return fut
+
+
+def reserve_port(listen: str) -> tuple[socket.socket, str]:
+    """Bind listen's address with SO_REUSEPORT and keep it: the workers bind the same port.
+    Returns the socket and the address with the port resolved."""
+    host, port = listen.rsplit(":", 1)
+    bare = host.strip("[]")
+    sock = socket.socket(socket.AF_INET6 if ":" in bare else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    try:
+        sock.bind((bare, int(port)))
+    except OSError:
+        sock.close()
+        raise
+    return sock, f"{host}:{sock.getsockname()[1]}"
