@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import time
+import logging
 import uuid
 from dataclasses import dataclass, field
 
@@ -17,6 +18,8 @@ import grpc
 
 from pdserve.wire.rpc import RpcError, channel
 from pdserve.v1 import api_pb2, node_pb2, node_pb2_grpc
+
+log = logging.getLogger("pdserve.coordinator")
 
 
 @dataclass(eq=False)  # compared and hashed by identity: one entry per registration
@@ -146,3 +149,24 @@ class Registry:
         if role == api_pb2.ROLE_DECODE:
             return sorted(nodes, key=lambda n: (n.inflight + n.running, -n.kv_blocks_free))
         return sorted(nodes, key=lambda n: (n.inflight, n.queued_tokens))
+
+    async def watch(self, who: str, on_silent, on_expired, on_tick=lambda: None) -> None:
+        """Every heartbeat interval: on_silent for nodes that missed their heartbeats,
+        on_expired for long-silent ones (already forgotten), then on_tick. A stall of the
+        caller's own event loop is credited to the nodes, not counted against them."""
+        loop = asyncio.get_running_loop()
+        interval = self.interval
+        last = loop.time()
+        while True:
+            await asyncio.sleep(interval)
+            now = loop.time()
+            lag, last = now - last - interval, now
+            if lag > interval:
+                log.warning("the %s's event loop stalled for %.2f s", who, lag)
+                self.credit(lag)
+            for node in self.silent():
+                on_silent(node)
+            for node in self.expire():
+                log.info("forgot node %s (silent for %.0f s)", node.id, self.expiry_s)
+                on_expired(node)
+            on_tick()

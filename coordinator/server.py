@@ -101,27 +101,15 @@ class Coordinator(api_pb2_grpc.GenerationServicer, node_pb2_grpc.CoordinatorServ
         task.add_done_callback(self.background.discard)
 
     async def _watch(self) -> None:
-        """Every heartbeat interval: fence off silent nodes (a frozen or cut-off node whose
-        TCP stream stays open), forget long-silent ones, cut off clients that stopped
-        reading. A stall of this loop itself is not counted against nodes."""
-        loop = asyncio.get_running_loop()
-        interval = self.cfg.heartbeat_interval_s
-        last = loop.time()
-        while True:
-            await asyncio.sleep(interval)
-            now = loop.time()
-            lag, last = now - last - interval, now
-            if lag > interval:
-                log.warning("the coordinator's event loop stalled for %.2f s", lag)
-                self.registry.credit(lag)
-            for node in self.registry.silent():
-                self.lifecycle.node_lost(node, "missed its heartbeats")
-            for node in self.registry.expire():
-                log.info("forgot node %s (silent for %.0f s)", node.id, self.registry.expiry_s)
-                task = self.subscriptions.pop(node.id, None)
-                if task is not None:  # a frozen node's stream may still be open
-                    task.cancel()
-            self.lifecycle.cut_stalled()
+        """Fence off silent nodes (a frozen or cut-off node whose TCP stream stays open),
+        forget long-silent ones, cut off clients that stopped reading."""
+        await self.registry.watch("coordinator", lambda n: self.lifecycle.node_lost(n, "missed its heartbeats"),
+                                  self._forgotten, self.lifecycle.cut_stalled)
+
+    def _forgotten(self, node: NodeEntry) -> None:
+        task = self.subscriptions.pop(node.id, None)
+        if task is not None:  # a frozen node's stream may still be open
+            task.cancel()
 
     async def _renew(self) -> None:
         """Renew leases three times per lease: a reservation never lapses while its request waits."""

@@ -238,23 +238,9 @@ class Supervisor(node_pb2_grpc.CoordinatorServicer, supervisor_pb2_grpc.Supervis
             self._changed()
 
     async def _watch(self) -> None:
-        """Every heartbeat interval: fence off silent nodes, forget long-silent ones. A stall
-        of this loop itself is not counted against nodes."""
-        loop = asyncio.get_running_loop()
-        interval = self.cfg.heartbeat_interval_s
-        last = loop.time()
-        while True:
-            await asyncio.sleep(interval)
-            now = loop.time()
-            lag, last = now - last - interval, now
-            if lag > interval:
-                log.warning("the supervisor's event loop stalled for %.2f s", lag)
-                self.registry.credit(lag)
-            for node in self.registry.silent():
-                self._fence(node, "missed its heartbeats")
-            for node in self.registry.expire():
-                log.info("forgot node %s (silent for %.0f s)", node.id, self.registry.expiry_s)
-                self._changed()
+        """Fence off silent nodes, forget long-silent ones."""
+        await self.registry.watch("supervisor", lambda n: self._fence(n, "missed its heartbeats"),
+                                  lambda n: self._changed())
 
 
 def _in_thread(fn, *args) -> asyncio.Future:

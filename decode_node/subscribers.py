@@ -2,11 +2,10 @@
 per engine step. A subscriber that stops reading (a frozen coordinator) is cut off once
 `limit` batches wait for it (NodeConfig.max_unread_batches), rather than growing its
 queue without end. A request reserved for a subscriber id (a coordinator worker) goes
-only to the streams of that id (route)."""
+only to the streams of that id (DecodeNode._publish)."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from pdserve.v1 import node_pb2
@@ -51,22 +50,6 @@ class Subscriber:
             cut.cancel()
             if step is not None and not step.done():
                 step.cancel()
-
-
-def route(entries: list, owner: Callable[[object], str], subscribers: Iterable[Subscriber]) -> dict[Subscriber, list]:
-    """Each subscriber's share of one step's per-request entries: an entry whose owner is ""
-    goes to every subscriber, one owned by an id only to the subscribers of that id (none
-    left: dropped). Subscribers that get nothing are left out."""
-    subs = list(subscribers)
-    by_id: dict[str, list[Subscriber]] = {}
-    for s in subs:
-        by_id.setdefault(s.id, []).append(s)
-    out: dict[Subscriber, list] = {}
-    for entry in entries:
-        who = owner(entry)
-        for s in (subs if not who else by_id.get(who, ())):
-            out.setdefault(s, []).append(entry)
-    return out
 
 
 def _retrieve(fut: asyncio.Future) -> None:

@@ -78,23 +78,8 @@ class Entry:
 
 
 def token_batch(entries: list[Entry]) -> node_pb2.TokenBatch:
-    """The step's TokenBatch: the one place that knows its format. A columnar TokenBatch
-    (a row of tokens per request, events apart) where the proto has one, else one
-    TokenUpdate per token."""
-    if "request_ids" in node_pb2.TokenBatch.DESCRIPTOR.fields_by_name:
-        return _columnar(entries)
-    updates = []
-    for e in entries:
-        last = len(e.tokens) - 1
-        for j, tok in enumerate(e.tokens):
-            updates.append(node_pb2.TokenUpdate(
-                request_id=e.request_id, index=e.index + j, token_id=tok, text=f"{tok} ",
-                finish_reason=e.finish if j == last else 0,
-                decode_start=e.decode_start if j == 0 else 0.0, kv_ready=e.decode_start if j == 0 else 0.0))
-    return node_pb2.TokenBatch(updates=updates)
-
-
-def _columnar(entries: list[Entry]) -> node_pb2.TokenBatch:
+    """The step's columnar TokenBatch (a row of tokens per request, admission times as events):
+    the one place here that knows its format."""
     batch = node_pb2.TokenBatch(
         request_ids=[e.request_id for e in entries], first_index=[e.index for e in entries],
         counts=[len(e.tokens) for e in entries], token_ids=[t for e in entries for t in e.tokens],
@@ -199,7 +184,7 @@ class SyntheticNode(node_pb2_grpc.DecodeNodeServicer, node_pb2_grpc.PrefillNodeS
         epoch = self._epoch(req.epoch)
         if len(self.reserved) + len(self.running) >= self.cfg.max_num_seqs:
             raise RpcError(grpc.StatusCode.RESOURCE_EXHAUSTED, f"synthetic node full ({self.cfg.max_num_seqs})")
-        stream = self._stream(list(req.prompt_token_ids), req.sampling, epoch, getattr(req, "subscriber", ""))
+        stream = self._stream(list(req.prompt_token_ids), req.sampling, epoch, req.subscriber)
         if self.role == api_pb2.ROLE_DECODE:  # colocated: Prefill takes the request, Reserve holds nothing
             self._arrive(req.request_id)
             self.reserved[req.request_id] = stream
@@ -215,7 +200,7 @@ class SyntheticNode(node_pb2_grpc.DecodeNodeServicer, node_pb2_grpc.PrefillNodeS
                                       lease_expiry=time.time() + (req.lease_s or 30.0))
 
     async def Subscribe(self, req: node_pb2.SubscribeRequest, context) -> None:
-        sid = getattr(req, "subscriber", "")
+        sid = req.subscriber
         sub = Subscriber(epoch=req.epoch or self.agent.epoch, limit=self.cfg.max_unread_batches)
         self.subscribers[sub] = sid
         try:
@@ -258,7 +243,7 @@ class SyntheticNode(node_pb2_grpc.DecodeNodeServicer, node_pb2_grpc.PrefillNodeS
             epoch = self._epoch(req.ticket.epoch)
             self._arrive(rid)
             if not done:
-                self._run(rid, self._stream(prompt, req.sampling, epoch, getattr(req, "subscriber", "")))
+                self._run(rid, self._stream(prompt, req.sampling, epoch, req.subscriber))
         elif not done:
             decode = LOCAL.get(req.ticket.kv_endpoint)
             if decode is None:

@@ -195,12 +195,3 @@ def test_workers_default_from_the_cores_and_pass_through_pdserve_up():
     cmd = Cluster(ClusterConfig(workers=3)).coordinator_command()
     assert cmd[cmd.index("--workers") + 1] == "3"
     assert "--workers" not in Cluster(ClusterConfig()).coordinator_command()
-
-
-def test_a_node_routes_each_update_to_its_requests_subscriber_only():
-    from pdserve.decode_node.subscribers import Subscriber, route
-    a1, a2, b, anyone = Subscriber(1, 8, "A"), Subscriber(1, 8, "A"), Subscriber(1, 8, "B"), Subscriber(1, 8)
-    owners = {"r-a": "A", "r-b": "B", "r-gone": "C"}
-    out = route(["r-a", "r-b", "r-all", "r-gone"], lambda r: owners.get(r, ""), [a1, a2, b, anyone])
-    assert out == {a1: ["r-a", "r-all"], a2: ["r-a", "r-all"], b: ["r-b", "r-all"], anyone: ["r-all"]}
-    assert route(["r-a"], lambda r: owners.get(r, ""), [b, anyone]) == {}  # nobody streams A's requests: none
