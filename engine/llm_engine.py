@@ -177,9 +177,9 @@ class LLMEngine:
         seq.block_table = list(block_ids)
         seq.num_computed_tokens = len(prompt_token_ids)
         self.scheduler.add_running(seq)
+        # The prefill node sent what its detokenizer's step() gave for the first token; this
+        # one, fed the same ids, holds back the same part and emits it later.
         delta, reason = self._postprocess(seq, first_token)
-        if seq.detokenizer is not None:  # the prefill node sent the first token's text whole, held part too
-            seq.detokenizer.emitted = len(seq.detokenizer.text)
         return StepOutput(seq, first_token, 0, delta, reason is not None)
 
     def reserve(self, num_tokens: int) -> list[int]:
@@ -309,7 +309,9 @@ class LLMEngine:
         if reason is None and seq.prefill_only:
             reason = "prefilled"
         if reason is not None:
-            if seq.detokenizer is not None and not seq.detokenizer.stopped:
+            # A prefilled request goes on elsewhere: what step() held back (a partial character,
+            # the tail a stop string may yet claim) is the decode node's to emit.
+            if seq.detokenizer is not None and not seq.detokenizer.stopped and reason != "prefilled":
                 delta += seq.detokenizer.flush()
             seq.finish_time = time.monotonic()
             self.scheduler.finish(seq, reason, keep_blocks=seq.prefill_only)

@@ -8,6 +8,7 @@ import torch
 from pdserve.common.config import EngineConfig
 from pdserve.engine.llm_engine import LLMEngine
 from pdserve.common.sampling import SamplingParams
+from pdserve.engine.detokenizer import IncrementalDetokenizer
 from tests.conftest import assert_matches_reference
 
 GREEDY = dict(temperature=0, ignore_eos=True)
@@ -221,3 +222,27 @@ def test_step_plan_matches_the_per_token_formulas_for_mixed_batches():
         assert plan.block_tables.tolist() == [s.block_table + [0] * (width - len(s.block_table)) for s in seqs]
         assert plan.sample_tokens.tolist() == [starts[i] + news[i] - 1 for i in rows]
         assert all(t.dtype == torch.long for t in (plan.input_ids, plan.sample_tokens, plan.block_tables))
+
+
+def test_a_first_token_that_splits_a_character_is_held_for_the_decode_node(tiny_models, tokenizer):
+    """A prefill node's first token may be the first byte of an emoji: it sends no text
+    (never "\\ufffd"), and the decode node's detokenizer, fed the same first token,
+    emits the whole character once the later tokens complete it."""
+    emoji = tokenizer.encode("🎉")
+    assert len(emoji) > 1  # byte-level BPE spreads it over several tokens
+    prompt = [5, 17, 99, 3, 250]
+    for stop in ([], ["zz"]):  # the node detokenizes (no stop strings), or the engine does
+        params = SamplingParams(max_tokens=8, stop=stop, **GREEDY)
+        with LLMEngine(EngineConfig(model=tiny_models["llama"], kv_blocks=16, block_size=4)) as prefill, \
+             LLMEngine(EngineConfig(model=tiny_models["llama"], kv_blocks=16, block_size=4)) as decode:
+            prefill.tokenizer = decode.tokenizer = tokenizer
+            seq = prefill._new_sequence(prompt, params, "r", True)
+            delta, reason = prefill._postprocess(seq, emoji[0])
+            assert (delta, reason) == ("", "prefilled")
+            out = decode.add_prefilled(prompt, emoji[0], params, decode.reserve(len(prompt) + 8), "r")
+            det = out.seq.detokenizer or IncrementalDetokenizer(tokenizer, prompt)
+            if out.seq.detokenizer is None:
+                assert det.step(emoji[0]) == ""
+            deltas = [det.step(t) for t in emoji[1:]] + [det.flush()]
+            assert deltas[:len(emoji) - 2] == [""] * (len(emoji) - 2) and "".join(deltas) == "🎉"
+            decode.abort(out.seq)
