@@ -105,9 +105,9 @@ class Supervisor(node_pb2_grpc.CoordinatorServicer, supervisor_pb2_grpc.Supervis
     # workers
 
     def _command(self, slot: WorkerSlot) -> list[str]:
-        n = len(self.slots)
-        share = replace(self.cfg, listen=self.address, workers=1, max_inflight=-(-self.cfg.max_inflight // n),
-                        max_queued=-(-self.cfg.max_queued // n))
+        # the limits hold per worker: clients' connections spread over the workers unevenly
+        # (one gRPC channel is one connection, so a single client reaches one worker only)
+        share = replace(self.cfg, listen=self.address, workers=1)
         return [sys.executable, "-m", "pdserve", "coordinator", *to_argv(share),
                 "--switch-interval-us", f"{sys.getswitchinterval() * 1e6:.0f}", "--worker-of", self.internal_address,
                 "--worker-index", str(slot.index), "--subscriber", slot.subscriber]

@@ -96,26 +96,30 @@ class IpcConnector(KVConnectorWorker):
 
     def finish_step(self) -> None:
         """Layers no hook queued (CPU, a replayed prefill graph) go now, each behind its event where there is one."""
-        for layer in range(min((j.layers for j in self._step), default=self.kv.num_layers), self.kv.num_layers):
-            self._copy(layer)
+        first = min((j.layers for j in self._step), default=self.kv.num_layers)
+        if self._events is not None:
+            for layer in range(first, self.kv.num_layers):
+                self._copy(layer)
+        elif first < self.kv.num_layers:  # no per-layer events: every layer is computed, one copy each run
+            self._copy(first, self.kv.num_layers - first)
         self._end_step()
 
-    def _copy(self, layer: int) -> None:
+    def _copy(self, layer: int, count: int = 1) -> None:
         c = self.copier
         jobs = [j for j in self._step if not j.error and j.layers == layer]
         if not jobs:
             return
         if c.stream is None:
             for job in jobs:
-                self._guard(job, lambda: c.copy_layer(job, layer))
+                self._guard(job, lambda: c.copy_layers(job, layer, count))
             return
         if self._events is not None:
-            c.stream.wait_event(self._events[layer])
+            c.stream.wait_event(self._events[layer + count - 1])
         else:
             c.stream.wait_stream(torch.cuda.current_stream(c.stream.device))
         with torch.cuda.stream(c.stream):
             for job in jobs:
-                self._guard(job, lambda: c.copy_layer(job, layer))
+                self._guard(job, lambda: c.copy_layers(job, layer, count))
 
     def abort_step(self, reason: str) -> None:
         for job in self._step:

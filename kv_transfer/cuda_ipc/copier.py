@@ -1,12 +1,13 @@
-"""The copy layer of the cuda-ipc transport: one layer of a transfer's heads from this
-rank's pool into a peer's opened pool, and the per-layer checksums of both ends.
+"""The copy layer of the cuda-ipc transport: a transfer's heads, a range of layers at a
+time, from this rank's pool into a peer's opened pool, and the checksums of both ends.
 
 Blocks are matched one to one (src_ids[i] -> dst_ids[i]). Where they form few
-contiguous runs (a fresh pool hands out consecutive blocks), each run of a layer's k or
-v is one Tensor.copy_ (a cudaMemcpyAsync on the copy engines when the heads are whole);
-otherwise one gather/scatter pair per layer. A checksum is the int64 sum of the layer's
-moved heads read as int32 words (order-free, so both ends compute it with one kernel);
-the source's is taken before the copy, the destination's after, on the same stream."""
+contiguous runs (a fresh pool hands out consecutive blocks), each run of a layer range's
+k or v is one Tensor.copy_ (a cudaMemcpyAsync on the copy engines when it is contiguous);
+otherwise one gather/scatter pair per layer. A checksum is the int64 sum of the moved
+heads over all layers read as int32 words (order-free, so both ends compute it with one
+reduction per run): once per transfer, after its last copy, on the same stream (the
+source blocks stay unchanged until the decode node acknowledges)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -77,20 +78,39 @@ class Copier:
 
     def copy_layer(self, job: Job, layer: int) -> None:
         """Queue layer `layer` of every route (the caller orders it after the layer was computed)."""
+        self.copy_layers(job, layer, 1)
+
+    def copy_layers(self, job: Job, first: int, count: int) -> None:
+        """Queue layers [first, first + count) of every route: with block runs, one copy per
+        run and k|v for the whole range. The checksums follow the last layer."""
+        layers = slice(first, first + count)
         for r in job.routes:
             sh, dh, n = r.src_head, r.peer.dst_head, r.heads
             for src_pool, dst_pool in ((self.k, r.peer.k), (self.v, r.peer.v)):
-                src = src_pool[layer][:, :, sh:sh + n]
-                dst = dst_pool[layer][:, :, dh:dh + n]
-                if self.verify:
-                    s = self._sum(job, src, 0)
-                self._copy(job, src, dst)
-                if job.corrupt and layer == 0:
-                    self._ordered(dst.device, lambda: dst[job.dst_ids[0]].add_(1))
-                if self.verify:
-                    job.sums.append(torch.stack((s, self._ordered(dst.device, lambda: self._sum(job, dst, 1))
-                                                 .to(s.device))))
-        job.layers += 1
+                src = src_pool[layers, :, :, sh:sh + n]
+                dst = dst_pool[layers, :, :, dh:dh + n]
+                if job.runs is not None:
+                    for s, d, c in job.runs:
+                        dst[:, d:d + c].copy_(src[:, s:s + c], non_blocking=True)
+                else:
+                    si, di = self._index(job, src.device)
+                    for i in range(count):
+                        dst[i].index_copy_(0, di, src[i].index_select(0, si))
+                if job.corrupt and first == 0:
+                    self._ordered(dst.device, lambda: dst[0, job.dst_ids[0]].add_(1))
+        job.layers = first + count
+        if self.verify and job.layers == self.k.shape[0]:
+            self._checksums(job)
+
+    def _checksums(self, job: Job) -> None:
+        """Both ends' sums of every route's k and v over all layers, behind the copies."""
+        for r in job.routes:
+            sh, dh, n = r.src_head, r.peer.dst_head, r.heads
+            for src_pool, dst_pool in ((self.k, r.peer.k), (self.v, r.peer.v)):
+                src, dst = src_pool[:, :, :, sh:sh + n], dst_pool[:, :, :, dh:dh + n]
+                s = self._sum(job, src, 0)
+                job.sums.append(torch.stack((s, self._ordered(dst.device, lambda: self._sum(job, dst, 1))
+                                             .to(s.device))))
 
     def _ordered(self, device: torch.device, fn):
         """fn() on `device` behind what this copier queued so far: on this copier's stream
@@ -107,14 +127,6 @@ class Copier:
         self.stream.wait_stream(peer)
         return out
 
-    def _copy(self, job: Job, src: torch.Tensor, dst: torch.Tensor) -> None:
-        if job.runs is not None:
-            for s, d, c in job.runs:
-                dst[d:d + c].copy_(src[s:s + c], non_blocking=True)
-            return
-        si, di = self._index(job, src.device)
-        dst.index_copy_(0, di, src.index_select(0, si))
-
     def _index(self, job: Job, device: torch.device):
         if device not in job.idx:
             job.idx[device] = (torch.tensor(job.src_ids, dtype=torch.long).to(device, non_blocking=True),
@@ -122,12 +134,12 @@ class Copier:
         return job.idx[device]
 
     def _sum(self, job: Job, t: torch.Tensor, side: int) -> torch.Tensor:
-        """The int64 sum of the job's blocks of t (side 0: source ids, 1: destination ids) as
-        int32 words: over each run in place, or over the gathered blocks."""
+        """The int64 sum of the job's blocks of t ([layers, blocks, ...]; side 0: source ids,
+        1: destination ids) as int32 words: over each run in place, or over the gathered blocks."""
         if job.runs is not None:
-            sums = [_words(t[r[side]:r[side] + r[2]]).sum(dtype=torch.int64) for r in job.runs]
+            sums = [_words(t[:, r[side]:r[side] + r[2]]).sum(dtype=torch.int64) for r in job.runs]
             return sums[0] if len(sums) == 1 else torch.stack(sums).sum()
-        return _words(t.index_select(0, self._index(job, t.device)[side])).sum(dtype=torch.int64)
+        return _words(t.index_select(1, self._index(job, t.device)[side])).sum(dtype=torch.int64)
 
     def check(self, job: Job) -> str:
         """After the job's copies ran: "" or which layer's checksums differ."""
@@ -138,11 +150,10 @@ class Copier:
                 sums = torch.stack(job.sums).cpu().tolist()
         else:
             sums = torch.stack(job.sums).tolist()
-        per_layer = 2 * len(job.routes)
         for i, (a, b) in enumerate(sums):
             if a != b:
-                r = job.routes[(i % per_layer) // 2]
-                return f"checksum mismatch in layer {i // per_layer} ({'kv'[i % 2]}, pair {r.peer.name})"
+                r = job.routes[i // 2]
+                return f"checksum mismatch ({'kv'[i % 2]}, pair {r.peer.name})"
         return ""
 
 

@@ -99,9 +99,9 @@ class CoordinatorConfig:
                                   "with the live nodes; while none is live, the next to register sets it)")
     heartbeat_interval_s: float = opt(0.5, "seconds between node heartbeats; a node missing 3 is fenced off",
                                       flag="--heartbeat-interval")
-    max_inflight: int = opt(256, "requests served at once")
-    max_queued: int = opt(1024, "requests waiting for a slot or for decode blocks beyond those; more get "
-                                "RESOURCE_EXHAUSTED")
+    max_inflight: int = opt(256, "requests served at once (by each frontend worker)")
+    max_queued: int = opt(1024, "requests waiting for a slot or for decode blocks beyond those (in each frontend "
+                                "worker); more get RESOURCE_EXHAUSTED")
     lease_s: float = opt(LEASE_S, "seconds a decode reservation lives unless renewed; the coordinator renews it "
                                   "while its request waits", flag="--lease")
     max_tokens_limit: int = MAX_TOKENS_LIMIT
