@@ -109,11 +109,13 @@ class Search:
         lo, hi = (max(below) if below else 0.0), first_miss
         if below and hi is not None and bisect_steps:
             lo, hi = max_rate_meeting(lambda r: self.attainment(r, scale), lo, hi, bisect_steps)
+        bisected = bool(bisect_steps) and bool(below) and hi is not None
         bound = ("none met: lower the rates" if not below else "lower bound: no rate run missed" if hi is None
-                 else "exact within [rate, next_missing_rate)")
+                 else "bisected: in [max_goodput_rate, next_missing_rate)" if bisected
+                 else "not bisected: in [max_goodput_rate, next_missing_rate) of the rates run")
         return {"scale": scale, "slos_ms": scaled(self.slos, scale), "max_goodput_rate": lo,
-                "next_missing_rate": hi, "bracketed": bool(below) and hi is not None,
-                "bisected": bool(bisect_steps) and bool(below) and hi is not None, "bound": bound}
+                "next_missing_rate": hi, "bracketed": bool(below) and hi is not None, "bisected": bisected,
+                "bound": bound}
 
 
 def sweep(a: argparse.Namespace, run: Run, slos: dict[str, float]) -> dict:
