@@ -79,6 +79,7 @@ def measure(kind: str, a: argparse.Namespace, model: str, out: Path, slos: dict 
             "--sweep", a.rates, "--bisect-steps", str(a.bisect_steps), "--label", f"{kind} ({a.workload})",
             "--sweep-duration", str(a.sweep_duration), "--slo-scale", a.slo_scales,
             "--headline-scale", str(a.headline_scale), "--seeds", str(a.seeds), "--seed", str(a.seed),
+            "--num-warmups", str(a.num_warmups),
             *(["--bisect-all-scales"] if a.bisect_all_scales else [])])
     finally:
         cluster.stop()
@@ -138,6 +139,7 @@ def main() -> None:
     ap.add_argument("--bisect-all-scales", action="store_true", help="bisect every scale (more runs), not only the headline")
     ap.add_argument("--seeds", type=int, default=1, help="runs per rate, each its own seed (the spread is recorded)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--num-warmups", type=int, default=4, help="unmeasured requests before every run of the sweeps")
     ap.add_argument("--allow-shared", action="store_true",
                     help="measure even when the host runs other GPU work (the result is flagged)")
     ap.add_argument("--commit", default=None)
@@ -173,6 +175,7 @@ def main() -> None:
                   model=args.model or args.shape, device=args.device, kv_transport=args.kv_transport, ratio_is=bound,
                   kv_max_ctas=args.kv_max_ctas, kv_min_message_mib=args.kv_min_message_mib,
                   slo_scales=args.slo_scales, headline_scale=args.headline_scale, seeds=args.seeds, seed=args.seed,
+                  num_warmups=args.num_warmups,
                   host=host.record())
     path = write_result(name, f"goodput_{args.workload.replace('-', '_')}",
                         ratio, 2.0, config, commit_id=args.commit, ratio_by_slo_scale=by_scale,
