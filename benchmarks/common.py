@@ -2,9 +2,14 @@
 from __future__ import annotations
 
 import datetime
+import fcntl
 import json
+import os
 import platform
 import subprocess
+import sys
+import tempfile
+import threading
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -87,7 +92,8 @@ def write_result(name: str, benchmark: str, ratio: float | None, target: float, 
     folder = RESULTS if folder is None else folder
     folder.mkdir(exist_ok=True)
     path = folder / f"{name}.json"
-    path.write_text(json.dumps(result, indent=2) + "\n")
+    from pdserve.bench_result import jsonable  # infinite values as "inf": valid JSON
+    path.write_text(json.dumps(jsonable(result), indent=2, allow_nan=False) + "\n")
     return path
 
 
@@ -110,3 +116,94 @@ def stamp_parts(folder: Path, headline: dict) -> list[Path]:
                                    indent=2) + "\n")
         stamped.append(path)
     return stamped
+
+
+LOCK = Path(tempfile.gettempdir()) / "pdserve-gpu-bench.lock"  # held by every benchmark that watches its host
+
+
+def _descendants(root: int) -> set[int]:
+    """root and every process below it (from /proc)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+        except (OSError, IndexError, ValueError):
+            continue
+    out, todo = set(), [root]
+    while todo:
+        pid = todo.pop()
+        out.add(pid)
+        todo += children.get(pid, [])
+    return out
+
+
+def foreign_gpu_processes() -> list[dict] | None:
+    """Compute processes on any GPU of the host that are not this process or below it
+    (nvidia-smi); None where nvidia-smi cannot tell."""
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-compute-apps=pid,process_name,used_memory",
+                              "--format=csv,noheader,nounits"], capture_output=True, text=True, timeout=20, check=True)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    ours = _descendants(os.getpid())
+    apps = [dict(zip(("pid", "name", "mib"), (x.strip() for x in line.split(",")))) for line in out.stdout.splitlines()
+            if line.strip()]
+    return [a for a in apps if a["pid"].isdigit() and int(a["pid"]) not in ours]
+
+
+class HostWatch:
+    """Whether a benchmark had its host to itself: an exclusive lock (LOCK) against other
+    benchmarks, and nvidia-smi's compute processes not ours, sampled every period_s.
+    Entering refuses (SystemExit) a host already shared unless allow_shared; what was
+    seen is record()'s, for the result JSON."""
+
+    def __init__(self, allow_shared: bool = False, period_s: float = 10.0):
+        self.allow_shared, self.period_s = allow_shared, period_s
+        self.seen: dict[str, dict] = {}
+        self.lock_holder: str | None = None
+        self.smi = True
+        self._stop = threading.Event()
+
+    def __enter__(self) -> "HostWatch":
+        self._fd = os.open(LOCK, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            os.ftruncate(self._fd, 0)
+            os.write(self._fd, f"{os.getpid()} {' '.join(sys.argv)}".encode())
+        except BlockingIOError:
+            self.lock_holder = Path(LOCK).read_text().strip() or "unknown"
+        self.sample()
+        if self.shared() and not self.allow_shared:
+            sys.exit(f"host shared ({self.describe()}): refusing to measure; --allow-shared runs and flags it")
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(self.period_s + 30)
+        self.sample()
+        os.close(self._fd)  # releases the lock
+
+    def _watch(self) -> None:
+        while not self._stop.wait(self.period_s):
+            self.sample()
+
+    def sample(self) -> None:
+        apps = foreign_gpu_processes()
+        self.smi = self.smi and apps is not None
+        for a in apps or []:
+            self.seen.setdefault(a["pid"], a)
+
+    def shared(self) -> bool:
+        return bool(self.lock_holder or self.seen)
+
+    def describe(self) -> str:
+        parts = [f"benchmark lock held by {self.lock_holder}"] if self.lock_holder else []
+        parts += [f"GPU process {a['pid']} {a['name']} ({a['mib']} MiB)" for a in self.seen.values()]
+        return "; ".join(parts) or ("alone" if self.smi else "alone as far as the lock tells (no nvidia-smi)")
+
+    def record(self) -> dict:
+        return dict(shared=self.shared(), lock_holder=self.lock_holder, foreign_gpu_processes=list(self.seen.values()),
+                    nvidia_smi=self.smi, summary=self.describe())

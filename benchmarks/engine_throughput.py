@@ -1,15 +1,17 @@
-"""Engine throughput on nano-vllm's workload, next to transformers' continuous batching.
+"""Engine throughput next to transformers' continuous batching, on one workload.
 
-    python benchmarks/engine_throughput.py [--shape llama-3.2-1b] [--tp 1] [--num-seqs 256]
+    python benchmarks/engine_throughput.py [--shape llama-3.2-1b] [--tp 1 [2]] [--num-seqs 256] [--output-len 256]
 
-Workload (nano-vllm's bench): num_seqs prompts of random token ids, input and output
-lengths uniform in [100, 1024], ignore_eos, seed 0, random bf16 weights of the shape.
-Ours: output tokens / wall time of LLMEngine.generate after a warm-up. Transformers:
-`generate_batch` (its continuous-batching API) on the same model shape, same prompts,
-same GPU, in the same run. generate_batch takes one max_new_tokens for all requests,
-so it runs the same prompts with --hf-max-new-tokens each (shorter outputs than ours
-on average: shorter contexts favour it, so the ratio is conservative).
-ratio = ours / transformers output tokens per second; target 10."""
+Workload: num_seqs prompts of random token ids with lengths uniform in
+[--min-len, --max-len] (nano-vllm's prompts, seed 0), each generating exactly
+--output-len tokens (ignore_eos; transformers' generate_batch takes one
+max_new_tokens for all, so both sides run that one length), random bf16 weights of
+the shape. Ours: output tokens / wall time of LLMEngine.generate after a warm-up, at
+each --tp. Transformers: `generate_batch` on one GPU, same prompts, same lengths, in
+the same run. ratio = ours at TP 1 / transformers output tokens per second (one GPU
+each; target 10); at TP N the JSON has ours per GPU (tok/s / N) and its ratio per
+GPU beside the whole-device figure. --nano-vllm-outputs also runs ours with nano-vllm's
+output lengths (uniform in the prompt range) as a second figure with no ratio."""
 from __future__ import annotations
 
 import argparse
@@ -28,6 +30,7 @@ from pdserve.common.sampling import SamplingParams
 
 
 def workload(n: int, vocab: int, lo: int, hi: int, seed: int = 0):
+    """nano-vllm's prompts and output lengths (the prompts do not depend on the lengths)."""
     rng = random.Random(seed)
     prompts = [[rng.randrange(vocab) for _ in range(rng.randint(lo, hi))] for _ in range(n)]
     outputs = [rng.randint(lo, hi) for _ in range(n)]
@@ -61,17 +64,18 @@ def run_hf(args, prompts) -> dict:
     from transformers import AutoModelForCausalLM, GenerationConfig
     with torch.device(args.device):
         model = AutoModelForCausalLM.from_config(hf_config(args.shape), dtype=torch.bfloat16).eval()
-    gen = GenerationConfig(max_new_tokens=args.hf_max_new_tokens, do_sample=False, eos_token_id=None,
-                           pad_token_id=0)
+    gen = GenerationConfig(max_new_tokens=args.output_len, min_new_tokens=args.output_len, do_sample=False,
+                           eos_token_id=None, pad_token_id=0)
     model.generate_batch(inputs=[p[:64] for p in prompts[:8]], generation_config=gen)  # warm-up
     torch.cuda.synchronize() if torch.cuda.is_available() else None
     t = time.perf_counter()
     out = model.generate_batch(inputs=prompts, generation_config=gen)
     wall = time.perf_counter() - t
     tokens = sum(len(o.generated_tokens) for o in out.values())
+    assert tokens == len(prompts) * args.output_len, "transformers did not generate the asked lengths"
     del model
     torch.cuda.empty_cache() if torch.cuda.is_available() else None
-    return dict(output_tokens=tokens, seconds=wall, tok_per_s=tokens / wall, max_new_tokens=args.hf_max_new_tokens)
+    return dict(output_tokens=tokens, seconds=wall, tok_per_s=tokens / wall, max_new_tokens=args.output_len)
 
 
 def main() -> None:
@@ -85,40 +89,54 @@ def main() -> None:
     ap.add_argument("--max-len", type=int, default=1024)
     ap.add_argument("--max-num-batched-tokens", type=int, default=16384)
     ap.add_argument("--max-model-len", type=int, default=4096)
-    ap.add_argument("--hf-max-new-tokens", type=int, default=256)
+    ap.add_argument("--output-len", type=int, default=256, help="tokens every request generates, on both sides")
+    ap.add_argument("--nano-vllm-outputs", action="store_true",
+                    help="also run ours with nano-vllm's output lengths (a second figure, no ratio)")
     ap.add_argument("--skip-hf", action="store_true", help="ours only (no ratio is written)")
     ap.add_argument("--no-prefill-graphs", action="store_true", help="steps with prompt tokens run eagerly")
     ap.add_argument("--commit", default=None, help="commit measured, where the tree has no .git")
     ap.add_argument("--name", default=None, help="result file name (default engine_throughput[_SHAPE_tpN])")
     args = ap.parse_args()
     vocab = hf_config(args.shape).vocab_size
-    prompts, outputs = workload(args.num_seqs, vocab, args.min_len, args.max_len)
-    runs = []
+    prompts, nano_outputs = workload(args.num_seqs, vocab, args.min_len, args.max_len)
+    outputs = [args.output_len] * len(prompts)  # the one length transformers' batch API runs
+    runs, nano = [], None
     with tempfile.TemporaryDirectory() as tmp:
         folder = write_config_folder(args.shape, Path(tmp) / args.shape)
         for tp in args.tp:
-            runs.append(run_ours(folder, args, tp, prompts, outputs))
-            r = runs[-1]
-            print(f"pdserve tp{tp}  {r['output_tokens']:8d} tokens in {r['seconds']:7.2f} s = {r['tok_per_s']:9.0f} tok/s",
-                  flush=True)
-    ours = runs[-1]
+            r = run_ours(folder, args, tp, prompts, outputs)
+            r["tok_per_s_per_gpu"] = r["tok_per_s"] / tp
+            runs.append(r)
+            print(f"pdserve tp{tp}  {r['output_tokens']:8d} tokens in {r['seconds']:7.2f} s = {r['tok_per_s']:9.0f} tok/s "
+                  f"({r['tok_per_s_per_gpu']:.0f} per GPU)", flush=True)
+        if args.nano_vllm_outputs:
+            nano = run_ours(folder, args, args.tp[0], prompts, nano_outputs)
+            print(f"pdserve tp{args.tp[0]} on nano-vllm's output lengths: {nano['tok_per_s']:9.0f} tok/s", flush=True)
     scaling = {f"tp{r['tp']}_over_tp{runs[0]['tp']}": r["tok_per_s"] / runs[0]["tok_per_s"] for r in runs[1:]}
     for k, v in scaling.items():
         print(f"throughput {k}: {v:.2f}")
     if args.skip_hf:
         return
     hf = run_hf(args, prompts)
-    print(f"transformers {hf['output_tokens']:8d} tokens in {hf['seconds']:7.2f} s = {hf['tok_per_s']:9.0f} tok/s")
-    ratio = ours["tok_per_s"] / hf["tok_per_s"]
-    print(f"ratio (ours / transformers generate_batch): {ratio:.2f}  target 10")
+    print(f"transformers {hf['output_tokens']:8d} tokens in {hf['seconds']:7.2f} s = {hf['tok_per_s']:9.0f} tok/s (one GPU)")
+    for r in runs:
+        r["ratio"] = r["tok_per_s"] / hf["tok_per_s"]
+        r["ratio_per_gpu"] = r["tok_per_s_per_gpu"] / hf["tok_per_s"]
+        print(f"ratio at TP {r['tp']} (ours / transformers): {r['ratio']:.2f}, per GPU {r['ratio_per_gpu']:.2f}")
+    # the headline compares one GPU with one GPU: TP 1 where it ran, else the smallest TP per GPU
+    head = min(runs, key=lambda r: r["tp"])
+    ratio, ratio_is = (head["ratio"], "TP 1, one GPU each") if head["tp"] == 1 else \
+        (head["ratio_per_gpu"], f"TP {head['tp']} per GPU against transformers on one GPU")
+    print(f"ratio ({ratio_is}): {ratio:.2f}  target 10")
     tp = args.tp[-1]
     suffix = "" if (args.shape, tp) == ("llama-3.2-1b", 1) else f"_{args.shape}_tp{tp}"
-    config = dict(shape=args.shape, tp=tp, tp_runs=args.tp, num_seqs=args.num_seqs, input_len=[args.min_len, args.max_len],
-                  output_len=[args.min_len, args.max_len], ignore_eos=True, seed=0, dtype="bfloat16",
-                  max_num_batched_tokens=args.max_num_batched_tokens, hf_max_new_tokens=args.hf_max_new_tokens)
+    config = dict(shape=args.shape, tp=head["tp"], tp_runs=args.tp, num_seqs=args.num_seqs,
+                  input_len=[args.min_len, args.max_len], output_len=args.output_len, same_workload=True,
+                  ignore_eos=True, seed=0, dtype="bfloat16", max_num_batched_tokens=args.max_num_batched_tokens,
+                  ratio_is=ratio_is)
     path = write_result(args.name or f"engine_throughput{suffix}", "engine_throughput", ratio, 10.0, config,
-                        commit_id=args.commit, ours=ours, transformers=hf,
-                        ours_by_tp=runs, tp_scaling=scaling)
+                        commit_id=args.commit, ours=head, transformers=hf, ours_by_tp=runs, tp_scaling=scaling,
+                        ours_nano_vllm_outputs=nano)
     print(f"-> {path}")
 
 

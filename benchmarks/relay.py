@@ -91,7 +91,7 @@ def run(a, workers: int, work: Path) -> dict:
     r = dict(workers=workers, output_tok_s=s["output_throughput"], completed=s["completed"], failed=s["failed"],
              duration_s=s["duration"], mean_tpot_ms=s["mean_tpot_ms"], mean_ttft_ms=s["mean_ttft_ms"],
              cpu_s=dict(coordinator=after[0] - before[0], nodes=after[1] - before[1], clients=client_cpu),
-             first_error=s["errors"][0] if s["errors"] else "")
+             first_error=next((e for e in s["errors"] if e), ""))
     # CPU seconds per second of the run per process of the group: near 1.0, that group was the cap
     procs = dict(coordinator=workers + (workers > 1), nodes=a.nodes, clients=a.num_clients)
     r["busy"] = {k: r["cpu_s"][k] / (r["duration_s"] * procs[k]) for k in procs}

@@ -56,7 +56,16 @@ def setup(r: dict) -> str:
     c, b = r["config"], r["benchmark"]
     if b == "engine_throughput":
         lo, hi = c["input_len"]
-        return f"{shape(c['shape'])}, TP {c['tp']}, {c['num_seqs']} seqs of {lo}-{hi} in and out"
+        if not c.get("same_workload"):  # before issue 22: ours and transformers ran different output lengths
+            hf = r["transformers"]["tok_per_s"]
+            by_tp = "".join(f"; TP {x['tp']}: {x['tok_per_s'] / hf:.1f}" + (f", {x['tok_per_s'] / x['tp'] / hf:.1f}"
+                                                                          " per GPU" if x["tp"] > 1 else "")
+                            for x in r.get("ours_by_tp", []) if len(r["ours_by_tp"]) > 1)
+            return (f"{shape(c['shape'])}, TP {c['tp']}, {c['num_seqs']} seqs of {lo}-{hi} in and out "
+                    f"(transformers {c['hf_max_new_tokens']} out, on one GPU{by_tp})")
+        per_gpu = "".join(f"; TP {x['tp']}: {x['ratio_per_gpu']:.1f} per GPU" for x in r.get("ours_by_tp", [])
+                          if x["tp"] != c["tp"])
+        return f"{shape(c['shape'])}, TP {c['tp']}, {c['num_seqs']} seqs of {lo}-{hi} in, {c['output_len']} out{per_gpu}"
     if b == "decode_latency":
         return f"{shape(c['shape'])}, TP {c['tp']}, batch 1, context {c['context']}"
     if b == "served_ab":
@@ -92,8 +101,14 @@ def setup(r: dict) -> str:
     if b == "prefill_probe":
         return f"{shape(c['shape'])}, {tokens(c['tokens'])}-token step, {c['procs']} processes"
     if b.startswith("goodput_"):
+        host = c.get("host", {})
+        shared = " (host shared: " + host["summary"] + ")" if host.get("shared") else ""
+        scales = "".join(f"; x{x['scale']:g}: {number(x['ratio'])}" for x in r.get("ratio_by_slo_scale", [])
+                         if x["scale"] != c.get("headline_scale", 1.0))
         return (f"{shape(c['model'])}, {tokens(c['input_len'])} in / {c['output_len']} out, "
-                f"SLOs TTFT {c['ttft_ms']} ms, TPOT {c['tpot_ms']} ms")
+                f"SLOs TTFT {c['ttft_ms']} ms, TPOT {c['tpot_ms']} ms (scale {c.get('headline_scale', 1):g}"
+                f"{scales}), {c.get('ratio_is', 'exact')}{shared}"
+                + ("" if "slo_scales" in c else ", at nominal rates (the schedule before issue 22 offered fewer)"))
     return ""
 
 

@@ -99,7 +99,7 @@ def served(folder: Path, a, streams: int, work: Path) -> dict:
         cluster.stop()
     return dict(output_tok_s=s["output_throughput"], completed=s["completed"], failed=s["failed"],
                 seconds=s["duration"], tpot_ms=s["mean_tpot_ms"], ttft_ms=s["mean_ttft_ms"],
-                first_error=s["errors"][0] if s["errors"] else "")
+                first_error=next((e for e in s["errors"] if e), ""))
 
 
 def sync() -> None:

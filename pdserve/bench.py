@@ -1,10 +1,12 @@
 """`pdserve bench`: serving benchmark against a running coordinator, with goodput.
 
 Flags and result fields follow `vllm bench serve` wherever the concept is the same,
-so tools that read one read the other. Per request: TTFT = first token - send,
-TPOT = (last token - first token) / (output tokens - 1), ITL = gaps between token
-arrivals, E2EL = last token - send. A request attains the SLOs given by --goodput
-only if it meets every one; goodput = attaining requests / duration."""
+so tools that read one read the other. Requests go out on an absolute schedule whose
+gaps are rescaled to exactly n / rate; the rate achieved is recorded. Per request:
+TTFT = first token - send, TPOT = (last token - first token) / (output tokens - 1),
+ITL = one gap per received chunk, E2EL = last token - send (bench_result.py). A
+request attains the SLOs given by --goodput only if it succeeded and meets every one;
+goodput = attaining requests / duration."""
 from __future__ import annotations
 
 import argparse
@@ -12,14 +14,14 @@ import asyncio
 import json
 import math
 import random
-import time
 from pathlib import Path
 
 import numpy as np
 
 from pdserve.bench_clients import run_clients
-from pdserve.bench_stream import Request, Result, arrival_gaps, benchmark
-from pdserve.client import FINISH_NAMES, status
+from pdserve.bench_result import Request, jsonable, summarize
+from pdserve.bench_stream import arrival_times, benchmark
+from pdserve.client import status
 
 SYNTHETIC = {  # name -> (mean input tokens, mean output tokens), lognormal lengths around them
     "chat": (256, 256), "code": (768, 192), "summarization": (1536, 128)}
@@ -78,45 +80,6 @@ def parse_goodput(items: list[str]) -> dict[str, float]:
     return slos
 
 
-def summarize(a: argparse.Namespace, reqs: list[Request], results: list[Result], duration: float,
-              slos: dict[str, float]) -> dict:
-    ok = [(q, r) for q, r in zip(reqs, results) if r.success]
-    tpots = [(r.latency - r.ttft) / (r.output_tokens - 1) for _, r in ok if r.output_tokens > 1]
-    metrics = {"ttft": [r.ttft for _, r in ok], "tpot": tpots, "itl": [x for _, r in ok for x in r.itl],
-               "e2el": [r.latency for _, r in ok]}
-    out_tokens = sum(r.output_tokens for _, r in ok)
-    in_tokens = sum(q.input_len for q, _ in ok)
-    good = 0
-    for _, r in ok:
-        tpot = (r.latency - r.ttft) / (r.output_tokens - 1) if r.output_tokens > 1 else 0.0
-        values = {"ttft": r.ttft * 1e3, "tpot": tpot * 1e3, "e2el": r.latency * 1e3}
-        good += all(values[k] <= v for k, v in slos.items())
-    s = {"date": time.strftime("%Y%m%d-%H%M%S"), "backend": "pdserve", "model_id": a.model_id,
-         "num_prompts": len(reqs), "request_rate": a.request_rate, "burstiness": a.burstiness,
-         "max_concurrency": a.max_concurrency, "duration": duration, "completed": len(ok),
-         "failed": len(reqs) - len(ok), "total_input_tokens": in_tokens, "total_output_tokens": out_tokens,
-         "request_throughput": len(ok) / duration, "output_throughput": out_tokens / duration,
-         "total_token_throughput": (in_tokens + out_tokens) / duration,
-         "request_goodput": good / duration if slos else None, "slo_attainment": good / len(reqs) if slos else None,
-         "goodput_slos_ms": slos, "num_clients": getattr(a, "num_clients", 1)}
-    for name in a.percentile_metrics.split(","):
-        values = np.array(metrics[name]) * 1e3 if metrics[name] else np.zeros(1)
-        s[f"mean_{name}_ms"] = float(values.mean())
-        s[f"median_{name}_ms"] = float(np.median(values))
-        s[f"std_{name}_ms"] = float(values.std())
-        for p in a.metric_percentiles.split(","):
-            s[f"p{p}_{name}_ms"] = float(np.percentile(values, float(p)))
-    phases = [r.phases for _, r in ok if r.phases]
-    s["ttft_split_mean_ms"] = {k: 1e3 * float(np.mean([ph[k] for ph in phases])) for k in phases[0]} if phases else {}
-    s.update(input_lens=[q.input_len for q, _ in ok], output_lens=[r.output_tokens for _, r in ok],
-             ttfts=[r.ttft for _, r in ok], itls=[r.itl for _, r in ok], e2els=[r.latency for _, r in ok],
-             errors=[r.error for r in results if not r.success])
-    if getattr(a, "save_detailed", False):  # per request, in request order, failed ones too
-        s.update(generated_texts=[r.text for r in results], output_token_ids=[r.token_ids for r in results],
-                 finish_reasons=[FINISH_NAMES.get(r.finish_reason, "") for r in results])
-    return s
-
-
 def add_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--coordinator", required=True)
     p.add_argument("--num-prompts", type=int, default=100)
@@ -129,7 +92,12 @@ def add_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--random-input-len", type=int, default=256)
     p.add_argument("--random-output-len", type=int, default=128)
     p.add_argument("--random-range-ratio", type=float, default=0.0)
-    p.add_argument("--ignore-eos", action="store_true", default=True)
+    p.add_argument("--ignore-eos", action=argparse.BooleanOptionalAction, default=True,
+                   help="generate every request's output length (default on; --no-ignore-eos stops at EOS)")
+    p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (0: greedy)")
+    p.add_argument("--model", default=None, help="model name sent with each request (default: the served one)")
+    p.add_argument("--num-warmups", type=int, default=0,
+                   help="copies of the first request sent before the measured run (not measured)")
     p.add_argument("--goodput", nargs="*", default=[], help="SLOs, e.g. ttft:500 tpot:50 [e2el:MS]")
     p.add_argument("--percentile-metrics", default="ttft,tpot,itl,e2el")
     p.add_argument("--metric-percentiles", default="50,90,99")
@@ -141,7 +109,7 @@ def add_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--result-dir", default=".")
     p.add_argument("--result-filename", default=None)
     p.add_argument("--request-timeout", type=float, default=600.0)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the sampled requests and the arrival schedule")
     p.add_argument("--disable-tqdm", action="store_true")
     p.add_argument("--sweep", default=None, help="comma-separated request rates: attainment curves + max goodput")
     p.add_argument("--bisect-steps", type=int, default=4, help="bisection steps for the max-goodput rate")
@@ -151,32 +119,41 @@ def add_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sweep-max-prompts", type=int, default=3000)
     p.add_argument("--sweep-extend", type=int, default=2,
                    help="doublings (or halvings) of the rate tried when every swept rate meets (or misses) the SLOs")
-    p.add_argument("--slo-scale", default=None, help="comma-separated SLO multipliers at --request-rate")
+    p.add_argument("--slo-scale", default=None,
+                   help="comma-separated SLO multipliers: with --sweep, the max goodput at each; "
+                        "without, the attainment at --request-rate under each")
+    p.add_argument("--headline-scale", type=float, default=1.0,
+                   help="the SLO scale whose max goodput is the headline (bisected; added to --slo-scale)")
+    p.add_argument("--bisect-all-scales", action="store_true",
+                   help="bisect the max goodput at every --slo-scale, not only the headline's")
+    p.add_argument("--seeds", type=int, default=1,
+                   help="with --sweep: runs per rate, seeds --seed .. --seed+N-1; attainment is their mean, "
+                        "their spread is recorded")
     p.add_argument("--label", default=None, help="name on plots and summaries")
 
 
 def main(a: argparse.Namespace) -> int:
     info = status(a.coordinator)
-    a.model_id = info["model"] or "default"
+    a.model_id = a.model or info["model"] or "default"
     if a.num_clients < 1:
         raise SystemExit("--num-clients must be >= 1")
     if a.dataset_name == "sharegpt" and not a.dataset_path:
         raise SystemExit("--dataset-name sharegpt needs --dataset-path")
     slos = parse_goodput(a.goodput)
     vocab, max_len = info["vocab_size"] or 32000, info["max_model_len"] or 4096
-    pool = sample_requests(a, vocab, max_len)
+    pools: dict[int, list[Request]] = {}  # seed -> requests sampled so far
 
     def run(args: argparse.Namespace) -> dict:
-        nonlocal pool
         n = prompts_at(args.request_rate, args.num_prompts, args.sweep_duration, args.sweep_max_prompts)
-        if n > len(pool):  # same seed: the requests sampled so far stay the first ones
-            pool = sample_requests(argparse.Namespace(**{**vars(a), "num_prompts": n}), vocab, max_len)
-        reqs = pool[:n]
+        if n > len(pools.get(args.seed, [])):  # same seed: the requests sampled so far stay the first ones
+            pools[args.seed] = sample_requests(argparse.Namespace(**{**vars(args), "num_prompts": n}), vocab, max_len)
+        reqs = pools[args.seed][:n]
         if args.num_clients > 1:
             results, duration = run_clients(args, reqs)
         else:
             results, duration = asyncio.run(benchmark(args, reqs))
-        return summarize(args, reqs, results, duration, slos)
+        schedule = arrival_times(len(reqs), args.request_rate, args.burstiness, args.seed)
+        return summarize(args, reqs, results, duration, slos, schedule)
     if a.sweep or a.slo_scale:
         from pdserve.goodput import run_search
         run_search(a, run, slos)
@@ -184,7 +161,8 @@ def main(a: argparse.Namespace) -> int:
     s = run(a)
     duration = s["duration"]
     print(f"completed {s['completed']}/{s['num_prompts']} in {duration:.2f} s: {s['request_throughput']:.2f} req/s, "
-          f"{s['output_throughput']:.1f} output tok/s")
+          f"{s['output_throughput']:.1f} output tok/s; arrivals offered at {s['achieved_request_rate']:.2f} req/s "
+          f"(asked {a.request_rate:g})")
     for name in a.percentile_metrics.split(","):
         print(f"  {name:5s} mean {s[f'mean_{name}_ms']:9.2f} ms  median {s[f'median_{name}_ms']:9.2f} ms  "
               + "  ".join(f"p{p} {s[f'p{p}_{name}_ms']:9.2f}" for p in a.metric_percentiles.split(",")))
@@ -197,6 +175,6 @@ def main(a: argparse.Namespace) -> int:
         name = a.result_filename or f"pdserve-{a.request_rate}qps-{s['date']}.json"
         path = Path(a.result_dir) / name
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(s))
+        path.write_text(json.dumps(jsonable(s), allow_nan=False))
         print(f"-> {path}")
     return 0 if s["failed"] == 0 else 1

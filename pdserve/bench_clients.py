@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import itertools
 import json
 import multiprocessing as mp
 import time
 from dataclasses import asdict
 from multiprocessing.connection import Connection, wait
 
-from pdserve.bench_stream import Progress, Request, Result, arrival_gaps, run_one
+from pdserve.bench_result import Request, Result
+from pdserve.bench_stream import Progress, arrival_times, run_one, warm_up
 
 START_DELAY_S = 0.2     # after every client is connected: time for the start message to reach them all
 CONNECT_TIMEOUT_S = 30.0
@@ -32,14 +32,16 @@ def split(total: int, k: int) -> list[int]:
 def run_clients(a: argparse.Namespace, reqs: list[Request]) -> tuple[list[Result], float]:
     """(results in request order, seconds from the shared start to the last completion)."""
     k = max(1, min(a.num_clients, len(reqs), a.max_concurrency or len(reqs)))  # every client >= 1 stream
-    offsets = list(itertools.accumulate(arrival_gaps(len(reqs), a.request_rate, a.burstiness, a.seed)))
+    offsets = arrival_times(len(reqs), a.request_rate, a.burstiness, a.seed)
+    if getattr(a, "num_warmups", 0):
+        asyncio.run(_warm_up(a, reqs))
     limits = split(a.max_concurrency or len(reqs), k)  # sums to --max-concurrency
     ctx = mp.get_context("spawn")
     procs, conns = [], []
     for j in range(k):
         mine = range(j, len(reqs), k)
         job = dict(coordinator=a.coordinator, request_timeout=a.request_timeout, ignore_eos=a.ignore_eos,
-                   limit=limits[j],
+                   temperature=a.temperature, model=getattr(a, "model", None), limit=limits[j],
                    requests=[[i, reqs[i].prompt, reqs[i].output_len, offsets[i]] for i in mine])
         ours, theirs = ctx.Pipe()
         p = ctx.Process(target=client_main, args=(json.dumps(job), theirs), name=f"bench-client-{j}", daemon=True)
@@ -63,6 +65,14 @@ def run_clients(a: argparse.Namespace, reqs: list[Request]) -> tuple[list[Result
                 p.join(5)
     lost = Result(error="its bench client process died")
     return [r if r is not None else lost for r in results], max(end - start, 1e-9)
+
+
+async def _warm_up(a: argparse.Namespace, reqs: list[Request]) -> None:
+    from pdserve.wire.rpc import channel
+    from pdserve.v1 import api_pb2_grpc
+    ch = channel(a.coordinator)
+    await warm_up(api_pb2_grpc.GenerationStub(ch), reqs, a, asyncio.Semaphore(a.max_concurrency or len(reqs) or 1))
+    await ch.close()
 
 
 def _collect(conns: list[Connection], n: int, quiet: bool) -> tuple[list[Result | None], float]:
@@ -106,7 +116,8 @@ async def _client(job: dict, conn: Connection) -> None:
     conn.send_bytes(b'{"ready": true}')
     start = json.loads(await asyncio.to_thread(conn.recv_bytes))["start"]
     base = time.perf_counter() + (start - time.time())  # the shared start on this process's clock
-    a = argparse.Namespace(ignore_eos=job["ignore_eos"], request_timeout=job["request_timeout"])
+    a = argparse.Namespace(ignore_eos=job["ignore_eos"], request_timeout=job["request_timeout"],
+                           temperature=job["temperature"], model=job["model"])
     limit = asyncio.Semaphore(job["limit"])
     records: list[tuple[int, Result]] = []
 
@@ -114,8 +125,10 @@ async def _client(job: dict, conn: Connection) -> None:
         delay = base + offset - time.perf_counter()
         if delay > 0:
             await asyncio.sleep(delay)
+        arrived = time.perf_counter() - base
         async with limit:
-            r = await run_one(stub, Request(prompt, 0, output_len), a)
+            r = await run_one(stub, Request(prompt, 0, output_len), a, base)
+        r.arrival_time = arrived
         records.append((i, r))
         conn.send_bytes(b'{"tick": 1}')
     await asyncio.gather(*(one(*r) for r in job["requests"]))

@@ -1,61 +1,48 @@
-"""One benchmark client: the requests' streams on one event loop, each measured into a
-Result (pdserve bench runs one of these, or several in processes: bench_clients)."""
+"""One benchmark client: the requests' streams on one event loop, sent on an absolute
+schedule, each measured into a Result (pdserve bench runs one of these, or several in
+processes: bench_clients)."""
 from __future__ import annotations
 
 import argparse
 import asyncio
 import time
-from dataclasses import dataclass, field
 
 import grpc
 import numpy as np
 
+from pdserve.bench_result import Request, Result
+from pdserve.client import FINISH_NAMES
 from pdserve.wire.rpc import channel
 from pdserve.v1 import api_pb2, api_pb2_grpc
 
 
-@dataclass
-class Request:
-    prompt: list[int] | str
-    input_len: int
-    output_len: int
-
-
-@dataclass
-class Result:
-    success: bool = False
-    error: str = ""
-    ttft: float = 0.0
-    itl: list[float] = field(default_factory=list)
-    latency: float = 0.0
-    output_tokens: int = 0
-    text: str = ""
-    phases: dict = field(default_factory=dict)
-    token_ids: list[int] = field(default_factory=list)
-    finish_reason: int = 0
-
-
-def arrival_gaps(n: int, rate: float, burstiness: float, seed: int) -> list[float]:
-    """Gamma inter-arrival times (Poisson when burstiness = 1); rate inf sends all at once."""
-    if rate == float("inf"):
+def arrival_times(n: int, rate: float, burstiness: float, seed: int) -> list[float]:
+    """Send instants (s from the run's start) of n requests: gamma gaps (Poisson when
+    burstiness = 1) summed, then rescaled so the last lands at exactly n / rate, as vLLM
+    does (the rate offered is the rate asked for, whatever the draw); all 0 at rate inf."""
+    if rate == float("inf") or n == 0:
         return [0.0] * n
-    rng = np.random.default_rng(seed)
-    return list(rng.gamma(shape=burstiness, scale=1.0 / (rate * burstiness), size=n))
+    times = np.cumsum(np.random.default_rng(seed).gamma(shape=burstiness, scale=1.0 / (rate * burstiness), size=n))
+    return list(times * (n / rate / times[-1]))
 
 
-async def run_one(stub, req: Request, a: argparse.Namespace) -> Result:
-    sampling = api_pb2.SamplingParams(max_tokens=req.output_len, temperature=0.0, ignore_eos=a.ignore_eos)
-    msg = api_pb2.GenerateRequest(sampling=sampling)
+async def run_one(stub, req: Request, a: argparse.Namespace, t0: float = 0.0) -> Result:
+    """One request's stream; t0: the run's start on this process's perf_counter clock."""
+    sampling = api_pb2.SamplingParams(max_tokens=req.output_len, temperature=a.temperature, ignore_eos=a.ignore_eos)
+    msg = api_pb2.GenerateRequest(sampling=sampling, model=getattr(a, "model", None) or "")
     if isinstance(req.prompt, str):
         msg.text = req.prompt.encode()
     else:
         msg.token_ids.ids.extend(req.prompt)
     res = Result()
     start = last = time.perf_counter()
+    res.start_time = start - t0
     text = []
     try:
         async for resp in stub.Generate(msg, timeout=a.request_timeout):
             now = time.perf_counter()
+            if resp.prompt_tokens:
+                res.prompt_tokens = resp.prompt_tokens
             if resp.token_ids:
                 if resp.index != res.output_tokens:
                     raise IndexError(f"token index {resp.index} after {res.output_tokens} tokens")
@@ -63,13 +50,12 @@ async def run_one(stub, req: Request, a: argparse.Namespace) -> Result:
                 if res.output_tokens == 0:
                     res.ttft = now - start
                 else:
-                    res.itl.append(now - last)
-                    res.itl.extend([0.0] * (len(resp.token_ids) - 1))
+                    res.itl.append(now - last)  # one gap per chunk, however many tokens it carries
                 res.output_tokens += len(resp.token_ids)
                 last = now
             text.append(resp.text)
             if resp.finish_reason:
-                res.finish_reason = resp.finish_reason
+                res.finish_reason = FINISH_NAMES.get(resp.finish_reason, "")
                 t = resp.times
                 res.phases = {"queue": t.reserved - t.received, "prefill": t.prefill_end - t.prefill_start,
                               "transfer": max(0.0, t.transfer_end - t.prefill_end) if t.transfer_end else 0.0,
@@ -80,32 +66,53 @@ async def run_one(stub, req: Request, a: argparse.Namespace) -> Result:
         res.error = f"{e.code().name}: {e.details()}"
     except IndexError as e:
         res.error = f"bad stream: {e}"
+    if not res.success and not res.error:
+        res.error = "failed"
     return res
 
 
 async def benchmark(a: argparse.Namespace, reqs: list[Request]) -> tuple[list[Result], float]:
+    """(results in request order, seconds from the run's start to the last completion)."""
     ch = channel(a.coordinator)
     stub = api_pb2_grpc.GenerationStub(ch)
     limit = asyncio.Semaphore(a.max_concurrency or len(reqs) or 1)
-    gaps = arrival_gaps(len(reqs), a.request_rate, a.burstiness, a.seed)
+    await warm_up(stub, reqs, a, limit)
+    times = arrival_times(len(reqs), a.request_rate, a.burstiness, a.seed)
     progress = Progress(len(reqs), a.disable_tqdm)
 
-    async def limited(req: Request) -> Result:
+    async def limited(req: Request, arrived: float) -> Result:
         async with limit:
-            r = await run_one(stub, req, a)
+            r = await run_one(stub, req, a, start)
+        r.arrival_time = arrived
         progress.update()
         return r
     start = time.perf_counter()
     tasks = []
-    for req, gap in zip(reqs, gaps):
-        if gap:
-            await asyncio.sleep(gap)
-        tasks.append(asyncio.create_task(limited(req)))
+    for req, at in zip(reqs, times):  # absolute: a late send does not push the later ones back
+        delay = start + at - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        tasks.append(asyncio.create_task(limited(req, time.perf_counter() - start)))
     results = await asyncio.gather(*tasks)
     duration = time.perf_counter() - start
     progress.close()
     await ch.close()
     return results, duration
+
+
+async def warm_up(stub, reqs: list[Request], a: argparse.Namespace, limit: asyncio.Semaphore) -> None:
+    """--num-warmups copies of the first request, all at once (under --max-concurrency),
+    before the measured run (vLLM's warm-up); one that fails stops the benchmark."""
+    n = getattr(a, "num_warmups", 0)
+    if not n or not reqs:
+        return
+
+    async def one() -> Result:
+        async with limit:
+            return await run_one(stub, reqs[0], a)
+    for r in await asyncio.gather(*(one() for _ in range(n))):
+        if not r.success:
+            raise SystemExit(f"warm-up request failed: {r.error}")
 
 
 class Progress:

@@ -2,6 +2,7 @@
 model, and the transformers reference with DESIGN.md's near-tie rule."""
 from __future__ import annotations
 
+import math
 import os
 
 import pytest
@@ -100,6 +101,25 @@ def assert_matches_reference(ours: list[int], ref: tuple[list[int], list[float]]
                                         f"(top-2 gap {gaps[i]:.2e}); ours={ours} ref={tokens}")
             return
     assert len(ours) == len(tokens), f"{what}: length {len(ours)} != reference {len(tokens)}"
+
+
+BF16_ULPS = 8  # logits of two bf16 implementations were seen up to 7 bf16 ulps apart (tests/gpu/test_gpu_bf16.py)
+
+
+def assert_near_greedy(ref: Reference, prompt: list[int], ours: list[int], what: str = "", ulps: int = BF16_ULPS) -> None:
+    """The check for bf16 runs, whose rounding tips near-ties either way: given the prefix
+    before it (ours, so every step is checked, not only up to a divergence), each token we
+    chose has a float32 reference logit within `ulps` bf16 units in the last place of the
+    top one. A wrong KV, position or sampling step picks tokens far below the top."""
+    ids = torch.tensor([prompt + ours[:-1]])
+    with torch.no_grad():
+        logits = ref.model(ids).logits[0, len(prompt) - 1:].float()
+    for i, (tok, row) in enumerate(zip(ours, logits)):
+        top = row.max().item()
+        tol = ulps * 2.0 ** (math.floor(math.log2(max(abs(top), 1e-3))) - 7)
+        short = top - row[tok].item()
+        assert short <= tol, (f"{what}: step {i}: token {tok} is {short:.4f} below the top logit {top:.3f} "
+                              f"(tolerance {tol:.4f}, {ulps} bf16 ulps); ours={ours}")
 
 
 @pytest.fixture(scope="session")

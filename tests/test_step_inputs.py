@@ -39,8 +39,12 @@ def test_eager_inputs_are_the_plan():
     assert meta.query_starts.tolist() == [0, 70, 71] and meta.query_lens_dev.tolist() == [70, 1, 40]
     assert meta.context_lens.tolist() == [70, 33, 60] and meta.max_query_len == 70 and meta.block_m == BLOCK_M
     work = meta.work.numpy()
-    assert list(work[work >= 0]) == list(tile_work(np.array([70, 1, 40]), BLOCK_M))
-    assert (work[work < 0].size + (work >= 0).sum()) == work.size <= max_tiles(111, 3)
+    n = len(tile_work(np.array([70, 1, 40]), BLOCK_M))
+    assert (work[:n] >= 0).all() and (work[n:] == -1).all() and work.size <= max_tiles(111, 3)  # padding at the tail
+    seq, tile = work[:n] >> 16, work[:n] & 0xFFFF
+    assert list(seq) == sorted(seq)  # sequence by sequence
+    for s, q in enumerate([70, 1, 40]):  # each sequence's query rows in exactly one tile each
+        assert list(tile[seq == s]) == list(range(-(-q // BLOCK_M)))
 
 
 def test_padded_layout_pads_tokens_tiles_and_sample_rows():

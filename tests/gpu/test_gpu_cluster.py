@@ -1,5 +1,5 @@
 """Clusters on GPUs: 1 prefill + 1 decode with the KV over ZeroMQ, on one shared GPU and
-on two (greedy outputs equal transformers' in float32, and bfloat16 runs), over ZeroMQ
+on two (greedy outputs equal transformers' in float32, within bf16 rounding of them in bfloat16), over ZeroMQ
 at P:D TP 2:1 and 1:2 (three GPUs), and with the KV over NCCL at P:D TP 1:1 (two GPUs),
 1:2 and 2:1 (three GPUs)."""
 from __future__ import annotations
@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from tests.cluster_util import Client, start_cluster
-from tests.conftest import assert_matches_reference
+from tests.conftest import assert_matches_reference, assert_near_greedy
 from tests.test_cluster import workload
 
 GPUS = torch.cuda.device_count() if torch.cuda.is_available() else 0
@@ -38,10 +38,12 @@ def test_1p1d_over_zmq(tiny_models, reference, device, dtype, layers_per_message
         client.close()
         cluster.stop()
     assert [len(o["token_ids"]) for o in outs] == [n for _, n in jobs]
-    if dtype == "float32":
-        ref = reference(tiny_models["qwen2"])
-        for (prompt, n), out in zip(jobs, outs):
+    ref = reference(tiny_models["qwen2"])
+    for (prompt, n), out in zip(jobs, outs):
+        if dtype == "float32":
             assert_matches_reference(out["token_ids"], ref.generate(prompt, n), "gpu cluster")
+        else:  # bf16 rounding tips near-ties either way: every token near the float32 greedy one
+            assert_near_greedy(ref, prompt, out["token_ids"], "gpu cluster bf16")
 
 
 @two_gpus

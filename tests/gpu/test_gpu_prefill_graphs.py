@@ -108,3 +108,52 @@ def test_layer_events_order_a_side_stream_gather(tiny_models):
             want = torch.stack((r.kv.k[l, idx], r.kv.v[l, idx]))[None]
             assert want.abs().sum() > 0
             assert torch.equal(bufs[l], want), f"trial {trial}: layer {l} gathered before it was written"
+
+
+@pytest.fixture(scope="module")
+def deep_llama(tmp_path_factory):
+    """The tiny llama with 8 layers: a forward long enough for a gather to overlap it."""
+    from transformers import AutoModelForCausalLM
+    from tests.conftest import tiny_config
+    cfg = tiny_config("llama")
+    cfg.num_hidden_layers = 8
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("deep_llama")
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(path)
+    return str(path)
+
+
+def test_a_layer_gather_overlaps_the_rest_of_the_replay(deep_llama):
+    """The point of the layer events: the side stream's gather of layer 0 waits for layer 0
+    only, so it is done while the replay still runs the later layers (device timestamps:
+    the gather's end event against the step's end event on the compute stream)."""
+    from pdserve.kv_transfer.nccl import kernels as nccl_kernels
+    r = runner_for(deep_llama, dtype="bfloat16")
+    pg = r.prefill_graphs
+    gen = torch.Generator().manual_seed(2)
+    table = torch.randperm(256, generator=gen)[:32].tolist()
+    plan = plan_of([(table, 0, 512)], 16, r.spec.vocab_size, gen)
+    events = pg.layer_events(plan)
+    if events is None:
+        pytest.skip("this torch cannot record external events in a graph")
+    heads = r.kv.kv_heads
+    mover = nccl_kernels.Mover(r.kv.k, r.kv.v)
+    idx = torch.tensor(table, dtype=torch.long, device="cuda")
+    side = torch.cuda.Stream()
+    buf = torch.empty((1, 2, len(table), 16, heads, r.spec.head_dim), dtype=r.kv.k.dtype, device="cuda")
+    rows = torch.zeros(1, 2 * len(table), dtype=torch.int64, device="cuda")
+    r.execute(plan)  # warm: the first replay and the gather kernel's first launch
+    torch.cuda.synchronize()
+    overlapped = 0
+    for _ in range(5):
+        start, step_end, gather_end = (torch.cuda.Event(enable_timing=True) for _ in range(3))
+        torch.cuda._sleep(20_000_000)  # everything below is queued before layer 0 runs
+        start.record()
+        r.execute(plan)
+        step_end.record()
+        side.wait_event(events[0])
+        mover.move(idx, 0, 1, 0, heads, buf.view(-1).view(torch.int32), rows, False, stream=side)
+        gather_end.record(side)
+        torch.cuda.synchronize()
+        overlapped += start.elapsed_time(gather_end) < start.elapsed_time(step_end)
+    assert overlapped >= 4, f"layer 0's gather ended after the step in {5 - overlapped} of 5 replays"
