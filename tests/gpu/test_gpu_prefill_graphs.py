@@ -74,22 +74,27 @@ def test_replay_matches_eager_logits_and_kv(tiny_models):
         torch.testing.assert_close(graph_kv[1], r.kv.v[:, idx], atol=1e-5, rtol=1e-5)
 
 
+def gather_setup(model: str, seed: int):
+    """A bf16 runner, a 512-token prefill plan over 32 random blocks, its layer events, and
+    the NCCL path's gather kernel with the blocks' index (skips where events cannot be recorded)."""
+    from pdserve.kv_transfer.nccl import kernels as nccl_kernels
+    r = runner_for(model, dtype="bfloat16")
+    gen = torch.Generator().manual_seed(seed)
+    table = torch.randperm(256, generator=gen)[:32].tolist()
+    plan = plan_of([(table, 0, 512)], 16, r.spec.vocab_size, gen)
+    events = r.prefill_graphs.layer_events(plan)
+    if events is None:
+        pytest.skip("this torch cannot record external events in a graph")
+    return r, table, plan, events, nccl_kernels.Mover(r.kv.k, r.kv.v), torch.tensor(table, dtype=torch.long,
+                                                                                   device="cuda")
+
+
 def test_layer_events_order_a_side_stream_gather(tiny_models):
     """After a replay, a side stream that waits on layer l's event and gathers layer l's KV
     (nccl_kernels.Mover, as a send does) sees that layer's final KV, though the whole
     forward is still running: the events are the graph's own, recorded in this replay."""
-    from pdserve.kv_transfer.nccl import kernels as nccl_kernels
-    r = runner_for(tiny_models["llama"], dtype="bfloat16")
-    pg = r.prefill_graphs
-    gen = torch.Generator().manual_seed(1)
-    table = torch.randperm(256, generator=gen)[:32].tolist()
-    plan = plan_of([(table, 0, 512)], 16, r.spec.vocab_size, gen)
-    events = pg.layer_events(plan)
-    if events is None:
-        pytest.skip("this torch cannot record external events in a graph")
+    r, table, plan, events, mover, idx = gather_setup(tiny_models["llama"], 1)
     layers, heads = r.spec.num_layers, r.kv.kv_heads
-    mover = nccl_kernels.Mover(r.kv.k, r.kv.v)
-    idx = torch.tensor(table, dtype=torch.long, device="cuda")
     side = torch.cuda.Stream()
     for trial in range(3):
         r.kv.k.zero_()
@@ -127,18 +132,8 @@ def test_a_layer_gather_overlaps_the_rest_of_the_replay(deep_llama):
     """The point of the layer events: the side stream's gather of layer 0 waits for layer 0
     only, so it is done while the replay still runs the later layers (device timestamps:
     the gather's end event against the step's end event on the compute stream)."""
-    from pdserve.kv_transfer.nccl import kernels as nccl_kernels
-    r = runner_for(deep_llama, dtype="bfloat16")
-    pg = r.prefill_graphs
-    gen = torch.Generator().manual_seed(2)
-    table = torch.randperm(256, generator=gen)[:32].tolist()
-    plan = plan_of([(table, 0, 512)], 16, r.spec.vocab_size, gen)
-    events = pg.layer_events(plan)
-    if events is None:
-        pytest.skip("this torch cannot record external events in a graph")
+    r, table, plan, events, mover, idx = gather_setup(deep_llama, 2)
     heads = r.kv.kv_heads
-    mover = nccl_kernels.Mover(r.kv.k, r.kv.v)
-    idx = torch.tensor(table, dtype=torch.long, device="cuda")
     side = torch.cuda.Stream()
     buf = torch.empty((1, 2, len(table), 16, heads, r.spec.head_dim), dtype=r.kv.k.dtype, device="cuda")
     rows = torch.zeros(1, 2 * len(table), dtype=torch.int64, device="cuda")
