@@ -1,0 +1,159 @@
+"""Prometheus metrics: after a known run through a coordinator with 2 workers, its
+/metrics (the sum over both workers) and each node's counts, token counts, histogram
+counts and TTFT phase split match what the run did; failures are counted by status."""
+from __future__ import annotations
+
+import urllib.request
+
+import grpc
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from pdserve.common.phases import decode_admission_s, ttft_phases
+from pdserve.node.metrics import failure_reason
+from pdserve.v1 import api_pb2
+from tests.cluster_util import Client, greedy, request, start_cluster
+from tests.fault_util import wait_until
+from tests.test_coordinator_workers import spread
+
+BLOCK = 16
+BLOCK_BYTES = 2 * BLOCK * 2 * 16 * 4 * 2  # K and V, 16 tokens, 2 KV heads of 16 dims, float32, 2 layers (tiny qwen2)
+
+
+def scrape(address: str) -> dict[str, dict[tuple, float]]:
+    """sample name -> {sorted label items: value}."""
+    text = urllib.request.urlopen(f"http://{address}/metrics", timeout=10).read().decode()
+    out: dict[str, dict[tuple, float]] = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            out.setdefault(s.name, {})[tuple(sorted(s.labels.items()))] = s.value
+    return out
+
+
+def value(m, name: str, **labels) -> float:
+    """One sample's value (0 if absent); histogram buckets are matched without `le`."""
+    return m.get(name, {}).get(tuple(sorted(labels.items())), 0.0)
+
+
+@pytest.fixture(scope="module")
+def cluster(tiny_models):
+    c = start_cluster(model=tiny_models["qwen2"], prefill=1, decode=1, kv_blocks=256, workers=2, metrics=True)
+    yield c
+    c.stop()
+
+
+def test_metrics_after_a_known_run_match_it_across_two_workers_and_the_nodes(cluster):
+    jobs = [([(i * 13 + j) % 384 for j in range(10 + 3 * i)], 6 + i) for i in range(10)]
+    client = Client(cluster.cfg.listen)
+    try:
+        outs = spread(cluster.cfg.listen, jobs)
+        assert all(isinstance(o, dict) and len(o["token_ids"]) == n for o, (_, n) in zip(outs, jobs)), outs
+        wait_until(lambda: all(w["served"] > 0 for w in client.status()["workers"]), 10, "both workers to serve")
+        client.wait_blocks_at_baseline()
+    finally:
+        client.close()
+    n, prompt_tokens, generated = len(jobs), sum(len(p) for p, _ in jobs), sum(t for _, t in jobs)
+
+    m = scrape(cluster.metrics["coordinator"])
+    assert value(m, "pdserve:request_success_total", finished_reason="length") == n
+    assert value(m, "pdserve:prompt_tokens_total") == prompt_tokens
+    assert value(m, "pdserve:generation_tokens_total") == generated
+    assert value(m, "pdserve:time_to_first_token_seconds_count") == n
+    assert value(m, "pdserve:e2e_request_latency_seconds_count") == n
+    assert value(m, "pdserve:request_queue_time_seconds_count") == n
+    assert value(m, "pdserve:inter_token_latency_seconds_count") == generated - n  # one gap per later token
+    itl_buckets = {k: v for k, v in m["pdserve:inter_token_latency_seconds_bucket"].items()}
+    assert max(itl_buckets.values()) == generated - n  # the +Inf bucket holds them all
+    ttft_sum = value(m, "pdserve:time_to_first_token_seconds_sum")
+    phases = {p: value(m, "pdserve:ttft_phase_seconds_sum", phase=p) for p in ("queue", "prefill", "transfer",
+                                                                               "admission")}
+    for p in phases:
+        assert value(m, "pdserve:ttft_phase_seconds_count", phase=p) == n
+    assert sum(phases.values()) == pytest.approx(ttft_sum, rel=1e-6, abs=1e-6)
+    assert phases["prefill"] > 0 and ttft_sum > 0
+    for gauge in ("num_requests_running", "num_requests_waiting", "num_requests_prefilling",
+                  "num_requests_waiting_admission", "num_requests_decoding", "num_requests_waiting_reservation"):
+        assert value(m, f"pdserve:{gauge}") == 0, gauge
+    assert value(m, "pdserve:nodes", role="prefill", live="true") == 1
+    assert value(m, "pdserve:nodes", role="decode", live="true") == 1
+    assert value(m, "pdserve:migrations_total") == 0
+
+    blocks = sum(-(-len(p) // BLOCK) for p, _ in jobs)
+    pre, dec = scrape(cluster.metrics["prefill-0"]), scrape(cluster.metrics["decode-0"])
+    for node in (pre, dec):
+        assert value(node, "pdserve:kv_transfers_total", transport="zmq") == n
+        assert value(node, "pdserve:kv_transfer_bytes_total", transport="zmq") == blocks * BLOCK_BYTES
+        assert value(node, "pdserve:kv_cache_usage_perc") == 0.0
+        assert value(node, "pdserve:num_requests_running") == 0
+        assert value(node, "pdserve:num_requests_in_transfer") == 0
+        assert not node.get("pdserve:kv_transfer_failures_total")
+    assert value(pre, "pdserve:kv_transfer_seconds_count", transport="zmq") == n
+
+
+def test_a_request_in_flight_shows_in_the_gauges_and_usage(cluster):
+    """A long request, read while it decodes: one running on the coordinator and the decode node."""
+    client = Client(cluster.cfg.listen)
+    try:
+        stream = client.stub.Generate(request(list(range(40)), greedy(300, ignore_eos=True)), timeout=60)
+        next(stream)  # the first token: prefilled and transferred
+        m = wait_until(lambda: (lambda m: m if value(m, "pdserve:num_requests_decoding") == 1 else None)(
+            scrape(cluster.metrics["coordinator"])), 10, "the request to decode")
+        assert value(m, "pdserve:num_requests_running") == 1 and value(m, "pdserve:num_requests_waiting") == 0
+        dec = scrape(cluster.metrics["decode-0"])
+        assert value(dec, "pdserve:num_requests_running") == 1
+        assert value(dec, "pdserve:kv_cache_usage_perc") > 0
+        stream.cancel()
+        wait_until(lambda: value(scrape(cluster.metrics["coordinator"]), "pdserve:num_requests_running") == 0, 10,
+                   "the cancelled request to leave the gauges")
+        assert value(scrape(cluster.metrics["coordinator"]), "pdserve:request_success_total",
+                     finished_reason="abort") >= 1
+        client.wait_blocks_at_baseline()
+    finally:
+        client.close()
+
+
+def test_failed_requests_are_counted_by_status(cluster):
+    before = scrape(cluster.metrics["coordinator"])
+    client = Client(cluster.cfg.listen)
+    try:
+        for _ in range(2):
+            with pytest.raises(grpc.RpcError) as e:
+                client.generate(request([1, 2, 999999], greedy(4)))
+            assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        with pytest.raises(grpc.RpcError) as e:
+            client.generate(request(list(range(20)), greedy(450, ignore_eos=True)), timeout=0.3)
+        assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    finally:
+        client.close()
+
+    def counted():
+        m = scrape(cluster.metrics["coordinator"])
+        grew = {code: value(m, "pdserve:request_failure_total", code=code)
+                - value(before, "pdserve:request_failure_total", code=code)
+                for code in ("INVALID_ARGUMENT", "DEADLINE_EXCEEDED")}
+        return grew == {"INVALID_ARGUMENT": 2, "DEADLINE_EXCEEDED": 1}
+    wait_until(counted, 10, "the failures to be counted")
+    assert value(scrape(cluster.metrics["coordinator"]), "pdserve:num_requests_running") == 0
+
+
+def test_ttft_phases_add_up_and_clamp_node_clock_skew():
+    t = api_pb2.PhaseTimes(received=100.0, reserved=100.5, prefill_start=100.6, prefill_end=101.0,
+                           transfer_end=101.25, first_token=101.5)
+    assert ttft_phases(t) == {"queue": 0.5, "prefill": 0.5, "transfer": 0.25, "admission": 0.25}
+    colocated = api_pb2.PhaseTimes(received=100.0, reserved=100.5, prefill_end=101.0, first_token=101.5,
+                                   decode_start=101.75)
+    assert ttft_phases(colocated)["transfer"] == 0.0 and sum(ttft_phases(colocated).values()) == 1.5
+    skewed = api_pb2.PhaseTimes(received=100.0, reserved=100.5, prefill_end=102.0, transfer_end=102.5,
+                                first_token=101.5)  # a node clock ahead of the coordinator's
+    phases = ttft_phases(skewed)
+    assert min(phases.values()) >= 0 and sum(phases.values()) == 1.5
+    # colocated requests have no transfer_end: admission counts from the prefill's end, not from 1970
+    assert decode_admission_s(colocated) == 0.75
+
+
+def test_transfer_failure_reasons_keep_lease_expiry_apart_and_skip_cancels():
+    assert failure_reason("lease expired") == "lease_expired"
+    assert failure_reason("refused by the receiver: lease expired") == "lease_expired"
+    assert failure_reason("send to tcp://x failed: ZMQError: boom") == "transport"
+    assert failure_reason("no ack from the receiver within 30 s") == "timeout"
+    assert failure_reason("cancelled") is None and failure_reason("withdrawn") is None
