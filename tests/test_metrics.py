@@ -136,6 +136,35 @@ def test_failed_requests_are_counted_by_status(cluster):
     assert value(scrape(cluster.metrics["coordinator"]), "pdserve:num_requests_running") == 0
 
 
+def test_a_one_process_coordinator_over_a_colocated_node_counts_no_transfer(tiny_models):
+    """--workers 1 (no multiprocess directory), a colocated node: no KV moves, so the
+    transfer phase is 0; `generate --json` reports the decode admission from the prefill's
+    end (it was ~1.8e9 s, counted from transfer_end = 0)."""
+    import json
+    import subprocess
+    import sys
+    cluster = start_cluster(model=tiny_models["qwen2"], prefill=0, decode=0, colocated=1, kv_blocks=128,
+                            metrics=True)
+    try:
+        r = subprocess.run([sys.executable, "-m", "pdserve", "generate", "--coordinator", cluster.cfg.listen,
+                            "--prompt-ids", "4,8,15,16,23,42", "--max-tokens", "5", "--ignore-eos", "--json"],
+                           capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, r.stderr
+        server = json.loads(r.stdout)["timings"]["server"]
+        assert 0 <= server["decode_admission_s"] < server["e2e_s"] and server["transfer_s"] == 0
+        m = scrape(cluster.metrics["coordinator"])
+        node = scrape(cluster.metrics["both-0"])
+    finally:
+        cluster.stop()
+    assert value(m, "pdserve:request_success_total", finished_reason="length") == 1
+    assert value(m, "pdserve:generation_tokens_total") == 5 and value(m, "pdserve:prompt_tokens_total") == 6
+    assert value(m, "pdserve:inter_token_latency_seconds_count") == 4
+    assert value(m, "pdserve:ttft_phase_seconds_count", phase="transfer") == 1
+    assert value(m, "pdserve:ttft_phase_seconds_sum", phase="transfer") == 0
+    assert value(m, "pdserve:nodes", role="both", live="true") == 1
+    assert value(node, "pdserve:kv_cache_usage_perc") == 0 and not node.get("pdserve:kv_transfers_total")
+
+
 def test_ttft_phases_add_up_and_clamp_node_clock_skew():
     t = api_pb2.PhaseTimes(received=100.0, reserved=100.5, prefill_start=100.6, prefill_end=101.0,
                            transfer_end=101.25, first_token=101.5)
