@@ -80,9 +80,10 @@ def test_metrics_after_a_known_run_match_it_across_two_workers_and_the_nodes(clu
 
     blocks = sum(-(-len(p) // BLOCK) for p, _ in jobs)
     pre, dec = scrape(cluster.metrics["prefill-0"]), scrape(cluster.metrics["decode-0"])
-    for node in (pre, dec):
-        assert value(node, "pdserve:kv_transfers_total", transport="zmq") == n
-        assert value(node, "pdserve:kv_transfer_bytes_total", transport="zmq") == blocks * BLOCK_BYTES
+    for node, direction in ((pre, "sent"), (dec, "received")):
+        assert value(node, "pdserve:kv_transfers_total", transport="zmq", direction=direction) == n
+        assert value(node, "pdserve:kv_transfer_bytes_total", transport="zmq", direction=direction) \
+            == blocks * BLOCK_BYTES
         assert value(node, "pdserve:kv_cache_usage_perc") == 0.0
         assert value(node, "pdserve:num_requests_running") == 0
         assert value(node, "pdserve:num_requests_in_transfer") == 0
@@ -186,3 +187,25 @@ def test_transfer_failure_reasons_keep_lease_expiry_apart_and_skip_cancels():
     assert failure_reason("send to tcp://x failed: ZMQError: boom") == "transport"
     assert failure_reason("no ack from the receiver within 30 s") == "timeout"
     assert failure_reason("cancelled") is None and failure_reason("withdrawn") is None
+
+
+def test_the_grafana_dashboard_plots_only_metrics_the_cluster_exposes(cluster):
+    """Every pdserve: series the dashboard queries is exposed by the coordinator or a node
+    (or declared by the coordinator, for counters no request of this run touched)."""
+    import json
+    import re
+    from pathlib import Path
+
+    from coordinator import metrics as coordinator_metrics
+    dashboard = json.loads((Path(__file__).parent.parent / "deploy" / "grafana" / "pdserve.json").read_text())
+    queried = {name for p in dashboard["panels"] for t in p.get("targets", [])
+               for name in re.findall(r"pdserve:[a-z0-9_]+", t["expr"])}
+    queried |= {re.findall(r"pdserve:[a-z0-9_]+", v["query"]["query"])[0] for v in dashboard["templating"]["list"]
+                if v["type"] == "query"}
+    suffixes = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count"), "gauge": ("",)}
+    families = list(coordinator_metrics.REGISTRY.collect())
+    for member in ("coordinator", "prefill-0", "decode-0"):
+        text = urllib.request.urlopen(f"http://{cluster.metrics[member]}/metrics", timeout=10).read().decode()
+        families += list(text_string_to_metric_families(text))
+    exposed = {f.name + s for f in families for s in suffixes.get(f.type, ("",))}
+    assert len(queried) > 20 and queried <= exposed, sorted(queried - exposed)

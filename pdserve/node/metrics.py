@@ -46,9 +46,12 @@ class NodeMetrics:
         self.transfer_seconds = Histogram(P + "kv_transfer_seconds", "Prefill: from the end of a prompt's step to "
                                           "the decode node's acknowledgement of its KV", ["transport"],
                                           buckets=TRANSFER_BUCKETS, registry=self.registry)
-        self.transfer_bytes = Counter(P + "kv_transfer_bytes", "KV bytes of completed transfers (prefill: sent; "
-                                      "decode: received)", ["transport"], registry=self.registry)
-        self.transfers = Counter(P + "kv_transfers", "Completed KV transfers", ["transport"], registry=self.registry)
+        self.transfer_bytes = Counter(P + "kv_transfer_bytes", "KV bytes of completed transfers (direction: sent "
+                                      "by a prefill node, received by a decode node)", ["transport", "direction"],
+                                      registry=self.registry)
+        self.transfers = Counter(P + "kv_transfers", "Completed KV transfers", ["transport", "direction"],
+                                 registry=self.registry)
+        self.direction = "received" if node.kv_role.value == "decode" else "sent"
         self.failures = Counter(P + "kv_transfer_failures", "Failed KV transfers by reason (lease_expired apart "
                                 "from the transport's own failures)", ["transport", "reason"], registry=self.registry)
         self.registry.register(self)
@@ -62,8 +65,8 @@ class NodeMetrics:
             yield g
 
     def transferred(self, transport: str, num_blocks: int, bytes_per_block: int, seconds: float | None) -> None:
-        self.transfers.labels(transport).inc()
-        self.transfer_bytes.labels(transport).inc(num_blocks * bytes_per_block)
+        self.transfers.labels(transport, self.direction).inc()
+        self.transfer_bytes.labels(transport, self.direction).inc(num_blocks * bytes_per_block)
         if seconds is not None:
             self.transfer_seconds.labels(transport).observe(max(0.0, seconds))
 
