@@ -3,6 +3,7 @@
 counts and TTFT phase split match what the run did; failures are counted by status."""
 from __future__ import annotations
 
+import time
 import urllib.request
 
 import grpc
@@ -209,3 +210,88 @@ def test_the_grafana_dashboard_plots_only_metrics_the_cluster_exposes(cluster):
         families += list(text_string_to_metric_families(text))
     exposed = {f.name + s for f in families for s in suffixes.get(f.type, ("",))}
     assert len(queried) > 20 and queried <= exposed, sorted(queried - exposed)
+
+
+@pytest.fixture(scope="module")
+def lone_nodes(tiny_models, tmp_path_factory):
+    """A decode and a prefill node with their metrics, registered with the fake coordinator
+    of test_node_fencing (no coordinator to renew leases or route)."""
+    import subprocess
+    import sys
+    from concurrent import futures
+
+    from pdserve.cluster import free_port
+    from pdserve.v1 import node_pb2_grpc
+    from tests.test_node_fencing import FakeCoordinator, Nodes
+    fake = FakeCoordinator()
+    server = grpc.server(futures.ThreadPoolExecutor(8))
+    node_pb2_grpc.add_CoordinatorServicer_to_server(fake, server)
+    address = f"127.0.0.1:{server.add_insecure_port('127.0.0.1:0')}"
+    server.start()
+    metrics, procs, logs = {}, [], tmp_path_factory.mktemp("metrics-nodes")
+    for role in ("decode", "prefill"):
+        metrics[role] = f"127.0.0.1:{free_port()}"
+        cmd = [sys.executable, "-m", "pdserve", "node", "--role", role, "--coordinator", address, "--model",
+               tiny_models["qwen2"], "--device", "cpu", "--kv-blocks", "32", "--metrics-listen", metrics[role]]
+        with open(logs / f"{role}.log", "wb") as log:
+            procs.append(subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log))
+    try:
+        fake.wait(lambda: sum(n["beats"] > 0 for n in fake.nodes.values()) == 2, 120, "both nodes to heartbeat")
+        channels = {role: grpc.insecure_channel(fake.node(role)[0]) for role in (api_pb2.ROLE_DECODE,
+                                                                                 api_pb2.ROLE_PREFILL)}
+        yield Nodes(fake, channels), metrics
+        for ch in channels.values():
+            ch.close()
+    finally:
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            p.wait(30)
+        server.stop(0)
+
+
+def test_transfer_failures_are_counted_by_reason_with_lease_expiry_apart(lone_nodes):
+    import threading
+
+    import zmq
+
+    from pdserve.v1 import kv_pb2, node_pb2
+    nodes, metrics = lone_nodes
+    # a reservation whose lease lapses with no KV: the decode node's failure is lease_expired
+    nodes.reserve("lapses", 20, lease_s=0.5)
+    wait_until(lambda: value(scrape(metrics["decode"]), "pdserve:kv_transfer_failures_total", transport="zmq",
+                             reason="lease_expired") == 1, 10, "the lease expiry to be counted")
+    nodes.wait_free()
+    # a decode side that refuses the KV (a checksum mismatch): the prefill node's failure is corrupt
+    ctx = zmq.Context()
+    router = ctx.socket(zmq.ROUTER)
+    router.bind("tcp://127.0.0.1:*")
+
+    def refusing_decode_node():
+        while True:
+            parts = router.recv_multipart()
+            header = kv_pb2.KVHeader.FromString(parts[1])
+            if header.last:
+                router.send_multipart([parts[0], kv_pb2.KVAck(transfer_id=header.transfer_id, ok=False,
+                                                              error="checksum mismatch at layer 0")
+                                       .SerializeToString()])
+                return
+    peer = threading.Thread(target=refusing_decode_node, daemon=True)
+    peer.start()
+    ticket = node_pb2.Ticket(transfer_id="t-refused", decode_node_id="fake", epoch=1, lease_expiry=time.time() + 30,
+                             kv_endpoint=router.getsockopt_string(zmq.LAST_ENDPOINT), block_ids=[0, 1])
+    try:
+        with pytest.raises(grpc.RpcError) as e:
+            nodes.prefill.Prefill(node_pb2.PrefillRequest(
+                request_id="refused", prompt_token_ids=list(range(1, 20)),
+                sampling=api_pb2.SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True), ticket=ticket),
+                timeout=10)
+        assert e.value.code() == grpc.StatusCode.UNAVAILABLE
+        peer.join(5)
+    finally:
+        router.close(linger=0)
+        ctx.term()
+    pre, dec = scrape(metrics["prefill"]), scrape(metrics["decode"])
+    assert pre["pdserve:kv_transfer_failures_total"] == {(("reason", "corrupt"), ("transport", "zmq")): 1.0}
+    assert dec["pdserve:kv_transfer_failures_total"] == {(("reason", "lease_expired"), ("transport", "zmq")): 1.0}
+    assert not pre.get("pdserve:kv_transfers_total") and value(dec, "pdserve:num_requests_waiting") == 0
