@@ -2,8 +2,9 @@
 where the meaning is the same, plus what only a disaggregated system has (TTFT by
 phase, requests per phase, migrations, retries).
 
-Updates are per request or per relayed response, never per token (a response's k
-tokens are k inter-token observations in one update). With `--workers N` every worker
+Updates are per request; what comes per relayed response (generated tokens, inter-token
+gaps: a response's k tokens are k gaps) is gathered in plain Python and added every
+FLUSH_S, so values lag by that much at most. With `--workers N` every worker
 writes its values to a directory the supervisor made (prometheus_client's multiprocess
 mode, PROMETHEUS_MULTIPROC_DIR in the workers' environment); any process reading that
 directory exposes the sum over all workers, the per-phase gauges as live sums. The
@@ -20,7 +21,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.multiprocess import MultiProcessCollector
 
 from pdserve.common.phases import PHASES, ttft_phases
-from pdserve.common.prom import observe_many
+from pdserve.common.prom import HistogramTally
 from pdserve.v1 import api_pb2
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"  # prometheus_client's own switch to multiprocess mode
@@ -107,16 +108,24 @@ def first_token(record) -> None:
         TTFT_PHASE.labels(name).observe(phases[name])
     QUEUE_TIME.observe(phases["queue"])
     PROMPT_TOKENS.inc(len(record.prompt))
-    GENERATION_TOKENS.inc()
+    TOKENS.count_only(1)
     record.last_token_at = t.first_token
 
 
+# generated tokens and their gaps, added to ITL and GENERATION_TOKENS by flush()
+TOKENS = HistogramTally(ITL, GENERATION_TOKENS)
+FLUSH_S = 0.5  # how often a process adds what TOKENS gathered (Coordinator.start_metrics runs it)
+
+
 def tokens(record, count: int) -> None:
-    """A response of `count` later tokens left for the client."""
+    """A response of `count` later tokens left for the client: count gaps of its wait / count."""
     now = time.time()
-    GENERATION_TOKENS.inc(count)
-    observe_many(ITL, (now - record.last_token_at) / count, count)
+    TOKENS.add((now - record.last_token_at) / count, count)
     record.last_token_at = now
+
+
+def flush() -> None:
+    TOKENS.flush()
 
 
 def finished(record, reason: int) -> None:

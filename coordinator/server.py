@@ -50,10 +50,19 @@ class Coordinator(api_pb2_grpc.GenerationServicer, node_pb2_grpc.CoordinatorServ
     def start_metrics(self, directory: str | None = None) -> None:
         """Expose this process's node table with the metrics; serve them on --metrics-listen."""
         exposition = metrics.watch(self.registry, directory)
+        self._spawn(self._flush_metrics())
         self.metrics_server = None
         if self.cfg.metrics_listen:
             self.metrics_server = MetricsServer(self.cfg.metrics_listen, exposition)
             log.info("metrics on http://%s/metrics", self.metrics_server.start())
+
+    async def _flush_metrics(self) -> None:
+        try:
+            while True:
+                await asyncio.sleep(metrics.FLUSH_S)
+                metrics.flush()
+        finally:
+            metrics.flush()
 
     async def close(self, grace_s: float = 5.0) -> None:
         if getattr(self, "metrics_server", None) is not None:

@@ -36,6 +36,13 @@ def value(m, name: str, **labels) -> float:
     return m.get(name, {}).get(tuple(sorted(labels.items())), 0.0)
 
 
+def settled(address: str, generated: int) -> dict:
+    """The coordinator's metrics once its generated tokens are all counted: what comes per
+    response is added every FLUSH_S (coordinator/metrics.py)."""
+    return wait_until(lambda: (lambda m: m if value(m, "pdserve:generation_tokens_total") >= generated else None)(
+        scrape(address)), 10, f"{generated} generated tokens to be counted")
+
+
 @pytest.fixture(scope="module")
 def cluster(tiny_models):
     c = start_cluster(model=tiny_models["qwen2"], prefill=1, decode=1, kv_blocks=256, workers=2, metrics=True)
@@ -55,7 +62,7 @@ def test_metrics_after_a_known_run_match_it_across_two_workers_and_the_nodes(clu
         client.close()
     n, prompt_tokens, generated = len(jobs), sum(len(p) for p, _ in jobs), sum(t for _, t in jobs)
 
-    m = scrape(cluster.metrics["coordinator"])
+    m = settled(cluster.metrics["coordinator"], generated)
     assert value(m, "pdserve:request_success_total", finished_reason="length") == n
     assert value(m, "pdserve:prompt_tokens_total") == prompt_tokens
     assert value(m, "pdserve:generation_tokens_total") == generated
@@ -154,7 +161,7 @@ def test_a_one_process_coordinator_over_a_colocated_node_counts_no_transfer(tiny
         assert r.returncode == 0, r.stderr
         server = json.loads(r.stdout)["timings"]["server"]
         assert 0 <= server["decode_admission_s"] < server["e2e_s"] and server["transfer_s"] == 0
-        m = scrape(cluster.metrics["coordinator"])
+        m = settled(cluster.metrics["coordinator"], 5)
         node = scrape(cluster.metrics["both-0"])
     finally:
         cluster.stop()

@@ -1,6 +1,8 @@
 """Prometheus helpers every role shares (torch-free): a metrics HTTP server on a
-HOST:PORT flag, and a histogram update for many equal observations at once."""
+HOST:PORT flag, and a histogram whose observations are gathered and added in batches."""
 from __future__ import annotations
+
+from bisect import bisect_left
 
 from prometheus_client import CollectorRegistry, Histogram, start_wsgi_server
 
@@ -28,18 +30,40 @@ class MetricsServer:
             self.server = None
 
 
-def observe_many(hist: Histogram, value: float, count: int) -> None:
-    """hist.observe(value) `count` times in one update (a batch of tokens with one gap
-    each): the bucket and sum updates observe() makes, times count. Uses the histogram's
-    value slots, as prometheus_client 0.2x lays them out."""
-    if count <= 0:
-        return
-    if count == 1:
-        hist.observe(value)
-        return
-    hist._raise_if_not_observable()
-    hist._sum.inc(value * count)
-    for i, bound in enumerate(hist._upper_bounds):
-        if value <= bound:
-            hist._buckets[i].inc(count)
-            break
+class HistogramTally:
+    """Observations of one histogram (and a counter of their number) gathered in plain
+    Python and added to the shared metric by flush(): for values that come per message,
+    where a metric update each (in multiprocess mode a locked write to a memory-mapped
+    file) would cost more than the relay's own work. Adds to the histogram's value slots
+    as observe() does, in prometheus_client 0.2x's layout."""
+
+    def __init__(self, hist: Histogram, counter=None):
+        self.hist, self.counter = hist, counter
+        self.bounds = list(hist._upper_bounds)
+        self._reset()
+
+    def _reset(self) -> None:
+        self.buckets, self.sum, self.count = [0] * len(self.bounds), 0.0, 0
+
+    def add(self, value: float, count: int = 1) -> None:
+        """`count` observations of `value`."""
+        self.buckets[bisect_left(self.bounds, value)] += count
+        self.sum += value * count
+        self.count += count
+
+    def count_only(self, count: int) -> None:
+        """`count` more for the counter alone (what has no observation of its own)."""
+        self.count += count
+
+    def flush(self) -> None:
+        if not self.count:
+            return
+        buckets, total, count = self.buckets, self.sum, self.count
+        self._reset()
+        if any(buckets):
+            self.hist._sum.inc(total)
+            for slot, n in zip(self.hist._buckets, buckets):
+                if n:
+                    slot.inc(n)
+        if self.counter is not None:
+            self.counter.inc(count)
