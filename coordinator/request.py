@@ -8,8 +8,8 @@ import time
 import grpc
 
 from pdserve.common.model_files import chat_prompt
-from pdserve.coordinator import metrics
 from pdserve.common.sampling import validate_request
+from pdserve.coordinator import metrics
 from pdserve.wire.protocol import to_engine_params
 from pdserve.wire.rpc import RpcError
 from pdserve.v1 import api_pb2, node_pb2
@@ -60,6 +60,7 @@ class RequestRecord:
         self.deadline = deadline             # time.monotonic() when the client's deadline passes; None: none
         self.times = api_pb2.PhaseTimes(received=time.time())
         self._state, self.stage = "", None   # stage: the gauge it counts in (coordinator/metrics.py)
+        self.admitted = False                # the current decode node took it into its batch
         self.state = "QUEUED"
         self.failure_code = ""               # the status a FAILED request ended with
         self.last_token_at = 0.0             # time.time() the last token left for the client
@@ -116,7 +117,7 @@ class RequestRecord:
         self._restage()
 
     def _restage(self) -> None:
-        stage = metrics.stage_of(self._state, bool(self.times.decode_start))
+        stage = metrics.stage_of(self._state, self.admitted)
         if stage != self.stage:
             metrics.moved(self.stage, stage)
             self.stage = stage
@@ -169,7 +170,8 @@ class RequestRecord:
 
     def unreserve(self) -> None:
         """Forget the decode reservation (gone, or to be made again elsewhere)."""
-        self.decode, self.ticket, self.state, self.lost = None, None, "QUEUED", False
+        self.decode, self.ticket, self.lost, self.admitted = None, None, False, False
+        self.state = "QUEUED"
         self.next_attempt()
         self.pending, self.pending_text, self.node_finish, self.error = [], [], 0, None
         self.received = self.offset + 1  # the node's first token is the prefill node's, sent by us
@@ -213,7 +215,8 @@ class RequestRecord:
         if not self.times.decode_start:
             self.times.decode_start = decode_start
             self.times.transfer_end = kv_ready or self.times.transfer_end  # the decode node's view
-            self._restage()
+        self.admitted = True
+        self._restage()
 
     async def relay(self):
         """Once something arrived: every pending token in one response (None if none),

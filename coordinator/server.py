@@ -9,13 +9,13 @@ import uuid
 import grpc
 
 from pdserve.common.config import CoordinatorConfig
+from pdserve.common.prom import MetricsServer
 from pdserve.coordinator import metrics
 from pdserve.coordinator.lifecycle import Lifecycle
 from pdserve.coordinator.model import ServedModel
 from pdserve.coordinator.registry import NodeEntry, Registry
 from pdserve.coordinator.request import RequestRecord, prepare
 from pdserve.wire.protocol import PROTOCOL_VERSION
-from pdserve.common.prom import MetricsServer
 from pdserve.wire.rpc import EXPECTED, RpcError, ServerHandle, status_for
 from pdserve.v1 import api_pb2, api_pb2_grpc, node_pb2, node_pb2_grpc
 
@@ -47,9 +47,9 @@ class Coordinator(api_pb2_grpc.GenerationServicer, node_pb2_grpc.CoordinatorServ
         self.start_metrics()
         return self.address
 
-    def start_metrics(self, directory: str | None = None) -> None:
+    def start_metrics(self) -> None:
         """Expose this process's node table with the metrics; serve them on --metrics-listen."""
-        exposition = metrics.watch(self.registry, directory)
+        exposition = metrics.watch(self.registry)
         self._spawn(self._flush_metrics())
         self.metrics_server = None
         if self.cfg.metrics_listen:
@@ -57,6 +57,7 @@ class Coordinator(api_pb2_grpc.GenerationServicer, node_pb2_grpc.CoordinatorServ
             log.info("metrics on http://%s/metrics", self.metrics_server.start())
 
     async def _flush_metrics(self) -> None:
+        """Add what the relay tallied (coordinator/metrics.py) every FLUSH_S, and once more at the end."""
         try:
             while True:
                 await asyncio.sleep(metrics.FLUSH_S)

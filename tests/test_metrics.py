@@ -15,32 +15,11 @@ from pdserve.node.metrics import failure_reason
 from pdserve.v1 import api_pb2
 from tests.cluster_util import Client, greedy, request, start_cluster
 from tests.fault_util import wait_until
+from tests.metrics_util import scrape, settled, value
 from tests.test_coordinator_workers import spread
 
 BLOCK = 16
 BLOCK_BYTES = 2 * BLOCK * 2 * 16 * 4 * 2  # K and V, 16 tokens, 2 KV heads of 16 dims, float32, 2 layers (tiny qwen2)
-
-
-def scrape(address: str) -> dict[str, dict[tuple, float]]:
-    """sample name -> {sorted label items: value}."""
-    text = urllib.request.urlopen(f"http://{address}/metrics", timeout=10).read().decode()
-    out: dict[str, dict[tuple, float]] = {}
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            out.setdefault(s.name, {})[tuple(sorted(s.labels.items()))] = s.value
-    return out
-
-
-def value(m, name: str, **labels) -> float:
-    """One sample's value (0 if absent); histogram buckets are matched without `le`."""
-    return m.get(name, {}).get(tuple(sorted(labels.items())), 0.0)
-
-
-def settled(address: str, generated: int) -> dict:
-    """The coordinator's metrics once its generated tokens are all counted: what comes per
-    response is added every FLUSH_S (coordinator/metrics.py)."""
-    return wait_until(lambda: (lambda m: m if value(m, "pdserve:generation_tokens_total") >= generated else None)(
-        scrape(address)), 10, f"{generated} generated tokens to be counted")
 
 
 @pytest.fixture(scope="module")
