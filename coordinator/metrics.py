@@ -71,10 +71,11 @@ _stage_help = {
 }
 STAGES = {s: Gauge(name, text, multiprocess_mode="livesum", registry=REGISTRY)
           for s, (name, text) in _stage_help.items()}
-RUNNING = Gauge(P + "num_requests_running", "Requests past the queue and not yet ended (prefill, transfer, "
-                "admission, decode)", multiprocess_mode="livesum", registry=REGISTRY)
-RESERVATION_WAITING = Gauge(P + "num_requests_waiting_reservation", "Requests waiting for a decode reservation "
-                            "(= num_requests_waiting)", multiprocess_mode="livesum", registry=REGISTRY)
+# sums of the stage gauges, made when scraped (Exposition): no update of their own per request
+DERIVED = {P + "num_requests_running": ("Requests past the queue and not yet ended (prefill, transfer, admission, "
+                                        "decode)", ("prefill", "admission", "decode")),
+           P + "num_requests_waiting_reservation": ("Requests waiting for a decode reservation (= "
+                                                    "num_requests_waiting)", ("waiting",))}
 
 _FINISH = {api_pb2.FINISH_REASON_STOP: "stop", api_pb2.FINISH_REASON_LENGTH: "length"}
 
@@ -92,11 +93,10 @@ def stage_of(state: str, decode_started: bool) -> str | None:
 
 def moved(old: str | None, new: str | None) -> None:
     """A request left stage `old` for `new` (None: not counted)."""
-    for stage, step in ((old, -1), (new, 1)):
-        if stage is None:
-            continue
-        STAGES[stage].inc(step)
-        (RESERVATION_WAITING if stage == "waiting" else RUNNING).inc(step)
+    if old is not None:
+        STAGES[old].dec()
+    if new is not None:
+        STAGES[new].inc()
 
 
 def first_token(record) -> None:
@@ -190,11 +190,18 @@ class Exposition:
 
     def collect(self):
         if self.directory:
-            yield from MultiProcessCollector(None, path=self.directory).collect()
+            families = list(MultiProcessCollector(None, path=self.directory).collect())
         else:
-            yield from REGISTRY.collect()
+            families = list(REGISTRY.collect())
+        stages = {name: 0.0 for name, _ in _stage_help.values()}
+        for f in families:
+            if f.name in stages:
+                stages[f.name] = sum(s.value for s in f.samples)
+        for name, (text, parts) in DERIVED.items():
+            families.append(GaugeMetricFamily(name, text, value=sum(stages[_stage_help[p][0]] for p in parts)))
         if self.nodes is not None:
-            yield from self.nodes.collect()
+            families += self.nodes.collect()
+        return families
 
 
 EXPOSITION = Exposition()
