@@ -225,7 +225,9 @@ class DecodeNode(NodeBase, node_pb2_grpc.DecodeNodeServicer):
 
     def on_step(self, batch: StepBatch) -> None:
         running = self.running
-        self._emit(batch, [i for i, seq in enumerate(batch.seqs) if seq.request_id in running])
+        rows = [i for i, seq in enumerate(batch.seqs) if seq.request_id in running]
+        self.metrics.generation_tokens.inc(len(rows))  # once per step
+        self._emit(batch, rows)
 
     def _emit(self, batch: StepBatch, rows: list[int]) -> None:
         """Publish these rows of a step, one TokenBatch per subscriber id that owns some of

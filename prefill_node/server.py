@@ -67,6 +67,8 @@ class PrefillNode(NodeBase, node_pb2_grpc.PrefillNodeServicer):
             self.senders.pop(rid, None)
         resp = node_pb2.PrefillResponse(first_token=out.token_id, prefill_start=start, prefill_end=end,
                                         text=out.text_delta)
+        self.metrics.prompt_tokens.inc(len(prompt))
+        self.metrics.generation_tokens.inc()
         if out.seq.finish_reason != "prefilled":
             resp.finish_reason = FINISH[out.seq.finish_reason]
             return resp

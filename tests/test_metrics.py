@@ -76,6 +76,10 @@ def test_metrics_after_a_known_run_match_it_across_two_workers_and_the_nodes(clu
         assert value(node, "pdserve:num_requests_in_transfer") == 0
         assert not node.get("pdserve:kv_transfer_failures_total")
     assert value(pre, "pdserve:kv_transfer_seconds_count", transport="zmq") == n
+    assert value(pre, "pdserve:prompt_tokens_total") == prompt_tokens
+    assert value(pre, "pdserve:generation_tokens_total") == n  # each request's first token
+    assert value(dec, "pdserve:generation_tokens_total") == generated - n
+    assert value(dec, "pdserve:prompt_tokens_total") == 0
 
 
 def test_a_request_in_flight_shows_in_the_gauges_and_usage(cluster):
@@ -151,6 +155,7 @@ def test_a_one_process_coordinator_over_a_colocated_node_counts_no_transfer(tiny
     assert value(m, "pdserve:ttft_phase_seconds_sum", phase="transfer") == 0
     assert value(m, "pdserve:nodes", role="both", live="true") == 1
     assert value(node, "pdserve:kv_cache_usage_perc") == 0 and not node.get("pdserve:kv_transfers_total")
+    assert value(node, "pdserve:prompt_tokens_total") == 6 and value(node, "pdserve:generation_tokens_total") == 5
 
 
 def test_ttft_phases_add_up_and_clamp_node_clock_skew():

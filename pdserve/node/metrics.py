@@ -52,6 +52,11 @@ class NodeMetrics:
         self.transfers = Counter(P + "kv_transfers", "Completed KV transfers", ["transport", "direction"],
                                  registry=self.registry)
         self.direction = "received" if node.kv_role.value == "decode" else "sent"
+        self.prompt_tokens = Counter(P + "prompt_tokens", "Prompt tokens of requests this node prefilled",
+                                     registry=self.registry)
+        self.generation_tokens = Counter(P + "generation_tokens", "Tokens this node's engine generated (a decode "
+                                         "node's count leaves out each request's first, the prefill node's)",
+                                         registry=self.registry)
         self.failures = Counter(P + "kv_transfer_failures", "Failed KV transfers by reason (lease_expired apart "
                                 "from the transport's own failures)", ["transport", "reason"], registry=self.registry)
         self.registry.register(self)
