@@ -286,3 +286,36 @@ def test_transfer_failures_are_counted_by_reason_with_lease_expiry_apart(lone_no
     assert pre["pdserve:kv_transfer_failures_total"] == {(("reason", "corrupt"), ("transport", "zmq")): 1.0}
     assert dec["pdserve:kv_transfer_failures_total"] == {(("reason", "lease_expired"), ("transport", "zmq")): 1.0}
     assert not pre.get("pdserve:kv_transfers_total") and value(dec, "pdserve:num_requests_waiting") == 0
+
+
+def test_a_killed_worker_keeps_its_counts_and_leaves_the_gauges(cluster):
+    """Its counters stay in the sum; the request it held leaves the live gauges (the
+    supervisor marks it dead when it starts it again)."""
+    import os
+    import signal
+    address = cluster.metrics["coordinator"]
+    client, conn = Client(cluster.cfg.listen), Client(cluster.cfg.listen, own_connection=True)
+    try:
+        before = scrape(address)
+        assert value(before, "pdserve:request_success_total", finished_reason="length") > 0
+        stream = conn.stub.Generate(request(list(range(30)), greedy(450, ignore_eos=True)), timeout=60)
+        next(stream)
+        wait_until(lambda: value(scrape(address), "pdserve:num_requests_running") == 1, 10, "the request to run")
+        busy = wait_until(lambda: [w for w in client.status()["workers"] if w["inflight"]], 10, "its worker")
+        os.kill(busy[0]["pid"], signal.SIGKILL)
+        with pytest.raises(grpc.RpcError):
+            for _ in stream:
+                pass
+        wait_until(lambda: all(w["ready"] for w in client.status()["workers"])
+                   and sum(w["restarts"] for w in client.status()["workers"]) == 1, 60, "the worker to restart")
+        wait_until(lambda: value(scrape(address), "pdserve:num_requests_running") == 0, 10,
+                   "the dead worker's request to leave the gauges")
+        after = scrape(address)
+        for name, labels in (("pdserve:request_success_total", {"finished_reason": "length"}),
+                             ("pdserve:prompt_tokens_total", {}), ("pdserve:time_to_first_token_seconds_count", {})):
+            assert value(after, name, **labels) >= value(before, name, **labels), name
+        assert value(after, "pdserve:prompt_tokens_total") == value(before, "pdserve:prompt_tokens_total") + 30
+        client.wait_blocks_at_baseline()
+    finally:
+        conn.close()
+        client.close()
