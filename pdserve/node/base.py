@@ -69,12 +69,12 @@ class NodeBase:
         self.server = ServerHandle(self.cfg.listen, [self.service_name])
         self.add_servicer(self.server.server)
         self.address = await self.server.start()
+        if self.cfg.metrics_listen:  # before registering: a port that cannot be bound fails the start
+            log.info("metrics on http://%s/metrics", self.metrics.serve(self.cfg.metrics_listen))
         self.agent = NodeAgent(self.cfg.coordinator, self._register_request, self._load,
                                lambda peers: self.kv.on_peers(self.agent.node_id, peers), self._on_registered)
         await self.agent.start()
         await self.server.ready()
-        if self.cfg.metrics_listen:
-            log.info("metrics on http://%s/metrics", self.metrics.serve(self.cfg.metrics_listen))
         log.info("%s node serving on %s", self.kv_role.value, self.address)
         return self.address
 
