@@ -80,6 +80,7 @@ class ColocatedNode(DecodeNode, node_pb2_grpc.PrefillNodeServicer):
             self._abandon(seq)
             raise
         resp = node_pb2.PrefillResponse(first_token=token, prefill_start=start, prefill_end=time.time(), text=text)
+        self.metrics.prompt_tokens.inc(len(prompt))
         if finish is not None:
             resp.finish_reason = FINISH[finish]
         return resp
@@ -108,6 +109,7 @@ class ColocatedNode(DecodeNode, node_pb2_grpc.PrefillNodeServicer):
                 firsts.append((i, fut))
             elif seq.request_id in running:
                 later.append(i)
+        self.metrics.generation_tokens.inc(len(firsts) + len(later))  # once per step
         texts = self.outputs.texts(batch, [i for i, _ in firsts])
         for (i, fut), text in zip(firsts, texts):
             seq = batch.seqs[i]

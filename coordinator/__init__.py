@@ -12,4 +12,5 @@ the decode node, so the transfer has no state of its own; its end is a timestamp
 
 With --workers N the client API is served by N worker processes on one port
 (worker.py), each relaying its own requests; the supervisor (supervisor.py) owns the
-registry, which every worker mirrors (mirror.py)."""
+registry, which every worker mirrors (mirror.py). metrics.py holds the Prometheus
+metrics, updated as requests move through these states."""

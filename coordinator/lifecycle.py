@@ -19,6 +19,7 @@ import time
 
 import grpc
 
+from pdserve.coordinator import metrics
 from pdserve.coordinator.registry import NodeEntry, Registry
 from pdserve.coordinator.request import RequestRecord
 from pdserve.coordinator.tokens import deliver
@@ -78,24 +79,31 @@ class Lifecycle:
     async def run(self, record: RequestRecord):
         """The client's responses, first token to last."""
         first = await self.start(record)
-        yield record.first_response(first)
+        resp = record.first_response(first)
+        metrics.first_token(record)
+        yield resp
         if first.finish_reason:  # the first token ended it: the decode reservation is not needed
             record.finish()
+            metrics.finished(record, first.finish_reason)
             await self.abort(record.decode, record.key)
             yield record.last_response(first.finish_reason)
             return
         while True:
             resp, finish, lost = await record.relay()  # what arrived while the last write was blocked, at once
             if resp is not None:
+                metrics.tokens(record, len(resp.token_ids))
                 yield resp
             if not finish and lost:
                 first = await self.migrate(record)
-                yield record.continued_response(first)
+                resp = record.continued_response(first)
+                metrics.tokens(record, 1)
+                yield resp
                 finish = first.finish_reason
                 if finish:
                     await self.abort(record.decode, record.key)
             if finish:
                 record.finish()
+                metrics.finished(record, finish)
                 yield record.last_response(finish)
                 return
 
@@ -115,6 +123,7 @@ class Lifecycle:
                 return await self.prefill(record, failed)
             except Retry as e:
                 record.retries += 1
+                metrics.retried(e.avoid_decode)
                 if e.avoid_decode:
                     avoid.add(record.decode.id)
                 self.unreserve(record)
@@ -134,6 +143,7 @@ class Lifecycle:
         gone.inflight -= 1
         self.spawn(self.abort(gone, record.key))  # a frozen node frees it when it wakes
         record.migrate()
+        metrics.migrated()
         log.info("request %s moves off decode node %s after %d tokens", record.id, gone.id, record.offset)
         return await self.start(record)
 
@@ -292,7 +302,7 @@ class Lifecycle:
             return
         log.warning("request %s: %s; ending it", record.id, why)
         record.cut, record.writing_since = True, None
-        record.fail()
+        record.fail(grpc.StatusCode.RESOURCE_EXHAUSTED)
         if record.context is not None:  # queued behind the blocked write: not awaited
             self.spawn(_abort_call(record.context, grpc.StatusCode.RESOURCE_EXHAUSTED, f"request ended: {why}"))
         record.task.cancel()

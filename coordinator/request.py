@@ -9,6 +9,7 @@ import grpc
 
 from pdserve.common.model_files import chat_prompt
 from pdserve.common.sampling import validate_request
+from pdserve.coordinator import metrics
 from pdserve.wire.protocol import to_engine_params
 from pdserve.wire.rpc import RpcError
 from pdserve.v1 import api_pb2, node_pb2
@@ -57,8 +58,12 @@ class RequestRecord:
                  deadline: float | None = None):
         self.id, self.prompt, self.sampling, self.client_tag = request_id, prompt, sampling, client_tag
         self.deadline = deadline             # time.monotonic() when the client's deadline passes; None: none
-        self.state = "QUEUED"
         self.times = api_pb2.PhaseTimes(received=time.time())
+        self._state, self.stage = "", None   # stage: the gauge it counts in (coordinator/metrics.py)
+        self.admitted = False                # the current decode node took it into its batch
+        self.state = "QUEUED"
+        self.failure_code = ""               # the status a FAILED request ended with
+        self.last_token_at = 0.0             # time.time() the last token left for the client
         # decode tokens not yet written to the client (coordinator/tokens.py pushes them):
         # they leave coalesced into one response, and at most `bound` wait
         self.pending: list[int] = []
@@ -103,6 +108,21 @@ class RequestRecord:
         self.alarm.set()
 
     @property
+    def state(self) -> str:
+        return self._state
+
+    @state.setter
+    def state(self, value: str) -> None:
+        self._state = value
+        self._restage()
+
+    def _restage(self) -> None:
+        stage = metrics.stage_of(self._state, self.admitted)
+        if stage != self.stage:
+            metrics.moved(self.stage, stage)
+            self.stage = stage
+
+    @property
     def terminal(self) -> bool:
         return self.state in TERMINAL
 
@@ -123,7 +143,8 @@ class RequestRecord:
         self.state = "FINISHED"
         self.times.finished = time.time()
 
-    def fail(self) -> None:
+    def fail(self, code: grpc.StatusCode = grpc.StatusCode.UNKNOWN) -> None:
+        self.failure_code = self.failure_code or code.name
         self.state = "FAILED"
 
     def cancel(self) -> None:
@@ -149,7 +170,8 @@ class RequestRecord:
 
     def unreserve(self) -> None:
         """Forget the decode reservation (gone, or to be made again elsewhere)."""
-        self.decode, self.ticket, self.state, self.lost = None, None, "QUEUED", False
+        self.decode, self.ticket, self.lost, self.admitted = None, None, False, False
+        self.state = "QUEUED"
         self.next_attempt()
         self.pending, self.pending_text, self.node_finish, self.error = [], [], 0, None
         self.received = self.offset + 1  # the node's first token is the prefill node's, sent by us
@@ -193,6 +215,8 @@ class RequestRecord:
         if not self.times.decode_start:
             self.times.decode_start = decode_start
             self.times.transfer_end = kv_ready or self.times.transfer_end  # the decode node's view
+        self.admitted = True
+        self._restage()
 
     async def relay(self):
         """Once something arrived: every pending token in one response (None if none),

@@ -9,12 +9,14 @@ import uuid
 import grpc
 
 from pdserve.common.config import CoordinatorConfig
+from pdserve.common.prom import MetricsServer
+from pdserve.coordinator import metrics
 from pdserve.coordinator.lifecycle import Lifecycle
 from pdserve.coordinator.model import ServedModel
 from pdserve.coordinator.registry import NodeEntry, Registry
 from pdserve.coordinator.request import RequestRecord, prepare
 from pdserve.wire.protocol import PROTOCOL_VERSION
-from pdserve.wire.rpc import EXPECTED, RpcError, ServerHandle
+from pdserve.wire.rpc import EXPECTED, RpcError, ServerHandle, status_for
 from pdserve.v1 import api_pb2, api_pb2_grpc, node_pb2, node_pb2_grpc
 
 log = logging.getLogger("pdserve.coordinator")
@@ -42,9 +44,30 @@ class Coordinator(api_pb2_grpc.GenerationServicer, node_pb2_grpc.CoordinatorServ
         await self.server.ready()
         self._spawn(self._watch())
         self._spawn(self._renew())
+        self.start_metrics()
         return self.address
 
+    def start_metrics(self) -> None:
+        """Expose this process's node table with the metrics; serve them on --metrics-listen."""
+        exposition = metrics.watch(self.registry)
+        self._spawn(self._flush_metrics())
+        self.metrics_server = None
+        if self.cfg.metrics_listen:
+            self.metrics_server = MetricsServer(self.cfg.metrics_listen, exposition)
+            log.info("metrics on http://%s/metrics", self.metrics_server.start())
+
+    async def _flush_metrics(self) -> None:
+        """Add what the relay tallied (coordinator/metrics.py) every FLUSH_S, and once more at the end."""
+        try:
+            while True:
+                await asyncio.sleep(metrics.FLUSH_S)
+                metrics.flush()
+        finally:
+            metrics.flush()
+
     async def close(self, grace_s: float = 5.0) -> None:
+        if getattr(self, "metrics_server", None) is not None:
+            await asyncio.to_thread(self.metrics_server.close)
         await self.server.drain(grace_s)
         for task in [*self.subscriptions.values(), *self.background]:
             task.cancel()
@@ -150,13 +173,18 @@ class Coordinator(api_pb2_grpc.GenerationServicer, node_pb2_grpc.CoordinatorServ
                     record.writing_since = time.monotonic()
                     yield resp
                     record.writing_since = None
-        except EXPECTED:  # the StatusInterceptor turns it into the call's status
+        except EXPECTED as e:  # the StatusInterceptor turns it into the call's status
             if record is not None:
-                record.fail()
+                record.fail(status_for(e)[0])
             raise
         finally:
             if record is not None:
                 self.requests.pop(record.id, None)
-                if not record.terminal:
-                    record.cancel()
+                if not record.terminal:  # the client went away, or its deadline passed
+                    left = record.remaining()
+                    if left is not None and left <= 0:
+                        record.fail(grpc.StatusCode.DEADLINE_EXCEEDED)
+                    else:
+                        record.cancel()
+                metrics.ended(record)
                 await self.lifecycle.release(record)

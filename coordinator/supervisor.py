@@ -13,19 +13,25 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import uuid
 from dataclasses import dataclass, field, replace
 
 import grpc
+from prometheus_client import multiprocess
 
 from pdserve.common.config import CoordinatorConfig
 from pdserve.common.flags import to_argv
+from pdserve.common.prom import MetricsServer
+from pdserve.coordinator import metrics
 from pdserve.coordinator.model import ServedModel
 from pdserve.coordinator.registry import NodeEntry, Registry
 from pdserve.wire.protocol import PROTOCOL_VERSION
@@ -68,6 +74,8 @@ class Supervisor(node_pb2_grpc.CoordinatorServicer, supervisor_pb2_grpc.Supervis
         self.stopped = asyncio.Event()
 
     async def start(self) -> str:
+        # the workers' metric values, summed by whoever scrapes (coordinator/metrics.py); gone at close
+        self.metrics_dir = tempfile.mkdtemp(prefix=f"pdserve-metrics-{self.run_id}-")
         await self.model.start()
         self.internal = ServerHandle("127.0.0.1:0", ["pdserve.v1.Supervisor", "pdserve.v1.Coordinator"])
         supervisor_pb2_grpc.add_SupervisorServicer_to_server(self, self.internal.server)
@@ -79,6 +87,11 @@ class Supervisor(node_pb2_grpc.CoordinatorServicer, supervisor_pb2_grpc.Supervis
         for slot in self.slots:
             self._spawn(self._keep(slot))
         self._spawn(self._watch())
+        self.metrics_server = None
+        exposition = metrics.watch(self.registry, self.metrics_dir)
+        if self.cfg.metrics_listen:
+            self.metrics_server = MetricsServer(self.cfg.metrics_listen, exposition)
+            log.info("metrics on http://%s/metrics", self.metrics_server.start())
         log.info("%d workers serve %s", len(self.slots), self.address)
         return self.address
 
@@ -101,13 +114,16 @@ class Supervisor(node_pb2_grpc.CoordinatorServicer, supervisor_pb2_grpc.Supervis
             self.registry.remove(node_id)
         self.port.close()
         self.model.close()
+        if getattr(self, "metrics_server", None) is not None:
+            await _in_thread(self.metrics_server.close)
+        shutil.rmtree(self.metrics_dir, ignore_errors=True)
 
     # workers
 
     def _command(self, slot: WorkerSlot) -> list[str]:
         # the limits hold per worker: clients' connections spread over the workers unevenly
         # (one gRPC channel is one connection, so a single client reaches one worker only)
-        share = replace(self.cfg, listen=self.address, workers=1)
+        share = replace(self.cfg, listen=self.address, workers=1, metrics_listen=None)
         return [sys.executable, "-m", "pdserve", "coordinator", *to_argv(share),
                 "--switch-interval-us", f"{sys.getswitchinterval() * 1e6:.0f}", "--worker-of", self.internal_address,
                 "--worker-index", str(slot.index), "--subscriber", slot.subscriber]
@@ -117,7 +133,8 @@ class Supervisor(node_pb2_grpc.CoordinatorServicer, supervisor_pb2_grpc.Supervis
         slot.subscriber = f"{self.run_id}-w{slot.index}-{slot.restarts}"
         slot.ready, slot.streaming, slot.served, slot.inflight = False, set(), 0, 0
         # plain Popen and threads: asyncio's child watcher can lose a restarted child's exit status
-        slot.proc = proc = subprocess.Popen(self._command(slot), stdout=subprocess.PIPE)
+        slot.proc = proc = subprocess.Popen(self._command(slot), stdout=subprocess.PIPE,
+                                            env={**os.environ, metrics.MULTIPROC_ENV: self.metrics_dir})
         try:
             line = await asyncio.wait_for(_in_thread(proc.stdout.readline), START_TIMEOUT_S)
         except asyncio.TimeoutError:
@@ -139,6 +156,7 @@ class Supervisor(node_pb2_grpc.CoordinatorServicer, supervisor_pb2_grpc.Supervis
             if self.closing:
                 return
             slot.ready, slot.streaming = False, set()
+            multiprocess.mark_process_dead(slot.proc.pid, self.metrics_dir)  # its gauges leave the live sums
             log.warning("worker %d (pid %d) exited with status %s; starting it again", slot.index, slot.proc.pid, code)
             slot.restarts += 1
             try:

@@ -61,6 +61,7 @@ class Worker(Coordinator):
         self._spawn(self._watch())
         self._spawn(self._renew())
         self._spawn(self._reporting())
+        self.start_metrics()  # the values go to the supervisor's directory (its environment names it)
         log.info("worker %d (pid %d) serves %s", self.index, os.getpid(), self.address)
         return self.address
 

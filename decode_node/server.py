@@ -184,10 +184,13 @@ class DecodeNode(NodeBase, node_pb2_grpc.DecodeNodeServicer):
             return  # aborted meanwhile; Abort freed the blocks
         del self.reservations[rid]
         if rx.state == TransferState.FAILED:
+            self.metrics.failed(self.kv.name, rx.error)
             await self.call(lambda engine: engine.release(res.blocks))
             self._publish(error_batch(rid, grpc.StatusCode.UNAVAILABLE, f"KV transfer failed: {rx.error}"),
                           self.owners.pop(rid, ""))
             return
+
+        self.metrics.transferred(self.kv.name, len(res.blocks), self.kv_block_bytes, None)
 
         def admit(engine):
             if res.dropped:  # aborted while its admission was queued
@@ -222,7 +225,9 @@ class DecodeNode(NodeBase, node_pb2_grpc.DecodeNodeServicer):
 
     def on_step(self, batch: StepBatch) -> None:
         running = self.running
-        self._emit(batch, [i for i, seq in enumerate(batch.seqs) if seq.request_id in running])
+        rows = [i for i, seq in enumerate(batch.seqs) if seq.request_id in running]
+        self.metrics.generation_tokens.inc(len(rows))  # once per step
+        self._emit(batch, rows)
 
     def _emit(self, batch: StepBatch, rows: list[int]) -> None:
         """Publish these rows of a step, one TokenBatch per subscriber id that owns some of
@@ -333,6 +338,14 @@ class DecodeNode(NodeBase, node_pb2_grpc.DecodeNodeServicer):
         for task in list(self.tasks):
             task.cancel()
         await super().close(grace_s)
+
+    def gauges(self) -> dict[str, float]:
+        arriving = sum(r.receiver.state == TransferState.TRANSFERRING for r in list(self.reservations.values()))
+        out = super().gauges()
+        out["num_requests_waiting"] += len(self.reservations)
+        out.update(num_requests_in_transfer=arriving, num_requests_waiting_reservation_kv=len(self.reservations)
+                   - arriving, num_requests_waiting_admission=len(self.admitting))
+        return out
 
     def _load(self) -> node_pb2.HeartbeatRequest:
         load = super()._load()

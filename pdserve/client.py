@@ -7,6 +7,7 @@ import time
 
 import grpc
 
+from pdserve.common.phases import decode_admission_s
 from pdserve.wire.protocol import to_wire_params
 from pdserve.v1 import api_pb2, api_pb2_grpc
 
@@ -58,7 +59,7 @@ def generate(address: str, req: api_pb2.GenerateRequest, as_json: bool, timeout:
         t = times
         timings["server"] = {"queue_s": t.reserved - t.received, "prefill_s": t.prefill_end - t.prefill_start,
                              "transfer_s": (t.transfer_end - t.prefill_end) if t.transfer_end else 0.0,
-                             "decode_admission_s": (t.decode_start - t.transfer_end) if t.decode_start else 0.0,
+                             "decode_admission_s": decode_admission_s(t),
                              "ttft_s": t.first_token - t.received, "e2e_s": t.finished - t.received}
     if as_json:
         print(json.dumps({"text": "".join(text), "token_ids": tokens, "prompt_token_ids": prompt_ids,

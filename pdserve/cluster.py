@@ -60,12 +60,15 @@ class ClusterConfig:
     cores_per_member: int = 0          # >0: member i (coordinator 0, then the nodes) runs on physical cores [i*n, (i+1)*n)
     switch_interval_us: float | None = None  # every member's --switch-interval-us (None: theirs)
     prefill_graphs: bool = EngineConfig.prefill_graphs  # False: the nodes run steps with prompt tokens eagerly
+    metrics: bool = opt(False, "every member serves Prometheus metrics (--metrics-listen) on a free loopback port "
+                               "of its own, listed at start")
 
 
 class Cluster:
     def __init__(self, cfg: ClusterConfig):
         self.cfg = cfg
         self.procs: list[subprocess.Popen] = []
+        self.metrics: dict[str, str] = {}  # with cfg.metrics: member ("coordinator", "decode-0", ...) -> HOST:PORT
         self.shared_gpu = False   # every node on cuda:0, started one after the other
 
     def _share_one_gpu(self, gpus: int) -> bool:
@@ -118,7 +121,8 @@ class Cluster:
                                       kv_blocks=cfg.kv_blocks, max_num_seqs=cfg.max_num_seqs,
                                       max_num_batched_tokens=cfg.max_num_batched_tokens, load_format=cfg.load_format,
                                       prefill_graphs=cfg.prefill_graphs, gpu_memory_utilization=memory)
-                node = NodeConfig(coordinator=cfg.listen, kv_transport=transport, engine=engine)
+                node = NodeConfig(coordinator=cfg.listen, kv_transport=transport, engine=engine,
+                                  metrics_listen=self._metrics_address(role))
                 cmd = [sys.executable, "-m", "pdserve", "node", "--role", role, *to_argv(node), *to_argv(engine),
                        *(to_argv(nccl, prefix="kv_") if transport == "nccl" else ()),
                        *(to_argv(ipc, prefix="kv_") if transport == "cuda-ipc" else ())]
@@ -130,11 +134,19 @@ class Cluster:
     def coordinator_command(self) -> list[str]:
         cfg = self.cfg
         coordinator = CoordinatorConfig(listen=cfg.listen, model=cfg.model, max_inflight=cfg.max_inflight,
-                                        heartbeat_interval_s=cfg.heartbeat_interval_s, workers=cfg.workers)
+                                        heartbeat_interval_s=cfg.heartbeat_interval_s, workers=cfg.workers,
+                                        metrics_listen=self._metrics_address("coordinator"))
         cmd = [sys.executable, "-m", "pdserve", "coordinator", *to_argv(coordinator)]
         if cfg.switch_interval_us is not None:
             cmd += ["--switch-interval-us", str(cfg.switch_interval_us)]
         return cmd + list(cfg.coordinator_flags)
+
+    def _metrics_address(self, role: str) -> str | None:
+        if not self.cfg.metrics:
+            return None
+        name = role if role == "coordinator" else f"{role}-{sum(k.startswith(role + '-') for k in self.metrics)}"
+        self.metrics[name] = f"127.0.0.1:{free_port()}"
+        return self.metrics[name]
 
     def start(self) -> None:
         nodes = self.node_commands()
@@ -199,6 +211,8 @@ class Cluster:
                      f"{self.cfg.prefill} prefill (tp {self.cfg.prefill_tp}), {self.cfg.decode} decode "
                      f"(tp {self.cfg.decode_tp})")
             print(f"cluster ready: coordinator {self.cfg.listen}, {pools}; Ctrl-C stops it", flush=True)
+            for name, address in self.metrics.items():
+                print(f"metrics of {name}: http://{address}/metrics", flush=True)
             while all(p.poll() is None for p in self.procs):
                 time.sleep(0.5)
             print("a cluster process exited; stopping the rest", file=sys.stderr)

@@ -28,6 +28,7 @@ class PrefillNode(NodeBase, node_pb2_grpc.PrefillNodeServicer):
         self.pending: dict[int, tuple] = {}   # seq_id -> (future of (first StepOutput, step end), KV sender)
         self.requests: dict[str, object] = {}          # request_id -> Sequence, while prefilling
         self.senders: dict[str, object] = {}           # request_id -> KVSender, while prefilling
+        self.sending = 0                               # prompts computed whose KV is not yet acknowledged
 
     def add_servicer(self, server: grpc.aio.Server) -> None:
         node_pb2_grpc.add_PrefillNodeServicer_to_server(self, server)
@@ -42,6 +43,7 @@ class PrefillNode(NodeBase, node_pb2_grpc.PrefillNodeServicer):
         try:
             sender = await self.kv.sender_for(ticket, max(1, -(-len(prompt) // self.engine.cfg.block_size)))
         except KVUnavailable as e:
+            self.metrics.failed(self.kv.name, f"unavailable: {e}")
             raise RpcError(grpc.StatusCode.UNAVAILABLE, f"KV transfer: {e}") from None
         fut = self.aio.create_future()
         added = asyncio.ensure_future(self.call(lambda engine: self._add(engine, prompt, params, rid, fut, sender)))
@@ -65,21 +67,32 @@ class PrefillNode(NodeBase, node_pb2_grpc.PrefillNodeServicer):
             self.senders.pop(rid, None)
         resp = node_pb2.PrefillResponse(first_token=out.token_id, prefill_start=start, prefill_end=end,
                                         text=out.text_delta)
+        self.metrics.prompt_tokens.inc(len(prompt))
+        self.metrics.generation_tokens.inc()
         if out.seq.finish_reason != "prefilled":
             resp.finish_reason = FINISH[out.seq.finish_reason]
             return resp
+        self.sending += 1
         try:  # the lease only guards against a vanished coordinator: the call's deadline bounds this wait
             acked = await sender.status.ended_async(context.time_remaining())
         except asyncio.CancelledError:
             self._give_up(sender, "cancelled")
             raise
+        finally:
+            self.sending -= 1
         if not acked:
             self._give_up(sender, "no acknowledgement before the deadline")
+            self.metrics.failed(self.kv.name, "timeout: no acknowledgement before the deadline")
             raise RpcError(grpc.StatusCode.DEADLINE_EXCEEDED, "no KV acknowledgement from the decode node in time")
         if sender.state != TransferState.DONE:
+            self.metrics.failed(self.kv.name, sender.error)
             raise RpcError(grpc.StatusCode.UNAVAILABLE, f"KV transfer to the decode node failed: {sender.error}")
         resp.transfer_end = time.time()
+        self.metrics.transferred(self.kv.name, sender.num_blocks, self.kv_block_bytes, resp.transfer_end - end)
         return resp
+
+    def gauges(self) -> dict[str, float]:
+        return {**super().gauges(), "num_requests_in_transfer": self.sending}
 
     def _give_up(self, sender, why: str = "withdrawn") -> None:
         """End a sender that will not complete (the transport tells the receiver if it must)."""

@@ -68,14 +68,16 @@ def test_configs_round_trip_through_their_flags():
     from pdserve.kv_transfer.nccl.config import NcclConfig
     engine = EngineConfig(tp=2, kv_blocks=77, chunked_prefill=False, prefill_graphs=False, dtype="float16")
     kv = NcclConfig(timeout_s=5.0, host="127.0.0.2")
-    node = NodeConfig(coordinator="127.0.0.1:9", kv_transport="nccl", kv=kv, max_unread_batches=7, engine=engine)
+    node = NodeConfig(coordinator="127.0.0.1:9", kv_transport="nccl", kv=kv, max_unread_batches=7, engine=engine,
+                      metrics_listen="127.0.0.1:9100")
     a = build_parser().parse_args(["node", "--role", "decode", *to_argv(node), *to_argv(engine),
                                    *to_argv(kv, prefix="kv_")])
     assert from_args(NodeConfig, a, kv=kv_config(a), engine=from_args(EngineConfig, a)) == node
     with pytest.raises(ValueError, match="no option layers_per_message"):  # a zmq option given to nccl
         kv_config(build_parser().parse_args(["node", "--role", "prefill", "--coordinator", "x",
                                              "--kv-transport", "nccl", "--kv-layers-per-message", "2"]))
-    coordinator = CoordinatorConfig(listen="127.0.0.1:7", lease_s=3.0, client_stall_s=2.0, max_queued=5)
+    coordinator = CoordinatorConfig(listen="127.0.0.1:7", lease_s=3.0, client_stall_s=2.0, max_queued=5,
+                                    metrics_listen="127.0.0.1:9101")
     a = build_parser().parse_args(["coordinator", *to_argv(coordinator)])
     assert from_args(CoordinatorConfig, a) == coordinator
     assert to_argv(EngineConfig()) == [] and to_argv(CoordinatorConfig()) == []

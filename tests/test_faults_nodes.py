@@ -15,6 +15,7 @@ from tests.cluster_util import Client, greedy, request, start_cluster
 from tests.conftest import assert_matches_reference
 from pdserve.v1 import node_pb2
 from tests.fault_util import Frozen, StalledClient, pids_by_role, run_all, start_coordinator, submit, wait_until
+from tests.metrics_util import settled, value
 
 
 def jobs_of(seed: int, n: int, prompt_len: int = 20, max_tokens: int = 16):
@@ -205,7 +206,7 @@ def stream_with_fault(client: Client, cluster, prompt: list[int], n: int, fault)
 
 def test_a_request_whose_decode_node_dies_midstream_continues_on_another_without_losing_a_token(tiny_models,
                                                                                                reference, tmp_path):
-    cluster = start_cluster(model=tiny_models["qwen2"], decode=2, kv_blocks=128, log_dir=str(tmp_path))
+    cluster = start_cluster(model=tiny_models["qwen2"], decode=2, kv_blocks=128, log_dir=str(tmp_path), metrics=True)
     client = Client(cluster.cfg.listen)
     try:
         prompt, n = list(range(3, 23)), 480
@@ -215,6 +216,11 @@ def test_a_request_whose_decode_node_dies_midstream_continues_on_another_without
         assert_matches_reference(tokens, ref.generate(prompt, n), "across a decode node's death")
         assert "moves off decode node" in (tmp_path / "0-coordinator.log").read_text()
         client.wait_blocks_at_baseline()
+        m = settled(cluster.metrics["coordinator"], n)  # one migration, every token counted once
+        assert value(m, "pdserve:migrations_total") == 1 and value(m, "pdserve:generation_tokens_total") == n
+        assert value(m, "pdserve:request_success_total", finished_reason="length") == 1
+        assert value(m, "pdserve:num_requests_running") == 0 and value(m, "pdserve:nodes", role="decode",
+                                                                       live="true") == 1
     finally:
         client.close()
         cluster.stop()

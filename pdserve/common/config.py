@@ -85,6 +85,8 @@ class NodeConfig:
                                     "(nodes of one host; host shared memory on CPU) or fake (in-process, tests)")
     kv: Any = None                           # the backend's config (kv_transfer/<name>/config.py); None: its defaults
     max_unread_batches: int = opt(4096, "decode: a token stream (Subscribe) this many step batches behind is ended")
+    metrics_listen: str | None = opt(None, "HOST:PORT to serve Prometheus metrics on (GET /metrics; port 0: any "
+                                           "free port; default: none)")
     engine: EngineConfig = field(default_factory=EngineConfig)
 
     def __post_init__(self) -> None:
@@ -114,6 +116,8 @@ class CoordinatorConfig:
                                 flag="--client-stall-timeout")
     node_expiry_s: float = opt(30.0, "seconds after which a silent node leaves the registry and `status`",
                                flag="--node-expiry")
+    metrics_listen: str | None = opt(None, "HOST:PORT to serve Prometheus metrics on, summed over the workers (GET "
+                                           "/metrics; port 0: any free port; default: none)")
     workers: int | None = opt(None, "frontend processes serving clients on the one port, each relaying its own "
                                     "requests; 1: one process does everything (default: min(8, cores / 2), at "
                                     "least 1)")

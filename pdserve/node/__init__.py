@@ -1,2 +1,2 @@
 """What every engine-running node shares: the engine loop, the coordinator agent
-(register, heartbeat, renew), model info and the node config."""
+(register, heartbeat, renew), model info, the node config and its Prometheus metrics."""

@@ -14,6 +14,7 @@ from pdserve.kv_transfer.base.conn import NodeLink, Role
 from pdserve.kv_transfer.base.layout import KVLayout
 from pdserve.kv_transfer.registry import AUTO, auto_choice, backend
 from pdserve.node.agent import NodeAgent
+from pdserve.node.metrics import NodeMetrics
 from pdserve.common.config import NodeConfig
 from pdserve.wire.protocol import PROTOCOL_VERSION
 from pdserve.wire.rpc import RpcError, ServerHandle
@@ -35,6 +36,7 @@ class NodeBase:
         self.stopped = asyncio.Event()   # set when the engine failed: the process must exit non-zero
         self.fatal = False
         self.tasks: set[asyncio.Task] = set()  # background work of calls (KV waits, releases, cleanups)
+        self.metrics = NodeMetrics(self)
 
     async def start(self) -> str:
         self.aio = asyncio.get_running_loop()
@@ -59,6 +61,7 @@ class NodeBase:
                           self.engine.executor.runner.dtype, info.compat_hash)
         self.kv = kv.manager(self.kv_role, layout, self.cfg.engine.tp, self.cfg.kv,
                              NodeLink(lambda fn: self.loop.call(fn), _open_pairs))
+        self.kv_block_bytes = layout.frame_bytes(1, info.num_kv_heads) * info.num_layers  # a block, every layer
         self.engine.on_kv_save = self.kv.on_save_start
         self.kv.start()
         self.loop = EngineLoop(self.engine, self._on_step_thread, self._on_fatal_thread, self.kv.poll)
@@ -66,6 +69,8 @@ class NodeBase:
         self.server = ServerHandle(self.cfg.listen, [self.service_name])
         self.add_servicer(self.server.server)
         self.address = await self.server.start()
+        if self.cfg.metrics_listen:  # before registering: a port that cannot be bound fails the start
+            log.info("metrics on http://%s/metrics", self.metrics.serve(self.cfg.metrics_listen))
         self.agent = NodeAgent(self.cfg.coordinator, self._register_request, self._load,
                                lambda peers: self.kv.on_peers(self.agent.node_id, peers), self._on_registered)
         await self.agent.start()
@@ -76,6 +81,7 @@ class NodeBase:
     async def close(self, grace_s: float = 5.0) -> None:
         if self.engine is None:
             return
+        await asyncio.to_thread(self.metrics.close)
         await self.server.drain(grace_s)
         await self.agent.close()
         self.loop.close()
@@ -112,6 +118,12 @@ class NodeBase:
     def _fatal(self) -> None:
         self.fatal = True
         self.stopped.set()
+
+    def gauges(self) -> dict[str, float]:
+        """(any thread: the metrics server's) This node's load now, for NodeMetrics."""
+        s, blocks = self.engine.scheduler, self.engine.blocks
+        return {"num_requests_running": len(s.running), "num_requests_waiting": len(s.waiting),
+                "kv_cache_usage_perc": 1.0 - blocks.num_free / max(1, blocks.num_blocks)}
 
     def _register_request(self) -> node_pb2.RegisterRequest:
         return node_pb2.RegisterRequest(role=self.role, address=self.address, kv_endpoint=self.kv.endpoint,
