@@ -5,7 +5,8 @@ they mirror (WatchNodes), fencing (Fence), their reports (Report) and `status`.
 
 It starts N worker processes (worker.py) that serve the client API on the
 coordinator's one port with SO_REUSEPORT; the port is held bound here for the whole
-run, so port 0 resolves once and a restarted worker gets the same one. A worker that
+run, so port 0 resolves once and a restarted worker gets the same one; so is the
+HTTP API's port (--http-listen), which the workers share the same way. A worker that
 dies is started again under a new subscriber id: its clients' calls end UNAVAILABLE
 (their connection drops), and the nodes free its requests when its token streams
 end. SIGTERM drains the workers, then stops the supervisor."""
@@ -75,6 +76,7 @@ class Supervisor(node_pb2_grpc.CoordinatorServicer, supervisor_pb2_grpc.Supervis
         self.internal_address = await self.internal.start()
         await self.internal.ready()
         self.port, self.address = reserve_port(self.cfg.listen)
+        self.http_port, self.http_address = reserve_port(self.cfg.http_listen) if self.cfg.http_listen else (None, None)
         await asyncio.gather(*(self._launch(slot) for slot in self.slots))
         for slot in self.slots:
             self._spawn(self._keep(slot))
@@ -100,13 +102,15 @@ class Supervisor(node_pb2_grpc.CoordinatorServicer, supervisor_pb2_grpc.Supervis
         for node_id in list(self.registry.nodes):
             self.registry.remove(node_id)
         self.port.close()
+        if self.http_port is not None:
+            self.http_port.close()
         self.model.close()
 
     # workers
 
     def _command(self, slot: WorkerSlot) -> list[str]:
         n = len(self.slots)
-        share = replace(self.cfg, listen=self.address, workers=1, max_inflight=-(-self.cfg.max_inflight // n),
+        share = replace(self.cfg, listen=self.address, http_listen=self.http_address, workers=1, max_inflight=-(-self.cfg.max_inflight // n),
                         max_queued=-(-self.cfg.max_queued // n))
         return [sys.executable, "-m", "pdserve", "coordinator", *to_argv(share),
                 "--switch-interval-us", f"{sys.getswitchinterval() * 1e6:.0f}", "--worker-of", self.internal_address,

@@ -35,6 +35,7 @@ class ClusterConfig:
     device: str = opt("auto", "auto (one GPU per TP rank if CUDA is there, else CPU), cpu, cuda, or cuda:N "
                               "(every node shares GPU N: tests and one-GPU benchmarks)")
     listen: str = opt(CoordinatorConfig.listen, "the coordinator's HOST:PORT")
+    http_listen: str | None = opt(None, "HOST:PORT of the coordinator's OpenAI-compatible HTTP API (off unless given)")
     kv_blocks: int | None = opt(None, "each node's KV pool size in blocks")
     dtype: str = EngineConfig.dtype
     load_format: str = EngineConfig.load_format  # dummy: random weights from config.json (benchmarks)
@@ -130,7 +131,8 @@ class Cluster:
     def coordinator_command(self) -> list[str]:
         cfg = self.cfg
         coordinator = CoordinatorConfig(listen=cfg.listen, model=cfg.model, max_inflight=cfg.max_inflight,
-                                        heartbeat_interval_s=cfg.heartbeat_interval_s, workers=cfg.workers)
+                                        heartbeat_interval_s=cfg.heartbeat_interval_s, workers=cfg.workers,
+                                        http_listen=cfg.http_listen)
         cmd = [sys.executable, "-m", "pdserve", "coordinator", *to_argv(coordinator)]
         if cfg.switch_interval_us is not None:
             cmd += ["--switch-interval-us", str(cfg.switch_interval_us)]

@@ -114,6 +114,10 @@ class CoordinatorConfig:
                                 flag="--client-stall-timeout")
     node_expiry_s: float = opt(30.0, "seconds after which a silent node leaves the registry and `status`",
                                flag="--node-expiry")
+    http_listen: str | None = opt(None, "HOST:PORT of the OpenAI-compatible HTTP API, served by the same frontend "
+                                        "processes (off unless given; use 127.0.0.1 unless it must be reachable)")
+    api_key: str | None = opt(None, "HTTP API clients must send `Authorization: Bearer KEY` (/health, /ready and "
+                                    "/metrics stay open)")
     workers: int | None = opt(None, "frontend processes serving clients on the one port, each relaying its own "
                                     "requests; 1: one process does everything (default: min(8, cores / 2), at "
                                     "least 1)")
