@@ -110,8 +110,9 @@ class Supervisor(node_pb2_grpc.CoordinatorServicer, supervisor_pb2_grpc.Supervis
 
     def _command(self, slot: WorkerSlot) -> list[str]:
         n = len(self.slots)
-        share = replace(self.cfg, listen=self.address, http_listen=self.http_address, workers=1, max_inflight=-(-self.cfg.max_inflight // n),
+        share = replace(self.cfg, listen=self.address, workers=1, max_inflight=-(-self.cfg.max_inflight // n),
                         max_queued=-(-self.cfg.max_queued // n))
+        share.http_listen = self.http_address  # the port held here (reserve_port), or None
         return [sys.executable, "-m", "pdserve", "coordinator", *to_argv(share),
                 "--switch-interval-us", f"{sys.getswitchinterval() * 1e6:.0f}", "--worker-of", self.internal_address,
                 "--worker-index", str(slot.index), "--subscriber", slot.subscriber]

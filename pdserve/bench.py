@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from pdserve.bench_clients import run_clients
+from pdserve.bench_openai import add_flags as add_openai_flags
 from pdserve.bench_stream import Request, Result, arrival_gaps, benchmark
 from pdserve.client import FINISH_NAMES, status
 
@@ -91,7 +92,7 @@ def summarize(a: argparse.Namespace, reqs: list[Request], results: list[Result],
         tpot = (r.latency - r.ttft) / (r.output_tokens - 1) if r.output_tokens > 1 else 0.0
         values = {"ttft": r.ttft * 1e3, "tpot": tpot * 1e3, "e2el": r.latency * 1e3}
         good += all(values[k] <= v for k, v in slos.items())
-    s = {"date": time.strftime("%Y%m%d-%H%M%S"), "backend": "pdserve", "model_id": a.model_id,
+    s = {"date": time.strftime("%Y%m%d-%H%M%S"), "backend": a.backend, "model_id": a.model_id,
          "num_prompts": len(reqs), "request_rate": a.request_rate, "burstiness": a.burstiness,
          "max_concurrency": a.max_concurrency, "duration": duration, "completed": len(ok),
          "failed": len(reqs) - len(ok), "total_input_tokens": in_tokens, "total_output_tokens": out_tokens,
@@ -118,7 +119,8 @@ def summarize(a: argparse.Namespace, reqs: list[Request], results: list[Result],
 
 
 def add_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--coordinator", required=True)
+    p.add_argument("--coordinator", default=None, help="the coordinator (--backend pdserve)")
+    add_openai_flags(p)
     p.add_argument("--num-prompts", type=int, default=100)
     p.add_argument("--request-rate", type=float, default=float("inf"), help="requests/s; inf sends all at once")
     p.add_argument("--burstiness", type=float, default=1.0, help="gamma shape of inter-arrivals; 1 = Poisson")
@@ -156,10 +158,16 @@ def add_flags(p: argparse.ArgumentParser) -> None:
 
 
 def main(a: argparse.Namespace) -> int:
-    info = status(a.coordinator)
+    if a.backend == "openai":  # pdserve/bench_openai.py: an OpenAI-compatible HTTP server
+        from pdserve.bench_openai import benchmark as run_benchmark, model_info
+        info = model_info(a)
+    elif a.coordinator:
+        info, run_benchmark = status(a.coordinator), benchmark
+    else:
+        raise SystemExit("--backend pdserve needs --coordinator")
     a.model_id = info["model"] or "default"
-    if a.num_clients < 1:
-        raise SystemExit("--num-clients must be >= 1")
+    if a.num_clients < 1 or (a.num_clients > 1 and a.backend == "openai"):
+        raise SystemExit("--num-clients must be >= 1 (1 with --backend openai)")
     if a.dataset_name == "sharegpt" and not a.dataset_path:
         raise SystemExit("--dataset-name sharegpt needs --dataset-path")
     slos = parse_goodput(a.goodput)
@@ -175,7 +183,7 @@ def main(a: argparse.Namespace) -> int:
         if args.num_clients > 1:
             results, duration = run_clients(args, reqs)
         else:
-            results, duration = asyncio.run(benchmark(args, reqs))
+            results, duration = asyncio.run(run_benchmark(args, reqs))
         return summarize(args, reqs, results, duration, slos)
     if a.sweep or a.slo_scale:
         from pdserve.goodput import run_search

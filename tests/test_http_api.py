@@ -32,7 +32,8 @@ def cluster(chat_model):
     # the coordinator's own guards against clients that stop reading would free a request
     # that a disconnect failed to cancel: out of the way here, so the disconnect tests can fail
     c = start_http_cluster(chat_model, kv_blocks=CONTEXT // 16 + 64,
-                           coordinator_flags=("--max-pending-tokens", str(4 * CONTEXT), "--client-stall-timeout", "300"))
+                           coordinator_flags=("--max-pending-tokens", str(4 * CONTEXT),
+                                              "--client-stall-timeout", "300"))
     c.grpc = Client(c.cfg.listen)
     c.oai = openai_client(c.http)
     yield c
