@@ -239,3 +239,32 @@ def test_a_client_that_disconnects_cancels_its_request_and_frees_kv(cluster, str
         if stream:
             assert sock.recv(4096).startswith(b"HTTP/1.1 200")
     cluster.grpc.wait_blocks_at_baseline()
+
+
+@pytest.mark.slow
+def test_smollm2_chat_over_http_equals_pdserve_generate(smol_dir):
+    """The default model: a chat through the openai client (whole and streamed) gives the
+    tokens and text of `pdserve generate --coordinator --chat --json`, which runs the gRPC path."""
+    import subprocess
+    import sys
+    c = start_http_cluster(None, kv_blocks=256)
+    try:
+        question = "What is the capital of France?"
+        r = subprocess.run([sys.executable, "-m", "pdserve", "generate", "--coordinator", c.cfg.listen, "--chat",
+                            "--json", "--max-tokens", "24", "--temperature", "0", question],
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr
+        cli = json.loads(r.stdout)
+        oai = openai_client(c.http)
+        messages = [{"role": "user", "content": question}]
+        whole = oai.chat.completions.create(model="SmolLM2-135M-Instruct", messages=messages, max_tokens=24,
+                                            temperature=0, extra_body={"return_token_ids": True})
+        assert whole.choices[0].token_ids == cli["token_ids"] and whole.choices[0].message.content == cli["text"]
+        assert whole.usage.prompt_tokens == len(cli["prompt_token_ids"])
+        assert whole.choices[0].finish_reason == cli["finish_reason"]
+        chunks = list(oai.chat.completions.create(model="SmolLM2-135M-Instruct", messages=messages, max_tokens=24,
+                                                  temperature=0, stream=True))
+        assert "".join(ch.choices[0].delta.content or "" for ch in chunks) == cli["text"]
+        Client(c.cfg.listen).wait_blocks_at_baseline()
+    finally:
+        c.stop()
