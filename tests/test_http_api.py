@@ -168,7 +168,9 @@ def bad_bodies(vocab: int):
     out.append(({**base, "model": "no-such-model"}, 404, "no-such-model"))
     out += [(b'{"prompt": [1, 2], "max_tokens": 4', 400, "JSON"), (b"", 400, "JSON"), (b"[1, 2]", 400, ""),
             (b'{"prompt": [1, 2], "max_tokens": 4, "temperature": NaN}', 400, ""),
-            (b'{"prompt": [1, 2], "max_tokens": 4, "temperature": Infinity}', 400, "")]
+            (b'{"prompt": [1, 2], "max_tokens": 4, "temperature": Infinity}', 400, ""),
+            (b'{"prompt": "\xff\xfe bad", "max_tokens": 4}', 400, "JSON"),  # not UTF-8
+            (b'{"prompt": "\\ud800 lone surrogate", "max_tokens": 4}', 400, "")]
     chat = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
     out += [(("chat", {**chat, **kw}), 400, words) for kw, words in [
         (dict(messages=[]), "messages"), (dict(messages=[{"role": "wizard", "content": "hi"}]), "role"),
