@@ -200,7 +200,8 @@ class Cluster:
             pools = (f"{self.cfg.colocated} colocated (tp {self.cfg.decode_tp})" if self.cfg.colocated else
                      f"{self.cfg.prefill} prefill (tp {self.cfg.prefill_tp}), {self.cfg.decode} decode "
                      f"(tp {self.cfg.decode_tp})")
-            print(f"cluster ready: coordinator {self.cfg.listen}, {pools}; Ctrl-C stops it", flush=True)
+            http = f", HTTP API http://{self.cfg.http_listen}/v1" if self.cfg.http_listen else ""
+            print(f"cluster ready: coordinator {self.cfg.listen}{http}, {pools}; Ctrl-C stops it", flush=True)
             while all(p.poll() is None for p in self.procs):
                 time.sleep(0.5)
             print("a cluster process exited; stopping the rest", file=sys.stderr)

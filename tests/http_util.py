@@ -23,14 +23,16 @@ def openai_client(base: str, **kw):
     return openai.OpenAI(base_url=f"{base}/v1", api_key=kw.pop("api_key", "unused"), max_retries=0, **kw)
 
 
-def sse(lines) -> list[dict | str]:
-    """The events of a server-sent-event stream: each `data:` payload, parsed unless [DONE]."""
-    out = []
+def iter_sse(lines):
+    """The events of a server-sent-event stream as they come: each `data:` payload, parsed unless [DONE]."""
     for line in lines:
         if line.startswith("data: "):
             data = line[len("data: "):]
-            out.append(data if data == "[DONE]" else json.loads(data))
-    return out
+            yield data if data == "[DONE]" else json.loads(data)
+
+
+def sse(lines) -> list[dict | str]:
+    return list(iter_sse(lines))
 
 
 def post(base: str, path: str, body, **kw) -> httpx.Response:

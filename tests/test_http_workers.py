@@ -17,14 +17,15 @@ import pytest
 from pdserve.cluster import Cluster, ClusterConfig
 from tests.cluster_util import Client, greedy, request
 from tests.fault_util import pids_by_role, wait_until, write_tiny_chat_model
-from tests.http_util import assert_error, openai_client, start_http_cluster
+from tests.http_util import assert_error, iter_sse, openai_client, start_http_cluster
 
 KEY = "test-key"
+CONTEXT = 4096  # a long stream is still running when the test kills its decode node
 
 
 @pytest.fixture(scope="module")
 def chat_model(tmp_path_factory, smol_dir):
-    return write_tiny_chat_model(tmp_path_factory.mktemp("chat"), smol_dir)
+    return write_tiny_chat_model(tmp_path_factory.mktemp("chat"), smol_dir, max_positions=CONTEXT)
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +71,7 @@ def test_the_api_key_guards_the_openai_routes_only(coordinator):
 def pools(coordinator, chat_model):
     """1 prefill + 1 decode node joining the coordinator."""
     p = Cluster(ClusterConfig(prefill=1, decode=1, model=chat_model, device="cpu", listen=coordinator.cfg.listen,
-                              coordinator=False, kv_blocks=256))
+                              coordinator=False, kv_blocks=CONTEXT // 16 + 64))
     try:
         p.start()
     except BaseException:
@@ -127,8 +128,20 @@ def test_bench_with_the_openai_backend_writes_the_fields_of_the_grpc_backend(coo
     assert http_run["slo_attainment"] == 1.0
 
 
-def test_without_a_decode_node_no_worker_is_ready(coordinator, pools):
-    os.kill(pids_by_role(pools)["decode"][0], signal.SIGKILL)
+def test_a_decode_node_lost_mid_stream_ends_the_stream_with_an_error_event_and_no_worker_is_ready(
+        coordinator, pools):
+    body = {"prompt": [1, 2, 3], "max_tokens": CONTEXT - 10, "ignore_eos": True, "temperature": 0, "stream": True}
+    events = []
+    with httpx.stream("POST", coordinator.http + "/v1/completions", json=body, timeout=120,
+                      headers={"Authorization": f"Bearer {KEY}"}) as r:
+        assert r.status_code == 200
+        for event in iter_sse(r.iter_lines()):
+            if not events:  # the first token is out: the decode node dies mid-stream
+                os.kill(pids_by_role(pools)["decode"][0], signal.SIGKILL)
+            events.append(event)
+    assert len(events) < CONTEXT // 2 and events[-1] == "[DONE]" and "error" in events[-2], events[-2:]
+    error = events[-2]["error"]
+    assert error["type"] == "server_error" and error["code"] == "unavailable", error
     wait_until(lambda: all(fresh(coordinator.http, "/ready").status_code == 503 for _ in range(6)), 30,
                "every worker to see the decode node gone")
     assert fresh(coordinator.http, "/health").status_code == 200
