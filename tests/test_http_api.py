@@ -143,6 +143,8 @@ def test_models_health_readiness_and_metrics(cluster, chat_model):
     assert httpx.get(cluster.http + "/health").status_code == 200
     ready = httpx.get(cluster.http + "/ready")
     assert ready.status_code == 200 and ready.json()["ready"] is True
+    assert_error(httpx.get(cluster.http + "/v1/nowhere"), 404)
+    assert_error(httpx.get(cluster.http + "/v1/completions"), 405)
     metrics = httpx.get(cluster.http + "/metrics")
     assert metrics.status_code == 200 and metrics.headers["content-type"].startswith("text/plain")
 

@@ -9,6 +9,7 @@ import time
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
+from starlette.exceptions import HTTPException
 
 from pdserve.common.config import CoordinatorConfig
 from pdserve.coordinator import metrics
@@ -25,6 +26,8 @@ def build_app(coordinator, cfg: CoordinatorConfig) -> FastAPI:
 
     app.add_middleware(Guard, cfg=cfg)
     app.add_exception_handler(ApiError, lambda request, e: e.response())
+    # an unknown path or method: an OpenAI error object too, not FastAPI's {"detail": ...}
+    app.add_exception_handler(HTTPException, lambda request, e: ApiError(e.status_code, str(e.detail)).response())
 
     @app.get("/health")
     async def health() -> Response:
