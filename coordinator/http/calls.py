@@ -28,6 +28,7 @@ class Call:
         self.index = index
         self.queue: asyncio.Queue = asyncio.Queue(maxsize=1)
         self.ended: RpcError | None = None  # the lifecycle ended the request (abort)
+        self.dropped = False                # the HTTP side cancelled it (Choices.cancel)
         self.task = asyncio.create_task(self._run(coordinator, req, open_ended))
         _running.add(self.task)
         self.task.add_done_callback(_running.discard)
@@ -45,9 +46,10 @@ class Call:
                     await self.queue.put(resp)
             last = END
         except asyncio.CancelledError:
-            if self.ended is None:  # cancelled by the HTTP side: nobody waits for an answer
+            if self.dropped:  # cancelled by the HTTP side: nobody waits for an answer
                 raise
-            last = self.ended       # the lifecycle cut the request: say why
+            # the lifecycle cut the request (Lifecycle.cut): its abort() may not have run yet
+            last = self.ended or RpcError(grpc.StatusCode.RESOURCE_EXHAUSTED, "request ended: its client lagged")
         except EXPECTED as e:
             last = e
         except Exception as e:  # noqa: BLE001 (a bug: the client still gets an answer)
@@ -87,6 +89,7 @@ class Choices:
         """Stop every choice still running (the request's end, a failure or a disconnect)."""
         self.gone.cancel()
         for c in self.calls:
+            c.dropped = True
             c.task.cancel()
 
 
