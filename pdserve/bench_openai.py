@@ -52,7 +52,8 @@ def model_info(a: argparse.Namespace) -> dict:
 
 
 async def run_one(client, model: str, req: Request, a: argparse.Namespace) -> Result:
-    body = {"model": model, "prompt": req.prompt, "max_tokens": req.output_len, "temperature": 0.0, "stream": True,
+    body = {"model": model, "prompt": req.prompt, "max_tokens": req.output_len, "stream": True,
+            "temperature": getattr(a, "temperature", 0.0),
             "stream_options": {"include_usage": True}, "ignore_eos": a.ignore_eos, "return_token_ids": True}
     import httpx
     res = Result()
