@@ -18,8 +18,9 @@ TERMINAL = ("FINISHED", "CANCELLED", "FAILED")
 
 
 def prepare(req: api_pb2.GenerateRequest, tokenizer, model: node_pb2.ModelInfo,
-            max_tokens_limit: int) -> tuple[list[int], object]:
-    """Prompt ids and engine sampling params; ValueError/RpcError for a bad request."""
+            max_tokens_limit: int, open_ended: bool = False) -> tuple[list[int], object]:
+    """Prompt ids and engine sampling params; ValueError/RpcError for a bad request.
+    open_ended: max_tokens 0 becomes the rest of the context (an HTTP chat without max_tokens)."""
     if req.model and req.model != model.name:
         raise RpcError(grpc.StatusCode.NOT_FOUND, f"model {req.model!r} is not served here "
                                                   f"(serving {model.name or 'the default model'!r})")
@@ -46,6 +47,8 @@ def prepare(req: api_pb2.GenerateRequest, tokenizer, model: node_pb2.ModelInfo,
             if not messages:
                 raise ValueError("chat prompt has no messages")
             prompt = chat_prompt(tokenizer, messages)
+    if open_ended and req.sampling.max_tokens == 0:  # req.sampling is the record's: it sees the value too
+        req.sampling.max_tokens = max(1, min(max_tokens_limit, model.max_model_len - len(prompt)))
     params = to_engine_params(req.sampling)
     validate_request(prompt, params, model.vocab_size, model.max_model_len, max_tokens_limit)
     return prompt, params

@@ -33,6 +33,7 @@ class Coordinator(api_pb2_grpc.GenerationServicer, node_pb2_grpc.CoordinatorServ
         self.requests = self.lifecycle.requests
         self.slots = asyncio.Semaphore(cfg.max_inflight)
         self.served = 0  # Generate calls taken
+        self.http = None
 
     async def start(self) -> str:
         await self.model.start()
@@ -42,6 +43,7 @@ class Coordinator(api_pb2_grpc.GenerationServicer, node_pb2_grpc.CoordinatorServ
         node_pb2_grpc.add_CoordinatorServicer_to_server(self, self.server.server)
         self.address = await self.server.start()
         await self.server.ready()
+        await self.start_http(reuse_port=False)
         self._spawn(self._watch())
         self._spawn(self._renew())
         self.start_metrics()
@@ -65,10 +67,23 @@ class Coordinator(api_pb2_grpc.GenerationServicer, node_pb2_grpc.CoordinatorServ
         finally:
             metrics.flush()
 
+    async def start_http(self, reuse_port: bool) -> None:
+        """The HTTP API on --http-listen, if given (reuse_port: a worker shares the port)."""
+        self.http = None
+        if self.cfg.http_listen:
+            from pdserve.coordinator.http.server import HttpServer
+            self.http = HttpServer(self, self.cfg)
+            log.info("HTTP API on %s", await self.http.start(reuse_port))
+
+    def routable(self) -> bool:
+        """A request could be served now: a live colocated node, or live prefill and decode nodes."""
+        roles = {n.role for n in self.registry.nodes.values() if self.registry.healthy(n)}
+        return api_pb2.ROLE_BOTH in roles or {api_pb2.ROLE_PREFILL, api_pb2.ROLE_DECODE} <= roles
+
     async def close(self, grace_s: float = 5.0) -> None:
         if getattr(self, "metrics_server", None) is not None:
             await asyncio.to_thread(self.metrics_server.close)
-        await self.server.drain(grace_s)
+        await asyncio.gather(self.server.drain(grace_s), *([self.http.close(grace_s)] if self.http else []))
         for task in [*self.subscriptions.values(), *self.background]:
             task.cancel()
         for node_id in list(self.registry.nodes):
@@ -150,7 +165,11 @@ class Coordinator(api_pb2_grpc.GenerationServicer, node_pb2_grpc.CoordinatorServ
         return api_pb2.StatusResponse(nodes=nodes, model=info.name, vocab_size=info.vocab_size,
                                       max_model_len=info.max_model_len)
 
-    async def Generate(self, req: api_pb2.GenerateRequest, context):
+    async def generate(self, req: api_pb2.GenerateRequest, context, open_ended: bool = False):
+        """The request path of every client API, gRPC Generate and the HTTP API (coordinator/http/):
+        one request's responses, first token to last; raises one of EXPECTED for the caller to map.
+        context: the call (time_remaining() -> seconds or None; abort(code, message), with which the
+        lifecycle ends a client that lags). open_ended: max_tokens 0 asks for the rest of the context."""
         record = None
         self.served += 1
         try:
@@ -166,7 +185,8 @@ class Coordinator(api_pb2_grpc.GenerationServicer, node_pb2_grpc.CoordinatorServ
                                    None if left is None else time.monotonic() + left)
             record.task, record.context = asyncio.current_task(), context
             self.requests[record.id] = record
-            record.prompt, _ = await self.model.run(prepare, req, tokenizer, info, self.cfg.max_tokens_limit)
+            record.prompt, _ = await self.model.run(prepare, req, tokenizer, info, self.cfg.max_tokens_limit,
+                                                    open_ended)
             record.run_prompt = record.prompt
             async with self.slots:
                 async for resp in self.lifecycle.run(record):
@@ -188,3 +208,5 @@ class Coordinator(api_pb2_grpc.GenerationServicer, node_pb2_grpc.CoordinatorServ
                         record.cancel()
                 metrics.ended(record)
                 await self.lifecycle.release(record)
+
+    Generate = generate  # the gRPC method: the same path, no extra hop per response

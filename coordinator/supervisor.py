@@ -5,7 +5,8 @@ they mirror (WatchNodes), fencing (Fence), their reports (Report) and `status`.
 
 It starts N worker processes (worker.py) that serve the client API on the
 coordinator's one port with SO_REUSEPORT; the port is held bound here for the whole
-run, so port 0 resolves once and a restarted worker gets the same one. A worker that
+run, so port 0 resolves once and a restarted worker gets the same one; so is the
+HTTP API's port (--http-listen), which the workers share the same way. A worker that
 dies is started again under a new subscriber id: its clients' calls end UNAVAILABLE
 (their connection drops), and the nodes free its requests when its token streams
 end. SIGTERM drains the workers, then stops the supervisor."""
@@ -83,6 +84,7 @@ class Supervisor(node_pb2_grpc.CoordinatorServicer, supervisor_pb2_grpc.Supervis
         self.internal_address = await self.internal.start()
         await self.internal.ready()
         self.port, self.address = reserve_port(self.cfg.listen)
+        self.http_port, self.http_address = reserve_port(self.cfg.http_listen) if self.cfg.http_listen else (None, None)
         await asyncio.gather(*(self._launch(slot) for slot in self.slots))
         for slot in self.slots:
             self._spawn(self._keep(slot))
@@ -113,6 +115,8 @@ class Supervisor(node_pb2_grpc.CoordinatorServicer, supervisor_pb2_grpc.Supervis
         for node_id in list(self.registry.nodes):
             self.registry.remove(node_id)
         self.port.close()
+        if self.http_port is not None:
+            self.http_port.close()
         self.model.close()
         if getattr(self, "metrics_server", None) is not None:
             await _in_thread(self.metrics_server.close)
@@ -124,6 +128,7 @@ class Supervisor(node_pb2_grpc.CoordinatorServicer, supervisor_pb2_grpc.Supervis
         # the limits hold per worker: clients' connections spread over the workers unevenly
         # (one gRPC channel is one connection, so a single client reaches one worker only)
         share = replace(self.cfg, listen=self.address, workers=1, metrics_listen=None)
+        share.http_listen = self.http_address  # the port held here (reserve_port), or None
         return [sys.executable, "-m", "pdserve", "coordinator", *to_argv(share),
                 "--switch-interval-us", f"{sys.getswitchinterval() * 1e6:.0f}", "--worker-of", self.internal_address,
                 "--worker-index", str(slot.index), "--subscriber", slot.subscriber]

@@ -57,6 +57,7 @@ class Worker(Coordinator):
         node_pb2_grpc.add_CoordinatorServicer_to_server(self, self.server.server)
         self.address = await self.server.start()
         await self.server.ready()
+        await self.start_http(reuse_port=True)
         self.ready = True
         self._spawn(self._watch())
         self._spawn(self._renew())

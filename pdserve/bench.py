@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from pdserve.bench_clients import run_clients
+from pdserve.bench_openai import add_flags as add_openai_flags
 from pdserve.bench_result import Request, jsonable, summarize
 from pdserve.bench_stream import arrival_times, benchmark
 from pdserve.client import status
@@ -81,7 +82,8 @@ def parse_goodput(items: list[str]) -> dict[str, float]:
 
 
 def add_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--coordinator", required=True)
+    p.add_argument("--coordinator", default=None, help="the coordinator (--backend pdserve)")
+    add_openai_flags(p)
     p.add_argument("--num-prompts", type=int, default=100)
     p.add_argument("--request-rate", type=float, default=float("inf"), help="requests/s; inf sends all at once")
     p.add_argument("--burstiness", type=float, default=1.0, help="gamma shape of inter-arrivals; 1 = Poisson")
@@ -133,10 +135,16 @@ def add_flags(p: argparse.ArgumentParser) -> None:
 
 
 def main(a: argparse.Namespace) -> int:
-    info = status(a.coordinator)
+    if a.backend == "openai":  # pdserve/bench_openai.py: an OpenAI-compatible HTTP server
+        from pdserve.bench_openai import benchmark as run_benchmark, model_info
+        info = model_info(a)
+    elif a.coordinator:
+        info, run_benchmark = status(a.coordinator), benchmark
+    else:
+        raise SystemExit("--backend pdserve needs --coordinator")
     a.model_id = a.model or info["model"] or "default"
-    if a.num_clients < 1:
-        raise SystemExit("--num-clients must be >= 1")
+    if a.num_clients < 1 or (a.num_clients > 1 and a.backend == "openai"):
+        raise SystemExit("--num-clients must be >= 1 (1 with --backend openai)")
     if a.dataset_name == "sharegpt" and not a.dataset_path:
         raise SystemExit("--dataset-name sharegpt needs --dataset-path")
     slos = parse_goodput(a.goodput)
@@ -151,7 +159,7 @@ def main(a: argparse.Namespace) -> int:
         if args.num_clients > 1:
             results, duration = run_clients(args, reqs)
         else:
-            results, duration = asyncio.run(benchmark(args, reqs))
+            results, duration = asyncio.run(run_benchmark(args, reqs))
         schedule = arrival_times(len(reqs), args.request_rate, args.burstiness, args.seed)
         return summarize(args, reqs, results, duration, slos, schedule)
     if a.sweep or a.slo_scale:

@@ -35,6 +35,7 @@ class ClusterConfig:
     device: str = opt("auto", "auto (one GPU per TP rank if CUDA is there, else CPU), cpu, cuda, or cuda:N "
                               "(every node shares GPU N: tests and one-GPU benchmarks)")
     listen: str = opt(CoordinatorConfig.listen, "the coordinator's HOST:PORT")
+    http_listen: str | None = opt(None, "HOST:PORT of the coordinator's OpenAI-compatible HTTP API (off unless given)")
     kv_blocks: int | None = opt(None, "each node's KV pool size in blocks")
     dtype: str = EngineConfig.dtype
     load_format: str = EngineConfig.load_format  # dummy: random weights from config.json (benchmarks)
@@ -135,7 +136,8 @@ class Cluster:
         cfg = self.cfg
         coordinator = CoordinatorConfig(listen=cfg.listen, model=cfg.model, max_inflight=cfg.max_inflight,
                                         heartbeat_interval_s=cfg.heartbeat_interval_s, workers=cfg.workers,
-                                        metrics_listen=self._metrics_address("coordinator"))
+                                        metrics_listen=self._metrics_address("coordinator"),
+                                        http_listen=cfg.http_listen)
         cmd = [sys.executable, "-m", "pdserve", "coordinator", *to_argv(coordinator)]
         if cfg.switch_interval_us is not None:
             cmd += ["--switch-interval-us", str(cfg.switch_interval_us)]
@@ -210,7 +212,8 @@ class Cluster:
             pools = (f"{self.cfg.colocated} colocated (tp {self.cfg.decode_tp})" if self.cfg.colocated else
                      f"{self.cfg.prefill} prefill (tp {self.cfg.prefill_tp}), {self.cfg.decode} decode "
                      f"(tp {self.cfg.decode_tp})")
-            print(f"cluster ready: coordinator {self.cfg.listen}, {pools}; Ctrl-C stops it", flush=True)
+            http = f", HTTP API http://{self.cfg.http_listen}/v1" if self.cfg.http_listen else ""
+            print(f"cluster ready: coordinator {self.cfg.listen}{http}, {pools}; Ctrl-C stops it", flush=True)
             for name, address in self.metrics.items():
                 print(f"metrics of {name}: http://{address}/metrics", flush=True)
             while all(p.poll() is None for p in self.procs):

@@ -19,7 +19,7 @@ from pdserve.v1 import api_pb2, node_pb2, node_pb2_grpc  # noqa: F401
 from tests.cluster_util import Client, greedy, request
 
 
-def write_tiny_chat_model(path, tokenizer_dir: str) -> str:
+def write_tiny_chat_model(path, tokenizer_dir: str, max_positions: int = 512) -> str:
     """A tiny random Llama with the default model's tokenizer (49152 ids): text and chat
     prompts at tiny-model speed."""
     import torch
@@ -28,7 +28,7 @@ def write_tiny_chat_model(path, tokenizer_dir: str) -> str:
     torch.manual_seed(0)
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
     cfg = tf.LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max_positions,
                          tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
     tf.AutoModelForCausalLM.from_config(cfg).save_pretrained(path)
     tok.save_pretrained(path)

@@ -118,6 +118,10 @@ class CoordinatorConfig:
                                flag="--node-expiry")
     metrics_listen: str | None = opt(None, "HOST:PORT to serve Prometheus metrics on, summed over the workers (GET "
                                            "/metrics; port 0: any free port; default: none)")
+    http_listen: str | None = opt(None, "HOST:PORT of the OpenAI-compatible HTTP API, served by the same frontend "
+                                        "processes (off unless given; use 127.0.0.1 unless it must be reachable)")
+    api_key: str | None = opt(None, "HTTP API clients must send `Authorization: Bearer KEY` (/health, /ready and "
+                                    "/metrics stay open)")
     workers: int | None = opt(None, "frontend processes serving clients on the one port, each relaying its own "
                                     "requests; 1: one process does everything (default: min(8, cores / 2), at "
                                     "least 1)")
