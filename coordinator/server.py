@@ -9,6 +9,7 @@ import uuid
 import grpc
 
 from pdserve.common.config import CoordinatorConfig
+from pdserve.coordinator.admission import Admission
 from pdserve.coordinator.lifecycle import Lifecycle
 from pdserve.coordinator.model import ServedModel
 from pdserve.coordinator.registry import NodeEntry, Registry
@@ -29,7 +30,7 @@ class Coordinator(api_pb2_grpc.GenerationServicer, node_pb2_grpc.CoordinatorServ
         self.background: set[asyncio.Task] = set()
         self.lifecycle = Lifecycle(cfg, self.registry, self._spawn)
         self.requests = self.lifecycle.requests
-        self.slots = asyncio.Semaphore(cfg.max_inflight)
+        self.admission = Admission(cfg.max_inflight, cfg.max_queued)
         self.served = 0  # Generate calls taken
 
     async def start(self) -> str:
@@ -128,13 +129,11 @@ class Coordinator(api_pb2_grpc.GenerationServicer, node_pb2_grpc.CoordinatorServ
                                       max_model_len=info.max_model_len)
 
     async def Generate(self, req: api_pb2.GenerateRequest, context):
-        record = None
+        record, admitted = None, False
         self.served += 1
         try:
-            if len(self.requests) >= self.cfg.max_inflight + self.cfg.max_queued:
-                raise RpcError(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                               f"{len(self.requests)} requests in flight or queued (limit "
-                               f"{self.cfg.max_inflight} + {self.cfg.max_queued})")
+            await self.admission.acquire(client_of(context))  # RESOURCE_EXHAUSTED with a retry hint when full
+            admitted = True
             info, tokenizer = self.model.info, self.model.tokenizer
             if info is None:
                 raise RpcError(grpc.StatusCode.UNAVAILABLE, "no node has registered yet")
@@ -145,18 +144,24 @@ class Coordinator(api_pb2_grpc.GenerationServicer, node_pb2_grpc.CoordinatorServ
             self.requests[record.id] = record
             record.prompt, _ = await self.model.run(prepare, req, tokenizer, info, self.cfg.max_tokens_limit)
             record.run_prompt = record.prompt
-            async with self.slots:
-                async for resp in self.lifecycle.run(record):
-                    record.writing_since = time.monotonic()
-                    yield resp
-                    record.writing_since = None
+            async for resp in self.lifecycle.run(record):
+                record.writing_since = time.monotonic()
+                yield resp
+                record.writing_since = None
         except EXPECTED:  # the StatusInterceptor turns it into the call's status
             if record is not None:
                 record.fail()
             raise
         finally:
+            if admitted:
+                self.admission.release()
             if record is not None:
                 self.requests.pop(record.id, None)
                 if not record.terminal:
                     record.cancel()
                 await self.lifecycle.release(record)
+
+
+def client_of(context) -> str:
+    """Whom a request counts against for fairness: its connection (host and port)."""
+    return context.peer() or "unknown"
