@@ -68,11 +68,19 @@ class PrefillNode(NodeBase, node_pb2_grpc.PrefillNodeServicer):
         if out.seq.finish_reason != "prefilled":
             resp.finish_reason = FINISH[out.seq.finish_reason]
             return resp
-        try:  # the lease only guards against a vanished coordinator: the call's deadline bounds this wait
-            acked = await sender.status.ended_async(context.time_remaining())
+        # the call's deadline bounds this wait, and the transport's ack timeout where it has one
+        # (a link cut under the transfer loses its last messages: no ack would ever come)
+        left, ack_timeout = context.time_remaining(), getattr(self.kv, "ack_timeout_s", None)
+        wait = ack_timeout if left is None else left if ack_timeout is None else min(left, ack_timeout)
+        try:
+            acked = await sender.status.ended_async(wait)
         except asyncio.CancelledError:
             self._give_up(sender, "cancelled")
             raise
+        if not acked and wait == ack_timeout:
+            self._give_up(sender, f"no acknowledgement within {ack_timeout} s")
+            raise RpcError(grpc.StatusCode.UNAVAILABLE, f"KV transfer to the decode node failed: no acknowledgement "
+                                                        f"within {ack_timeout:g} s (--kv-ack-timeout)")
         if not acked:
             self._give_up(sender, "no acknowledgement before the deadline")
             raise RpcError(grpc.StatusCode.DEADLINE_EXCEEDED, "no KV acknowledgement from the decode node in time")
