@@ -129,6 +129,13 @@ class ServerHandle:
                 await r
 
 
-def channel(address: str) -> grpc.aio.Channel:
-    return grpc.aio.insecure_channel(address, options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-                                                       ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)])
+def channel(address: str, max_backoff_s: float | None = None) -> grpc.aio.Channel:
+    """max_backoff_s: cap gRPC's reconnect backoff (default up to 120 s), so that a peer that
+    comes back after a long outage is reached again within that time."""
+    options = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+               ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)]
+    if max_backoff_s is not None:
+        ms = max(100, int(max_backoff_s * 1000))
+        options += [("grpc.initial_reconnect_backoff_ms", min(ms, 1000)), ("grpc.min_reconnect_backoff_ms", min(ms, 1000)),
+                    ("grpc.max_reconnect_backoff_ms", ms)]
+    return grpc.aio.insecure_channel(address, options=options)
