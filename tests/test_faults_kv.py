@@ -17,8 +17,8 @@ def jobs_of(seed: int, n: int):
     return [([(seed * 17 + i * 5 + j) % 384 for j in range(24)], 12) for i in range(n)]
 
 
-def run_with_fault(tiny_models, reference, tmp_path, sig: int, evidence: str) -> None:
-    cluster = start_cluster(model=tiny_models["qwen2"], decode=2, kv_blocks=64, log_dir=str(tmp_path),
+def run_with_fault(tiny_models, reference, tmp_path, sig: int, evidence: str, decode: int) -> None:
+    cluster = start_cluster(model=tiny_models["qwen2"], decode=decode, kv_blocks=64, log_dir=str(tmp_path),
                             node_flags=("--kv-fault-hooks", "--kv-ack-timeout", "2"))
     client = Client(cluster.cfg.listen)
     prefill = pids_by_role(cluster)["prefill"][0]
@@ -44,8 +44,12 @@ def test_a_kv_link_cut_mid_transfer_is_retried_instead_of_hanging(tiny_models, r
     """The cut transfer's last messages are lost: no ack ever comes. The prefill node gives
     up after --kv-ack-timeout, the coordinator retries on the other decode node (the
     clients' 20 s deadline would otherwise end it DEADLINE_EXCEEDED)."""
-    run_with_fault(tiny_models, reference, tmp_path, signal.SIGUSR1, "cutting the connection")
+    run_with_fault(tiny_models, reference, tmp_path, signal.SIGUSR1, "cutting the connection", decode=2)
 
 
-def test_a_corrupted_kv_frame_is_never_decoded_and_the_request_is_retried(tiny_models, reference, tmp_path):
-    run_with_fault(tiny_models, reference, tmp_path, signal.SIGUSR2, "corrupting a frame")
+def test_a_corrupted_kv_frame_is_never_decoded_and_is_retried_even_on_the_only_decode_node(tiny_models, reference,
+                                                                                           tmp_path):
+    """The receiver refuses the frame (checksum); the retry may go to the same decode node when
+    it is the only one (a transfer failure sends the next attempt to other decode nodes first,
+    not to none)."""
+    run_with_fault(tiny_models, reference, tmp_path, signal.SIGUSR2, "corrupting a frame", decode=1)
