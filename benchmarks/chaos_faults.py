@@ -147,7 +147,7 @@ class Faults:
     def stalled_client(self) -> float:
         """A request whose client never reads; the coordinator must end it (its stall timeout)."""
         prompt = self.load.prompts[0]
-        self.stalled = StalledStream(self.address, prompt, max_tokens=max(64, self.load.max_tokens * 8))
+        self.stalled = StalledStream(self.address, prompt, max_tokens=400)
         at = time.monotonic()
         time.sleep(self.stall_wait_s)  # past the coordinator's --client-stall-timeout: it must have ended it
         return at
@@ -172,7 +172,9 @@ class StalledStream:
     """Generate over raw HTTP/2 with a tiny flow-control window that is never reopened: the
     server's writes block. status() reads the call's trailers once the window is opened."""
 
-    def __init__(self, address: str, prompt: list[int], max_tokens: int):
+    def __init__(self, address: str, prompt: list[int], max_tokens: int, window: int = 1024):
+        """window: the stream's flow-control window; 1024 lets the first responses through (a
+        window smaller than the first response meets a known bug: see the report of issue 24)."""
         import h2.config
         import h2.connection
         import h2.settings
@@ -184,7 +186,7 @@ class StalledStream:
         self.sock = socket.create_connection((host, int(port)))
         self.conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
         self.conn.initiate_connection()
-        self.conn.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 64})
+        self.conn.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: window})
         self.sid = self.conn.get_next_available_stream_id()
         self.conn.send_headers(self.sid, [(":method", "POST"), (":scheme", "http"),
                                           (":path", "/pdserve.v1.Generation/Generate"), (":authority", address),
@@ -194,6 +196,7 @@ class StalledStream:
         self.lock = threading.Lock()
         self.sock.sendall(self.conn.data_to_send())
         self.trailers: dict[str, str] = {}
+        self.seen: list[str] = []  # the h2 events received, by type
         self.ended = threading.Event()
         self._thread = threading.Thread(target=self._read, daemon=True)
         self._thread.start()
@@ -211,6 +214,7 @@ class StalledStream:
             if not data:
                 break
             for ev in events:
+                self.seen.append(type(ev).__name__)
                 if isinstance(ev, h2.events.TrailersReceived):
                     self.trailers = {_s(k): _s(v) for k, v in ev.headers}
                 if isinstance(ev, (h2.events.StreamEnded, h2.events.StreamReset, h2.events.TrailersReceived)):
@@ -227,6 +231,10 @@ class StalledStream:
             self.conn.increment_flow_control_window(1 << 24, stream_id=self.sid)
             self.sock.sendall(self.conn.data_to_send())
         self.ended.wait(timeout)
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)  # wakes the reader blocked in recv
+        except OSError:
+            pass
         self.sock.close()
         self._thread.join(5)
         if "grpc-status" not in self.trailers:
