@@ -108,7 +108,7 @@ class Faults:
         return self._stop(self._member("coordinator").pid, group=True)
 
     def _worker_pid(self) -> int:
-        workers = status(self.address)["workers"]
+        workers = steady_status(self.address)["workers"]
         if not workers:
             raise LookupError("the coordinator has no workers (--workers 1)")
         return workers[0]["pid"]
@@ -161,11 +161,24 @@ def leaked_blocks(address: str, timeout_s: float = 15.0) -> tuple[int, list[dict
     """Blocks not back at baseline on the healthy nodes once nothing runs (waits up to timeout_s)."""
     deadline = time.monotonic() + timeout_s
     while True:
-        nodes = [n for n in status(address)["nodes"] if n["healthy"]]
+        nodes = [n for n in steady_status(address)["nodes"] if n["healthy"]]
         leaked = sum(n["kv_blocks_total"] - n["kv_blocks_free"] for n in nodes)
         if (leaked == 0 and not any(n["running"] for n in nodes)) or time.monotonic() > deadline:
             return leaked, nodes
         time.sleep(0.25)
+
+
+def steady_status(address: str, timeout_s: float = 30.0) -> dict:
+    """`status`, asked again while a fault leaves the coordinator briefly unreachable (a worker
+    that died with the connection this process had to it)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return status(address, timeout=2.0)
+        except Exception:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
 
 
 class StalledStream:
