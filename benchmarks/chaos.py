@@ -169,7 +169,8 @@ def main() -> None:
             path = write_result("soak", "soak", res["ratio"], 1.2,
                                 {**config, "duration": a.duration, "fault_every": a.fault_every, "window": a.window,
                                  "faults": faults}, a.commit, out,
-                                ratio_of="p99 TTFT: last window / first window", **res)
+                                ratio_of="p99 TTFT: last window / first window",
+                                **{k: v for k, v in res.items() if k != "ratio"})
             print(f"soak: ratio {res['ratio']} (target <= 1.2), memory growth {res['max_rss_growth']} -> {path}")
     finally:
         cluster.stop()
