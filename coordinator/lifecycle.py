@@ -159,7 +159,10 @@ class Lifecycle:
         """Blocks on the least loaded decode node; while all are full, wait for capacity."""
         while True:
             full = False
-            for node in self.registry.candidates(api_pb2.ROLE_DECODE, exclude=avoid):
+            # decode nodes whose KV path failed this request come last, not never: a transient
+            # fault (a cut link, a corrupted frame) on every node must not end the request early
+            nodes = self.registry.candidates(api_pb2.ROLE_DECODE, exclude=avoid)
+            for node in nodes or self.registry.candidates(api_pb2.ROLE_DECODE):
                 record.reserving.add(node)  # a cancel from here on aborts there too
                 try:
                     ticket = await node.stub.Reserve(node_pb2.ReserveRequest(

@@ -11,6 +11,7 @@ import grpc
 from pdserve.common.config import CoordinatorConfig
 from pdserve.common.prom import MetricsServer
 from pdserve.coordinator import metrics
+from pdserve.coordinator.admission import Admission
 from pdserve.coordinator.lifecycle import Lifecycle
 from pdserve.coordinator.model import ServedModel
 from pdserve.coordinator.registry import NodeEntry, Registry
@@ -31,7 +32,7 @@ class Coordinator(api_pb2_grpc.GenerationServicer, node_pb2_grpc.CoordinatorServ
         self.background: set[asyncio.Task] = set()
         self.lifecycle = Lifecycle(cfg, self.registry, self._spawn)
         self.requests = self.lifecycle.requests
-        self.slots = asyncio.Semaphore(cfg.max_inflight)
+        self.admission = Admission(cfg.max_inflight, cfg.max_queued)
         self.served = 0  # Generate calls taken
         self.http = None
 
@@ -170,13 +171,11 @@ class Coordinator(api_pb2_grpc.GenerationServicer, node_pb2_grpc.CoordinatorServ
         one request's responses, first token to last; raises one of EXPECTED for the caller to map.
         context: the call (time_remaining() -> seconds or None; abort(code, message), with which the
         lifecycle ends a client that lags). open_ended: max_tokens 0 asks for the rest of the context."""
-        record = None
+        record, admitted = None, False
         self.served += 1
         try:
-            if len(self.requests) >= self.cfg.max_inflight + self.cfg.max_queued:
-                raise RpcError(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                               f"{len(self.requests)} requests in flight or queued (limit "
-                               f"{self.cfg.max_inflight} + {self.cfg.max_queued})")
+            await self.admission.acquire(client_of(context))  # RESOURCE_EXHAUSTED with a retry hint when full
+            admitted = True
             info, tokenizer = self.model.info, self.model.tokenizer
             if info is None:
                 raise RpcError(grpc.StatusCode.UNAVAILABLE, "no node has registered yet")
@@ -188,16 +187,17 @@ class Coordinator(api_pb2_grpc.GenerationServicer, node_pb2_grpc.CoordinatorServ
             record.prompt, _ = await self.model.run(prepare, req, tokenizer, info, self.cfg.max_tokens_limit,
                                                     open_ended)
             record.run_prompt = record.prompt
-            async with self.slots:
-                async for resp in self.lifecycle.run(record):
-                    record.writing_since = time.monotonic()
-                    yield resp
-                    record.writing_since = None
+            async for resp in self.lifecycle.run(record):
+                record.writing_since = time.monotonic()
+                yield resp
+                record.writing_since = None
         except EXPECTED as e:  # the StatusInterceptor turns it into the call's status
             if record is not None:
                 record.fail(status_for(e)[0])
             raise
         finally:
+            if admitted:
+                self.admission.release()
             if record is not None:
                 self.requests.pop(record.id, None)
                 if not record.terminal:  # the client went away, or its deadline passed
@@ -210,3 +210,8 @@ class Coordinator(api_pb2_grpc.GenerationServicer, node_pb2_grpc.CoordinatorServ
                 await self.lifecycle.release(record)
 
     Generate = generate  # the gRPC method: the same path, no extra hop per response
+
+
+def client_of(context) -> str:
+    """Whom a request counts against for fairness: its connection (host and port)."""
+    return context.peer() or "unknown"

@@ -72,14 +72,23 @@ class PrefillNode(NodeBase, node_pb2_grpc.PrefillNodeServicer):
         if out.seq.finish_reason != "prefilled":
             resp.finish_reason = FINISH[out.seq.finish_reason]
             return resp
+        # the call's deadline bounds this wait, and the transport's ack timeout where it has one
+        # (a link cut under the transfer loses its last messages: no ack would ever come)
+        left, ack_timeout = context.time_remaining(), getattr(self.kv, "ack_timeout_s", None)
+        wait = ack_timeout if left is None else left if ack_timeout is None else min(left, ack_timeout)
         self.sending += 1
-        try:  # the lease only guards against a vanished coordinator: the call's deadline bounds this wait
-            acked = await sender.status.ended_async(context.time_remaining())
+        try:
+            acked = await sender.status.ended_async(wait)
         except asyncio.CancelledError:
             self._give_up(sender, "cancelled")
             raise
         finally:
             self.sending -= 1
+        if not acked and wait == ack_timeout:
+            self._give_up(sender, f"no acknowledgement within {ack_timeout} s")
+            self.metrics.failed(self.kv.name, f"timeout: no acknowledgement within {ack_timeout} s")
+            raise RpcError(grpc.StatusCode.UNAVAILABLE, f"KV transfer to the decode node failed: no acknowledgement "
+                                                        f"within {ack_timeout:g} s (--kv-ack-timeout)")
         if not acked:
             self._give_up(sender, "no acknowledgement before the deadline")
             self.metrics.failed(self.kv.name, "timeout: no acknowledgement before the deadline")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import grpc
 import pytest
 
+from pdserve.coordinator.admission import Admission
 from pdserve.coordinator.http.errors import ApiError
 from pdserve.coordinator.http.protocol import ChatRequest, CompletionRequest
 from pdserve.wire.rpc import RpcError
@@ -32,6 +33,13 @@ def test_an_engine_check_names_its_parameter_and_a_value_error_is_a_400():
     assert ApiError.of(MemoryError()).status == 429
     assert ApiError.of(RpcError(grpc.StatusCode.NOT_FOUND, "model 'x' is not served")).body()["error"]["code"] == \
         "model_not_found"
+
+
+def test_an_admission_refusal_carries_its_retry_hint_as_retry_after():
+    refusal = Admission(1, 0).refusal("full")  # gRPC: trailing metadata retry-after-ms
+    resp = ApiError.of(refusal).response()
+    assert resp.status_code == 429 and int(resp.headers["retry-after"]) >= 1
+    assert "retry-after" not in ApiError.of(RpcError(grpc.StatusCode.UNAVAILABLE, "x")).response().headers
 
 
 def test_a_completion_body_becomes_one_request_per_prompt_and_choice():

@@ -122,7 +122,8 @@ async def _serve(coordinator, request: Request, body, chat: bool) -> Response:
         raise ApiError(400, str(e), code="invalid_value") from None
     info = coordinator.model.info
     reply = Reply(chat, body.model or (info.name if info else ""), body.n, body.return_token_ids)
-    choices = Choices(coordinator, reqs, chat, request.receive)
+    peer = f"http:{request.client.host}:{request.client.port}" if request.client else "http"
+    choices = Choices(coordinator, reqs, chat, request.receive, peer)
     if not body.stream:
         return await _whole(choices, reply, len(reqs))
     return await _stream(choices, reply, len(reqs), body.include_usage)

@@ -22,10 +22,10 @@ _running: set[asyncio.Task] = set()  # strong references until each task is done
 
 
 class Call:
-    """One choice; also the `context` Coordinator.generate takes (time_remaining, abort)."""
+    """One choice; also the `context` Coordinator.generate takes (time_remaining, abort, peer)."""
 
-    def __init__(self, coordinator, index: int, req: api_pb2.GenerateRequest, open_ended: bool):
-        self.index = index
+    def __init__(self, coordinator, index: int, req: api_pb2.GenerateRequest, open_ended: bool, peer: str):
+        self.index, self._peer = index, peer
         self.queue: asyncio.Queue = asyncio.Queue(maxsize=1)
         self.ended: RpcError | None = None  # the lifecycle ended the request (abort)
         self.dropped = False                # the HTTP side cancelled it (Choices.cancel)
@@ -35,6 +35,9 @@ class Call:
 
     def time_remaining(self) -> float | None:
         return None  # HTTP clients set no deadline; a client that leaves cancels
+
+    def peer(self) -> str:
+        return self._peer  # the client's connection: admission's fairness unit, as a gRPC peer is
 
     async def abort(self, code: grpc.StatusCode, message: str) -> None:
         self.ended = RpcError(code, message)
@@ -60,8 +63,8 @@ class Call:
 class Choices:
     """The choices of one HTTP request; `receive` is the ASGI channel, watched for a disconnect."""
 
-    def __init__(self, coordinator, reqs: list[api_pb2.GenerateRequest], open_ended: bool, receive):
-        self.calls = [Call(coordinator, i, r, open_ended) for i, r in enumerate(reqs)]
+    def __init__(self, coordinator, reqs: list[api_pb2.GenerateRequest], open_ended: bool, receive, peer: str):
+        self.calls = [Call(coordinator, i, r, open_ended, peer) for i, r in enumerate(reqs)]
         self.gone = asyncio.ensure_future(_disconnect(receive))
         self.disconnected = False
 

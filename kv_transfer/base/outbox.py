@@ -17,6 +17,7 @@ from google.protobuf.message import DecodeError
 from pdserve.v1 import kv_pb2
 
 from .conn import KVSender, Outgoing
+from .faults import KVFaults
 
 log = logging.getLogger(__name__)
 
@@ -24,8 +25,9 @@ WAKE_ADDR = "inproc://pdserve-kv-wake"
 
 
 class KVOutbox:
-    def __init__(self, ctx: zmq.Context, poll_ms: int):
-        self._ctx, self.poll_ms = ctx, poll_ms
+    def __init__(self, ctx: zmq.Context, poll_ms: int, faults: KVFaults | None = None):
+        """faults: test-only fault hooks (None: none)."""
+        self._ctx, self.poll_ms, self.faults = ctx, poll_ms, faults
         self._lock = threading.Lock()
         self._senders: dict[tuple[str, str], KVSender] = {}  # (endpoint, transfer_id) -> sender
         self._queue: queue.SimpleQueue[tuple[KVSender, Outgoing]] = queue.SimpleQueue()
@@ -117,9 +119,36 @@ class KVOutbox:
             if tx.status.ended:
                 continue
             try:
-                self._dealer(tx.endpoint).send_multipart(tx.build_message(out), zmq.NOBLOCK, copy=False)
+                message = tx.build_message(out)
+                if self.faults is not None and not self._inject(tx, out, message):
+                    continue
+                self._dealer(tx.endpoint).send_multipart(message, zmq.NOBLOCK, copy=False)
             except Exception as e:  # a socket error fails this transfer only
                 tx.fail(f"send to {tx.endpoint} failed: {type(e).__name__}: {e}")
+            if self.faults is not None and tx.transfer_id in self.faults.cut_ids:
+                self._drop(tx.endpoint)  # the link dies under the message just sent
+
+    def _inject(self, tx: KVSender, out: Outgoing, message: list) -> bool:
+        """Test-only faults (faults.py); False: the message is lost."""
+        faults = self.faults
+        if tx.transfer_id in faults.cut_ids:
+            return False
+        if out.num_layers and len(message) > 1 and faults.take_corrupt():
+            log.warning("fault hook: corrupting a frame of transfer %s", tx.transfer_id)
+            message[1] = faults.corrupt(message[1])
+        if not out.last and faults.take_cut():
+            log.warning("fault hook: cutting the connection under transfer %s", tx.transfer_id)
+            faults.cut_ids.add(tx.transfer_id)
+        return True
+
+    def _drop(self, endpoint: str) -> None:
+        """Close an endpoint's socket with what it still queued (the next send reconnects)."""
+        sock = self._dealers.pop(endpoint, None)
+        if sock is not None:
+            self._poller.unregister(sock)
+            sock.close(linger=0)
+            with self._lock:
+                self._open.discard(endpoint)
 
     def _dealer(self, endpoint: str) -> zmq.Socket:
         sock = self._dealers.get(endpoint)

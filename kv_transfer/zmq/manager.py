@@ -19,6 +19,7 @@ import zmq
 
 from pdserve.engine.kv_connector import KVSave
 from pdserve.kv_transfer.base.conn import KVManager, Role, WriteFn
+from pdserve.kv_transfer.base.faults import KVFaults
 from pdserve.kv_transfer.base.inbox import KVInbox
 from pdserve.kv_transfer.base.layout import KVLayout
 from pdserve.kv_transfer.base.outbox import KVOutbox
@@ -35,11 +36,14 @@ class ZmqKVManager(KVManager):
 
     def __init__(self, role: Role, layout: KVLayout, bind_host: str = "127.0.0.1", port: int = 0,
                  ipc_path: str | None = None, tp: int = 1, poll_interval_s: float = 0.05,
-                 layers_per_message: int = 1):
+                 layers_per_message: int = 1, ack_timeout_s: float | None = None, fault_hooks: bool = False):
         """tp: this node's TP size (the number of shards a sender takes per layer, or of
-        decode ranks a receiver re-slices for). ipc_path, if given, replaces tcp."""
+        decode ranks a receiver re-slices for). ipc_path, if given, replaces tcp.
+        ack_timeout_s: how long the prefill node waits for a transfer's ack once all of it
+        was queued (None: the request's deadline). fault_hooks: test-only faults (faults.py)."""
         self.role, self.layout, self.tp, self.ipc_path = Role(role), layout, tp, ipc_path
-        self.layers_per_message = layers_per_message
+        self.layers_per_message, self.ack_timeout_s = layers_per_message, ack_timeout_s
+        self._faults = KVFaults() if fault_hooks and Role(role) == Role.PREFILL else None
         for rank in range(tp):
             layout.heads(rank, tp)  # raises if tp and the KV heads do not fit
         self.bind_addr = f"ipc://{ipc_path}" if ipc_path else f"tcp://{bind_host}:{port}"
@@ -68,7 +72,9 @@ class ZmqKVManager(KVManager):
                 self._inbox = KVInbox(self.layout, router, self.poll_ms)
                 self._inbox.start()
             else:
-                self._outbox = KVOutbox(self._ctx, self.poll_ms)
+                self._outbox = KVOutbox(self._ctx, self.poll_ms, self._faults)
+                if self._faults is not None:
+                    self._faults.install()
                 self._outbox.start()
         except BaseException:
             self._ctx.term()

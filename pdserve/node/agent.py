@@ -14,6 +14,7 @@ from pdserve.v1 import node_pb2, node_pb2_grpc
 
 log = logging.getLogger("pdserve.node")
 
+RECONNECT_BACKOFF_S = 1.0  # the longest wait between attempts to reach the coordinator again
 # a registration refused with one of these may pass later: the coordinator is starting or
 # busy (loading a tokenizer), or still holds a live entry at this address until it goes stale
 RETRY_REGISTER = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.ALREADY_EXISTS, grpc.StatusCode.DEADLINE_EXCEEDED}
@@ -35,7 +36,8 @@ class NodeAgent:
         self.task: asyncio.Task | None = None
 
     async def start(self) -> None:
-        self.channel = channel(self.coordinator)
+        # a coordinator restarted after a long outage is found again within a second
+        self.channel = channel(self.coordinator, max_backoff_s=RECONNECT_BACKOFF_S)
         self.stub = node_pb2_grpc.CoordinatorStub(self.channel)
         await self._register(wait_s=30.0)
         self.task = asyncio.create_task(self._beat())

@@ -15,9 +15,10 @@ MAX_MESSAGE_BYTES = 64 << 20
 class RpcError(Exception):
     """An error with the status the caller should see."""
 
-    def __init__(self, code: grpc.StatusCode, message: str):
+    def __init__(self, code: grpc.StatusCode, message: str, trailers: tuple[tuple[str, str], ...] = ()):
+        """trailers: trailing metadata the caller gets with the status (e.g. a retry hint)."""
         super().__init__(message)
-        self.code, self.message = code, message
+        self.code, self.message, self.trailers = code, message, trailers
 
 
 def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
@@ -56,7 +57,7 @@ def _unary(fn):
         try:
             return await fn(request, context)
         except EXPECTED as e:
-            await context.abort(*status_for(e))
+            await _abort(context, e)
     return call
 
 
@@ -70,8 +71,15 @@ def _stream(fn):
                 async for response in responses:
                     yield response
         except EXPECTED as e:
-            await context.abort(*status_for(e))
+            await _abort(context, e)
     return stream
+
+
+async def _abort(context, exc: BaseException) -> None:
+    trailers = getattr(exc, "trailers", ())
+    if trailers:
+        context.set_trailing_metadata(trailers)
+    await context.abort(*status_for(exc))
 
 
 class ServerHandle:
@@ -121,6 +129,13 @@ class ServerHandle:
                 await r
 
 
-def channel(address: str) -> grpc.aio.Channel:
-    return grpc.aio.insecure_channel(address, options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-                                                       ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)])
+def channel(address: str, max_backoff_s: float | None = None) -> grpc.aio.Channel:
+    """max_backoff_s: cap gRPC's reconnect backoff (default up to 120 s), so that a peer that
+    comes back after a long outage is reached again within that time."""
+    options = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+               ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)]
+    if max_backoff_s is not None:
+        ms = max(100, int(max_backoff_s * 1000))
+        options += [("grpc.initial_reconnect_backoff_ms", min(ms, 1000)), ("grpc.min_reconnect_backoff_ms", min(ms, 1000)),
+                    ("grpc.max_reconnect_backoff_ms", ms)]
+    return grpc.aio.insecure_channel(address, options=options)
