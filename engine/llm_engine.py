@@ -12,6 +12,8 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
+from pdserve.common.block_hash import root_hash
+from pdserve.common.model_files import checkpoint_hash
 from pdserve.engine.block_manager import BlockManager
 from pdserve.common.config import EngineConfig
 from pdserve.engine.detokenizer import IncrementalDetokenizer
@@ -126,7 +128,9 @@ class LLMEngine:
         self.eos_token_ids = _eos_ids(runner.hf_config, self.model_path)
         self.imports = KVImports(runner.kv, runner.device, self.cfg.tp, runner.check_kv_shards,
                                  self.executor.import_kv)
-        self.blocks = BlockManager(runner.num_blocks, self.cfg.block_size)
+        self.hash_root = root_hash(cache_identity(self.cfg, runner.dtype))
+        self.blocks = BlockManager(runner.num_blocks, self.cfg.block_size,
+                                   self.hash_root if self.cfg.prefix_caching else None)
         self.scheduler = Scheduler(self.blocks, self.cfg.max_num_seqs,
                                    max(self.cfg.max_num_batched_tokens, self.cfg.max_num_seqs),
                                    self.cfg.chunked_prefill)
@@ -176,6 +180,7 @@ class LLMEngine:
         seq = self._new_sequence(prompt_token_ids, params, request_id, False)
         seq.block_table = list(block_ids)
         seq.num_computed_tokens = len(prompt_token_ids)
+        self.blocks.cache_full(seq)
         self.scheduler.add_running(seq)
         delta, reason = self._postprocess(seq, first_token)
         if seq.detokenizer is not None:  # the prefill node sent the first token's text whole, held part too
@@ -338,6 +343,12 @@ def timings(seq: Sequence) -> dict:
     n = len(seq.output_token_ids)
     out["tpot_s"] = (end - first) / (n - 1) if end is not None and first is not None and n > 1 else None
     return out
+
+
+def cache_identity(cfg: EngineConfig, dtype) -> str:
+    """What the prefix cache's hash chain starts from: KV is reused only between engines
+    of the same weights, dtype, block size and load format."""
+    return f"{checkpoint_hash(cfg.model)}|{str(dtype).removeprefix('torch.')}|{cfg.block_size}|{cfg.load_format}"
 
 
 def _eos_ids(hf_config, model_path) -> set[int]:

@@ -28,6 +28,8 @@ class EngineConfig:
     max_num_batched_tokens: int = opt(2048, "tokens in one step at most")
     max_model_len: int | None = opt(None, "longest prompt + output (default: the model's)")
     chunked_prefill: bool = opt(True, "prefill long prompts whole instead of in chunks", off="--no-chunked-prefill")
+    prefix_caching: bool = opt(True, "compute and ship every prompt whole instead of reusing the KV of prefixes "
+                                     "already cached", off="--no-prefix-caching")
     max_tokens_limit: int = MAX_TOKENS_LIMIT
     enforce_eager: bool = opt(False, "GPU: no CUDA graphs")
     prefill_graphs: bool = opt(True, "GPU: steps with prompt tokens run eagerly (decode-only steps still "
