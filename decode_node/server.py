@@ -35,7 +35,8 @@ log = logging.getLogger("pdserve.decode")
 
 @dataclass
 class Reservation:
-    """Blocks promised to one request until its KV arrives (or the lease ends)."""
+    """Blocks promised to one request until its KV arrives (or the lease ends): the
+    leading ones linked from the prefix cache, then those the transfer fills."""
     request_id: str
     prompt: list[int]
     params: SamplingParams
@@ -104,7 +105,7 @@ class DecodeNode(NodeBase, node_pb2_grpc.DecodeNodeServicer):
         epoch = self._epoch(req.epoch)
         self._arrive(rid)
         try:
-            blocks = await self._take_blocks(prompt, params)
+            blocks, cached = await self._take_blocks(prompt, params)
             try:
                 self._still_wanted(rid, epoch)
                 left = context.time_remaining()
@@ -117,37 +118,41 @@ class DecodeNode(NodeBase, node_pb2_grpc.DecodeNodeServicer):
             self.arriving.discard(rid)
         transfer_id = uuid.uuid4().hex
         expiry = self._lease_expiry(req.lease_s)
-        rx = self.kv.expect(transfer_id, epoch, blocks, expiry, self._writer(blocks))
+        fresh = blocks[cached:]  # what the transfer fills; the cached ones are only read
+        rx = self.kv.expect(transfer_id, epoch, fresh, expiry, self._writer(fresh))
         res = Reservation(rid, prompt, params, blocks, rx, epoch)
         self.reservations[rid] = res
         if req.subscriber:
             self.owners[rid] = req.subscriber
         self._spawn(self._await_kv(res))
         return node_pb2.Ticket(transfer_id=transfer_id, decode_node_id=self.agent.node_id, epoch=epoch,
-                               block_ids=blocks, kv_endpoint=self.kv.endpoint, lease_expiry=expiry,
-                               decode_tp=self.cfg.engine.tp)
+                               block_ids=fresh, kv_endpoint=self.kv.endpoint, lease_expiry=expiry,
+                               decode_tp=self.cfg.engine.tp, cached_blocks=cached)
 
-    async def _take_blocks(self, prompt: list[int], params: SamplingParams) -> list[int]:
-        """The prompt's blocks, if the rest still lets every running sequence and
+    async def _take_blocks(self, prompt: list[int], params: SamplingParams) -> tuple[list[int], int]:
+        """The prompt's blocks and how many leading ones were linked from the prefix cache
+        (their KV is not sent), if the rest still lets every running sequence and
         reservation grow by a block (MemoryError otherwise). Blocks taken by a call
         cancelled meanwhile are released."""
         held = len(self.reservations) + len(self.admitting) + len(self.arriving) - 1  # others, in flight too
 
         def reserve(engine):
             engine.validate(prompt, params)
-            need = engine.blocks.blocks_for(len(prompt))
-            own = min(1, engine.blocks.blocks_for(len(prompt) + params.max_tokens) - need)
+            cached = engine.cached_prefix(prompt)
+            need = engine.blocks_needed(len(prompt), cached)
+            total = engine.blocks.blocks_for(len(prompt))
+            own = min(1, engine.blocks.blocks_for(len(prompt) + params.max_tokens) - total)
             keep = held + len(engine.scheduler.running) + len(engine.scheduler.waiting) + own
             free = engine.blocks.num_free
             if free - need < keep:
                 raise MemoryError(f"decode node full: {free} KV blocks free, the prompt needs {need} and "
                                   f"{keep} must stay free for running sequences and reservations to grow")
-            return engine.reserve(len(prompt))
+            return engine.reserve(len(prompt), cached), len(cached)
         fut = asyncio.wrap_future(self.loop.call(reserve))
         try:
             return await asyncio.shield(fut)
         except asyncio.CancelledError:
-            fut.add_done_callback(lambda f: f.cancelled() or f.exception() or self._release(f.result()))
+            fut.add_done_callback(lambda f: f.cancelled() or f.exception() or self._release(f.result()[0]))
             raise
 
     def _lease_expiry(self, lease_s: float) -> float:

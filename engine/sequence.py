@@ -46,6 +46,7 @@ class Sequence:
         # until release() (a prefill node exports them to a decode node first)
         self.prefill_only = prefill_only
         self.kv_save: KVSave | None = None  # KV connector: saved by the step that completes the prompt
+        self.kv_skip_blocks = 0           # leading prompt blocks the receiver holds already: not sent
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -1,0 +1,61 @@
+"""Prefix caching through a real cluster: the decode node links the prompt blocks it
+holds already, the prefill node sends only the rest (the transfer's own counters say
+so), and the tokens stay those of transformers."""
+from __future__ import annotations
+
+import random
+import time
+
+import pytest
+
+from tests.cluster_util import Client, start_cluster
+from tests.conftest import assert_matches_reference
+
+
+def node(client: Client, role: str) -> dict:
+    [n] = [n for n in client.status()["nodes"] if n["role"] == role]
+    return n
+
+
+def counters_when(client: Client, role: str, ready, timeout: float = 15.0) -> dict:
+    """A node's counters once ready(counters) holds (they come with its heartbeats)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        c = node(client, role)["counters"]
+        if ready(c):
+            return c
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{role} counters never got there: {c}")
+        time.sleep(0.1)
+
+
+@pytest.mark.parametrize("caching", [True, False])
+def test_a_second_request_with_the_same_prefix_sends_only_the_blocks_decode_lacks(tiny_models, reference, caching):
+    model = tiny_models["qwen3"]
+    rng = random.Random(3)
+    prefix = [rng.randrange(384) for _ in range(40)]          # 2 full blocks of 16 and 8 tokens
+    jobs = [(prefix + [rng.randrange(384) for _ in range(n)], 6) for n in (5, 7)]  # 3 blocks each
+    cluster = start_cluster(model=model, kv_blocks=64, kv_transport="zmq",
+                            node_flags=() if caching else ("--no-prefix-caching",))
+    client = Client(cluster.cfg.listen)
+    try:
+        first = client.generate_all(jobs[:1])[0]
+        c1 = counters_when(client, "prefill", lambda c: c["kv_transfers_sent"] == 1)
+        second = client.generate_all(jobs[1:])[0]
+        c2 = counters_when(client, "prefill", lambda c: c["kv_transfers_sent"] == 2)
+        decode = counters_when(client, "decode", lambda c: c["prefix_query_tokens"] >= 92)
+        client.wait_blocks_at_baseline()
+    finally:
+        client.close()
+        cluster.stop()
+    assert c1["kv_blocks_sent"] == 3 and c1["kv_bytes_sent"] > 0
+    blocks, nbytes = c2["kv_blocks_sent"] - c1["kv_blocks_sent"], c2["kv_bytes_sent"] - c1["kv_bytes_sent"]
+    if caching:
+        assert blocks == 1 and nbytes * 3 == c1["kv_bytes_sent"], "only the block decode lacks is sent"
+        assert decode["prefix_hit_tokens"] == 32
+    else:
+        assert blocks == 3 and nbytes == c1["kv_bytes_sent"]
+        assert decode["prefix_hit_tokens"] == 0
+    ref = reference(model)
+    for (prompt, n), out in zip(jobs, (first, second)):
+        assert_matches_reference(out["token_ids"], ref.generate(prompt, n), f"caching={caching}")
