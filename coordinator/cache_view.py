@@ -22,6 +22,8 @@ class CacheView:
             self.want_full = False
         elif delta.seq != self.seq + 1 or self.want_full:
             self.want_full = True  # keep the stale view until the full list comes
+            self.seq = delta.seq
+            return
         elif delta.added or delta.removed:
             self.blocks.difference_update(delta.removed)
             self.blocks.update(delta.added)

@@ -21,6 +21,7 @@ import grpc
 
 from pdserve.coordinator.registry import NodeEntry, Registry
 from pdserve.coordinator.request import RequestRecord
+from pdserve.coordinator.routing import Router
 from pdserve.coordinator.tokens import deliver
 from pdserve.wire.rpc import RpcError
 from pdserve.v1 import api_pb2, node_pb2
@@ -50,6 +51,7 @@ class Retry(Exception):
 class Lifecycle:
     def __init__(self, cfg, registry: Registry, spawn):
         self.cfg, self.registry, self.spawn = cfg, registry, spawn
+        self.router = Router(cfg.routing)
         self.requests: dict[str, RequestRecord] = {}
         self._capacity = asyncio.Event()
         self.subscriber = ""   # a worker's id: nodes stream its requests' tokens to its own Subscribe only
@@ -149,7 +151,8 @@ class Lifecycle:
         """Blocks on the least loaded decode node; while all are full, wait for capacity."""
         while True:
             full = False
-            for node in self.registry.candidates(api_pb2.ROLE_DECODE, exclude=avoid):
+            nodes = self.registry.candidates(api_pb2.ROLE_DECODE, exclude=avoid)
+            for node in self.router.order(nodes, record, api_pb2.ROLE_DECODE):
                 record.reserving.add(node)  # a cancel from here on aborts there too
                 try:
                     ticket = await node.stub.Reserve(node_pb2.ReserveRequest(
@@ -186,9 +189,11 @@ class Lifecycle:
                      or self.registry.candidates(api_pb2.ROLE_PREFILL))
             if not nodes:
                 raise RpcError(grpc.StatusCode.UNAVAILABLE, "no prefill node is available")
-            node = nodes[0]
+            node = self.router.order(nodes, record, api_pb2.ROLE_PREFILL)[0]
         record.prefilling(node)
+        work = len(record.run_prompt) - self.router.matched_tokens(node, record)
         node.inflight += 1
+        node.inflight_tokens += work
         try:
             call = node.prefill_stub.Prefill(node_pb2.PrefillRequest(
                 request_id=record.key, prompt_token_ids=record.run_prompt, sampling=record.run_sampling,
@@ -209,6 +214,7 @@ class Lifecycle:
             raise Retry(f"prefill on {node.id}: {code.name}: {details}", avoid_decode=transfer) from None
         finally:
             node.inflight -= 1
+            node.inflight_tokens -= work
             record.prefill = None
 
     async def _unless_alarmed(self, record: RequestRecord, call):

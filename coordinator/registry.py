@@ -41,6 +41,7 @@ class NodeEntry:
     last_seen: float = field(default_factory=time.monotonic)
     down: bool = False               # fenced off: an RPC failed, its stream broke or it missed its beats
     inflight: int = 0                # requests routed here by this coordinator and not finished
+    inflight_tokens: int = 0         # prefill: prompt tokens sent here to compute and not yet answered
     streaming: bool = False          # decode: its token stream to this coordinator is open
     channel: grpc.aio.Channel | None = None
     stub: object = None              # DecodeNodeStub (decode, both) or PrefillNodeStub (prefill)
@@ -52,7 +53,7 @@ class NodeEntry:
         return api_pb2.NodeStatus(id=self.id, role=self.role, address=self.address, healthy=healthy, tp=self.tp,
                                   kv_blocks_free=self.kv_blocks_free, kv_blocks_total=self.kv_blocks_total,
                                   running=self.running, queued=self.queued, kv_transport=self.kv_transport,
-                                  counters=self.counters)
+                                  counters=self.counters, cached_blocks=len(self.cache.blocks))
 
 
 class Registry:

@@ -59,3 +59,61 @@ def test_a_second_request_with_the_same_prefix_sends_only_the_blocks_decode_lack
     ref = reference(model)
     for (prompt, n), out in zip(jobs, (first, second)):
         assert_matches_reference(out["token_ids"], ref.generate(prompt, n), f"caching={caching}")
+
+
+def prefill_nodes(client: Client) -> dict[str, dict]:
+    return {n["id"]: n for n in client.status()["nodes"] if n["role"] == "prefill"}
+
+
+def wait_for(what: str, fn, timeout: float = 15.0):
+    deadline = time.monotonic() + timeout
+    while True:
+        got = fn()
+        if got:
+            return got
+        if time.monotonic() > deadline:
+            raise AssertionError(f"never: {what}")
+        time.sleep(0.1)
+
+
+@pytest.mark.parametrize("routing", ["cache-aware", "round-robin"])
+def test_requests_sharing_a_prefix_go_to_the_prefill_node_holding_it(tiny_models, reference, routing):
+    model = tiny_models["qwen3"]
+    rng = random.Random(8)
+    prefix = [rng.randrange(384) for _ in range(40)]
+    shared = [(prefix + [rng.randrange(384) for _ in range(5)], 6) for _ in range(5)]
+    # 4 blocks, the first the prefix's (so they go to its holder): a 6-block pool evicts the prefix's second
+    floods = [(prefix[:16] + [rng.randrange(384) for _ in range(48)], 6) for _ in range(3)]
+    again = [(prefix + [rng.randrange(384) for _ in range(5)], 6)]
+    cluster = start_cluster(model=model, prefill=2, kv_blocks=6, kv_transport="zmq",
+                            coordinator_flags=("--routing", routing))
+    client = Client(cluster.cfg.listen)
+    outs = []
+    try:
+        wait_for("two prefill nodes", lambda: len(prefill_nodes(client)) == 2)
+        outs += client.generate_all(shared[:1])
+        holder = wait_for("the coordinator knows the prefix's blocks",
+                          lambda: [i for i, n in prefill_nodes(client).items() if n["cached_blocks"] >= 2])[0]
+        for job in shared[1:]:
+            outs += client.generate_all([job])
+        sent = wait_for("5 transfers counted", lambda: (lambda ns: ns if sum(
+            n["counters"]["kv_transfers_sent"] for n in ns.values()) == 5 else None)(prefill_nodes(client)))
+        if routing == "cache-aware":
+            assert sent[holder]["counters"]["kv_transfers_sent"] == 5, "every shared-prefix request goes to its holder"
+            assert sent[holder]["counters"]["prefix_hit_tokens"] == 4 * 32
+            # the holder evicts the prefix; whatever the coordinator still believes, the answer is right
+            for job in floods:
+                outs += client.generate_all([job])
+            outs += client.generate_all(again)
+            wait_for("the holder took all 9 and evicted blocks", lambda: (lambda c: c["prefix_evicted_blocks"] > 0 and
+                     c["kv_transfers_sent"] == 9)(prefill_nodes(client)[holder]["counters"]))
+        else:
+            assert all(n["counters"]["kv_transfers_sent"] >= 2 for n in sent.values()), "turns: both nodes work"
+        client.wait_blocks_at_baseline()
+    finally:
+        client.close()
+        cluster.stop()
+    ref = reference(model)
+    jobs = shared + (floods + again if routing == "cache-aware" else [])
+    for i, ((prompt, n), out) in enumerate(zip(jobs, outs)):
+        assert_matches_reference(out["token_ids"], ref.generate(prompt, n), f"{routing} request {i}")

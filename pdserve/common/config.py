@@ -13,6 +13,7 @@ from pdserve.common.model_files import DEFAULT_MODEL
 MAX_TOKENS_LIMIT = 32768  # the largest max_tokens a request may ask for
 LEASE_S = 30.0  # a decode reservation's lease unless the coordinator asks for another
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+ROUTING = ("cache-aware", "least-loaded", "round-robin")
 
 
 @dataclass
@@ -107,6 +108,9 @@ class CoordinatorConfig:
     lease_s: float = opt(LEASE_S, "seconds a decode reservation lives unless renewed; the coordinator renews it "
                                   "while its request waits", flag="--lease")
     max_tokens_limit: int = MAX_TOKENS_LIMIT
+    routing: str = opt("cache-aware", "how a request's prefill (and decode) node is picked: cache-aware (the "
+                                      "longest cached prefix weighed against queued work), least-loaded or "
+                                      "round-robin", choices=ROUTING)
     max_migrations: int = opt(2, "times a request may move to another decode node when its decode node dies")
     max_retries: int = opt(3, "failed prefill attempts (a node lost, a transfer failed) before UNAVAILABLE")
     max_request_bytes: int = opt(4 << 20, "larger client messages get RESOURCE_EXHAUSTED before any work")
@@ -121,6 +125,8 @@ class CoordinatorConfig:
                                     "least 1)")
 
     def __post_init__(self) -> None:
+        if self.routing not in ROUTING:
+            raise ValueError(f"--routing must be one of {', '.join(ROUTING)}, got {self.routing!r}")
         if self.workers is not None and self.workers < 1:
             raise ValueError(f"--workers must be >= 1, got {self.workers}")
 

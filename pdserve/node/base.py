@@ -152,7 +152,8 @@ def model_info(engine) -> node_pb2.ModelInfo:
         max_model_len=engine.max_model_len,
         compat_hash=compat_hash(engine.model_path, spec.num_layers, spec.num_kv_heads, spec.head_dim,
                                 engine.cfg.block_size, dtype, PROTOCOL_VERSION),
-        checkpoint_hash=checkpoint_hash(engine.cfg.model))
+        checkpoint_hash=checkpoint_hash(engine.cfg.model),
+        cache_root=engine.hash_root.to_bytes(16, "little") if engine.cfg.prefix_caching else b"")
 
 
 __all__ = ["NodeBase", "RpcError", "model_info"]

@@ -138,7 +138,7 @@ class StatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class NodeStatus(_message.Message):
-    __slots__ = ("id", "role", "address", "healthy", "tp", "kv_blocks_free", "kv_blocks_total", "running", "queued", "kv_transport", "counters")
+    __slots__ = ("id", "role", "address", "healthy", "tp", "kv_blocks_free", "kv_blocks_total", "running", "queued", "kv_transport", "counters", "cached_blocks")
     ID_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
@@ -150,6 +150,7 @@ class NodeStatus(_message.Message):
     QUEUED_FIELD_NUMBER: _ClassVar[int]
     KV_TRANSPORT_FIELD_NUMBER: _ClassVar[int]
     COUNTERS_FIELD_NUMBER: _ClassVar[int]
+    CACHED_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     id: str
     role: Role
     address: str
@@ -161,7 +162,8 @@ class NodeStatus(_message.Message):
     queued: int
     kv_transport: str
     counters: NodeCounters
-    def __init__(self, id: _Optional[str] = ..., role: _Optional[_Union[Role, str]] = ..., address: _Optional[str] = ..., healthy: _Optional[bool] = ..., tp: _Optional[int] = ..., kv_blocks_free: _Optional[int] = ..., kv_blocks_total: _Optional[int] = ..., running: _Optional[int] = ..., queued: _Optional[int] = ..., kv_transport: _Optional[str] = ..., counters: _Optional[_Union[NodeCounters, _Mapping]] = ...) -> None: ...
+    cached_blocks: int
+    def __init__(self, id: _Optional[str] = ..., role: _Optional[_Union[Role, str]] = ..., address: _Optional[str] = ..., healthy: _Optional[bool] = ..., tp: _Optional[int] = ..., kv_blocks_free: _Optional[int] = ..., kv_blocks_total: _Optional[int] = ..., running: _Optional[int] = ..., queued: _Optional[int] = ..., kv_transport: _Optional[str] = ..., counters: _Optional[_Union[NodeCounters, _Mapping]] = ..., cached_blocks: _Optional[int] = ...) -> None: ...
 
 class NodeCounters(_message.Message):
     __slots__ = ("prefix_query_tokens", "prefix_hit_tokens", "prefix_evicted_blocks", "kv_transfers_sent", "kv_blocks_sent", "kv_bytes_sent", "local_prefills")

@@ -8,7 +8,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "num_layers", "num_kv_heads", "head_dim", "block_size", "dtype", "vocab_size", "max_model_len", "compat_hash", "checkpoint_hash")
+    __slots__ = ("name", "num_layers", "num_kv_heads", "head_dim", "block_size", "dtype", "vocab_size", "max_model_len", "compat_hash", "checkpoint_hash", "cache_root")
     NAME_FIELD_NUMBER: _ClassVar[int]
     NUM_LAYERS_FIELD_NUMBER: _ClassVar[int]
     NUM_KV_HEADS_FIELD_NUMBER: _ClassVar[int]
@@ -19,6 +19,7 @@ class ModelInfo(_message.Message):
     MAX_MODEL_LEN_FIELD_NUMBER: _ClassVar[int]
     COMPAT_HASH_FIELD_NUMBER: _ClassVar[int]
     CHECKPOINT_HASH_FIELD_NUMBER: _ClassVar[int]
+    CACHE_ROOT_FIELD_NUMBER: _ClassVar[int]
     name: str
     num_layers: int
     num_kv_heads: int
@@ -29,7 +30,8 @@ class ModelInfo(_message.Message):
     max_model_len: int
     compat_hash: str
     checkpoint_hash: str
-    def __init__(self, name: _Optional[str] = ..., num_layers: _Optional[int] = ..., num_kv_heads: _Optional[int] = ..., head_dim: _Optional[int] = ..., block_size: _Optional[int] = ..., dtype: _Optional[str] = ..., vocab_size: _Optional[int] = ..., max_model_len: _Optional[int] = ..., compat_hash: _Optional[str] = ..., checkpoint_hash: _Optional[str] = ...) -> None: ...
+    cache_root: bytes
+    def __init__(self, name: _Optional[str] = ..., num_layers: _Optional[int] = ..., num_kv_heads: _Optional[int] = ..., head_dim: _Optional[int] = ..., block_size: _Optional[int] = ..., dtype: _Optional[str] = ..., vocab_size: _Optional[int] = ..., max_model_len: _Optional[int] = ..., compat_hash: _Optional[str] = ..., checkpoint_hash: _Optional[str] = ..., cache_root: _Optional[bytes] = ...) -> None: ...
 
 class RegisterRequest(_message.Message):
     __slots__ = ("protocol_version", "role", "address", "kv_endpoint", "tp", "model", "kv_blocks_total", "kv_transport")
