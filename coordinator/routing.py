@@ -5,8 +5,10 @@
     round-robin   the candidates in turn
     cache-aware   (default) prefill: the least work before this prompt's first token, in
                   tokens: the prompt's part the node has not cached plus the prompt tokens
-                  queued or sent there; decode: the least loaded, the longest cached prefix
-                  among equally loaded ones (fewer KV bytes to receive)
+                  queued or sent there. Decode and colocated nodes (whose load is their
+                  running batch): the longest cached prefix, unless the loads are out of
+                  balance (SGLang's router rule: the busiest runs more than BALANCE_ABS
+                  requests and BALANCE_REL times the idlest's), then the least loaded
 
 A node's cached blocks are the coordinator's view from its heartbeats (cache_view.py),
 matched against the prompt's block hashes from the node's own hash root. The view may
@@ -17,6 +19,10 @@ import itertools
 
 from pdserve.common.block_hash import block_hashes, short
 from pdserve.v1 import api_pb2
+
+
+BALANCE_ABS = 4
+BALANCE_REL = 1.5
 
 
 class Router:
@@ -37,7 +43,11 @@ class Router:
         n = len(record.run_prompt)
         matched = {node.id: self.matched_tokens(node, record) for node in nodes}
         if role == api_pb2.ROLE_DECODE:
-            return sorted(nodes, key=lambda node: (node.inflight + node.running, -matched[node.id]))
+            load = {node.id: node.inflight + node.running for node in nodes}
+            low, high = min(load.values()), max(load.values())
+            if high - low > BALANCE_ABS and high > BALANCE_REL * low:
+                return nodes  # out of balance: least loaded first
+            return sorted(nodes, key=lambda node: (-matched[node.id], load[node.id]))
         best = sorted(nodes, key=lambda node: n - matched[node.id] + node.queued_tokens + node.inflight_tokens)
         self.routed += 1
         self.cache_hits += matched[best[0].id] > 0

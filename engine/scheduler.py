@@ -108,9 +108,11 @@ class Scheduler:
 
     def advance(self, batch: ScheduledBatch) -> None:
         """Record that the batch's tokens are now in the cache."""
+        bs = self.blocks.block_size if self.blocks.caching else 0
         for seq, n in zip(batch.seqs, batch.num_new_tokens):
             seq.num_computed_tokens += n
-            self.blocks.cache_full(seq)
+            if bs and seq.num_computed_tokens // bs > seq.num_registered_blocks:  # a block was completed
+                self.blocks.cache_full(seq)
 
     def finish(self, seq: Sequence, reason: str, keep_blocks: bool = False) -> None:
         """End a sequence (stopped, length, aborted) and release its blocks, unless

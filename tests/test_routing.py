@@ -71,13 +71,15 @@ def test_a_hash_from_another_root_never_matches():
     assert Router("cache-aware").matched_tokens(other, record(prefix + [7])) == 0
 
 
-def test_decode_prefers_the_cache_only_between_equally_loaded_nodes():
+def test_decode_prefers_the_cache_until_the_loads_are_out_of_balance():
     prefix = list(range(1, 25))
     held = block_hashes(prefix, BS, ROOT)
     warm, cold = entry("warm", held, role=api_pb2.ROLE_DECODE), entry("cold", role=api_pb2.ROLE_DECODE)
     router = Router("cache-aware")
     assert router.order([cold, warm], record(prefix + [7]), api_pb2.ROLE_DECODE)[0] is warm
-    warm.running = 3
+    warm.running = 4
+    assert router.order([cold, warm], record(prefix + [7]), api_pb2.ROLE_DECODE)[0] is warm
+    warm.running = 5                                               # 5 - 0 > 4 and 5 > 1.5 * 0
     assert router.order([cold, warm], record(prefix + [7]), api_pb2.ROLE_DECODE)[0] is cold
 
 
