@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pdserve import bench_prefix
 from pdserve.bench_clients import run_clients
 from pdserve.bench_stream import Request, Result, arrival_gaps, benchmark
 from pdserve.client import FINISH_NAMES, status
@@ -27,6 +28,8 @@ SYNTHETIC = {  # name -> (mean input tokens, mean output tokens), lognormal leng
 
 def sample_requests(a: argparse.Namespace, vocab: int, max_len: int) -> list[Request]:
     rng = random.Random(a.seed)
+    if a.dataset_name == "prefix-repetition":
+        return bench_prefix.prefix_repetition(a, vocab, max_len)
     if a.dataset_name == "sharegpt":
         data = json.loads(Path(a.dataset_path).read_text())
         out = []
@@ -124,7 +127,8 @@ def add_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--burstiness", type=float, default=1.0, help="gamma shape of inter-arrivals; 1 = Poisson")
     p.add_argument("--max-concurrency", type=int, default=None)
     p.add_argument("--dataset-name", default="random",
-                   choices=["random", "fixed", "sharegpt", *SYNTHETIC])
+                   choices=["random", "fixed", "sharegpt", *SYNTHETIC, *bench_prefix.DATASETS])
+    bench_prefix.add_flags(p)
     p.add_argument("--dataset-path", default=None, help="ShareGPT-format JSON (with --dataset-name sharegpt)")
     p.add_argument("--random-input-len", type=int, default=256)
     p.add_argument("--random-output-len", type=int, default=128)
@@ -172,11 +176,14 @@ def main(a: argparse.Namespace) -> int:
         if n > len(pool):  # same seed: the requests sampled so far stay the first ones
             pool = sample_requests(argparse.Namespace(**{**vars(a), "num_prompts": n}), vocab, max_len)
         reqs = pool[:n]
-        if args.num_clients > 1:
+        before = bench_prefix.node_counters(args.coordinator)
+        if args.dataset_name == "multi-turn":  # each turn waits for the answer it resends
+            reqs, results, duration = asyncio.run(bench_prefix.multi_turn(args, vocab, max_len))
+        elif args.num_clients > 1:
             results, duration = run_clients(args, reqs)
         else:
             results, duration = asyncio.run(benchmark(args, reqs))
-        return summarize(args, reqs, results, duration, slos)
+        return {**summarize(args, reqs, results, duration, slos), **bench_prefix.cache_report(args.coordinator, before)}
     if a.sweep or a.slo_scale:
         from pdserve.goodput import run_search
         run_search(a, run, slos)
@@ -193,6 +200,8 @@ def main(a: argparse.Namespace) -> int:
               f"({', '.join(f'{k} <= {v:g} ms' for k, v in slos.items())})")
     if s["ttft_split_mean_ms"]:
         print("  TTFT split (server, mean ms): " + ", ".join(f"{k} {v:.2f}" for k, v in s["ttft_split_mean_ms"].items()))
+    for role, c in s["prefix_cache"].items():
+        print(f"  prefix cache ({role}): hit rate {100 * c['hit_rate']:.1f}% of {c['query_tokens']} prompt tokens")
     if a.save_result:
         name = a.result_filename or f"pdserve-{a.request_rate}qps-{s['date']}.json"
         path = Path(a.result_dir) / name
