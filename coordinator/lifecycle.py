@@ -181,7 +181,7 @@ class Lifecycle:
                 pass
 
     async def prefill(self, record: RequestRecord, failed: set[str]) -> node_pb2.PrefillResponse:
-        colocated = record.decode.role == api_pb2.ROLE_BOTH
+        colocated = record.decode.role == api_pb2.ROLE_BOTH or record.ticket.local_prefill
         if colocated:
             node = record.decode
         else:
@@ -258,7 +258,7 @@ class Lifecycle:
         for r in self.requests.values():
             node = r.decode
             if (r.ticket is not None and r.state in ("RESERVED", "PREFILLING") and node.role != api_pb2.ROLE_BOTH
-                    and r.ticket.lease_expiry < horizon and not node.down):
+                    and not r.ticket.local_prefill and r.ticket.lease_expiry < horizon and not node.down):
                 due.setdefault(node.id, (node, []))[1].append(r)
         for node, records in due.values():
             self.spawn(self._renew(node, records))

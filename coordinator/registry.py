@@ -84,9 +84,8 @@ class Registry:
         node.channel = channel(node.address)
         if node.role != api_pb2.ROLE_PREFILL:
             node.stub = node_pb2_grpc.DecodeNodeStub(node.channel)
-        if node.role != api_pb2.ROLE_DECODE:
-            node.prefill_stub = node_pb2_grpc.PrefillNodeStub(node.channel)
-            node.stub = node.stub or node.prefill_stub
+        node.prefill_stub = node_pb2_grpc.PrefillNodeStub(node.channel)  # decode nodes: local prefills
+        node.stub = node.stub or node.prefill_stub
         self.nodes[node.id] = node
         return node
 

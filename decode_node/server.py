@@ -17,6 +17,7 @@ from functools import cached_property
 
 import grpc
 
+from pdserve.decode_node.local_prefill import LocalPrefills
 from pdserve.decode_node.outputs import StepOutputs, error_batch, first_batch
 from pdserve.decode_node.subscribers import Subscriber
 from pdserve.engine.llm_engine import StepBatch
@@ -46,7 +47,7 @@ class Reservation:
     dropped: bool = False   # aborted while being admitted: abort the sequence it became
 
 
-class DecodeNode(NodeBase, node_pb2_grpc.DecodeNodeServicer):
+class DecodeNode(NodeBase, node_pb2_grpc.DecodeNodeServicer, node_pb2_grpc.PrefillNodeServicer):
     role = api_pb2.ROLE_DECODE
     kv_role = Role.DECODE
     service_name = "pdserve.v1.DecodeNode"
@@ -63,9 +64,11 @@ class DecodeNode(NodeBase, node_pb2_grpc.DecodeNodeServicer):
         self.aborted = RecentIds()                 # aborted before they arrived: refused when they do
         self.seen = RecentIds()                    # arrived lately: a late Abort leaves no tombstone
         self.closing = False
+        self.local = LocalPrefills(self)              # prompts prefilled here (no transfer)
 
     def add_servicer(self, server: grpc.aio.Server) -> None:
         node_pb2_grpc.add_DecodeNodeServicer_to_server(self, server)
+        node_pb2_grpc.add_PrefillNodeServicer_to_server(self, server)  # local prefills
 
     @cached_property
     def outputs(self) -> StepOutputs:
@@ -106,6 +109,10 @@ class DecodeNode(NodeBase, node_pb2_grpc.DecodeNodeServicer):
         self._arrive(rid)
         try:
             blocks, cached = await self._take_blocks(prompt, params)
+            if blocks is None:  # short enough to prefill here: the coordinator sends Prefill to this node
+                self._still_wanted(rid, epoch)
+                return node_pb2.Ticket(decode_node_id=self.agent.node_id, epoch=epoch, local_prefill=True,
+                                       lease_expiry=self._lease_expiry(req.lease_s), decode_tp=self.cfg.engine.tp)
             try:
                 self._still_wanted(rid, epoch)
                 left = context.time_remaining()
@@ -129,16 +136,20 @@ class DecodeNode(NodeBase, node_pb2_grpc.DecodeNodeServicer):
                                block_ids=fresh, kv_endpoint=self.kv.endpoint, lease_expiry=expiry,
                                decode_tp=self.cfg.engine.tp, cached_blocks=cached)
 
-    async def _take_blocks(self, prompt: list[int], params: SamplingParams) -> tuple[list[int], int]:
+    async def _take_blocks(self, prompt: list[int], params: SamplingParams) -> tuple[list[int] | None, int]:
         """The prompt's blocks and how many leading ones were linked from the prefix cache
         (their KV is not sent), if the rest still lets every running sequence and
-        reservation grow by a block (MemoryError otherwise). Blocks taken by a call
-        cancelled meanwhile are released."""
+        reservation grow by a block (MemoryError otherwise); (None, cached) where at most
+        --local-prefill-tokens of the prompt are not cached: this node prefills it. Blocks
+        taken by a call cancelled meanwhile are released."""
         held = len(self.reservations) + len(self.admitting) + len(self.arriving) - 1  # others, in flight too
 
         def reserve(engine):
             engine.validate(prompt, params)
             cached = engine.cached_prefix(prompt)
+            if len(prompt) - len(cached) * engine.blocks.block_size <= self.cfg.local_prefill_tokens:
+                return None, len(cached)  # its admission counts its cache hit
+            engine.blocks.count_hit(len(prompt), len(cached) * engine.blocks.block_size)
             need = engine.blocks_needed(len(prompt), cached)
             total = engine.blocks.blocks_for(len(prompt))
             own = min(1, engine.blocks.blocks_for(len(prompt) + params.max_tokens) - total)
@@ -152,7 +163,8 @@ class DecodeNode(NodeBase, node_pb2_grpc.DecodeNodeServicer):
         try:
             return await asyncio.shield(fut)
         except asyncio.CancelledError:
-            fut.add_done_callback(lambda f: f.cancelled() or f.exception() or self._release(f.result()[0]))
+            fut.add_done_callback(lambda f: f.cancelled() or f.exception() or f.result()[0] is None
+                                  or self._release(f.result()[0]))
             raise
 
     def _lease_expiry(self, lease_s: float) -> float:
@@ -225,9 +237,14 @@ class DecodeNode(NodeBase, node_pb2_grpc.DecodeNodeServicer):
 
     # token streams
 
+    async def Prefill(self, req: node_pb2.PrefillRequest, context) -> node_pb2.PrefillResponse:
+        """A prompt this node prefills itself (Reserve said local_prefill; a colocated node: all)."""
+        if self.role == api_pb2.ROLE_DECODE:
+            self.report.local_prefills += 1
+        return await self.local.prefill(req)
+
     def on_step(self, batch: StepBatch) -> None:
-        running = self.running
-        self._emit(batch, [i for i, seq in enumerate(batch.seqs) if seq.request_id in running])
+        self._emit(batch, self.local.on_step(batch))
 
     def _emit(self, batch: StepBatch, rows: list[int]) -> None:
         """Publish these rows of a step, one TokenBatch per subscriber id that owns some of
@@ -301,6 +318,7 @@ class DecodeNode(NodeBase, node_pb2_grpc.DecodeNodeServicer):
 
     async def _abort_running(self, seqs: list, why: str) -> None:
         """Abort sequences already taken out of self.running."""
+        self.local.fail(seqs, why)
         for seq in seqs:
             self.outputs.forget(seq)
         await self.call(lambda engine: [engine.abort(seq) for seq in seqs])

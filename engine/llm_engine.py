@@ -205,12 +205,9 @@ class LLMEngine:
 
     def cached_prefix(self, prompt_token_ids: list[int]) -> list[int]:
         """The cached blocks holding the prompt's leading blocks, all but its last block (a
-        transfer moves at least one block); no reference taken. Counted in the hit rate."""
+        transfer moves at least one block); no reference taken."""
         seq = Sequence(prompt_token_ids, SamplingParams())
-        bs = self.blocks.block_size
-        hit = self.blocks.lookup(seq, (self.blocks.blocks_for(len(prompt_token_ids)) - 1) * bs)
-        self.blocks.count_hit(len(prompt_token_ids), len(hit) * bs)
-        return hit
+        return self.blocks.lookup(seq, (self.blocks.blocks_for(len(prompt_token_ids)) - 1) * self.blocks.block_size)
 
     def blocks_needed(self, num_tokens: int, cached: list[int]) -> int:
         """How many free blocks reserve(num_tokens, cached) takes (cached ones unused now included)."""

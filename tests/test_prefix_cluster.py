@@ -117,3 +117,26 @@ def test_requests_sharing_a_prefix_go_to_the_prefill_node_holding_it(tiny_models
     jobs = shared + (floods + again if routing == "cache-aware" else [])
     for i, ((prompt, n), out) in enumerate(zip(jobs, outs)):
         assert_matches_reference(out["token_ids"], ref.generate(prompt, n), f"{routing} request {i}")
+
+
+def test_the_decode_node_prefills_a_prompt_it_mostly_holds_itself(tiny_models, reference):
+    model = tiny_models["qwen3"]
+    rng = random.Random(4)
+    prefix = [rng.randrange(384) for _ in range(48)]          # 3 blocks
+    jobs = [(prefix + [rng.randrange(384) for _ in range(n)], 6) for n in (5, 7)]
+    cluster = start_cluster(model=model, kv_blocks=64, kv_transport="zmq", node_flags=("--local-prefill-tokens", "16"))
+    client = Client(cluster.cfg.listen)
+    try:
+        first = client.generate_all(jobs[:1])[0]              # 53 tokens not cached on decode: a prefill node's
+        second = client.generate_all(jobs[1:])[0]             # 7 tokens not cached: decode prefills them
+        decode = counters_when(client, "decode", lambda c: c["local_prefills"] == 1)
+        prefill = counters_when(client, "prefill", lambda c: c["kv_transfers_sent"] == 1)
+        client.wait_blocks_at_baseline()
+    finally:
+        client.close()
+        cluster.stop()
+    assert prefill["prefix_query_tokens"] == 53, "the second request never reached the prefill node"
+    assert decode["prefix_hit_tokens"] == 48
+    ref = reference(model)
+    for (prompt, n), out in zip(jobs, (first, second)):
+        assert_matches_reference(out["token_ids"], ref.generate(prompt, n), "local prefill")

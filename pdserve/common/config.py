@@ -87,10 +87,15 @@ class NodeConfig:
                                     "on CUDA, else zmq), zmq (any hosts), nccl (GPU to GPU; gloo on CPU), cuda-ipc "
                                     "(nodes of one host; host shared memory on CPU) or fake (in-process, tests)")
     kv: Any = None                           # the backend's config (kv_transfer/<name>/config.py); None: its defaults
+    local_prefill_tokens: int = opt(0, "decode: prefill a prompt here, with no prefill node and no transfer, when "
+                                       "at most this many of its tokens are missing from this node's prefix cache "
+                                       "(selective disaggregation; 0: never)")
     max_unread_batches: int = opt(4096, "decode: a token stream (Subscribe) this many step batches behind is ended")
     engine: EngineConfig = field(default_factory=EngineConfig)
 
     def __post_init__(self) -> None:
+        if self.local_prefill_tokens < 0:
+            raise ValueError("--local-prefill-tokens must be >= 0")
         if self.max_unread_batches < 1:
             raise ValueError("--max-unread-batches must be >= 1")
 
