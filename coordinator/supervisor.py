@@ -189,16 +189,18 @@ class Supervisor(node_pb2_grpc.CoordinatorServicer, supervisor_pb2_grpc.Supervis
                     pass
 
     def _table(self, sent: dict[str, int]) -> supervisor_pb2.NodeTable:
-        """The table for one worker's stream; a node's cached blocks go where the stream's
-        copy (sent: node id -> cache version) is older."""
+        """The table for one worker's stream; each node's cached blocks as the change since
+        the cache version this stream has (sent: node id -> version; updated)."""
         now = time.monotonic()
-        table = supervisor_pb2.NodeTable(nodes=[supervisor_pb2.NodeRecord(
-            id=n.id, role=n.role, address=n.address, kv_endpoint=n.kv_endpoint, tp=n.tp, model=n.model,
-            epoch=n.epoch, kv_blocks_total=n.kv_blocks_total, kv_blocks_free=n.kv_blocks_free, running=n.running,
-            queued=n.queued, queued_tokens=n.queued_tokens, silent_s=now - n.last_seen, down=n.down,
-            counters=n.counters, cache_version=n.cache.version,
-            cached=n.cache.blocks if sent.get(n.id) != n.cache.version else ())
-            for n in self.registry.nodes.values()])
+        table = supervisor_pb2.NodeTable()
+        for n in self.registry.nodes.values():
+            full, added, removed = n.cache.since(sent.get(n.id, 0))
+            table.nodes.append(supervisor_pb2.NodeRecord(
+                id=n.id, role=n.role, address=n.address, kv_endpoint=n.kv_endpoint, tp=n.tp, model=n.model,
+                epoch=n.epoch, kv_blocks_total=n.kv_blocks_total, kv_blocks_free=n.kv_blocks_free, running=n.running,
+                queued=n.queued, queued_tokens=n.queued_tokens, silent_s=now - n.last_seen, down=n.down,
+                counters=n.counters, cache_version=n.cache.version, cache_full=full, cache_added=added,
+                cache_removed=removed))
         sent.clear()
         sent.update((n.id, n.cache.version) for n in self.registry.nodes.values())
         if self.model.info is not None:

@@ -76,8 +76,9 @@ def wait_for(what: str, fn, timeout: float = 15.0):
         time.sleep(0.1)
 
 
-@pytest.mark.parametrize("routing", ["cache-aware", "round-robin"])
-def test_requests_sharing_a_prefix_go_to_the_prefill_node_holding_it(tiny_models, reference, routing):
+@pytest.mark.parametrize("routing, workers", [("cache-aware", 1), ("cache-aware", 2), ("round-robin", 1)])
+def test_requests_sharing_a_prefix_go_to_the_prefill_node_holding_it(tiny_models, reference, routing, workers):
+    """With --workers 2 the worker serving the client routes from the supervisor's table."""
     model = tiny_models["qwen3"]
     rng = random.Random(8)
     prefix = [rng.randrange(384) for _ in range(40)]
@@ -85,7 +86,7 @@ def test_requests_sharing_a_prefix_go_to_the_prefill_node_holding_it(tiny_models
     # 4 blocks, the first the prefix's (so they go to its holder): a 6-block pool evicts the prefix's second
     floods = [(prefix[:16] + [rng.randrange(384) for _ in range(48)], 6) for _ in range(3)]
     again = [(prefix + [rng.randrange(384) for _ in range(5)], 6)]
-    cluster = start_cluster(model=model, prefill=2, kv_blocks=6, kv_transport="zmq",
+    cluster = start_cluster(model=model, prefill=2, kv_blocks=6, kv_transport="zmq", workers=workers,
                             coordinator_flags=("--routing", routing))
     client = Client(cluster.cfg.listen)
     outs = []

@@ -42,6 +42,20 @@ def test_deltas_apply_in_order_and_a_gap_asks_for_a_full_list():
     assert view.matched([9, 10, 11]) == 2 and view.matched([11, 9]) == 0
 
 
+def test_a_worker_gets_what_changed_since_its_version_or_everything():
+    view = CacheView()
+    view.apply(node_pb2.CacheDelta(seq=1, full=True, added=[1, 2]))
+    view.apply(node_pb2.CacheDelta(seq=2, added=[3]))
+    view.apply(node_pb2.CacheDelta(seq=3, added=[4], removed=[3, 1]))
+    assert view.since(0) == (True, {2, 4}, set())                  # from nothing: a full list
+    assert view.since(1) == (False, {4}, {1, 3})
+    assert view.since(3) == (False, set(), set())
+    mirror = CacheView()
+    mirror.patch(1, True, [1, 2], ())
+    mirror.patch(3, *view.since(1))
+    assert mirror.blocks == view.blocks and mirror.version == view.version
+
+
 def test_cache_aware_sends_a_prompt_to_the_node_holding_its_longest_prefix():
     rng = random.Random(1)
     prefix = [rng.randrange(100) for _ in range(24)]
