@@ -167,12 +167,13 @@ def check(ref, prompts, outs, n, what):
         assert_matches_reference(o, ref.generate(p, n), f"{what} request {i}")
 
 
-def test_repeated_and_shared_prefix_prompts_match_transformers(tiny_models, reference):
+@pytest.mark.parametrize("tp", [1, 2])
+def test_repeated_and_shared_prefix_prompts_match_transformers(tiny_models, reference, tp):
     path = tiny_models["qwen2"]
     rng = random.Random(5)
     system = [rng.randrange(384) for _ in range(22)]          # ends mid-block (block size 4)
     prompts = [system + [rng.randrange(384) for _ in range(rng.randint(1, 9))] for _ in range(6)]
-    with LLMEngine(engine_cfg(path)) as engine:
+    with LLMEngine(engine_cfg(path, tp=tp)) as engine:
         first = engine.generate(prompts[:1], greedy(8))       # warms the cache
         concurrent = engine.generate(prompts, greedy(8))      # shared prefix, running together
         repeated = engine.generate(prompts[:2], greedy(8))    # whole prompts again

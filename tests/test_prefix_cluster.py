@@ -29,13 +29,17 @@ def counters_when(client: Client, role: str, ready, timeout: float = 15.0) -> di
         time.sleep(0.1)
 
 
-@pytest.mark.parametrize("caching", [True, False])
-def test_a_second_request_with_the_same_prefix_sends_only_the_blocks_decode_lacks(tiny_models, reference, caching):
+@pytest.mark.parametrize("caching, transport, decode_tp", [(True, "zmq", 1), (False, "zmq", 1), (True, "zmq", 2),
+                                                           (True, "cuda-ipc", 1), (True, "nccl", 1)])
+def test_a_second_request_with_the_same_prefix_sends_only_the_blocks_decode_lacks(tiny_models, reference, caching,
+                                                                                  transport, decode_tp):
+    """Every transport moves only the blocks the ticket lists (cuda-ipc over host shared
+    memory and nccl over gloo on CPU), into decode ranks that re-slice the heads too."""
     model = tiny_models["qwen3"]
     rng = random.Random(3)
     prefix = [rng.randrange(384) for _ in range(40)]          # 2 full blocks of 16 and 8 tokens
     jobs = [(prefix + [rng.randrange(384) for _ in range(n)], 6) for n in (5, 7)]  # 3 blocks each
-    cluster = start_cluster(model=model, kv_blocks=64, kv_transport="zmq",
+    cluster = start_cluster(model=model, kv_blocks=64, kv_transport=transport, decode_tp=decode_tp,
                             node_flags=() if caching else ("--no-prefix-caching",))
     client = Client(cluster.cfg.listen)
     try:
