@@ -11,7 +11,10 @@ tokens per turn and --output-len answer tokens, conversations starting at --requ
 / turns per second (`pdserve bench --dataset-name multi-turn`); random bf16 weights of
 the shape. Each (topology, caching) pair runs on a fresh cluster, one at a time.
 ratio = mean TTFT with caching off / on, the lower of the two topologies; target >= 3.
-Rows carry the nodes' hit rates and the KV bytes sent per request (1P1D)."""
+Rows carry the nodes' hit rates and the KV bytes sent per request (1P1D).
+--local-prefill-tokens N [N ...] adds 1P1D rows with selective disaggregation at each
+threshold (the decode node prefills prompts missing at most N tokens from its cache),
+to choose that flag's default."""
 from __future__ import annotations
 
 import argparse
@@ -27,16 +30,17 @@ from common import write_config_folder, write_result
 KINDS = {"colocated": dict(prefill=0, decode=0, colocated=1), "1P1D": dict(prefill=1, decode=1)}
 
 
-def bench_one(kind: str, caching: bool, a: argparse.Namespace, model: Path, work: Path) -> dict:
+def bench_one(kind: str, caching: bool, a: argparse.Namespace, model: Path, work: Path, flags: tuple = ()) -> dict:
     from pdserve.cluster import Cluster, ClusterConfig, free_port
     listen = f"127.0.0.1:{free_port()}"
-    tag = f"{kind}_{'on' if caching else 'off'}"
+    tag = f"{kind.replace(' ', '_')}_{'on' if caching else 'off'}"
     logs = work / f"logs_{tag}"
     logs.mkdir()
     cluster = Cluster(ClusterConfig(listen=listen, model=str(model), device=a.device, load_format="dummy",
                                     dtype="bfloat16" if a.device == "cuda" else "float32", kv_blocks=a.kv_blocks,
                                     max_num_seqs=a.max_num_seqs, log_dir=str(logs),
-                                    node_flags=() if caching else ("--no-prefix-caching",), **KINDS[kind]))
+                                    node_flags=flags + (() if caching else ("--no-prefix-caching",)),
+                                    **KINDS[kind.split()[0]]))
     cluster.start()
     try:
         name = f"bench_{tag}.json"
@@ -77,6 +81,8 @@ def main() -> None:
     ap.add_argument("--request-rate", type=float, default=4.0, help="requests/s (conversations start at rate / turns)")
     ap.add_argument("--kv-blocks", type=int, default=None, help="each node's pool (default: from free memory)")
     ap.add_argument("--max-num-seqs", type=int, default=64)
+    ap.add_argument("--local-prefill-tokens", type=int, nargs="*", default=[],
+                    help="also run 1P1D with the decode node's --local-prefill-tokens at each of these (rows only)")
     ap.add_argument("--commit", default=None)
     ap.add_argument("--result-name", default="prefix_cache")
     ap.add_argument("--result-dir", default=None, help="where the JSON goes (default benchmarks/results)")
@@ -93,6 +99,11 @@ def main() -> None:
                   f"hit rate {r['hit_rate']}, KV {r['kv_bytes_per_request']:,} B/request", flush=True)
         ratios[kind] = rows[f"{kind} caching off"]["mean_ttft_ms"] / rows[f"{kind} caching on"]["mean_ttft_ms"]
         print(f"{kind}: mean TTFT off / on = {ratios[kind]:.2f}", flush=True)
+    for n in a.local_prefill_tokens:  # selective disaggregation: 1P1D whose decode node prefills short misses
+        s = bench_one(f"1P1D local{n}", True, a, model, work, ("--local-prefill-tokens", str(n)))
+        rows[f"1P1D caching on, --local-prefill-tokens {n}"] = r = row(s)
+        print(f"1P1D --local-prefill-tokens {n}: TTFT mean {r['mean_ttft_ms']:.1f} ms, local prefills "
+              f"{s['prefix_cache'].get('decode', {}).get('local_prefills', 0)}", flush=True)
     ratio = min(ratios.values())
     print(f"ratio mean TTFT caching off / on (lower of {', '.join(ratios)}): {ratio:.3f}  target >= 3")
     config = dict(shape=a.shape, conversations=a.conversations, turns=a.turns, user_len=a.user_len,

@@ -102,10 +102,11 @@ def cache_report(coordinator: str, before: dict[str, dict], settle_s: float = 1.
     for nid, c in after.items():
         b = before.get(nid, {})
         role = out.setdefault(c["role"], dict(query_tokens=0, hit_tokens=0, kv_bytes_sent=0, kv_blocks_sent=0,
-                                               kv_transfers_sent=0, evicted_blocks=0))
+                                               kv_transfers_sent=0, evicted_blocks=0, local_prefills=0))
         for key, name in (("query_tokens", "prefix_query_tokens"), ("hit_tokens", "prefix_hit_tokens"),
                           ("kv_bytes_sent", "kv_bytes_sent"), ("kv_blocks_sent", "kv_blocks_sent"),
-                          ("kv_transfers_sent", "kv_transfers_sent"), ("evicted_blocks", "prefix_evicted_blocks")):
+                          ("kv_transfers_sent", "kv_transfers_sent"), ("evicted_blocks", "prefix_evicted_blocks"),
+                          ("local_prefills", "local_prefills")):
             role[key] += c[name] - b.get(name, 0)
     for role in out.values():
         role["hit_rate"] = role["hit_tokens"] / role["query_tokens"] if role["query_tokens"] else 0.0
