@@ -22,6 +22,7 @@ import grpc
 from pdserve.coordinator import metrics
 from pdserve.coordinator.registry import NodeEntry, Registry
 from pdserve.coordinator.request import RequestRecord
+from pdserve.coordinator.routing import Router
 from pdserve.coordinator.tokens import deliver
 from pdserve.wire.rpc import RpcError
 from pdserve.v1 import api_pb2, node_pb2
@@ -51,6 +52,7 @@ class Retry(Exception):
 class Lifecycle:
     def __init__(self, cfg, registry: Registry, spawn):
         self.cfg, self.registry, self.spawn = cfg, registry, spawn
+        self.router = Router(cfg.routing)
         self.requests: dict[str, RequestRecord] = {}
         self._capacity = asyncio.Event()
         self.subscriber = ""   # a worker's id: nodes stream its requests' tokens to its own Subscribe only
@@ -162,7 +164,8 @@ class Lifecycle:
             # decode nodes whose KV path failed this request come last, not never: a transient
             # fault (a cut link, a corrupted frame) on every node must not end the request early
             nodes = self.registry.candidates(api_pb2.ROLE_DECODE, exclude=avoid)
-            for node in nodes or self.registry.candidates(api_pb2.ROLE_DECODE):
+            nodes = nodes or self.registry.candidates(api_pb2.ROLE_DECODE)
+            for node in self.router.order(nodes, record, api_pb2.ROLE_DECODE):
                 record.reserving.add(node)  # a cancel from here on aborts there too
                 try:
                     ticket = await node.stub.Reserve(node_pb2.ReserveRequest(
@@ -191,7 +194,7 @@ class Lifecycle:
                 pass
 
     async def prefill(self, record: RequestRecord, failed: set[str]) -> node_pb2.PrefillResponse:
-        colocated = record.decode.role == api_pb2.ROLE_BOTH
+        colocated = record.decode.role == api_pb2.ROLE_BOTH or record.ticket.local_prefill
         if colocated:
             node = record.decode
         else:
@@ -199,9 +202,11 @@ class Lifecycle:
                      or self.registry.candidates(api_pb2.ROLE_PREFILL))
             if not nodes:
                 raise RpcError(grpc.StatusCode.UNAVAILABLE, "no prefill node is available")
-            node = nodes[0]
+            node = self.router.order(nodes, record, api_pb2.ROLE_PREFILL)[0]
         record.prefilling(node)
+        work = len(record.run_prompt) - self.router.matched_tokens(node, record)
         node.inflight += 1
+        node.inflight_tokens += work
         try:
             call = node.prefill_stub.Prefill(node_pb2.PrefillRequest(
                 request_id=record.key, prompt_token_ids=record.run_prompt, sampling=record.run_sampling,
@@ -222,6 +227,7 @@ class Lifecycle:
             raise Retry(f"prefill on {node.id}: {code.name}: {details}", avoid_decode=transfer) from None
         finally:
             node.inflight -= 1
+            node.inflight_tokens -= work
             record.prefill = None
 
     async def _unless_alarmed(self, record: RequestRecord, call):
@@ -265,7 +271,7 @@ class Lifecycle:
         for r in self.requests.values():
             node = r.decode
             if (r.ticket is not None and r.state in ("RESERVED", "PREFILLING") and node.role != api_pb2.ROLE_BOTH
-                    and r.ticket.lease_expiry < horizon and not node.down):
+                    and not r.ticket.local_prefill and r.ticket.lease_expiry < horizon and not node.down):
                 due.setdefault(node.id, (node, []))[1].append(r)
         for node, records in due.values():
             self.spawn(self._renew(node, records))

@@ -51,6 +51,9 @@ class Mirror:
                     self.subscribe(node)
             node.kv_blocks_free, node.running, node.queued = rec.kv_blocks_free, rec.running, rec.queued
             node.queued_tokens, node.last_seen = rec.queued_tokens, now - rec.silent_s
+            node.counters = rec.counters
+            if rec.cache_version != node.cache.version:
+                node.cache.patch(rec.cache_version, rec.cache_full, rec.cache_added, rec.cache_removed)
             if rec.down:
                 self.lifecycle.node_lost(node, "was fenced off", tell=False)
         for node_id in [i for i in self.registry.nodes if i not in listed]:

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import grpc
 
 from pdserve.wire.rpc import RpcError, channel
+from pdserve.coordinator.cache_view import CacheView
 from pdserve.v1 import api_pb2, node_pb2, node_pb2_grpc
 
 log = logging.getLogger("pdserve.coordinator")
@@ -40,15 +41,19 @@ class NodeEntry:
     last_seen: float = field(default_factory=time.monotonic)
     down: bool = False               # fenced off: an RPC failed, its stream broke or it missed its beats
     inflight: int = 0                # requests routed here by this coordinator and not finished
+    inflight_tokens: int = 0         # prefill: prompt tokens sent here to compute and not yet answered
     streaming: bool = False          # decode: its token stream to this coordinator is open
     channel: grpc.aio.Channel | None = None
     stub: object = None              # DecodeNodeStub (decode, both) or PrefillNodeStub (prefill)
     prefill_stub: object = None      # PrefillNodeStub of a prefill or colocated node
+    counters: api_pb2.NodeCounters = field(default_factory=api_pb2.NodeCounters)
+    cache: CacheView = field(default_factory=CacheView)  # its prefix cache, for cache-aware routing
 
     def status(self, healthy: bool) -> api_pb2.NodeStatus:
         return api_pb2.NodeStatus(id=self.id, role=self.role, address=self.address, healthy=healthy, tp=self.tp,
                                   kv_blocks_free=self.kv_blocks_free, kv_blocks_total=self.kv_blocks_total,
-                                  running=self.running, queued=self.queued, kv_transport=self.kv_transport)
+                                  running=self.running, queued=self.queued, kv_transport=self.kv_transport,
+                                  counters=self.counters, cached_blocks=len(self.cache.blocks))
 
 
 class Registry:
@@ -79,9 +84,8 @@ class Registry:
         node.channel = channel(node.address)
         if node.role != api_pb2.ROLE_PREFILL:
             node.stub = node_pb2_grpc.DecodeNodeStub(node.channel)
-        if node.role != api_pb2.ROLE_DECODE:
-            node.prefill_stub = node_pb2_grpc.PrefillNodeStub(node.channel)
-            node.stub = node.stub or node.prefill_stub
+        node.prefill_stub = node_pb2_grpc.PrefillNodeStub(node.channel)  # decode nodes: local prefills
+        node.stub = node.stub or node.prefill_stub
         self.nodes[node.id] = node
         return node
 
@@ -104,6 +108,8 @@ class Registry:
             return False
         node.kv_blocks_free, node.running, node.queued = req.kv_blocks_free, req.running, req.queued
         node.queued_tokens, node.last_seen = req.queued_tokens, time.monotonic()
+        node.counters = req.counters
+        node.cache.apply(req.cache)
         return True
 
     def credit(self, lag_s: float) -> None:

@@ -82,6 +82,7 @@ class RequestRecord:
         # what the cluster runs: the client's prompt, or after a migration the prompt plus
         # the tokens generated so far, whose first new token is output index `offset`
         self.run_prompt, self.run_sampling, self.offset = prompt, sampling, 0
+        self.block_hashes: tuple | None = None  # routing: (key, run_prompt's 64-bit block hashes)
         self.attempt = 0                     # grows each time the request leaves a reservation
         self.key = f"{request_id}/0"         # the id the nodes know this attempt by (next_attempt)
         self.migrations = 0

@@ -114,7 +114,8 @@ class Coordinator(api_pb2_grpc.GenerationServicer, node_pb2_grpc.CoordinatorServ
         if not self.registry.heartbeat(req):
             return node_pb2.HeartbeatResponse(known=False)
         self.lifecycle.freed()  # its free blocks may have grown
-        return node_pb2.HeartbeatResponse(known=True, **self.registry.peers(self.registry.nodes[req.node_id]))
+        node = self.registry.nodes[req.node_id]
+        return node_pb2.HeartbeatResponse(known=True, want_full_cache=node.cache.want_full, **self.registry.peers(node))
 
     async def _subscribe(self, node: NodeEntry) -> None:
         """Relay a decode node's per-step token batches to the requests they belong to."""

@@ -195,27 +195,37 @@ class Supervisor(node_pb2_grpc.CoordinatorServicer, supervisor_pb2_grpc.Supervis
         if not self.registry.heartbeat(req):
             return node_pb2.HeartbeatResponse(known=False)
         self._changed()
-        return node_pb2.HeartbeatResponse(known=True, **self.registry.peers(self.registry.nodes[req.node_id]))
+        node = self.registry.nodes[req.node_id]
+        return node_pb2.HeartbeatResponse(known=True, want_full_cache=node.cache.want_full, **self.registry.peers(node))
 
     # what the workers see and tell
 
     async def WatchNodes(self, req: supervisor_pb2.WatchRequest, context):
+        sent: dict[str, int] = {}  # node id -> the cache version this stream has
         while True:
             version, change = self.version, self._change
-            await context.write(self._table())
+            await context.write(self._table(sent))
             if self.version == version:
                 try:
                     await asyncio.wait_for(change.wait(), self.cfg.heartbeat_interval_s)
                 except asyncio.TimeoutError:
                     pass
 
-    def _table(self) -> supervisor_pb2.NodeTable:
+    def _table(self, sent: dict[str, int]) -> supervisor_pb2.NodeTable:
+        """The table for one worker's stream; each node's cached blocks as the change since
+        the cache version this stream has (sent: node id -> version; updated)."""
         now = time.monotonic()
-        table = supervisor_pb2.NodeTable(nodes=[supervisor_pb2.NodeRecord(
-            id=n.id, role=n.role, address=n.address, kv_endpoint=n.kv_endpoint, tp=n.tp, model=n.model,
-            epoch=n.epoch, kv_blocks_total=n.kv_blocks_total, kv_blocks_free=n.kv_blocks_free, running=n.running,
-            queued=n.queued, queued_tokens=n.queued_tokens, silent_s=now - n.last_seen, down=n.down)
-            for n in self.registry.nodes.values()])
+        table = supervisor_pb2.NodeTable()
+        for n in self.registry.nodes.values():
+            full, added, removed = n.cache.since(sent.get(n.id, 0))
+            table.nodes.append(supervisor_pb2.NodeRecord(
+                id=n.id, role=n.role, address=n.address, kv_endpoint=n.kv_endpoint, tp=n.tp, model=n.model,
+                epoch=n.epoch, kv_blocks_total=n.kv_blocks_total, kv_blocks_free=n.kv_blocks_free, running=n.running,
+                queued=n.queued, queued_tokens=n.queued_tokens, silent_s=now - n.last_seen, down=n.down,
+                counters=n.counters, cache_version=n.cache.version, cache_full=full, cache_added=added,
+                cache_removed=removed))
+        sent.clear()
+        sent.update((n.id, n.cache.version) for n in self.registry.nodes.values())
         if self.model.info is not None:
             table.model.CopyFrom(self.model.info)
         return table

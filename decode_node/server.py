@@ -17,6 +17,7 @@ from functools import cached_property
 
 import grpc
 
+from pdserve.decode_node.local_prefill import LocalPrefills
 from pdserve.decode_node.outputs import StepOutputs, error_batch, first_batch
 from pdserve.decode_node.subscribers import Subscriber
 from pdserve.engine.llm_engine import StepBatch
@@ -35,7 +36,8 @@ log = logging.getLogger("pdserve.decode")
 
 @dataclass
 class Reservation:
-    """Blocks promised to one request until its KV arrives (or the lease ends)."""
+    """Blocks promised to one request until its KV arrives (or the lease ends): the
+    leading ones linked from the prefix cache, then those the transfer fills."""
     request_id: str
     prompt: list[int]
     params: SamplingParams
@@ -45,7 +47,7 @@ class Reservation:
     dropped: bool = False   # aborted while being admitted: abort the sequence it became
 
 
-class DecodeNode(NodeBase, node_pb2_grpc.DecodeNodeServicer):
+class DecodeNode(NodeBase, node_pb2_grpc.DecodeNodeServicer, node_pb2_grpc.PrefillNodeServicer):
     role = api_pb2.ROLE_DECODE
     kv_role = Role.DECODE
     service_name = "pdserve.v1.DecodeNode"
@@ -62,9 +64,11 @@ class DecodeNode(NodeBase, node_pb2_grpc.DecodeNodeServicer):
         self.aborted = RecentIds()                 # aborted before they arrived: refused when they do
         self.seen = RecentIds()                    # arrived lately: a late Abort leaves no tombstone
         self.closing = False
+        self.local = LocalPrefills(self)              # prompts prefilled here (no transfer)
 
     def add_servicer(self, server: grpc.aio.Server) -> None:
         node_pb2_grpc.add_DecodeNodeServicer_to_server(self, server)
+        node_pb2_grpc.add_PrefillNodeServicer_to_server(self, server)  # local prefills
 
     @cached_property
     def outputs(self) -> StepOutputs:
@@ -104,7 +108,11 @@ class DecodeNode(NodeBase, node_pb2_grpc.DecodeNodeServicer):
         epoch = self._epoch(req.epoch)
         self._arrive(rid)
         try:
-            blocks = await self._take_blocks(prompt, params)
+            blocks, cached = await self._take_blocks(prompt, params)
+            if blocks is None:  # short enough to prefill here: the coordinator sends Prefill to this node
+                self._still_wanted(rid, epoch)
+                return node_pb2.Ticket(decode_node_id=self.agent.node_id, epoch=epoch, local_prefill=True,
+                                       lease_expiry=self._lease_expiry(req.lease_s), decode_tp=self.cfg.engine.tp)
             try:
                 self._still_wanted(rid, epoch)
                 left = context.time_remaining()
@@ -117,37 +125,46 @@ class DecodeNode(NodeBase, node_pb2_grpc.DecodeNodeServicer):
             self.arriving.discard(rid)
         transfer_id = uuid.uuid4().hex
         expiry = self._lease_expiry(req.lease_s)
-        rx = self.kv.expect(transfer_id, epoch, blocks, expiry, self._writer(blocks))
+        fresh = blocks[cached:]  # what the transfer fills; the cached ones are only read
+        rx = self.kv.expect(transfer_id, epoch, fresh, expiry, self._writer(fresh))
         res = Reservation(rid, prompt, params, blocks, rx, epoch)
         self.reservations[rid] = res
         if req.subscriber:
             self.owners[rid] = req.subscriber
         self._spawn(self._await_kv(res))
         return node_pb2.Ticket(transfer_id=transfer_id, decode_node_id=self.agent.node_id, epoch=epoch,
-                               block_ids=blocks, kv_endpoint=self.kv.endpoint, lease_expiry=expiry,
-                               decode_tp=self.cfg.engine.tp)
+                               block_ids=fresh, kv_endpoint=self.kv.endpoint, lease_expiry=expiry,
+                               decode_tp=self.cfg.engine.tp, cached_blocks=cached)
 
-    async def _take_blocks(self, prompt: list[int], params: SamplingParams) -> list[int]:
-        """The prompt's blocks, if the rest still lets every running sequence and
-        reservation grow by a block (MemoryError otherwise). Blocks taken by a call
-        cancelled meanwhile are released."""
+    async def _take_blocks(self, prompt: list[int], params: SamplingParams) -> tuple[list[int] | None, int]:
+        """The prompt's blocks and how many leading ones were linked from the prefix cache
+        (their KV is not sent), if the rest still lets every running sequence and
+        reservation grow by a block (MemoryError otherwise); (None, cached) where at most
+        --local-prefill-tokens of the prompt are not cached: this node prefills it. Blocks
+        taken by a call cancelled meanwhile are released."""
         held = len(self.reservations) + len(self.admitting) + len(self.arriving) - 1  # others, in flight too
 
         def reserve(engine):
             engine.validate(prompt, params)
-            need = engine.blocks.blocks_for(len(prompt))
-            own = min(1, engine.blocks.blocks_for(len(prompt) + params.max_tokens) - need)
+            cached = engine.cached_prefix(prompt)
+            if len(prompt) - len(cached) * engine.blocks.block_size <= self.cfg.local_prefill_tokens:
+                return None, len(cached)  # its admission counts its cache hit
+            engine.blocks.count_hit(len(prompt), len(cached) * engine.blocks.block_size)
+            need = engine.blocks_needed(len(prompt), cached)
+            total = engine.blocks.blocks_for(len(prompt))
+            own = min(1, engine.blocks.blocks_for(len(prompt) + params.max_tokens) - total)
             keep = held + len(engine.scheduler.running) + len(engine.scheduler.waiting) + own
             free = engine.blocks.num_free
             if free - need < keep:
                 raise MemoryError(f"decode node full: {free} KV blocks free, the prompt needs {need} and "
                                   f"{keep} must stay free for running sequences and reservations to grow")
-            return engine.reserve(len(prompt))
+            return engine.reserve(len(prompt), cached), len(cached)
         fut = asyncio.wrap_future(self.loop.call(reserve))
         try:
             return await asyncio.shield(fut)
         except asyncio.CancelledError:
-            fut.add_done_callback(lambda f: f.cancelled() or f.exception() or self._release(f.result()))
+            fut.add_done_callback(lambda f: f.cancelled() or f.exception() or f.result()[0] is None
+                                  or self._release(f.result()[0]))
             raise
 
     def _lease_expiry(self, lease_s: float) -> float:
@@ -223,11 +240,16 @@ class DecodeNode(NodeBase, node_pb2_grpc.DecodeNodeServicer):
 
     # token streams
 
+    async def Prefill(self, req: node_pb2.PrefillRequest, context) -> node_pb2.PrefillResponse:
+        """A prompt this node prefills itself (Reserve said local_prefill; a colocated node: all)."""
+        if self.role == api_pb2.ROLE_DECODE:
+            self.report.local_prefills += 1
+        return await self.local.prefill(req)
+
     def on_step(self, batch: StepBatch) -> None:
-        running = self.running
-        rows = [i for i, seq in enumerate(batch.seqs) if seq.request_id in running]
-        self.metrics.generation_tokens.inc(len(rows))  # once per step
-        self._emit(batch, rows)
+        running = self.running  # counted before local prefills' finished requests leave it
+        self.metrics.generation_tokens.inc(sum(seq.request_id in running for seq in batch.seqs))  # once per step
+        self._emit(batch, self.local.on_step(batch))
 
     def _emit(self, batch: StepBatch, rows: list[int]) -> None:
         """Publish these rows of a step, one TokenBatch per subscriber id that owns some of
@@ -301,6 +323,7 @@ class DecodeNode(NodeBase, node_pb2_grpc.DecodeNodeServicer):
 
     async def _abort_running(self, seqs: list, why: str) -> None:
         """Abort sequences already taken out of self.running."""
+        self.local.fail(seqs, why)
         for seq in seqs:
             self.outputs.forget(seq)
         await self.call(lambda engine: [engine.abort(seq) for seq in seqs])

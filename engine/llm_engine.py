@@ -12,6 +12,8 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
+from pdserve.common.block_hash import root_hash
+from pdserve.common.model_files import checkpoint_hash
 from pdserve.engine.block_manager import BlockManager
 from pdserve.common.config import EngineConfig
 from pdserve.engine.detokenizer import IncrementalDetokenizer
@@ -126,7 +128,9 @@ class LLMEngine:
         self.eos_token_ids = _eos_ids(runner.hf_config, self.model_path)
         self.imports = KVImports(runner.kv, runner.device, self.cfg.tp, runner.check_kv_shards,
                                  self.executor.import_kv)
-        self.blocks = BlockManager(runner.num_blocks, self.cfg.block_size)
+        self.hash_root = root_hash(cache_identity(self.cfg, runner.dtype))
+        self.blocks = BlockManager(runner.num_blocks, self.cfg.block_size,
+                                   self.hash_root if self.cfg.prefix_caching else None)
         self.scheduler = Scheduler(self.blocks, self.cfg.max_num_seqs,
                                    max(self.cfg.max_num_batched_tokens, self.cfg.max_num_seqs),
                                    self.cfg.chunked_prefill)
@@ -152,14 +156,19 @@ class LLMEngine:
 
     def add_request(self, prompt_token_ids: list[int], params: SamplingParams,
                     request_id: str | None = None, prefill_only: bool = False,
-                    kv_save: KVSave | None = None) -> Sequence:
+                    kv_save: KVSave | None = None, kv_skip_blocks: int = 0) -> Sequence:
         """Validate and queue a request; raises ValueError with a readable message.
         A prefill_only request finishes after its first token ("prefilled") and keeps
         its KV blocks for export until release(). kv_save has the KV connector save its
-        prompt KV during the step that completes its prefill (the engine adds the blocks)."""
+        prompt KV during the step that completes its prefill (the engine adds the blocks);
+        that save and export_kv leave out the first kv_skip_blocks blocks (the receiver
+        has them cached)."""
         self.validate(prompt_token_ids, params)
+        if not 0 <= kv_skip_blocks < self.blocks.blocks_for(len(prompt_token_ids)):
+            raise ValueError(f"cannot skip {kv_skip_blocks} of the prompt's "
+                             f"{self.blocks.blocks_for(len(prompt_token_ids))} KV blocks")
         seq = self._new_sequence(prompt_token_ids, params, request_id, prefill_only)
-        seq.kv_save = kv_save
+        seq.kv_save, seq.kv_skip_blocks = kv_save, kv_skip_blocks
         self.scheduler.add(seq)
         return seq
 
@@ -176,15 +185,34 @@ class LLMEngine:
         seq = self._new_sequence(prompt_token_ids, params, request_id, False)
         seq.block_table = list(block_ids)
         seq.num_computed_tokens = len(prompt_token_ids)
+        self.blocks.cache_full(seq)
         self.scheduler.add_running(seq)
         # The prefill node sent what its detokenizer's step() gave for the first token; this
         # one, fed the same ids, holds back the same part and emits it later.
         delta, reason = self._postprocess(seq, first_token)
         return StepOutput(seq, first_token, 0, delta, reason is not None)
 
-    def reserve(self, num_tokens: int) -> list[int]:
-        """Blocks for num_tokens of KV (a decode node's reservation); MemoryError if short."""
-        return self.blocks.allocate(self.blocks.blocks_for(num_tokens))
+    def reserve(self, num_tokens: int, cached: list[int] = ()) -> list[int]:
+        """Blocks for num_tokens of KV (a decode node's reservation): the cached blocks
+        (cached_prefix()) linked first, then fresh ones; MemoryError (nothing taken) if short."""
+        cached = list(cached)
+        self.blocks.acquire(cached)
+        try:
+            return cached + self.blocks.allocate(self.blocks.blocks_for(num_tokens) - len(cached))
+        except MemoryError:
+            self.blocks.free(cached)
+            raise
+
+    def cached_prefix(self, prompt_token_ids: list[int]) -> list[int]:
+        """The cached blocks holding the prompt's leading blocks, all but its last block (a
+        transfer moves at least one block); no reference taken."""
+        seq = Sequence(prompt_token_ids, SamplingParams())
+        return self.blocks.lookup(seq, (self.blocks.blocks_for(len(prompt_token_ids)) - 1) * self.blocks.block_size)
+
+    def blocks_needed(self, num_tokens: int, cached: list[int]) -> int:
+        """How many free blocks reserve(num_tokens, cached) takes (cached ones unused now included)."""
+        idle = sum(1 for b in cached if self.blocks.ref_counts[b] == 0)
+        return self.blocks.blocks_for(num_tokens) - len(cached) + idle
 
     def release(self, seq_or_blocks) -> None:
         """Free a finished prefill-only sequence's blocks, or a list of reserved blocks."""
@@ -195,11 +223,12 @@ class LLMEngine:
             self.blocks.free(list(seq_or_blocks))
 
     def export_kv(self, seq: Sequence, layer_start: int = 0, num_layers: int | None = None) -> list[list[torch.Tensor]]:
-        """The prompt KV of `seq`, [layer][tp rank], each shard one contiguous
-        [2, blocks, block_size, rank's KV heads, head_dim] tensor (what a transport sends)."""
+        """The prompt KV of `seq` (less its first kv_skip_blocks blocks), [layer][tp rank], each
+        shard one contiguous [2, blocks, block_size, rank's KV heads, head_dim] tensor (what a
+        transport sends)."""
         n = self.blocks.blocks_for(seq.num_prompt_tokens)
         num_layers = self.spec.num_layers - layer_start if num_layers is None else num_layers
-        return self.executor.export_kv(layer_start, num_layers, seq.block_table[:n])
+        return self.executor.export_kv(layer_start, num_layers, seq.block_table[seq.kv_skip_blocks:n])
 
     def import_kv(self, block_ids: list[int], layer_start: int, layers: list[list[torch.Tensor]]) -> None:
         """Write [layer][tp rank] KV shards into reserved blocks on every rank, now."""
@@ -284,7 +313,7 @@ class LLMEngine:
         """The saves of the sequences whose prompts this step completes, with their blocks."""
         saves = []
         for seq in seqs:
-            blocks = seq.block_table[:self.blocks.blocks_for(seq.num_prompt_tokens)]
+            blocks = seq.block_table[seq.kv_skip_blocks:self.blocks.blocks_for(seq.num_prompt_tokens)]
             save, seq.kv_save = replace(seq.kv_save, block_ids=tuple(blocks)), None
             if self.on_kv_save is not None:
                 self.on_kv_save(save)
@@ -340,6 +369,12 @@ def timings(seq: Sequence) -> dict:
     n = len(seq.output_token_ids)
     out["tpot_s"] = (end - first) / (n - 1) if end is not None and first is not None and n > 1 else None
     return out
+
+
+def cache_identity(cfg: EngineConfig, dtype) -> str:
+    """What the prefix cache's hash chain starts from: KV is reused only between engines
+    of the same weights, dtype, block size and load format."""
+    return f"{checkpoint_hash(cfg.model)}|{str(dtype).removeprefix('torch.')}|{cfg.block_size}|{cfg.load_format}"
 
 
 def _eos_ids(hf_config, model_path) -> set[int]:

@@ -5,7 +5,12 @@ A step computes, for each scheduled sequence, tokens [num_computed, num_computed
 A sequence whose every known token is then computed samples its next token. Running
 sequences go first (decodes and unfinished prompt chunks), then waiting ones are
 admitted while budget, batch slots and blocks last. When blocks run out, the newest
-running sequence is preempted: its blocks are freed and it is recomputed later."""
+running sequence is preempted: its blocks are freed and it is recomputed later.
+
+With prefix caching (engine/block_manager.py), an admitted sequence first links the
+cached blocks of its longest cached prefix and starts computing after them, as a
+chunked prefill continues after its earlier chunks; every block a step completes is
+registered in the cache."""
 from __future__ import annotations
 
 from collections import deque
@@ -77,13 +82,22 @@ class Scheduler:
             return batch  # no admissions in a step that had to preempt
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
-            n = seq.num_tokens - seq.num_computed_tokens
+            hit = self.blocks.lookup(seq)
+            cached = len(hit) * self.blocks.block_size
+            n = seq.num_tokens - cached
             if n > budget:
                 if not self.chunked_prefill:
                     break
                 n = budget
-            if not self.blocks.ensure(seq.block_table, seq.num_computed_tokens + n):
+            self.blocks.acquire(hit)
+            seq.block_table = list(hit)
+            if not self.blocks.ensure(seq.block_table, cached + n):
+                self.blocks.free(hit)
+                seq.block_table = []
                 break
+            seq.num_computed_tokens = seq.num_cached_tokens = cached
+            seq.num_registered_blocks = len(hit)
+            self.blocks.count_hit(seq.num_tokens, cached)
             self.waiting.popleft()
             seq.status = SeqStatus.RUNNING
             self.running.append(seq)
@@ -94,8 +108,11 @@ class Scheduler:
 
     def advance(self, batch: ScheduledBatch) -> None:
         """Record that the batch's tokens are now in the cache."""
+        bs = self.blocks.block_size if self.blocks.caching else 0
         for seq, n in zip(batch.seqs, batch.num_new_tokens):
             seq.num_computed_tokens += n
+            if bs and seq.num_computed_tokens // bs > seq.num_registered_blocks:  # a block was completed
+                self.blocks.cache_full(seq)
 
     def finish(self, seq: Sequence, reason: str, keep_blocks: bool = False) -> None:
         """End a sequence (stopped, length, aborted) and release its blocks, unless
@@ -114,10 +131,10 @@ class Scheduler:
     def release(self, seq: Sequence) -> None:
         self.blocks.free(seq.block_table)
         seq.block_table = []
+        seq.num_registered_blocks = 0
 
     def _preempt(self, seq: Sequence, batch: ScheduledBatch) -> None:
-        self.blocks.free(seq.block_table)
-        seq.block_table = []
+        self.release(seq)
         seq.num_computed_tokens = 0
         seq.num_preemptions += 1
         seq.status = SeqStatus.WAITING

@@ -32,6 +32,9 @@ class Sequence:
         self.status = SeqStatus.WAITING
         self.block_table: list[int] = []
         self.num_computed_tokens = 0      # tokens whose KV is in the cache
+        self.block_hashes: list[int] = []  # prefix cache: chained hashes of the leading full blocks
+        self.num_registered_blocks = 0    # leading blocks of block_table registered in (or linked from) the cache
+        self.num_cached_tokens = 0        # prompt tokens found in the prefix cache at the last admission
         self.finish_reason: str | None = None
         self.generator: torch.Generator | None = None
         self.detokenizer = None
@@ -43,6 +46,7 @@ class Sequence:
         # until release() (a prefill node exports them to a decode node first)
         self.prefill_only = prefill_only
         self.kv_save: KVSave | None = None  # KV connector: saved by the step that completes the prompt
+        self.kv_skip_blocks = 0           # leading prompt blocks the receiver holds already: not sent
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pdserve import bench_prefix
 from pdserve.bench_clients import run_clients
 from pdserve.bench_openai import add_flags as add_openai_flags
 from pdserve.bench_result import Request, jsonable, summarize
@@ -30,6 +31,8 @@ SYNTHETIC = {  # name -> (mean input tokens, mean output tokens), lognormal leng
 
 def sample_requests(a: argparse.Namespace, vocab: int, max_len: int) -> list[Request]:
     rng = random.Random(a.seed)
+    if a.dataset_name == "prefix-repetition":
+        return bench_prefix.prefix_repetition(a, vocab, max_len)
     if a.dataset_name == "sharegpt":
         data = json.loads(Path(a.dataset_path).read_text())
         out = []
@@ -89,7 +92,8 @@ def add_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--burstiness", type=float, default=1.0, help="gamma shape of inter-arrivals; 1 = Poisson")
     p.add_argument("--max-concurrency", type=int, default=None)
     p.add_argument("--dataset-name", default="random",
-                   choices=["random", "fixed", "sharegpt", *SYNTHETIC])
+                   choices=["random", "fixed", "sharegpt", *SYNTHETIC, *bench_prefix.DATASETS])
+    bench_prefix.add_flags(p)
     p.add_argument("--dataset-path", default=None, help="ShareGPT-format JSON (with --dataset-name sharegpt)")
     p.add_argument("--random-input-len", type=int, default=256)
     p.add_argument("--random-output-len", type=int, default=128)
@@ -145,6 +149,8 @@ def main(a: argparse.Namespace) -> int:
     a.model_id = a.model or info["model"] or "default"
     if a.num_clients < 1 or (a.num_clients > 1 and a.backend == "openai"):
         raise SystemExit("--num-clients must be >= 1 (1 with --backend openai)")
+    if a.backend == "openai" and a.dataset_name == "multi-turn":
+        raise SystemExit("--dataset-name multi-turn needs --backend pdserve")
     if a.dataset_name == "sharegpt" and not a.dataset_path:
         raise SystemExit("--dataset-name sharegpt needs --dataset-path")
     slos = parse_goodput(a.goodput)
@@ -156,12 +162,18 @@ def main(a: argparse.Namespace) -> int:
         if n > len(pools.get(args.seed, [])):  # same seed: the requests sampled so far stay the first ones
             pools[args.seed] = sample_requests(argparse.Namespace(**{**vars(args), "num_prompts": n}), vocab, max_len)
         reqs = pools[args.seed][:n]
-        if args.num_clients > 1:
-            results, duration = run_clients(args, reqs)
+        before = bench_prefix.node_counters(args.coordinator) if args.coordinator else {}
+        schedule = None  # multi-turn: a turn is sent when the previous one ends, on no schedule
+        if args.dataset_name == "multi-turn":  # each turn waits for the answer it resends
+            reqs, results, duration = asyncio.run(bench_prefix.multi_turn(args, vocab, max_len))
         else:
-            results, duration = asyncio.run(run_benchmark(args, reqs))
-        schedule = arrival_times(len(reqs), args.request_rate, args.burstiness, args.seed)
-        return summarize(args, reqs, results, duration, slos, schedule)
+            schedule = arrival_times(len(reqs), args.request_rate, args.burstiness, args.seed)
+            if args.num_clients > 1:
+                results, duration = run_clients(args, reqs)
+            else:
+                results, duration = asyncio.run(run_benchmark(args, reqs))
+        report = bench_prefix.cache_report(args.coordinator, before) if args.coordinator else {"prefix_cache": {}}
+        return {**summarize(args, reqs, results, duration, slos, schedule), **report}
     if a.sweep or a.slo_scale:
         from pdserve.goodput import run_search
         run_search(a, run, slos)
@@ -179,6 +191,8 @@ def main(a: argparse.Namespace) -> int:
               f"({', '.join(f'{k} <= {v:g} ms' for k, v in slos.items())})")
     if s["ttft_split_mean_ms"]:
         print("  TTFT split (server, mean ms): " + ", ".join(f"{k} {v:.2f}" for k, v in s["ttft_split_mean_ms"].items()))
+    for role, c in s["prefix_cache"].items():
+        print(f"  prefix cache ({role}): hit rate {100 * c['hit_rate']:.1f}% of {c['query_tokens']} prompt tokens")
     if a.save_result:
         name = a.result_filename or f"pdserve-{a.request_rate}qps-{s['date']}.json"
         path = Path(a.result_dir) / name

@@ -78,6 +78,8 @@ def status(address: str, timeout: float = 10.0) -> dict:
     return {"model": resp.model, "vocab_size": resp.vocab_size, "max_model_len": resp.max_model_len, "nodes": [
         {"id": n.id, "role": api_pb2.Role.Name(n.role).removeprefix("ROLE_").lower(), "address": n.address,
          "healthy": n.healthy, "tp": n.tp, "kv_blocks_free": n.kv_blocks_free, "kv_blocks_total": n.kv_blocks_total,
-         "running": n.running, "queued": n.queued, "kv_transport": n.kv_transport} for n in resp.nodes],
+         "running": n.running, "queued": n.queued, "kv_transport": n.kv_transport, "cached_blocks": n.cached_blocks,
+         "counters": {f.name: getattr(n.counters, f.name) for f in n.counters.DESCRIPTOR.fields}}
+        for n in resp.nodes],
             "workers": [{"index": w.index, "pid": w.pid, "ready": w.ready, "served": w.served, "inflight": w.inflight,
                          "restarts": w.restarts} for w in resp.workers]}

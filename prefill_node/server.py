@@ -40,13 +40,19 @@ class PrefillNode(NodeBase, node_pb2_grpc.PrefillNodeServicer):
         prompt, params, rid = list(req.prompt_token_ids), to_engine_params(req.sampling), req.request_id
         ticket = req.ticket  # its lease may have been renewed since: the decode node judges it
         start = time.time()
+        skip = ticket.cached_blocks  # the decode node holds these already: they are not sent
+        total = max(1, -(-len(prompt) // self.engine.cfg.block_size))
+        if skip >= total:
+            raise RpcError(grpc.StatusCode.INVALID_ARGUMENT, f"the ticket says {skip} of the prompt's {total} "
+                                                              f"KV blocks are cached: at least one must be sent")
         try:
-            sender = await self.kv.sender_for(ticket, max(1, -(-len(prompt) // self.engine.cfg.block_size)))
+            sender = await self.kv.sender_for(ticket, total - skip)
         except KVUnavailable as e:
             self.metrics.failed(self.kv.name, f"unavailable: {e}")
             raise RpcError(grpc.StatusCode.UNAVAILABLE, f"KV transfer: {e}") from None
         fut = self.aio.create_future()
-        added = asyncio.ensure_future(self.call(lambda engine: self._add(engine, prompt, params, rid, fut, sender)))
+        added = asyncio.ensure_future(self.call(lambda engine: self._add(engine, prompt, params, rid, fut, sender,
+                                                                         skip)))
         try:
             seq = await asyncio.shield(added)
         except asyncio.CancelledError:  # the sequence goes once it is in
@@ -98,6 +104,7 @@ class PrefillNode(NodeBase, node_pb2_grpc.PrefillNodeServicer):
             raise RpcError(grpc.StatusCode.UNAVAILABLE, f"KV transfer to the decode node failed: {sender.error}")
         resp.transfer_end = time.time()
         self.metrics.transferred(self.kv.name, sender.num_blocks, self.kv_block_bytes, resp.transfer_end - end)
+        self.report.sent(sender.num_blocks, sender.bytes_sent)
         return resp
 
     def gauges(self) -> dict[str, float]:
@@ -108,8 +115,9 @@ class PrefillNode(NodeBase, node_pb2_grpc.PrefillNodeServicer):
         if not sender.status.ended:
             sender.withdraw(why)
 
-    def _add(self, engine, prompt, params, request_id, fut, sender):
-        seq = engine.add_request(prompt, params, request_id, prefill_only=True, kv_save=sender.save)
+    def _add(self, engine, prompt, params, request_id, fut, sender, skip):
+        seq = engine.add_request(prompt, params, request_id, prefill_only=True, kv_save=sender.save,
+                                 kv_skip_blocks=skip)
         self.pending[seq.seq_id] = (fut, sender)
         return seq
 

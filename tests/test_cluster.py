@@ -157,7 +157,8 @@ def test_status_json_lists_nodes_with_their_kv_blocks(qwen3_cluster):
     assert sorted(n["role"] for n in nodes) == ["decode", "prefill"]
     for n in nodes:
         assert set(n) == {"id", "role", "address", "healthy", "tp", "kv_blocks_free", "kv_blocks_total", "running",
-                          "queued", "kv_transport"}
+                          "queued", "kv_transport", "counters", "cached_blocks"}
+        assert set(n["counters"]) >= {"prefix_query_tokens", "prefix_hit_tokens", "kv_bytes_sent"}
         assert n["kv_transport"] == "zmq"  # CPU nodes: auto picks zmq
         assert n["healthy"] and n["kv_blocks_total"] == 256 and n["address"].startswith("127.0.0.1:")
 

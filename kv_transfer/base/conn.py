@@ -78,6 +78,7 @@ class _Transfer:
 class KVSender(_Transfer, ABC):
     """Prefill side, one per request."""
     save: KVSave | None = None   # what the engine step saves for this request, if the transport saves there
+    bytes_sent: int | None = None  # KV payload bytes put on the wire, where the transport counts them
 
     def __init__(self, transfer_id: str, epoch: int, num_blocks: int, endpoint: str = ""):
         self.transfer_id, self.epoch, self.num_blocks, self.endpoint = transfer_id, epoch, num_blocks, endpoint

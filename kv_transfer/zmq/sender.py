@@ -89,6 +89,7 @@ class ZmqKVSender(KVSender):
     def build_message(self, out: Outgoing) -> list[bytes | Buffer]:
         """[header, *frames] of a queued message (I/O thread: checksums happen here)."""
         frames = [memoryview(t.view(torch.uint8).reshape(-1).numpy()) for t in out.shards]
+        self.bytes_sent = (self.bytes_sent or 0) + sum(f.nbytes for f in frames)
         header = build_header(self.layout, self.transfer_id, self.epoch, self.num_blocks, out.layer_start,
                               out.num_layers, self._shards if out.num_layers else [], frames, out.last,
                               out.first_token)

@@ -13,6 +13,7 @@ from pdserve.common.model_files import DEFAULT_MODEL
 MAX_TOKENS_LIMIT = 32768  # the largest max_tokens a request may ask for
 LEASE_S = 30.0  # a decode reservation's lease unless the coordinator asks for another
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+ROUTING = ("cache-aware", "least-loaded", "round-robin")
 
 
 @dataclass
@@ -28,6 +29,8 @@ class EngineConfig:
     max_num_batched_tokens: int = opt(2048, "tokens in one step at most")
     max_model_len: int | None = opt(None, "longest prompt + output (default: the model's)")
     chunked_prefill: bool = opt(True, "prefill long prompts whole instead of in chunks", off="--no-chunked-prefill")
+    prefix_caching: bool = opt(True, "compute and ship every prompt whole instead of reusing the KV of prefixes "
+                                     "already cached", off="--no-prefix-caching")
     max_tokens_limit: int = MAX_TOKENS_LIMIT
     enforce_eager: bool = opt(False, "GPU: no CUDA graphs")
     prefill_graphs: bool = opt(True, "GPU: steps with prompt tokens run eagerly (decode-only steps still "
@@ -84,12 +87,17 @@ class NodeConfig:
                                     "on CUDA, else zmq), zmq (any hosts), nccl (GPU to GPU; gloo on CPU), cuda-ipc "
                                     "(nodes of one host; host shared memory on CPU) or fake (in-process, tests)")
     kv: Any = None                           # the backend's config (kv_transfer/<name>/config.py); None: its defaults
+    local_prefill_tokens: int = opt(0, "decode: prefill a prompt here, with no prefill node and no transfer, when "
+                                       "at most this many of its tokens are missing from this node's prefix cache "
+                                       "(selective disaggregation; 0: never)")
     max_unread_batches: int = opt(4096, "decode: a token stream (Subscribe) this many step batches behind is ended")
     metrics_listen: str | None = opt(None, "HOST:PORT to serve Prometheus metrics on (GET /metrics; port 0: any "
                                            "free port; default: none)")
     engine: EngineConfig = field(default_factory=EngineConfig)
 
     def __post_init__(self) -> None:
+        if self.local_prefill_tokens < 0:
+            raise ValueError("--local-prefill-tokens must be >= 0")
         if self.max_unread_batches < 1:
             raise ValueError("--max-unread-batches must be >= 1")
 
@@ -107,6 +115,9 @@ class CoordinatorConfig:
     lease_s: float = opt(LEASE_S, "seconds a decode reservation lives unless renewed; the coordinator renews it "
                                   "while its request waits", flag="--lease")
     max_tokens_limit: int = MAX_TOKENS_LIMIT
+    routing: str = opt("cache-aware", "how a request's prefill (and decode) node is picked: cache-aware (the "
+                                      "longest cached prefix weighed against queued work), least-loaded or "
+                                      "round-robin", choices=ROUTING)
     max_migrations: int = opt(2, "times a request may move to another decode node when its decode node dies")
     max_retries: int = opt(3, "failed prefill attempts (a node lost, a transfer failed) before UNAVAILABLE")
     max_request_bytes: int = opt(4 << 20, "larger client messages get RESOURCE_EXHAUSTED before any work")
@@ -127,6 +138,8 @@ class CoordinatorConfig:
                                     "least 1)")
 
     def __post_init__(self) -> None:
+        if self.routing not in ROUTING:
+            raise ValueError(f"--routing must be one of {', '.join(ROUTING)}, got {self.routing!r}")
         if self.workers is not None and self.workers < 1:
             raise ValueError(f"--workers must be >= 1, got {self.workers}")
 

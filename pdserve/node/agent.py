@@ -24,14 +24,17 @@ class NodeAgent:
     def __init__(self, coordinator: str, register: Callable[[], node_pb2.RegisterRequest],
                  load: Callable[[], node_pb2.HeartbeatRequest],
                  on_peers: Callable[[list[node_pb2.Peer]], None] | None = None,
-                 on_registered: Callable[[int], None] | None = None):
+                 on_registered: Callable[[int], None] | None = None,
+                 on_want_full_cache: Callable[[], None] | None = None):
         """on_peers receives the coordinator's list of live peers after every registration
         and heartbeat: decode nodes for a prefill node (it sets up its KV transport towards
         them), prefill nodes for a decode node. on_registered receives the new epoch after
-        every successful (re-)registration."""
+        every successful (re-)registration. on_want_full_cache: the coordinator asked for
+        the node's whole prefix-cache list with the next heartbeat."""
         self.coordinator = coordinator
         self.make_register, self.make_load = register, load
         self.on_peers, self.on_registered = on_peers, on_registered
+        self.on_want_full_cache = on_want_full_cache
         self.node_id, self.epoch, self.interval = "", 0, 1.0
         self.task: asyncio.Task | None = None
 
@@ -88,6 +91,8 @@ class NodeAgent:
                     await self._register(wait_s=max(3.0, 3 * self.interval))
                 else:
                     self._peers(resp)
+                    if resp.want_full_cache and self.on_want_full_cache is not None:
+                        self.on_want_full_cache()
             except grpc.aio.AioRpcError as e:  # tried again at the next heartbeat
                 log.warning("registering again failed: %s: %s", e.code().name, e.details())
             except Exception:  # a bug in a callback must not stop the heartbeats

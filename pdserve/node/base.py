@@ -15,6 +15,7 @@ from pdserve.kv_transfer.base.layout import KVLayout
 from pdserve.kv_transfer.registry import AUTO, auto_choice, backend
 from pdserve.node.agent import NodeAgent
 from pdserve.node.metrics import NodeMetrics
+from pdserve.node.report import NodeReport
 from pdserve.common.config import NodeConfig
 from pdserve.wire.protocol import PROTOCOL_VERSION
 from pdserve.wire.rpc import RpcError, ServerHandle
@@ -57,6 +58,7 @@ class NodeBase:
         self.engine = await asyncio.to_thread(LLMEngine(self.cfg.engine, kv.connector(self.cfg.kv),
                                                           detokenize=self.engine_detokenizes).start)
         info = self.model = model_info(self.engine)
+        self.report = NodeReport(self.engine)
         layout = KVLayout(info.num_layers, info.num_kv_heads, info.head_dim, info.block_size,
                           self.engine.executor.runner.dtype, info.compat_hash)
         self.kv = kv.manager(self.kv_role, layout, self.cfg.engine.tp, self.cfg.kv,
@@ -72,7 +74,8 @@ class NodeBase:
         if self.cfg.metrics_listen:  # before registering: a port that cannot be bound fails the start
             log.info("metrics on http://%s/metrics", self.metrics.serve(self.cfg.metrics_listen))
         self.agent = NodeAgent(self.cfg.coordinator, self._register_request, self._load,
-                               lambda peers: self.kv.on_peers(self.agent.node_id, peers), self._on_registered)
+                               lambda peers: self.kv.on_peers(self.agent.node_id, peers), self._registered,
+                               self.report.want_full)
         await self.agent.start()
         await self.server.ready()
         log.info("%s node serving on %s", self.kv_role.value, self.address)
@@ -91,6 +94,10 @@ class NodeBase:
 
     def add_servicer(self, server: grpc.aio.Server) -> None:
         raise NotImplementedError
+
+    def _registered(self, epoch: int) -> None:
+        self.report.want_full()  # the new registration knows none of the cache
+        self._on_registered(epoch)
 
     def _on_registered(self, epoch: int) -> None:
         """After every (re-)registration, with the new epoch."""
@@ -134,7 +141,8 @@ class NodeBase:
         s = self.engine.scheduler
         queued_tokens = sum(q.num_tokens - q.num_computed_tokens for q in list(s.waiting))
         return node_pb2.HeartbeatRequest(kv_blocks_free=self.engine.blocks.num_free, running=len(s.running),
-                                         queued=len(s.waiting), queued_tokens=queued_tokens)
+                                         queued=len(s.waiting), queued_tokens=queued_tokens,
+                                         counters=self.report.counters(), cache=self.report.delta())
 
 
 async def _open_pairs(peer: node_pb2.Peer, req: node_pb2.KVPairsRequest) -> node_pb2.KVPairsResponse:
@@ -156,7 +164,8 @@ def model_info(engine) -> node_pb2.ModelInfo:
         max_model_len=engine.max_model_len,
         compat_hash=compat_hash(engine.model_path, spec.num_layers, spec.num_kv_heads, spec.head_dim,
                                 engine.cfg.block_size, dtype, PROTOCOL_VERSION),
-        checkpoint_hash=checkpoint_hash(engine.cfg.model))
+        checkpoint_hash=checkpoint_hash(engine.cfg.model),
+        cache_root=engine.hash_root.to_bytes(16, "little") if engine.cfg.prefix_caching else b"")
 
 
 __all__ = ["NodeBase", "RpcError", "model_info"]

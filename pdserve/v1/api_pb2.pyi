@@ -138,7 +138,7 @@ class StatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class NodeStatus(_message.Message):
-    __slots__ = ("id", "role", "address", "healthy", "tp", "kv_blocks_free", "kv_blocks_total", "running", "queued", "kv_transport")
+    __slots__ = ("id", "role", "address", "healthy", "tp", "kv_blocks_free", "kv_blocks_total", "running", "queued", "kv_transport", "counters", "cached_blocks")
     ID_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
@@ -149,6 +149,8 @@ class NodeStatus(_message.Message):
     RUNNING_FIELD_NUMBER: _ClassVar[int]
     QUEUED_FIELD_NUMBER: _ClassVar[int]
     KV_TRANSPORT_FIELD_NUMBER: _ClassVar[int]
+    COUNTERS_FIELD_NUMBER: _ClassVar[int]
+    CACHED_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     id: str
     role: Role
     address: str
@@ -159,7 +161,27 @@ class NodeStatus(_message.Message):
     running: int
     queued: int
     kv_transport: str
-    def __init__(self, id: _Optional[str] = ..., role: _Optional[_Union[Role, str]] = ..., address: _Optional[str] = ..., healthy: _Optional[bool] = ..., tp: _Optional[int] = ..., kv_blocks_free: _Optional[int] = ..., kv_blocks_total: _Optional[int] = ..., running: _Optional[int] = ..., queued: _Optional[int] = ..., kv_transport: _Optional[str] = ...) -> None: ...
+    counters: NodeCounters
+    cached_blocks: int
+    def __init__(self, id: _Optional[str] = ..., role: _Optional[_Union[Role, str]] = ..., address: _Optional[str] = ..., healthy: _Optional[bool] = ..., tp: _Optional[int] = ..., kv_blocks_free: _Optional[int] = ..., kv_blocks_total: _Optional[int] = ..., running: _Optional[int] = ..., queued: _Optional[int] = ..., kv_transport: _Optional[str] = ..., counters: _Optional[_Union[NodeCounters, _Mapping]] = ..., cached_blocks: _Optional[int] = ...) -> None: ...
+
+class NodeCounters(_message.Message):
+    __slots__ = ("prefix_query_tokens", "prefix_hit_tokens", "prefix_evicted_blocks", "kv_transfers_sent", "kv_blocks_sent", "kv_bytes_sent", "local_prefills")
+    PREFIX_QUERY_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_HIT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_EVICTED_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    KV_TRANSFERS_SENT_FIELD_NUMBER: _ClassVar[int]
+    KV_BLOCKS_SENT_FIELD_NUMBER: _ClassVar[int]
+    KV_BYTES_SENT_FIELD_NUMBER: _ClassVar[int]
+    LOCAL_PREFILLS_FIELD_NUMBER: _ClassVar[int]
+    prefix_query_tokens: int
+    prefix_hit_tokens: int
+    prefix_evicted_blocks: int
+    kv_transfers_sent: int
+    kv_blocks_sent: int
+    kv_bytes_sent: int
+    local_prefills: int
+    def __init__(self, prefix_query_tokens: _Optional[int] = ..., prefix_hit_tokens: _Optional[int] = ..., prefix_evicted_blocks: _Optional[int] = ..., kv_transfers_sent: _Optional[int] = ..., kv_blocks_sent: _Optional[int] = ..., kv_bytes_sent: _Optional[int] = ..., local_prefills: _Optional[int] = ...) -> None: ...
 
 class WorkerStatus(_message.Message):
     __slots__ = ("index", "pid", "ready", "served", "inflight", "restarts")

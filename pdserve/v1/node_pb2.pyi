@@ -8,7 +8,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "num_layers", "num_kv_heads", "head_dim", "block_size", "dtype", "vocab_size", "max_model_len", "compat_hash", "checkpoint_hash")
+    __slots__ = ("name", "num_layers", "num_kv_heads", "head_dim", "block_size", "dtype", "vocab_size", "max_model_len", "compat_hash", "checkpoint_hash", "cache_root")
     NAME_FIELD_NUMBER: _ClassVar[int]
     NUM_LAYERS_FIELD_NUMBER: _ClassVar[int]
     NUM_KV_HEADS_FIELD_NUMBER: _ClassVar[int]
@@ -19,6 +19,7 @@ class ModelInfo(_message.Message):
     MAX_MODEL_LEN_FIELD_NUMBER: _ClassVar[int]
     COMPAT_HASH_FIELD_NUMBER: _ClassVar[int]
     CHECKPOINT_HASH_FIELD_NUMBER: _ClassVar[int]
+    CACHE_ROOT_FIELD_NUMBER: _ClassVar[int]
     name: str
     num_layers: int
     num_kv_heads: int
@@ -29,7 +30,8 @@ class ModelInfo(_message.Message):
     max_model_len: int
     compat_hash: str
     checkpoint_hash: str
-    def __init__(self, name: _Optional[str] = ..., num_layers: _Optional[int] = ..., num_kv_heads: _Optional[int] = ..., head_dim: _Optional[int] = ..., block_size: _Optional[int] = ..., dtype: _Optional[str] = ..., vocab_size: _Optional[int] = ..., max_model_len: _Optional[int] = ..., compat_hash: _Optional[str] = ..., checkpoint_hash: _Optional[str] = ...) -> None: ...
+    cache_root: bytes
+    def __init__(self, name: _Optional[str] = ..., num_layers: _Optional[int] = ..., num_kv_heads: _Optional[int] = ..., head_dim: _Optional[int] = ..., block_size: _Optional[int] = ..., dtype: _Optional[str] = ..., vocab_size: _Optional[int] = ..., max_model_len: _Optional[int] = ..., compat_hash: _Optional[str] = ..., checkpoint_hash: _Optional[str] = ..., cache_root: _Optional[bytes] = ...) -> None: ...
 
 class RegisterRequest(_message.Message):
     __slots__ = ("protocol_version", "role", "address", "kv_endpoint", "tp", "model", "kv_blocks_total", "kv_transport")
@@ -82,30 +84,48 @@ class RegisterResponse(_message.Message):
     def __init__(self, node_id: _Optional[str] = ..., epoch: _Optional[int] = ..., heartbeat_interval_s: _Optional[float] = ..., decode_peers: _Optional[_Iterable[_Union[Peer, _Mapping]]] = ..., prefill_peers: _Optional[_Iterable[_Union[Peer, _Mapping]]] = ...) -> None: ...
 
 class HeartbeatRequest(_message.Message):
-    __slots__ = ("node_id", "epoch", "kv_blocks_free", "running", "queued", "queued_tokens")
+    __slots__ = ("node_id", "epoch", "kv_blocks_free", "running", "queued", "queued_tokens", "counters", "cache")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     KV_BLOCKS_FREE_FIELD_NUMBER: _ClassVar[int]
     RUNNING_FIELD_NUMBER: _ClassVar[int]
     QUEUED_FIELD_NUMBER: _ClassVar[int]
     QUEUED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    COUNTERS_FIELD_NUMBER: _ClassVar[int]
+    CACHE_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     epoch: int
     kv_blocks_free: int
     running: int
     queued: int
     queued_tokens: int
-    def __init__(self, node_id: _Optional[str] = ..., epoch: _Optional[int] = ..., kv_blocks_free: _Optional[int] = ..., running: _Optional[int] = ..., queued: _Optional[int] = ..., queued_tokens: _Optional[int] = ...) -> None: ...
+    counters: _api_pb2.NodeCounters
+    cache: CacheDelta
+    def __init__(self, node_id: _Optional[str] = ..., epoch: _Optional[int] = ..., kv_blocks_free: _Optional[int] = ..., running: _Optional[int] = ..., queued: _Optional[int] = ..., queued_tokens: _Optional[int] = ..., counters: _Optional[_Union[_api_pb2.NodeCounters, _Mapping]] = ..., cache: _Optional[_Union[CacheDelta, _Mapping]] = ...) -> None: ...
+
+class CacheDelta(_message.Message):
+    __slots__ = ("seq", "full", "added", "removed")
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    FULL_FIELD_NUMBER: _ClassVar[int]
+    ADDED_FIELD_NUMBER: _ClassVar[int]
+    REMOVED_FIELD_NUMBER: _ClassVar[int]
+    seq: int
+    full: bool
+    added: _containers.RepeatedScalarFieldContainer[int]
+    removed: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, seq: _Optional[int] = ..., full: _Optional[bool] = ..., added: _Optional[_Iterable[int]] = ..., removed: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class HeartbeatResponse(_message.Message):
-    __slots__ = ("known", "decode_peers", "prefill_peers")
+    __slots__ = ("known", "decode_peers", "prefill_peers", "want_full_cache")
     KNOWN_FIELD_NUMBER: _ClassVar[int]
     DECODE_PEERS_FIELD_NUMBER: _ClassVar[int]
     PREFILL_PEERS_FIELD_NUMBER: _ClassVar[int]
+    WANT_FULL_CACHE_FIELD_NUMBER: _ClassVar[int]
     known: bool
     decode_peers: _containers.RepeatedCompositeFieldContainer[Peer]
     prefill_peers: _containers.RepeatedCompositeFieldContainer[Peer]
-    def __init__(self, known: _Optional[bool] = ..., decode_peers: _Optional[_Iterable[_Union[Peer, _Mapping]]] = ..., prefill_peers: _Optional[_Iterable[_Union[Peer, _Mapping]]] = ...) -> None: ...
+    want_full_cache: bool
+    def __init__(self, known: _Optional[bool] = ..., decode_peers: _Optional[_Iterable[_Union[Peer, _Mapping]]] = ..., prefill_peers: _Optional[_Iterable[_Union[Peer, _Mapping]]] = ..., want_full_cache: _Optional[bool] = ...) -> None: ...
 
 class KVPairsRequest(_message.Message):
     __slots__ = ("protocol_version", "compat_hash", "prefill_node_id", "prefill_tp", "pair_set", "host_id", "kv_transport")
@@ -136,7 +156,7 @@ class KVPairsResponse(_message.Message):
     def __init__(self, store_host: _Optional[str] = ..., store_port: _Optional[int] = ..., decode_tp: _Optional[int] = ...) -> None: ...
 
 class Ticket(_message.Message):
-    __slots__ = ("transfer_id", "decode_node_id", "epoch", "block_ids", "kv_endpoint", "lease_expiry", "decode_tp")
+    __slots__ = ("transfer_id", "decode_node_id", "epoch", "block_ids", "kv_endpoint", "lease_expiry", "decode_tp", "cached_blocks", "local_prefill")
     TRANSFER_ID_FIELD_NUMBER: _ClassVar[int]
     DECODE_NODE_ID_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
@@ -144,6 +164,8 @@ class Ticket(_message.Message):
     KV_ENDPOINT_FIELD_NUMBER: _ClassVar[int]
     LEASE_EXPIRY_FIELD_NUMBER: _ClassVar[int]
     DECODE_TP_FIELD_NUMBER: _ClassVar[int]
+    CACHED_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    LOCAL_PREFILL_FIELD_NUMBER: _ClassVar[int]
     transfer_id: str
     decode_node_id: str
     epoch: int
@@ -151,7 +173,9 @@ class Ticket(_message.Message):
     kv_endpoint: str
     lease_expiry: float
     decode_tp: int
-    def __init__(self, transfer_id: _Optional[str] = ..., decode_node_id: _Optional[str] = ..., epoch: _Optional[int] = ..., block_ids: _Optional[_Iterable[int]] = ..., kv_endpoint: _Optional[str] = ..., lease_expiry: _Optional[float] = ..., decode_tp: _Optional[int] = ...) -> None: ...
+    cached_blocks: int
+    local_prefill: bool
+    def __init__(self, transfer_id: _Optional[str] = ..., decode_node_id: _Optional[str] = ..., epoch: _Optional[int] = ..., block_ids: _Optional[_Iterable[int]] = ..., kv_endpoint: _Optional[str] = ..., lease_expiry: _Optional[float] = ..., decode_tp: _Optional[int] = ..., cached_blocks: _Optional[int] = ..., local_prefill: _Optional[bool] = ...) -> None: ...
 
 class ReserveRequest(_message.Message):
     __slots__ = ("request_id", "prompt_token_ids", "sampling", "lease_s", "epoch", "subscriber")

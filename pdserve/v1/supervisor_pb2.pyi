@@ -9,7 +9,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class NodeRecord(_message.Message):
-    __slots__ = ("id", "role", "address", "kv_endpoint", "tp", "model", "epoch", "kv_blocks_total", "kv_blocks_free", "running", "queued", "queued_tokens", "silent_s", "down")
+    __slots__ = ("id", "role", "address", "kv_endpoint", "tp", "model", "epoch", "kv_blocks_total", "kv_blocks_free", "running", "queued", "queued_tokens", "silent_s", "down", "counters", "cache_version", "cache_full", "cache_added", "cache_removed")
     ID_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
@@ -24,6 +24,11 @@ class NodeRecord(_message.Message):
     QUEUED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     SILENT_S_FIELD_NUMBER: _ClassVar[int]
     DOWN_FIELD_NUMBER: _ClassVar[int]
+    COUNTERS_FIELD_NUMBER: _ClassVar[int]
+    CACHE_VERSION_FIELD_NUMBER: _ClassVar[int]
+    CACHE_FULL_FIELD_NUMBER: _ClassVar[int]
+    CACHE_ADDED_FIELD_NUMBER: _ClassVar[int]
+    CACHE_REMOVED_FIELD_NUMBER: _ClassVar[int]
     id: str
     role: _api_pb2.Role
     address: str
@@ -38,7 +43,12 @@ class NodeRecord(_message.Message):
     queued_tokens: int
     silent_s: float
     down: bool
-    def __init__(self, id: _Optional[str] = ..., role: _Optional[_Union[_api_pb2.Role, str]] = ..., address: _Optional[str] = ..., kv_endpoint: _Optional[str] = ..., tp: _Optional[int] = ..., model: _Optional[_Union[_node_pb2.ModelInfo, _Mapping]] = ..., epoch: _Optional[int] = ..., kv_blocks_total: _Optional[int] = ..., kv_blocks_free: _Optional[int] = ..., running: _Optional[int] = ..., queued: _Optional[int] = ..., queued_tokens: _Optional[int] = ..., silent_s: _Optional[float] = ..., down: _Optional[bool] = ...) -> None: ...
+    counters: _api_pb2.NodeCounters
+    cache_version: int
+    cache_full: bool
+    cache_added: _containers.RepeatedScalarFieldContainer[int]
+    cache_removed: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, id: _Optional[str] = ..., role: _Optional[_Union[_api_pb2.Role, str]] = ..., address: _Optional[str] = ..., kv_endpoint: _Optional[str] = ..., tp: _Optional[int] = ..., model: _Optional[_Union[_node_pb2.ModelInfo, _Mapping]] = ..., epoch: _Optional[int] = ..., kv_blocks_total: _Optional[int] = ..., kv_blocks_free: _Optional[int] = ..., running: _Optional[int] = ..., queued: _Optional[int] = ..., queued_tokens: _Optional[int] = ..., silent_s: _Optional[float] = ..., down: _Optional[bool] = ..., counters: _Optional[_Union[_api_pb2.NodeCounters, _Mapping]] = ..., cache_version: _Optional[int] = ..., cache_full: _Optional[bool] = ..., cache_added: _Optional[_Iterable[int]] = ..., cache_removed: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class NodeTable(_message.Message):
     __slots__ = ("nodes", "model")
