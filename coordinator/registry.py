@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import grpc
 
 from pdserve.wire.rpc import RpcError, channel
+from pdserve.wire.security import NONE, Credentials
 from pdserve.v1 import api_pb2, node_pb2, node_pb2_grpc
 
 log = logging.getLogger("pdserve.coordinator")
@@ -52,7 +53,10 @@ class NodeEntry:
 
 
 class Registry:
-    def __init__(self, heartbeat_interval_s: float, missed_beats: int = 3, expiry_s: float = 30.0):
+    def __init__(self, heartbeat_interval_s: float, missed_beats: int = 3, expiry_s: float = 30.0,
+                 creds: Credentials = NONE):
+        """creds: what the coordinator shows the nodes it calls (TLS, the cluster secret)."""
+        self.creds = creds
         self.interval = heartbeat_interval_s
         self.timeout = heartbeat_interval_s * missed_beats
         self.expiry_s = max(expiry_s, self.timeout)
@@ -76,7 +80,7 @@ class Registry:
 
     def add(self, node: NodeEntry) -> NodeEntry:
         """Open a channel to a new entry and list it (a worker's mirror adds the supervisor's entries)."""
-        node.channel = channel(node.address)
+        node.channel = channel(node.address, self.creds)
         if node.role != api_pb2.ROLE_PREFILL:
             node.stub = node_pb2_grpc.DecodeNodeStub(node.channel)
         if node.role != api_pb2.ROLE_DECODE:

@@ -30,6 +30,7 @@ from pdserve.coordinator.model import ServedModel
 from pdserve.coordinator.registry import NodeEntry, Registry
 from pdserve.wire.protocol import PROTOCOL_VERSION
 from pdserve.wire.rpc import RpcError, ServerHandle
+from pdserve.wire.security import Credentials
 from pdserve.v1 import api_pb2, node_pb2, node_pb2_grpc, supervisor_pb2, supervisor_pb2_grpc
 
 log = logging.getLogger("pdserve.coordinator.supervisor")
@@ -56,7 +57,8 @@ class WorkerSlot:
 class Supervisor(node_pb2_grpc.CoordinatorServicer, supervisor_pb2_grpc.SupervisorServicer):
     def __init__(self, cfg: CoordinatorConfig, workers: int):
         self.cfg = cfg
-        self.registry = Registry(cfg.heartbeat_interval_s, expiry_s=cfg.node_expiry_s)
+        self.creds = Credentials.member(cfg.security, cfg.api_key, cfg.api_key_file)
+        self.registry = Registry(cfg.heartbeat_interval_s, expiry_s=cfg.node_expiry_s, creds=self.creds)
         self.model = ServedModel(cfg.model)
         self.slots = [WorkerSlot(i) for i in range(workers)]
         self.run_id = uuid.uuid4().hex[:8]
@@ -68,8 +70,11 @@ class Supervisor(node_pb2_grpc.CoordinatorServicer, supervisor_pb2_grpc.Supervis
         self.stopped = asyncio.Event()
 
     async def start(self) -> str:
+        self.creds.check_listen(self.cfg.listen, "the coordinator")
         await self.model.start()
-        self.internal = ServerHandle("127.0.0.1:0", ["pdserve.v1.Supervisor", "pdserve.v1.Coordinator"])
+        # loopback, for its workers alone: the cluster secret (if any), no TLS
+        self.internal = ServerHandle("127.0.0.1:0", ["pdserve.v1.Supervisor", "pdserve.v1.Coordinator"],
+                                     creds=self.creds.loopback_only())
         supervisor_pb2_grpc.add_SupervisorServicer_to_server(self, self.internal.server)
         node_pb2_grpc.add_CoordinatorServicer_to_server(self, self.internal.server)
         self.internal_address = await self.internal.start()
@@ -108,7 +113,7 @@ class Supervisor(node_pb2_grpc.CoordinatorServicer, supervisor_pb2_grpc.Supervis
         n = len(self.slots)
         share = replace(self.cfg, listen=self.address, workers=1, max_inflight=-(-self.cfg.max_inflight // n),
                         max_queued=-(-self.cfg.max_queued // n))
-        return [sys.executable, "-m", "pdserve", "coordinator", *to_argv(share),
+        return [sys.executable, "-m", "pdserve", "coordinator", *to_argv(share), *to_argv(self.cfg.security),
                 "--switch-interval-us", f"{sys.getswitchinterval() * 1e6:.0f}", "--worker-of", self.internal_address,
                 "--worker-index", str(slot.index), "--subscriber", slot.subscriber]
 

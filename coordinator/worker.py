@@ -44,7 +44,7 @@ class Worker(Coordinator):
 
     async def start(self) -> str:
         await self.model.start()
-        self.sup_channel = channel(self.supervisor)
+        self.sup_channel = channel(self.supervisor, self.creds.loopback_only())
         self.sup = supervisor_pb2_grpc.SupervisorStub(self.sup_channel)
         self.sup_nodes = node_pb2_grpc.CoordinatorStub(self.sup_channel)
         self._spawn(self._follow())
@@ -52,7 +52,8 @@ class Worker(Coordinator):
         if not await self.mirror.wait_streaming(STREAMS_WAIT_S):
             log.warning("worker %d starts before every decode node's token stream opened", self.index)
         self.server = ServerHandle(self.cfg.listen, ["pdserve.v1.Generation", "pdserve.v1.Coordinator"],
-                                   max_receive_bytes=self.cfg.max_request_bytes, options=(("grpc.so_reuseport", 1),))
+                                   max_receive_bytes=self.cfg.max_request_bytes, options=(("grpc.so_reuseport", 1),),
+                                   creds=self.creds)
         api_pb2_grpc.add_GenerationServicer_to_server(self, self.server.server)
         node_pb2_grpc.add_CoordinatorServicer_to_server(self, self.server.server)
         self.address = await self.server.start()

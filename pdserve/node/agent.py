@@ -10,6 +10,7 @@ import grpc
 
 from pdserve.wire.protocol import PROTOCOL_VERSION
 from pdserve.wire.rpc import channel
+from pdserve.wire.security import NONE, Credentials
 from pdserve.v1 import node_pb2, node_pb2_grpc
 
 log = logging.getLogger("pdserve.node")
@@ -23,19 +24,19 @@ class NodeAgent:
     def __init__(self, coordinator: str, register: Callable[[], node_pb2.RegisterRequest],
                  load: Callable[[], node_pb2.HeartbeatRequest],
                  on_peers: Callable[[list[node_pb2.Peer]], None] | None = None,
-                 on_registered: Callable[[int], None] | None = None):
+                 on_registered: Callable[[int], None] | None = None, creds: Credentials = NONE):
         """on_peers receives the coordinator's list of live peers after every registration
         and heartbeat: decode nodes for a prefill node (it sets up its KV transport towards
         them), prefill nodes for a decode node. on_registered receives the new epoch after
         every successful (re-)registration."""
-        self.coordinator = coordinator
+        self.coordinator, self.creds = coordinator, creds
         self.make_register, self.make_load = register, load
         self.on_peers, self.on_registered = on_peers, on_registered
         self.node_id, self.epoch, self.interval = "", 0, 1.0
         self.task: asyncio.Task | None = None
 
     async def start(self) -> None:
-        self.channel = channel(self.coordinator)
+        self.channel = channel(self.coordinator, self.creds)
         self.stub = node_pb2_grpc.CoordinatorStub(self.channel)
         await self._register(wait_s=30.0)
         self.task = asyncio.create_task(self._beat())

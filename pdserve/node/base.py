@@ -16,7 +16,8 @@ from pdserve.kv_transfer.registry import AUTO, auto_choice, backend
 from pdserve.node.agent import NodeAgent
 from pdserve.common.config import NodeConfig
 from pdserve.wire.protocol import PROTOCOL_VERSION
-from pdserve.wire.rpc import RpcError, ServerHandle
+from pdserve.wire.rpc import RpcError, ServerHandle, channel
+from pdserve.wire.security import Credentials
 from pdserve.common.model_files import DEFAULT_MODEL, checkpoint_hash, compat_hash
 from pdserve.v1 import api_pb2, node_pb2
 
@@ -38,6 +39,8 @@ class NodeBase:
 
     async def start(self) -> str:
         self.aio = asyncio.get_running_loop()
+        self.creds = Credentials.member(self.cfg.security)
+        self.creds.check_listen(self.cfg.listen, f"this {self.kv_role.value} node")
         asked = self.cfg.kv_transport
         if asked == AUTO:
             role = "both" if self.role == api_pb2.ROLE_BOTH else self.kv_role.value
@@ -58,16 +61,17 @@ class NodeBase:
         layout = KVLayout(info.num_layers, info.num_kv_heads, info.head_dim, info.block_size,
                           self.engine.executor.runner.dtype, info.compat_hash)
         self.kv = kv.manager(self.kv_role, layout, self.cfg.engine.tp, self.cfg.kv,
-                             NodeLink(lambda fn: self.loop.call(fn), _open_pairs))
+                             NodeLink(lambda fn: self.loop.call(fn), self._open_pairs))
         self.engine.on_kv_save = self.kv.on_save_start
         self.kv.start()
         self.loop = EngineLoop(self.engine, self._on_step_thread, self._on_fatal_thread, self.kv.poll)
         self.loop.start()
-        self.server = ServerHandle(self.cfg.listen, [self.service_name])
+        self.server = ServerHandle(self.cfg.listen, [self.service_name], creds=self.creds)
         self.add_servicer(self.server.server)
         self.address = await self.server.start()
         self.agent = NodeAgent(self.cfg.coordinator, self._register_request, self._load,
-                               lambda peers: self.kv.on_peers(self.agent.node_id, peers), self._on_registered)
+                               lambda peers: self.kv.on_peers(self.agent.node_id, peers), self._on_registered,
+                               creds=self.creds)
         await self.agent.start()
         await self.server.ready()
         log.info("%s node serving on %s", self.kv_role.value, self.address)
@@ -113,6 +117,15 @@ class NodeBase:
         self.fatal = True
         self.stopped.set()
 
+    async def _open_pairs(self, peer: node_pb2.Peer, req: node_pb2.KVPairsRequest) -> node_pb2.KVPairsResponse:
+        """A pairing request to a decode peer, with this node's credentials."""
+        from pdserve.v1 import node_pb2_grpc
+        ch = channel(peer.address, self.creds)
+        try:
+            return await node_pb2_grpc.DecodeNodeStub(ch).OpenKVPairs(req, timeout=10.0)
+        finally:
+            await ch.close()
+
     def _register_request(self) -> node_pb2.RegisterRequest:
         return node_pb2.RegisterRequest(role=self.role, address=self.address, kv_endpoint=self.kv.endpoint,
                                         tp=self.cfg.engine.tp, model=self.model,
@@ -124,15 +137,6 @@ class NodeBase:
         return node_pb2.HeartbeatRequest(kv_blocks_free=self.engine.blocks.num_free, running=len(s.running),
                                          queued=len(s.waiting), queued_tokens=queued_tokens)
 
-
-async def _open_pairs(peer: node_pb2.Peer, req: node_pb2.KVPairsRequest) -> node_pb2.KVPairsResponse:
-    from pdserve.wire.rpc import channel
-    from pdserve.v1 import node_pb2_grpc
-    ch = channel(peer.address)
-    try:
-        return await node_pb2_grpc.DecodeNodeStub(ch).OpenKVPairs(req, timeout=10.0)
-    finally:
-        await ch.close()
 
 
 def model_info(engine) -> node_pb2.ModelInfo:
