@@ -38,6 +38,7 @@ class NodeEntry:
     queued: int = 0
     queued_tokens: int = 0
     kv_transport: str = ""
+    kv_curve_key: str = ""           # its ZeroMQ CURVE public key (secured clusters)
     last_seen: float = field(default_factory=time.monotonic)
     down: bool = False               # fenced off: an RPC failed, its stream broke or it missed its beats
     inflight: int = 0                # requests routed here by this coordinator and not finished
@@ -76,7 +77,7 @@ class Registry:
         return self.add(NodeEntry(id=uuid.uuid4().hex[:12], role=req.role, address=req.address,
                                   kv_endpoint=req.kv_endpoint, tp=req.tp, model=req.model, epoch=next(self._epochs),
                                   kv_blocks_total=req.kv_blocks_total, kv_blocks_free=req.kv_blocks_total,
-                                  kv_transport=req.kv_transport))
+                                  kv_transport=req.kv_transport, kv_curve_key=req.kv_curve_key))
 
     def add(self, node: NodeEntry) -> NodeEntry:
         """Open a channel to a new entry and list it (a worker's mirror adds the supervisor's entries)."""
@@ -141,7 +142,7 @@ class Registry:
         if other is None:
             return {}
         live = [node_pb2.Peer(node_id=n.id, epoch=n.epoch, address=n.address, kv_endpoint=n.kv_endpoint, tp=n.tp,
-                              compat_hash=n.model.compat_hash)
+                              compat_hash=n.model.compat_hash, kv_curve_key=n.kv_curve_key)
                 for n in self.nodes.values() if n.role == other and self.live(n)]
         return {"decode_peers" if other == api_pb2.ROLE_DECODE else "prefill_peers": live}
 

@@ -7,6 +7,8 @@ DEALER per decode endpoint; sender() (sender_for() a ticket) hands out a per-req
 ZmqKVSender. Senders from sender_for() stream: the engine's connector worker
 (connector.py; rank 0 gathers the other ranks' shards) sends their layers from the
 prompt's step; poll() collects the ends the ranks report.
+With CURVE keys (a secured cluster, base/curve.py) the ROUTER admits only the listed
+prefill peers' keys and each DEALER checks its decode node's key from the ticket.
 Explicit start()/close(); close() joins the thread and closes every socket."""
 from __future__ import annotations
 
@@ -18,7 +20,8 @@ from typing import TypeVar
 import zmq
 
 from pdserve.engine.kv_connector import KVSave
-from pdserve.kv_transfer.base.conn import KVManager, Role, WriteFn
+from pdserve.kv_transfer.base.conn import KVManager, KVUnavailable, Role, WriteFn
+from pdserve.kv_transfer.base.curve import CurveKeys, KeyGate
 from pdserve.kv_transfer.base.inbox import KVInbox
 from pdserve.kv_transfer.base.layout import KVLayout
 from pdserve.kv_transfer.base.outbox import KVOutbox
@@ -35,9 +38,12 @@ class ZmqKVManager(KVManager):
 
     def __init__(self, role: Role, layout: KVLayout, bind_host: str = "127.0.0.1", port: int = 0,
                  ipc_path: str | None = None, tp: int = 1, poll_interval_s: float = 0.05,
-                 layers_per_message: int = 1):
+                 layers_per_message: int = 1, curve: CurveKeys | None = None):
         """tp: this node's TP size (the number of shards a sender takes per layer, or of
-        decode ranks a receiver re-slices for). ipc_path, if given, replaces tcp."""
+        decode ranks a receiver re-slices for). ipc_path, if given, replaces tcp.
+        curve: this node's CURVE keys (None: plain ZeroMQ)."""
+        self.curve = curve
+        self.gate: KeyGate | None = None
         self.role, self.layout, self.tp, self.ipc_path = Role(role), layout, tp, ipc_path
         self.layers_per_message = layers_per_message
         for rank in range(tp):
@@ -59,6 +65,10 @@ class ZmqKVManager(KVManager):
             if self.role == Role.DECODE:
                 router = self._ctx.socket(zmq.ROUTER)
                 router.setsockopt(zmq.LINGER, 0)
+                if self.curve is not None:
+                    self.gate = KeyGate(self._ctx)
+                    self.gate.start()
+                    self.curve.serve(router)
                 try:
                     router.bind(self.bind_addr)
                 except zmq.ZMQError:
@@ -68,9 +78,11 @@ class ZmqKVManager(KVManager):
                 self._inbox = KVInbox(self.layout, router, self.poll_ms)
                 self._inbox.start()
             else:
-                self._outbox = KVOutbox(self._ctx, self.poll_ms)
+                self._outbox = KVOutbox(self._ctx, self.poll_ms, self.curve)
                 self._outbox.start()
         except BaseException:
+            if self.gate is not None:
+                self.gate.stop()
             self._ctx.term()
             self._ctx = None
             raise
@@ -81,6 +93,9 @@ class ZmqKVManager(KVManager):
         for part in (self._inbox, self._outbox):
             if part is not None:
                 part.close()
+        if self.gate is not None:
+            self.gate.stop()
+            self.gate = None
         self._ctx.term()
         if self._inbox is not None and self.ipc_path:
             with contextlib.suppress(FileNotFoundError):
@@ -131,7 +146,17 @@ class ZmqKVManager(KVManager):
         return tx
 
     async def sender_for(self, ticket: node_pb2.Ticket, num_blocks: int) -> ZmqKVSender:
+        if self.curve is not None:
+            if not ticket.kv_curve_key:
+                raise KVUnavailable(f"decode node {ticket.decode_node_id} has no CURVE key: this node sends KV "
+                                    f"only over CURVE (give every member the same credentials)")
+            self._require(Role.PREFILL, self._outbox).set_server_key(ticket.kv_endpoint, ticket.kv_curve_key.encode())
         return self.sender(ticket.kv_endpoint, ticket.transfer_id, ticket.epoch, num_blocks, stream=True)
+
+    def on_peers(self, node_id: str, peers: list[node_pb2.Peer]) -> None:
+        """Decode role with CURVE: admit exactly the listed prefill peers' keys."""
+        if self.gate is not None:
+            self.gate.allow({p.kv_curve_key.encode() for p in peers if p.kv_curve_key})
 
     # engine thread
 

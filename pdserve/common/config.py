@@ -98,6 +98,9 @@ class SecurityConfig(TLSConfig):
     cluster_secret_file: str | None = opt(None, "file holding the cluster join secret: members send it on every "
                                                 "call between them (Register, Heartbeat, node APIs) and refuse "
                                                 "calls without it (UNAUTHENTICATED); turns on CURVE for ZeroMQ KV")
+    tls_client_auth: bool = opt(True, "servers given --tls-ca require client certificates of it (mutual TLS); "
+                                      "off: TLS alone, members prove themselves with the cluster secret",
+                                off="--no-tls-client-auth")
     insecure: bool = opt(False, "allow listening on a non-loopback address without TLS and a cluster secret")
 
     @property

@@ -11,6 +11,7 @@ import grpc
 from pdserve.engine.engine_loop import EngineLoop
 from pdserve.engine.llm_engine import LLMEngine, StepBatch
 from pdserve.kv_transfer.base.conn import NodeLink, Role
+from pdserve.kv_transfer.base.curve import CurveKeys
 from pdserve.kv_transfer.base.layout import KVLayout
 from pdserve.kv_transfer.registry import AUTO, auto_choice, backend
 from pdserve.node.agent import NodeAgent
@@ -36,6 +37,8 @@ class NodeBase:
         self.stopped = asyncio.Event()   # set when the engine failed: the process must exit non-zero
         self.fatal = False
         self.tasks: set[asyncio.Task] = set()  # background work of calls (KV waits, releases, cleanups)
+        self.peers: dict[str, node_pb2.Peer] = {}  # the coordinator's latest list of this node's KV peers
+        self._peers_changed = asyncio.Event()
 
     async def start(self) -> str:
         self.aio = asyncio.get_running_loop()
@@ -55,13 +58,18 @@ class NodeBase:
         elif not isinstance(self.cfg.kv, kv.config_class):
             raise ValueError(f"the {kv.name} KV transport takes a {kv.config_class.__name__}, "
                              f"not a {type(self.cfg.kv).__name__}")
+        kv_host = getattr(self.cfg.kv, "host", None)
+        if kv_host:
+            self.creds.check_listen(f"{kv_host}:0", f"this {self.kv_role.value} node's KV plane")
+        # a secured member's ZeroMQ sockets use CURVE; public keys travel over the control plane
+        self.curve = CurveKeys.generate() if (self.creds.tls or self.creds.secret) else None
         self.engine = await asyncio.to_thread(LLMEngine(self.cfg.engine, kv.connector(self.cfg.kv),
                                                           detokenize=self.engine_detokenizes).start)
         info = self.model = model_info(self.engine)
         layout = KVLayout(info.num_layers, info.num_kv_heads, info.head_dim, info.block_size,
                           self.engine.executor.runner.dtype, info.compat_hash)
         self.kv = kv.manager(self.kv_role, layout, self.cfg.engine.tp, self.cfg.kv,
-                             NodeLink(lambda fn: self.loop.call(fn), self._open_pairs))
+                             NodeLink(lambda fn: self.loop.call(fn), self._open_pairs, self.curve))
         self.engine.on_kv_save = self.kv.on_save_start
         self.kv.start()
         self.loop = EngineLoop(self.engine, self._on_step_thread, self._on_fatal_thread, self.kv.poll)
@@ -70,7 +78,7 @@ class NodeBase:
         self.add_servicer(self.server.server)
         self.address = await self.server.start()
         self.agent = NodeAgent(self.cfg.coordinator, self._register_request, self._load,
-                               lambda peers: self.kv.on_peers(self.agent.node_id, peers), self._on_registered,
+                               self._on_peers, self._on_registered,
                                creds=self.creds)
         await self.agent.start()
         await self.server.ready()
@@ -92,6 +100,23 @@ class NodeBase:
 
     def _on_registered(self, epoch: int) -> None:
         """After every (re-)registration, with the new epoch."""
+
+    def _on_peers(self, peers: list[node_pb2.Peer]) -> None:
+        self.peers = {p.node_id: p for p in peers}
+        self._peers_changed.set()
+        self._peers_changed = asyncio.Event()
+        self.kv.on_peers(self.agent.node_id, peers)
+
+    async def listed_peer(self, node_id: str, wait_s: float) -> node_pb2.Peer | None:
+        """The peer the coordinator listed under node_id, waiting up to wait_s for the next
+        lists (a node that just registered shows at this node's next heartbeat)."""
+        deadline = self.aio.time() + wait_s
+        while node_id not in self.peers and self.aio.time() < deadline:
+            try:
+                await asyncio.wait_for(self._peers_changed.wait(), deadline - self.aio.time())
+            except asyncio.TimeoutError:
+                break
+        return self.peers.get(node_id)
 
     def on_step(self, batch: StepBatch) -> None:
         """Called on the event loop with each engine step's outputs."""
@@ -129,7 +154,8 @@ class NodeBase:
     def _register_request(self) -> node_pb2.RegisterRequest:
         return node_pb2.RegisterRequest(role=self.role, address=self.address, kv_endpoint=self.kv.endpoint,
                                         tp=self.cfg.engine.tp, model=self.model,
-                                        kv_blocks_total=self.engine.blocks.num_blocks, kv_transport=self.kv.name)
+                                        kv_blocks_total=self.engine.blocks.num_blocks, kv_transport=self.kv.name,
+                                        kv_curve_key=self.curve.public.decode() if self.curve else "")
 
     def _load(self) -> node_pb2.HeartbeatRequest:
         s = self.engine.scheduler

@@ -90,6 +90,7 @@ class Credentials:
     api_keys: frozenset[str] = frozenset()  # accepted from clients (a coordinator)
     api_key: str | None = None           # sent to a server (a client)
     insecure: bool = False
+    client_auth: bool = True             # a server with a CA requires client certificates
     _client_md: tuple[tuple[str, str], ...] = field(default=(), repr=False)
 
     def __post_init__(self) -> None:
@@ -105,7 +106,7 @@ class Credentials:
                api_key_file: str | None = None) -> "Credentials":
         """A cluster member's (api_key/api_key_file: those a coordinator accepts from clients)."""
         return cls(**_tls(cfg), secret=read_secret(cfg.cluster_secret_file), insecure=cfg.insecure,
-                   api_keys=read_api_keys(api_key, api_key_file))
+                   api_keys=read_api_keys(api_key, api_key_file), client_auth=cfg.tls_client_auth)
 
     @classmethod
     def client(cls, cfg: ClientConfig) -> "Credentials":
@@ -119,7 +120,7 @@ class Credentials:
     @property
     def mutual(self) -> bool:
         """A server that requires client certificates."""
-        return self.ca is not None and self.cert is not None
+        return self.ca is not None and self.cert is not None and self.client_auth
 
     def loopback_only(self) -> "Credentials":
         """The same secret without TLS: a supervisor's loopback link to its workers."""
@@ -142,8 +143,8 @@ class Credentials:
             if self.ca is not None:
                 raise ValueError("a server needs --tls-cert and --tls-key to serve TLS (--tls-ca alone is a client's)")
             return server.add_insecure_port(listen)
-        creds = grpc.ssl_server_credentials([(self.key, self.cert)], root_certificates=self.ca,
-                                            require_client_auth=self.ca is not None)
+        creds = grpc.ssl_server_credentials([(self.key, self.cert)], root_certificates=self.ca if self.mutual else None,
+                                            require_client_auth=self.mutual)
         return server.add_secure_port(listen, creds)
 
     def interceptor(self) -> "AuthInterceptor | None":
