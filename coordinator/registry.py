@@ -40,6 +40,7 @@ class NodeEntry:
     kv_transport: str = ""
     kv_curve_key: str = ""           # its ZeroMQ CURVE public key (secured clusters)
     last_seen: float = field(default_factory=time.monotonic)
+    listed_at: float = field(default_factory=time.monotonic)  # when this registry first listed it
     down: bool = False               # fenced off: an RPC failed, its stream broke or it missed its beats
     inflight: int = 0                # requests routed here by this coordinator and not finished
     streaming: bool = False          # decode: its token stream to this coordinator is open
@@ -131,8 +132,17 @@ class Registry:
         return gone
 
     def healthy(self, node: NodeEntry) -> bool:
-        """Live, and for a decode node, its token stream is open."""
-        return self.live(node) and (node.streaming or node.role == api_pb2.ROLE_PREFILL)
+        """Live, and for a decode node, its token stream is open (for a prefill node, see known_to_peers)."""
+        return self.live(node) and (node.streaming or (node.role == api_pb2.ROLE_PREFILL and self.known_to_peers(node)))
+
+    def known_to_peers(self, node: NodeEntry) -> bool:
+        """A prefill node with a CURVE key is routable once every live decode node has heard
+        from this registry since it listed the node: each got a peer list with its key, so
+        its KV connections pass the decode node's gate."""
+        if not node.kv_curve_key:
+            return True
+        return all(d.last_seen >= node.listed_at for d in self.nodes.values()
+                   if d.role == api_pb2.ROLE_DECODE and self.live(d))
 
     def peers(self, node: NodeEntry) -> dict[str, list[node_pb2.Peer]]:
         """The live nodes on the other side of a node's KV plane: decode nodes for a

@@ -196,7 +196,8 @@ class Supervisor(node_pb2_grpc.CoordinatorServicer, supervisor_pb2_grpc.Supervis
         table = supervisor_pb2.NodeTable(nodes=[supervisor_pb2.NodeRecord(
             id=n.id, role=n.role, address=n.address, kv_endpoint=n.kv_endpoint, tp=n.tp, model=n.model,
             epoch=n.epoch, kv_blocks_total=n.kv_blocks_total, kv_blocks_free=n.kv_blocks_free, running=n.running,
-            queued=n.queued, queued_tokens=n.queued_tokens, silent_s=now - n.last_seen, down=n.down)
+            queued=n.queued, queued_tokens=n.queued_tokens, silent_s=now - n.last_seen, down=n.down,
+            kv_curve_key=n.kv_curve_key)
             for n in self.registry.nodes.values()])
         if self.model.info is not None:
             table.model.CopyFrom(self.model.info)
@@ -227,7 +228,9 @@ class Supervisor(node_pb2_grpc.CoordinatorServicer, supervisor_pb2_grpc.Supervis
         if not self.registry.live(node):
             return False
         ready = [s for s in self.slots if s.ready]
-        return node.role == api_pb2.ROLE_PREFILL or (bool(ready) and all(node.id in s.streaming for s in ready))
+        if node.role == api_pb2.ROLE_PREFILL:
+            return self.registry.known_to_peers(node)
+        return bool(ready) and all(node.id in s.streaming for s in ready)
 
     # node health
 

@@ -9,7 +9,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class NodeRecord(_message.Message):
-    __slots__ = ("id", "role", "address", "kv_endpoint", "tp", "model", "epoch", "kv_blocks_total", "kv_blocks_free", "running", "queued", "queued_tokens", "silent_s", "down")
+    __slots__ = ("id", "role", "address", "kv_endpoint", "tp", "model", "epoch", "kv_blocks_total", "kv_blocks_free", "running", "queued", "queued_tokens", "silent_s", "down", "kv_curve_key")
     ID_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
@@ -24,6 +24,7 @@ class NodeRecord(_message.Message):
     QUEUED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     SILENT_S_FIELD_NUMBER: _ClassVar[int]
     DOWN_FIELD_NUMBER: _ClassVar[int]
+    KV_CURVE_KEY_FIELD_NUMBER: _ClassVar[int]
     id: str
     role: _api_pb2.Role
     address: str
@@ -38,7 +39,8 @@ class NodeRecord(_message.Message):
     queued_tokens: int
     silent_s: float
     down: bool
-    def __init__(self, id: _Optional[str] = ..., role: _Optional[_Union[_api_pb2.Role, str]] = ..., address: _Optional[str] = ..., kv_endpoint: _Optional[str] = ..., tp: _Optional[int] = ..., model: _Optional[_Union[_node_pb2.ModelInfo, _Mapping]] = ..., epoch: _Optional[int] = ..., kv_blocks_total: _Optional[int] = ..., kv_blocks_free: _Optional[int] = ..., running: _Optional[int] = ..., queued: _Optional[int] = ..., queued_tokens: _Optional[int] = ..., silent_s: _Optional[float] = ..., down: _Optional[bool] = ...) -> None: ...
+    kv_curve_key: str
+    def __init__(self, id: _Optional[str] = ..., role: _Optional[_Union[_api_pb2.Role, str]] = ..., address: _Optional[str] = ..., kv_endpoint: _Optional[str] = ..., tp: _Optional[int] = ..., model: _Optional[_Union[_node_pb2.ModelInfo, _Mapping]] = ..., epoch: _Optional[int] = ..., kv_blocks_total: _Optional[int] = ..., kv_blocks_free: _Optional[int] = ..., running: _Optional[int] = ..., queued: _Optional[int] = ..., queued_tokens: _Optional[int] = ..., silent_s: _Optional[float] = ..., down: _Optional[bool] = ..., kv_curve_key: _Optional[str] = ...) -> None: ...
 
 class NodeTable(_message.Message):
     __slots__ = ("nodes", "model")
