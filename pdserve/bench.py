@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from pdserve.bench_clients import run_clients
-from pdserve.bench_stream import Request, Result, arrival_gaps, benchmark
+from pdserve.bench_stream import Request, Result, arrival_gaps, benchmark, client_credentials
 from pdserve.client import FINISH_NAMES, status
 
 SYNTHETIC = {  # name -> (mean input tokens, mean output tokens), lognormal lengths around them
@@ -153,10 +153,14 @@ def add_flags(p: argparse.ArgumentParser) -> None:
                    help="doublings (or halvings) of the rate tried when every swept rate meets (or misses) the SLOs")
     p.add_argument("--slo-scale", default=None, help="comma-separated SLO multipliers at --request-rate")
     p.add_argument("--label", default=None, help="name on plots and summaries")
+    from pdserve.common.config import ClientConfig
+    from pdserve.common.flags import add_flags as add_config_flags
+    add_config_flags(p.add_argument_group("TLS and API key"), ClientConfig)
+
 
 
 def main(a: argparse.Namespace) -> int:
-    info = status(a.coordinator)
+    info = status(a.coordinator, creds=client_credentials(a))
     a.model_id = info["model"] or "default"
     if a.num_clients < 1:
         raise SystemExit("--num-clients must be >= 1")

@@ -18,7 +18,7 @@ import time
 from dataclasses import asdict
 from multiprocessing.connection import Connection, wait
 
-from pdserve.bench_stream import Progress, Request, Result, arrival_gaps, run_one
+from pdserve.bench_stream import Progress, Request, Result, arrival_gaps, client_tls, run_one
 
 START_DELAY_S = 0.2     # after every client is connected: time for the start message to reach them all
 CONNECT_TIMEOUT_S = 30.0
@@ -39,6 +39,7 @@ def run_clients(a: argparse.Namespace, reqs: list[Request]) -> tuple[list[Result
     for j in range(k):
         mine = range(j, len(reqs), k)
         job = dict(coordinator=a.coordinator, request_timeout=a.request_timeout, ignore_eos=a.ignore_eos,
+                   tls=client_tls(a),
                    limit=limits[j],
                    requests=[[i, reqs[i].prompt, reqs[i].output_len, offsets[i]] for i in mine])
         ours, theirs = ctx.Pipe()
@@ -98,9 +99,11 @@ def client_main(job_json: str, conn: Connection) -> None:
 
 
 async def _client(job: dict, conn: Connection) -> None:
+    from pdserve.common.config import ClientConfig
     from pdserve.wire.rpc import channel
+    from pdserve.wire.security import Credentials
     from pdserve.v1 import api_pb2_grpc
-    ch = channel(job["coordinator"])
+    ch = channel(job["coordinator"], Credentials.client(ClientConfig(**job["tls"])))
     await asyncio.wait_for(ch.channel_ready(), CONNECT_TIMEOUT_S)
     stub = api_pb2_grpc.GenerationStub(ch)
     conn.send_bytes(b'{"ready": true}')

@@ -131,9 +131,15 @@ class ZmqKVManager(KVManager):
         return self._require(Role.DECODE, self._inbox).cancel(transfer_id)
 
     def sender(self, endpoint: str, transfer_id: str, epoch: int, num_blocks: int,
-               stream: bool = False) -> ZmqKVSender:
-        """stream: the engine's step sends the layers; otherwise the caller does."""
+               stream: bool = False, server_key: bytes | None = None) -> ZmqKVSender:
+        """stream: the engine's step sends the layers; otherwise the caller does.
+        server_key: the decode node's CURVE public key (required with CURVE)."""
         outbox = self._require(Role.PREFILL, self._outbox)
+        if self.curve is not None:
+            if not server_key:
+                raise KVUnavailable(f"no CURVE key for {endpoint}: this node sends KV only over CURVE (give every "
+                                    f"member the same credentials)")
+            outbox.set_server_key(endpoint, server_key)
         tx = ZmqKVSender(self.layout, self.tp, endpoint, transfer_id, epoch, num_blocks, outbox.submit,
                          self.layers_per_message, stream=stream)
         try:
@@ -146,12 +152,8 @@ class ZmqKVManager(KVManager):
         return tx
 
     async def sender_for(self, ticket: node_pb2.Ticket, num_blocks: int) -> ZmqKVSender:
-        if self.curve is not None:
-            if not ticket.kv_curve_key:
-                raise KVUnavailable(f"decode node {ticket.decode_node_id} has no CURVE key: this node sends KV "
-                                    f"only over CURVE (give every member the same credentials)")
-            self._require(Role.PREFILL, self._outbox).set_server_key(ticket.kv_endpoint, ticket.kv_curve_key.encode())
-        return self.sender(ticket.kv_endpoint, ticket.transfer_id, ticket.epoch, num_blocks, stream=True)
+        return self.sender(ticket.kv_endpoint, ticket.transfer_id, ticket.epoch, num_blocks, stream=True,
+                           server_key=ticket.kv_curve_key.encode())
 
     def on_peers(self, node_id: str, peers: list[node_pb2.Peer]) -> None:
         """Decode role with CURVE: admit exactly the listed prefill peers' keys."""
