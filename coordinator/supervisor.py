@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 import signal
 import socket
 import subprocess
@@ -58,6 +59,8 @@ class Supervisor(node_pb2_grpc.CoordinatorServicer, supervisor_pb2_grpc.Supervis
     def __init__(self, cfg: CoordinatorConfig, workers: int):
         self.cfg = cfg
         self.creds = Credentials.member(cfg.security, cfg.api_key, cfg.api_key_file)
+        # the workers' link: loopback, no TLS, a token of this run that only they get (on their stdin)
+        self.link_token = secrets.token_urlsafe(32)
         self.registry = Registry(cfg.heartbeat_interval_s, expiry_s=cfg.node_expiry_s, creds=self.creds)
         self.model = ServedModel(cfg.model)
         self.slots = [WorkerSlot(i) for i in range(workers)]
@@ -72,9 +75,8 @@ class Supervisor(node_pb2_grpc.CoordinatorServicer, supervisor_pb2_grpc.Supervis
     async def start(self) -> str:
         self.creds.check_listen(self.cfg.listen, "the coordinator")
         await self.model.start()
-        # loopback, for its workers alone: the cluster secret (if any), no TLS
         self.internal = ServerHandle("127.0.0.1:0", ["pdserve.v1.Supervisor", "pdserve.v1.Coordinator"],
-                                     creds=self.creds.loopback_only())
+                                     creds=Credentials(secret=self.link_token.encode()))
         supervisor_pb2_grpc.add_SupervisorServicer_to_server(self, self.internal.server)
         node_pb2_grpc.add_CoordinatorServicer_to_server(self, self.internal.server)
         self.internal_address = await self.internal.start()
@@ -122,7 +124,9 @@ class Supervisor(node_pb2_grpc.CoordinatorServicer, supervisor_pb2_grpc.Supervis
         slot.subscriber = f"{self.run_id}-w{slot.index}-{slot.restarts}"
         slot.ready, slot.streaming, slot.served, slot.inflight = False, set(), 0, 0
         # plain Popen and threads: asyncio's child watcher can lose a restarted child's exit status
-        slot.proc = proc = subprocess.Popen(self._command(slot), stdout=subprocess.PIPE)
+        slot.proc = proc = subprocess.Popen(self._command(slot), stdout=subprocess.PIPE, stdin=subprocess.PIPE)
+        proc.stdin.write(self.link_token.encode() + b"\n")
+        proc.stdin.close()
         try:
             line = await asyncio.wait_for(_in_thread(proc.stdout.readline), START_TIMEOUT_S)
         except asyncio.TimeoutError:

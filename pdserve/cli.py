@@ -214,7 +214,8 @@ def cmd_coordinator(a: argparse.Namespace) -> int:
         from pdserve.coordinator.worker import Worker
         logging.basicConfig(level=logging.INFO,
                             format=f"%(asctime)s %(name)s[worker {a.worker_index}] %(levelname)s %(message)s")
-        return asyncio.run(run_until_signal(Worker(cfg, a.worker_of, a.worker_index, a.subscriber)))
+        token = sys.stdin.readline().strip()  # the supervisor's link token
+        return asyncio.run(run_until_signal(Worker(cfg, a.worker_of, a.worker_index, a.subscriber, token)))
     workers = cfg.worker_count()
     if workers > 1:
         from pdserve.coordinator.supervisor import Supervisor

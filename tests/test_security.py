@@ -66,6 +66,7 @@ def mtls(tiny_models, pki):
     cluster = start_cluster(model=tiny_models["qwen3"], kv_blocks=128, workers=2, security=member_security(p),
                             api_key=open(p["api-key"]).read().strip())
     client = Client(cluster.cfg.listen, creds=client_creds(p))
+    client.supervisor_pid = cluster.procs[0].pid
     yield client
     client.close()
     cluster.stop()
@@ -170,6 +171,19 @@ def test_node_apis_and_kv_pairing_refuse_callers_outside_the_cluster(mtls, pki):
             node_pb2_grpc.DecodeNodeStub(ch).OpenKVPairs(pairs, timeout=10, metadata=right.metadata())
         assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED and "not a registered peer" in e.value.details()
     mtls.wait_blocks_at_baseline()
+
+
+def test_the_supervisors_loopback_port_takes_only_its_workers(mtls, pki):
+    children = open(f"/proc/{mtls.supervisor_pid}/task/{mtls.supervisor_pid}/children").read().split()
+    argv = open(f"/proc/{children[0]}/cmdline").read().split("\0")
+    internal = argv[argv.index("--worker-of") + 1]
+    secret = open(pki["ours"]["cluster-secret"], "rb").read().strip()
+    for creds in (Credentials(), Credentials(secret=secret)):
+        with creds.sync_channel(internal) as ch:  # no token, or the cluster secret: neither is the run's token
+            with pytest.raises(grpc.RpcError) as e:
+                node_pb2_grpc.CoordinatorStub(ch).Register(register_request(), timeout=5, metadata=creds.metadata())
+            assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert len(mtls.status()["nodes"]) == 2
 
 
 def handshake(endpoint: str, keys: tuple[bytes, bytes] | None, server_key: bytes | None, timeout_s: float = 5.0):

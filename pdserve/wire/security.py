@@ -122,10 +122,6 @@ class Credentials:
         """A server that requires client certificates."""
         return self.ca is not None and self.cert is not None and self.client_auth
 
-    def loopback_only(self) -> "Credentials":
-        """The same secret without TLS: a supervisor's loopback link to its workers."""
-        return Credentials(secret=self.secret, insecure=self.insecure)
-
     def check_listen(self, listen: str, what: str) -> None:
         """Refuse a non-loopback listener without credentials (unless --insecure)."""
         if is_loopback(listen) or self.tls or self.secret:
