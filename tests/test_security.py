@@ -255,6 +255,26 @@ def test_a_tls_cluster_without_client_certificates_matches_transformers(tiny_mod
         assert_matches_reference(out["token_ids"], reference(model).generate(prompt, n), "TLS")
 
 
+@pytest.mark.parametrize("transport", ["nccl", "cuda-ipc"])
+def test_secured_nccl_and_cuda_ipc_clusters_pair_and_match_transformers(tiny_models, reference, pki, transport,
+                                                                        tmp_path):
+    """Pairs open for the listed prefill peer (OpenKVPairs checked), the control sockets use CURVE."""
+    p = pki["ours"]
+    model = tiny_models["qwen2"]
+    cluster = start_cluster(model=model, kv_blocks=64, kv_transport=transport, security=member_security(p),
+                            log_dir=str(tmp_path))
+    client = Client(cluster.cfg.listen, creds=client_creds(p, api_key=None))
+    try:
+        jobs = workload(5, 3)
+        outs = client.generate_all(jobs)
+        client.wait_blocks_at_baseline()
+    finally:
+        client.close()
+        cluster.stop()
+    for (prompt, n), out in zip(jobs, outs):
+        assert_matches_reference(out["token_ids"], reference(model).generate(prompt, n), transport)
+
+
 def run_cli(*args: str, timeout: float = 60.0) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "pdserve", *args], capture_output=True, text=True, timeout=timeout)
 
