@@ -1,6 +1,7 @@
 """ZeroMQ KV transfer bandwidth: our transport next to bare pyzmq moving the same frames.
 
     python benchmarks/kv_zmq.py [--runs 15] [--endpoints tcp ipc]   # ~30 s on CPU -> results/kv_transfer_zmq.json
+    python benchmarks/kv_zmq.py --curve [--endpoints tcp]          # CURVE on vs off -> kv_transfer_zmq_curve.json
 
 For each case (a model-shaped KV of a prompt) and endpoint kind (tcp loopback, ipc),
 ours = bytes / seconds from the first send_layers() to the receiver's DONE (all
@@ -11,7 +12,10 @@ to last message received. Runs alternate after a warm-up; the median of each is
 reported, and ratio = ours / raw. Everything runs in this process, so both ends
 share its CPUs. A diagnostic third column runs ours with the checksum stubbed out
 (both ends), to show what integrity checking costs on this host; the transport
-itself always checks."""
+itself always checks.
+
+--curve: ours with CURVE (encryption and authentication, a secured cluster's KV plane)
+next to ours without, runs interleaved; ratio = CURVE GB/s / plain GB/s (no target)."""
 from __future__ import annotations
 
 import argparse
@@ -33,6 +37,8 @@ import zmq
 import pdserve.kv_transfer.base.header
 from common import RESULTS, commit, uncommitted_changes
 from pdserve.kv_transfer.base.conn import Role
+from pdserve.kv_transfer.base.curve import CurveKeys
+from pdserve.v1 import node_pb2
 from pdserve.kv_transfer.base.layout import KVLayout
 from pdserve.kv_transfer.base.status import TransferState
 from pdserve.kv_transfer.zmq.manager import ZmqKVManager
@@ -93,20 +99,25 @@ def make_workload(case: Case, tokens: int, block_size: int, per_message: int, pr
 class Ours:
     """A decode and a prefill ZmqKVManager in this process."""
 
-    def __init__(self, w: Workload, ipc_dir: str | None):
+    def __init__(self, w: Workload, ipc_dir: str | None, curve: bool = False):
+        """curve: both ends with CURVE keys, the prefill end's key admitted by the decode end."""
         self.w = w
-        ipc = f"{ipc_dir}/ours.sock" if ipc_dir else None
-        self.dec = ZmqKVManager(Role.DECODE, w.layout, tp=w.decode_tp, ipc_path=ipc)
-        self.pre = ZmqKVManager(Role.PREFILL, w.layout, tp=w.prefill_tp)
+        ipc = f"{ipc_dir}/ours{'-curve' if curve else ''}.sock" if ipc_dir else None
+        keys = (CurveKeys.generate(), CurveKeys.generate()) if curve else (None, None)
+        self.dec = ZmqKVManager(Role.DECODE, w.layout, tp=w.decode_tp, ipc_path=ipc, curve=keys[0])
+        self.pre = ZmqKVManager(Role.PREFILL, w.layout, tp=w.prefill_tp, curve=keys[1])
+        self.server_key = keys[0].public if curve else None
         self.dec.start()
         self.pre.start()
+        if curve:
+            self.dec.on_peers("decode", [node_pb2.Peer(node_id="prefill", kv_curve_key=keys[1].public.decode())])
         self.n = 0
 
     def run(self) -> float:
         self.n += 1
         tid, w = f"bench-{self.n}", self.w
         rx = self.dec.expect(tid, 1, list(range(w.num_blocks)), time.time() + 60, lambda layer, per_rank: None)
-        tx = self.pre.sender(self.dec.endpoint, tid, 1, w.num_blocks)
+        tx = self.pre.sender(self.dec.endpoint, tid, 1, w.num_blocks, server_key=self.server_key)
         t0 = time.perf_counter()
         start = 0
         for group in w.groups:
@@ -175,6 +186,57 @@ class NoChecksum:
         pdserve.kv_transfer.base.header.checksum = self.saved
 
 
+def measure_curve(w: Workload, endpoint: str, runs: int, warmup: int) -> dict:
+    """Ours with CURVE next to ours without, interleaved; medians."""
+    with tempfile.TemporaryDirectory() as tmp:
+        ipc_dir = tmp if endpoint == "ipc" else None
+        plain, curve = Ours(w, ipc_dir), Ours(w, ipc_dir, curve=True)
+        try:
+            for _ in range(warmup):
+                plain.run()
+                curve.run()
+            t_plain, t_curve = [], []
+            for _ in range(runs):
+                t_plain.append(plain.run())
+                t_curve.append(curve.run())
+        finally:
+            plain.close()
+            curve.close()
+    s_plain, s_curve = statistics.median(t_plain), statistics.median(t_curve)
+    gb = w.nbytes / 1e9
+    return dict(case=w.case.name, endpoint=endpoint, bytes=w.nbytes, messages=len(w.groups) + 1,
+                plain_seconds=s_plain, plain_gbps=gb / s_plain, curve_seconds=s_curve, curve_gbps=gb / s_curve,
+                ratio=s_plain / s_curve)
+
+
+def main_curve(args) -> None:
+    cases = []
+    for case in CASES:
+        w = make_workload(case, args.tokens, args.block_size, args.layers_per_message, args.prefill_tp, args.decode_tp)
+        for endpoint in args.endpoints:
+            cases.append(measure_curve(w, endpoint, args.runs, args.warmup))
+    print(f"{'case':<20} {'endpoint':<8} {'MiB':>6} {'plain GB/s':>10} {'CURVE GB/s':>10} {'ratio':>6}")
+    for c in cases:
+        print(f"{c['case']:<20} {c['endpoint']:<8} {c['bytes'] / 2**20:6.1f} {c['plain_gbps']:10.2f} "
+              f"{c['curve_gbps']:10.2f} {c['ratio']:6.2f}")
+    headline = next((c for c in cases if (c["case"], c["endpoint"]) == HEADLINE), cases[0])
+    out = args.out if args.out != RESULTS / "kv_transfer_zmq.json" else RESULTS / "kv_transfer_zmq_curve.json"
+    result = dict(
+        benchmark="kv_transfer_zmq_curve", device=cpu_model(), date=datetime.datetime.now().astimezone().isoformat(),
+        commit=commit(args.commit), ratio=round(headline["ratio"], 3), target=None,
+        config=dict(transport="zmq", tokens=args.tokens, block_size=args.block_size,
+                    layers_per_message=args.layers_per_message, prefill_tp=args.prefill_tp,
+                    decode_tp=args.decode_tp, runs=args.runs, warmup=args.warmup, cpus=os.cpu_count(),
+                    pyzmq=zmq.__version__, libzmq=zmq.zmq_version(),
+                    headline=f"{headline['case']} over {headline['endpoint']}",
+                    uncommitted_changes=uncommitted_changes()),
+        cases=cases,
+    )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"ratio (headline {result['config']['headline']}): CURVE / plain bandwidth {result['ratio']:.2f} -> {out}")
+
+
 def checksum_gbps(nbytes: int = 64 << 20) -> float:
     buf = torch.randn(nbytes // 4).view(torch.uint8).numpy()
     t0 = time.perf_counter()
@@ -240,7 +302,14 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--out", type=Path, default=RESULTS / "kv_transfer_zmq.json")
     ap.add_argument("--commit", default=None, help="commit measured, where the tree has no .git")
+    ap.add_argument("--curve", action="store_true", help="measure CURVE on against off instead of ours against raw")
+    ap.add_argument("--cases", nargs="+", default=None, help="only these cases (names as in CASES)")
     args = ap.parse_args()
+    if args.cases:
+        CASES[:] = [c for c in CASES if c.name in args.cases]
+    if args.curve:
+        main_curve(args)
+        return
 
     cases = []
     for case in CASES:

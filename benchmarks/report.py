@@ -28,6 +28,8 @@ RATIO_OF = {
     "relay": "relay tok/s: W workers / (W x 1 worker)",
     "kv_transfer_zmq": "bandwidth: ours / bare pyzmq",
     "kv_transfer_zmq_load": "aggregate GB/s: ours / bare pyzmq",
+    "kv_transfer_zmq_curve": "bandwidth: CURVE on / off",
+    "serving_tls": "served tok/s: TLS + CURVE / plain",
     "kv_transfer_nccl": "bandwidth: ours / bare NCCL send",
     "kv_transfer_exposed": "TTFT: 1P1D over NCCL / prefill alone",
     "kv_transfer_ipc": "copy time: raw device copy / ours",
@@ -83,6 +85,12 @@ def setup(r: dict) -> str:
         ipc = next((x["ratio"] for x in r["cases"] if x["case"] == case and x["endpoint"] == "ipc"), None)
         name = case.split(" ")[0]
         return f"{shape(name)} {tokens(c['tokens'])}-token KV, {endpoint}" + (f" (ipc {ipc:.2f})" if ipc else "")
+    if b == "kv_transfer_zmq_curve":
+        case, endpoint = c["headline"].split(" over ")
+        return f"{shape(case.split(' ')[0])} {tokens(c['tokens'])}-token KV, {endpoint}"
+    if b == "serving_tls":
+        return (f"{shape(c['shape'])}, 1P1D, {c['input_len']} in / {c['output_len']} out, "
+                f"{c['concurrency']} streams, mTLS + secret + API key + CURVE")
     if b == "kv_transfer_zmq_load":
         lat = r.get("latency_ratio_c1")
         return (f"{shape(c['shape'])} {c['tokens']}-token KV ({c['transfer_mib']:g} MiB), "
@@ -121,7 +129,7 @@ def gpus(r: dict) -> int:
 
 
 def device(r: dict) -> str:
-    if r["benchmark"] == "kv_transfer_zmq":
+    if r["benchmark"] in ("kv_transfer_zmq", "kv_transfer_zmq_curve"):
         return f"{r['device'].replace('(R)', '')}, {r['config']['cpus']} CPUs"
     n = gpus(r)
     return f"{n}x {r['device']}" if n > 1 else r["device"]
@@ -135,7 +143,7 @@ def number(x: float | None) -> str:
 
 def row(path: Path, r: dict, base: Path) -> str:
     b = r["benchmark"]
-    target = ("<= " if b in LOWER_IS_BETTER else ">= ") + number(r["target"])
+    target = "-" if r["target"] is None else ("<= " if b in LOWER_IS_BETTER else ">= ") + number(r["target"])
     link = f"[{path.stem}]({path.relative_to(base).as_posix()})"  # from the README's folder
     cells = [link, setup(r), RATIO_OF.get(b, ""), f"**{number(r['ratio'])}**", target, device(r),
              r["date"][:10], r["commit"][:7]]

@@ -46,7 +46,8 @@ class Mirror:
             if node is None:
                 node = self.registry.add(NodeEntry(id=rec.id, role=rec.role, address=rec.address,
                                                    kv_endpoint=rec.kv_endpoint, tp=rec.tp, model=rec.model,
-                                                   epoch=rec.epoch, kv_blocks_total=rec.kv_blocks_total))
+                                                   epoch=rec.epoch, kv_blocks_total=rec.kv_blocks_total,
+                                                   kv_curve_key=rec.kv_curve_key))
                 if node.role != api_pb2.ROLE_PREFILL and not rec.down:
                     self.subscribe(node)
             node.kv_blocks_free, node.running, node.queued = rec.kv_blocks_free, rec.running, rec.queued

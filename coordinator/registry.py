@@ -18,6 +18,7 @@ import grpc
 
 from pdserve.wire.rpc import RpcError, channel
 from pdserve.coordinator.cache_view import CacheView
+from pdserve.wire.security import NONE, Credentials
 from pdserve.v1 import api_pb2, node_pb2, node_pb2_grpc
 
 log = logging.getLogger("pdserve.coordinator")
@@ -38,7 +39,9 @@ class NodeEntry:
     queued: int = 0
     queued_tokens: int = 0
     kv_transport: str = ""
+    kv_curve_key: str = ""           # its ZeroMQ CURVE public key (secured clusters)
     last_seen: float = field(default_factory=time.monotonic)
+    listed_at: float = field(default_factory=time.monotonic)  # when this registry first listed it
     down: bool = False               # fenced off: an RPC failed, its stream broke or it missed its beats
     inflight: int = 0                # requests routed here by this coordinator and not finished
     inflight_tokens: int = 0         # prefill: prompt tokens sent here to compute and not yet answered
@@ -57,7 +60,10 @@ class NodeEntry:
 
 
 class Registry:
-    def __init__(self, heartbeat_interval_s: float, missed_beats: int = 3, expiry_s: float = 30.0):
+    def __init__(self, heartbeat_interval_s: float, missed_beats: int = 3, expiry_s: float = 30.0,
+                 creds: Credentials = NONE):
+        """creds: what the coordinator shows the nodes it calls (TLS, the cluster secret)."""
+        self.creds = creds
         self.interval = heartbeat_interval_s
         self.timeout = heartbeat_interval_s * missed_beats
         self.expiry_s = max(expiry_s, self.timeout)
@@ -77,11 +83,11 @@ class Registry:
         return self.add(NodeEntry(id=uuid.uuid4().hex[:12], role=req.role, address=req.address,
                                   kv_endpoint=req.kv_endpoint, tp=req.tp, model=req.model, epoch=next(self._epochs),
                                   kv_blocks_total=req.kv_blocks_total, kv_blocks_free=req.kv_blocks_total,
-                                  kv_transport=req.kv_transport))
+                                  kv_transport=req.kv_transport, kv_curve_key=req.kv_curve_key))
 
     def add(self, node: NodeEntry) -> NodeEntry:
         """Open a channel to a new entry and list it (a worker's mirror adds the supervisor's entries)."""
-        node.channel = channel(node.address)
+        node.channel = channel(node.address, self.creds)
         if node.role != api_pb2.ROLE_PREFILL:
             node.stub = node_pb2_grpc.DecodeNodeStub(node.channel)
         node.prefill_stub = node_pb2_grpc.PrefillNodeStub(node.channel)  # decode nodes: local prefills
@@ -132,8 +138,17 @@ class Registry:
         return gone
 
     def healthy(self, node: NodeEntry) -> bool:
-        """Live, and for a decode node, its token stream is open."""
-        return self.live(node) and (node.streaming or node.role == api_pb2.ROLE_PREFILL)
+        """Live, and for a decode node, its token stream is open (for a prefill node, see known_to_peers)."""
+        return self.live(node) and (node.streaming or (node.role == api_pb2.ROLE_PREFILL and self.known_to_peers(node)))
+
+    def known_to_peers(self, node: NodeEntry) -> bool:
+        """A prefill node with a CURVE key is routable once every live decode node has heard
+        from this registry since it listed the node: each got a peer list with its key, so
+        its KV connections pass the decode node's gate."""
+        if not node.kv_curve_key:
+            return True
+        return all(d.last_seen >= node.listed_at for d in self.nodes.values()
+                   if d.role == api_pb2.ROLE_DECODE and self.live(d))
 
     def peers(self, node: NodeEntry) -> dict[str, list[node_pb2.Peer]]:
         """The live nodes on the other side of a node's KV plane: decode nodes for a
@@ -143,7 +158,7 @@ class Registry:
         if other is None:
             return {}
         live = [node_pb2.Peer(node_id=n.id, epoch=n.epoch, address=n.address, kv_endpoint=n.kv_endpoint, tp=n.tp,
-                              compat_hash=n.model.compat_hash)
+                              compat_hash=n.model.compat_hash, kv_curve_key=n.kv_curve_key)
                 for n in self.nodes.values() if n.role == other and self.live(n)]
         return {"decode_peers" if other == api_pb2.ROLE_DECODE else "prefill_peers": live}
 

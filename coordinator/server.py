@@ -18,6 +18,7 @@ from pdserve.coordinator.registry import NodeEntry, Registry
 from pdserve.coordinator.request import RequestRecord, prepare
 from pdserve.wire.protocol import PROTOCOL_VERSION
 from pdserve.wire.rpc import EXPECTED, RpcError, ServerHandle, status_for
+from pdserve.wire.security import Credentials
 from pdserve.v1 import api_pb2, api_pb2_grpc, node_pb2, node_pb2_grpc
 
 log = logging.getLogger("pdserve.coordinator")
@@ -26,7 +27,8 @@ log = logging.getLogger("pdserve.coordinator")
 class Coordinator(api_pb2_grpc.GenerationServicer, node_pb2_grpc.CoordinatorServicer):
     def __init__(self, cfg: CoordinatorConfig):
         self.cfg = cfg
-        self.registry = Registry(cfg.heartbeat_interval_s, expiry_s=cfg.node_expiry_s)
+        self.creds = Credentials.member(cfg.security, cfg.api_key, cfg.api_key_file)
+        self.registry = Registry(cfg.heartbeat_interval_s, expiry_s=cfg.node_expiry_s, creds=self.creds)
         self.model = ServedModel(cfg.model)
         self.subscriptions: dict[str, asyncio.Task] = {}
         self.background: set[asyncio.Task] = set()
@@ -37,9 +39,10 @@ class Coordinator(api_pb2_grpc.GenerationServicer, node_pb2_grpc.CoordinatorServ
         self.http = None
 
     async def start(self) -> str:
+        self.creds.check_listen(self.cfg.listen, "the coordinator")
         await self.model.start()
         self.server = ServerHandle(self.cfg.listen, ["pdserve.v1.Generation", "pdserve.v1.Coordinator"],
-                                   max_receive_bytes=self.cfg.max_request_bytes)
+                                   max_receive_bytes=self.cfg.max_request_bytes, creds=self.creds)
         api_pb2_grpc.add_GenerationServicer_to_server(self, self.server.server)
         node_pb2_grpc.add_CoordinatorServicer_to_server(self, self.server.server)
         self.address = await self.server.start()

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -37,6 +38,7 @@ from pdserve.coordinator.model import ServedModel
 from pdserve.coordinator.registry import NodeEntry, Registry
 from pdserve.wire.protocol import PROTOCOL_VERSION
 from pdserve.wire.rpc import RpcError, ServerHandle
+from pdserve.wire.security import Credentials
 from pdserve.v1 import api_pb2, node_pb2, node_pb2_grpc, supervisor_pb2, supervisor_pb2_grpc
 
 log = logging.getLogger("pdserve.coordinator.supervisor")
@@ -63,7 +65,10 @@ class WorkerSlot:
 class Supervisor(node_pb2_grpc.CoordinatorServicer, supervisor_pb2_grpc.SupervisorServicer):
     def __init__(self, cfg: CoordinatorConfig, workers: int):
         self.cfg = cfg
-        self.registry = Registry(cfg.heartbeat_interval_s, expiry_s=cfg.node_expiry_s)
+        self.creds = Credentials.member(cfg.security, cfg.api_key, cfg.api_key_file)
+        # the workers' link: loopback, no TLS, a token of this run that only they get (on their stdin)
+        self.link_token = secrets.token_urlsafe(32)
+        self.registry = Registry(cfg.heartbeat_interval_s, expiry_s=cfg.node_expiry_s, creds=self.creds)
         self.model = ServedModel(cfg.model)
         self.slots = [WorkerSlot(i) for i in range(workers)]
         self.run_id = uuid.uuid4().hex[:8]
@@ -75,10 +80,12 @@ class Supervisor(node_pb2_grpc.CoordinatorServicer, supervisor_pb2_grpc.Supervis
         self.stopped = asyncio.Event()
 
     async def start(self) -> str:
+        self.creds.check_listen(self.cfg.listen, "the coordinator")
         # the workers' metric values, summed by whoever scrapes (coordinator/metrics.py); gone at close
         self.metrics_dir = tempfile.mkdtemp(prefix=f"pdserve-metrics-{self.run_id}-")
         await self.model.start()
-        self.internal = ServerHandle("127.0.0.1:0", ["pdserve.v1.Supervisor", "pdserve.v1.Coordinator"])
+        self.internal = ServerHandle("127.0.0.1:0", ["pdserve.v1.Supervisor", "pdserve.v1.Coordinator"],
+                                     creds=Credentials(secret=self.link_token.encode()))
         supervisor_pb2_grpc.add_SupervisorServicer_to_server(self, self.internal.server)
         node_pb2_grpc.add_CoordinatorServicer_to_server(self, self.internal.server)
         self.internal_address = await self.internal.start()
@@ -129,7 +136,7 @@ class Supervisor(node_pb2_grpc.CoordinatorServicer, supervisor_pb2_grpc.Supervis
         # (one gRPC channel is one connection, so a single client reaches one worker only)
         share = replace(self.cfg, listen=self.address, workers=1, metrics_listen=None)
         share.http_listen = self.http_address  # the port held here (reserve_port), or None
-        return [sys.executable, "-m", "pdserve", "coordinator", *to_argv(share),
+        return [sys.executable, "-m", "pdserve", "coordinator", *to_argv(share), *to_argv(self.cfg.security),
                 "--switch-interval-us", f"{sys.getswitchinterval() * 1e6:.0f}", "--worker-of", self.internal_address,
                 "--worker-index", str(slot.index), "--subscriber", slot.subscriber]
 
@@ -138,8 +145,10 @@ class Supervisor(node_pb2_grpc.CoordinatorServicer, supervisor_pb2_grpc.Supervis
         slot.subscriber = f"{self.run_id}-w{slot.index}-{slot.restarts}"
         slot.ready, slot.streaming, slot.served, slot.inflight = False, set(), 0, 0
         # plain Popen and threads: asyncio's child watcher can lose a restarted child's exit status
-        slot.proc = proc = subprocess.Popen(self._command(slot), stdout=subprocess.PIPE,
+        slot.proc = proc = subprocess.Popen(self._command(slot), stdout=subprocess.PIPE, stdin=subprocess.PIPE,
                                             env={**os.environ, metrics.MULTIPROC_ENV: self.metrics_dir})
+        proc.stdin.write(self.link_token.encode() + b"\n")
+        proc.stdin.close()
         try:
             line = await asyncio.wait_for(_in_thread(proc.stdout.readline), START_TIMEOUT_S)
         except asyncio.TimeoutError:
@@ -223,7 +232,7 @@ class Supervisor(node_pb2_grpc.CoordinatorServicer, supervisor_pb2_grpc.Supervis
                 epoch=n.epoch, kv_blocks_total=n.kv_blocks_total, kv_blocks_free=n.kv_blocks_free, running=n.running,
                 queued=n.queued, queued_tokens=n.queued_tokens, silent_s=now - n.last_seen, down=n.down,
                 counters=n.counters, cache_version=n.cache.version, cache_full=full, cache_added=added,
-                cache_removed=removed))
+                cache_removed=removed, kv_curve_key=n.kv_curve_key))
         sent.clear()
         sent.update((n.id, n.cache.version) for n in self.registry.nodes.values())
         if self.model.info is not None:
@@ -255,7 +264,9 @@ class Supervisor(node_pb2_grpc.CoordinatorServicer, supervisor_pb2_grpc.Supervis
         if not self.registry.live(node):
             return False
         ready = [s for s in self.slots if s.ready]
-        return node.role == api_pb2.ROLE_PREFILL or (bool(ready) and all(node.id in s.streaming for s in ready))
+        if node.role == api_pb2.ROLE_PREFILL:
+            return self.registry.known_to_peers(node)
+        return bool(ready) and all(node.id in s.streaming for s in ready)
 
     # node health
 

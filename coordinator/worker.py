@@ -22,6 +22,7 @@ from pdserve.coordinator.mirror import Mirror
 from pdserve.coordinator.registry import NodeEntry
 from pdserve.coordinator.server import Coordinator
 from pdserve.wire.rpc import RpcError, ServerHandle, channel
+from pdserve.wire.security import Credentials
 from pdserve.v1 import api_pb2, api_pb2_grpc, node_pb2, node_pb2_grpc, supervisor_pb2, supervisor_pb2_grpc
 
 log = logging.getLogger("pdserve.coordinator")
@@ -30,8 +31,10 @@ STREAMS_WAIT_S = 10.0  # at start: how long to wait for the token streams of the
 
 
 class Worker(Coordinator):
-    def __init__(self, cfg: CoordinatorConfig, supervisor: str, index: int, subscriber: str):
+    def __init__(self, cfg: CoordinatorConfig, supervisor: str, index: int, subscriber: str, link_token: str = ""):
+        """link_token: what the supervisor's loopback server asks of its workers (it writes it to their stdin)."""
         super().__init__(cfg)
+        self.link = Credentials(secret=link_token.encode() or None)
         self.supervisor, self.index = supervisor, index
         self.lifecycle.subscriber = subscriber
         self.lifecycle.on_lost = self._fence
@@ -44,7 +47,7 @@ class Worker(Coordinator):
 
     async def start(self) -> str:
         await self.model.start()
-        self.sup_channel = channel(self.supervisor)
+        self.sup_channel = channel(self.supervisor, self.link)
         self.sup = supervisor_pb2_grpc.SupervisorStub(self.sup_channel)
         self.sup_nodes = node_pb2_grpc.CoordinatorStub(self.sup_channel)
         self._spawn(self._follow())
@@ -52,7 +55,8 @@ class Worker(Coordinator):
         if not await self.mirror.wait_streaming(STREAMS_WAIT_S):
             log.warning("worker %d starts before every decode node's token stream opened", self.index)
         self.server = ServerHandle(self.cfg.listen, ["pdserve.v1.Generation", "pdserve.v1.Coordinator"],
-                                   max_receive_bytes=self.cfg.max_request_bytes, options=(("grpc.so_reuseport", 1),))
+                                   max_receive_bytes=self.cfg.max_request_bytes, options=(("grpc.so_reuseport", 1),),
+                                   creds=self.creds)
         api_pb2_grpc.add_GenerationServicer_to_server(self, self.server.server)
         node_pb2_grpc.add_CoordinatorServicer_to_server(self, self.server.server)
         self.address = await self.server.start()

@@ -134,7 +134,8 @@ class DecodeNode(NodeBase, node_pb2_grpc.DecodeNodeServicer, node_pb2_grpc.Prefi
         self._spawn(self._await_kv(res))
         return node_pb2.Ticket(transfer_id=transfer_id, decode_node_id=self.agent.node_id, epoch=epoch,
                                block_ids=fresh, kv_endpoint=self.kv.endpoint, lease_expiry=expiry,
-                               decode_tp=self.cfg.engine.tp, cached_blocks=cached)
+                               decode_tp=self.cfg.engine.tp, cached_blocks=cached,
+                               kv_curve_key=self.curve.public.decode() if self.curve else "")
 
     async def _take_blocks(self, prompt: list[int], params: SamplingParams) -> tuple[list[int] | None, int]:
         """The prompt's blocks and how many leading ones were linked from the prefix cache
@@ -350,6 +351,12 @@ class DecodeNode(NodeBase, node_pb2_grpc.DecodeNodeServicer, node_pb2_grpc.Prefi
         self._drop(lambda e, rid: e != epoch, f"registered anew under epoch {epoch}; the old registration is gone")
 
     async def OpenKVPairs(self, req: node_pb2.KVPairsRequest, context) -> node_pb2.KVPairsResponse:
+        if self.creds.tls or self.creds.secret:  # a secured cluster pairs only with the prefill peers it lists
+            wait_s = 3 * max(self.agent.interval, 0.1)
+            if await self.listed_peer(req.prefill_node_id, wait_s) is None:
+                raise RpcError(grpc.StatusCode.UNAUTHENTICATED,
+                               f"prefill node {req.prefill_node_id!r} is not a registered peer of this decode node "
+                               f"in its cluster: no KV pairs")
         try:
             host, port = self.kv.accept_pairs(req)
         except ValueError as e:

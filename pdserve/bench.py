@@ -22,7 +22,7 @@ from pdserve import bench_prefix
 from pdserve.bench_clients import run_clients
 from pdserve.bench_openai import add_flags as add_openai_flags
 from pdserve.bench_result import Request, jsonable, summarize
-from pdserve.bench_stream import arrival_times, benchmark
+from pdserve.bench_stream import arrival_times, benchmark, client_credentials
 from pdserve.client import status
 
 SYNTHETIC = {  # name -> (mean input tokens, mean output tokens), lognormal lengths around them
@@ -136,6 +136,9 @@ def add_flags(p: argparse.ArgumentParser) -> None:
                    help="with --sweep: runs per rate, seeds --seed .. --seed+N-1; attainment is their mean, "
                         "their spread is recorded")
     p.add_argument("--label", default=None, help="name on plots and summaries")
+    from pdserve.common.config import ClientConfig
+    from pdserve.common.flags import add_flags as add_config_flags
+    add_config_flags(p.add_argument_group("TLS and API key"), ClientConfig)
 
 
 def main(a: argparse.Namespace) -> int:
@@ -143,7 +146,7 @@ def main(a: argparse.Namespace) -> int:
         from pdserve.bench_openai import benchmark as run_benchmark, model_info
         info = model_info(a)
     elif a.coordinator:
-        info, run_benchmark = status(a.coordinator), benchmark
+        info, run_benchmark = status(a.coordinator, creds=client_credentials(a)), benchmark
     else:
         raise SystemExit("--backend pdserve needs --coordinator")
     a.model_id = a.model or info["model"] or "default"
@@ -162,7 +165,8 @@ def main(a: argparse.Namespace) -> int:
         if n > len(pools.get(args.seed, [])):  # same seed: the requests sampled so far stay the first ones
             pools[args.seed] = sample_requests(argparse.Namespace(**{**vars(args), "num_prompts": n}), vocab, max_len)
         reqs = pools[args.seed][:n]
-        before = bench_prefix.node_counters(args.coordinator) if args.coordinator else {}
+        creds = client_credentials(args) if args.coordinator else None
+        before = bench_prefix.node_counters(args.coordinator, creds) if args.coordinator else {}
         schedule = None  # multi-turn: a turn is sent when the previous one ends, on no schedule
         if args.dataset_name == "multi-turn":  # each turn waits for the answer it resends
             reqs, results, duration = asyncio.run(bench_prefix.multi_turn(args, vocab, max_len))
@@ -172,7 +176,7 @@ def main(a: argparse.Namespace) -> int:
                 results, duration = run_clients(args, reqs)
             else:
                 results, duration = asyncio.run(run_benchmark(args, reqs))
-        report = bench_prefix.cache_report(args.coordinator, before) if args.coordinator else {"prefix_cache": {}}
+        report = bench_prefix.cache_report(args.coordinator, before, creds) if args.coordinator else {"prefix_cache": {}}
         return {**summarize(args, reqs, results, duration, slos, schedule), **report}
     if a.sweep or a.slo_scale:
         from pdserve.goodput import run_search

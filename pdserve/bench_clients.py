@@ -18,7 +18,7 @@ from dataclasses import asdict
 from multiprocessing.connection import Connection, wait
 
 from pdserve.bench_result import Request, Result
-from pdserve.bench_stream import Progress, arrival_times, run_one, warm_up
+from pdserve.bench_stream import Progress, arrival_times, client_credentials, client_tls, run_one, warm_up
 
 START_DELAY_S = 0.2     # after every client is connected: time for the start message to reach them all
 CONNECT_TIMEOUT_S = 30.0
@@ -41,7 +41,7 @@ def run_clients(a: argparse.Namespace, reqs: list[Request]) -> tuple[list[Result
     for j in range(k):
         mine = range(j, len(reqs), k)
         job = dict(coordinator=a.coordinator, request_timeout=a.request_timeout, ignore_eos=a.ignore_eos,
-                   temperature=a.temperature, model=getattr(a, "model", None), limit=limits[j],
+                   temperature=a.temperature, model=getattr(a, "model", None), tls=client_tls(a), limit=limits[j],
                    requests=[[i, reqs[i].prompt, reqs[i].output_len, offsets[i]] for i in mine])
         ours, theirs = ctx.Pipe()
         p = ctx.Process(target=client_main, args=(json.dumps(job), theirs), name=f"bench-client-{j}", daemon=True)
@@ -70,7 +70,7 @@ def run_clients(a: argparse.Namespace, reqs: list[Request]) -> tuple[list[Result
 async def _warm_up(a: argparse.Namespace, reqs: list[Request]) -> None:
     from pdserve.wire.rpc import channel
     from pdserve.v1 import api_pb2_grpc
-    ch = channel(a.coordinator)
+    ch = channel(a.coordinator, client_credentials(a))
     await warm_up(api_pb2_grpc.GenerationStub(ch), reqs, a, asyncio.Semaphore(a.max_concurrency or len(reqs) or 1))
     await ch.close()
 
@@ -108,9 +108,11 @@ def client_main(job_json: str, conn: Connection) -> None:
 
 
 async def _client(job: dict, conn: Connection) -> None:
+    from pdserve.common.config import ClientConfig
     from pdserve.wire.rpc import channel
+    from pdserve.wire.security import Credentials
     from pdserve.v1 import api_pb2_grpc
-    ch = channel(job["coordinator"])
+    ch = channel(job["coordinator"], Credentials.client(ClientConfig(**job["tls"])))
     await asyncio.wait_for(ch.channel_ready(), CONNECT_TIMEOUT_S)
     stub = api_pb2_grpc.GenerationStub(ch)
     conn.send_bytes(b'{"ready": true}')

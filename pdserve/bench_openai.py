@@ -7,8 +7,8 @@ it also asks for `return_token_ids` (vLLM's and pdserve's extension) so the toke
 come back. Requests are measured into bench_result's Result like the gRPC backend's
 (bench_stream.py): the same absolute schedule, one ITL per chunk with tokens, the
 server's usage for the token counts, finish_reason by name. The server reports no phase
-times, so there is no TTFT split. An API key comes from OPENAI_API_KEY, as with the
-openai client."""
+times, so there is no TTFT split. The API key is --api-key (or --api-key-file), else
+OPENAI_API_KEY as with the openai client."""
 from __future__ import annotations
 
 import argparse
@@ -18,7 +18,7 @@ import os
 import time
 
 from pdserve.bench_result import Request, Result
-from pdserve.bench_stream import Progress, arrival_times
+from pdserve.bench_stream import Progress, arrival_times, client_credentials
 
 
 def add_flags(p: argparse.ArgumentParser) -> None:
@@ -28,8 +28,8 @@ def add_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--base-url", default=None, help="with --backend openai: the server, e.g. http://127.0.0.1:8000")
 
 
-def _headers() -> dict[str, str]:
-    key = os.environ.get("OPENAI_API_KEY")
+def _headers(a: argparse.Namespace) -> dict[str, str]:
+    key = client_credentials(a).api_key or os.environ.get("OPENAI_API_KEY")  # --api-key(-file) first
     return {"Authorization": f"Bearer {key}"} if key else {}
 
 
@@ -44,7 +44,7 @@ def model_info(a: argparse.Namespace) -> dict:
     """What `pdserve status` gives the gRPC backend, from GET /v1/models: the model (the
     first listed), its context and vocabulary where the server says (vLLM: max_model_len)."""
     import httpx
-    r = httpx.get(_root(a) + "/v1/models", headers=_headers(), timeout=30)
+    r = httpx.get(_root(a) + "/v1/models", headers=_headers(a), timeout=30)
     r.raise_for_status()
     cards = r.json().get("data") or []
     if not cards:
@@ -109,7 +109,7 @@ async def benchmark(a: argparse.Namespace, reqs: list[Request]) -> tuple[list[Re
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=n)
     limit = asyncio.Semaphore(n)
     times = arrival_times(len(reqs), a.request_rate, a.burstiness, a.seed)
-    async with httpx.AsyncClient(base_url=_root(a), headers=_headers(), limits=limits) as client:
+    async with httpx.AsyncClient(base_url=_root(a), headers=_headers(a), limits=limits) as client:
         await warm_up(client, reqs, a, limit)
         progress = Progress(len(reqs), a.disable_tqdm)
 

@@ -21,7 +21,7 @@ import time
 import numpy as np
 
 from pdserve.bench_result import Request, Result
-from pdserve.bench_stream import run_one
+from pdserve.bench_stream import client_credentials, run_one
 from pdserve.client import status
 from pdserve.wire.rpc import channel
 from pdserve.v1 import api_pb2_grpc
@@ -54,7 +54,7 @@ async def multi_turn(a: argparse.Namespace, vocab: int, max_len: int) -> tuple[l
     """Run the conversations; the requests as sent (prompt lengths known only as the
     answers come) and their results, conversation by conversation, and the duration."""
     turns, user, out = a.multi_turn_turns, a.multi_turn_user_len, a.multi_turn_output_len
-    ch = channel(a.coordinator)
+    ch = channel(a.coordinator, client_credentials(a))
     stub = api_pb2_grpc.GenerationStub(ch)
     limit = asyncio.Semaphore(a.max_concurrency or a.num_prompts or 1)
     rate = a.request_rate / max(1, turns)
@@ -90,16 +90,17 @@ async def multi_turn(a: argparse.Namespace, vocab: int, max_len: int) -> tuple[l
     return [q for q, _ in pairs], [r for _, r in pairs], duration
 
 
-def node_counters(coordinator: str) -> dict[str, dict]:
-    return {n["id"]: dict(n["counters"], role=n["role"]) for n in status(coordinator)["nodes"]}
+def node_counters(coordinator: str, creds=None) -> dict[str, dict]:
+    kw = {"creds": creds} if creds is not None else {}
+    return {n["id"]: dict(n["counters"], role=n["role"]) for n in status(coordinator, **kw)["nodes"]}
 
 
-def cache_report(coordinator: str, before: dict[str, dict], settle_s: float = 1.0) -> dict:
+def cache_report(coordinator: str, before: dict[str, dict], creds=None, settle_s: float = 1.0) -> dict:
     """The nodes' prefix-cache hit rate and KV sent during a run (counters come with
     heartbeats: settle_s lets the last ones arrive). Per role: prompt tokens looked up,
     found cached, hit rate; per request figures are left to the caller."""
     time.sleep(settle_s)
-    after = node_counters(coordinator)
+    after = node_counters(coordinator, creds)
     out: dict = {}
     for nid, c in after.items():
         b = before.get(nid, {})

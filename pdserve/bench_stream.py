@@ -71,9 +71,22 @@ async def run_one(stub, req: Request, a: argparse.Namespace, t0: float = 0.0) ->
     return res
 
 
+def client_tls(a: argparse.Namespace) -> dict:
+    """The ClientConfig fields of the bench flags (absent ones: None)."""
+    return {k: getattr(a, k, None) for k in ("tls_cert", "tls_key", "tls_ca", "tls_server_name", "api_key",
+                                             "api_key_file")}
+
+
+def client_credentials(a: argparse.Namespace):
+    """The bench clients' credentials from their flags (TLS files, API key)."""
+    from pdserve.common.config import ClientConfig
+    from pdserve.wire.security import Credentials
+    return Credentials.client(ClientConfig(**client_tls(a)))
+
+
 async def benchmark(a: argparse.Namespace, reqs: list[Request]) -> tuple[list[Result], float]:
     """(results in request order, seconds from the run's start to the last completion)."""
-    ch = channel(a.coordinator)
+    ch = channel(a.coordinator, client_credentials(a))
     stub = api_pb2_grpc.GenerationStub(ch)
     limit = asyncio.Semaphore(a.max_concurrency or len(reqs) or 1)
     await warm_up(stub, reqs, a, limit)

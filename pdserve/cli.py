@@ -7,7 +7,7 @@ import json
 import sys
 import time
 
-from pdserve.common.config import CoordinatorConfig, EngineConfig, NodeConfig
+from pdserve.common.config import ClientConfig, CoordinatorConfig, EngineConfig, NodeConfig, SecurityConfig
 from pdserve.common.flags import add_flags, from_args
 from pdserve.common.model_files import chat_prompt
 from pdserve.cluster import ClusterConfig
@@ -82,7 +82,7 @@ def cmd_generate(a: argparse.Namespace) -> int:
         from pdserve.client import build_request, generate
         req = build_request(a.prompt, _ids(a.prompt_ids) if a.prompt_ids else None, a.chat, _raw_params(a),
                             model=a.served_model or "")
-        return generate(a.coordinator, req, a.json, a.timeout)
+        return generate(a.coordinator, req, a.json, a.timeout, client_credentials(a))
     from pdserve.engine.llm_engine import LLMEngine
     t_start = time.monotonic()
     with LLMEngine(from_args(EngineConfig, a)) as engine:
@@ -124,10 +124,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--coordinator", default=None, help="send to a running cluster instead of running offline")
     g.add_argument("--served-model", default=None, help="model name to ask the coordinator for")
     g.add_argument("--timeout", type=float, default=None, help="deadline in seconds (with --coordinator)")
+    add_flags(g.add_argument_group("TLS and API key (with --coordinator)"), ClientConfig)
     g.set_defaults(func=cmd_generate)
 
     c = sub.add_parser("coordinator", help="run the coordinator")
     add_flags(c, CoordinatorConfig)
+    add_flags(c.add_argument_group("security"), SecurityConfig)
     add_switch_interval_flag(c)
     # set by a --workers N coordinator on the worker processes it starts (coordinator/supervisor.py)
     c.add_argument("--worker-of", default=None, help=argparse.SUPPRESS)
@@ -141,6 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
             n.add_argument("--role", required=True, choices=["prefill", "decode", "both"],
                            help="both: a colocated node (prefill and decode in one continuous batch)")
         add_flags(n.add_argument_group("node"), NodeConfig)
+        add_flags(n.add_argument_group("security"), SecurityConfig)
         add_kv_flags(n)
         add_switch_interval_flag(n)
         add_flags(n.add_argument_group("engine"), EngineConfig)
@@ -150,6 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     u = sub.add_parser("up", help="start a local cluster: coordinator + prefill and decode pools")
     add_flags(u, ClusterConfig)
+    add_flags(u.add_argument_group("security (every member's)"), SecurityConfig)
     u.set_defaults(func=cmd_up)
 
     b = sub.add_parser("bench", help="serving benchmark with goodput against a running coordinator")
@@ -160,7 +164,21 @@ def build_parser() -> argparse.ArgumentParser:
     st = sub.add_parser("status", help="nodes, roles, load and KV blocks of a cluster")
     st.add_argument("--coordinator", required=True)
     st.add_argument("--json", action="store_true")
+    add_flags(st.add_argument_group("TLS and API key"), ClientConfig)
     st.set_defaults(func=cmd_status)
+
+    h = sub.add_parser("health", help="exit 0 if a coordinator or node answers SERVING to the standard gRPC "
+                                      "health check (a readiness probe that speaks TLS)")
+    h.add_argument("--address", required=True)
+    h.add_argument("--timeout", type=float, default=2.0)
+    add_flags(h.add_argument_group("TLS"), ClientConfig)
+    h.set_defaults(func=cmd_health)
+
+    ce = sub.add_parser("certs", help="make a test CA, a cluster member certificate, a client certificate, a "
+                                      "cluster secret and an API key (first deployments and tests)")
+    from pdserve.certs import add_flags as add_certs_flags
+    add_certs_flags(ce)
+    ce.set_defaults(func=cmd_certs)
     return ap
 
 
@@ -191,12 +209,13 @@ def cmd_coordinator(a: argparse.Namespace) -> int:
         sys.modules["torch"] = None
     import logging
     from pdserve.process import run_until_signal
-    cfg = from_args(CoordinatorConfig, a)
+    cfg = from_args(CoordinatorConfig, a, security=from_args(SecurityConfig, a))
     if a.worker_of:
         from pdserve.coordinator.worker import Worker
         logging.basicConfig(level=logging.INFO,
                             format=f"%(asctime)s %(name)s[worker {a.worker_index}] %(levelname)s %(message)s")
-        return asyncio.run(run_until_signal(Worker(cfg, a.worker_of, a.worker_index, a.subscriber)))
+        token = sys.stdin.readline().strip()  # the supervisor's link token
+        return asyncio.run(run_until_signal(Worker(cfg, a.worker_of, a.worker_index, a.subscriber, token)))
     workers = cfg.worker_count()
     if workers > 1:
         from pdserve.coordinator.supervisor import Supervisor
@@ -222,7 +241,8 @@ def cmd_node(a: argparse.Namespace) -> int:
             os.environ.setdefault("NCCL_SOCKET_IFNAME", "lo")
             os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     from pdserve.process import run_until_signal
-    cfg = from_args(NodeConfig, a, kv=kv_config(a, transport), engine=from_args(EngineConfig, a))
+    cfg = from_args(NodeConfig, a, kv=kv_config(a, transport), engine=from_args(EngineConfig, a),
+                    security=from_args(SecurityConfig, a))
     if a.role == "prefill":
         from pdserve.prefill_node.server import PrefillNode as Node
     elif a.role == "both":
@@ -234,7 +254,7 @@ def cmd_node(a: argparse.Namespace) -> int:
 
 def cmd_up(a: argparse.Namespace) -> int:
     from pdserve.cluster import Cluster
-    cfg = from_args(ClusterConfig, a)
+    cfg = from_args(ClusterConfig, a, security=from_args(SecurityConfig, a))
     if cfg.colocated:
         cfg.prefill = cfg.decode = 0
     return Cluster(cfg).run()
@@ -249,7 +269,7 @@ def cmd_status(a: argparse.Namespace) -> int:
     from pdserve.client import status
     import grpc
     try:
-        s = status(a.coordinator)
+        s = status(a.coordinator, creds=client_credentials(a))
     except grpc.RpcError as e:
         print(f"{e.code().name}: {e.details()}", file=sys.stderr)
         return 1
@@ -267,10 +287,34 @@ def cmd_status(a: argparse.Namespace) -> int:
     return 0
 
 
+def client_credentials(a: argparse.Namespace):
+    from pdserve.wire.security import Credentials
+    return Credentials.client(from_args(ClientConfig, a))
+
+
+def cmd_health(a: argparse.Namespace) -> int:
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    creds = client_credentials(a)
+    try:
+        with creds.sync_channel(a.address) as ch:
+            resp = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=a.timeout)
+    except grpc.RpcError as e:
+        print(f"{e.code().name}: {e.details()}", file=sys.stderr)
+        return 1
+    print(health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status))
+    return 0 if resp.status == health_pb2.HealthCheckResponse.SERVING else 1
+
+
+def cmd_certs(a: argparse.Namespace) -> int:
+    from pdserve.certs import main as certs
+    return certs(a)
+
+
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:
         sys.exit(args.func(args))
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, FileExistsError) as e:
         print(f"pdserve: {e}", file=sys.stderr)
         sys.exit(2)

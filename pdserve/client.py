@@ -9,6 +9,7 @@ import grpc
 
 from pdserve.common.phases import decode_admission_s
 from pdserve.wire.protocol import to_wire_params
+from pdserve.wire.security import NONE, Credentials
 from pdserve.v1 import api_pb2, api_pb2_grpc
 
 FINISH_NAMES = {api_pb2.FINISH_REASON_STOP: "stop", api_pb2.FINISH_REASON_LENGTH: "length"}
@@ -26,14 +27,15 @@ def build_request(prompt: str | None, prompt_ids: list[int] | None, chat: bool, 
     return req
 
 
-def generate(address: str, req: api_pb2.GenerateRequest, as_json: bool, timeout: float | None) -> int:
+def generate(address: str, req: api_pb2.GenerateRequest, as_json: bool, timeout: float | None,
+             creds: Credentials = NONE) -> int:
     """Stream one request; print text (or one JSON object); non-zero exit on a failed status."""
     sent = time.time()
     tokens, text, prompt_ids, finish, times, first_at = [], [], [], 0, None, None
-    with grpc.insecure_channel(address) as ch:
+    with creds.sync_channel(address) as ch:
         stub = api_pb2_grpc.GenerationStub(ch)
         try:
-            for resp in stub.Generate(req, timeout=timeout):
+            for resp in stub.Generate(req, timeout=timeout, metadata=creds.metadata()):
                 if resp.prompt_token_ids:
                     prompt_ids = list(resp.prompt_token_ids)
                 if resp.token_ids and first_at is None:
@@ -72,9 +74,10 @@ def generate(address: str, req: api_pb2.GenerateRequest, as_json: bool, timeout:
     return 0
 
 
-def status(address: str, timeout: float = 10.0) -> dict:
-    with grpc.insecure_channel(address) as ch:
-        resp = api_pb2_grpc.GenerationStub(ch).Status(api_pb2.StatusRequest(), timeout=timeout)
+def status(address: str, timeout: float = 10.0, creds: Credentials = NONE) -> dict:
+    with creds.sync_channel(address) as ch:
+        resp = api_pb2_grpc.GenerationStub(ch).Status(api_pb2.StatusRequest(), timeout=timeout,
+                                                      metadata=creds.metadata())
     return {"model": resp.model, "vocab_size": resp.vocab_size, "max_model_len": resp.max_model_len, "nodes": [
         {"id": n.id, "role": api_pb2.Role.Name(n.role).removeprefix("ROLE_").lower(), "address": n.address,
          "healthy": n.healthy, "tp": n.tp, "kv_blocks_free": n.kv_blocks_free, "kv_blocks_total": n.kv_blocks_total,

@@ -8,9 +8,9 @@ import socket
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from pdserve.common.config import CoordinatorConfig, EngineConfig, NodeConfig
+from pdserve.common.config import ClientConfig, CoordinatorConfig, EngineConfig, NodeConfig, SecurityConfig
 from pdserve.common.flags import opt, to_argv
 from pdserve.kv_transfer.cuda_ipc.config import IpcConfig
 from pdserve.kv_transfer.nccl.config import NcclConfig
@@ -63,6 +63,15 @@ class ClusterConfig:
     prefill_graphs: bool = EngineConfig.prefill_graphs  # False: the nodes run steps with prompt tokens eagerly
     metrics: bool = opt(False, "every member serves Prometheus metrics (--metrics-listen) on a free loopback port "
                                "of its own, listed at start")
+    security: SecurityConfig = field(default_factory=SecurityConfig)  # every member's TLS and cluster secret
+    api_key: str | None = None         # the coordinator requires it of clients (and `up` shows it when it polls)
+
+    def client(self):
+        """The credentials `up` polls the coordinator with: its members' TLS identity and the API key."""
+        from pdserve.wire.security import Credentials
+        s = self.security
+        return Credentials.client(ClientConfig(tls_cert=s.tls_cert, tls_key=s.tls_key, tls_ca=s.tls_ca,
+                                               tls_server_name=s.tls_server_name, api_key=self.api_key))
 
 
 class Cluster:
@@ -125,6 +134,7 @@ class Cluster:
                 node = NodeConfig(coordinator=cfg.listen, kv_transport=transport, engine=engine,
                                   metrics_listen=self._metrics_address(role))
                 cmd = [sys.executable, "-m", "pdserve", "node", "--role", role, *to_argv(node), *to_argv(engine),
+                       *to_argv(cfg.security),
                        *(to_argv(nccl, prefix="kv_") if transport == "nccl" else ()),
                        *(to_argv(ipc, prefix="kv_") if transport == "cuda-ipc" else ())]
                 if cfg.switch_interval_us is not None:
@@ -138,7 +148,8 @@ class Cluster:
                                         heartbeat_interval_s=cfg.heartbeat_interval_s, workers=cfg.workers,
                                         metrics_listen=self._metrics_address("coordinator"),
                                         http_listen=cfg.http_listen)
-        cmd = [sys.executable, "-m", "pdserve", "coordinator", *to_argv(coordinator)]
+        coordinator.api_key = cfg.api_key
+        cmd = [sys.executable, "-m", "pdserve", "coordinator", *to_argv(coordinator), *to_argv(cfg.security)]
         if cfg.switch_interval_us is not None:
             cmd += ["--switch-interval-us", str(cfg.switch_interval_us)]
         return cmd + list(cfg.coordinator_flags)
@@ -176,6 +187,7 @@ class Cluster:
 
     def _wait_ready(self, expected: int) -> None:
         from pdserve.client import status
+        creds = self.cfg.client()
         deadline = time.monotonic() + self.cfg.ready_timeout_s
         while time.monotonic() < deadline:
             dead = [p for p in self.procs if p.poll() is not None]
@@ -183,11 +195,12 @@ class Cluster:
                 raise RuntimeError(f"{' '.join(dead[0].args[3:6])} exited with status {dead[0].returncode} "
                                    f"during start-up")
             try:
-                nodes = status(self.cfg.listen, timeout=2.0)["nodes"]
+                nodes = status(self.cfg.listen, timeout=2.0, creds=creds)["nodes"]
                 if sum(n["healthy"] for n in nodes) >= expected:
                     return
-            except Exception:
-                pass
+            except Exception as e:  # not up yet; a refused key will not pass later: say so now
+                if getattr(e, "code", None) and e.code().name == "UNAUTHENTICATED":
+                    raise RuntimeError(f"the coordinator refused `up`'s status call: {e.details()}") from None
             time.sleep(0.3)
         raise TimeoutError(f"the cluster was not ready within {self.cfg.ready_timeout_s} s")
 

@@ -8,6 +8,7 @@ import grpc
 from pdserve.client import status
 from pdserve.cluster import Cluster, ClusterConfig, free_port
 from pdserve.v1 import api_pb2, api_pb2_grpc
+from pdserve.wire.security import NONE, Credentials
 
 
 def start_cluster(**kwargs) -> Cluster:
@@ -41,12 +42,13 @@ def request(prompt: list[int] | str, sampling: api_pb2.SamplingParams, chat: boo
 
 
 class Client:
-    def __init__(self, address: str, own_connection: bool = False):
+    def __init__(self, address: str, own_connection: bool = False, creds: Credentials = NONE):
         """own_connection: a TCP connection of its own (channels in one process share one by
-        default), so that a coordinator with --workers may serve it on another worker."""
-        self.address = address
-        self.channel = grpc.insecure_channel(address, options=[("grpc.use_local_subchannel_pool", 1)]
-                                             if own_connection else None)
+        default), so that a coordinator with --workers may serve it on another worker;
+        creds: TLS and API key of a secured cluster."""
+        self.address, self.creds = address, creds
+        self.channel = creds.sync_channel(address, options=[("grpc.use_local_subchannel_pool", 1)]
+                                          if own_connection else None)
         self.stub = api_pb2_grpc.GenerationStub(self.channel)
 
     def close(self) -> None:
@@ -55,7 +57,7 @@ class Client:
     def generate(self, req: api_pb2.GenerateRequest, timeout: float = 120.0) -> dict:
         """Run a request to the end; token indexes must have no gaps or duplicates."""
         tokens, text, finish = [], [], 0
-        for resp in self.stub.Generate(req, timeout=timeout):
+        for resp in self.stub.Generate(req, timeout=timeout, metadata=self.creds.metadata()):
             if resp.token_ids:
                 assert resp.index == len(tokens), f"index {resp.index} after {len(tokens)} tokens"
             tokens.extend(resp.token_ids)
@@ -70,7 +72,7 @@ class Client:
             return list(pool.map(lambda j: self.generate(request(j[0], greedy(j[1], ignore_eos=True))), jobs))
 
     def status(self) -> dict:
-        return status(self.address)
+        return status(self.address, creds=self.creds)
 
     def wait_blocks_at_baseline(self, timeout: float = 15.0) -> list[dict]:
         """Poll until every healthy node reports all its KV blocks free; return the nodes."""

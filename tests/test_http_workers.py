@@ -11,15 +11,19 @@ import subprocess
 import sys
 import threading
 
+import grpc
 import httpx
 import pytest
 
 from pdserve.cluster import Cluster, ClusterConfig
+from pdserve.common.config import ClientConfig
+from pdserve.wire.security import Credentials
 from tests.cluster_util import Client, greedy, request
 from tests.fault_util import pids_by_role, wait_until, write_tiny_chat_model
 from tests.http_util import assert_error, iter_sse, openai_client, start_http_cluster
 
 KEY = "test-key"
+FILE_KEY = "key-from-the-file"  # --api-key-file: accepted beside --api-key on both APIs
 CONTEXT = 4096  # a long stream is still running when the test kills its decode node
 
 
@@ -29,10 +33,13 @@ def chat_model(tmp_path_factory, smol_dir):
 
 
 @pytest.fixture(scope="module")
-def coordinator(chat_model):
-    """A 2-worker coordinator with the HTTP API and an API key, no node yet."""
-    c = start_http_cluster(chat_model, prefill=0, decode=0, workers=2, coordinator_flags=("--api-key", KEY))
-    c.grpc = Client(c.cfg.listen)
+def coordinator(chat_model, tmp_path_factory):
+    """A 2-worker coordinator with the HTTP API and API keys (--api-key, --api-key-file), no node yet."""
+    keys = tmp_path_factory.mktemp("keys") / "api-keys"
+    keys.write_text(f"# clients\n{FILE_KEY}\n")
+    c = start_http_cluster(chat_model, prefill=0, decode=0, workers=2, api_key=KEY,
+                           coordinator_flags=("--api-key-file", str(keys)))
+    c.grpc = Client(c.cfg.listen, creds=Credentials.client(ClientConfig(api_key=KEY)))
     wait_until(lambda: all(w["ready"] for w in c.grpc.status()["workers"]), 60, "both workers")
     yield c
     c.grpc.close()
@@ -61,17 +68,33 @@ def test_the_api_key_guards_the_openai_routes_only(coordinator):
     assert_error(fresh(coordinator.http, "/v1/models", headers={"Authorization": "Bearer wrong"}), 401)
     r = httpx.post(coordinator.http + "/v1/completions", json={"prompt": [1, 2], "max_tokens": 2})
     assert_error(r, 401)
-    assert fresh(coordinator.http, "/v1/models", headers={"Authorization": f"Bearer {KEY}"}).status_code == 200
+    for key in (KEY, FILE_KEY):  # the keys gRPC accepts, from the one config (api_key, api_key_file)
+        assert fresh(coordinator.http, "/v1/models", headers={"Authorization": f"Bearer {key}"}).status_code == 200
     assert fresh(coordinator.http, "/metrics").status_code == 200
     with pytest.raises(openai.AuthenticationError):
         openai_client(coordinator.http, api_key="wrong").models.list()
+
+
+def test_the_same_api_keys_guard_grpc(coordinator):
+    for key, code in ((None, grpc.StatusCode.UNAUTHENTICATED), ("wrong", grpc.StatusCode.UNAUTHENTICATED),
+                      (FILE_KEY, None), (KEY, None)):
+        client = Client(coordinator.cfg.listen, creds=Credentials.client(ClientConfig(api_key=key)))
+        try:
+            if code is None:
+                assert client.status()["nodes"] == []  # served: no node has joined yet
+            else:
+                with pytest.raises(grpc.RpcError) as e:
+                    client.status()
+                assert e.value.code() == code, e.value
+        finally:
+            client.close()
 
 
 @pytest.fixture(scope="module")
 def pools(coordinator, chat_model):
     """1 prefill + 1 decode node joining the coordinator."""
     p = Cluster(ClusterConfig(prefill=1, decode=1, model=chat_model, device="cpu", listen=coordinator.cfg.listen,
-                              coordinator=False, kv_blocks=CONTEXT // 16 + 64))
+                              coordinator=False, kv_blocks=CONTEXT // 16 + 64, api_key=KEY))  # polls with it
     try:
         p.start()
     except BaseException:
@@ -118,7 +141,7 @@ def bench(target: list[str], tmp_path, name: str) -> dict:
 
 
 def test_bench_with_the_openai_backend_writes_the_fields_of_the_grpc_backend(coordinator, pools, tmp_path):
-    grpc_run = bench(["--coordinator", coordinator.cfg.listen], tmp_path, "grpc.json")
+    grpc_run = bench(["--coordinator", coordinator.cfg.listen, "--api-key", KEY], tmp_path, "grpc.json")
     http_run = bench(["--backend", "openai", "--base-url", coordinator.http + "/v1"], tmp_path, "http.json")
     assert set(http_run) == set(grpc_run)
     assert http_run["backend"] == "openai" and http_run["model_id"] == grpc_run["model_id"]

@@ -24,7 +24,7 @@ OPEN_PATHS = ("/health", "/ready", "/metrics")  # no API key needed (probes and 
 def build_app(coordinator, cfg: CoordinatorConfig) -> FastAPI:
     app = FastAPI(title="pdserve", docs_url=None, redoc_url=None, openapi_url=None)
 
-    app.add_middleware(Guard, cfg=cfg)
+    app.add_middleware(Guard, cfg=cfg, keys=coordinator.creds.api_keys)  # gRPC's keys: --api-key(-file)
     app.add_exception_handler(ApiError, lambda request, e: e.response())
     # an unknown path or method: an OpenAI error object too, not FastAPI's {"detail": ...}
     app.add_exception_handler(HTTPException, lambda request, e: ApiError(e.status_code, str(e.detail)).response())
@@ -69,18 +69,20 @@ def build_app(coordinator, cfg: CoordinatorConfig) -> FastAPI:
 
 
 class Guard:
-    """ASGI middleware: the API key and the declared body size, before any route runs."""
+    """ASGI middleware: the API key (one of the keys gRPC accepts) and the declared body
+    size, before any route runs."""
 
-    def __init__(self, app, cfg: CoordinatorConfig):
+    def __init__(self, app, cfg: CoordinatorConfig, keys: frozenset[str]):
         self.app, self.cfg = app, cfg
-        self.expected = f"Bearer {cfg.api_key}".encode() if cfg.api_key else None
+        self.expected = [f"Bearer {k}".encode() for k in sorted(keys)]
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] == "http":
             headers = dict(scope["headers"])
             error = None
-            if self.expected is not None and scope["path"] not in OPEN_PATHS \
-                    and not hmac.compare_digest(headers.get(b"authorization", b""), self.expected):
+            given = headers.get(b"authorization", b"")
+            if self.expected and scope["path"] not in OPEN_PATHS \
+                    and not any([hmac.compare_digest(given, k) for k in self.expected]):  # each compared
                 error = ApiError(401, "missing or wrong API key (Authorization: Bearer KEY)", code="invalid_api_key")
             size = headers.get(b"content-length", b"")
             if error is None and size.isdigit() and int(size) > self.cfg.max_request_bytes:

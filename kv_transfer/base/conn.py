@@ -32,6 +32,7 @@ import torch
 from pdserve.engine.kv_connector import KVSave
 from pdserve.v1 import kv_pb2, node_pb2
 
+from .curve import CurveKeys
 from .status import TransferState, TransferStatus
 
 
@@ -207,3 +208,4 @@ class NodeLink:
     """What a manager may use of its node: the engine thread, and the pairing RPC on a peer."""
     engine_call: EngineCall
     open_pairs: Callable[[node_pb2.Peer, node_pb2.KVPairsRequest], Awaitable[node_pb2.KVPairsResponse]] | None = None
+    curve: CurveKeys | None = None   # this node's CURVE keys: the ZeroMQ sockets encrypt and authenticate

@@ -18,6 +18,7 @@ from pdserve.v1 import kv_pb2
 
 from .conn import KVSender, Outgoing
 from .faults import KVFaults
+from .curve import CurveKeys
 
 log = logging.getLogger(__name__)
 
@@ -25,9 +26,13 @@ WAKE_ADDR = "inproc://pdserve-kv-wake"
 
 
 class KVOutbox:
-    def __init__(self, ctx: zmq.Context, poll_ms: int, faults: KVFaults | None = None):
-        """faults: test-only fault hooks (None: none)."""
-        self._ctx, self.poll_ms, self.faults = ctx, poll_ms, faults
+    def __init__(self, ctx: zmq.Context, poll_ms: int, faults: KVFaults | None = None,
+                 curve: CurveKeys | None = None):
+        """faults: test-only fault hooks (None: none). curve: connect as a CURVE client with
+        these keys, to the server key set_server_key() gave."""
+        self._ctx, self.poll_ms, self.faults, self.curve = ctx, poll_ms, faults, curve
+        self._server_keys: dict[str, bytes] = {}  # endpoint -> its CURVE public key (under _lock)
+        self._dealer_keys: dict[str, bytes] = {}  # endpoint -> the key its open socket was made with
         self._lock = threading.Lock()
         self._senders: dict[tuple[str, str], KVSender] = {}  # (endpoint, transfer_id) -> sender
         self._queue: queue.SimpleQueue[tuple[KVSender, Outgoing]] = queue.SimpleQueue()
@@ -68,6 +73,12 @@ class KVOutbox:
         """Endpoints with an open socket."""
         with self._lock:
             return sorted(self._open)
+
+    def set_server_key(self, endpoint: str, key: bytes) -> None:
+        """The CURVE public key of the decode node at endpoint (from its ticket); a new key
+        (the node restarted on the address) replaces the socket at the next send."""
+        with self._lock:
+            self._server_keys[endpoint] = key
 
     def add(self, tx: KVSender) -> None:
         key = (tx.endpoint, tx.transfer_id)
@@ -152,10 +163,22 @@ class KVOutbox:
 
     def _dealer(self, endpoint: str) -> zmq.Socket:
         sock = self._dealers.get(endpoint)
+        key = None
+        if self.curve is not None:
+            with self._lock:
+                key = self._server_keys.get(endpoint)
+            if key is None:
+                raise ConnectionRefusedError(f"no CURVE key known for {endpoint}")
+            if sock is not None and self._dealer_keys.get(endpoint) != key:
+                self._close_dealer(endpoint)
+                sock = None
         if sock is None:
             sock = self._dealers[endpoint] = self._ctx.socket(zmq.DEALER)
             sock.setsockopt(zmq.LINGER, 0)
             sock.setsockopt(zmq.SNDHWM, 0)  # bounded by live senders; a failed endpoint is reset
+            if key is not None:
+                self.curve.connect_to(sock, key)
+                self._dealer_keys[endpoint] = key
             sock.connect(endpoint)
             self._poller.register(sock, zmq.POLLIN)
             with self._lock:
@@ -189,9 +212,13 @@ class KVOutbox:
             busy = {ep for ep, _ in self._senders}
         for ep in [ep for ep in self._failed if ep not in busy]:
             self._failed.discard(ep)
-            sock = self._dealers.pop(ep, None)
-            if sock is not None:
-                self._poller.unregister(sock)
-                sock.close(linger=0)
-                with self._lock:
-                    self._open.discard(ep)
+            self._close_dealer(ep)
+
+    def _close_dealer(self, ep: str) -> None:
+        sock = self._dealers.pop(ep, None)
+        self._dealer_keys.pop(ep, None)
+        if sock is not None:
+            self._poller.unregister(sock)
+            sock.close(linger=0)
+            with self._lock:
+                self._open.discard(ep)

@@ -110,6 +110,7 @@ class IpcKVManager(NcclKVManager):
         pairs = await self._pairs_for(ticket, wait_s=self.config.timeout_s)
         if self._outbox is None:
             raise RuntimeError("cuda-ipc senders need a prefill manager")
+        self.trust(pairs.endpoint, ticket)
         tx = IpcKVSender(self.layout, pairs, ticket.transfer_id, ticket.epoch, list(ticket.block_ids),
                          self._outbox.submit)
         self._senders = {k: s for k, s in self._senders.items() if not s.status.ended}

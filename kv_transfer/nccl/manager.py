@@ -41,6 +41,7 @@ import zmq
 
 from pdserve.engine.kv_connector import KVConnectorMetadata, KVLoad, KVSave
 from pdserve.kv_transfer.base.conn import KVManager, KVUnavailable, NodeLink, Role, WriteFn
+from pdserve.kv_transfer.base.curve import KeyGate
 from pdserve.kv_transfer.base.header import PROTOCOL_VERSION
 from pdserve.kv_transfer.base.inbox import KVInbox
 from pdserve.kv_transfer.base.layout import KVLayout
@@ -64,6 +65,7 @@ class NcclKVManager(KVManager):
         """link: the node's engine thread and pairing RPC."""
         self.role, self.layout, self.tp, self.bind_host = Role(role), layout, tp, bind_host
         self.engine_call, self.open_rpc = link.engine_call, link.open_pairs
+        self.curve, self.gate = link.curve, None   # CURVE on the ZeroMQ control sockets (secured clusters)
         self.poll_ms = max(1, int(poll_interval_s * 1000))
         self.pair_sets: dict[str, PairSet] = {}      # by name
         self._by_peer: dict[str, PairSet] = {}       # prefill side: by decode node id
@@ -88,13 +90,17 @@ class NcclKVManager(KVManager):
         if self.role == Role.DECODE:
             router = self._ctx.socket(zmq.ROUTER)
             router.setsockopt(zmq.LINGER, 0)
+            if self.curve is not None:
+                self.gate = KeyGate(self._ctx)
+                self.gate.start()
+                self.curve.serve(router)
             router.bind(f"tcp://{self.bind_host}:0")
             self._endpoint = router.getsockopt_string(zmq.LAST_ENDPOINT)
             self._inbox = self.inbox_class(self.layout, router, self.poll_ms)
             self._inbox.start()
             self._store, self.store_port = serve_store(self.bind_host, 0)
         else:
-            self._outbox = KVOutbox(self._ctx, self.poll_ms)
+            self._outbox = KVOutbox(self._ctx, self.poll_ms, curve=self.curve)
             self._outbox.start()
 
     def close(self) -> None:
@@ -105,6 +111,9 @@ class NcclKVManager(KVManager):
         for part in (self._inbox, self._outbox):
             if part is not None:
                 part.close()
+        if self.gate is not None:
+            self.gate.stop()
+            self.gate = None
         self._ctx.term()
         self._ctx, self._inbox, self._outbox, self._store = None, None, None, None
 
@@ -179,6 +188,8 @@ class NcclKVManager(KVManager):
         if self.role == Role.PREFILL:
             self.open_towards(peers)
         else:
+            if self.gate is not None:  # the control socket admits exactly the listed prefill peers' keys
+                self.gate.allow({p.kv_curve_key.encode() for p in peers if p.kv_curve_key})
             self.on_prefill_peers({p.node_id for p in peers})
 
     def on_prefill_peers(self, live: set[str], grace_s: float = 10.0) -> None:
@@ -308,7 +319,17 @@ class NcclKVManager(KVManager):
         pairs = await self.ready_pairs(ticket.decode_node_id, wait_s=10.0)
         if pairs is None:
             raise KVUnavailable(f"no NCCL pairs open towards decode node {ticket.decode_node_id}")
+        self.trust(pairs.endpoint, ticket)
         return self.sender(ticket.transfer_id, ticket.epoch, num_blocks, pairs)
+
+    def trust(self, endpoint: str, ticket: node_pb2.Ticket) -> None:
+        """With CURVE: the control socket to endpoint checks the decode node's key from its ticket."""
+        if self.curve is None:
+            return
+        if not ticket.kv_curve_key:
+            raise KVUnavailable(f"decode node {ticket.decode_node_id} has no CURVE key: this node sends only "
+                                f"over CURVE (give every member the same credentials)")
+        self._outbox.set_server_key(endpoint, ticket.kv_curve_key.encode())
 
     def sender(self, transfer_id: str, epoch: int, num_blocks: int, pairs: PairSet) -> NcclKVSender:
         if self._outbox is None:

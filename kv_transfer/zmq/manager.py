@@ -7,6 +7,8 @@ DEALER per decode endpoint; sender() (sender_for() a ticket) hands out a per-req
 ZmqKVSender. Senders from sender_for() stream: the engine's connector worker
 (connector.py; rank 0 gathers the other ranks' shards) sends their layers from the
 prompt's step; poll() collects the ends the ranks report.
+With CURVE keys (a secured cluster, base/curve.py) the ROUTER admits only the listed
+prefill peers' keys and each DEALER checks its decode node's key from the ticket.
 Explicit start()/close(); close() joins the thread and closes every socket."""
 from __future__ import annotations
 
@@ -18,7 +20,8 @@ from typing import TypeVar
 import zmq
 
 from pdserve.engine.kv_connector import KVSave
-from pdserve.kv_transfer.base.conn import KVManager, Role, WriteFn
+from pdserve.kv_transfer.base.conn import KVManager, KVUnavailable, Role, WriteFn
+from pdserve.kv_transfer.base.curve import CurveKeys, KeyGate
 from pdserve.kv_transfer.base.faults import KVFaults
 from pdserve.kv_transfer.base.inbox import KVInbox
 from pdserve.kv_transfer.base.layout import KVLayout
@@ -36,11 +39,15 @@ class ZmqKVManager(KVManager):
 
     def __init__(self, role: Role, layout: KVLayout, bind_host: str = "127.0.0.1", port: int = 0,
                  ipc_path: str | None = None, tp: int = 1, poll_interval_s: float = 0.05,
-                 layers_per_message: int = 1, ack_timeout_s: float | None = None, fault_hooks: bool = False):
+                 layers_per_message: int = 1, ack_timeout_s: float | None = None, fault_hooks: bool = False,
+                 curve: CurveKeys | None = None):
         """tp: this node's TP size (the number of shards a sender takes per layer, or of
         decode ranks a receiver re-slices for). ipc_path, if given, replaces tcp.
         ack_timeout_s: how long the prefill node waits for a transfer's ack once all of it
-        was queued (None: the request's deadline). fault_hooks: test-only faults (faults.py)."""
+        was queued (None: the request's deadline). fault_hooks: test-only faults (faults.py).
+        curve: this node's CURVE keys (None: plain ZeroMQ)."""
+        self.curve = curve
+        self.gate: KeyGate | None = None
         self.role, self.layout, self.tp, self.ipc_path = Role(role), layout, tp, ipc_path
         self.layers_per_message, self.ack_timeout_s = layers_per_message, ack_timeout_s
         self._faults = KVFaults() if fault_hooks and Role(role) == Role.PREFILL else None
@@ -63,6 +70,10 @@ class ZmqKVManager(KVManager):
             if self.role == Role.DECODE:
                 router = self._ctx.socket(zmq.ROUTER)
                 router.setsockopt(zmq.LINGER, 0)
+                if self.curve is not None:
+                    self.gate = KeyGate(self._ctx)
+                    self.gate.start()
+                    self.curve.serve(router)
                 try:
                     router.bind(self.bind_addr)
                 except zmq.ZMQError:
@@ -72,11 +83,13 @@ class ZmqKVManager(KVManager):
                 self._inbox = KVInbox(self.layout, router, self.poll_ms)
                 self._inbox.start()
             else:
-                self._outbox = KVOutbox(self._ctx, self.poll_ms, self._faults)
+                self._outbox = KVOutbox(self._ctx, self.poll_ms, self._faults, self.curve)
                 if self._faults is not None:
                     self._faults.install()
                 self._outbox.start()
         except BaseException:
+            if self.gate is not None:
+                self.gate.stop()
             self._ctx.term()
             self._ctx = None
             raise
@@ -87,6 +100,9 @@ class ZmqKVManager(KVManager):
         for part in (self._inbox, self._outbox):
             if part is not None:
                 part.close()
+        if self.gate is not None:
+            self.gate.stop()
+            self.gate = None
         self._ctx.term()
         if self._inbox is not None and self.ipc_path:
             with contextlib.suppress(FileNotFoundError):
@@ -122,9 +138,15 @@ class ZmqKVManager(KVManager):
         return self._require(Role.DECODE, self._inbox).cancel(transfer_id)
 
     def sender(self, endpoint: str, transfer_id: str, epoch: int, num_blocks: int,
-               stream: bool = False) -> ZmqKVSender:
-        """stream: the engine's step sends the layers; otherwise the caller does."""
+               stream: bool = False, server_key: bytes | None = None) -> ZmqKVSender:
+        """stream: the engine's step sends the layers; otherwise the caller does.
+        server_key: the decode node's CURVE public key (required with CURVE)."""
         outbox = self._require(Role.PREFILL, self._outbox)
+        if self.curve is not None:
+            if not server_key:
+                raise KVUnavailable(f"no CURVE key for {endpoint}: this node sends KV only over CURVE (give every "
+                                    f"member the same credentials)")
+            outbox.set_server_key(endpoint, server_key)
         tx = ZmqKVSender(self.layout, self.tp, endpoint, transfer_id, epoch, num_blocks, outbox.submit,
                          self.layers_per_message, stream=stream)
         try:
@@ -137,7 +159,13 @@ class ZmqKVManager(KVManager):
         return tx
 
     async def sender_for(self, ticket: node_pb2.Ticket, num_blocks: int) -> ZmqKVSender:
-        return self.sender(ticket.kv_endpoint, ticket.transfer_id, ticket.epoch, num_blocks, stream=True)
+        return self.sender(ticket.kv_endpoint, ticket.transfer_id, ticket.epoch, num_blocks, stream=True,
+                           server_key=ticket.kv_curve_key.encode())
+
+    def on_peers(self, node_id: str, peers: list[node_pb2.Peer]) -> None:
+        """Decode role with CURVE: admit exactly the listed prefill peers' keys."""
+        if self.gate is not None:
+            self.gate.allow({p.kv_curve_key.encode() for p in peers if p.kv_curve_key})
 
     # engine thread
 

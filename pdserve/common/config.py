@@ -80,6 +80,50 @@ class EngineConfig:
 
 
 @dataclass
+class TLSConfig:
+    """What a gRPC client needs to reach a TLS cluster (every member has these too)."""
+    tls_cert: str | None = opt(None, "PEM certificate: this process's identity (server side, and as a client "
+                                     "towards a server that asks for one: mutual TLS)")
+    tls_key: str | None = opt(None, "PEM private key of --tls-cert")
+    tls_ca: str | None = opt(None, "PEM CA bundle: peers' certificates must chain to it; a server given it "
+                                   "requires client certificates (mutual TLS)")
+    tls_server_name: str | None = opt(None, "the name to check servers' certificates against instead of the "
+                                            "host of their address")
+
+    @property
+    def tls(self) -> bool:
+        return bool(self.tls_cert or self.tls_ca)
+
+
+@dataclass
+class SecurityConfig(TLSConfig):
+    """A cluster member's credentials: TLS, the cluster join secret, CURVE on the KV plane."""
+    cluster_secret_file: str | None = opt(None, "file holding the cluster join secret: members send it on every "
+                                                "call between them (Register, Heartbeat, node APIs) and refuse "
+                                                "calls without it (UNAUTHENTICATED); turns on CURVE for ZeroMQ KV")
+    tls_client_auth: bool = opt(True, "servers given --tls-ca require client certificates of it (mutual TLS); "
+                                      "off: TLS alone, members prove themselves with the cluster secret",
+                                off="--no-tls-client-auth")
+    insecure: bool = opt(False, "allow listening on a non-loopback address without TLS and a cluster secret")
+
+    @property
+    def secured(self) -> bool:
+        """Credentials enough to leave loopback: TLS, or a join secret (or both)."""
+        return self.tls or bool(self.cluster_secret_file)
+
+    def __post_init__(self) -> None:
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ValueError("--tls-cert and --tls-key go together")
+
+
+@dataclass
+class ClientConfig(TLSConfig):
+    """A client's credentials (pdserve generate/status/bench)."""
+    api_key: str | None = opt(None, "API key sent with every call (metadata `authorization: Bearer KEY`)")
+    api_key_file: str | None = opt(None, "file whose first line is the API key to send")
+
+
+@dataclass
 class NodeConfig:
     coordinator: str = opt(help="the coordinator's gRPC address")
     listen: str = opt("127.0.0.1:0", "HOST:PORT of this node's gRPC server (port 0: any free port)")
@@ -94,6 +138,7 @@ class NodeConfig:
     metrics_listen: str | None = opt(None, "HOST:PORT to serve Prometheus metrics on (GET /metrics; port 0: any "
                                            "free port; default: none)")
     engine: EngineConfig = field(default_factory=EngineConfig)
+    security: SecurityConfig = field(default_factory=SecurityConfig)
 
     def __post_init__(self) -> None:
         if self.local_prefill_tokens < 0:
@@ -131,11 +176,15 @@ class CoordinatorConfig:
                                            "/metrics; port 0: any free port; default: none)")
     http_listen: str | None = opt(None, "HOST:PORT of the OpenAI-compatible HTTP API, served by the same frontend "
                                         "processes (off unless given; use 127.0.0.1 unless it must be reachable)")
-    api_key: str | None = opt(None, "HTTP API clients must send `Authorization: Bearer KEY` (/health, /ready and "
-                                    "/metrics stay open)")
     workers: int | None = opt(None, "frontend processes serving clients on the one port, each relaying its own "
                                     "requests; 1: one process does everything (default: min(8, cores / 2), at "
                                     "least 1)")
+    api_key: str | None = opt(None, "clients must send this key (gRPC metadata `authorization: Bearer KEY`; "
+                                    "HTTP `Authorization: Bearer KEY`), else UNAUTHENTICATED / 401; HTTP /health, "
+                                    "/ready and /metrics stay open)")
+    api_key_file: str | None = opt(None, "file of accepted API keys, one a line (# starts a comment); with "
+                                         "--api-key both are accepted")
+    security: SecurityConfig = field(default_factory=SecurityConfig)
 
     def __post_init__(self) -> None:
         if self.routing not in ROUTING:

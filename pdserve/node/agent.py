@@ -10,6 +10,7 @@ import grpc
 
 from pdserve.wire.protocol import PROTOCOL_VERSION
 from pdserve.wire.rpc import channel
+from pdserve.wire.security import NONE, Credentials
 from pdserve.v1 import node_pb2, node_pb2_grpc
 
 log = logging.getLogger("pdserve.node")
@@ -25,13 +26,13 @@ class NodeAgent:
                  load: Callable[[], node_pb2.HeartbeatRequest],
                  on_peers: Callable[[list[node_pb2.Peer]], None] | None = None,
                  on_registered: Callable[[int], None] | None = None,
-                 on_want_full_cache: Callable[[], None] | None = None):
+                 on_want_full_cache: Callable[[], None] | None = None, creds: Credentials = NONE):
         """on_peers receives the coordinator's list of live peers after every registration
         and heartbeat: decode nodes for a prefill node (it sets up its KV transport towards
         them), prefill nodes for a decode node. on_registered receives the new epoch after
         every successful (re-)registration. on_want_full_cache: the coordinator asked for
         the node's whole prefix-cache list with the next heartbeat."""
-        self.coordinator = coordinator
+        self.coordinator, self.creds = coordinator, creds
         self.make_register, self.make_load = register, load
         self.on_peers, self.on_registered = on_peers, on_registered
         self.on_want_full_cache = on_want_full_cache
@@ -40,7 +41,7 @@ class NodeAgent:
 
     async def start(self) -> None:
         # a coordinator restarted after a long outage is found again within a second
-        self.channel = channel(self.coordinator, max_backoff_s=RECONNECT_BACKOFF_S)
+        self.channel = channel(self.coordinator, self.creds, max_backoff_s=RECONNECT_BACKOFF_S)
         self.stub = node_pb2_grpc.CoordinatorStub(self.channel)
         await self._register(wait_s=30.0)
         self.task = asyncio.create_task(self._beat())

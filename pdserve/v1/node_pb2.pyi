@@ -34,7 +34,7 @@ class ModelInfo(_message.Message):
     def __init__(self, name: _Optional[str] = ..., num_layers: _Optional[int] = ..., num_kv_heads: _Optional[int] = ..., head_dim: _Optional[int] = ..., block_size: _Optional[int] = ..., dtype: _Optional[str] = ..., vocab_size: _Optional[int] = ..., max_model_len: _Optional[int] = ..., compat_hash: _Optional[str] = ..., checkpoint_hash: _Optional[str] = ..., cache_root: _Optional[bytes] = ...) -> None: ...
 
 class RegisterRequest(_message.Message):
-    __slots__ = ("protocol_version", "role", "address", "kv_endpoint", "tp", "model", "kv_blocks_total", "kv_transport")
+    __slots__ = ("protocol_version", "role", "address", "kv_endpoint", "tp", "model", "kv_blocks_total", "kv_transport", "kv_curve_key")
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
@@ -43,6 +43,7 @@ class RegisterRequest(_message.Message):
     MODEL_FIELD_NUMBER: _ClassVar[int]
     KV_BLOCKS_TOTAL_FIELD_NUMBER: _ClassVar[int]
     KV_TRANSPORT_FIELD_NUMBER: _ClassVar[int]
+    KV_CURVE_KEY_FIELD_NUMBER: _ClassVar[int]
     protocol_version: int
     role: _api_pb2.Role
     address: str
@@ -51,23 +52,26 @@ class RegisterRequest(_message.Message):
     model: ModelInfo
     kv_blocks_total: int
     kv_transport: str
-    def __init__(self, protocol_version: _Optional[int] = ..., role: _Optional[_Union[_api_pb2.Role, str]] = ..., address: _Optional[str] = ..., kv_endpoint: _Optional[str] = ..., tp: _Optional[int] = ..., model: _Optional[_Union[ModelInfo, _Mapping]] = ..., kv_blocks_total: _Optional[int] = ..., kv_transport: _Optional[str] = ...) -> None: ...
+    kv_curve_key: str
+    def __init__(self, protocol_version: _Optional[int] = ..., role: _Optional[_Union[_api_pb2.Role, str]] = ..., address: _Optional[str] = ..., kv_endpoint: _Optional[str] = ..., tp: _Optional[int] = ..., model: _Optional[_Union[ModelInfo, _Mapping]] = ..., kv_blocks_total: _Optional[int] = ..., kv_transport: _Optional[str] = ..., kv_curve_key: _Optional[str] = ...) -> None: ...
 
 class Peer(_message.Message):
-    __slots__ = ("node_id", "epoch", "address", "kv_endpoint", "tp", "compat_hash")
+    __slots__ = ("node_id", "epoch", "address", "kv_endpoint", "tp", "compat_hash", "kv_curve_key")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     KV_ENDPOINT_FIELD_NUMBER: _ClassVar[int]
     TP_FIELD_NUMBER: _ClassVar[int]
     COMPAT_HASH_FIELD_NUMBER: _ClassVar[int]
+    KV_CURVE_KEY_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     epoch: int
     address: str
     kv_endpoint: str
     tp: int
     compat_hash: str
-    def __init__(self, node_id: _Optional[str] = ..., epoch: _Optional[int] = ..., address: _Optional[str] = ..., kv_endpoint: _Optional[str] = ..., tp: _Optional[int] = ..., compat_hash: _Optional[str] = ...) -> None: ...
+    kv_curve_key: str
+    def __init__(self, node_id: _Optional[str] = ..., epoch: _Optional[int] = ..., address: _Optional[str] = ..., kv_endpoint: _Optional[str] = ..., tp: _Optional[int] = ..., compat_hash: _Optional[str] = ..., kv_curve_key: _Optional[str] = ...) -> None: ...
 
 class RegisterResponse(_message.Message):
     __slots__ = ("node_id", "epoch", "heartbeat_interval_s", "decode_peers", "prefill_peers")
@@ -156,7 +160,7 @@ class KVPairsResponse(_message.Message):
     def __init__(self, store_host: _Optional[str] = ..., store_port: _Optional[int] = ..., decode_tp: _Optional[int] = ...) -> None: ...
 
 class Ticket(_message.Message):
-    __slots__ = ("transfer_id", "decode_node_id", "epoch", "block_ids", "kv_endpoint", "lease_expiry", "decode_tp", "cached_blocks", "local_prefill")
+    __slots__ = ("transfer_id", "decode_node_id", "epoch", "block_ids", "kv_endpoint", "lease_expiry", "decode_tp", "cached_blocks", "local_prefill", "kv_curve_key")
     TRANSFER_ID_FIELD_NUMBER: _ClassVar[int]
     DECODE_NODE_ID_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
@@ -166,6 +170,7 @@ class Ticket(_message.Message):
     DECODE_TP_FIELD_NUMBER: _ClassVar[int]
     CACHED_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     LOCAL_PREFILL_FIELD_NUMBER: _ClassVar[int]
+    KV_CURVE_KEY_FIELD_NUMBER: _ClassVar[int]
     transfer_id: str
     decode_node_id: str
     epoch: int
@@ -175,7 +180,8 @@ class Ticket(_message.Message):
     decode_tp: int
     cached_blocks: int
     local_prefill: bool
-    def __init__(self, transfer_id: _Optional[str] = ..., decode_node_id: _Optional[str] = ..., epoch: _Optional[int] = ..., block_ids: _Optional[_Iterable[int]] = ..., kv_endpoint: _Optional[str] = ..., lease_expiry: _Optional[float] = ..., decode_tp: _Optional[int] = ..., cached_blocks: _Optional[int] = ..., local_prefill: _Optional[bool] = ...) -> None: ...
+    kv_curve_key: str
+    def __init__(self, transfer_id: _Optional[str] = ..., decode_node_id: _Optional[str] = ..., epoch: _Optional[int] = ..., block_ids: _Optional[_Iterable[int]] = ..., kv_endpoint: _Optional[str] = ..., lease_expiry: _Optional[float] = ..., decode_tp: _Optional[int] = ..., cached_blocks: _Optional[int] = ..., local_prefill: _Optional[bool] = ..., kv_curve_key: _Optional[str] = ...) -> None: ...
 
 class ReserveRequest(_message.Message):
     __slots__ = ("request_id", "prompt_token_ids", "sampling", "lease_s", "epoch", "subscriber")

@@ -26,7 +26,7 @@ from pdserve.v1 import api_pb2 as pdserve_dot_v1_dot_api__pb2
 from pdserve.v1 import node_pb2 as pdserve_dot_v1_dot_node__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bpdserve/v1/supervisor.proto\x12\npdserve.v1\x1a\x14pdserve/v1/api.proto\x1a\x15pdserve/v1/node.proto\"\xab\x03\n\nNodeRecord\x12\n\n\x02id\x18\x01 \x01(\t\x12\x1e\n\x04role\x18\x02 \x01(\x0e\x32\x10.pdserve.v1.Role\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\x12\x13\n\x0bkv_endpoint\x18\x04 \x01(\t\x12\n\n\x02tp\x18\x05 \x01(\r\x12$\n\x05model\x18\x06 \x01(\x0b\x32\x15.pdserve.v1.ModelInfo\x12\r\n\x05\x65poch\x18\x07 \x01(\x04\x12\x17\n\x0fkv_blocks_total\x18\x08 \x01(\r\x12\x16\n\x0ekv_blocks_free\x18\t \x01(\r\x12\x0f\n\x07running\x18\n \x01(\r\x12\x0e\n\x06queued\x18\x0b \x01(\r\x12\x15\n\rqueued_tokens\x18\x0c \x01(\r\x12\x10\n\x08silent_s\x18\r \x01(\x01\x12\x0c\n\x04\x64own\x18\x0e \x01(\x08\x12*\n\x08\x63ounters\x18\x0f \x01(\x0b\x32\x18.pdserve.v1.NodeCounters\x12\x15\n\rcache_version\x18\x10 \x01(\x04\x12\x12\n\ncache_full\x18\x11 \x01(\x08\x12\x13\n\x0b\x63\x61\x63he_added\x18\x12 \x03(\x06\x12\x15\n\rcache_removed\x18\x13 \x03(\x06\"X\n\tNodeTable\x12%\n\x05nodes\x18\x01 \x03(\x0b\x32\x16.pdserve.v1.NodeRecord\x12$\n\x05model\x18\x02 \x01(\x0b\x32\x15.pdserve.v1.ModelInfo\"\x1e\n\x0cWatchRequest\x12\x0e\n\x06worker\x18\x01 \x01(\r\"N\n\x0c\x46\x65nceRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x0e\n\x06worker\x18\x04 \x01(\r\"\x0f\n\rFenceResponse\"o\n\x0cWorkerReport\x12\x0e\n\x06worker\x18\x01 \x01(\r\x12\x0b\n\x03pid\x18\x02 \x01(\r\x12\r\n\x05ready\x18\x03 \x01(\x08\x12\x11\n\tstreaming\x18\x04 \x03(\t\x12\x0e\n\x06served\x18\x05 \x01(\x04\x12\x10\n\x08inflight\x18\x06 \x01(\r\"\x10\n\x0eReportResponse2\x8c\x02\n\nSupervisor\x12?\n\nWatchNodes\x12\x18.pdserve.v1.WatchRequest\x1a\x15.pdserve.v1.NodeTable0\x01\x12<\n\x05\x46\x65nce\x12\x18.pdserve.v1.FenceRequest\x1a\x19.pdserve.v1.FenceResponse\x12>\n\x06Report\x12\x18.pdserve.v1.WorkerReport\x1a\x1a.pdserve.v1.ReportResponse\x12?\n\x06Status\x12\x19.pdserve.v1.StatusRequest\x1a\x1a.pdserve.v1.StatusResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bpdserve/v1/supervisor.proto\x12\npdserve.v1\x1a\x14pdserve/v1/api.proto\x1a\x15pdserve/v1/node.proto\"\xc1\x03\n\nNodeRecord\x12\n\n\x02id\x18\x01 \x01(\t\x12\x1e\n\x04role\x18\x02 \x01(\x0e\x32\x10.pdserve.v1.Role\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\x12\x13\n\x0bkv_endpoint\x18\x04 \x01(\t\x12\n\n\x02tp\x18\x05 \x01(\r\x12$\n\x05model\x18\x06 \x01(\x0b\x32\x15.pdserve.v1.ModelInfo\x12\r\n\x05\x65poch\x18\x07 \x01(\x04\x12\x17\n\x0fkv_blocks_total\x18\x08 \x01(\r\x12\x16\n\x0ekv_blocks_free\x18\t \x01(\r\x12\x0f\n\x07running\x18\n \x01(\r\x12\x0e\n\x06queued\x18\x0b \x01(\r\x12\x15\n\rqueued_tokens\x18\x0c \x01(\r\x12\x10\n\x08silent_s\x18\r \x01(\x01\x12\x0c\n\x04\x64own\x18\x0e \x01(\x08\x12*\n\x08\x63ounters\x18\x0f \x01(\x0b\x32\x18.pdserve.v1.NodeCounters\x12\x15\n\rcache_version\x18\x10 \x01(\x04\x12\x12\n\ncache_full\x18\x11 \x01(\x08\x12\x13\n\x0b\x63\x61\x63he_added\x18\x12 \x03(\x06\x12\x15\n\rcache_removed\x18\x13 \x03(\x06\x12\x14\n\x0ckv_curve_key\x18\x14 \x01(\t\"X\n\tNodeTable\x12%\n\x05nodes\x18\x01 \x03(\x0b\x32\x16.pdserve.v1.NodeRecord\x12$\n\x05model\x18\x02 \x01(\x0b\x32\x15.pdserve.v1.ModelInfo\"\x1e\n\x0cWatchRequest\x12\x0e\n\x06worker\x18\x01 \x01(\r\"N\n\x0c\x46\x65nceRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x0e\n\x06worker\x18\x04 \x01(\r\"\x0f\n\rFenceResponse\"o\n\x0cWorkerReport\x12\x0e\n\x06worker\x18\x01 \x01(\r\x12\x0b\n\x03pid\x18\x02 \x01(\r\x12\r\n\x05ready\x18\x03 \x01(\x08\x12\x11\n\tstreaming\x18\x04 \x03(\t\x12\x0e\n\x06served\x18\x05 \x01(\x04\x12\x10\n\x08inflight\x18\x06 \x01(\r\"\x10\n\x0eReportResponse2\x8c\x02\n\nSupervisor\x12?\n\nWatchNodes\x12\x18.pdserve.v1.WatchRequest\x1a\x15.pdserve.v1.NodeTable0\x01\x12<\n\x05\x46\x65nce\x12\x18.pdserve.v1.FenceRequest\x1a\x19.pdserve.v1.FenceResponse\x12>\n\x06Report\x12\x18.pdserve.v1.WorkerReport\x1a\x1a.pdserve.v1.ReportResponse\x12?\n\x06Status\x12\x19.pdserve.v1.StatusRequest\x1a\x1a.pdserve.v1.StatusResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,19 +34,19 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'pdserve.v1.supervisor_pb2',
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_NODERECORD']._serialized_start=89
-  _globals['_NODERECORD']._serialized_end=516
-  _globals['_NODETABLE']._serialized_start=518
-  _globals['_NODETABLE']._serialized_end=606
-  _globals['_WATCHREQUEST']._serialized_start=608
-  _globals['_WATCHREQUEST']._serialized_end=638
-  _globals['_FENCEREQUEST']._serialized_start=640
-  _globals['_FENCEREQUEST']._serialized_end=718
-  _globals['_FENCERESPONSE']._serialized_start=720
-  _globals['_FENCERESPONSE']._serialized_end=735
-  _globals['_WORKERREPORT']._serialized_start=737
-  _globals['_WORKERREPORT']._serialized_end=848
-  _globals['_REPORTRESPONSE']._serialized_start=850
-  _globals['_REPORTRESPONSE']._serialized_end=866
-  _globals['_SUPERVISOR']._serialized_start=869
-  _globals['_SUPERVISOR']._serialized_end=1137
+  _globals['_NODERECORD']._serialized_end=538
+  _globals['_NODETABLE']._serialized_start=540
+  _globals['_NODETABLE']._serialized_end=628
+  _globals['_WATCHREQUEST']._serialized_start=630
+  _globals['_WATCHREQUEST']._serialized_end=660
+  _globals['_FENCEREQUEST']._serialized_start=662
+  _globals['_FENCEREQUEST']._serialized_end=740
+  _globals['_FENCERESPONSE']._serialized_start=742
+  _globals['_FENCERESPONSE']._serialized_end=757
+  _globals['_WORKERREPORT']._serialized_start=759
+  _globals['_WORKERREPORT']._serialized_end=870
+  _globals['_REPORTRESPONSE']._serialized_start=872
+  _globals['_REPORTRESPONSE']._serialized_end=888
+  _globals['_SUPERVISOR']._serialized_start=891
+  _globals['_SUPERVISOR']._serialized_end=1159
 # @@protoc_insertion_point(module_scope)

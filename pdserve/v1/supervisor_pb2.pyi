@@ -9,7 +9,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class NodeRecord(_message.Message):
-    __slots__ = ("id", "role", "address", "kv_endpoint", "tp", "model", "epoch", "kv_blocks_total", "kv_blocks_free", "running", "queued", "queued_tokens", "silent_s", "down", "counters", "cache_version", "cache_full", "cache_added", "cache_removed")
+    __slots__ = ("id", "role", "address", "kv_endpoint", "tp", "model", "epoch", "kv_blocks_total", "kv_blocks_free", "running", "queued", "queued_tokens", "silent_s", "down", "counters", "cache_version", "cache_full", "cache_added", "cache_removed", "kv_curve_key")
     ID_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
@@ -29,6 +29,7 @@ class NodeRecord(_message.Message):
     CACHE_FULL_FIELD_NUMBER: _ClassVar[int]
     CACHE_ADDED_FIELD_NUMBER: _ClassVar[int]
     CACHE_REMOVED_FIELD_NUMBER: _ClassVar[int]
+    KV_CURVE_KEY_FIELD_NUMBER: _ClassVar[int]
     id: str
     role: _api_pb2.Role
     address: str
@@ -48,7 +49,8 @@ class NodeRecord(_message.Message):
     cache_full: bool
     cache_added: _containers.RepeatedScalarFieldContainer[int]
     cache_removed: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, id: _Optional[str] = ..., role: _Optional[_Union[_api_pb2.Role, str]] = ..., address: _Optional[str] = ..., kv_endpoint: _Optional[str] = ..., tp: _Optional[int] = ..., model: _Optional[_Union[_node_pb2.ModelInfo, _Mapping]] = ..., epoch: _Optional[int] = ..., kv_blocks_total: _Optional[int] = ..., kv_blocks_free: _Optional[int] = ..., running: _Optional[int] = ..., queued: _Optional[int] = ..., queued_tokens: _Optional[int] = ..., silent_s: _Optional[float] = ..., down: _Optional[bool] = ..., counters: _Optional[_Union[_api_pb2.NodeCounters, _Mapping]] = ..., cache_version: _Optional[int] = ..., cache_full: _Optional[bool] = ..., cache_added: _Optional[_Iterable[int]] = ..., cache_removed: _Optional[_Iterable[int]] = ...) -> None: ...
+    kv_curve_key: str
+    def __init__(self, id: _Optional[str] = ..., role: _Optional[_Union[_api_pb2.Role, str]] = ..., address: _Optional[str] = ..., kv_endpoint: _Optional[str] = ..., tp: _Optional[int] = ..., model: _Optional[_Union[_node_pb2.ModelInfo, _Mapping]] = ..., epoch: _Optional[int] = ..., kv_blocks_total: _Optional[int] = ..., kv_blocks_free: _Optional[int] = ..., running: _Optional[int] = ..., queued: _Optional[int] = ..., queued_tokens: _Optional[int] = ..., silent_s: _Optional[float] = ..., down: _Optional[bool] = ..., counters: _Optional[_Union[_api_pb2.NodeCounters, _Mapping]] = ..., cache_version: _Optional[int] = ..., cache_full: _Optional[bool] = ..., cache_added: _Optional[_Iterable[int]] = ..., cache_removed: _Optional[_Iterable[int]] = ..., kv_curve_key: _Optional[str] = ...) -> None: ...
 
 class NodeTable(_message.Message):
     __slots__ = ("nodes", "model")

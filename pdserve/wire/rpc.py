@@ -9,6 +9,8 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from pdserve.wire.security import NONE, Credentials
+
 MAX_MESSAGE_BYTES = 64 << 20
 
 
@@ -83,17 +85,20 @@ async def _abort(context, exc: BaseException) -> None:
 
 
 class ServerHandle:
-    """A grpc.aio server with the standard health service (NOT_SERVING until ready()) and
-    the StatusInterceptor.
+    """A grpc.aio server with the standard health service (NOT_SERVING until ready()), the
+    caller checks of its credentials (security.py) and the StatusInterceptor.
     Constructing it starts nothing; start() binds and serves."""
 
     def __init__(self, listen: str, service_names: list[str], max_receive_bytes: int = MAX_MESSAGE_BYTES,
-                 options: tuple = ()):
+                 options: tuple = (), creds: Credentials = NONE):
         """max_receive_bytes: larger messages are refused (RESOURCE_EXHAUSTED) before any handler runs;
-        options: more grpc server options (a coordinator worker's ("grpc.so_reuseport", 1))."""
+        options: more grpc server options (a coordinator worker's ("grpc.so_reuseport", 1));
+        creds: TLS to serve and what callers must show (none: plain, open)."""
         self.listen = listen
         self.service_names = service_names
-        self.server = grpc.aio.server(interceptors=[StatusInterceptor()],
+        self.creds = creds
+        auth = creds.interceptor()
+        self.server = grpc.aio.server(interceptors=[*([auth] if auth else []), StatusInterceptor()],
                                       options=[("grpc.max_receive_message_length", max_receive_bytes),
                                                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES), *options])
         self.health = health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()
@@ -103,7 +108,7 @@ class ServerHandle:
     async def start(self) -> str:
         reflection.enable_server_reflection(self.service_names + [reflection.SERVICE_NAME, "grpc.health.v1.Health"],
                                             self.server)
-        self.port = self.server.add_insecure_port(self.listen)
+        self.port = self.creds.bind(self.server, self.listen)
         if self.port == 0:
             raise OSError(f"cannot listen on {self.listen}")
         await self.server.start()
@@ -129,8 +134,9 @@ class ServerHandle:
                 await r
 
 
-def channel(address: str, max_backoff_s: float | None = None) -> grpc.aio.Channel:
-    """max_backoff_s: cap gRPC's reconnect backoff (default up to 120 s), so that a peer that
+def channel(address: str, creds: Credentials = NONE, max_backoff_s: float | None = None) -> grpc.aio.Channel:
+    """A channel to a cluster member or coordinator, with creds' TLS, secret and API key.
+    max_backoff_s: cap gRPC's reconnect backoff (default up to 120 s), so that a peer that
     comes back after a long outage is reached again within that time."""
     options = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)]
@@ -138,4 +144,4 @@ def channel(address: str, max_backoff_s: float | None = None) -> grpc.aio.Channe
         ms = max(100, int(max_backoff_s * 1000))
         options += [("grpc.initial_reconnect_backoff_ms", min(ms, 1000)), ("grpc.min_reconnect_backoff_ms", min(ms, 1000)),
                     ("grpc.max_reconnect_backoff_ms", ms)]
-    return grpc.aio.insecure_channel(address, options=options)
+    return creds.channel(address, options)
