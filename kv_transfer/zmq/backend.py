@@ -10,7 +10,7 @@ from .manager import ZmqKVManager
 
 def _manager(role, layout, tp, config: ZmqConfig, link) -> ZmqKVManager:
     return ZmqKVManager(role, layout, bind_host=config.host, ipc_path=config.ipc, tp=tp,
-                        layers_per_message=config.layers_per_message)
+                        layers_per_message=config.layers_per_message, recv_writers=config.recv_writers)
 
 
 BACKEND = KVBackend("zmq", ZmqConfig, _manager, worker=("pdserve.kv_transfer.zmq.connector", "ZmqConnector"))

@@ -11,7 +11,11 @@ class ZmqConfig:
     host: str = opt("127.0.0.1", "decode: the address the KV receiver binds (tcp)")
     ipc: str | None = opt(None, "decode: bind the KV receiver to this ipc:// path instead of tcp")
     layers_per_message: int = opt(1, "prefill: layers coalesced into one KV message")
+    recv_writers: int = opt(4, "decode: threads that check and write received KV messages "
+                               "(0: the receive thread does)")
 
     def __post_init__(self) -> None:
         if self.layers_per_message < 1:
             raise ValueError("--kv-layers-per-message must be >= 1")
+        if self.recv_writers < 0:
+            raise ValueError("--kv-recv-writers must be >= 0")

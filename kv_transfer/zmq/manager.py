@@ -35,11 +35,12 @@ class ZmqKVManager(KVManager):
 
     def __init__(self, role: Role, layout: KVLayout, bind_host: str = "127.0.0.1", port: int = 0,
                  ipc_path: str | None = None, tp: int = 1, poll_interval_s: float = 0.05,
-                 layers_per_message: int = 1):
+                 layers_per_message: int = 1, recv_writers: int = 4):
         """tp: this node's TP size (the number of shards a sender takes per layer, or of
-        decode ranks a receiver re-slices for). ipc_path, if given, replaces tcp."""
+        decode ranks a receiver re-slices for). ipc_path, if given, replaces tcp.
+        recv_writers: decode side, the threads that check and write messages (KVInbox)."""
         self.role, self.layout, self.tp, self.ipc_path = Role(role), layout, tp, ipc_path
-        self.layers_per_message = layers_per_message
+        self.layers_per_message, self.recv_writers = layers_per_message, recv_writers
         for rank in range(tp):
             layout.heads(rank, tp)  # raises if tp and the KV heads do not fit
         self.bind_addr = f"ipc://{ipc_path}" if ipc_path else f"tcp://{bind_host}:{port}"
@@ -65,7 +66,7 @@ class ZmqKVManager(KVManager):
                     router.close()
                     raise
                 self._endpoint = router.getsockopt_string(zmq.LAST_ENDPOINT)
-                self._inbox = KVInbox(self.layout, router, self.poll_ms)
+                self._inbox = KVInbox(self.layout, router, self.poll_ms, self.recv_writers)
                 self._inbox.start()
             else:
                 self._outbox = KVOutbox(self._ctx, self.poll_ms)
