@@ -94,6 +94,8 @@ def result(a: argparse.Namespace, peer_k: torch.Tensor, peer_v: torch.Tensor) ->
     nb = a.tokens // BLOCK
     k, v = (torch.randn(layers, nb * 2, BLOCK, heads, dim, device=a.device).to(peer_k.dtype) for _ in range(2))
     stream = torch.cuda.Stream() if a.device == "cuda" else None
+    if stream is not None:
+        torch.cuda.synchronize()  # the pools' contents are written before the side stream reads them
     clock = Clock(stream)
     peer = Peer("bench/0-0", peer_k, peer_v, 0)
     rng = random.Random(0)

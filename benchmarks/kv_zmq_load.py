@@ -35,6 +35,7 @@ from pdserve.cli import SWITCH_INTERVAL_US
 from pdserve.kv_transfer.base.conn import Role
 from pdserve.kv_transfer.base.layout import KVLayout
 from pdserve.kv_transfer.base.status import TransferState
+from pdserve.kv_transfer.zmq.config import ZmqConfig
 from pdserve.kv_transfer.zmq.manager import ZmqKVManager
 
 EPOCH = 1
@@ -65,7 +66,7 @@ def serve(args) -> None:
         if any(tuple(t.shape) != want for shards in layers for t in shards):
             raise ValueError(f"KV shard shape, expected {want}")
     imports = KVImports(kv, device, 1, check)
-    ours = ZmqKVManager(Role.DECODE, lay, bind_host="127.0.0.1")
+    ours = ZmqKVManager(Role.DECODE, lay, bind_host="127.0.0.1", recv_writers=args.recv_writers)
     ours.start()
     raw = RawReceiver(zmq.Context())
     raw.start()
@@ -194,6 +195,8 @@ def main() -> None:
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 64])
     ap.add_argument("--transfers", type=int, default=256, help="transfers per round (at least 4 per slot)")
     ap.add_argument("--rounds", type=int, default=3, help="alternating rounds of raw and ours per concurrency")
+    ap.add_argument("--recv-writers", type=int, default=ZmqConfig().recv_writers,
+                    help="the receiver's writer threads (--kv-recv-writers)")
     ap.add_argument("--out", default=None, help="write the result JSON into this folder instead of results/")
     ap.add_argument("--commit", default=None)
     ap.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
@@ -267,7 +270,8 @@ def main() -> None:
     c1 = next((x for x in levels if x["concurrency"] == 1), None)
     config = dict(shape=args.shape, dtype=args.dtype, tokens=args.tokens, block_size=args.block_size,
                   transfer_mib=nbytes / 2**20, kv_device=args.device, endpoint="tcp",
-                  concurrency=args.concurrency, rounds=args.rounds, headline_concurrency=top["concurrency"])
+                  concurrency=args.concurrency, rounds=args.rounds, recv_writers=args.recv_writers,
+                  headline_concurrency=top["concurrency"])
     path = write_result("kv_transfer_zmq_load", "kv_transfer_zmq_load", top["ratio"], 0.8, config,
                         args.commit, folder=Path(args.out) if args.out else None,
                         latency_ratio_c1=None if c1 is None else round(c1["latency_ratio"], 4),

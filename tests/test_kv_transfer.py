@@ -331,7 +331,7 @@ def test_close_joins_every_thread_and_fails_what_was_in_flight():
     pre = ZmqKVManager(Role.PREFILL, lay, poll_interval_s=0.01)
     dec.start()
     pre.start()
-    assert len(ours()) == 2
+    assert len(ours()) == 2 + dec.recv_writers  # receive, send, and the receiver's writers
     kv = torch.randn(2, *lay.shard_shape(64, 2))
     written = Recorder()
     done = dec.expect("a", 1, list(range(64)), time.time() + 30, written)

@@ -6,11 +6,19 @@ dispatched by transfer_id to the expected KVReceiver (the epoch must match, the
 lease must be live). The sender gets one KVAck per transfer: on the last message
 (ok) or on the first error. An ended transfer leaves a short-lived tombstone so that
 later messages for it are answered once, then dropped. Expired leases are swept on
-every poll and their receivers FAILED ("lease expired") so the owner frees blocks."""
+every poll and their receivers FAILED ("lease expired") so the owner frees blocks.
+
+With writers > 0 the receive thread only parses and routes: each message's frame
+checks and writes run on one of `writers` threads, a transfer's messages always on the
+same one and in order, so many transfers' copies (which release the GIL) overlap the
+next receives; the writers hand their acks back through an inproc wake-up socket."""
 from __future__ import annotations
 
+import itertools
 import logging
+import queue
 import threading
+import zlib
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -30,6 +38,7 @@ log = logging.getLogger(__name__)
 TOMBSTONE_TTL_S = 60.0
 MAX_TOMBSTONES = 4096
 BURST = 64  # messages read per poll before the next sweep
+SWEEP_S = 0.02  # how often expired leases and tombstones are swept
 
 
 @dataclass
@@ -39,22 +48,41 @@ class Ended:
     until: float
 
 
+_inboxes = itertools.count()
+
+
 class KVInbox:
-    def __init__(self, layout: KVLayout, router: zmq.Socket, poll_ms: int):
+    def __init__(self, layout: KVLayout, router: zmq.Socket, poll_ms: int, writers: int = 0):
         self.layout, self.poll_ms = layout, poll_ms
         self._router = router  # bound; owned by the thread from start() on
         self._lock = threading.Lock()
         self._expected: dict[str, KVReceiver] = {}
         self._ended: OrderedDict[str, Ended] = OrderedDict()
         self._stop = threading.Event()
+        self._next_sweep = 0.0
         self._thread = threading.Thread(target=self._serve, name="pdserve-kv-recv", daemon=True)
+        self._jobs: list[queue.SimpleQueue] = [queue.SimpleQueue() for _ in range(writers)]
+        self._writers = [threading.Thread(target=self._write_loop, args=(q,), name=f"pdserve-kv-write-{i}",
+                                          daemon=True) for i, q in enumerate(self._jobs)]
+        self._acks: queue.SimpleQueue[tuple[bytes, bytes]] = queue.SimpleQueue()
+        self._wake_addr = f"inproc://pdserve-kv-acks-{next(_inboxes)}"
+        self._wake: zmq.Socket | None = None
+        if writers:
+            self._wake = router.context.socket(zmq.PULL)
+            self._wake.bind(self._wake_addr)
 
     def start(self) -> None:
+        for t in self._writers:
+            t.start()
         self._thread.start()
 
     def close(self) -> None:
-        """Join the thread (it closes the socket), fail what is still expected."""
+        """Join the threads (the receive thread closes the sockets), fail what is still expected."""
         self._stop.set()
+        for q in self._jobs:
+            q.put(None)
+        for t in self._writers:
+            t.join()
         self._thread.join()
         with self._lock:
             live, self._expected = list(self._expected.values()), {}
@@ -92,13 +120,57 @@ class KVInbox:
         return True
 
     def _serve(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self._router, zmq.POLLIN)
+        if self._wake is not None:
+            poller.register(self._wake, zmq.POLLIN)
         try:
             while not self._stop.is_set():
-                if self._router.poll(self.poll_ms):
+                events = dict(poller.poll(self.poll_ms))
+                if self._router in events:
                     self._receive_burst()
+                if self._wake is not None and self._wake in events:
+                    self._send_acks()
                 self._sweep()
         finally:
             self._router.close(linger=0)
+            if self._wake is not None:
+                self._wake.close(linger=0)
+
+    def _send_acks(self) -> None:
+        while True:
+            try:
+                self._wake.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                break
+        while True:
+            try:
+                ident, ack = self._acks.get_nowait()
+            except queue.Empty:
+                return
+            self._router.send_multipart([ident, ack])
+
+    def _write_loop(self, jobs: queue.SimpleQueue) -> None:
+        """A writer thread: check and write the messages routed to it, hand back the acks."""
+        wake = self._router.context.socket(zmq.PUSH)
+        wake.connect(self._wake_addr)
+        try:
+            while (job := jobs.get()) is not None:
+                ident, rx, header, frames = job
+                try:
+                    ack = self._accept(rx, header, frames)
+                except Exception as e:  # a bug must not stop the writer
+                    log.exception("KV message dropped")
+                    ack = kv_pb2.KVAck(transfer_id=rx.transfer_id, ok=False,
+                                       error=f"internal error: {type(e).__name__}: {e}")
+                if ack is not None:
+                    self._acks.put((ident, ack.SerializeToString()))
+                    try:
+                        wake.send(b"", zmq.NOBLOCK)
+                    except zmq.Again:  # wake-ups already pending
+                        pass
+        finally:
+            wake.close(linger=0)
 
     def _receive_burst(self) -> None:
         for _ in range(BURST):
@@ -109,15 +181,16 @@ class KVInbox:
             if len(parts) < 2:
                 continue
             try:
-                ack = self._dispatch(parts[1].bytes, [p.buffer for p in parts[2:]])
+                ack = self._dispatch(parts[0].bytes, parts[1].bytes, [p.buffer for p in parts[2:]])
             except Exception as e:  # a bug must not stop the receive thread
                 log.exception("KV message dropped")
                 ack = kv_pb2.KVAck(ok=False, error=f"internal error: {type(e).__name__}: {e}")
             if ack is not None:
                 self._router.send_multipart([parts[0], ack.SerializeToString()])
 
-    def _dispatch(self, header_bytes: bytes, frames: list[Buffer]) -> kv_pb2.KVAck | None:
-        """Check and route one message; the ack to send back, if any."""
+    def _dispatch(self, ident: bytes, header_bytes: bytes, frames: list[Buffer]) -> kv_pb2.KVAck | None:
+        """Check and route one message; the ack to send back now, if any (a writer thread
+        answers for the messages routed to it)."""
         try:
             header = kv_pb2.KVHeader.FromString(header_bytes)
         except DecodeError:
@@ -132,6 +205,17 @@ class KVInbox:
                 return self._answer_ended(tid)
         if header.epoch != rx.epoch:  # a stale sender: refused once, the expectation stays
             return self._refuse_stale(tid, header.epoch, rx.epoch)
+        if self._jobs:
+            self._jobs[zlib.crc32(tid.encode()) % len(self._jobs)].put((ident, rx, header, frames))
+            return None
+        return self._accept(rx, header, frames)
+
+    def _accept(self, rx: KVReceiver, header: kv_pb2.KVHeader, frames: list[Buffer]) -> kv_pb2.KVAck | None:
+        """Check and write one message into its receiver; the ack, if one is due."""
+        tid = header.transfer_id
+        with self._lock:  # retired while the message was queued (failed, cancelled, expired): answered once
+            if rx.status.ended and self._expected.get(tid) is not rx and tid in self._ended:
+                return self._answer_ended(tid)
         error = rx.accept(header, frames)
         if error or rx.state == TransferState.DONE:
             self._retire(rx, acked=True)
@@ -173,7 +257,11 @@ class KVInbox:
             self._ended.popitem(last=False)
 
     def _sweep(self) -> None:
+        """At most every SWEEP_S: the scan is over every live expectation."""
         now = time.time()
+        if now < self._next_sweep:
+            return
+        self._next_sweep = now + SWEEP_S
         with self._lock:
             expired = [rx for rx in self._expected.values() if rx.lease_expiry <= now]
             while self._ended and next(iter(self._ended.values())).until <= now:

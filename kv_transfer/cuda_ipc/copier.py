@@ -81,8 +81,16 @@ class Copier:
         self.copy_layers(job, layer, 1)
 
     def copy_layers(self, job: Job, first: int, count: int) -> None:
-        """Queue layers [first, first + count) of every route: with block runs, one copy per
-        run and k|v for the whole range. The checksums follow the last layer."""
+        """Queue layers [first, first + count) of every route on this copier's stream: with
+        block runs, one copy per run and k|v for the whole range. The checksums follow the
+        last layer. The caller orders the stream after the layers were computed."""
+        if self.stream is not None:
+            with torch.cuda.stream(self.stream):  # check() reads the sums back on this stream
+                self._copy_layers(job, first, count)
+        else:
+            self._copy_layers(job, first, count)
+
+    def _copy_layers(self, job: Job, first: int, count: int) -> None:
         layers = slice(first, first + count)
         for r in job.routes:
             sh, dh, n = r.src_head, r.peer.dst_head, r.heads

@@ -16,9 +16,13 @@ class ZmqConfig:
                                flag="--kv-ack-timeout")
     fault_hooks: bool = opt(False, "tests only: prefill: SIGUSR1 cuts the next transfer's connection, SIGUSR2 "
                                    "corrupts its next frame (kv_transfer/base/faults.py)")
+    recv_writers: int = opt(4, "decode: threads that check and write received KV messages "
+                               "(0: the receive thread does)")
 
     def __post_init__(self) -> None:
         if self.layers_per_message < 1:
             raise ValueError("--kv-layers-per-message must be >= 1")
         if self.ack_timeout_s <= 0:
             raise ValueError("--kv-ack-timeout must be > 0")
+        if self.recv_writers < 0:
+            raise ValueError("--kv-recv-writers must be >= 0")

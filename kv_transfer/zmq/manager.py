@@ -40,16 +40,18 @@ class ZmqKVManager(KVManager):
     def __init__(self, role: Role, layout: KVLayout, bind_host: str = "127.0.0.1", port: int = 0,
                  ipc_path: str | None = None, tp: int = 1, poll_interval_s: float = 0.05,
                  layers_per_message: int = 1, ack_timeout_s: float | None = None, fault_hooks: bool = False,
-                 curve: CurveKeys | None = None):
+                 curve: CurveKeys | None = None, recv_writers: int = 4):
         """tp: this node's TP size (the number of shards a sender takes per layer, or of
         decode ranks a receiver re-slices for). ipc_path, if given, replaces tcp.
         ack_timeout_s: how long the prefill node waits for a transfer's ack once all of it
         was queued (None: the request's deadline). fault_hooks: test-only faults (faults.py).
-        curve: this node's CURVE keys (None: plain ZeroMQ)."""
+        curve: this node's CURVE keys (None: plain ZeroMQ). recv_writers: decode side, the
+        threads that check and write messages (KVInbox)."""
         self.curve = curve
         self.gate: KeyGate | None = None
         self.role, self.layout, self.tp, self.ipc_path = Role(role), layout, tp, ipc_path
         self.layers_per_message, self.ack_timeout_s = layers_per_message, ack_timeout_s
+        self.recv_writers = recv_writers
         self._faults = KVFaults() if fault_hooks and Role(role) == Role.PREFILL else None
         for rank in range(tp):
             layout.heads(rank, tp)  # raises if tp and the KV heads do not fit
@@ -80,7 +82,7 @@ class ZmqKVManager(KVManager):
                     router.close()
                     raise
                 self._endpoint = router.getsockopt_string(zmq.LAST_ENDPOINT)
-                self._inbox = KVInbox(self.layout, router, self.poll_ms)
+                self._inbox = KVInbox(self.layout, router, self.poll_ms, self.recv_writers)
                 self._inbox.start()
             else:
                 self._outbox = KVOutbox(self._ctx, self.poll_ms, self._faults, self.curve)
