@@ -71,7 +71,9 @@ async def _warm_up(a: argparse.Namespace, reqs: list[Request]) -> None:
     from pdserve.wire.rpc import channel
     from pdserve.v1 import api_pb2_grpc
     ch = channel(a.coordinator, client_credentials(a))
-    await warm_up(api_pb2_grpc.GenerationStub(ch), reqs, a, asyncio.Semaphore(a.max_concurrency or len(reqs) or 1))
+    stub = api_pb2_grpc.GenerationStub(ch)
+    await warm_up(lambda req, t0: run_one(stub, req, a, t0), reqs, a,
+                  asyncio.Semaphore(a.max_concurrency or len(reqs) or 1))
     await ch.close()
 
 

@@ -12,13 +12,12 @@ OPENAI_API_KEY as with the openai client."""
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import time
 
 from pdserve.bench_result import Request, Result
-from pdserve.bench_stream import Progress, arrival_times, client_credentials
+from pdserve.bench_stream import client_credentials, run_schedule
 
 
 def add_flags(p: argparse.ArgumentParser) -> None:
@@ -102,45 +101,10 @@ async def run_one(client, req: Request, a: argparse.Namespace, t0: float = 0.0) 
 
 
 async def benchmark(a: argparse.Namespace, reqs: list[Request]) -> tuple[list[Result], float]:
-    """(results in request order, seconds from the run's start to the last completion);
-    sent on bench_stream's absolute schedule, after --num-warmups unmeasured copies."""
+    """(results in request order, seconds from the run's start to the last completion):
+    bench_stream's schedule and warm-ups, each request a streamed /v1/completions call."""
     import httpx
     n = a.max_concurrency or len(reqs) or 1
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=n)
-    limit = asyncio.Semaphore(n)
-    times = arrival_times(len(reqs), a.request_rate, a.burstiness, a.seed)
     async with httpx.AsyncClient(base_url=_root(a), headers=_headers(a), limits=limits) as client:
-        await warm_up(client, reqs, a, limit)
-        progress = Progress(len(reqs), a.disable_tqdm)
-
-        async def limited(req: Request, arrived: float) -> Result:
-            async with limit:
-                r = await run_one(client, req, a, start)
-            r.arrival_time = arrived
-            progress.update()
-            return r
-        start = time.perf_counter()
-        tasks = []
-        for req, at in zip(reqs, times):  # absolute: a late send does not push the later ones back
-            delay = start + at - time.perf_counter()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            tasks.append(asyncio.create_task(limited(req, time.perf_counter() - start)))
-        results = await asyncio.gather(*tasks)
-        duration = time.perf_counter() - start
-    progress.close()
-    return list(results), duration
-
-
-async def warm_up(client, reqs: list[Request], a: argparse.Namespace, limit: asyncio.Semaphore) -> None:
-    """--num-warmups copies of the first request, all at once, before the measured run."""
-    n = getattr(a, "num_warmups", 0)
-    if not n or not reqs:
-        return
-
-    async def one() -> Result:
-        async with limit:
-            return await run_one(client, reqs[0], a)
-    for r in await asyncio.gather(*(one() for _ in range(n))):
-        if not r.success:
-            raise SystemExit(f"warm-up request failed: {r.error}")
+        return await run_schedule(a, reqs, lambda req, t0: run_one(client, req, a, t0))

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import time
+from typing import Awaitable, Callable
 
 import grpc
 import numpy as np
@@ -88,14 +89,27 @@ async def benchmark(a: argparse.Namespace, reqs: list[Request]) -> tuple[list[Re
     """(results in request order, seconds from the run's start to the last completion)."""
     ch = channel(a.coordinator, client_credentials(a))
     stub = api_pb2_grpc.GenerationStub(ch)
+    try:
+        return await run_schedule(a, reqs, lambda req, t0: run_one(stub, req, a, t0))
+    finally:
+        await ch.close()
+
+
+Send = Callable[[Request, float], Awaitable[Result]]  # one request's stream, given the run's start (t0)
+
+
+async def run_schedule(a: argparse.Namespace, reqs: list[Request], send: Send) -> tuple[list[Result], float]:
+    """What every backend runs: --num-warmups, then reqs sent on the absolute schedule
+    (arrival_times) under --max-concurrency, each measured by send; (results in request
+    order, seconds from the run's start to the last completion)."""
     limit = asyncio.Semaphore(a.max_concurrency or len(reqs) or 1)
-    await warm_up(stub, reqs, a, limit)
+    await warm_up(send, reqs, a, limit)
     times = arrival_times(len(reqs), a.request_rate, a.burstiness, a.seed)
     progress = Progress(len(reqs), a.disable_tqdm)
 
     async def limited(req: Request, arrived: float) -> Result:
         async with limit:
-            r = await run_one(stub, req, a, start)
+            r = await send(req, start)
         r.arrival_time = arrived
         progress.update()
         return r
@@ -109,11 +123,10 @@ async def benchmark(a: argparse.Namespace, reqs: list[Request]) -> tuple[list[Re
     results = await asyncio.gather(*tasks)
     duration = time.perf_counter() - start
     progress.close()
-    await ch.close()
-    return results, duration
+    return list(results), duration
 
 
-async def warm_up(stub, reqs: list[Request], a: argparse.Namespace, limit: asyncio.Semaphore) -> None:
+async def warm_up(send: Send, reqs: list[Request], a: argparse.Namespace, limit: asyncio.Semaphore) -> None:
     """--num-warmups copies of the first request, all at once (under --max-concurrency),
     before the measured run (vLLM's warm-up); one that fails stops the benchmark."""
     n = getattr(a, "num_warmups", 0)
@@ -122,7 +135,7 @@ async def warm_up(stub, reqs: list[Request], a: argparse.Namespace, limit: async
 
     async def one() -> Result:
         async with limit:
-            return await run_one(stub, reqs[0], a)
+            return await send(reqs[0], 0.0)
     for r in await asyncio.gather(*(one() for _ in range(n))):
         if not r.success:
             raise SystemExit(f"warm-up request failed: {r.error}")
