@@ -111,21 +111,21 @@ def inbox_with(tid: str = "t", lease_s: float = 30.0) -> tuple[IpcInbox, IpcKVRe
 
 def test_an_announce_is_granted_once_and_the_finish_ends_the_transfer_with_the_first_token():
     inbox, rx, ends = inbox_with()
-    ack = inbox._dispatch(announce("t"), [])
+    ack = inbox._dispatch(b"p", announce("t"), [])
     assert ack.granted and ack.ok and rx.state == TransferState.TRANSFERRING
-    assert inbox._dispatch(announce("t"), []).error == "announced twice"
+    assert inbox._dispatch(b"p", announce("t"), []).error == "announced twice"
 
 
 def test_the_finish_after_the_grant_admits_with_the_first_token():
     inbox, rx, ends = inbox_with()
-    inbox._dispatch(announce("t"), [])
-    ack = inbox._dispatch(header("t", last=True, first_token=42).SerializeToString(), [])
+    inbox._dispatch(b"p", announce("t"), [])
+    ack = inbox._dispatch(b"p", header("t", last=True, first_token=42).SerializeToString(), [])
     assert ack.ok and not ack.granted and rx.state == TransferState.DONE and rx.first_token == 42
 
 
 def test_a_stale_epoch_is_refused_and_never_granted():
     inbox, rx, ends = inbox_with()
-    ack = inbox._dispatch(announce("t", epoch=0), [])
+    ack = inbox._dispatch(b"p", announce("t", epoch=0), [])
     assert not ack.ok and not ack.granted and "stale epoch 0" in ack.error
     assert not rx.granted and rx.state == TransferState.WAITING
 
@@ -142,28 +142,28 @@ def test_no_grant_after_the_lease_for_an_unknown_pair_set_or_once_cancelled(case
         assert rx.cancel()
         assert rx.state == TransferState.FAILED and ends.ended == ["t"]
         return
-    ack = inbox._dispatch(data, [])
+    ack = inbox._dispatch(b"p", data, [])
     assert not ack.ok and not ack.granted and rx.state == TransferState.FAILED and ends.ended == ["t"]
     assert ("lease expired" if case == "lease" else "unknown pair set") in ack.error
 
 
 def test_a_granted_receiver_outlives_its_lease_and_a_cancel_until_the_prefill_node_is_done():
     inbox, rx, ends = inbox_with(lease_s=0.05)
-    inbox._dispatch(announce("t"), [])
+    inbox._dispatch(b"p", announce("t"), [])
     time.sleep(0.1)
     rx.lease_expiry = time.time() - 1   # a renewal as the decode node writes it: the grant still holds
     inbox._sweep()
     assert rx.cancel() and rx.state == TransferState.TRANSFERRING, "copies may still land: the blocks stay"
-    inbox._dispatch(header("t", last=True, first_token=3).SerializeToString(), [])
+    inbox._dispatch(b"p", header("t", last=True, first_token=3).SerializeToString(), [])
     assert rx.state == TransferState.FAILED and rx.error == "cancelled" and ends.ended
 
 
 @pytest.mark.parametrize("how", ["withdrawn", "prefill node gone"])
 def test_a_granted_receiver_ends_at_a_withdrawal_or_when_its_prefill_node_leaves(how):
     inbox, rx, ends = inbox_with()
-    inbox._dispatch(announce("t"), [])
+    inbox._dispatch(b"p", announce("t"), [])
     if how == "withdrawn":
-        inbox._dispatch(header("t", last=True, withdrawn=True).SerializeToString(), [])
+        inbox._dispatch(b"p", header("t", last=True, withdrawn=True).SerializeToString(), [])
     else:
         rx.peer_gone("the prefill node of pair set p.1 left")
     assert rx.state == TransferState.FAILED and ends.ended == ["t"]

@@ -110,8 +110,8 @@ class IpcKVReceiver(KVReceiver):
 class IpcInbox(KVInbox):
     """The control channel's decode side, answering a granted announce at once."""
 
-    def _dispatch(self, header_bytes: bytes, frames) -> kv_pb2.KVAck | None:
-        ack = super()._dispatch(header_bytes, frames)
+    def _dispatch(self, ident: bytes, header_bytes: bytes, frames) -> kv_pb2.KVAck | None:
+        ack = super()._dispatch(ident, header_bytes, frames)  # no writer threads here: answered now
         if ack is None:
             tid = kv_pb2.KVHeader.FromString(header_bytes).transfer_id
             rx = self.expected(tid)
