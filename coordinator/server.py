@@ -76,8 +76,9 @@ class Coordinator(api_pb2_grpc.GenerationServicer, node_pb2_grpc.CoordinatorServ
         self.http = None
         if self.cfg.http_listen:
             from pdserve.coordinator.http.server import HttpServer
+            self.creds.check_http_listen(self.cfg.http_listen)
             self.http = HttpServer(self, self.cfg)
-            log.info("HTTP API on %s", await self.http.start(reuse_port))
+            log.info("HTTP API on %s://%s", self.http.scheme, await self.http.start(reuse_port))
 
     def routable(self) -> bool:
         """A request could be served now: a live colocated node, or live prefill and decode nodes."""

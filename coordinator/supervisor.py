@@ -81,6 +81,8 @@ class Supervisor(node_pb2_grpc.CoordinatorServicer, supervisor_pb2_grpc.Supervis
 
     async def start(self) -> str:
         self.creds.check_listen(self.cfg.listen, "the coordinator")
+        if self.cfg.http_listen:
+            self.creds.check_http_listen(self.cfg.http_listen)
         # the workers' metric values, summed by whoever scrapes (coordinator/metrics.py); gone at close
         self.metrics_dir = tempfile.mkdtemp(prefix=f"pdserve-metrics-{self.run_id}-")
         await self.model.start()

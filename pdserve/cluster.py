@@ -225,7 +225,8 @@ class Cluster:
             pools = (f"{self.cfg.colocated} colocated (tp {self.cfg.decode_tp})" if self.cfg.colocated else
                      f"{self.cfg.prefill} prefill (tp {self.cfg.prefill_tp}), {self.cfg.decode} decode "
                      f"(tp {self.cfg.decode_tp})")
-            http = f", HTTP API http://{self.cfg.http_listen}/v1" if self.cfg.http_listen else ""
+            scheme = "https" if self.cfg.security.tls_cert else "http"
+            http = f", HTTP API {scheme}://{self.cfg.http_listen}/v1" if self.cfg.http_listen else ""
             print(f"cluster ready: coordinator {self.cfg.listen}{http}, {pools}; Ctrl-C stops it", flush=True)
             for name, address in self.metrics.items():
                 print(f"metrics of {name}: http://{address}/metrics", flush=True)

@@ -6,15 +6,18 @@ and leave nothing behind; members refuse to listen beyond loopback without crede
 from __future__ import annotations
 
 import os
+import ssl
 import subprocess
 import sys
 import time
 
 import grpc
+import httpx
 import pytest
 import zmq
 
 from pdserve.certs import write_all
+from pdserve.cluster import free_port
 from pdserve.common.config import ClientConfig, SecurityConfig
 from pdserve.v1 import api_pb2, api_pb2_grpc, kv_pb2, node_pb2, node_pb2_grpc
 from pdserve.wire.protocol import PROTOCOL_VERSION
@@ -64,12 +67,46 @@ def mtls(tiny_models, pki):
     """A 1P1D cluster under mutual TLS, cluster secret, API keys and CURVE, with two coordinator workers."""
     p = pki["ours"]
     cluster = start_cluster(model=tiny_models["qwen3"], kv_blocks=128, workers=2, security=member_security(p),
-                            api_key=open(p["api-key"]).read().strip())
+                            api_key=open(p["api-key"]).read().strip(), http_listen=f"127.0.0.1:{free_port()}")
     client = Client(cluster.cfg.listen, creds=client_creds(p))
+    client.http = cluster.cfg.http_listen
     client.supervisor_pid = cluster.procs[0].pid
     yield client
     client.close()
     cluster.stop()
+
+
+def test_the_http_api_of_a_mutual_tls_cluster_is_https_with_client_certificates_and_api_keys(mtls, pki):
+    p = pki["ours"]
+    url, auth = f"https://{mtls.http}/v1/completions", {"Authorization": f"Bearer {open(p['api-key']).read().strip()}"}
+    body = {"prompt": [5, 6, 7, 8], "max_tokens": 6, "temperature": 0, "ignore_eos": True, "return_token_ids": True}
+    with httpx.Client(verify=tls_context(p, "client"), timeout=60) as client:
+        r = client.post(url, json=body, headers=auth)
+        assert r.status_code == 200, r.text
+        assert r.json()["choices"][0]["token_ids"] == mtls.generate(request([5, 6, 7, 8], greedy(6, ignore_eos=True)))[
+            "token_ids"]
+        assert client.post(url, json=body).status_code == 401  # the gRPC API's keys, checked on HTTP too
+    with pytest.raises(httpx.TransportError):  # no client certificate under mutual TLS: the handshake fails
+        httpx.post(url, json=body, headers=auth, verify=tls_context(p), timeout=30)
+    with pytest.raises(httpx.TransportError):  # a certificate of another CA
+        httpx.post(url, json=body, headers=auth, verify=tls_context(p, "client", pki["theirs"]), timeout=30)
+    mtls.wait_blocks_at_baseline()
+
+
+def tls_context(p: dict, cert: str = "", of: dict | None = None) -> ssl.SSLContext:
+    """An HTTPS client's context: p's CA, and `cert`'s certificate (of `of`'s CA, default p's) if given."""
+    ctx = ssl.create_default_context(cafile=p["ca.pem"])
+    if cert:
+        ctx.load_cert_chain((of or p)[f"{cert}.pem"], (of or p)[f"{cert}-key.pem"])
+    return ctx
+
+
+def test_the_http_api_beyond_loopback_needs_an_api_key():
+    with pytest.raises(ValueError, match="API key"):
+        Credentials().check_http_listen("0.0.0.0:8000")
+    Credentials(api_keys=frozenset({"k"})).check_http_listen("0.0.0.0:8000")
+    Credentials().check_http_listen("127.0.0.1:8000")
+    Credentials(insecure=True).check_http_listen("0.0.0.0:8000")  # said in the log
 
 
 def nodes_by_role(client: Client) -> dict[str, dict]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
+import ssl
 
 import uvicorn
 
@@ -42,7 +43,8 @@ class HttpServer:
             raise
         sock.setblocking(False)
         config = uvicorn.Config(self.app, lifespan="off", log_level="warning", access_log=False,
-                                timeout_graceful_shutdown=5, h11_max_incomplete_event_size=64 << 10)
+                                timeout_graceful_shutdown=5, h11_max_incomplete_event_size=64 << 10,
+                                **tls_options(self.cfg))
         self.server = _Server(config)
         self.task = asyncio.create_task(self.server.serve(sockets=[sock]))
         while not self.server.started:
@@ -52,6 +54,10 @@ class HttpServer:
             await asyncio.sleep(0.01)
         return f"{host}:{sock.getsockname()[1]}"
 
+    @property
+    def scheme(self) -> str:
+        return "https" if self.cfg.security.tls_cert else "http"
+
     async def close(self, grace_s: float = 5.0) -> None:
         """Stop accepting; streams still running get grace_s to end, then are cut."""
         if self.server is None:
@@ -60,3 +66,14 @@ class HttpServer:
         self.server.should_exit = True
         with contextlib.suppress(Exception):
             await self.task
+
+
+def tls_options(cfg: CoordinatorConfig) -> dict:
+    """HTTPS with the coordinator's gRPC certificate where it has one; under mutual TLS
+    (--tls-ca, client auth on) clients show a certificate of the CA, as on gRPC."""
+    sec = cfg.security
+    if not sec.tls_cert:
+        return {}
+    mutual = bool(sec.tls_ca) and sec.tls_client_auth
+    return dict(ssl_certfile=sec.tls_cert, ssl_keyfile=sec.tls_key, ssl_ca_certs=sec.tls_ca if mutual else None,
+                ssl_cert_reqs=ssl.CERT_REQUIRED if mutual else ssl.CERT_NONE)

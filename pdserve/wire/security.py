@@ -132,6 +132,17 @@ class Credentials:
                              f"cluster or read its traffic; give credentials, or --insecure to do it anyway")
         log.warning("%s listens on %s without TLS or a cluster secret (--insecure)", what, listen)
 
+    def check_http_listen(self, listen: str) -> None:
+        """Refuse the HTTP API beyond loopback without API keys (its only client check) unless
+        --insecure; it serves HTTPS where this process has a certificate."""
+        if is_loopback(listen) or self.api_keys:
+            return
+        if not self.insecure:
+            raise ValueError(f"the HTTP API would listen on {listen} without an API key (--api-key or "
+                             f"--api-key-file): anyone who can reach it could use the cluster; give one, or "
+                             f"--insecure to do it anyway")
+        log.warning("the HTTP API listens on %s without an API key (--insecure)", listen)
+
     # servers
 
     def bind(self, server: grpc.aio.Server, listen: str) -> int:
