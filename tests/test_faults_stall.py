@@ -5,7 +5,6 @@ not a stream that never ends. Real processes on loopback."""
 from __future__ import annotations
 
 import grpc
-import pytest
 
 from tests.cluster_util import Client, greedy, request, start_cluster
 from tests.fault_util import StalledClient, wait_until
