@@ -192,6 +192,9 @@ class Coordinator(api_pb2_grpc.GenerationServicer, node_pb2_grpc.CoordinatorServ
             record.prompt, _ = await self.model.run(prepare, req, tokenizer, info, self.cfg.max_tokens_limit,
                                                     open_ended)
             record.run_prompt = record.prompt
+            # headers now, not with the first token: a client whose window never opens can
+            # still be sent its status (trailers are not flow-controlled, data is)
+            await context.send_initial_metadata(())
             async for resp in self.lifecycle.run(record):
                 record.writing_since = time.monotonic()
                 yield resp

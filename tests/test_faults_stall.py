@@ -5,14 +5,11 @@ not a stream that never ends. Real processes on loopback."""
 from __future__ import annotations
 
 import grpc
-import pytest
 
 from tests.cluster_util import Client, greedy, request, start_cluster
 from tests.fault_util import StalledClient, wait_until
 
 
-@pytest.mark.xfail(strict=True, reason="known bug (issue 24, found by the chaos harness): the coordinator cuts the "
-                   "request (log: 'read nothing') but the client never gets a status, not even once it reads")
 def test_a_client_stalled_before_its_first_response_gets_a_status_once_it_reads(tiny_models, tmp_path):
     cluster = start_cluster(model=tiny_models["qwen2"], kv_blocks=64, log_dir=str(tmp_path),
                             coordinator_flags=("--client-stall-timeout", "1.5"))
