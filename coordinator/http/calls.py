@@ -22,7 +22,8 @@ _running: set[asyncio.Task] = set()  # strong references until each task is done
 
 
 class Call:
-    """One choice; also the `context` Coordinator.generate takes (time_remaining, abort, peer)."""
+    """One choice; also the `context` Coordinator.generate takes (time_remaining, abort, peer,
+    send_initial_metadata)."""
 
     def __init__(self, coordinator, index: int, req: api_pb2.GenerateRequest, open_ended: bool, peer: str):
         self.index, self._peer = index, peer
@@ -41,6 +42,9 @@ class Call:
 
     async def abort(self, code: grpc.StatusCode, message: str) -> None:
         self.ended = RpcError(code, message)
+
+    async def send_initial_metadata(self, metadata) -> None:
+        """Nothing to send ahead: the HTTP response starts with its first chunk."""
 
     async def _run(self, coordinator, req: api_pb2.GenerateRequest, open_ended: bool) -> None:
         try:
