@@ -44,9 +44,11 @@ class Retry(Exception):
     """The prefill phase failed in a way another attempt may not. avoid_decode: the
     failure was the decode node's KV path; the next attempts go to other decode nodes."""
 
-    def __init__(self, message: str, avoid_decode: bool = False):
+    def __init__(self, message: str, avoid_decode: bool = False, decode_silent: bool = False):
+        """decode_silent: the decode node never answered the transfer (a timeout): it is not
+        tried again for this request, and without another decode node the request fails now."""
         super().__init__(message)
-        self.avoid_decode = avoid_decode
+        self.avoid_decode, self.decode_silent = avoid_decode or decode_silent, decode_silent
 
 
 class Lifecycle:
@@ -112,11 +114,12 @@ class Lifecycle:
     async def start(self, record: RequestRecord) -> node_pb2.PrefillResponse:
         """Reserve and prefill, again from the reservation while attempts fail."""
         failed: set[str] = set()  # prefill nodes that failed this request: others first
-        avoid: set[str] = set()   # decode nodes whose KV path failed this request: others only
+        avoid: set[str] = set()   # decode nodes whose KV path failed this request: others first
+        shun: set[str] = set()    # decode nodes that never answered a transfer of it: never again
         last = None
         while True:
             try:
-                await self.reserve(record, avoid)
+                await self.reserve(record, avoid, shun)
             except RpcError as e:
                 if last is not None:  # say why the request needed another reservation
                     e.message = f"{e.message}; an earlier attempt failed: {last}"
@@ -128,8 +131,12 @@ class Lifecycle:
                 metrics.retried(e.avoid_decode)
                 if e.avoid_decode:
                     avoid.add(record.decode.id)
+                if e.decode_silent:  # a stalled node: more pairings or sends to it only pile up
+                    shun.add(record.decode.id)
                 self.unreserve(record)
                 last = e
+                if e.decode_silent and not self.registry.candidates(api_pb2.ROLE_DECODE, exclude=shun):
+                    raise RpcError(grpc.StatusCode.UNAVAILABLE, str(e)) from None
                 if record.retries > self.cfg.max_retries:
                     raise RpcError(grpc.StatusCode.UNAVAILABLE,
                                    f"gave up after {record.retries} attempts; the last: {e}") from None
@@ -157,14 +164,15 @@ class Lifecycle:
         record.unreserve()
         self.freed()
 
-    async def reserve(self, record: RequestRecord, avoid: set[str] = frozenset()) -> None:
+    async def reserve(self, record: RequestRecord, avoid: set[str] = frozenset(),
+                      shun: set[str] = frozenset()) -> None:
         """Blocks on the least loaded decode node; while all are full, wait for capacity."""
         while True:
             full = False
             # decode nodes whose KV path failed this request come last, not never: a transient
             # fault (a cut link, a corrupted frame) on every node must not end the request early
-            nodes = self.registry.candidates(api_pb2.ROLE_DECODE, exclude=avoid)
-            nodes = nodes or self.registry.candidates(api_pb2.ROLE_DECODE)
+            nodes = self.registry.candidates(api_pb2.ROLE_DECODE, exclude=avoid | shun)
+            nodes = nodes or self.registry.candidates(api_pb2.ROLE_DECODE, exclude=shun)
             for node in self.router.order(nodes, record, api_pb2.ROLE_DECODE):
                 record.reserving.add(node)  # a cancel from here on aborts there too
                 try:
@@ -224,7 +232,9 @@ class Lifecycle:
             if code == grpc.StatusCode.UNAVAILABLE and not transfer:
                 self.node_lost(node, f"is unreachable: {details}")
             failed.add(node.id)
-            raise Retry(f"prefill on {node.id}: {code.name}: {details}", avoid_decode=transfer) from None
+            silent = transfer and ("timed out" in details or "no ack" in details)
+            raise Retry(f"prefill on {node.id}: {code.name}: {details}", avoid_decode=transfer,
+                        decode_silent=silent) from None
         finally:
             node.inflight -= 1
             node.inflight_tokens -= work
