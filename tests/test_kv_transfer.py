@@ -327,11 +327,11 @@ def test_close_joins_every_thread_and_fails_what_was_in_flight():
 
     before = set(threading.enumerate())
     lay = KVLayout.create("big", 2, 2, 64, 16, torch.float32)  # 64 KiB+ frames: zero-copy sends
-    dec = ZmqKVManager(Role.DECODE, lay, poll_interval_s=0.01)
+    dec = ZmqKVManager(Role.DECODE, lay, poll_interval_s=0.01, recv_writers=2)
     pre = ZmqKVManager(Role.PREFILL, lay, poll_interval_s=0.01)
     dec.start()
     pre.start()
-    assert len(ours()) == 2 + dec.recv_writers  # receive, send, and the receiver's writers
+    assert len(ours()) == 2 + 2  # receive, send, and the receiver's writers
     kv = torch.randn(2, *lay.shard_shape(64, 2))
     written = Recorder()
     done = dec.expect("a", 1, list(range(64)), time.time() + 30, written)

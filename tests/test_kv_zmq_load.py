@@ -37,11 +37,12 @@ class Gate:
             assert self.open.wait(60), "the gate was never opened"
 
 
-@pytest.fixture(params=[1, 2], ids=["decode-tp1", "decode-tp2"])
+@pytest.fixture(params=[(1, 0), (2, 0), (1, 4)], ids=["decode-tp1", "decode-tp2", "decode-tp1-writers4"])
 def decode(request, tiny_models):
     """(engine, loop, decode manager, prefill manager, gate): a decode engine that always has
-    a sequence running, so it keeps stepping; the gate can hold it inside a step."""
-    tp = request.param
+    a sequence running, so it keeps stepping; the gate can hold it inside a step. The receiver
+    writes on its receive thread (the default) or on a pool of writer threads."""
+    tp, writers = request.param
     cfg = EngineConfig(model=tiny_models["qwen2"], kv_blocks=CONCURRENT * 5 + 64, block_size=4, tp=tp)
     engine = LLMEngine(cfg).start()
     gate = Gate()
@@ -51,7 +52,7 @@ def decode(request, tiny_models):
     spec = engine.spec
     lay = KVLayout.create("qwen2", spec.num_layers, spec.num_kv_heads, spec.head_dim, cfg.block_size,
                           engine.executor.runner.dtype)
-    dec = ZmqKVManager(Role.DECODE, lay, tp=tp, poll_interval_s=0.01)
+    dec = ZmqKVManager(Role.DECODE, lay, tp=tp, poll_interval_s=0.01, recv_writers=writers)
     pre = ZmqKVManager(Role.PREFILL, lay, tp=1, poll_interval_s=0.01)
     dec.start()
     pre.start()

@@ -16,8 +16,8 @@ class ZmqConfig:
                                flag="--kv-ack-timeout")
     fault_hooks: bool = opt(False, "tests only: prefill: SIGUSR1 cuts the next transfer's connection, SIGUSR2 "
                                    "corrupts its next frame (kv_transfer/base/faults.py)")
-    recv_writers: int = opt(4, "decode: threads that check and write received KV messages "
-                               "(0: the receive thread does)")
+    recv_writers: int = opt(0, "decode: threads that check and write received KV messages "
+                               "(0: the receive thread does; measured faster on one host)")
 
     def __post_init__(self) -> None:
         if self.layers_per_message < 1:

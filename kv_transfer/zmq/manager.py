@@ -40,7 +40,7 @@ class ZmqKVManager(KVManager):
     def __init__(self, role: Role, layout: KVLayout, bind_host: str = "127.0.0.1", port: int = 0,
                  ipc_path: str | None = None, tp: int = 1, poll_interval_s: float = 0.05,
                  layers_per_message: int = 1, ack_timeout_s: float | None = None, fault_hooks: bool = False,
-                 curve: CurveKeys | None = None, recv_writers: int = 4):
+                 curve: CurveKeys | None = None, recv_writers: int = 0):
         """tp: this node's TP size (the number of shards a sender takes per layer, or of
         decode ranks a receiver re-slices for). ipc_path, if given, replaces tcp.
         ack_timeout_s: how long the prefill node waits for a transfer's ack once all of it
