@@ -4,7 +4,11 @@ grant (epoch, lease, pair set) and when a receiver may end (never while a grante
 prefill node may still write), and when a sender sends its finish or withdrawal."""
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -74,6 +78,18 @@ def test_a_corrupted_copy_is_caught_by_the_checksums():
     assert copier.check(job) == "checksum mismatch (k, pair p.1/0-0)"
     with pytest.raises(ValueError, match="past the peer pool"):
         copier.job(8, [Route(peer, 0, 2)], [0], [4])
+
+
+def test_the_fused_copy_kernel_in_triton_interpreter():
+    """The GPU copy kernel (tests/gpu/test_gpu_ipc_kernels.py), run on CPU by Triton's
+    interpreter: its indexing, head offsets and checksums are checked in CI too."""
+    pytest.importorskip("triton")
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(root)}
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                          "tests/gpu/test_gpu_ipc_kernels.py"], cwd=root, env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert run.returncode == 0 and " passed" in run.stdout and "skipped" not in run.stdout, run.stdout[-3000:]
 
 
 # the decode side: grants

@@ -14,6 +14,8 @@ class IpcConfig:
     timeout_s: float = opt(30.0, "seconds a pairing or a write grant may take", flag="--kv-timeout")
     verify: bool = opt(True, "cuda-ipc: checksum each layer at both ends of its copy (reads the written blocks back)",
                        off="--kv-no-verify")
+    verify_full: bool = opt(False, "cuda-ipc on one GPU: the checksums cover every word of each block, not one token "
+                                   "slot of each (reads all written blocks back: about 1.5x the copy's memory traffic)")
     max_copy_runs: int = opt(32, "cuda-ipc: blocks in more contiguous runs than this move with one gather/scatter "
                                  "kernel per layer instead of copy-engine copies")
     fault: str = opt("", "cuda-ipc, tests only: 'checksum' corrupts each transfer's first block after its copy",

@@ -49,7 +49,8 @@ class IpcConnector(KVConnectorWorker):
         self.kv = kv
         cuda = torch.device(device).type == "cuda"
         stream = torch.cuda.Stream(device) if cuda else None
-        self.copier = Copier(kv.k, kv.v, stream, self.config.verify, self.config.max_copy_runs)
+        self.copier = Copier(kv.k, kv.v, stream, self.config.verify, self.config.max_copy_runs,
+                             full_checksums=self.config.verify_full)
 
     def apply(self, meta: KVConnectorMetadata) -> None:
         for name in meta.disconnect:

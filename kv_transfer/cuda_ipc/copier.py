@@ -1,15 +1,17 @@
 """The copy layer of the cuda-ipc transport: a transfer's heads, a range of layers at a
 time, from this rank's pool into a peer's opened pool, and the checksums of both ends.
 
-Blocks are matched one to one (src_ids[i] -> dst_ids[i]). Where they form few
-contiguous runs (a fresh pool hands out consecutive blocks), each run of a layer range's
-k or v is one Tensor.copy_ (a cudaMemcpyAsync on the copy engines when it is contiguous);
-otherwise one gather/scatter pair per layer. A checksum is the int64 sum of the moved
-heads over all layers read as int32 words (order-free, so both ends compute it with one
-reduction per run): once per transfer, after its last copy, on the same stream (the
-source blocks stay unchanged until the decode node acknowledges)."""
+Blocks are matched one to one (src_ids[i] -> dst_ids[i]). On a GPU whose peer pool is on
+the same device, one fused kernel launch per route and layer range moves the block rows
+and checksums them in the same pass (kernels.py); a last launch per route checksums the
+destination. Elsewhere (CPU, a peer on another GPU) torch does it: where the blocks form
+few contiguous runs, each run of a layer range's k or v is one Tensor.copy_, otherwise
+one gather/scatter pair per layer, and the checksum is the int64 sum of the moved heads
+over all layers read as int32 words, both ends after the last copy on the same stream.
+The source blocks stay unchanged until the decode node acknowledges."""
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 
 import torch
@@ -58,14 +60,23 @@ class Job:
     error: str = ""
     done: object = None      # CUDA event after the last copy (None on CPU)
     corrupt: bool = False    # fault injection (tests)
+    rows: torch.Tensor | None = None   # fused kernel: [routes, 2 (src, dst), layers, 2 * blocks] row checksums
 
 
 class Copier:
-    """Queues a job's copies on `stream` (None: synchronous, CPU)."""
+    """Queues a job's copies on `stream` (None: synchronous, CPU). kernels: use the fused
+    kernel where it applies (None: on a GPU). full_checksums: the kernel's checksums cover
+    every word, not one token slot of each block row (kernels.py)."""
 
-    def __init__(self, k: torch.Tensor, v: torch.Tensor, stream=None, verify: bool = True, max_runs: int = 32):
+    def __init__(self, k: torch.Tensor, v: torch.Tensor, stream=None, verify: bool = True, max_runs: int = 32,
+                 kernels: bool | None = None, full_checksums: bool = False):
         self.k, self.v, self.stream, self.verify, self.max_runs = k, v, stream, verify, max_runs
+        self.sample = not full_checksums
         self._peer_streams: dict = {}   # another GPU's pool: checksums there run on a stream of that GPU
+        self.pool = None
+        if k.is_cuda if kernels is None else kernels:
+            from .kernels import PoolCopier  # Triton: imported only where the kernel runs
+            self.pool = PoolCopier(k, v)
 
     def job(self, key: int, routes: list[Route], src_ids: list[int], dst_ids: list[int], corrupt: bool = False) -> Job:
         runs = block_runs(src_ids, dst_ids)
@@ -74,7 +85,15 @@ class Copier:
         for r in routes:
             if max(dst_ids) >= r.peer.k.shape[1] or r.peer.dst_head + r.heads > r.peer.k.shape[3]:
                 raise ValueError(f"blocks or heads past the peer pool of {r.peer.name}")
-        return Job(key, routes, list(src_ids), list(dst_ids), runs if use_runs else None, corrupt=corrupt)
+        job = Job(key, routes, list(src_ids), list(dst_ids), runs if use_runs else None, corrupt=corrupt)
+        if self.pool is not None and self._fused(routes):
+            job.rows = torch.empty((len(routes), 2, self.k.shape[0], 2 * len(dst_ids)), dtype=torch.int64,
+                                   device=self.k.device)
+        return job
+
+    def _fused(self, routes: list[Route]) -> bool:
+        from .kernels import supported
+        return all(supported(self.k, r.peer.k, r.heads) for r in routes)
 
     def copy_layer(self, job: Job, layer: int) -> None:
         """Queue layer `layer` of every route (the caller orders it after the layer was computed)."""
@@ -91,6 +110,8 @@ class Copier:
             self._copy_layers(job, first, count)
 
     def _copy_layers(self, job: Job, first: int, count: int) -> None:
+        if job.rows is not None:
+            return self._launch(job, first, count)
         layers = slice(first, first + count)
         for r in job.routes:
             sh, dh, n = r.src_head, r.peer.dst_head, r.heads
@@ -109,6 +130,21 @@ class Copier:
         job.layers = first + count
         if self.verify and job.layers == self.k.shape[0]:
             self._checksums(job)
+
+    def _launch(self, job: Job, first: int, count: int) -> None:
+        """The fused kernel: each route's rows of layers [first, first + count) moved and
+        checksummed; after the last layer, each route's destination checksummed."""
+        si, di = self._index(job, self.k.device)
+        for i, r in enumerate(job.routes):
+            self.pool.launch(r.peer.k, r.peer.v, si, di, job.rows[i, 0], first, first + count, r.src_head,
+                             r.peer.dst_head, r.heads, copy=True, sample=self.sample)
+            if job.corrupt and first == 0:
+                r.peer.k[0, job.dst_ids[0], :, r.peer.dst_head:r.peer.dst_head + r.heads].add_(1)
+        job.layers = first + count
+        if self.verify and job.layers == self.k.shape[0]:
+            for i, r in enumerate(job.routes):
+                self.pool.launch(r.peer.k, r.peer.v, si, di, job.rows[i, 1], 0, job.layers, r.src_head,
+                                 r.peer.dst_head, r.heads, copy=False, sample=self.sample)
 
     def _checksums(self, job: Job) -> None:
         """Both ends' sums of every route's k and v over all layers, behind the copies."""
@@ -151,6 +187,8 @@ class Copier:
 
     def check(self, job: Job) -> str:
         """After the job's copies ran: "" or which layer's checksums differ."""
+        if job.rows is not None and not job.error and self.verify:
+            return self._check_rows(job)
         if job.error or not job.sums:
             return job.error
         if self.stream is not None:  # read back on the (finished) side stream, not behind the next forward
@@ -163,6 +201,17 @@ class Copier:
                 r = job.routes[i // 2]
                 return f"checksum mismatch ({'kv'[i % 2]}, pair {r.peer.name})"
         return ""
+
+
+    def _check_rows(self, job: Job) -> str:
+        """The fused kernel's verdict: per route, layer and k|v, the source rows' sum against the destination's."""
+        with torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext():
+            sums = job.rows.view(*job.rows.shape[:3], 2, -1).sum(-1)   # [routes, src|dst, layers, k|v]
+            bad = (sums[:, 0] != sums[:, 1]).nonzero().tolist()
+        if not bad:
+            return ""
+        route, layer, kv = bad[0]
+        return f"checksum mismatch ({'kv'[kv]}, layer {layer}, pair {job.routes[route].peer.name})"
 
 
 def _words(t: torch.Tensor) -> torch.Tensor:
