@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 
 from common import hf_config, write_result
+from pdserve.kv_transfer.cuda_ipc import kernels
 from pdserve.kv_transfer.cuda_ipc.copier import Copier, Peer, Route
 from pdserve.kv_transfer.cuda_ipc.export import export_pool, open_pool
 from pdserve.v1 import kv_pb2
@@ -132,6 +133,7 @@ def result(a: argparse.Namespace, peer_k: torch.Tensor, peer_v: torch.Tensor) ->
                 rows[name] = dict(ms=round(t * 1e3, 4), gb_s=round(nbytes / t / 1e9, 2), ratio=round(raw / t, 4))
                 print(f"{name:58s} {t * 1e3:8.3f} ms  {nbytes / t / 1e9:7.1f} GB/s  raw/ours {raw / t:.3f}",
                       flush=True)
+    tune = sweep(a, clock, k, v, stream, peer, heads, layers, cases["consecutive"], raw) if a.tune else None
     print(f"{'raw contiguous copy':58s} {raw * 1e3:8.3f} ms  {nbytes / raw / 1e9:7.1f} GB/s")
     ratio = rows["consecutive, sampled checksums"]["ratio"]
     print(f"ratio raw / ours (consecutive blocks, layer by layer, sampled checksums): {ratio:.3f}  target >= 0.9")
@@ -139,8 +141,31 @@ def result(a: argparse.Namespace, peer_k: torch.Tensor, peer_v: torch.Tensor) ->
                   layers=layers, kv_heads=heads, head_dim=dim, bytes=nbytes, iters=a.iters, device=a.device,
                   same_gpu=True, method="median of CUDA-event-timed transfers on one side stream after warm-up")
     path = write_result(a.result_name, "kv_transfer_ipc", ratio, 0.9, config, commit_id=a.commit,
-                        raw_ms=round(raw * 1e3, 4), raw_gb_s=round(nbytes / raw / 1e9, 2), rows=rows)
+                        raw_ms=round(raw * 1e3, 4), raw_gb_s=round(nbytes / raw / 1e9, 2), rows=rows,
+                        kernel=dict(num_warps=kernels.NUM_WARPS, tile_words=kernels.TILE_WORDS), tune=tune)
     print(f"-> {path}")
+
+
+def sweep(a, clock, k, v, stream, peer, heads, layers, ids, raw) -> list[dict]:
+    """--tune: the fused kernel's warps and tile size against raw, consecutive blocks, sampled
+    checksums, layer by layer and all layers at once."""
+    out, defaults = [], (kernels.NUM_WARPS, kernels.TILE_WORDS)
+    for warps in (4, 8, 16):
+        for tile in (2048, 4096, 8192):
+            kernels.NUM_WARPS, kernels.TILE_WORDS = warps, tile
+            copier = Copier(k, v, stream)
+            row = dict(num_warps=warps, tile_words=tile)
+            for at_once in (False, True):
+                def transfer():
+                    job = copier.job(1, [Route(peer, 0, heads)], *ids)
+                    for first, count in ([(0, layers)] if at_once else [(i, 1) for i in range(layers)]):
+                        copier.copy_layers(job, first, count)
+                row["at_once" if at_once else "by_layer"] = round(raw / measure(clock, transfer, a.iters), 4)
+            print(f"tune warps {warps:2d} tile {tile:5d}: raw/ours layer by layer {row['by_layer']:.3f}, "
+                  f"all at once {row['at_once']:.3f}", flush=True)
+            out.append(row)
+    kernels.NUM_WARPS, kernels.TILE_WORDS = defaults
+    return out
 
 
 def main() -> None:
@@ -152,6 +177,7 @@ def main() -> None:
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     ap.add_argument("--commit", default=None)
     ap.add_argument("--result-name", default="kv_transfer_ipc")
+    ap.add_argument("--tune", action="store_true", help="also sweep the fused kernel's warps and tile size (GPU)")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.child:

@@ -78,7 +78,7 @@ def served(folder: Path, a, streams: int, work: Path) -> dict:
                         else "cuda:0", dtype=a.dtype, load_format="dummy", max_num_seqs=streams,
                         max_num_batched_tokens=a.max_num_batched_tokens, max_inflight=streams,
                         listen=f"127.0.0.1:{free_port()}", log_dir=str(work / f"logs_{streams}"),
-                        coordinator_flags=("--max-queued", str(a.num_prompts)))
+                        coordinator_flags=("--max-queued", str(a.num_prompts)), switch_interval_us=a.switch_interval_us)
     (work / f"logs_{streams}").mkdir(parents=True, exist_ok=True)
     out = work / f"bench_{streams}.json"
 
@@ -119,6 +119,7 @@ def main() -> None:
     ap.add_argument("--max-num-batched-tokens", type=int, default=16384)
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.85)
     ap.add_argument("--num-clients", type=int, default=2, help="bench client processes")
+    ap.add_argument("--switch-interval-us", type=float, default=None, help="every member's (default: theirs)")
     ap.add_argument("--commit", default=None, help="commit measured, where the tree has no .git")
     ap.add_argument("--name", default="serving_overhead", help="result file name")
     a = ap.parse_args()
@@ -142,6 +143,7 @@ def main() -> None:
     config = dict(shape=a.shape, device=a.device, dtype=a.dtype, num_prompts=a.num_prompts, input_len=a.input_len,
                   output_len=a.output_len, ignore_eos=True, concurrency=a.concurrency,
                   max_num_batched_tokens=a.max_num_batched_tokens, num_clients=a.num_clients,
+                  switch_interval_us=a.switch_interval_us,
                   topology="coordinator (its default workers) + 1 colocated node")
     path = write_result(a.name, "serving_overhead", head["ratio"], TARGET, config, commit_id=a.commit, runs=rows,
                         tpot_over_step=head["tpot_over_step"], tpot_target=1.1)

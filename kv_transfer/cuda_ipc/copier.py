@@ -61,6 +61,7 @@ class Job:
     done: object = None      # CUDA event after the last copy (None on CPU)
     corrupt: bool = False    # fault injection (tests)
     rows: torch.Tensor | None = None   # fused kernel: [routes, 2 (src, dst), layers, 2 * blocks] row checksums
+    plans: list | None = None          # fused kernel: per route, its (copy, check) launches
 
 
 class Copier:
@@ -134,17 +135,19 @@ class Copier:
     def _launch(self, job: Job, first: int, count: int) -> None:
         """The fused kernel: each route's rows of layers [first, first + count) moved and
         checksummed; after the last layer, each route's destination checksummed."""
-        si, di = self._index(job, self.k.device)
-        for i, r in enumerate(job.routes):
-            self.pool.launch(r.peer.k, r.peer.v, si, di, job.rows[i, 0], first, first + count, r.src_head,
-                             r.peer.dst_head, r.heads, copy=True, sample=self.sample)
+        if job.plans is None:
+            si, di = self._index(job, self.k.device)
+            job.plans = [tuple(self.pool.plan(r.peer.k, r.peer.v, si, di, job.rows[i, side], r.src_head,
+                                              r.peer.dst_head, r.heads, copy=side == 0, sample=self.sample)
+                               for side in (0, 1)) for i, r in enumerate(job.routes)]
+        for (copy, _), r in zip(job.plans, job.routes):
+            copy.run(first, first + count, self.stream)
             if job.corrupt and first == 0:
                 r.peer.k[0, job.dst_ids[0], :, r.peer.dst_head:r.peer.dst_head + r.heads].add_(1)
         job.layers = first + count
         if self.verify and job.layers == self.k.shape[0]:
-            for i, r in enumerate(job.routes):
-                self.pool.launch(r.peer.k, r.peer.v, si, di, job.rows[i, 1], 0, job.layers, r.src_head,
-                                 r.peer.dst_head, r.heads, copy=False, sample=self.sample)
+            for _, check in job.plans:
+                check.run(0, job.layers, self.stream)
 
     def _checksums(self, job: Job) -> None:
         """Both ends' sums of every route's k and v over all layers, behind the copies."""

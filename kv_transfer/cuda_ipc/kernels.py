@@ -100,11 +100,13 @@ def _words(t: torch.Tensor) -> torch.Tensor:
     return t.view(-1).view(torch.int32)
 
 
+NUM_WARPS = 4        # the launch's warps per program (benchmarks/kv_ipc.py --tune sweeps these two)
+TILE_WORDS = 4096    # int32 words a program moves per iteration (tokens x heads x head words)
+
+
 class PoolCopier:
     """The kernel bound to this rank's pool (k, v: [layers, blocks, block_size, kv_heads,
-    head_dim]). Launches go straight to the compiled kernel once Triton compiled a variant:
-    its dispatch costs the host tens of microseconds, and layer by layer that is the copy's
-    critical path."""
+    head_dim]); plan() binds it to one route of one transfer."""
 
     def __init__(self, k: torch.Tensor, v: torch.Tensor):
         self.k, self.v = k, v
@@ -112,40 +114,62 @@ class PoolCopier:
         self.es, self.bs, self.hd = k.element_size(), k.shape[2], k.shape[4]
         self.wph = self.hd * self.es // 4
         self.strides = tuple(n * self.es // 4 for n in k.stride()[:3])
-        self._peers: dict[int, tuple] = {}     # id(peer k) -> (k32, v32, strides)
-        self._compiled: dict[tuple, Any] = {}  # (heads, copy, sample, peer strides) -> compiled kernel
+        self._peers: dict[int, tuple] = {}     # id(peer k) -> (k32, v32, strides, k)
+        self._compiled: dict[tuple, Any] = {}  # Launch.key -> the compiled kernel
         self.direct = k.is_cuda
 
     def _peer(self, pk: torch.Tensor, pv: torch.Tensor) -> tuple:
         got = self._peers.get(id(pk))
-        if got is None or got[0].data_ptr() != pk.data_ptr():
+        if got is None or got[3] is not pk:
             got = self._peers[id(pk)] = (_words(pk), _words(pv), tuple(n * self.es // 4 for n in pk.stride()[:3]), pk)
         return got
 
-    def launch(self, pk: torch.Tensor, pv: torch.Tensor, sidx: torch.Tensor, didx: torch.Tensor, rows: torch.Tensor,
-               l0: int, l1: int, sh: int, dh: int, heads: int, copy: bool, sample: bool, stream=None) -> None:
-        """Copy (copy=True) or checksum the destination of layers [l0, l1), heads sh.. of this pool
-        -> dh.. of the peer's (pk, pv), blocks sidx[i] -> didx[i]; row sums into rows
-        [layers, 2 * len(didx)] int64. Runs on `stream` (default: the current one)."""
-        pk32, pv32, pstrides, _ = self._peer(pk, pv)
-        nb = len(didx)
-        total = (l1 - l0) * 2 * nb
+    def plan(self, pk: torch.Tensor, pv: torch.Tensor, sidx: torch.Tensor, didx: torch.Tensor, rows: torch.Tensor,
+             sh: int, dh: int, heads: int, copy: bool, sample: bool) -> Launch:
+        """Copy (copy=True) or checksum the destination of heads sh.. of this pool -> dh.. of
+        the peer's (pk, pv), blocks sidx[i] -> didx[i]; row sums into rows [layers, 2 * len(didx)]
+        int64. Launch.run(l0, l1) for each layer range."""
+        return Launch(self, pk, pv, sidx, didx, rows, sh, dh, heads, copy, sample)
+
+    def launch(self, pk, pv, sidx, didx, rows, l0: int, l1: int, sh: int, dh: int, heads: int, copy: bool,
+               sample: bool, stream=None) -> None:
+        """plan(...).run(l0, l1) for one call."""
+        self.plan(pk, pv, sidx, didx, rows, sh, dh, heads, copy, sample).run(l0, l1, stream)
+
+
+class Launch:
+    """One route's launches for one transfer, arguments worked out once: once Triton compiled
+    the variant, run() calls the compiled kernel directly (Triton's dispatch costs the host
+    tens of microseconds per launch, and layer by layer that is the copy's critical path)."""
+
+    def __init__(self, pool: PoolCopier, pk, pv, sidx, didx, rows, sh: int, dh: int, heads: int, copy: bool,
+                 sample: bool):
+        pk32, pv32, pstrides, _ = pool._peer(pk, pv)
+        self.pool, self.nb = pool, len(didx)
+        seg = heads * pool.wph
+        segp = triton.next_power_of_2(seg)
+        tb = max(1, min(triton.next_power_of_2(pool.bs), TILE_WORDS // segp))
+        self.meta = (pool.wph, seg, segp, pool.bs, tb, copy, sample)
+        self.key = (self.meta, NUM_WARPS, pstrides, pool.strides)
+        self.tensors = (pool.k32, pool.v32, pk32, pv32, sidx, didx, rows)
+        self.ints = (*pool.strides, *pstrides, sh, dh)
+        self.ptrs = tuple(t.data_ptr() for t in self.tensors)
+        self.aligned = not any(p % 16 for p in self.ptrs[4:])  # as the compiled kernel assumes
+
+    def run(self, l0: int, l1: int, stream=None) -> None:
+        """Layers [l0, l1) on `stream` (a torch stream; default: the current one)."""
+        total = (l1 - l0) * 2 * self.nb
         if total == 0:
             return
-        seg = heads * self.wph
-        segp = triton.next_power_of_2(seg)
-        tb = max(1, min(triton.next_power_of_2(self.bs), 4096 // segp))
-        key = (heads, copy, sample, pstrides, self.strides)
-        args = (self.k32, self.v32, pk32, pv32, sidx, didx, rows, l0, nb, *self.strides, *pstrides, sh, dh, total, 1)
-        compiled = self._compiled.get(key)
-        if compiled is not None and not any(t.data_ptr() % 16 for t in (sidx, didx, rows)):
-            handle = (stream or torch.cuda.current_stream(self.k.device)).cuda_stream
-            compiled[(total, 1, 1)](*(a.data_ptr() if isinstance(a, torch.Tensor) else a for a in args),
-                                    self.wph, seg, segp, self.bs, tb, copy, sample, stream=handle)
+        pool = self.pool
+        compiled = pool._compiled.get(self.key) if self.aligned else None
+        if compiled is not None:
+            handle = (stream or torch.cuda.current_stream(pool.k.device)).cuda_stream
+            compiled[(total, 1, 1)](*self.ptrs, l0, self.nb, *self.ints, total, 1, *self.meta, stream=handle)
             return
+        wph, seg, segp, bs, tb, copy, sample = self.meta
         with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
-            kernel = _copy_rows[(total,)](*args, WPH=self.wph, SEG=seg, SEGP=segp, BS=self.bs, TB=tb, COPY=copy,
-                                          SAMPLE=sample, num_warps=4)
-        if self.direct and hasattr(kernel, "function") and not any(t.data_ptr() % 16 for t in (sidx, didx, rows)):
-            self._compiled[key] = kernel
-
+            kernel = _copy_rows[(total,)](*self.tensors, l0, self.nb, *self.ints, total, 1, WPH=wph, SEG=seg,
+                                          SEGP=segp, BS=bs, TB=tb, COPY=copy, SAMPLE=sample, num_warps=NUM_WARPS)
+        if pool.direct and self.aligned and hasattr(kernel, "function"):
+            pool._compiled[self.key] = kernel

@@ -83,32 +83,27 @@ def test_a_corrupted_or_overwritten_block_is_caught_at_its_layer(full):
     job = copier.job(7, [Route(Peer("p.1/0-0", pk, pv, 0), 0, heads)], [0, 1], [2, 3], corrupt=True)
     assert run(copier, job, layers, False) == "checksum mismatch (k, layer 0, pair p.1/0-0)"
 
-    # the decode side overwrote a reserved v block of layer 1 between the copy and the check
-    job = copier.job(8, [Route(Peer("p.1/0-0", pk, pv, 0), 0, heads)], [0, 1], [2, 3])
-    copier.copy_layers(job, 0, 1)
-    orig = copier.pool.launch
-    calls = []
+    class Before:  # `act` runs right before the destination's checksum launch, after every copy
+        def __init__(self, launch, act):
+            self.launch, self.act = launch, act
 
-    def launch(*a, **kw):  # the overwrite lands after layer 1's copy, before the destination's checksum
-        if not kw["copy"] and not calls:
-            calls.append(1)
-            pv[1, 3] = 5.0
-        return orig(*a, **kw)
-    copier.pool.launch = launch
-    copier.copy_layers(job, 1, 1)
-    assert copier.check(job) == "checksum mismatch (v, layer 1, pair p.1/0-0)"
+        def run(self, *a):
+            if not self.launch.meta[5]:
+                self.act()
+            self.launch.run(*a)
 
-    # two destination blocks swapped: each row's checksum carries its index
-    copier.pool.launch = orig
-    job = copier.job(9, [Route(Peer("p.1/0-0", pk, pv, 0), 0, heads)], [0, 1], [2, 3])
-    copier.copy_layers(job, 0, 1)
-    calls.clear()
+    plan = copier.pool.plan
 
-    def swap(*a, **kw):
-        if not kw["copy"] and not calls:
-            calls.append(1)
-            pk[1, [2, 3]] = pk[1, [3, 2]].clone()
-        return orig(*a, **kw)
-    copier.pool.launch = swap
-    copier.copy_layers(job, 1, 1)
-    assert copier.check(job) == "checksum mismatch (k, layer 1, pair p.1/0-0)"
+    def with_act(act):
+        copier.pool.plan = lambda *a, **kw: Before(plan(*a, **kw), act)
+        job = copier.job(8, [Route(Peer("p.1/0-0", pk, pv, 0), 0, heads)], [0, 1], [2, 3])
+        return run(copier, job, layers, False)
+
+    def overwrite():  # the decode side wrote into a reserved v block of layer 1
+        pv[1, 3] = 5.0
+
+    def swap():  # two destination blocks swapped: each row's checksum carries its index
+        pk[1, [2, 3]] = pk[1, [3, 2]].clone()
+    assert with_act(overwrite) == "checksum mismatch (v, layer 1, pair p.1/0-0)"
+    assert with_act(swap) == "checksum mismatch (k, layer 1, pair p.1/0-0)"
+    assert with_act(lambda: None) == ""
