@@ -366,17 +366,25 @@ def test_members_pinned_to_their_own_physical_cores():
 def test_members_run_with_a_short_thread_switch_interval():
     """Nodes and the coordinator hand work between threads (a KV control message queued as
     a prefill step starts waits for the engine thread's GIL): they switch at 200 us by
-    default, not Python's 5 ms, and a cluster passes its own value to every member."""
+    default, not Python's 5 ms; a colocated node, which moves no KV, at 2 ms; a cluster
+    passes its own value to every member."""
     from pdserve.cli import build_parser, set_switch_interval
     from pdserve.cluster import Cluster, ClusterConfig
     ap = build_parser()
     node = ap.parse_args(["node", "--role", "prefill", "--coordinator", "127.0.0.1:1"])
     coord = ap.parse_args(["coordinator", "--switch-interval-us", "350"])
-    assert node.switch_interval_us == 200.0 and coord.switch_interval_us == 350.0
+    assert node.switch_interval_us is None and coord.switch_interval_us == 350.0
     before = sys.getswitchinterval()
     try:
         set_switch_interval(node)
         assert abs(sys.getswitchinterval() - 200e-6) < 2e-6  # Python keeps whole microseconds
+        set_switch_interval(ap.parse_args(["decode", "--coordinator", "x"]))
+        assert abs(sys.getswitchinterval() - 200e-6) < 2e-6
+        set_switch_interval(ap.parse_args(["node", "--role", "both", "--coordinator", "x"]))
+        assert abs(sys.getswitchinterval() - 2000e-6) < 2e-6
+        set_switch_interval(ap.parse_args(["node", "--role", "both", "--coordinator", "x", "--switch-interval-us",
+                                           "300"]))
+        assert abs(sys.getswitchinterval() - 300e-6) < 2e-6
     finally:
         sys.setswitchinterval(before)
     with pytest.raises(SystemExit):
