@@ -48,7 +48,7 @@ def _copy_rows(src_k, src_v, dst_k, dst_v, sidx, didx, rows, l0, nb, s_layer, s_
         layer = (l0 + lg).to(tl.int64)
         slot = (r + l0 + lg) % BS
         dbase = layer * d_layer + tl.load(didx + j).to(tl.int64) * d_block + dh * WPH
-        acc = tl.zeros([TB, SEGP], dtype=tl.int32)  # int32 adds wrap: the sum mod 2**32
+        acc = tl.zeros([TB, SEGP], dtype=tl.int64)
         if COPY:
             sbase = layer * s_layer + tl.load(sidx + j).to(tl.int64) * s_block + sh * WPH
             for t0 in range(0, BS, TB):
@@ -62,9 +62,9 @@ def _copy_rows(src_k, src_v, dst_k, dst_v, sidx, didx, rows, l0, nb, s_layer, s_
                     x = tl.load(src_v + src, mask=mask, other=0)
                     tl.store(dst_v + dst, x, mask=mask)
                 if SAMPLE:
-                    acc += tl.where(t0 + t == slot, x, 0)
+                    acc += tl.where(t0 + t == slot, x, 0).to(tl.int64)
                 else:
-                    acc += x
+                    acc += x.to(tl.int64)
         elif SAMPLE:
             mask = (t == 0) & (w < SEG) & live
             dst = dbase + (slot + t) * d_tok + w
@@ -72,7 +72,7 @@ def _copy_rows(src_k, src_v, dst_k, dst_v, sidx, didx, rows, l0, nb, s_layer, s_
                 x = tl.load(dst_k + dst, mask=mask, other=0)
             else:
                 x = tl.load(dst_v + dst, mask=mask, other=0)
-            acc += x
+            acc += x.to(tl.int64)
         else:
             for t0 in range(0, BS, TB):
                 mask = (t0 + t < BS) & (w < SEG) & live
@@ -81,9 +81,9 @@ def _copy_rows(src_k, src_v, dst_k, dst_v, sidx, didx, rows, l0, nb, s_layer, s_
                     x = tl.load(dst_k + dst, mask=mask, other=0)
                 else:
                     x = tl.load(dst_v + dst, mask=mask, other=0)
-                acc += x
-        s = tl.sum(tl.sum(acc, axis=1), axis=0).to(tl.int64)  # the int32 sum's wrap-around, sign-extended
-        s32 = ((s + 2147483648) & 4294967295) - 2147483648      # (again: an interpreter's sum may widen)
+                acc += x.to(tl.int64)
+        s = tl.sum(tl.sum(acc, axis=1), axis=0)
+        s32 = ((s + 2147483648) & 4294967295) - 2147483648  # the int32 sum's wrap-around, sign-extended
         if first < total:
             tl.store(rows + layer * per_layer + r, s32 * (r + 1).to(tl.int64))
 
