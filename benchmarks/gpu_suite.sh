@@ -13,7 +13,7 @@
 # benchmarks; nccl-tests: tests/gpu fused KV kernels, transport and cluster tests; the
 # 1:2 and 2:1 cluster tests need three GPUs), serving-overhead (served against offline, one
 # GPU), relay (the coordinator relay over worker counts, synthetic nodes, CPU only), ipc
-# (ipc-tests: tests/gpu/test_gpu_ipc.py; ipc-bench: kv_ipc.py, kv_exposed.py --transport
+# (ipc-tests: tests/gpu/test_gpu_ipc_kernels.py and test_gpu_ipc.py; ipc-bench: kv_ipc.py, kv_exposed.py --transport
 # cuda-ipc and serving_1p1d.py, on GPU 0).
 # A group (or part of one) that needs more GPUs than the host has says so
 # ("CANNOT RUN") and makes the suite exit non-zero.
@@ -84,7 +84,7 @@ for group in "$@"; do
             run relay 580 python3 benchmarks/relay.py "${commit[@]}" ;;
         ipc) "$0" ${commit[@]+"${commit[@]}"} ipc-tests ipc-bench || status=1 ;;
         ipc-tests)  # one GPU
-            need 1 ipc-tests && run tests-ipc 420 python3 -m pytest -q -s tests/gpu/test_gpu_ipc.py ;;
+            need 1 ipc-tests && run tests-ipc 420 python3 -m pytest -q -s tests/gpu/test_gpu_ipc_kernels.py tests/gpu/test_gpu_ipc.py ;;
         ipc-bench)  # one GPU: both nodes of 1P1D on GPU 0
             need 1 ipc-bench || continue
             run kv-ipc 150 python3 benchmarks/kv_ipc.py "${commit[@]}"
