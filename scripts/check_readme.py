@@ -93,6 +93,11 @@ CLAIMS = [
           (Fig("kv_transfer_nccl", "ratio"), Fig("kv_transfer_exposed", "ratio"),
            Cond("kv_transfer_nccl", below_target, "bandwidth ratio below its target"),
            Cond("kv_transfer_exposed", above_target, "exposed TTFT ratio above its (upper) target"))),
+    Claim("README.md", r"one colocated node\s+reaches \*\*(\d\.\d\d)\*\* of the engine's offline throughput",
+          (Fig("serving_overhead", "ratio"),)),
+    Claim("README.md", r"1P1D\s+over CUDA IPC serves \*\*(\d\.\d\d)\*\* of what a colocated node does",
+          (Fig("serving_1p1d_one_gpu", "ratio"),)),
+    Claim("README.md", r"the IPC copy runs at\s+\*\*(\d\.\d\d)\*\* of a raw device copy", (Fig("kv_transfer_ipc", "ratio"),)),
     # benchmarks/README.md: targets of results that have a file
     Claim("benchmarks/README.md", r"the target (\d\.\d) means \"a change did not slow", (Fig("served_ab", "target", ".1f"),)),
     Claim("benchmarks/README.md", r"case over tcp; the target is (\d\.\d)\.", (Fig("kv_transfer_zmq", "target", ".1f"),)),
