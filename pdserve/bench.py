@@ -109,6 +109,9 @@ def add_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--metric-percentiles", default="50,90,99")
     p.add_argument("--num-clients", type=int, default=1,
                    help="client processes the streams and the arrival schedule are spread over")
+    p.add_argument("--connections-per-client", type=int, default=0,
+                   help="TCP connections each client process spreads its streams over (0: one per 32 of its "
+                        "streams, up to 16): a coordinator's --workers share clients by connection")
     p.add_argument("--save-result", action="store_true")
     p.add_argument("--save-detailed", action="store_true",
                    help="also save each request's text, token ids and finish reason (in request order)")
@@ -150,6 +153,8 @@ def main(a: argparse.Namespace) -> int:
     else:
         raise SystemExit("--backend pdserve needs --coordinator")
     a.model_id = a.model or info["model"] or "default"
+    if a.connections_per_client < 0:
+        raise SystemExit("--connections-per-client must be >= 0")
     if a.num_clients < 1 or (a.num_clients > 1 and a.backend == "openai"):
         raise SystemExit("--num-clients must be >= 1 (1 with --backend openai)")
     if a.backend == "openai" and a.dataset_name == "multi-turn":

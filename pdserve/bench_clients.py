@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import multiprocessing as mp
 import time
@@ -18,7 +19,8 @@ from dataclasses import asdict
 from multiprocessing.connection import Connection, wait
 
 from pdserve.bench_result import Request, Result
-from pdserve.bench_stream import Progress, arrival_times, client_credentials, client_tls, run_one, warm_up
+from pdserve.bench_stream import (Progress, arrival_times, client_credentials, client_tls, connections, open_channels,
+                                  run_one, warm_up)
 
 START_DELAY_S = 0.2     # after every client is connected: time for the start message to reach them all
 CONNECT_TIMEOUT_S = 30.0
@@ -42,6 +44,7 @@ def run_clients(a: argparse.Namespace, reqs: list[Request]) -> tuple[list[Result
         mine = range(j, len(reqs), k)
         job = dict(coordinator=a.coordinator, request_timeout=a.request_timeout, ignore_eos=a.ignore_eos,
                    temperature=a.temperature, model=getattr(a, "model", None), tls=client_tls(a), limit=limits[j],
+                   connections=connections(a, limits[j]),
                    requests=[[i, reqs[i].prompt, reqs[i].output_len, offsets[i]] for i in mine])
         ours, theirs = ctx.Pipe()
         p = ctx.Process(target=client_main, args=(json.dumps(job), theirs), name=f"bench-client-{j}", daemon=True)
@@ -111,12 +114,12 @@ def client_main(job_json: str, conn: Connection) -> None:
 
 async def _client(job: dict, conn: Connection) -> None:
     from pdserve.common.config import ClientConfig
-    from pdserve.wire.rpc import channel
     from pdserve.wire.security import Credentials
     from pdserve.v1 import api_pb2_grpc
-    ch = channel(job["coordinator"], Credentials.client(ClientConfig(**job["tls"])))
-    await asyncio.wait_for(ch.channel_ready(), CONNECT_TIMEOUT_S)
-    stub = api_pb2_grpc.GenerationStub(ch)
+    chs = open_channels(job["coordinator"], Credentials.client(ClientConfig(**job["tls"])), job["connections"])
+    await asyncio.wait_for(asyncio.gather(*(ch.channel_ready() for ch in chs)), CONNECT_TIMEOUT_S)
+    stubs = [api_pb2_grpc.GenerationStub(ch) for ch in chs]
+    sent = itertools.count()  # streams round-robin over the connections as they start
     conn.send_bytes(b'{"ready": true}')
     start = json.loads(await asyncio.to_thread(conn.recv_bytes))["start"]
     base = time.perf_counter() + (start - time.time())  # the shared start on this process's clock
@@ -131,13 +134,14 @@ async def _client(job: dict, conn: Connection) -> None:
             await asyncio.sleep(delay)
         arrived = time.perf_counter() - base
         async with limit:
-            r = await run_one(stub, Request(prompt, 0, output_len), a, base)
+            r = await run_one(stubs[next(sent) % len(stubs)], Request(prompt, 0, output_len), a, base)
         r.arrival_time = arrived
         records.append((i, r))
         conn.send_bytes(b'{"tick": 1}')
     await asyncio.gather(*(one(*r) for r in job["requests"]))
     end = time.time()
-    await ch.close()
+    for ch in chs:
+        await ch.close()
     for i, r in records:
         conn.send_bytes(json.dumps({"i": i, "record": asdict(r)}).encode())
     conn.send_bytes(json.dumps({"end": end}).encode())

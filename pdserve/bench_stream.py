@@ -4,6 +4,7 @@ processes: bench_clients)."""
 from __future__ import annotations
 
 import argparse
+import itertools
 import asyncio
 import time
 from typing import Awaitable, Callable
@@ -85,14 +86,26 @@ def client_credentials(a: argparse.Namespace):
     return Credentials.client(ClientConfig(**client_tls(a)))
 
 
+def connections(a: argparse.Namespace, streams: int) -> int:
+    """--connections-per-client, or by default one per 32 of this client's streams (1 to 16)."""
+    return getattr(a, "connections_per_client", 0) or max(1, min(16, -(-streams // 32)))
+
+
+def open_channels(address: str, creds, n: int) -> list:
+    """n channels to address, each on its own TCP connection where n > 1."""
+    return [channel(address, creds, own_connection=n > 1) for _ in range(n)]
+
+
 async def benchmark(a: argparse.Namespace, reqs: list[Request]) -> tuple[list[Result], float]:
     """(results in request order, seconds from the run's start to the last completion)."""
-    ch = channel(a.coordinator, client_credentials(a))
-    stub = api_pb2_grpc.GenerationStub(ch)
+    chs = open_channels(a.coordinator, client_credentials(a), connections(a, a.max_concurrency or len(reqs)))
+    stubs = [api_pb2_grpc.GenerationStub(ch) for ch in chs]
+    sent = itertools.count()
     try:
-        return await run_schedule(a, reqs, lambda req, t0: run_one(stub, req, a, t0))
+        return await run_schedule(a, reqs, lambda req, t0: run_one(stubs[next(sent) % len(stubs)], req, a, t0))
     finally:
-        await ch.close()
+        for ch in chs:
+            await ch.close()
 
 
 Send = Callable[[Request, float], Awaitable[Result]]  # one request's stream, given the run's start (t0)

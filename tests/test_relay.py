@@ -105,3 +105,40 @@ def test_a_cancelled_stream_is_aborted_on_the_synthetic_node(cluster):
     # well before its 4000 tokens (>= 8 s at 2 ms steps) could end by themselves
     wait(lambda: held() == 0, 4)
     assert all(n["kv_blocks_free"] == n["kv_blocks_total"] for n in status(cluster.address)["nodes"])
+
+
+def test_bench_streams_spread_over_connections_of_their_own():
+    """A coordinator's --workers share clients by TCP connection (SO_REUSEPORT): a bench
+    client spreads its streams over several connections (one per 32 streams by default),
+    each its own, not gRPC's one shared connection per address."""
+    from pdserve.bench_stream import connections, open_channels
+    from pdserve.wire.security import NONE
+    assert [connections(argparse.Namespace(connections_per_client=0), s) for s in (1, 32, 33, 128, 4096)] == \
+        [1, 1, 2, 4, 16]
+    assert connections(argparse.Namespace(connections_per_client=3), 1) == 3
+
+    async def peers(n: int, shared: bool = False) -> set[str]:
+        """The client addresses a server saw from n channels (shared: plain channels)."""
+        seen = []
+
+        async def answer(request, context):
+            seen.append(context.peer())
+            return b""
+        server = grpc.aio.server()
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
+            "t.S", {"M": grpc.unary_unary_rpc_method_handler(answer)}),))
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        address = f"127.0.0.1:{port}"
+        chs = [grpc.aio.insecure_channel(address) for _ in range(n)] if shared else open_channels(address, NONE, n)
+        try:
+            for ch in chs:
+                await ch.unary_unary("/t.S/M")(b"", timeout=10)
+        finally:
+            for ch in chs:
+                await ch.close()
+            await server.stop(None)
+        return set(seen)
+    assert len(asyncio.run(peers(3))) == 3
+    assert len(asyncio.run(peers(1))) == 1
+    assert len(asyncio.run(peers(3, shared=True))) == 1  # why: plain channels share one connection

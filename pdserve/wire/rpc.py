@@ -134,12 +134,17 @@ class ServerHandle:
                 await r
 
 
-def channel(address: str, creds: Credentials = NONE, max_backoff_s: float | None = None) -> grpc.aio.Channel:
+def channel(address: str, creds: Credentials = NONE, max_backoff_s: float | None = None,
+            own_connection: bool = False) -> grpc.aio.Channel:
     """A channel to a cluster member or coordinator, with creds' TLS, secret and API key.
     max_backoff_s: cap gRPC's reconnect backoff (default up to 120 s), so that a peer that
-    comes back after a long outage is reached again within that time."""
+    comes back after a long outage is reached again within that time. own_connection: a TCP
+    connection of its own (gRPC otherwise shares one between a process's channels to the
+    same address), as separate clients would have."""
     options = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)]
+    if own_connection:
+        options.append(("grpc.use_local_subchannel_pool", 1))
     if max_backoff_s is not None:
         ms = max(100, int(max_backoff_s * 1000))
         options += [("grpc.initial_reconnect_backoff_ms", min(ms, 1000)), ("grpc.min_reconnect_backoff_ms", min(ms, 1000)),
