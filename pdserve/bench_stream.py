@@ -4,8 +4,8 @@ processes: bench_clients)."""
 from __future__ import annotations
 
 import argparse
-import itertools
 import asyncio
+import itertools
 import time
 from typing import Awaitable, Callable
 

@@ -187,13 +187,13 @@ COLOCATED_SWITCH_INTERVAL_US = 2000.0
 
 
 def add_switch_interval_flag(p: argparse.ArgumentParser, node: bool = False) -> None:
-    p.add_argument("--switch-interval-us", type=float, default=None if node else SWITCH_INTERVAL_US,
-                   help="Python's thread switch interval, microseconds (Python's default: 5000): the longest a "
-                        "thread that woke up (gRPC, the KV I/O thread) waits for the GIL while another runs "
-                        f"Python, as the engine thread does for the whole time it queues a step (default "
-                        f"{SWITCH_INTERVAL_US:g}; {COLOCATED_SWITCH_INTERVAL_US:g} on a colocated node, which moves "
-                        "no KV: fewer switches away from its engine thread)" if node else
-                   "Python's thread switch interval, microseconds (Python's default: 5000)")
+    why = ("Python's thread switch interval, microseconds (Python's default: 5000): the longest a thread that woke "
+           "up (gRPC, the KV I/O thread) waits for the GIL while another runs Python, as the engine thread does for "
+           "the whole time it queues a step")
+    if node:
+        why += (f" (default {SWITCH_INTERVAL_US:g}; {COLOCATED_SWITCH_INTERVAL_US:g} on a colocated node, which moves "
+                "no KV: fewer switches away from its engine thread)")
+    p.add_argument("--switch-interval-us", type=float, default=None if node else SWITCH_INTERVAL_US, help=why)
 
 
 def set_switch_interval(a: argparse.Namespace) -> None:

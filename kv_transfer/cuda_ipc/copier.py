@@ -74,10 +74,10 @@ class Copier:
         self.k, self.v, self.stream, self.verify, self.max_runs = k, v, stream, verify, max_runs
         self.sample = not full_checksums
         self._peer_streams: dict = {}   # another GPU's pool: checksums there run on a stream of that GPU
-        self.pool = None
+        self.pool = self._supported = None
         if k.is_cuda if kernels is None else kernels:
-            from .kernels import PoolCopier  # Triton: imported only where the kernel runs
-            self.pool = PoolCopier(k, v)
+            from .kernels import PoolCopier, supported  # Triton: imported only where the kernel runs
+            self.pool, self._supported = PoolCopier(k, v), supported
 
     def job(self, key: int, routes: list[Route], src_ids: list[int], dst_ids: list[int], corrupt: bool = False) -> Job:
         runs = block_runs(src_ids, dst_ids)
@@ -87,14 +87,10 @@ class Copier:
             if max(dst_ids) >= r.peer.k.shape[1] or r.peer.dst_head + r.heads > r.peer.k.shape[3]:
                 raise ValueError(f"blocks or heads past the peer pool of {r.peer.name}")
         job = Job(key, routes, list(src_ids), list(dst_ids), runs if use_runs else None, corrupt=corrupt)
-        if self.pool is not None and self._fused(routes):
+        if self.pool is not None and all(self._supported(self.k, r.peer.k, r.heads) for r in routes):
             job.rows = torch.empty((len(routes), 2, self.k.shape[0], 2 * len(dst_ids)), dtype=torch.int64,
                                    device=self.k.device)
         return job
-
-    def _fused(self, routes: list[Route]) -> bool:
-        from .kernels import supported
-        return all(supported(self.k, r.peer.k, r.heads) for r in routes)
 
     def copy_layer(self, job: Job, layer: int) -> None:
         """Queue layer `layer` of every route (the caller orders it after the layer was computed)."""
@@ -204,7 +200,6 @@ class Copier:
                 r = job.routes[i // 2]
                 return f"checksum mismatch ({'kv'[i % 2]}, pair {r.peer.name})"
         return ""
-
 
     def _check_rows(self, job: Job) -> str:
         """The fused kernel's verdict: per route, layer and k|v, the source rows' sum against the destination's."""

@@ -131,11 +131,6 @@ class PoolCopier:
         int64. Launch.run(l0, l1) for each layer range."""
         return Launch(self, pk, pv, sidx, didx, rows, sh, dh, heads, copy, sample)
 
-    def launch(self, pk, pv, sidx, didx, rows, l0: int, l1: int, sh: int, dh: int, heads: int, copy: bool,
-               sample: bool, stream=None) -> None:
-        """plan(...).run(l0, l1) for one call."""
-        self.plan(pk, pv, sidx, didx, rows, sh, dh, heads, copy, sample).run(l0, l1, stream)
-
 
 class Launch:
     """One route's launches for one transfer, arguments worked out once: once Triton compiled
